@@ -1,0 +1,45 @@
+"""Shared test fixtures: a printed, replayable seed and GPU gating."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import harness`
+
+
+def gpu_count() -> int:
+    """Visible CUDA devices, without initialising CUDA in this process when no driver is there."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        pass
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def need_gpus(n: int = 1):
+    """Skip (with the reason) unless at least n CUDA GPUs are visible."""
+    have = gpu_count()
+    if have < n:
+        pytest.skip(f"needs {n} CUDA GPU(s), found {have}")
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed printed with the test, replayable with FP4CCL_TEST_SEED=<value>."""
+    value = int(os.environ.get("FP4CCL_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"[{request.node.name}] seed={value} (replay: FP4CCL_TEST_SEED={value})")
+    return value
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)
