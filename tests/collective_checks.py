@@ -1,0 +1,324 @@
+"""Checks of every collective against a numpy reference, written once for any backend and rank count.
+
+Each check runs on every rank (through harness.run_ranks, or under mpirun via tests/gpu/mpi_main.py).
+Inputs are built from (seed, rank, case) so every rank can compute every peer's input and hence the
+expected result. Outputs are slices of larger buffers pre-filled with a sentinel, checked for overruns.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fp4ccl._arrays import numpy_dtype
+
+ALL_DTYPES = ["float32", "float16", "bfloat16", "float64", "int8", "int32", "int64", "uint8", "uint32",
+              "uint64", "float8_e4m3fn", "float8_e5m2"]
+COUNTS = [0, 1, 7, 1001, 4099]
+SENTINEL_PAD = 37
+OPS = ["sum", "prod", "max", "min", "avg"]
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+
+def make_input(seed: int, rank: int, case: int, shape, dtype: str, op: str = "sum") -> np.ndarray:
+    """A deterministic input for (seed, rank, case); small integers so sums and products never overflow."""
+    rng = np.random.default_rng([seed, rank, case])
+    if dtype.startswith(("int", "uint")):
+        lo, hi = (1, 3) if op == "prod" else (0, 20)
+        return rng.integers(lo, hi, size=shape).astype(numpy_dtype(dtype))
+    values = rng.uniform(0.5, 1.5, size=shape) if op == "prod" else rng.standard_normal(shape)
+    return values.astype(np.float32).astype(numpy_dtype(dtype))
+
+
+def reference_reduce(arrays, op: str, size: int) -> np.ndarray:
+    """The expected reduction in float64 (exact for the integers used here)."""
+    wide = [a.astype(np.float64) for a in arrays]
+    if op in ("sum", "avg"):
+        out = np.sum(wide, axis=0)
+        return out / size if op == "avg" else out
+    return {"prod": np.prod, "max": np.max, "min": np.min}[op](wide, axis=0)
+
+
+def tolerance(dtype: str, op: str, size: int):
+    """Relative tolerance of a reduction against the float64 reference, or None where it must be exact."""
+    if op in ("max", "min") or size == 1 or dtype.startswith(("int", "uint")):
+        return None
+    eps = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7,
+           "float8_e4m3fn": 2.0**-3, "float8_e5m2": 2.0**-2}[dtype]
+    return 2 * size * eps
+
+
+# -- frameworks -------------------------------------------------------------------------------------
+
+def to_framework(a: np.ndarray, framework: str, device):
+    """Put a numpy array into the framework under test (bf16/fp8 bit patterns kept)."""
+    if framework == "numpy":
+        return a.copy()
+    if framework in ("torch", "torch_cpu"):
+        import torch
+        name = a.dtype.name
+        if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            raw = torch.from_numpy(a.view(np.int16 if a.itemsize == 2 else np.uint8).copy())
+            t = raw.view(getattr(torch, name))
+        else:
+            t = torch.from_numpy(a.copy())
+        return t.to(f"cuda:{device}") if framework == "torch" else t
+    if framework == "cupy":
+        import cupy
+        with cupy.cuda.Device(device):
+            return cupy.asarray(a)
+    raise ValueError(framework)
+
+
+def to_numpy(x, dtype: str) -> np.ndarray:
+    """Bring any framework's array back to numpy with its canonical dtype."""
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        import torch
+        t = x.detach().cpu()
+        if dtype in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            t = t.view(torch.int16 if t.element_size() == 2 else torch.uint8)
+            return t.numpy().view(numpy_dtype(dtype))
+        return t.numpy()
+    if mod == "cupy":
+        return x.get()
+    return np.asarray(x)
+
+
+def supports(framework: str, dtype: str) -> bool:
+    if framework == "cupy":
+        return dtype not in ("bfloat16", "float8_e4m3fn", "float8_e5m2")  # CuPy has no such dtypes
+    return True
+
+
+def sentinel_out(comm, framework: str, shape, dtype: str):
+    """(buffer, out): out is the leading part of a sentinel-filled buffer with SENTINEL_PAD extra elements."""
+    n = int(np.prod(shape)) if shape else 1
+    buf = np.full(n + SENTINEL_PAD, 0x5A, dtype=np.uint8).repeat(numpy_dtype(dtype).itemsize).view(numpy_dtype(dtype))
+    fbuf = to_framework(buf, framework, comm.device)
+    return fbuf, fbuf[:n].reshape(shape)
+
+
+def check_no_overrun(fbuf, shape, dtype: str, what: str) -> None:
+    n = int(np.prod(shape)) if shape else 1
+    tail = to_numpy(fbuf, dtype).view(np.uint8)[n * numpy_dtype(dtype).itemsize:]
+    assert np.all(tail == 0x5A), f"{what}: wrote past the end of the output ({np.count_nonzero(tail != 0x5A)} bytes)"
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, dtype: str, op: str, size: int, what: str) -> None:
+    """Exact comparison when `want` is in the output dtype; within `tolerance` when it is a float64 reference."""
+    got64 = got.astype(np.float64)
+    tol = tolerance(dtype, op, size) if want.dtype == np.float64 else None
+    if tol is None:
+        want64 = want.astype(numpy_dtype(dtype)).astype(np.float64)
+        ok = (got64 == want64) | (np.isnan(got64) & np.isnan(want64))
+    else:
+        want64 = want
+        ok = np.abs(got64 - want64) <= tol * (np.abs(want64) + np.abs(want64).max(initial=0.0))
+    if not np.all(ok):
+        bad = np.flatnonzero(~ok.ravel())
+        i = bad[0]
+        raise AssertionError(f"{what}: {bad.size} wrong of {got.size}; first at {i}: got {got64.ravel()[i]!r}, "
+                             f"want {want64.ravel()[i]!r}")
+
+
+def same_order_reduce(arrays, op: str, size: int, dtype: str) -> np.ndarray:
+    """The reduction as the host backend computes it: numpy ufuncs in rank order, in the input dtype."""
+    import functools
+    ufunc = {"sum": np.add, "avg": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}[op]
+    out = functools.reduce(ufunc, arrays)
+    if op == "avg":
+        out = (out / np.asarray(size, dtype=out.dtype)).astype(out.dtype)
+    return out
+
+
+# -- the checks (each runs on every rank) -----------------------------------------------------------
+
+def _expect_reduction(comm, inputs, op, dtype, exact):
+    return same_order_reduce(inputs, op, comm.size, dtype) if exact else reference_reduce(inputs, op, comm.size)
+
+
+def _valid_op(op, dtype):
+    return not (op == "avg" and dtype.startswith(("int", "uint")))
+
+
+def check_all_reduce(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS, exact=True):
+    case = 0
+    for dtype in dtypes:
+        if not supports(framework, dtype):
+            continue
+        for op in OPS:
+            if not _valid_op(op, dtype):
+                continue
+            for count in counts:
+                case += 1
+                inputs = [make_input(seed, r, case, (count,), dtype, op) for r in range(comm.size)]
+                x = to_framework(inputs[comm.rank], framework, comm.device)
+                fbuf, out = sentinel_out(comm, framework, (count,), dtype)
+                res = comm.all_reduce(x, op, out=out)
+                _sync(comm)
+                what = f"rank {comm.rank} all_reduce {dtype} op={op} count={count}"
+                assert res is out, what
+                check_no_overrun(fbuf, (count,), dtype, what)
+                assert_close(to_numpy(out, dtype), _expect_reduction(comm, inputs, op, dtype, exact),
+                             dtype, op, comm.size, what)
+    return case
+
+
+def check_broadcast(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS):
+    case = 0
+    for dtype in dtypes:
+        if not supports(framework, dtype):
+            continue
+        for count in counts:
+            for root in range(comm.size):
+                case += 1
+                inputs = [make_input(seed, r, case, (count, 3), dtype) for r in range(comm.size)]
+                x = to_framework(inputs[comm.rank], framework, comm.device)
+                fbuf, out = sentinel_out(comm, framework, (count, 3), dtype)
+                comm.broadcast(x, root, out=out)
+                fresh = comm.broadcast(x, root)  # default allocation path
+                _sync(comm)
+                what = f"rank {comm.rank} broadcast {dtype} count={count} root={root}"
+                check_no_overrun(fbuf, (count, 3), dtype, what)
+                want = inputs[root].view(np.uint8)
+                assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want), what
+                assert np.array_equal(to_numpy(fresh, dtype).view(np.uint8), want), what + " (allocated out)"
+    return case
+
+
+def check_reduce(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS, exact=True):
+    case = 0
+    for dtype in dtypes:
+        if not supports(framework, dtype):
+            continue
+        for op in ("sum", "max"):
+            for count in counts:
+                for root in range(comm.size):
+                    case += 1
+                    inputs = [make_input(seed, r, case, (count,), dtype, op) for r in range(comm.size)]
+                    x = to_framework(inputs[comm.rank], framework, comm.device)
+                    fbuf, out = sentinel_out(comm, framework, (count,), dtype)
+                    res = comm.reduce(x, root, op, out=out if comm.rank == root else None)
+                    _sync(comm)
+                    what = f"rank {comm.rank} reduce {dtype} op={op} count={count} root={root}"
+                    if comm.rank != root:
+                        assert res is None, what
+                        continue
+                    check_no_overrun(fbuf, (count,), dtype, what)
+                    assert_close(to_numpy(out, dtype), _expect_reduction(comm, inputs, op, dtype, exact),
+                                 dtype, op, comm.size, what)
+    return case
+
+
+def check_all_gather(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS):
+    case = 0
+    for dtype in dtypes:
+        if not supports(framework, dtype):
+            continue
+        for count in counts:
+            case += 1
+            inputs = [make_input(seed, r, case, (count, 2), dtype) for r in range(comm.size)]
+            x = to_framework(inputs[comm.rank], framework, comm.device)
+            shape = (comm.size * count, 2)
+            fbuf, out = sentinel_out(comm, framework, shape, dtype)
+            comm.all_gather(x, out=out)
+            _sync(comm)
+            what = f"rank {comm.rank} all_gather {dtype} count={count}"
+            check_no_overrun(fbuf, shape, dtype, what)
+            want = np.concatenate(inputs).view(np.uint8)
+            assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want), what
+    return case
+
+
+def check_reduce_scatter(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS, exact=True):
+    case = 0
+    for dtype in dtypes:
+        if not supports(framework, dtype):
+            continue
+        for op in OPS:
+            if not _valid_op(op, dtype):
+                continue
+            for count in counts:
+                case += 1
+                shape = (comm.size * count,)
+                inputs = [make_input(seed, r, case, shape, dtype, op) for r in range(comm.size)]
+                x = to_framework(inputs[comm.rank], framework, comm.device)
+                fbuf, out = sentinel_out(comm, framework, (count,), dtype)
+                comm.reduce_scatter(x, op, out=out)
+                _sync(comm)
+                what = f"rank {comm.rank} reduce_scatter {dtype} op={op} count={count}"
+                check_no_overrun(fbuf, (count,), dtype, what)
+                mine = [a[comm.rank * count:(comm.rank + 1) * count] for a in inputs]
+                assert_close(to_numpy(out, dtype), _expect_reduction(comm, mine, op, dtype, exact),
+                             dtype, op, comm.size, what)
+    return case
+
+
+def check_all_to_all(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS):
+    case = 0
+    for dtype in dtypes:
+        if not supports(framework, dtype):
+            continue
+        for count in counts:
+            case += 1
+            shape = (comm.size * count, 3)
+            inputs = [make_input(seed, r, case, shape, dtype) for r in range(comm.size)]
+            x = to_framework(inputs[comm.rank], framework, comm.device)
+            fbuf, out = sentinel_out(comm, framework, shape, dtype)
+            comm.all_to_all(x, out=out)
+            _sync(comm)
+            what = f"rank {comm.rank} all_to_all {dtype} count={count}"
+            check_no_overrun(fbuf, shape, dtype, what)
+            want = np.concatenate([a[comm.rank * count:(comm.rank + 1) * count] for a in inputs])
+            assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want.view(np.uint8)), what
+    return case
+
+
+def check_send_recv_ring(comm, seed, framework, counts=COUNTS):
+    """Each rank sends to rank+1 and receives from rank-1 inside one group (deadlocks if not batched)."""
+    dtype = "float32"
+    for case, count in enumerate(counts):
+        inputs = [make_input(seed, r, case, (count,), dtype) for r in range(comm.size)]
+        x = to_framework(inputs[comm.rank], framework, comm.device)
+        fbuf, out = sentinel_out(comm, framework, (count,), dtype)
+        nxt, prv = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+        with comm.group():
+            comm.send(x, nxt)
+            comm.recv(out, prv)
+        _sync(comm)
+        what = f"rank {comm.rank} send/recv ring count={count}"
+        check_no_overrun(fbuf, (count,), dtype, what)
+        assert np.array_equal(to_numpy(out, dtype), inputs[prv]), what
+    return len(counts)
+
+
+def check_group_batch(comm, seed, framework):
+    """Several different collectives inside one `with comm.group()` all complete correctly."""
+    dtype = "float32"
+    a = [make_input(seed, r, 1, (33,), dtype) for r in range(comm.size)]
+    b = [make_input(seed, r, 2, (comm.size * 5,), dtype) for r in range(comm.size)]
+    xa = to_framework(a[comm.rank], framework, comm.device)
+    xb = to_framework(b[comm.rank], framework, comm.device)
+    with comm.group():
+        r1 = comm.all_reduce(xa, "max")
+        r2 = comm.all_gather(xa)
+        r3 = comm.reduce_scatter(xb, "max")
+    _sync(comm)
+    assert np.array_equal(to_numpy(r1, dtype), np.max(a, axis=0)), f"rank {comm.rank} group all_reduce"
+    assert np.array_equal(to_numpy(r2, dtype), np.concatenate(a)), f"rank {comm.rank} group all_gather"
+    want = np.max([x[comm.rank * 5:(comm.rank + 1) * 5] for x in b], axis=0)
+    assert np.array_equal(to_numpy(r3, dtype), want), f"rank {comm.rank} group reduce_scatter"
+    return 3
+
+
+def _sync(comm):
+    """Wait for the device work of this rank (no-op on the host backend, whose calls are synchronous)."""
+    if comm.device is None:
+        return
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize(comm.device)
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.cuda.Device(comm.device).synchronize()
