@@ -1,0 +1,92 @@
+"""The byte exchanges: over the TCP store (threads as ranks) and over MPI."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from fp4ccl.bootstrap.exchange import SingleExchange, StoreExchange
+from fp4ccl.bootstrap.store import StoreClient, StoreServer
+
+
+def _run_threads(size, fn):
+    server = StoreServer(token="tok")
+    results, errors = [None] * size, []
+
+    def body(rank):
+        try:
+            ex = StoreExchange(StoreClient(server.address, "tok"), rank, size, prefix="t")
+            results[rank] = fn(ex)
+        except BaseException as err:  # noqa: BLE001 - collected and re-raised with the rank
+            errors.append((rank, err))
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    keys_left = server.key_count() if hasattr(server, "key_count") else None
+    server.close()
+    assert not errors, errors
+    return results, keys_left
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_store_exchange_rounds(size):
+    def fn(ex):
+        out = []
+        for i in range(5):
+            out.append(ex.all_gather_bytes(bytes([ex.rank, i]) * (ex.rank + 1)))
+            out.append(ex.broadcast_bytes(b"root%d" % i if ex.rank == i % size else None, i % size))
+            ex.barrier()
+        return out
+
+    results, keys_left = _run_threads(size, fn)
+    for r in range(size):
+        for i in range(5):
+            assert results[r][2 * i] == [bytes([q, i]) * (q + 1) for q in range(size)]
+            assert results[r][2 * i + 1] == b"root%d" % i
+    if keys_left is not None:
+        assert keys_left == 0, "the exchange left keys behind in the store"
+
+
+def test_unique_id_round_trips_through_the_store():
+    uid = bytes(range(128))
+    results, _ = _run_threads(3, lambda ex: ex.broadcast_bytes(uid if ex.rank == 0 else None, 0))
+    assert results == [uid] * 3
+
+
+def test_single_exchange():
+    ex = SingleExchange()
+    assert ex.all_gather_bytes(b"x") == [b"x"]
+    assert ex.broadcast_bytes(b"y", 0) == b"y"
+    with pytest.raises(ValueError):
+        ex.broadcast_bytes(b"y", 1)
+
+
+MPI_SCRIPT = r"""
+import numpy as np, fp4ccl
+from fp4ccl.bootstrap.exchange import MPIExchange
+comm = fp4ccl.init("host")
+assert isinstance(comm._exchange, MPIExchange), type(comm._exchange)
+got = comm._exchange.all_gather_bytes(b"r%d" % comm.rank)
+assert got == [b"r%d" % r for r in range(comm.size)], got
+y = comm.all_reduce(np.full(5, comm.rank + 1.0, np.float32))
+assert np.all(y == comm.size * (comm.size + 1) / 2), y
+print("ok", comm.rank, comm.size, comm.local_rank)
+"""
+
+
+def test_host_backend_under_mpiexec(tmp_path):
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    mpiexec = shutil.which("mpiexec", path=str(__import__("pathlib").Path(sys.executable).parent)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH")
+    script = tmp_path / "mpi_job.py"
+    script.write_text(MPI_SCRIPT)
+    proc = subprocess.run([mpiexec, "-n", "3", sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok")) == ["0", "1", "2"]
