@@ -1,0 +1,382 @@
+"""fp4ccl-run end to end on CPU: prefixed output, all-or-nothing teardown, signals, timeouts, two nodes."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fp4ccl.launcher import _split_argv, visible_gpu_count
+
+LAUNCHER = [sys.executable, "-m", "fp4ccl.launcher"]
+TOKEN = "feedfacefeedfacefeedfacefeedface"
+
+# Every child script starts by recording its pid (and any helper's) so tests can prove nothing survives.
+PRELUDE = """
+import os, sys, time, signal, subprocess
+RANK = int(os.environ["FP4CCL_RANK"])
+PIDS = {pids!r}
+def record(pid):
+    with open(os.path.join(PIDS, f"{{pid}}.pid"), "w") as f:
+        f.write(str(RANK))
+record(os.getpid())
+"""
+
+
+def script(tmp_path, body: str, name: str = "job.py") -> str:
+    pids = tmp_path / "pids"
+    pids.mkdir(exist_ok=True)
+    path = tmp_path / name
+    path.write_text(PRELUDE.format(pids=str(pids)) + textwrap.dedent(body))
+    return str(path)
+
+
+def recorded_pids(tmp_path) -> list[int]:
+    d = tmp_path / "pids"
+    return [int(p.split(".")[0]) for p in os.listdir(d)] if d.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def assert_no_survivors(tmp_path, expect_at_least: int = 1):
+    pids = recorded_pids(tmp_path)
+    assert len(pids) >= expect_at_least, f"children recorded only {pids}"
+    end = time.monotonic() + 3  # a SIGKILLed process may take a moment to be reaped by init
+    while any(alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.05)
+    survivors = [p for p in pids if alive(p)]
+    for p in survivors:  # do not leak them into the rest of the test session
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, f"processes outlived the launcher: {survivors}"
+
+
+def launch(args, timeout=30, env=None):
+    return subprocess.run(LAUNCHER + list(args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def wait_for_pids(tmp_path, n, timeout=15):
+    end = time.monotonic() + timeout
+    while len(recorded_pids(tmp_path)) < n:
+        assert time.monotonic() < end, f"only {len(recorded_pids(tmp_path))} of {n} children started"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+STORE_ALLGATHER = """
+from fp4ccl.bootstrap.store import StoreClient
+c = StoreClient(os.environ["FP4CCL_STORE"], os.environ["FP4CCL_TOKEN"], timeout=20)
+W = int(os.environ["FP4CCL_WORLD_SIZE"])
+c.set(f"val/{RANK}", str(RANK * RANK).encode())
+total = sum(int(c.get(f"val/{r}")) for r in range(W))
+print(f"sum={total} world={W} local={os.environ['FP4CCL_LOCAL_RANK']}/{os.environ['FP4CCL_LOCAL_SIZE']} "
+      f"node={os.environ['FP4CCL_NODE_RANK']} job={os.environ['FP4CCL_JOB_ID']} "
+      f"torch={os.environ['RANK']},{os.environ['WORLD_SIZE']},{os.environ['LOCAL_RANK']},"
+      f"{os.environ['LOCAL_WORLD_SIZE']} unbuffered={os.environ['PYTHONUNBUFFERED']}")
+print(f"note from {RANK}", file=sys.stderr)
+"""
+
+
+def test_three_rank_job_computes_with_prefixed_output(tmp_path):
+    path = script(tmp_path, STORE_ALLGATHER)
+    logs = tmp_path / "logs"
+    r = launch(["-n", "3", "--log-dir", str(logs), path])
+    assert r.returncode == 0, r.stderr
+    out = sorted(r.stdout.splitlines())
+    assert len(out) == 3
+    jobs = set()
+    for i, line in enumerate(out):
+        assert line.startswith(f"[rank{i}]: sum=5 world=3 local={i}/3 node=0 job="), line
+        assert line.endswith(f"torch={i},3,{i},3 unbuffered=1"), line
+        jobs.add(line.split("job=")[1].split()[0])
+    assert len(jobs) == 1  # one job id shared by every rank
+    assert sorted(r.stderr.splitlines()) == [f"[rank{i}]: note from {i}" for i in range(3)]
+    # Per-rank log files hold the unprefixed lines.
+    assert (logs / "rank1.out").read_text().startswith("sum=5 world=3 local=1/3")
+    assert (logs / "rank2.err").read_text() == "note from 2\n"
+    assert_no_survivors(tmp_path, 3)
+
+
+def test_ranks_filter_hides_other_ranks(tmp_path):
+    path = script(tmp_path, 'print("hi", RANK); print("e", RANK, file=sys.stderr)\n')
+    r = launch(["-n", "3", "--ranks-filter", "0,2", path])
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == ["[rank0]: hi 0", "[rank2]: hi 2"]
+    assert sorted(r.stderr.splitlines()) == ["[rank0]: e 0", "[rank2]: e 2"]
+
+
+def test_module_mode_and_script_args(tmp_path):
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tool.py").write_text("import os, sys\nprint(os.environ['FP4CCL_RANK'], sys.argv[1:])\n")
+    r = subprocess.run(LAUNCHER + ["-n", "2", "-m", "mypkg.tool", "--flag", "-n", "9"], capture_output=True,
+                       text=True, timeout=30, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == ["[rank0]: 0 ['--flag', '-n', '9']", "[rank1]: 1 ['--flag', '-n', '9']"]
+
+
+def test_failing_rank_brings_job_down_with_its_exit_code(tmp_path):
+    path = script(tmp_path, """
+        if RANK == 0:  # a grandchild in rank 0's process group must die with it
+            helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            record(helper.pid)
+        if RANK == 1:
+            while len(os.listdir(PIDS)) < 4:
+                time.sleep(0.05)
+            print("rank one is giving up", file=sys.stderr)
+            sys.exit(7)
+        time.sleep(120)
+    """)
+    t0 = time.monotonic()
+    r = launch(["-n", "3", path], timeout=60)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 7, r.stderr
+    assert elapsed < 15
+    assert "root cause: rank 1 (node 0, local rank 1)" in r.stderr
+    assert "exited with code 7" in r.stderr and "| rank one is giving up" in r.stderr
+    assert "pid " in r.stderr and socket.gethostname() in r.stderr
+    assert_no_survivors(tmp_path, 4)
+
+
+def test_rank_killed_by_signal_is_reported_by_name(tmp_path):
+    path = script(tmp_path, """
+        if RANK == 2:
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(120)
+    """)
+    r = launch(["-n", "3", path], timeout=60)
+    assert r.returncode == 128 + signal.SIGKILL, r.stderr
+    assert "rank 2" in r.stderr and "killed by SIGKILL" in r.stderr
+    assert_no_survivors(tmp_path, 3)
+
+
+def test_sigint_to_launcher_ends_every_rank_even_stubborn_ones(tmp_path):
+    path = script(tmp_path, """
+        if RANK == 1:  # ignores the polite signals: the launcher must escalate to SIGKILL
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        open(os.path.join(PIDS, "..", f"ready{RANK}"), "w").close()
+        time.sleep(120)
+    """)
+    p = subprocess.Popen(LAUNCHER + ["-n", "3", "--grace-period", "1", path], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 15
+        # Wait until every rank has installed its handlers, or SIGINT could beat rank 1's SIG_IGN.
+        while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+            assert time.monotonic() < end and p.poll() is None
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGINT, err
+    assert "SIGINT" in err
+    assert_no_survivors(tmp_path, 3)
+
+
+def test_sigterm_to_launcher_ends_every_rank(tmp_path):
+    path = script(tmp_path, "time.sleep(120)\n")
+    p = subprocess.Popen(LAUNCHER + ["-n", "2", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_pids(tmp_path, 2)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert_no_survivors(tmp_path, 2)
+
+
+def test_timeout_ends_a_hung_job(tmp_path):
+    path = script(tmp_path, 'print("stuck", file=sys.stderr)\ntime.sleep(120)\n')
+    t0 = time.monotonic()
+    r = launch(["-n", "2", "--timeout", "1.5", path], timeout=60)
+    assert r.returncode == 124, r.stderr
+    assert 1.4 < time.monotonic() - t0 < 15
+    assert "timeout after 1.5 s" in r.stderr and "| stuck" in r.stderr
+    assert_no_survivors(tmp_path, 2)
+
+
+def _two_nodes(tmp_path, path, port, extra=(), env=None):
+    env = {**os.environ, "FP4CCL_TOKEN": TOKEN, **(env or {})}
+    common = ["-n", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+              "--rdzv-timeout", "20", *extra]
+    # Start node 1 first: its launcher must wait for node 0's store to come up.
+    n1 = subprocess.Popen(LAUNCHER + common + ["--node-rank", "1", path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(0.3)
+    n0 = subprocess.Popen(LAUNCHER + common + ["--node-rank", "0", path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out0, err0 = n0.communicate(timeout=40)
+        out1, err1 = n1.communicate(timeout=40)
+    finally:
+        for p in (n0, n1):
+            if p.poll() is None:
+                p.kill()
+    return (n0.returncode, out0, err0), (n1.returncode, out1, err1)
+
+
+def test_two_launchers_on_loopback_form_one_four_rank_job(tmp_path):
+    path = script(tmp_path, STORE_ALLGATHER)
+    (rc0, out0, err0), (rc1, out1, err1) = _two_nodes(tmp_path, path, free_port())
+    assert rc0 == 0 and rc1 == 0, err0 + err1
+    lines0, lines1 = sorted(out0.splitlines()), sorted(out1.splitlines())
+    assert [l.split(":")[0] for l in lines0] == ["[rank0]", "[rank1]"]
+    assert [l.split(":")[0] for l in lines1] == ["[rank2]", "[rank3]"]
+    for line in lines0 + lines1:
+        assert "sum=14 world=4" in line  # 0 + 1 + 4 + 9 gathered through the one store
+    assert all("node=0" in l for l in lines0) and all("node=1" in l for l in lines1)
+    assert "local=0/2" in lines1[0] and "local=1/2" in lines1[1]
+    assert len({l.split("job=")[1].split()[0] for l in lines0 + lines1}) == 1
+    assert_no_survivors(tmp_path, 4)
+
+
+def test_failure_on_one_node_stops_the_other(tmp_path):
+    path = script(tmp_path, """
+        if RANK == 3:
+            time.sleep(0.5)
+            sys.exit(5)
+        time.sleep(120)
+    """)
+    t0 = time.monotonic()
+    (rc0, _, err0), (rc1, _, err1) = _two_nodes(tmp_path, path, free_port(), extra=["--grace-period", "2"])
+    assert rc1 == 5 and "root cause: rank 3 (node 1, local rank 1)" in err1
+    assert rc0 == 5 and "rank 3 (node 1)" in err0
+    assert time.monotonic() - t0 < 25
+    assert_no_survivors(tmp_path, 4)
+
+
+# ---- bad input: one line, non-zero exit, and no child ever started ----------------------------------
+
+def _assert_one_line_error(r, tmp_path, needle):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fp4ccl-run: error:") and needle in lines[0], r.stderr
+    assert recorded_pids(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["-n", "0"], "at least 1, got 0"),
+    (["-n", "two"], "invalid int value"),
+    (["--nnodes", "2", "--node-rank", "2"], "--node-rank must be in [0, 1], got 2"),
+    (["--timeout", "0"], "--timeout must be positive"),
+    (["--ranks-filter", "a,b"], "--ranks-filter"),
+    (["-n", "2", "--ranks-filter", "5"], "names rank 5, but the job has 2 ranks"),
+])
+def test_bad_flags(tmp_path, args, needle):
+    path = script(tmp_path, "print('ran')\n")
+    _assert_one_line_error(launch(args + [path]), tmp_path, needle)
+
+
+def test_missing_script(tmp_path):
+    script(tmp_path, "")
+    _assert_one_line_error(launch(["-n", "2", str(tmp_path / "absent.py")]), tmp_path, "script not found")
+
+
+def test_no_program(tmp_path):
+    _assert_one_line_error(launch(["-n", "2"]), tmp_path, "no program given")
+
+
+def test_port_in_use(tmp_path):
+    path = script(tmp_path, "print('ran')\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = launch(["-n", "2", "--master-port", str(port), path])
+    _assert_one_line_error(r, tmp_path, f"port {port} is in use")
+
+
+def test_node_that_never_shows_up(tmp_path):
+    path = script(tmp_path, "print('ran')\n")
+    t0 = time.monotonic()
+    r = launch(["-n", "1", "--nnodes", "2", "--node-rank", "0", "--master-port", str(free_port()),
+                "--rdzv-timeout", "1", path], env={"FP4CCL_TOKEN": TOKEN})
+    _assert_one_line_error(r, tmp_path, "node(s) 1 never joined")
+    assert time.monotonic() - t0 < 10
+
+
+def test_master_that_never_shows_up(tmp_path):
+    path = script(tmp_path, "print('ran')\n")
+    r = launch(["-n", "1", "--nnodes", "2", "--node-rank", "1", "--master-port", str(free_port()),
+                "--rdzv-timeout", "1", path], env={"FP4CCL_TOKEN": TOKEN})
+    _assert_one_line_error(r, tmp_path, "could not reach node 0's store")
+
+
+def test_multi_node_needs_a_token(tmp_path):
+    path = script(tmp_path, "print('ran')\n")
+    env = {k: v for k, v in os.environ.items() if k != "FP4CCL_TOKEN"}
+    r = subprocess.run(LAUNCHER + ["--nnodes", "2", "--master-port", str(free_port()), path],
+                       capture_output=True, text=True, timeout=30, env=env)
+    _assert_one_line_error(r, tmp_path, "FP4CCL_TOKEN")
+
+
+def test_wrong_token_on_a_node(tmp_path):
+    path = script(tmp_path, "time.sleep(30)\n")
+    port = free_port()
+    base = ["-n", "1", "--nnodes", "2", "--master-port", str(port), "--rdzv-timeout", "3"]
+    n0 = subprocess.Popen(LAUNCHER + base + ["--node-rank", "0", path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, "FP4CCL_TOKEN": TOKEN})
+    try:
+        r = launch(base + ["--node-rank", "1", path], env={"FP4CCL_TOKEN": "wrong"})
+    finally:
+        n0.communicate(timeout=30)
+    _assert_one_line_error(r, tmp_path, "rejected this job's token")
+    assert n0.returncode != 0
+
+
+def test_node_rank_collision(tmp_path):
+    path = script(tmp_path, "time.sleep(30)\n")
+    port = free_port()
+    env = {**os.environ, "FP4CCL_TOKEN": TOKEN}
+    base = ["-n", "1", "--nnodes", "3", "--master-port", str(port), "--rdzv-timeout", "3"]
+    n0 = subprocess.Popen(LAUNCHER + base + ["--node-rank", "0", path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    n1 = subprocess.Popen(LAUNCHER + base + ["--node-rank", "1", path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        time.sleep(1.0)
+        r = launch(base + ["--node-rank", "1", path], env={"FP4CCL_TOKEN": TOKEN})
+    finally:
+        for p in (n0, n1):
+            p.communicate(timeout=30)
+    _assert_one_line_error(r, tmp_path, "node rank 1 already joined")
+    assert n0.returncode != 0 and n1.returncode != 0  # node 2 never came: they time out cleanly
+
+
+def test_split_argv_stops_at_the_program():
+    assert _split_argv(["-n", "2", "a.py", "-n", "3"]) == (["-n", "2"], ["a.py", "-n", "3"])
+    assert _split_argv(["--timeout", "5", "-m", "pkg.mod", "-x"]) == (["--timeout", "5", "-m", "pkg.mod"], ["-x"])
+    assert _split_argv(["-n", "1", "--", "-weird.py"]) == (["-n", "1"], ["-weird.py"])
+
+
+def test_default_nproc_is_gpu_count_or_four(tmp_path):
+    path = script(tmp_path, "print(os.environ['FP4CCL_WORLD_SIZE'])\n")
+    r = launch([path])
+    assert r.returncode == 0, r.stderr
+    expected = visible_gpu_count() or 4
+    assert sorted(r.stdout.splitlines()) == [f"[rank{i}]: {expected}" for i in range(expected)]
+    assert_no_survivors(tmp_path, expected)
