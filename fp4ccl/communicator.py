@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -10,12 +12,22 @@ from . import _arrays
 from ._arrays import ArrayInfo
 from ._log import get_logger
 from .bootstrap.env import RankInfo, discover
-from .bootstrap.exchange import Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange, TorchStoreAdapter
+from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
+                                 TorchStoreAdapter, pack_ints, unpack_ints)
 from .errors import CommClosedError
 
 OPS = ("sum", "prod", "max", "min", "avg")
 _INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 log = get_logger("fp4ccl.communicator")
+
+
+def check_consistency() -> bool:
+    """FP4CCL_CHECK=1 makes v-collectives compare sizes across ranks first (a host round trip each)."""
+    return os.environ.get("FP4CCL_CHECK", "0") not in ("", "0")
+
+
+def _is_fp4(x) -> bool:
+    return type(x).__name__ == "FP4Tensor" and type(x).__module__.startswith("fp4ccl.")
 
 
 class Communicator:
@@ -199,6 +211,86 @@ class Communicator:
         out, oinfo = self._output(info, info.shape, out)
         self._backend.all_to_all(info, oinfo, self._stream(info, stream))
         return out
+
+    def _sizes(self, sizes, local_rows: int, what: str) -> list:
+        """Validate per-rank row counts; None exchanges each rank's local_rows first (a host round trip)."""
+        if sizes is None:
+            sizes = [unpack_ints(b)[0] for b in self._exchange.all_gather_bytes(pack_ints(local_rows))]
+        try:
+            sizes = [operator.index(s) for s in sizes]
+        except TypeError:
+            raise TypeError(f"{what}: sizes must be a sequence of integers, got {sizes!r}") from None
+        if len(sizes) != self._size:
+            raise ValueError(f"{what}: sizes has {len(sizes)} entries but the world size is {self._size}")
+        if any(s < 0 for s in sizes):
+            raise ValueError(f"{what}: sizes must be >= 0, got {sizes}")
+        if check_consistency():
+            views = self._exchange.all_gather_bytes(pack_ints(*sizes))
+            if len(set(views)) > 1:
+                detail = "; ".join(f"rank {r}: {list(unpack_ints(v))}" for r, v in enumerate(views))
+                raise ValueError(f"{what}: ranks passed different sizes ({detail})")
+        return sizes
+
+    def all_gatherv(self, x, sizes=None, *, out=None, stream=None, compress=None, global_scale="per_rank",
+                    dequantize=True):
+        """Concatenate along dim 0 rows that differ in number per rank (collective).
+
+        sizes: rows contributed by each rank (0 allowed); None exchanges them first, which syncs the
+        host and so cannot be captured in a CUDA graph. compress="nvfp4"|"mxfp4" moves the rows as FP4
+        (see fp4ccl.fp4_collectives); an FP4Tensor x is gathered as it is.
+        """
+        if compress is not None or _is_fp4(x):
+            from . import fp4_collectives
+            return fp4_collectives.all_gatherv(self, x, sizes, out=out, stream=stream, compress=compress,
+                                               global_scale=global_scale, dequantize=dequantize)
+        info = self._input(x)
+        if not info.shape:
+            raise ValueError("all_gatherv needs an array with at least one dimension, got a 0-d array")
+        sizes = self._sizes(sizes, info.shape[0], "all_gatherv")
+        if sizes[self._rank] != info.shape[0]:
+            raise ValueError(f"all_gatherv: x has {info.shape[0]} rows but sizes[{self._rank}]={sizes[self._rank]}")
+        out, oinfo = self._output(info, (sum(sizes),) + info.shape[1:], out)
+        row = math.prod(info.shape[1:])
+        self._v.all_gatherv(info, oinfo, [s * row for s in sizes], self._stream(info, stream))
+        return out
+
+    def reduce_scatterv(self, x, sizes, op: str = "sum", *, out=None, stream=None, compress=None,
+                        rounding="nearest", seed=None):
+        """Reduce x over all ranks; rank s gets rows [off_s, off_s + sizes[s]) of the result (collective).
+
+        compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
+        them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives).
+        """
+        if compress is not None:
+            from . import fp4_collectives
+            return fp4_collectives.reduce_scatterv(self, x, sizes, op, out=out, stream=stream, compress=compress,
+                                                   rounding=rounding, seed=seed)
+        info = self._input(x)
+        self._check_op(op, info)
+        if not info.shape:
+            raise ValueError("reduce_scatterv needs an array with at least one dimension, got a 0-d array")
+        if sizes is None:
+            raise TypeError("reduce_scatterv: sizes (rows per rank) is required; use reduce_scatter for equal parts")
+        sizes = self._sizes(sizes, 0, "reduce_scatterv")
+        if sum(sizes) != info.shape[0]:
+            raise ValueError(f"reduce_scatterv: x has {info.shape[0]} rows but sizes add up to {sum(sizes)}")
+        out, oinfo = self._output(info, (sizes[self._rank],) + info.shape[1:], out)
+        row = math.prod(info.shape[1:])
+        self._v.reduce_scatterv(info, oinfo, [s * row for s in sizes], op, self._stream(info, stream))
+        return out
+
+    @property
+    def _v(self):
+        """The variable-size collectives: the host backend's own, or NCCL algorithms over its primitives."""
+        v = self._extras.get("_v")
+        if v is None:
+            if self.backend == "host":
+                v = self._backend
+            else:
+                from .vcollectives import NcclVariable
+                v = NcclVariable(self._backend, self._rank, self._size)
+            self._extras["_v"] = v
+        return v
 
     def send(self, x, peer: int, *, stream=None) -> None:
         """Send x to rank `peer` (point-to-point; pair it with a recv there, or put both in a group)."""

@@ -322,3 +322,82 @@ def _sync(comm):
     cupy = sys.modules.get("cupy")
     if cupy is not None:
         cupy.cuda.Device(comm.device).synchronize()
+
+
+# -- variable-size collectives ----------------------------------------------------------------------
+
+def uneven_sizes(size: int, case: int):
+    """Row counts per rank with zeros at every position across cases (and all-zero, and all-equal)."""
+    patterns = [[0] * size, [3] * size]
+    for zero_at in range(size):
+        patterns.append([0 if r == zero_at else 2 * r + 1 + case % 3 for r in range(size)])
+    patterns.append([(7 * r + case) % 5 for r in range(size)])
+    return patterns
+
+
+def check_all_gatherv(comm, seed, framework, dtypes=ALL_DTYPES, exchange_sizes=False):
+    case = 0
+    for dtype in dtypes:
+        if not supports(framework, dtype):
+            continue
+        for sizes in uneven_sizes(comm.size, case):
+            case += 1
+            inputs = [make_input(seed, r, case, (sizes[r], 3), dtype) for r in range(comm.size)]
+            x = to_framework(inputs[comm.rank], framework, comm.device)
+            shape = (sum(sizes), 3)
+            fbuf, out = sentinel_out(comm, framework, shape, dtype)
+            comm.all_gatherv(x, None if exchange_sizes else sizes, out=out)
+            fresh = comm.all_gatherv(x, sizes)
+            _sync(comm)
+            what = f"rank {comm.rank} all_gatherv {dtype} sizes={sizes}"
+            check_no_overrun(fbuf, shape, dtype, what)
+            want = np.concatenate(inputs).view(np.uint8)
+            assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want), what
+            assert np.array_equal(to_numpy(fresh, dtype).view(np.uint8), want), what + " (allocated out)"
+    return case
+
+
+def check_reduce_scatterv(comm, seed, framework, dtypes=ALL_DTYPES, exact=True, ops=("sum", "max")):
+    case = 0
+    for dtype in dtypes:
+        if not supports(framework, dtype):
+            continue
+        for op in ops:
+            for sizes in uneven_sizes(comm.size, case):
+                case += 1
+                total = sum(sizes)
+                inputs = [make_input(seed, r, case, (total, 2), dtype, op) for r in range(comm.size)]
+                x = to_framework(inputs[comm.rank], framework, comm.device)
+                mine = (sizes[comm.rank], 2)
+                fbuf, out = sentinel_out(comm, framework, mine, dtype)
+                comm.reduce_scatterv(x, sizes, op, out=out)
+                _sync(comm)
+                what = f"rank {comm.rank} reduce_scatterv {dtype} op={op} sizes={sizes}"
+                check_no_overrun(fbuf, mine, dtype, what)
+                off = sum(sizes[:comm.rank])
+                part = [a[off:off + sizes[comm.rank]] for a in inputs]
+                assert_close(to_numpy(out, dtype), _expect_reduction(comm, part, op, dtype, exact),
+                             dtype, op, comm.size, what)
+    return case
+
+
+def check_v_bad_input(comm, seed, framework):
+    """Bad sizes raise the same clear error on every rank, before the wire; the comm stays usable."""
+    import pytest
+    x = to_framework(np.ones((2, 4), np.float32), framework, comm.device)
+    with pytest.raises(ValueError, match=f"sizes has {comm.size + 1} entries but the world size is {comm.size}"):
+        comm.all_gatherv(x, [2] * (comm.size + 1))
+    with pytest.raises(ValueError, match="sizes must be >= 0"):
+        comm.all_gatherv(x, [2] * (comm.size - 1) + [-1])
+    wrong = [2] * comm.size
+    wrong[comm.rank] = 3
+    with pytest.raises(ValueError, match=rf"x has 2 rows but sizes\[{comm.rank}\]=3"):
+        comm.all_gatherv(x, wrong)
+    with pytest.raises(ValueError, match="x has 2 rows but sizes add up to"):
+        comm.reduce_scatterv(x, [3] + [0] * (comm.size - 1))
+    with pytest.raises(TypeError, match="sizes .* is required"):
+        comm.reduce_scatterv(x, None)
+    y = comm.all_gatherv(x, [2] * comm.size)
+    _sync(comm)
+    assert to_numpy(y, "float32").shape == (2 * comm.size, 4)
+    return True

@@ -289,6 +289,14 @@ class HostBackend:
         got = self.transport.alltoallv(np.split(_as_bytes(host_view(send)), self.size))
         np.concatenate(got, out=host_view(recv).reshape(-1).view(_U8))
 
+    def all_gatherv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], stream=0) -> None:
+        self.all_gather(send, recv, stream)  # the gather already concatenates parts of any size
+
+    def reduce_scatterv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], op: str, stream=0) -> None:
+        cuts = np.cumsum(counts)[:-1] * send.itemsize
+        got = self.transport.alltoallv(np.split(_as_bytes(host_view(send)), cuts))
+        host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
+
     def all_gatherv_bytes(self, data: np.ndarray) -> List[np.ndarray]:
         return self.transport.all_gatherv(data)
 
