@@ -13,6 +13,9 @@ waiting on them) and records the call's name, sequence number and this rank. Eve
 raises CommTimeoutError carrying them. The clock for a collective starts when it is enqueued or
 when the previous tracked collective was seen complete, whichever is later, so a timeout must
 exceed the longest run of other work queued ahead of a collective on its stream.
+Not watched: ncclCommInitRank (it waits for every rank; the exchange's own timeout bounds the id
+hand-over before it) and destroy()'s ncclCommFinalize — use abort() for a teardown that cannot hang.
+Collectives enqueued while their stream is being captured into a CUDA graph are not tracked.
 """
 from __future__ import annotations
 
