@@ -1,0 +1,148 @@
+"""Every collective on the NCCL backend, torch and CuPy arrays, 2 and 4 ranks, against the numpy reference."""
+from __future__ import annotations
+
+import pytest
+
+import collective_checks as cc
+from conftest import need_gpus
+from harness import run_ranks
+
+CHECKS = {
+    "all_reduce": cc.check_all_reduce,
+    "broadcast": cc.check_broadcast,
+    "reduce": cc.check_reduce,
+    "all_gather": cc.check_all_gather,
+    "reduce_scatter": cc.check_reduce_scatter,
+    "all_to_all": cc.check_all_to_all,
+    "all_gatherv": cc.check_all_gatherv,
+    "reduce_scatterv": cc.check_reduce_scatterv,
+}
+EXACT_ONLY = ("broadcast", "all_gather", "all_to_all", "all_gatherv")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_nccl_collective(name, framework, nranks, seed):
+    need_gpus(nranks)
+    pytest.importorskip(framework)
+    if name in EXACT_ONLY:
+        counts = run_ranks(nranks, CHECKS[name], seed, framework, backend="nccl")
+    else:
+        counts = run_ranks(nranks, _inexact, name, seed, framework, backend="nccl")
+    assert all(c > 0 for c in counts)
+
+
+def _inexact(comm, name, seed, framework):
+    return CHECKS[name](comm, seed, framework, exact=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("name", ["send_recv_ring", "group_batch", "v_bad_input"])
+def test_nccl_p2p_groups_and_errors(name, nranks, seed):
+    need_gpus(nranks)
+    fn = {"send_recv_ring": cc.check_send_recv_ring, "group_batch": cc.check_group_batch,
+          "v_bad_input": cc.check_v_bad_input}[name]
+    assert all(run_ranks(nranks, fn, seed, "torch", backend="nccl"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algo", ["padded", "bcast", "p2p"])
+def test_all_gatherv_each_algorithm(algo, seed):
+    need_gpus(4)
+    assert all(run_ranks(4, _with_algo, algo, "all_gatherv", seed, backend="nccl"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algo", ["padded", "reduce"])
+def test_reduce_scatterv_each_algorithm(algo, seed):
+    need_gpus(4)
+    assert all(run_ranks(4, _with_algo, algo, "reduce_scatterv", seed, backend="nccl"))
+
+
+def _with_algo(comm, algo, name, seed):
+    import os
+    os.environ["FP4CCL_ALGO"] = algo
+    try:
+        if name == "all_gatherv":
+            return cc.check_all_gatherv(comm, seed, "torch", ["bfloat16", "float32", "int8"])
+        return cc.check_reduce_scatterv(comm, seed, "torch", ["bfloat16", "float32"], exact=False)
+    finally:
+        del os.environ["FP4CCL_ALGO"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_work_lands_on_the_callers_stream(nranks):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, check_stream_rule, backend="nccl"))
+
+
+def check_stream_rule(comm):
+    """A collective issued under `torch.cuda.stream(s)` runs on s, after what s already holds."""
+    import torch
+    x = torch.full((1 << 16,), float(comm.rank + 1), device=f"cuda:{comm.device}")
+    out = torch.full_like(x, -7.0)
+    side = torch.cuda.Stream(device=comm.device)
+    torch.cuda.synchronize(comm.device)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of spinning on the side stream
+        comm.all_reduce(x, out=out)
+    snapshot = out.clone()  # on the default stream, which is not ordered after `side`
+    torch.cuda.current_stream(comm.device).synchronize()
+    assert bool((snapshot == -7.0).all()), f"rank {comm.rank}: the all_reduce did not wait for the side stream"
+    side.synchronize()
+    want = comm.size * (comm.size + 1) / 2
+    assert bool((out == want).all()), f"rank {comm.rank}: all_reduce result {out[:4]} != {want}"
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_cuda_graph_capture_of_v_collectives(nranks, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, check_graph_capture, seed, backend="nccl"))
+
+
+def check_graph_capture(comm, seed):
+    """all_gatherv / reduce_scatterv with sizes given are captured once and replayed on fresh inputs."""
+    import numpy as np
+    import torch
+    dev = f"cuda:{comm.device}"
+    sizes = [0 if r == 1 else 3 + r for r in range(comm.size)]
+    x = torch.empty((sizes[comm.rank], 8), device=dev)
+    y = torch.empty((sum(sizes), 8), device=dev)
+    gathered = torch.empty((sum(sizes), 8), device=dev)
+    scattered = torch.empty((sizes[comm.rank], 8), device=dev)
+    import os
+    for gather_algo, scatter_algo in (("padded", "padded"), ("bcast", "reduce")):
+        def ops():
+            os.environ["FP4CCL_ALGO"] = gather_algo
+            comm.all_gatherv(x, sizes, out=gathered)
+            os.environ["FP4CCL_ALGO"] = scatter_algo
+            comm.reduce_scatterv(y, sizes, out=scattered)
+            del os.environ["FP4CCL_ALGO"]
+        stream = torch.cuda.Stream(device=comm.device)
+        with torch.cuda.stream(stream):  # warm up outside capture so workspaces exist
+            ops()
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            ops()
+        algo = f"{gather_algo}/{scatter_algo}"
+        for step in range(3):
+            xs = [np.random.default_rng([seed, r, step]).standard_normal((sizes[r], 8)).astype(np.float32)
+                  for r in range(comm.size)]
+            ys = [np.random.default_rng([seed, r, step, 1]).integers(-8, 8, (sum(sizes), 8)).astype(np.float32)
+                  for r in range(comm.size)]
+            x.copy_(torch.from_numpy(xs[comm.rank]))
+            y.copy_(torch.from_numpy(ys[comm.rank]))
+            graph.replay()
+            torch.cuda.synchronize(comm.device)
+            assert np.array_equal(gathered.cpu().numpy(), np.concatenate(xs)), f"rank {comm.rank} {algo} step {step}"
+            off = sum(sizes[:comm.rank])
+            want = np.sum(ys, axis=0)[off:off + sizes[comm.rank]]
+            assert np.array_equal(scattered.cpu().numpy(), want), f"rank {comm.rank} rs {algo} step {step}"
+    return True
