@@ -22,6 +22,8 @@ _KEY = "fp4ccl/launcher/"
 _TAIL_LINES = 20
 # How often a launcher of a multi-node job looks for a failure published by another node.
 _REMOTE_POLL_S = 0.5
+# Node 0 declares a node lost when its heartbeat counter has not moved for this long (a SIGKILLed launcher).
+_HEARTBEAT_TIMEOUT_S = float(os.environ.get("FP4CCL_HEARTBEAT_TIMEOUT", 30.0))
 
 USAGE = (f"{PROG} [-n NPROC_PER_NODE] [--nnodes N --node-rank R --master-addr HOST --master-port P] "
          "[--log-dir DIR] [--ranks-filter 0,2] [--timeout SECONDS] [--grace-period SECONDS] "
@@ -359,6 +361,7 @@ class Launcher:
         deadline = None if a.timeout is None else time.monotonic() + a.timeout
         next_remote = 0.0
         done_published = False
+        beats = {i: (None, time.monotonic()) for i in range(1, a.nnodes)}  # node -> (last counter, seen at)
         while True:
             for r in self.ranks:
                 if r.code is None and r.poll() is not None and r.code != 0:
@@ -375,6 +378,11 @@ class Launcher:
             if multi and now >= next_remote:
                 next_remote = now + _REMOTE_POLL_S
                 try:
+                    self.client.add(_KEY + f"heartbeat/{a.node_rank}", 1)
+                    if a.node_rank == 0:
+                        lost = self._silent_node(beats, now)
+                        if lost is not None:
+                            return {"kind": "lost", "error": lost[1], "node": lost[0]}
                     if local_done and not done_published:
                         self.client.set(_KEY + f"done/{a.node_rank}", b"0")
                         done_published = True
@@ -386,8 +394,21 @@ class Launcher:
                 except (ConnectionError, TimeoutError) as e:
                     if local_done:  # our part is finished; node 0 closing its store afterwards is normal
                         return {"kind": "ok"}
-                    return {"kind": "lost", "error": str(e)}
+                    return {"kind": "lost", "error": f"lost contact with the job's store: {e}"}
             time.sleep(0.02)
+
+    def _silent_node(self, beats: dict, now: float) -> tuple[int, str] | None:
+        """On node 0: a node that has neither finished nor heartbeat within the timeout, described."""
+        for node, (last, seen) in beats.items():
+            if self.client.check(_KEY + f"done/{node}"):
+                continue
+            count = self.client.add(_KEY + f"heartbeat/{node}", 0)
+            if count != last:
+                beats[node] = (count, now)
+            elif now - seen > _HEARTBEAT_TIMEOUT_S:
+                return node, (f"node {node} has not been heard from for {_HEARTBEAT_TIMEOUT_S:g} s "
+                              "(its launcher died?); FP4CCL_HEARTBEAT_TIMEOUT sets this limit")
+        return None
 
     def _publish_failure(self, r: _Rank) -> None:
         if self.args.nnodes == 1 or self.client is None:
@@ -454,8 +475,8 @@ class Launcher:
             lines += self._tail_lines(r)
         elif kind == "signal":
             status = 128 + ended["signum"]
-            lines = [f"job interrupted: the launcher received {_signal_name(ended['signum'])} and passed it to "
-                     "every rank"]
+            lines = [f"job interrupted: the launcher received {_signal_name(ended['signum'])}"
+                     + (" and passed it to every rank" if self.ranks else " before any rank started")]
         elif kind == "timeout":
             status = 124
             lines = [f"job failed: timeout after {a.timeout:g} s (--timeout); ranks still running were stopped"]
@@ -471,7 +492,7 @@ class Launcher:
                          f"pid {f['pid']}: {_describe_code(f['code'])}; see that node's report"]
         elif kind == "lost":
             status = 1
-            lines = [f"job failed: lost contact with the job's store: {ended['error']}"]
+            lines = [f"job failed: {ended['error']}"]
         else:
             return 0
         if stopped_txt:
@@ -523,21 +544,25 @@ class Launcher:
             return
         if a.nnodes > 1:
             try:
-                if ended["kind"] not in ("ok", "rank", "remote", "lost"):
-                    # Timeouts and signals on this node end the whole job: tell the other nodes.
+                if ended["kind"] in ("signal", "timeout", "lost"):
+                    # These end the whole job, not just this node's ranks: tell the other nodes.
                     if self.client.add(_KEY + "failure/claims", 1) == 1:
-                        why = (f"its launcher received {_signal_name(ended['signum'])}" if ended["kind"] == "signal"
-                               else f"it timed out after {a.timeout:g} s")
+                        if ended["kind"] == "signal":
+                            why, code = f"its launcher received {_signal_name(ended['signum'])}", -ended["signum"]
+                        elif ended["kind"] == "timeout":
+                            why, code = f"it timed out after {a.timeout:g} s", 124
+                        else:
+                            why, code = ended["error"], 1
                         self.client.set(_KEY + "failure", json.dumps({
                             "rank": -1, "node": a.node_rank, "host": self.host, "pid": os.getpid(), "why": why,
-                            "code": -ended["signum"] if ended["kind"] == "signal" else 124}).encode())
+                            "code": code}).encode())
                 self.client.set(_KEY + f"done/{a.node_rank}", b"1" if ended["kind"] != "ok" else b"0")
             except (ConnectionError, TimeoutError):
                 pass
             if self.server is not None and ended["kind"] not in ("ok",) and self.ranks:
                 # Keep the store up long enough for the other nodes to see the failure and stop.
                 end = time.monotonic() + self.args.grace_period + 5 * _REMOTE_POLL_S + 2.0
-                keys = [_KEY + f"done/{i}" for i in range(1, a.nnodes)]
+                keys = [_KEY + f"done/{i}" for i in range(1, a.nnodes) if i != ended.get("node")]
                 while time.monotonic() < end and not self.signals[1:]:
                     try:
                         if all(self.client.check(k) for k in keys):

@@ -268,6 +268,29 @@ def test_failure_on_one_node_stops_the_other(tmp_path):
     assert_no_survivors(tmp_path, 4)
 
 
+def test_node_whose_launcher_dies_is_detected(tmp_path):
+    path = script(tmp_path, "time.sleep(120)\n")
+    env = {**os.environ, "FP4CCL_TOKEN": TOKEN, "FP4CCL_HEARTBEAT_TIMEOUT": "2"}
+    base = ["-n", "1", "--nnodes", "2", "--master-port", str(free_port()), "--grace-period", "1"]
+    n0 = subprocess.Popen(LAUNCHER + base + ["--node-rank", "0", path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    n1 = subprocess.Popen(LAUNCHER + base + ["--node-rank", "1", path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_pids(tmp_path, 2)
+        n1.kill()  # no chance to clean up: its rank must die with it, and node 0 must notice
+        t0 = time.monotonic()
+        _, err0 = n0.communicate(timeout=30)
+    finally:
+        for p in (n0, n1):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert n0.returncode == 1 and "node 1 has not been heard from" in err0, err0
+    assert time.monotonic() - t0 < 10
+    assert_no_survivors(tmp_path, 2)
+
+
 # ---- bad input: one line, non-zero exit, and no child ever started ----------------------------------
 
 def _assert_one_line_error(r, tmp_path, needle):
