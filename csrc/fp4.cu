@@ -1,0 +1,359 @@
+// NVFP4 / MXFP4 codec kernels for fp4ccl.
+//
+// Compiled at run time by fp4ccl/jit.py through NVRTC, so this file includes no headers (NVRTC ships
+// no C++ standard library and the cuda_fp16/bf16 headers are not needed: conversions are one PTX
+// instruction each). It also compiles with nvcc (tests/test_csrc_compiles.py) as a syntax gate.
+//
+// The arithmetic follows ../shared/DESIGN.md ("NVFP4", "MXFP4", "Scale layouts") operation for
+// operation, in fp32 with IEEE rounding (no fast-math, no FTZ, explicit __fmul_rn so nothing is
+// contracted), because the numpy reference in fp4ccl/formats/reference.py is the oracle and the two
+// must agree bit for bit. docs/FP4.md explains each bit trick below and the packed wire layout.
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define FP4_MAXSEG 8
+#define FP4_FLT_MAX 3.402823466e+38f
+#define FP4_THREADS 256
+
+// Kernel parameters describing up to FP4_MAXSEG independent row ranges; blockIdx.y picks one.
+// Passed by value (a one-element numpy structured array on the Python side), so a launch needs no
+// device-side table and stays capturable in a CUDA graph. All fields are 64-bit so the C layout and
+// the numpy layout agree without padding rules.
+//   quantize:   src = first FP4 block of x, data/scale/gs = destination addresses
+//   dequantize: src = first FP4 block of out, data/scale/gs = source addresses
+struct SegTable {
+    u64 units[FP4_MAXSEG];  // FP4 blocks in the segment
+    u64 src[FP4_MAXSEG];
+    u64 data[FP4_MAXSEG];
+    u64 scale[FP4_MAXSEG];
+    u64 gs[FP4_MAXSEG];     // address of the fp32 global decode scale, 0 when absent (MXFP4)
+};
+
+struct Seg { u64 units, src, data, scale, gs; };
+
+__device__ __forceinline__ Seg pick_segment(const SegTable& t) {
+    // Constant indices after unrolling keep the table in the parameter bank (no local-memory copy).
+    Seg s = {0, 0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < FP4_MAXSEG; ++i) {
+        if (i == (int)blockIdx.y) {
+            s.units = t.units[i]; s.src = t.src[i]; s.data = t.data[i]; s.scale = t.scale[i]; s.gs = t.gs[i];
+        }
+    }
+    return s;
+}
+
+// ---------------------------------------------------------------- conversions
+__device__ __forceinline__ void f16x2_to_f32(u32 w, float& lo, float& hi) {
+    asm("{.reg .f16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}"
+        : "=f"(lo), "=f"(hi) : "r"(w));
+}
+
+// Unpacks one 16-byte vector of the input into fp32 (exact for every input type).
+template <typename In> struct Loader;
+template <> struct Loader<u16> {  // bfloat16 bits
+    static constexpr int PER_VEC = 8;
+    static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+        }
+    }
+};
+struct Half {};  // tag: float16 bits
+template <> struct Loader<Half> {
+    static constexpr int PER_VEC = 8;
+    static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
+        f16x2_to_f32(v.x, f[0], f[1]); f16x2_to_f32(v.y, f[2], f[3]);
+        f16x2_to_f32(v.z, f[4], f[5]); f16x2_to_f32(v.w, f[6], f[7]);
+    }
+};
+template <> struct Loader<float> {
+    static constexpr int PER_VEC = 4;
+    static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
+        f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y);
+        f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
+    }
+};
+
+// Two fp32 values rounded (nearest-even) and packed into one 32-bit word, element `lo` in the low half.
+template <typename Out> struct Storer;
+template <> struct Storer<u16> {
+    static constexpr int PER_VEC = 8;
+    static __device__ __forceinline__ u32 pack2(float lo, float hi) {
+        u32 r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+    }
+};
+template <> struct Storer<Half> {
+    static constexpr int PER_VEC = 8;
+    static __device__ __forceinline__ u32 pack2(float lo, float hi) {
+        u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+    }
+};
+template <> struct Storer<float> { static constexpr int PER_VEC = 4; };
+
+// max that propagates NaN (fmaxf would drop it and hide a non-finite block)
+__device__ __forceinline__ float max_nan(float a, float b) {
+    float r; asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
+}
+
+// fp32 in [0, 448] -> E4M3 code, round to nearest even. Normal range: round the 23-bit mantissa to 3
+// bits on the integer bits (a carry into the exponent is the right answer), then rebias 127 -> 7.
+// Below 2^-6 E4M3 is subnormal with step 2^-9: s * 512 is exact and adding 2^23 rounds it to an integer.
+__device__ __forceinline__ u32 e4m3_rne(float s) {
+    if (s < 0.015625f) return __float_as_uint(fmaf(s, 512.0f, 8388608.0f)) - 0x4B000000u;
+    const u32 u = __float_as_uint(s);
+    return ((u + 0x7FFFFu + ((u >> 20) & 1u)) >> 20) - (120u << 3);
+}
+
+// Any E4M3 byte -> fp32 (0x7F / 0xFF are NaN), the decode of the stored block scale.
+__device__ __forceinline__ float e4m3_to_f32(u32 code) {
+    const u32 mag = code & 0x7Fu;
+    float f;
+    if (mag == 0x7Fu) f = __uint_as_float(0x7FC00000u);
+    else if (mag >= 8u) f = __uint_as_float((mag << 20) + (120u << 23));
+    else f = (float)mag * 0.001953125f;  // subnormal: mag * 2^-9, exact
+    return (code & 0x80u) ? -f : f;
+}
+
+// E8M0 byte -> fp32: 2^(b-127); b = 0 is the fp32 subnormal 2^-127; 0xFF is NaN.
+__device__ __forceinline__ float e8m0_to_f32(u32 b) {
+    if (b == 0xFFu) return __uint_as_float(0x7FC00000u);
+    if (b == 0u) return __uint_as_float(0x00400000u);
+    return __uint_as_float(b << 23);
+}
+
+// |y| clamped to [0, 6] -> E2M1 magnitude code (0..7), round to nearest even.
+// E2M1 is a float with 1 mantissa bit and exponent bias 1. For v >= 1 round the fp32 mantissa to one
+// bit on the integer bits; subtracting 0x3F000000 first maps 1.0 to code 2 (see docs/FP4.md).
+// For v < 1 the E2M1 grid is uniform with step 0.5: 2v + 2^23 rounds 2v to an integer (0, 1 or 2).
+__device__ __forceinline__ u32 e2m1_rne(float v) {
+    const u32 u = __float_as_uint(v);
+    const u32 cn = (u - 0x3F000000u + 0x1FFFFFu + ((u >> 22) & 1u)) >> 22;
+    const u32 cs = __float_as_uint(fmaf(v, 2.0f, 8388608.0f)) - 0x4B000000u;
+    return v < 1.0f ? cs : cn;
+}
+
+// Counter-based random bits: a function of (seed, element index) alone, so a run replays exactly
+// and does not depend on the launch shape. murmur3's finalizer as the mixer.
+__device__ __forceinline__ u32 fmix32(u32 h) {
+    h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16; return h;
+}
+__device__ __forceinline__ u32 sr_bits(u32 k1, u32 k2, u64 idx) {
+    const u32 h = fmix32(((u32)idx * 0x9E3779B9u) ^ k1);
+    return fmix32(h ^ (u32)(idx >> 32) ^ k2);
+}
+
+// |y| clamped to [0, 6] -> E2M1 code rounded up with probability (v - lo) / (hi - lo).
+__device__ __forceinline__ u32 e2m1_sr(float v, u32 rnd) {
+    u32 lo_code; float lo, inv_step;
+    if (v < 1.0f) {
+        lo_code = (v < 0.5f) ? 0u : 1u; lo = lo_code ? 0.5f : 0.0f; inv_step = 2.0f;
+    } else {
+        lo_code = (__float_as_uint(v) - 0x3F000000u) >> 22;   // truncation on the E2M1 grid
+        lo = __uint_as_float((lo_code << 22) + 0x3F000000u);
+        inv_step = lo_code < 4u ? 2.0f : (lo_code < 6u ? 1.0f : (lo_code < 7u ? 0.5f : 0.0f));
+    }
+    const float frac = __fmul_rn(v - lo, inv_step);          // exact: Sterbenz, power-of-two scale
+    const float u = (float)(rnd >> 8) * 5.9604644775390625e-08f;  // [0, 1) in steps of 2^-24
+    return lo_code + (u < frac ? 1u : 0u);
+}
+
+// Byte offset of block scale (r, c) in the swizzled layout: 128x4 tiles of 512 bytes, tiles ordered by
+// row block then column block; inside a tile (r % 32) * 16 + ((r % 128) / 32) * 4 + c % 4.
+__device__ __forceinline__ u64 swizzle_offset(u32 r, u32 c, u32 ncols_pad) {
+    const u64 tile = (u64)(r >> 7) * (ncols_pad >> 2) + (c >> 2);
+    return tile * 512u + (r & 31u) * 16u + ((r >> 5) & 3u) * 4u + (c & 3u);
+}
+
+// ---------------------------------------------------------------- amax
+// max |x| over the finite elements; result atomically max-ed into *out (which the caller zeroed).
+// Non-negative floats order like their bit patterns as signed ints, hence atomicMax on int.
+template <typename In>
+__device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
+    float m = 0.0f;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < nvec; i += stride) {
+        const uint4 v = __ldg(x + i);
+        float f[Loader<In>::PER_VEC];
+        Loader<In>::unpack(v, f);
+#pragma unroll
+        for (int j = 0; j < Loader<In>::PER_VEC; ++j) {
+            const float a = fabsf(f[j]);
+            m = (a <= FP4_FLT_MAX) ? fmaxf(m, a) : m;   // NaN and Inf fail the compare
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+    __shared__ float warp_max[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_max[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+        if (lane == 0 && m > 0.0f) atomicMax((int*)out, __float_as_int(m));
+    }
+}
+
+// ---------------------------------------------------------------- quantize
+// The global encode scale from amax: S_enc = 448 * 6 / amax capped at FLT_MAX; amax == 0 -> 1.
+// An amax that is not a finite non-negative number (only possible from a device scalar, which cannot
+// be checked without a sync) is treated like 0; the reference does the same.
+__device__ __forceinline__ float nvfp4_senc(const float* amax_ptr, float amax_val) {
+    const float amax = amax_ptr ? *amax_ptr : amax_val;
+    if (!(amax > 0.0f && amax <= FP4_FLT_MAX)) return 1.0f;
+    return fminf(__fdiv_rn(2688.0f, amax), FP4_FLT_MAX);
+}
+
+// One thread quantizes one block of BS elements per iteration (16 for NVFP4, 32 for MXFP4): it loads
+// BS inputs with 16-byte loads, writes BS/2 data bytes with one 8- or 16-byte store and one scale byte.
+template <typename In, int BS, bool NV, bool SWZ, bool SR>
+__device__ void quant_body(const uint4* __restrict__ x, u32 K, const float* amax_ptr, float amax_val,
+                           u64 seed, u32 ncols_pad, const SegTable& t) {
+    const Seg seg = pick_segment(t);
+    float sdec = 1.0f, senc6 = 0.0f;
+    if (NV) {
+        const float senc = nvfp4_senc(amax_ptr, amax_val);
+        sdec = __frcp_rn(senc);
+        senc6 = __fmul_rn(senc, 1.0f / 6.0f);
+        if (seg.gs && blockIdx.x == 0 && threadIdx.x == 0) *(float*)seg.gs = sdec;
+    }
+    const u32 k1 = fmix32((u32)seed), k2 = fmix32((u32)(seed >> 32) + 0x7F4A7C15u);
+    constexpr int PV = Loader<In>::PER_VEC;
+    constexpr int NVEC = BS / PV;
+    const u32 nbc = K / BS;
+    const u32 units = (u32)seg.units;
+    u8* scale_out = (u8*)seg.scale;
+    for (u32 l = blockIdx.x * blockDim.x + threadIdx.x; l < units; l += gridDim.x * blockDim.x) {
+        const u64 blk = seg.src + l;
+        float f[BS];
+        uint4 v[NVEC];
+#pragma unroll
+        for (int i = 0; i < NVEC; ++i) v[i] = __ldg(x + blk * NVEC + i);
+#pragma unroll
+        for (int i = 0; i < NVEC; ++i) Loader<In>::unpack(v[i], f + i * PV);
+        float m = 0.0f;
+#pragma unroll
+        for (int i = 0; i < BS; ++i) m = max_nan(m, fabsf(f[i]));
+        u32 w[BS / 8];
+#pragma unroll
+        for (int i = 0; i < BS / 8; ++i) w[i] = 0u;
+        u32 sbyte;
+        if (!(m <= FP4_FLT_MAX)) {
+            sbyte = NV ? 0x7Fu : 0xFFu;   // NaN scale; the block's data stays 0
+        } else {
+            float mult;
+            if (NV) {
+                sbyte = e4m3_rne(fminf(__fmul_rn(m, senc6), 448.0f));
+                const float bsf = e4m3_to_f32(sbyte);
+                mult = fminf(__frcp_rn(__fmul_rn(bsf, sdec)), FP4_FLT_MAX);
+            } else {
+                const u32 e = __float_as_uint(m) >> 23;           // biased exponent of bamax
+                sbyte = e > 2u ? e - 2u : 0u;                     // floor(log2 bamax) - 2 + 127, clamped
+                mult = __uint_as_float((254u - sbyte) << 23);     // 2^-e, exact, always a normal float
+            }
+#pragma unroll
+            for (int i = 0; i < BS; ++i) {
+                const float y = __fmul_rn(f[i], mult);
+                const float a = fminf(fabsf(y), 6.0f);
+                u32 c;
+                if (SR) c = e2m1_sr(a, sr_bits(k1, k2, blk * BS + i));
+                else c = e2m1_rne(a);
+                c |= (__float_as_uint(y) >> 28) & 8u;
+                w[i >> 3] |= c << ((i & 7) * 4);
+            }
+        }
+        if constexpr (BS == 16) *(uint2*)(seg.data + (u64)l * 8u) = make_uint2(w[0], w[1]);
+        else *(uint4*)(seg.data + (u64)l * 16u) = make_uint4(w[0], w[1], w[2], w[3]);
+        if (SWZ) scale_out[swizzle_offset(l / nbc, l % nbc, ncols_pad)] = (u8)sbyte;
+        else scale_out[l] = (u8)sbyte;
+    }
+}
+
+// ---------------------------------------------------------------- dequantize
+template <typename Out, int BS, bool NV, bool SWZ>
+__device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) {
+        const u32 c = threadIdx.x & 7u;
+        const float mag = c < 2u ? 0.5f * (float)c : __uint_as_float((c << 22) + 0x3F000000u);
+        lut[threadIdx.x] = threadIdx.x & 8u ? -mag : mag;
+    }
+    __syncthreads();
+    const Seg seg = pick_segment(t);
+    const float sdec = (NV && seg.gs) ? *(const float*)seg.gs : 1.0f;
+    const u32 nbc = K / BS;
+    const u32 units = (u32)seg.units;
+    const u8* scale_in = (const u8*)seg.scale;
+    for (u32 l = blockIdx.x * blockDim.x + threadIdx.x; l < units; l += gridDim.x * blockDim.x) {
+        u32 w[BS / 8];
+        if constexpr (BS == 16) {
+            const uint2 d = __ldg((const uint2*)(seg.data + (u64)l * 8u));
+            w[0] = d.x; w[1] = d.y;
+        } else {
+            const uint4 d = __ldg((const uint4*)(seg.data + (u64)l * 16u));
+            w[0] = d.x; w[1] = d.y; w[2] = d.z; w[3] = d.w;
+        }
+        const u32 sb = SWZ ? __ldg(scale_in + swizzle_offset(l / nbc, l % nbc, ncols_pad)) : __ldg(scale_in + l);
+        const float sc = NV ? __fmul_rn(e4m3_to_f32(sb), sdec) : e8m0_to_f32(sb);
+        float f[BS];
+#pragma unroll
+        for (int i = 0; i < BS; ++i) f[i] = __fmul_rn(lut[(w[i >> 3] >> ((i & 7) * 4)) & 15u], sc);
+        const u64 blk = seg.src + l;
+        if constexpr (Storer<Out>::PER_VEC == 4) {
+            uint4* o = (uint4*)(out + blk * BS * 4u);
+#pragma unroll
+            for (int i = 0; i < BS / 4; ++i)
+                o[i] = make_uint4(__float_as_uint(f[4 * i]), __float_as_uint(f[4 * i + 1]),
+                                  __float_as_uint(f[4 * i + 2]), __float_as_uint(f[4 * i + 3]));
+        } else {
+            uint4* o = (uint4*)(out + blk * BS * 2u);
+#pragma unroll
+            for (int i = 0; i < BS / 8; ++i)
+                o[i] = make_uint4(Storer<Out>::pack2(f[8 * i], f[8 * i + 1]), Storer<Out>::pack2(f[8 * i + 2], f[8 * i + 3]),
+                                  Storer<Out>::pack2(f[8 * i + 4], f[8 * i + 5]), Storer<Out>::pack2(f[8 * i + 6], f[8 * i + 7]));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- entry points (extern "C": stable names)
+// Names: fp4_amax_<in>, fp4_quant_<fmt>_<in>_<layout>_<rounding>, fp4_dequant_<fmt>_<out>_<layout>;
+// <in>/<out> in {bf16, f16, f32}, <fmt> in {nv, mx}, <layout> in {lin, swz}, <rounding> in {rn, sr}.
+#define FP4_AMAX(NAME, IN) \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_amax_##NAME(const uint4* x, u64 nvec, float* out) { \
+        amax_body<IN>(x, nvec, out); }
+FP4_AMAX(bf16, u16)
+FP4_AMAX(f16, Half)
+FP4_AMAX(f32, float)
+
+#define FP4_QUANT(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR) \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND( \
+        const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
+        quant_body<IN, BS, NV, SWZ, SR>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); }
+#define FP4_QUANT_ALL(FMT, BS, NV) \
+    FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, rn, false) FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, sr, true) \
+    FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, rn, false)  FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, sr, true) \
+    FP4_QUANT(FMT, f16, Half, BS, NV, lin, false, rn, false) FP4_QUANT(FMT, f16, Half, BS, NV, lin, false, sr, true) \
+    FP4_QUANT(FMT, f16, Half, BS, NV, swz, true, rn, false)  FP4_QUANT(FMT, f16, Half, BS, NV, swz, true, sr, true) \
+    FP4_QUANT(FMT, f32, float, BS, NV, lin, false, rn, false) FP4_QUANT(FMT, f32, float, BS, NV, lin, false, sr, true) \
+    FP4_QUANT(FMT, f32, float, BS, NV, swz, true, rn, false)  FP4_QUANT(FMT, f32, float, BS, NV, swz, true, sr, true)
+FP4_QUANT_ALL(nv, 16, true)
+FP4_QUANT_ALL(mx, 32, false)
+
+#define FP4_DEQUANT(FMT, NAME, OUT, BS, NV, LAY, SWZ) \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY( \
+        u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
+        dequant_body<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); }
+#define FP4_DEQUANT_ALL(FMT, BS, NV) \
+    FP4_DEQUANT(FMT, bf16, u16, BS, NV, lin, false) FP4_DEQUANT(FMT, bf16, u16, BS, NV, swz, true) \
+    FP4_DEQUANT(FMT, f16, Half, BS, NV, lin, false) FP4_DEQUANT(FMT, f16, Half, BS, NV, swz, true) \
+    FP4_DEQUANT(FMT, f32, float, BS, NV, lin, false) FP4_DEQUANT(FMT, f32, float, BS, NV, swz, true)
+FP4_DEQUANT_ALL(nv, 16, true)
+FP4_DEQUANT_ALL(mx, 32, false)
