@@ -1,6 +1,6 @@
 """Variable-size all_gatherv / reduce_scatterv over NCCL, which has neither.
 
-Three ways to move rows that differ in number per rank, picked per call:
+Four ways to move rows that differ in number per rank, picked per call:
 - "native": sizes are equal, so plain ncclAllGather / ncclReduceScatter does it;
 - "padded": pad every part to the largest, run the native op in a cached workspace, then compact
   (one extra pass over the bytes on each side, but NCCL's ring/tree algorithms at full speed);
@@ -35,10 +35,17 @@ def part(info: ArrayInfo, offset: int, count: int) -> ArrayInfo:
     return dataclasses.replace(info, ptr=info.ptr + offset * info.itemsize, shape=(count,), contiguous=True)
 
 
-def choose(kind: str, counts: Sequence[int], itemsize: int) -> str:
-    """The algorithm for one call: FP4CCL_ALGO if set (and valid for `kind`), else by size and padding."""
+def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = False) -> str:
+    """The algorithm for one call: FP4CCL_ALGO if set (and valid for `kind`), else by size and padding.
+
+    Inside an open NCCL group the NCCL calls run only at the group's end, after any copy enqueued
+    around them, so only the algorithms made of NCCL calls alone are allowed there.
+    """
     allowed = GATHER_ALGOS if kind == "all_gatherv" else SCATTER_ALGOS
+    grouped = "bcast" if kind == "all_gatherv" else "reduce"
     forced = os.environ.get("FP4CCL_ALGO", "").strip().lower()
+    if in_group:
+        return "native" if len(set(counts)) == 1 else grouped
     if forced:
         if forced not in allowed:
             raise ValueError(f"FP4CCL_ALGO={forced!r} is not valid for {kind}; choose one of {', '.join(allowed)}")
@@ -50,7 +57,7 @@ def choose(kind: str, counts: Sequence[int], itemsize: int) -> str:
     total = sum(counts) * itemsize
     padded = max(counts) * len(counts) * itemsize
     if total >= GROUPED_FROM_BYTES or padded > MAX_PADDING_RATIO * total:
-        return "bcast" if kind == "all_gatherv" else "reduce"
+        return grouped
     return "padded"
 
 
@@ -99,8 +106,11 @@ class NcclVariable:
     def close(self) -> None:
         self.workspace.close()
 
+    def _in_group(self) -> bool:
+        return getattr(self.backend, "_depth", 0) > 0
+
     def all_gatherv(self, send: ArrayInfo, recv: ArrayInfo, counts: List[int], stream: int) -> None:
-        algo = choose("all_gatherv", counts, send.itemsize)
+        algo = choose("all_gatherv", counts, send.itemsize, self._in_group())
         log.info("all_gatherv counts=%s dtype=%s -> %s", counts, send.dtype, algo)
         offsets = _offsets(counts)
         be = self.backend
@@ -133,7 +143,7 @@ class NcclVariable:
             copy(recv.ptr + offsets[self.rank] * send.itemsize, send.ptr, send.nbytes, stream)
 
     def reduce_scatterv(self, send: ArrayInfo, recv: ArrayInfo, counts: List[int], op: str, stream: int) -> None:
-        algo = choose("reduce_scatterv", counts, send.itemsize)
+        algo = choose("reduce_scatterv", counts, send.itemsize, self._in_group())
         log.info("reduce_scatterv counts=%s dtype=%s op=%s -> %s", counts, send.dtype, op, algo)
         offsets = _offsets(counts)
         be = self.backend

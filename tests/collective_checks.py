@@ -299,16 +299,21 @@ def check_group_batch(comm, seed, framework):
     b = [make_input(seed, r, 2, (comm.size * 5,), dtype) for r in range(comm.size)]
     xa = to_framework(a[comm.rank], framework, comm.device)
     xb = to_framework(b[comm.rank], framework, comm.device)
+    sizes = [0 if r == 0 else r + 2 for r in range(comm.size)]
+    c = [make_input(seed, r, 3, (sizes[r], 4), dtype) for r in range(comm.size)]
+    xc = to_framework(c[comm.rank], framework, comm.device)
     with comm.group():
         r1 = comm.all_reduce(xa, "max")
         r2 = comm.all_gather(xa)
         r3 = comm.reduce_scatter(xb, "max")
+        r4 = comm.all_gatherv(xc, sizes)  # uneven: must pick an algorithm made of NCCL calls only
     _sync(comm)
+    assert np.array_equal(to_numpy(r4, dtype), np.concatenate(c)), f"rank {comm.rank} group all_gatherv"
     assert np.array_equal(to_numpy(r1, dtype), np.max(a, axis=0)), f"rank {comm.rank} group all_reduce"
     assert np.array_equal(to_numpy(r2, dtype), np.concatenate(a)), f"rank {comm.rank} group all_gather"
     want = np.max([x[comm.rank * 5:(comm.rank + 1) * 5] for x in b], axis=0)
     assert np.array_equal(to_numpy(r3, dtype), want), f"rank {comm.rank} group reduce_scatter"
-    return 3
+    return 4
 
 
 def _sync(comm):
