@@ -565,8 +565,15 @@ class SweepOp:
             case.send[s:e] = case.frame.cast(case.input_values(case.rank, s, e), case.dtype)
 
     def bind(self, impl: "Impl", case: Case) -> Callable[[], object]:
-        """A zero-argument callable that runs the op once on `impl` (no host sync on GPU)."""
-        return getattr(impl, self.name)(case)
+        """A zero-argument callable that runs the op once on `impl` (no host sync on GPU).
+
+        The default calls the implementation's method of the op's name; an op that no
+        implementation knows by name (an FP4 op) overrides this and uses e.g. `impl.comm`.
+        """
+        method = getattr(impl, self.name, None)
+        if method is None:
+            raise Unsupported(f"{impl.name} has no {self.name}")
+        return method(case)
 
     def expected(self, case: Case, start: int, stop: int):
         """Expected recv[start:stop] on this rank as int64 (or float64) values; None: nothing to check."""
