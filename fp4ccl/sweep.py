@@ -1222,9 +1222,11 @@ class Sweep:
     # -- the sweep -------------------------------------------------------------------------------
     def run(self) -> List[Row]:
         a = self.args
-        self.setup_baselines()
         if a.root != "all" and a.root >= self.n and any(OPS[o].rooted for o in a.ops):
             raise SweepError(f"-r/--root {a.root} is out of range for {self.n} rank(s)")
+        if a.cudagraph and not (self.frame.name == "torch" and self.frame.gpu):
+            self.notes.append(f"-G {a.cudagraph} ignored: CUDA graphs need the nccl backend with torch arrays")
+        self.setup_baselines()
         self.header()
         nominal = size_steps(a.minbytes, a.maxbytes, a.stepfactor, a.stepbytes)
         itemsize = ITEMSIZE[a.datatype]
