@@ -1,0 +1,242 @@
+"""all_gather_matmul / matmul_reduce_scatter on the host backend at 1..4 ranks: the math the GPU path must match.
+
+Every rank builds the whole problem from the seed, so it can check the full result, not only its part.
+Products are compared with a float64 reference by ||out - ref|| / ||ref||: fp32 under 1e-5; bf16
+(operands exact in bf16, one rounding of the result to bf16, 2^-9 relative) under 8e-3.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fp4ccl._arrays import numpy_dtype
+from fp4ccl.overlap import all_gather_matmul, matmul_reduce_scatter
+from harness import run_ranks
+
+TOL = {"float32": 1e-5, "bfloat16": 8e-3, "float16": 2e-3}
+
+
+def _rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(np.float32).astype(numpy_dtype(dtype))
+
+
+def _relerr(out, ref) -> float:
+    out = np.asarray(out).astype(np.float64)
+    assert np.isfinite(out).all(), "non-finite output"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _to(framework, a):
+    if framework == "numpy":
+        return a
+    import torch
+    if a.dtype == numpy_dtype("bfloat16"):
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def _np(x):
+    if isinstance(x, np.ndarray):
+        return x
+    import torch
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(numpy_dtype("bfloat16"))
+    return x.numpy()
+
+
+# -- per-rank bodies (module level: the harness pickles them by reference) ---------------------------------
+
+def check_ag(comm, seed, dtype, shard_shape, gather_dim, rhs, framework="numpy"):
+    W, r = comm.size, comm.rank
+    rng = np.random.default_rng(seed)
+    shards = [_rand(rng, shard_shape, dtype) for _ in range(W)]
+    a_full = np.concatenate(shards, axis=gather_dim)
+    if rhs:
+        bs = [_rand(rng, (5, a_full.shape[1]), dtype), _rand(rng, (3, a_full.shape[1]), dtype)]
+    else:
+        bs = [_rand(rng, (a_full.shape[-1], 6), dtype), _rand(rng, (a_full.shape[-1], 1), dtype)]
+    got_a, outs = all_gather_matmul(comm, _to(framework, shards[r]), [_to(framework, b) for b in bs],
+                                    gather_dim, gathered_rhs=rhs)
+    assert np.array_equal(_np(got_a).view(np.uint8), a_full.view(np.uint8)), "a_full differs from the concatenation"
+    assert len(outs) == len(bs)
+    wide = a_full.astype(np.float64)
+    for b, o in zip(bs, outs):
+        ref = b.astype(np.float64) @ wide.T if rhs else np.matmul(wide, b.astype(np.float64))
+        o = _np(o)
+        assert o.shape == ref.shape and o.dtype == a_full.dtype, (o.shape, o.dtype, ref.shape)
+        err = _relerr(o, ref)
+        assert err < TOL[dtype], f"rel err {err:.2e} >= {TOL[dtype]} (W={W} dim={gather_dim} rhs={rhs})"
+    # return_a=False and out= together: results land in the given arrays
+    outs_buf = [np.full(_np(o).shape, np.nan, dtype=a_full.dtype) for o in outs]
+    none_a, outs2 = all_gather_matmul(comm, shards[r], bs, gather_dim, return_a=False, out=outs_buf,
+                                      gathered_rhs=rhs) if framework == "numpy" else (None, outs_buf)
+    if framework == "numpy":
+        assert none_a is None
+        for o2, o, buf in zip(outs2, outs, outs_buf):
+            assert o2 is buf
+            assert np.array_equal(_np(o2).view(np.uint8), _np(o).view(np.uint8))
+    return len(bs)
+
+
+def check_rs(comm, seed, dtype, a_shape_full, n, scatter_dim, op):
+    W, r = comm.size, comm.rank
+    rng = np.random.default_rng(seed)
+    K = a_shape_full[-1]
+    A = _rand(rng, a_shape_full, dtype)
+    B = _rand(rng, (K, n), dtype)
+    k = K // W
+    a_r = np.ascontiguousarray(A[..., r * k:(r + 1) * k])
+    b_r = np.ascontiguousarray(B[r * k:(r + 1) * k])
+    out = _np(matmul_reduce_scatter(comm, a_r, b_r, scatter_dim, op))
+    full = np.matmul(A.astype(np.float64), B.astype(np.float64))
+    if op == "avg":
+        full = full / W
+    size = full.shape[scatter_dim] // W
+    ref = np.take(full, range(r * size, (r + 1) * size), axis=scatter_dim)
+    assert out.shape == ref.shape and out.dtype == A.dtype, (out.shape, out.dtype, ref.shape)
+    err = _relerr(out, ref)
+    # partial products are rounded to the input dtype once each before the fp32 sum
+    tol = TOL[dtype] * (2 if dtype != "float32" else 1)
+    assert err < tol, f"rel err {err:.2e} >= {tol} (W={W} dim={scatter_dim} op={op})"
+    return 1
+
+
+def check_fp4_ag(comm, seed, fmt, gather_dim):
+    from fp4ccl import formats
+    W, r = comm.size, comm.rank
+    rng = np.random.default_rng(seed)
+    shards = [_rand(rng, (8, 64), "float32") for _ in range(W)]
+    b = _rand(rng, (64 * (W if gather_dim == 1 else 1), 4), "float32")
+    got_a, (out,) = all_gather_matmul(comm, shards[r], [b], gather_dim, compress=fmt)
+    # peers' shards arrive dequantized; this rank's stays exact
+    expect = [s if p == r else np.asarray(formats.dequantize(formats.quantize(s, format=fmt), dtype=np.float32))
+              for p, s in enumerate(shards)]
+    a_ref = np.concatenate(expect, axis=gather_dim)
+    assert np.array_equal(np.asarray(got_a), a_ref.astype(np.float32))
+    err = _relerr(out, a_ref.astype(np.float64) @ b.astype(np.float64))
+    assert err < 1e-5, err
+    if W > 1:  # the wire really was FP4: a peer's block is not the exact shard
+        p = (r + 1) % W
+        block = np.take(np.asarray(got_a), range(p * 8, p * 8 + 8) if gather_dim == 0 else range(p * 64, p * 64 + 64),
+                        axis=gather_dim)
+        assert not np.array_equal(block, shards[p])
+    return 1
+
+
+def expect_errors(comm, cases):
+    """Run each bad call; every rank must raise the expected type. Then a good call must still work."""
+    W, r = comm.size, comm.rank
+    rng = np.random.default_rng(7)
+    seen = []
+    for name in cases:
+        a = _rand(rng, (4, 8), "float32")
+        b = _rand(rng, (8, 3), "float32")
+        call, etype = {
+            "no_chain": (lambda: all_gather_matmul(comm, a, [_rand(rng, (9, 3), "float32")]), ValueError),
+            "dim_range": (lambda: all_gather_matmul(comm, a, [b], gather_dim=2), ValueError),
+            "dim_range_one_rank": (lambda: all_gather_matmul(comm, a, [b], gather_dim=5 if r == W - 1 else 0),
+                                   ValueError),
+            "unequal_shards": (lambda: all_gather_matmul(comm, _rand(rng, (4 + (r == 0), 8), "float32"), [b]),
+                               ValueError),
+            "dtype_mismatch": (lambda: all_gather_matmul(comm, a, [b.astype(np.float64)]), TypeError),
+            "bad_compress": (lambda: all_gather_matmul(comm, a, [b], compress="fp8"), ValueError),
+            "rs_no_chain": (lambda: matmul_reduce_scatter(comm, a, _rand(rng, (7, 3), "float32")), ValueError),
+            "rs_op": (lambda: matmul_reduce_scatter(comm, _rand(rng, (4 * W, 8), "float32"), b, op="max"),
+                      ValueError),
+            "rs_dim_range": (lambda: matmul_reduce_scatter(comm, _rand(rng, (4 * W, 8), "float32"), b,
+                                                           scatter_dim=-3), ValueError),
+            "rs_indivisible": (lambda: matmul_reduce_scatter(comm, _rand(rng, (4 * W + 1, 8), "float32"), b),
+                               ValueError),
+            "rs_dtype": (lambda: matmul_reduce_scatter(comm, a.astype(numpy_dtype("bfloat16")), b), TypeError),
+        }[name]
+        if W == 1 and name in ("unequal_shards",):
+            continue
+        if W == 1 and name == "rs_indivisible":
+            continue
+        try:
+            call()
+        except etype as err:
+            seen.append((name, str(err)))
+        else:
+            raise AssertionError(f"{name}: no error on rank {r}")
+    # the communicator is still in step after all of that
+    a = _rand(np.random.default_rng(1), (2, 8), "float32")
+    full, (out,) = all_gather_matmul(comm, a, [np.eye(8, dtype=np.float32)])
+    assert np.asarray(out).shape == (2 * W, 8)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(full))
+    return seen
+
+
+# -- tests -------------------------------------------------------------------------------------------------------
+
+RANKS = [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("nranks", RANKS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("gather_dim", [0, 1])
+def test_all_gather_matmul_2d(nranks, dtype, gather_dim, seed):
+    assert all(run_ranks(nranks, check_ag, seed, dtype, (6, 16), gather_dim, False))
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+@pytest.mark.parametrize("gather_dim", [0, 1, 2, -1])
+def test_all_gather_matmul_leading_dims(nranks, gather_dim, seed):
+    assert all(run_ranks(nranks, check_ag, seed, "float32", (3, 4, 8), gather_dim, False))
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 4])
+@pytest.mark.parametrize("gather_dim", [0, 1])
+def test_all_gather_matmul_gathered_rhs(nranks, gather_dim, seed):
+    assert all(run_ranks(nranks, check_ag, seed, "bfloat16", (6, 16), gather_dim, True))
+
+
+@pytest.mark.parametrize("nranks", [2])
+def test_all_gather_matmul_torch_cpu(nranks, seed):
+    pytest.importorskip("torch")
+    assert all(run_ranks(nranks, check_ag, seed, "bfloat16", (6, 16), 0, False, "torch"))
+
+
+@pytest.mark.parametrize("nranks", RANKS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("scatter_dim", [0, 1])
+@pytest.mark.parametrize("op", ["sum", "avg"])
+def test_matmul_reduce_scatter_2d(nranks, dtype, scatter_dim, op, seed):
+    assert all(run_ranks(nranks, check_rs, seed, dtype, (12, 24), 12, scatter_dim, op))
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+@pytest.mark.parametrize("scatter_dim", [0, 1, 2])
+def test_matmul_reduce_scatter_leading_dims(nranks, scatter_dim, seed):
+    assert all(run_ranks(nranks, check_rs, seed, "float32", (6, 6, 12), 6, scatter_dim, "sum"))
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 4])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("gather_dim", [0, 1])
+def test_all_gather_matmul_fp4(nranks, fmt, gather_dim, seed):
+    formats = pytest.importorskip("fp4ccl.formats")
+    if not hasattr(formats, "quantize"):
+        pytest.skip("fp4ccl.formats has no quantize yet")
+    assert all(run_ranks(nranks, check_fp4_ag, seed, fmt, gather_dim))
+
+
+BAD = ["no_chain", "dim_range", "dim_range_one_rank", "unequal_shards", "dtype_mismatch", "bad_compress",
+       "rs_no_chain", "rs_op", "rs_dim_range", "rs_indivisible", "rs_dtype"]
+
+
+@pytest.mark.parametrize("nranks", [1, 3])
+def test_bad_input_fails_on_every_rank(nranks):
+    per_rank = run_ranks(nranks, expect_errors, BAD)
+    for rank, seen in enumerate(per_rank):
+        names = [n for n, _ in seen]
+        expected = [n for n in BAD if not (nranks == 1 and n in ("unequal_shards", "rs_indivisible"))]
+        assert names == expected, (rank, names)
+        msgs = dict(seen)
+        assert "gather_dim=2" in msgs["dim_range"]
+        assert "do not chain" in msgs["no_chain"]
+        assert "must match" in msgs["dtype_mismatch"]
+        if nranks > 1:
+            assert "rank" in msgs["unequal_shards"] and "different" in msgs["unequal_shards"]
+            # the rank with the bad gather_dim says why; the others say which rank was bad
+            assert "gather_dim=5" in msgs["dim_range_one_rank"] or f"rank {nranks - 1}" in msgs["dim_range_one_rank"]
