@@ -1,0 +1,483 @@
+"""FP4 on the wire: all_gatherv and reduce_scatterv that move NVFP4/MXFP4 data plus block scales.
+
+Every rank's contribution travels as one packed segment, [data | scales | global scale] (the layout
+of `formats.packed_layout`, 16-byte aligned), so a gather is one variable-size byte gather and a
+reduce-scatter one variable-size byte all-to-all. The wire adds no error: a gathered row decodes to
+exactly what quantizing and dequantizing the sender's rows locally gives.
+
+Host arrays go through the numpy reference codec, GPU arrays through the CUDA kernels, on the
+caller's stream and without host syncs (so, with sizes given, capturable in a CUDA graph).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _arrays
+from ._arrays import ArrayInfo
+from .formats.tensor import BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, check_format, check_k, packed_layout
+
+GLOBAL_SCALES = ("per_rank", "shared")
+_ALIGN = 256
+
+
+@dataclasses.dataclass(repr=False)
+class GatheredFP4Tensor(FP4Tensor):
+    """An FP4 tensor gathered from several ranks: rows [row_offsets[r], row_offsets[r+1]) came from rank r.
+
+    With per-rank global scales (NVFP4), `global_scale` is an fp32 array of one S_dec per rank.
+    """
+
+    row_offsets: Tuple[int, ...] = ()
+
+    def dequantize(self, dtype: Optional[Any] = None, *, out: Any = None, stream: Any = None):
+        """Decode every rank's rows with that rank's global scale."""
+        return dequantize_gathered(self, dtype, out=out, stream=stream)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+def _round_up(n: int, m: int = _ALIGN) -> int:
+    return (n + m - 1) // m * m
+
+
+def _offsets(counts: Sequence[int]) -> List[int]:
+    out, acc = [], 0
+    for c in counts:
+        out.append(acc)
+        acc += c
+    return out
+
+
+def _bytes_info(like: ArrayInfo, ptr: int, nbytes: int) -> ArrayInfo:
+    """A flat uint8 view at `ptr` on like's device (for the byte-level v-collectives)."""
+    return ArrayInfo(None, like.framework, ptr, (nbytes,), "uint8", like.device, True)
+
+
+def _workspace(comm, nbytes: int) -> int:
+    ws = comm._extras.get("fp4_workspace")
+    if ws is None:
+        from .vcollectives import Workspace
+        ws = comm._extras["fp4_workspace"] = Workspace(comm.device)
+    return ws.get(max(nbytes, 1))
+
+
+def _check_input(comm, x, compress: str, what: str) -> Tuple[ArrayInfo, int, int]:
+    """(info, rows per dim-0 row, K) for an FP4 collective's input."""
+    check_format(compress)
+    info = comm._input(x)
+    if len(info.shape) < 2:
+        raise ValueError(f"{what} with compress={compress!r} needs x of shape [rows, ..., K], got {info.shape}")
+    if info.dtype not in INPUT_DTYPES:
+        raise TypeError(f"{what} with compress={compress!r}: x has dtype {info.dtype}; "
+                        f"expected one of {', '.join(INPUT_DTYPES)}")
+    K = info.shape[-1]
+    check_k(K, compress)
+    return info, math.prod(info.shape[1:-1]), K
+
+
+# -- all_gatherv ---------------------------------------------------------------------------------------
+
+def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_scale="per_rank", dequantize=True):
+    """See Communicator.all_gatherv: gather rows as FP4 (collective)."""
+    if isinstance(x, FP4Tensor):
+        if compress is not None and compress != x.format:
+            raise ValueError(f"compress={compress!r} but x is already an {x.format} FP4Tensor")
+        return _gather_fp4tensor(comm, x, sizes, stream)
+    if compress not in FORMATS:
+        raise ValueError(f"compress={compress!r} is not one of {', '.join(FORMATS)}")
+    if global_scale not in GLOBAL_SCALES:
+        raise ValueError(f"global_scale={global_scale!r} is not one of {', '.join(GLOBAL_SCALES)}")
+    info, inner, K = _check_input(comm, x, compress, "all_gatherv")
+    sizes = comm._sizes(sizes, info.shape[0], "all_gatherv")
+    if sizes[comm.rank] != info.shape[0]:
+        raise ValueError(f"all_gatherv: x has {info.shape[0]} rows but sizes[{comm.rank}]={sizes[comm.rank]}")
+    rows = [s * inner for s in sizes]
+    layouts = [packed_layout(r, K, compress) for r in rows]
+    counts = [lay.total_bytes for lay in layouts]
+    shape = (sum(sizes),) + info.shape[1:]
+    if dequantize:
+        out, oinfo = comm._output(info, shape, out)
+    elif out is not None:
+        raise ValueError("out= is only for dequantize=True; with dequantize=False the result is a new FP4Tensor")
+    codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
+    send, recv = codec.buffers(counts[comm.rank], sum(counts))
+    amax = codec.amax(info, compress, shared=(global_scale == "shared"))
+    codec.quantize(info, K, compress, amax, [(0, rows[comm.rank], send, 0)], layouts[comm.rank])
+    codec.gather(send, recv, counts)
+    offs = _offsets(counts)
+    row_offs = _offsets(rows)
+    if dequantize:
+        codec.dequantize(recv, [(row_offs[r], rows[r], offs[r], layouts[r]) for r in range(comm.size)], K,
+                         compress, oinfo)
+        return out
+    gathered = codec.unpack_gathered(recv, offs, layouts, rows, K, compress, info, shape,
+                                     tuple(_offsets(sizes)) + (sum(sizes),))
+    if global_scale == "shared" and gathered.global_scale is not None:
+        gathered.global_scale = gathered.global_scale[0]  # every rank quantized with the same one
+    return gathered
+
+
+def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream):
+    if q.scale_layout != "linear":
+        raise ValueError("all_gatherv of an FP4Tensor needs linear scales (swizzled padding cannot be concatenated)")
+    if isinstance(q, GatheredFP4Tensor):
+        raise ValueError("this FP4Tensor was already gathered; gather the original shards")
+    info = comm._input(q.data, "q.data")
+    K = q.K
+    inner = math.prod(q.shape[1:-1])
+    sizes = comm._sizes(sizes, q.shape[0], "all_gatherv")
+    if sizes[comm.rank] != q.shape[0]:
+        raise ValueError(f"all_gatherv: q has {q.shape[0]} rows but sizes[{comm.rank}]={sizes[comm.rank]}")
+    rows = [s * inner for s in sizes]
+    layouts = [packed_layout(r, K, q.format) for r in rows]
+    counts = [lay.total_bytes for lay in layouts]
+    codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
+    send, recv = codec.buffers(counts[comm.rank], sum(counts))
+    codec.pack_tensor(q, send, layouts[comm.rank])
+    codec.gather(send, recv, counts)
+    shape = (sum(sizes),) + tuple(q.shape[1:])
+    return codec.unpack_gathered(recv, _offsets(counts), layouts, rows, K, q.format, info, shape,
+                                 tuple(_offsets(sizes)) + (sum(sizes),), dtype=q.dtype)
+
+
+def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=None):
+    """Decode a GatheredFP4Tensor, each rank's rows with its own global scale."""
+    dtype = _arrays.dtype_name(dtype) if dtype is not None else q.dtype
+    if dtype not in INPUT_DTYPES:
+        raise TypeError(f"dequantize to {dtype}: expected one of {', '.join(INPUT_DTYPES)}")
+    info = _arrays.describe(q.data, "q.data")
+    inner = math.prod(q.shape[1:-1])
+    K = q.K
+    if out is None:
+        out = _arrays.empty(info, q.shape, dtype)
+    oinfo = _arrays.describe(out, "out")
+    if oinfo.shape != tuple(q.shape) or oinfo.dtype != dtype:
+        raise ValueError(f"out has shape {oinfo.shape} and dtype {oinfo.dtype}; expected {tuple(q.shape)} {dtype}")
+    bs = BLOCK_SIZE[q.format]
+    starts = [o * inner for o in q.row_offsets]
+    if info.device is None:
+        from .formats import reference
+        o2 = _arrays.host_view(oinfo).reshape(-1, K)
+        d2 = q.data.reshape(-1, K // 2)
+        s2 = q.scales.reshape(-1, K // bs)
+        gs = q.global_scale
+        for r in range(len(starts) - 1):
+            a, b = starts[r], starts[r + 1]
+            s_dec = None if gs is None else (np.float32(gs[r]) if np.ndim(gs) else np.float32(gs))
+            o2[a:b] = reference.dequantize_2d(d2[a:b], s2[a:b], s_dec, q.format, K, o2.dtype)
+        return out
+    from .formats import kernels
+    dptr, sptr = info.ptr, _arrays.describe(q.scales).ptr
+    gptr = _arrays.describe(q.global_scale).ptr if q.global_scale is not None else 0
+    per_rank = q.global_scale is not None and len(_arrays.describe(q.global_scale).shape) == 1
+    segs = []
+    for r in range(len(starts) - 1):
+        a, b = starts[r], starts[r + 1]
+        gs = (gptr + 4 * r if per_rank else gptr) if gptr else 0
+        segs.append(((b - a) * K // bs, a * K // bs, dptr + a * K // 2, sptr + a * K // bs, gs))
+    kernels.dequantize(info.device, oinfo.ptr, dtype, K, q.format, "linear", [s for s in segs if s[0]], 0,
+                       _arrays.current_stream(oinfo, stream))
+    return out
+
+
+# -- reduce_scatterv -----------------------------------------------------------------------------------
+
+def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress=None, rounding="nearest", seed=None):
+    """See Communicator.reduce_scatterv: one quantization per contribution, summed in fp32 (collective)."""
+    if compress not in FORMATS:
+        raise ValueError(f"compress={compress!r} is not one of {', '.join(FORMATS)}")
+    if op != "sum":
+        raise ValueError(f"reduce_scatterv with compress={compress!r} supports op='sum' only, got op={op!r}")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding={rounding!r} is not one of 'nearest', 'stochastic'")
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("rounding='stochastic' needs seed= (every rank derives its own stream from it, so a run replays)")
+    info, inner, K = _check_input(comm, x, compress, "reduce_scatterv")
+    if sizes is None:
+        raise TypeError("reduce_scatterv: sizes (rows per rank) is required")
+    sizes = comm._sizes(sizes, 0, "reduce_scatterv")
+    if sum(sizes) != info.shape[0]:
+        raise ValueError(f"reduce_scatterv: x has {info.shape[0]} rows but sizes add up to {sum(sizes)}")
+    out, oinfo = comm._output(info, (sizes[comm.rank],) + info.shape[1:], out)
+    rows = [s * inner for s in sizes]
+    layouts = [packed_layout(r, K, compress) for r in rows]
+    send_counts = [lay.total_bytes for lay in layouts]
+    mine = layouts[comm.rank]
+    codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
+    send, recv = codec.buffers(sum(send_counts), mine.total_bytes * comm.size, extra_f32=rows[comm.rank] * K * comm.size)
+    row_offs = _offsets(rows)
+    send_offs = _offsets(send_counts)
+    # Each chunk is a tensor of its own: its own amax, hence its own global scale.
+    base_seed = 0 if seed is None else int(seed)
+    for peer in range(comm.size):
+        chunk = (row_offs[peer], rows[peer], send, send_offs[peer])
+        amax = codec.amax_rows(info, K, compress, row_offs[peer], rows[peer])
+        codec.quantize(info, K, compress, amax, [chunk], layouts[peer], rounding=rounding,
+                       seed=_mix(base_seed, comm.rank, peer))
+    codec.all_to_all(send, send_counts, recv, mine.total_bytes)
+    codec.sum_dequantized(recv, mine, rows[comm.rank], K, compress, comm.size, oinfo)
+    return out
+
+
+def buf_of(chunks) -> np.ndarray:
+    """The one buffer that every chunk of a quantize call writes into."""
+    bufs = {id(c[2]) for c in chunks}
+    if len(bufs) != 1:
+        raise ValueError("all chunks of one quantize call must share a buffer")
+    return chunks[0][2]
+
+
+def _mix(seed: int, rank: int, peer: int) -> int:
+    """A distinct, replayable random stream for each (seed, sender, receiver)."""
+    return (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + peer * 0x94D049BB133111EB + 1) % (1 << 64)
+
+
+# -- codecs: the same steps on the host (numpy reference) and on the GPU (CUDA kernels) -------------------
+
+class _HostCodec:
+    """Numpy buffers and the reference codec; the host backend moves the bytes."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def buffers(self, send_bytes: int, recv_bytes: int, extra_f32: int = 0):
+        return np.zeros(send_bytes, np.uint8), np.empty(recv_bytes, np.uint8)
+
+    def amax(self, info: ArrayInfo, fmt: str, shared: bool):
+        if fmt != "nvfp4":
+            return None
+        from .formats import reference
+        value = reference.amax(_arrays.host_view(info).reshape(-1, info.shape[-1]))
+        if shared:
+            value = self.comm_all_reduce_max(value)
+        return value
+
+    def amax_rows(self, info, K, fmt, start, count):
+        if fmt != "nvfp4":
+            return None
+        from .formats import reference
+        return reference.amax(_arrays.host_view(info).reshape(-1, K)[start:start + count])
+
+    def quantize(self, info, K, fmt, amax, chunks, layout, rounding="nearest", seed=None):
+        from .formats import reference
+        x2d = _arrays.host_view(info).reshape(-1, K)
+        # Whole-tensor row offsets, so stochastic rounding draws the same bits as the GPU kernels.
+        reference.quantize_packed(x2d, buf_of(chunks), [(start, count, off) for start, count, _, off in chunks], fmt,
+                                  amax_value=amax, rounding=rounding, seed=seed)
+
+    def pack_tensor(self, q: FP4Tensor, buf: np.ndarray, layout) -> None:
+        data = np.ascontiguousarray(q.data).reshape(-1)
+        scales = np.ascontiguousarray(q.scales).reshape(-1)
+        buf[:data.size] = data
+        buf[layout.scale_off:layout.scale_off + scales.size] = scales
+        if q.format == "nvfp4":
+            buf[layout.gs_off:layout.gs_off + 4] = np.asarray(q.global_scale, np.float32).reshape(1).view(np.uint8)
+
+    def gather(self, send, recv, counts):
+        self.comm._v.all_gatherv(_arrays.describe(send), _arrays.describe(recv), counts, 0)
+
+    def all_to_all(self, send, send_counts, recv, recv_each):
+        be = self.comm._backend
+        parts = np.split(send, np.cumsum(send_counts)[:-1])
+        got = be.alltoallv_bytes(parts)
+        for r, p in enumerate(got):
+            recv[r * recv_each:(r + 1) * recv_each] = p
+
+    def dequantize(self, recv, segments, K, fmt, oinfo):
+        from .formats import reference
+        out2d = _arrays.host_view(oinfo).reshape(-1, K)
+        reference.dequantize_packed(recv, [(r0, n, off) for r0, n, off, _ in segments], K, fmt, out2d)
+
+    def unpack_gathered(self, recv, offs, layouts, rows, K, fmt, info, shape, row_offsets, dtype=None):
+        from .formats import reference
+        bs = BLOCK_SIZE[fmt]
+        total = sum(rows)
+        data = np.empty((total, K // 2), np.uint8)
+        scales = np.empty((total, K // bs), np.uint8)
+        gs = np.empty(len(rows), np.float32) if fmt == "nvfp4" else None
+        for r, (off, n) in enumerate(zip(offs, rows)):
+            d, s, g = reference.read_packed(recv, n, K, fmt, off)
+            a = sum(rows[:r])
+            data[a:a + n] = d
+            scales[a:a + n] = s
+            if gs is not None:
+                gs[r] = g
+        lead = shape[:-1]
+        return GatheredFP4Tensor(data.reshape(lead + (K // 2,)), scales.reshape(lead + (K // bs,)), gs, fmt,
+                                 tuple(shape), "linear", dtype or info.dtype, row_offsets)
+
+    def sum_dequantized(self, recv, layout, rows, K, fmt, size, oinfo):
+        from .formats import reference
+        acc = np.zeros((rows, K), np.float32)
+        for r in range(size):
+            data, scales, s_dec = reference.read_packed(recv, rows, K, fmt, r * layout.total_bytes)
+            acc += reference.dequantize_2d(data, scales, s_dec, fmt, K, np.float32)
+        _arrays.host_view(oinfo).reshape(rows, K)[...] = acc.astype(_arrays.host_view(oinfo).dtype)
+
+    def comm_all_reduce_max(self, value):
+        return np.float32(self.comm.all_reduce(np.array([value], np.float32), "max")[0])
+
+
+class _GpuCodec:
+    """Workspace buffers and the CUDA kernels, on one stream."""
+
+    def __init__(self, comm, like: ArrayInfo, stream):
+        self.comm = comm
+        self.like = like
+        self.device = like.device
+        self.stream = _arrays.current_stream(like, stream)
+        self._extra = 0
+
+    def buffers(self, send_bytes: int, recv_bytes: int, extra_f32: int = 0):
+        # One workspace: [amax scalars | send | recv | fp32 accumulation area]
+        self.n_amax = 64 * 4
+        send_off = _round_up(self.n_amax)
+        recv_off = send_off + _round_up(send_bytes)
+        extra_off = recv_off + _round_up(recv_bytes)
+        base = _workspace(self.comm, extra_off + extra_f32 * 4)
+        self.base = base
+        self._amax_next = 0
+        self.f32 = base + extra_off
+        return base + send_off, base + recv_off
+
+    def _amax_slot(self) -> int:
+        slot = self.base + 4 * (self._amax_next % 64)
+        self._amax_next += 1
+        return slot
+
+    def amax(self, info: ArrayInfo, fmt: str, shared: bool):
+        if fmt != "nvfp4":
+            return 0
+        from .formats import kernels
+        slot = self._amax_slot()
+        kernels.amax(self.device, info.ptr, info.dtype, info.size, slot, self.stream)
+        if shared:
+            scalar = ArrayInfo(None, info.framework, slot, (1,), "float32", self.device, True)
+            self.comm._backend.all_reduce(scalar, scalar, "max", self.stream)
+        return slot
+
+    def amax_rows(self, info, K, fmt, start, count):
+        if fmt != "nvfp4":
+            return 0
+        from .formats import kernels
+        slot = self._amax_slot()
+        kernels.amax(self.device, info.ptr + start * K * info.itemsize, info.dtype, count * K, slot, self.stream)
+        return slot
+
+    def quantize(self, info, K, fmt, amax_ptr, chunks, layout, rounding="nearest", seed=None):
+        from .formats import kernels
+        bs = BLOCK_SIZE[fmt]
+        segs = []
+        for start, count, buf, off in chunks:
+            if count == 0:
+                if fmt == "nvfp4":  # the empty tensor's global scale is 1 (amax 0), as the reference writes
+                    kernels.memcpy(self.device, buf + off + layout.gs_off, self._one(), 4, self.stream)
+                continue
+            gs = buf + off + layout.gs_off if fmt == "nvfp4" else 0
+            segs.append((count * K // bs, start * K // bs, buf + off, buf + off + layout.scale_off, gs))
+        if segs:
+            kernels.quantize(self.device, info.ptr, info.dtype, K, fmt, "linear", rounding, seed or 0,
+                             amax_ptr or 0, 0.0, segs, 0, self.stream)
+
+    def _one(self) -> int:
+        cache = self.comm._extras.setdefault("fp4_one", {})
+        arr = cache.get(self.device)
+        if arr is None:
+            import cupy
+            with cupy.cuda.Device(self.device):
+                arr = cache[self.device] = cupy.ones(1, np.float32)
+        return int(arr.data.ptr)
+
+    def pack_tensor(self, q: FP4Tensor, buf: int, layout) -> None:
+        from .formats import kernels
+        d = _arrays.describe(q.data, "q.data")
+        s = _arrays.describe(q.scales, "q.scales")
+        kernels.memcpy(self.device, buf, d.ptr, d.nbytes, self.stream)
+        kernels.memcpy(self.device, buf + layout.scale_off, s.ptr, s.nbytes, self.stream)
+        if q.format == "nvfp4":
+            g = _arrays.describe(q.global_scale, "q.global_scale")
+            kernels.memcpy(self.device, buf + layout.gs_off, g.ptr, 4, self.stream)
+
+    def gather(self, send, recv, counts):
+        self.comm._v.all_gatherv(_bytes_info(self.like, send, counts[self.comm.rank]),
+                                 _bytes_info(self.like, recv, sum(counts)), counts, self.stream)
+
+    def all_to_all(self, send, send_counts, recv, recv_each):
+        be = self.comm._backend
+        offs = _offsets(send_counts)
+        be.group_start()
+        try:
+            for peer in range(self.comm.size):
+                if send_counts[peer]:
+                    be.send(_bytes_info(self.like, send + offs[peer], send_counts[peer]), peer, self.stream)
+                if recv_each:
+                    be.recv(_bytes_info(self.like, recv + peer * recv_each, recv_each), peer, self.stream)
+        finally:
+            be.group_end()
+
+    def dequantize(self, recv, segments, K, fmt, oinfo):
+        from .formats import kernels
+        bs = BLOCK_SIZE[fmt]
+        segs = [(n * K // bs, r0 * K // bs, recv + off, recv + off + lay.scale_off,
+                 recv + off + lay.gs_off if fmt == "nvfp4" else 0) for r0, n, off, lay in segments if n]
+        if segs:
+            kernels.dequantize(self.device, oinfo.ptr, oinfo.dtype, K, fmt, "linear", segs, 0, self.stream)
+
+    def unpack_gathered(self, recv, offs, layouts, rows, K, fmt, info, shape, row_offsets, dtype=None):
+        from .formats import kernels
+        bs = BLOCK_SIZE[fmt]
+        lead = shape[:-1]
+        data = _arrays.empty(info, lead + (K // 2,), "uint8")
+        scales = _arrays.empty(info, lead + (K // bs,), "uint8")
+        gs = _arrays.empty(info, (len(rows),), "float32") if fmt == "nvfp4" else None
+        dptr, sptr = _arrays.describe(data).ptr, _arrays.describe(scales).ptr
+        gptr = _arrays.describe(gs).ptr if gs is not None else 0
+        a = 0
+        for r, (off, n, lay) in enumerate(zip(offs, rows, layouts)):
+            kernels.memcpy(self.device, dptr + a * K // 2, recv + off, n * K // 2, self.stream)
+            kernels.memcpy(self.device, sptr + a * K // bs, recv + off + lay.scale_off, n * K // bs, self.stream)
+            if gptr:
+                kernels.memcpy(self.device, gptr + 4 * r, recv + off + lay.gs_off, 4, self.stream)
+            a += n
+        return GatheredFP4Tensor(data, scales, gs, fmt, tuple(shape), "linear", dtype or info.dtype, row_offsets)
+
+    def sum_dequantized(self, recv, layout, rows, K, fmt, size, oinfo):
+        from .formats import kernels
+        if rows == 0:
+            return
+        bs = BLOCK_SIZE[fmt]
+        n = rows * K
+        segs = [(n // bs, r * n // bs, recv + r * layout.total_bytes, recv + r * layout.total_bytes + layout.scale_off,
+                 recv + r * layout.total_bytes + layout.gs_off if fmt == "nvfp4" else 0) for r in range(size)]
+        # Decode every contribution to fp32 side by side, then one fp32 sum and one rounding.
+        kernels.dequantize(self.device, self.f32, "float32", K, fmt, "linear", segs, 0, self.stream)
+        _sum_rows_f32(self.f32, size, n, oinfo, self.stream)
+
+
+def _sum_rows_f32(ptr: int, parts: int, n: int, oinfo: ArrayInfo, stream: int) -> None:
+    """out = sum over `parts` fp32 arrays of n elements laid end to end at ptr, rounded once to out's dtype."""
+    if oinfo.framework == "torch":
+        import torch
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=oinfo.obj.device)):
+            acc = _torch_view_f32(ptr, parts * n, oinfo.obj.device).view(parts, n)
+            oinfo.obj.view(-1).copy_(acc.sum(dim=0))
+        return
+    import cupy
+    with cupy.cuda.ExternalStream(stream, oinfo.device):
+        mem = cupy.cuda.UnownedMemory(ptr, parts * n * 4, None, device_id=oinfo.device)
+        acc = cupy.ndarray((parts, n), np.float32, cupy.cuda.MemoryPointer(mem, 0))
+        res = _arrays.as_cupy(oinfo).reshape(-1)
+        res[...] = acc.sum(axis=0).astype(res.dtype)
+
+
+def _torch_view_f32(ptr: int, n: int, device):
+    import cupy
+    import torch
+    mem = cupy.cuda.UnownedMemory(ptr, n * 4, None, device_id=device.index)
+    arr = cupy.ndarray((n,), np.float32, cupy.cuda.MemoryPointer(mem, 0))
+    return torch.from_dlpack(arr)
+

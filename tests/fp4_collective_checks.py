@@ -1,0 +1,164 @@
+"""Checks of the FP4-aware collectives, for any backend and rank count (run through harness.run_ranks).
+
+The reference is local: quantize each rank's shard on its own with the numpy codec and dequantize it.
+The gathered result must equal that bit for bit (the wire adds no error); the FP4 reduce-scatter must
+equal, to fp32 rounding, the sum of each contribution's own quantize->dequantize.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from collective_checks import _sync, check_no_overrun, sentinel_out, to_framework, to_numpy, uneven_sizes
+from fp4ccl._arrays import numpy_dtype
+from fp4ccl.formats import reference
+
+DTYPES = ["bfloat16", "float16", "float32"]
+
+
+def shard(seed, rank, case, rows, K, dtype):
+    """Random rows with a wide dynamic range (one scaled-up row per shard) and an exact zero block."""
+    rng = np.random.default_rng([seed, rank, case])
+    x = rng.standard_normal((rows, K)).astype(np.float32) * np.float32(2.0 ** rng.integers(-6, 6))
+    if rows:
+        x[0] *= 37.0
+        x[-1, :16] = 0.0
+    return x.astype(numpy_dtype(dtype))
+
+
+def roundtrip(x, fmt, amax=None, dtype=None):
+    """Local quantize -> dequantize with the reference codec."""
+    data, scales, s_dec = reference.quantize_2d(x, fmt, amax)
+    return reference.dequantize_2d(data, scales, s_dec, fmt, x.shape[1], dtype or x.dtype)
+
+
+def check_fp4_all_gatherv(comm, seed, framework, fmt, global_scale, dtypes=DTYPES, K=64):
+    case = 0
+    for dtype in dtypes:
+        if framework == "cupy" and dtype == "bfloat16":
+            continue
+        for sizes in uneven_sizes(comm.size, case):
+            case += 1
+            shards = [shard(seed, r, case, sizes[r], K, dtype) for r in range(comm.size)]
+            amax = None
+            if global_scale == "shared" and fmt == "nvfp4":
+                amax = max(reference.amax(s) for s in shards)
+            want = np.concatenate([roundtrip(s, fmt, amax) if len(s) else s for s in shards])
+            x = to_framework(shards[comm.rank], framework, comm.device)
+            shape = (sum(sizes), K)
+            fbuf, out = sentinel_out(comm, framework, shape, dtype)
+            comm.all_gatherv(x, sizes, out=out, compress=fmt, global_scale=global_scale)
+            q = comm.all_gatherv(x, sizes, compress=fmt, global_scale=global_scale, dequantize=False)
+            again = q.dequantize()
+            _sync(comm)
+            what = f"rank {comm.rank} all_gatherv {fmt} {global_scale} {dtype} sizes={sizes}"
+            check_no_overrun(fbuf, shape, dtype, what)
+            got = to_numpy(out, dtype)
+            assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), what + _first_diff(got, want)
+            assert np.array_equal(to_numpy(again, dtype).view(np.uint8), want.view(np.uint8)), what + " (FP4Tensor)"
+            assert tuple(q.shape) == shape and q.row_offsets == tuple(np.cumsum([0] + sizes)), what
+            if global_scale == "shared" and fmt == "nvfp4":
+                assert np.ndim(to_numpy(q.global_scale, "float32")) == 0, what + " (one shared global scale)"
+    return case
+
+
+def check_fp4_gather_tensor_as_is(comm, seed, framework, fmt):
+    """comm.all_gatherv(q) on an FP4Tensor moves its bytes unchanged."""
+    import fp4ccl
+    sizes = [r + 1 for r in range(comm.size)]
+    shards = [shard(seed, r, 99, sizes[r], 32, "float32") for r in range(comm.size)]
+    q = fp4ccl.quantize(to_framework(shards[comm.rank], framework, comm.device), fmt)
+    g = comm.all_gatherv(q, sizes)
+    _sync(comm)
+    want_data = np.concatenate([reference.quantize_2d(s, fmt)[0] for s in shards])
+    want_scales = np.concatenate([reference.quantize_2d(s, fmt)[1] for s in shards])
+    assert np.array_equal(to_numpy(g.data, "uint8"), want_data), f"rank {comm.rank} gathered data"
+    assert np.array_equal(to_numpy(g.scales, "uint8"), want_scales), f"rank {comm.rank} gathered scales"
+    want = np.concatenate([roundtrip(s, fmt) for s in shards])
+    assert np.array_equal(to_numpy(g.dequantize(), "float32"), want), f"rank {comm.rank} gathered decode"
+    return True
+
+
+def check_fp4_reduce_scatterv(comm, seed, framework, fmt, dtypes=DTYPES, K=64):
+    case = 0
+    for dtype in dtypes:
+        if framework == "cupy" and dtype == "bfloat16":
+            continue
+        for sizes in uneven_sizes(comm.size, case):
+            case += 1
+            total = sum(sizes)
+            inputs = [shard(seed, r, case, total, K, dtype) for r in range(comm.size)]
+            off = sum(sizes[:comm.rank])
+            n = sizes[comm.rank]
+            # Each rank quantized the rows meant for us as a tensor of its own.
+            parts = [roundtrip(a[off:off + n], fmt, dtype=np.float32) if n else np.zeros((0, K), np.float32)
+                     for a in inputs]
+            want = np.sum(parts, axis=0, dtype=np.float32) if n else np.zeros((0, K), np.float32)
+            x = to_framework(inputs[comm.rank], framework, comm.device)
+            fbuf, out = sentinel_out(comm, framework, (n, K), dtype)
+            comm.reduce_scatterv(x, sizes, out=out, compress=fmt)
+            _sync(comm)
+            what = f"rank {comm.rank} reduce_scatterv {fmt} {dtype} sizes={sizes}"
+            check_no_overrun(fbuf, (n, K), dtype, what)
+            got = to_numpy(out, dtype).astype(np.float32)
+            # fp32 sums in another order differ by a few ulps before the one rounding to `dtype`.
+            ulp = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+            tol = 2 * ulp * (np.abs(want) + np.abs(want).max(initial=0.0) * 1e-6)
+            assert np.all(np.abs(got - want) <= tol), what + _first_diff(got, want)
+    return case
+
+
+def check_fp4_stochastic_rounding(comm, seed, framework, fmt, draws=64):
+    """Mean error of stochastic-rounded reduce_scatterv over many seeds tends to 0; the same seed replays."""
+    K, sizes = 32, [4] * comm.size
+    x_np = shard(seed, comm.rank, 5, sum(sizes), K, "float32")
+    x = to_framework(x_np, framework, comm.device)
+    exact = comm.all_reduce(x)
+    first = None
+    total = None
+    for d in range(draws):
+        y = comm.reduce_scatterv(x, sizes, compress=fmt, rounding="stochastic", seed=seed + d)
+        y_np = to_numpy(y, "float32")
+        if d == 0:
+            first = y_np
+        total = y_np.astype(np.float64) if total is None else total + y_np
+    replay = to_numpy(comm.reduce_scatterv(x, sizes, compress=fmt, rounding="stochastic", seed=seed), "float32")
+    _sync(comm)
+    assert np.array_equal(replay, first), f"rank {comm.rank}: the same seed did not replay"
+    off = 4 * comm.rank
+    ref = to_numpy(exact, "float32")[off:off + 4].astype(np.float64)
+    nearest = to_numpy(comm.reduce_scatterv(x, sizes, compress=fmt), "float32").astype(np.float64)
+    bias_sr = np.abs(total / draws - ref).mean()
+    bias_rn = np.abs(nearest - ref).mean()
+    assert bias_sr < 0.5 * bias_rn, f"rank {comm.rank}: stochastic mean error {bias_sr:.3g} vs nearest {bias_rn:.3g}"
+    return True
+
+
+def check_fp4_bad_input(comm, seed, framework):
+    import pytest
+    x = to_framework(np.ones((2, 48), np.float32), framework, comm.device)
+    sizes = [2] * comm.size
+    with pytest.raises(ValueError, match="K=48 must be a positive multiple of the block size 32"):
+        comm.all_gatherv(x, sizes, compress="mxfp4")
+    with pytest.raises(ValueError, match="compress='fp8' is not one of nvfp4, mxfp4"):
+        comm.all_gatherv(x, sizes, compress="fp8")
+    with pytest.raises(ValueError, match="global_scale='global' is not one of"):
+        comm.all_gatherv(x, sizes, compress="nvfp4", global_scale="global")
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        comm.all_gatherv(to_framework(np.ones((2, 16), np.int32), framework, comm.device), sizes, compress="nvfp4")
+    with pytest.raises(ValueError, match="needs seed="):
+        comm.reduce_scatterv(x, sizes, compress="nvfp4", rounding="stochastic")
+    with pytest.raises(ValueError, match="supports op='sum' only"):
+        comm.reduce_scatterv(x, sizes, "max", compress="nvfp4")
+    y = comm.all_gatherv(x, sizes, compress="nvfp4")  # still usable: nothing reached the wire
+    _sync(comm)
+    assert np.array_equal(to_numpy(y, "float32"), np.ones((2 * comm.size, 48), np.float32))
+    return True
+
+
+def _first_diff(got, want) -> str:
+    g, w = np.asarray(got, np.float64).ravel(), np.asarray(want, np.float64).ravel()
+    bad = np.flatnonzero(~((g == w) | (np.isnan(g) & np.isnan(w))))
+    if bad.size == 0:
+        return ""
+    i = bad[0]
+    return f": {bad.size} differ; first at {i}: got {g[i]!r}, want {w[i]!r}"

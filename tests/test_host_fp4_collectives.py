@@ -1,0 +1,33 @@
+"""FP4-aware all_gatherv / reduce_scatterv on the host backend (the numpy reference codec), 1..4 ranks."""
+from __future__ import annotations
+
+import pytest
+
+import fp4_collective_checks as fc
+from harness import run_ranks
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 4])
+@pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank")])
+def test_fp4_all_gatherv_is_bit_exact(fmt, global_scale, nranks, seed):
+    assert all(run_ranks(nranks, fc.check_fp4_all_gatherv, seed, "numpy", fmt, global_scale))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_gather_of_an_fp4tensor(fmt, seed):
+    assert all(run_ranks(3, fc.check_fp4_gather_tensor_as_is, seed, "numpy", fmt))
+
+
+@pytest.mark.parametrize("nranks", [1, 3, 4])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_reduce_scatterv(fmt, nranks, seed):
+    assert all(run_ranks(nranks, fc.check_fp4_reduce_scatterv, seed, "numpy", fmt))
+
+
+def test_fp4_stochastic_rounding_is_unbiased_and_replays(seed):
+    assert all(run_ranks(2, fc.check_fp4_stochastic_rounding, seed, "numpy", "nvfp4"))
+
+
+@pytest.mark.parametrize("nranks", [1, 2])
+def test_fp4_bad_input(nranks, seed):
+    assert all(run_ranks(nranks, fc.check_fp4_bad_input, seed, "numpy"))
