@@ -1,0 +1,97 @@
+"""FP4-aware collectives on the NCCL backend (CUDA kernels), 2 and 4 ranks, torch and CuPy."""
+from __future__ import annotations
+
+import pytest
+
+import fp4_collective_checks as fc
+from conftest import need_gpus
+from harness import run_ranks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+@pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank")])
+def test_fp4_all_gatherv_bit_exact(fmt, global_scale, framework, nranks, seed):
+    need_gpus(nranks)
+    pytest.importorskip(framework)
+    assert all(run_ranks(nranks, fc.check_fp4_all_gatherv, seed, framework, fmt, global_scale, backend="nccl"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_gather_of_an_fp4tensor(fmt, seed):
+    need_gpus(4)
+    assert all(run_ranks(4, fc.check_fp4_gather_tensor_as_is, seed, "torch", fmt, backend="nccl"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_reduce_scatterv(fmt, framework, nranks, seed):
+    need_gpus(nranks)
+    pytest.importorskip(framework)
+    assert all(run_ranks(nranks, fc.check_fp4_reduce_scatterv, seed, framework, fmt, backend="nccl"))
+
+
+@pytest.mark.gpu
+def test_fp4_stochastic_rounding(seed):
+    need_gpus(2)
+    assert all(run_ranks(2, fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4", backend="nccl"))
+
+
+@pytest.mark.gpu
+def test_fp4_bad_input(seed):
+    need_gpus(2)
+    assert all(run_ranks(2, fc.check_fp4_bad_input, seed, "torch", backend="nccl"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_fp4_collectives_in_a_cuda_graph(nranks, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, check_fp4_graph, seed, backend="nccl"))
+
+
+def check_fp4_graph(comm, seed):
+    """Capture FP4 all_gatherv (shared scale) and reduce_scatterv once; replay on fresh inputs."""
+    import numpy as np
+    import torch
+    from fp4_collective_checks import roundtrip, shard
+    from fp4ccl.formats import reference
+    dev = f"cuda:{comm.device}"
+    K = 64
+    sizes = [0 if r == comm.size - 1 else 2 + r for r in range(comm.size)]
+    x = torch.empty((sizes[comm.rank], K), device=dev, dtype=torch.bfloat16)
+    y = torch.empty((sum(sizes), K), device=dev, dtype=torch.float32)
+    gathered = torch.empty((sum(sizes), K), device=dev, dtype=torch.bfloat16)
+    scattered = torch.empty((sizes[comm.rank], K), device=dev, dtype=torch.float32)
+    stream = torch.cuda.Stream(device=comm.device)
+
+    def ops():
+        comm.all_gatherv(x, sizes, out=gathered, compress="nvfp4", global_scale="shared")
+        comm.reduce_scatterv(y, sizes, out=scattered, compress="nvfp4")
+
+    with torch.cuda.stream(stream):
+        ops()  # warm-up: compiles kernels, sizes workspaces
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        ops()
+    import ml_dtypes
+    for step in range(3):
+        xs = [shard(seed, r, 100 + step, sizes[r], K, "bfloat16") for r in range(comm.size)]
+        ys = [shard(seed, r, 200 + step, sum(sizes), K, "float32") for r in range(comm.size)]
+        x.copy_(torch.from_numpy(xs[comm.rank].view(np.int16)).view(torch.bfloat16))
+        y.copy_(torch.from_numpy(ys[comm.rank]))
+        graph.replay()
+        torch.cuda.synchronize(comm.device)
+        amax = max(reference.amax(s) for s in xs)
+        want = np.concatenate([roundtrip(s, "nvfp4", amax) for s in xs])
+        got = gathered.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), f"rank {comm.rank} step {step} gather"
+        off, n = sum(sizes[:comm.rank]), sizes[comm.rank]
+        want_rs = np.sum([roundtrip(a[off:off + n], "nvfp4") for a in ys], axis=0) if n else np.zeros((0, K))
+        assert np.allclose(scattered.cpu().numpy(), want_rs, rtol=1e-6, atol=1e-6), f"rank {comm.rank} step {step} rs"
+    return True
