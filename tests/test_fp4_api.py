@@ -1,0 +1,273 @@
+"""fp4ccl.quantize / dequantize / packed forms on host arrays: dispatch, validation, bad input, the
+JIT loader's cache logic. The GPU paths are in tests/gpu/test_fp4_kernels.py."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fp4ccl
+from fp4ccl import jit
+from fp4ccl.formats import FP4Tensor, packed_layout, reference as ref
+from fp4ccl.formats import dequantize_packed, quantize_packed, unpack_packed
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_import_touches_no_gpu_framework():
+    code = ("import sys, fp4ccl, fp4ccl.formats, fp4ccl.jit; fp4ccl.quantize; "
+            "bad = [m for m in ('torch', 'cupy', 'cupy_backends') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("layout", ["linear", "swizzled"])
+def test_numpy_round_trip_matches_reference(rng, dtype, fmt, layout):
+    x = rng.standard_normal((2, 3, 64)).astype(dtype)
+    q = fp4ccl.quantize(x, fmt, scale_layout=layout)
+    assert isinstance(q, FP4Tensor) and q.shape == (2, 3, 64) and q.dtype == np.dtype(dtype).name
+    assert q.data.shape == (2, 3, 32) and q.data.dtype == np.uint8
+    d, s, g = ref.quantize_2d(x.reshape(6, 64), fmt)
+    np.testing.assert_array_equal(q.data.reshape(6, 32), d)
+    if layout == "linear":
+        assert q.scales.shape == (2, 3, 64 // ref.BLOCK_SIZE[fmt])
+        np.testing.assert_array_equal(q.scales.reshape(6, -1), s)
+    else:
+        np.testing.assert_array_equal(q.scales, ref.swizzle(s))
+    if fmt == "nvfp4":
+        assert q.global_scale.shape == () and q.global_scale.dtype == np.float32 and q.global_scale == g
+    else:
+        assert q.global_scale is None
+    y = q.dequantize()
+    assert y.dtype == np.dtype(dtype) and y.shape == x.shape
+    np.testing.assert_array_equal(y.reshape(6, 64), ref.dequantize_2d(d, s, g, fmt, 64, dtype))
+    assert fp4ccl.dequantize(q, "float32").dtype == np.float32
+    assert q.typed_scales().dtype == (ml_dtypes.float8_e4m3fn if fmt == "nvfp4" else ml_dtypes.float8_e8m0fnu)
+
+
+def test_torch_cpu_in_torch_out_with_zero_copy_views(rng):
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((4, 32)).astype(np.float32)).to(torch.bfloat16)
+    q = fp4ccl.quantize(x, amax=torch.tensor(5.0))
+    assert isinstance(q.data, torch.Tensor) and isinstance(q.global_scale, torch.Tensor)
+    y = q.dequantize()
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    if hasattr(torch, "float4_e2m1fn_x2"):
+        v = q.typed_data()
+        assert v.dtype == torch.float4_e2m1fn_x2 and v.data_ptr() == q.data.data_ptr()
+    if hasattr(torch, "float8_e4m3fn"):
+        assert q.typed_scales().data_ptr() == q.scales.data_ptr()
+    xn = x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    d, s, g = ref.quantize_2d(xn, "nvfp4", 5.0)
+    np.testing.assert_array_equal(q.data.numpy(), d)
+
+
+def test_amax_forms_agree(rng):
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    a = fp4ccl.quantize(x, amax=7.5)
+    for form in (np.float32(7.5), np.array(7.5), np.array([7.5], np.float32)):
+        b = fp4ccl.quantize(x, amax=form)
+        np.testing.assert_array_equal(a.data, b.data)
+        assert a.global_scale == b.global_scale
+    assert fp4ccl.formats.amax(x) == np.abs(x).max()
+    m = fp4ccl.quantize(x, "mxfp4", amax=123.0)            # amax means nothing to MXFP4
+    np.testing.assert_array_equal(m.data, fp4ccl.quantize(x, "mxfp4").data)
+
+
+def test_empty_tensors_work():
+    for fmt, K in (("nvfp4", 16), ("mxfp4", 64)):
+        x = np.zeros((0, K), np.float32)
+        for layout in ("linear", "swizzled"):
+            q = fp4ccl.quantize(x, fmt, scale_layout=layout)
+            assert q.data.shape == (0, K // 2)
+            y = q.dequantize()
+            assert y.shape == (0, K)
+    q = fp4ccl.quantize(np.zeros((3, 0, 32), np.float32))
+    assert q.dequantize().shape == (3, 0, 32)
+
+
+def test_out_is_written_in_place(rng):
+    x = rng.standard_normal((5, 48)).astype(np.float32)
+    out = FP4Tensor(np.zeros((5, 24), np.uint8), np.zeros((5, 3), np.uint8), np.zeros((), np.float32), "nvfp4", (5, 48))
+    r = fp4ccl.quantize(x, out=out)
+    assert r is out
+    q = fp4ccl.quantize(x)
+    np.testing.assert_array_equal(out.data, q.data)
+    np.testing.assert_array_equal(out.scales, q.scales)
+    assert out.global_scale == q.global_scale
+    res = np.empty((5, 48), np.float16)
+    assert fp4ccl.dequantize(q, "float16", out=res) is res
+    np.testing.assert_array_equal(res, q.dequantize("float16"))
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_k_not_a_multiple_of_the_block_names_k_and_block():
+    with pytest.raises(ValueError, match=r"K=24.*block size 16"):
+        fp4ccl.quantize(np.zeros((2, 24), np.float32))
+    with pytest.raises(ValueError, match=r"K=48.*block size 32"):
+        fp4ccl.quantize(np.zeros((2, 48), np.float32), "mxfp4")
+
+
+def test_bad_dtypes_and_shapes():
+    with pytest.raises(TypeError, match="int32"):
+        fp4ccl.quantize(np.zeros((2, 16), np.int32))
+    with pytest.raises(TypeError, match="float64"):
+        fp4ccl.quantize(np.zeros((2, 16), np.float64))
+    with pytest.raises(ValueError, match="0-dim"):
+        fp4ccl.quantize(np.array(1.0, np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        fp4ccl.quantize(np.zeros((32, 32), np.float32)[:, ::2])
+    with pytest.raises(TypeError):
+        fp4ccl.quantize([1.0] * 16)
+    with pytest.raises(ValueError, match="format"):
+        fp4ccl.quantize(np.zeros((1, 16), np.float32), "fp4")
+    with pytest.raises(ValueError, match="scale_layout"):
+        fp4ccl.quantize(np.zeros((1, 16), np.float32), scale_layout="tiled")
+    with pytest.raises(ValueError, match="rounding"):
+        fp4ccl.quantize(np.zeros((1, 16), np.float32), rounding="up")
+    q = fp4ccl.quantize(np.ones((1, 16), np.float32))
+    with pytest.raises(TypeError, match="dequantize to"):
+        fp4ccl.dequantize(q, "int8")
+    with pytest.raises(TypeError, match="FP4Tensor"):
+        fp4ccl.dequantize(np.zeros(8, np.uint8))
+
+
+def test_stochastic_needs_a_seed():
+    x = np.ones((1, 16), np.float32)
+    with pytest.raises(ValueError, match="seed"):
+        fp4ccl.quantize(x, rounding="stochastic")
+    with pytest.raises(ValueError, match="seed"):
+        fp4ccl.quantize(x, rounding="stochastic", seed=-1)
+    a = fp4ccl.quantize(x * 0.3, rounding="stochastic", seed=9, amax=6.0)
+    b = fp4ccl.quantize(x * 0.3, rounding="stochastic", seed=9, amax=6.0)
+    np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_bad_amax():
+    x = np.ones((1, 16), np.float32)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="amax"):
+            fp4ccl.quantize(x, amax=bad)
+    with pytest.raises(ValueError, match="one element"):
+        fp4ccl.quantize(x, amax=np.ones(2, np.float32))
+
+
+def test_wrong_out_sizes():
+    x = np.ones((4, 32), np.float32)
+    good = dict(data=np.zeros((4, 16), np.uint8), scales=np.zeros((4, 2), np.uint8), global_scale=np.zeros((), np.float32))
+    for key, bad in (("data", np.zeros((4, 15), np.uint8)), ("scales", np.zeros((4, 3), np.uint8)),
+                     ("global_scale", np.zeros(2, np.float32)), ("data", np.zeros((4, 16), np.int8))):
+        arrays = {**good, key: bad}
+        with pytest.raises(ValueError):
+            fp4ccl.quantize(x, out=FP4Tensor(arrays["data"], arrays["scales"], arrays["global_scale"], "nvfp4", (4, 32)))
+    with pytest.raises(ValueError, match="shape"):
+        fp4ccl.quantize(x, out=FP4Tensor(good["data"], good["scales"], good["global_scale"], "nvfp4", (2, 64)))
+    with pytest.raises(ValueError, match="mxfp4"):
+        fp4ccl.quantize(x, "mxfp4", out=FP4Tensor(good["data"], good["scales"], good["global_scale"], "nvfp4", (4, 32)))
+    q = fp4ccl.quantize(x)
+    with pytest.raises(ValueError, match="shape"):
+        fp4ccl.dequantize(q, out=np.zeros((4, 31), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        fp4ccl.dequantize(q, out=np.zeros((4, 32), np.float16))
+
+
+# ------------------------------------------------------------------------------ packed forms
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_packed_api_round_trip(rng, fmt):
+    K = 64
+    x = rng.standard_normal((10, K)).astype(np.float32)
+    counts = [3, 0, 4, 3]
+    segs, off, r0 = [], 0, 0
+    for n in counts:
+        segs.append((r0, n, off))
+        off += packed_layout(n, K, fmt).total_bytes
+        r0 += n
+    buf = np.zeros(off, np.uint8)
+    assert quantize_packed(x, buf, segs, fmt) is buf
+    q = fp4ccl.quantize(x, fmt)
+    out = np.zeros((10, K), np.float32)
+    dequantize_packed(buf, segs, K, fmt, out)
+    np.testing.assert_array_equal(out, q.dequantize())
+    u = unpack_packed(buf, [(n, o) for _, n, o in segs], K, fmt, dtype="float32")
+    np.testing.assert_array_equal(u.data, q.data)
+    np.testing.assert_array_equal(u.scales, q.scales)
+    if fmt == "nvfp4":
+        assert u.global_scale == q.global_scale
+
+
+def test_packed_bad_segments():
+    x = np.ones((4, 32), np.float32)
+    buf = np.zeros(packed_layout(4, 32, "nvfp4").total_bytes, np.uint8)
+    with pytest.raises(ValueError, match="outside"):
+        quantize_packed(x, buf, [(2, 3, 0)])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_packed(x, buf, [(0, 1, 8)])
+    with pytest.raises(ValueError, match="bytes"):
+        quantize_packed(x, buf, [(0, 4, 16)])
+    with pytest.raises(TypeError, match="uint8"):
+        quantize_packed(x, buf.view(np.int8), [(0, 4, 0)])
+    with pytest.raises(TypeError, match="row_start"):
+        quantize_packed(x, buf, [(0, 4)])
+    with pytest.raises(ValueError, match="K=32"):
+        dequantize_packed(buf, [(0, 4, 0)], 32, "nvfp4", np.zeros((4, 16), np.float32))
+
+
+# ------------------------------------------------------------------------------ jit (no GPU needed)
+def test_csrc_found_from_a_source_checkout():
+    d = jit.csrc_dir()
+    assert (d / "fp4.cu").is_file()
+    assert "fp4.cu" in jit.source_files()
+    assert not (REPO / "csrc" / "__init__.py").exists()
+
+
+def test_cache_key_covers_source_arch_and_versions():
+    src = jit.source_files()
+    k = jit.cache_key("fp4.cu", 90, "cubin", (13, 0), src)
+    assert k != jit.cache_key("fp4.cu", 100, "cubin", (13, 0), src)
+    assert k != jit.cache_key("fp4.cu", 90, "cubin", (13, 1), src)
+    assert k != jit.cache_key("fp4.cu", 90, "ptx", (13, 0), src)
+    changed = dict(src)
+    changed["fp4.cu"] += "\n// edit"
+    assert k != jit.cache_key("fp4.cu", 90, "cubin", (13, 0), changed)
+    assert k == jit.cache_key("fp4.cu", 90, "cubin", (13, 0), dict(src))
+    assert jit.choose_target(90, (75, 80, 90, 100)) == ("cubin", 90)
+    assert jit.choose_target(130, (75, 90, 120)) == ("ptx", 120)
+    with pytest.raises(RuntimeError):
+        jit.choose_target(70, (75, 90))
+
+
+def test_kernel_names_exist_in_the_source():
+    from fp4ccl.formats import kernels
+    text = (REPO / "csrc" / "fp4.cu").read_text()
+    names = kernels.kernel_names()
+    assert len(names) == 3 + 2 * 3 * 2 * 3
+    for macro in ("FP4_AMAX(", "FP4_QUANT_ALL(nv", "FP4_QUANT_ALL(mx", "FP4_DEQUANT_ALL(nv", "FP4_DEQUANT_ALL(mx"):
+        assert macro in text
+    assert kernels.SEG_DTYPE.itemsize == 5 * 8 * kernels.MAXSEG
+
+
+def _nvrtc_available() -> bool:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC (CuPy + libnvrtc) is not installed here")
+def test_nvrtc_compile_is_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", str(tmp_path))
+    binary = jit.compiled_binary("fp4.cu", 90)
+    files = [p for p in tmp_path.iterdir() if p.suffix == ".cubin"]
+    assert len(files) == 1 and files[0].read_bytes() == binary and "sm90" in files[0].name
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    files[0].write_bytes(b"sentinel")                     # a second call reads the cache, not NVRTC
+    assert jit.compiled_binary("fp4.cu", 90) == b"sentinel"
