@@ -1,0 +1,160 @@
+"""Symmetric memory over CUDA IPC on 2 and 4 GPUs: peer views, remote writes, barriers that order, teardown."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import need_gpus
+from harness import run_ranks
+
+pytestmark = pytest.mark.gpu
+
+
+def _setup(comm):
+    import torch
+    torch.cuda.set_device(comm.device)
+    return torch
+
+
+def _pattern(torch, seed, rank, shape, dtype):
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def sym_write_read(comm, seed, dtype_name):
+    """Each rank writes its buffer; every rank reads every peer's. Rank 0 also writes into rank 1's."""
+    torch = _setup(comm)
+    from fp4ccl.symmetric import symmetric_empty
+    dtype = getattr(torch, dtype_name)
+    shape = (1000, 33)
+    buf = symmetric_empty(comm, shape, dtype_name)
+    try:
+        assert buf.local.shape == shape and buf.local.dtype == dtype
+        assert buf.local.device == torch.device("cuda", comm.device)
+        buf.local.copy_(_pattern(torch, seed, comm.rank, shape, dtype).cuda())
+        buf.barrier()
+        for p in range(comm.size):
+            view = buf.peer(p)
+            assert view.device == torch.device("cuda", comm.device), view.device  # usable by local kernels
+            got = view.clone().cpu()
+            want = _pattern(torch, seed, p, shape, dtype)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"rank {comm.rank} read rank {p} wrong"
+        buf.barrier()  # everyone has read before rank 0 overwrites rank 1's buffer
+        if comm.rank == 0 and comm.size > 1:
+            buf.peer(1).fill_(7)
+        buf.barrier()
+        if comm.rank == 1:
+            assert bool((buf.local == 7).all()), "rank 0's remote write did not arrive"
+        torch.cuda.synchronize()
+    finally:
+        buf.free()
+    return 1
+
+
+def sym_alloc_free_cycles(comm, cycles):
+    """Allocate, use and free `cycles` times; device memory must not grow."""
+    torch = _setup(comm)
+    import cupy
+    from fp4ccl.symmetric import symmetric_empty
+
+    def cycle(i):
+        buf = symmetric_empty(comm, (1 << 20,), "uint8")
+        buf.local[:16].fill_(i % 251)
+        buf.barrier()
+        nxt = buf.peer((comm.rank + 1) % comm.size)[:16].clone()
+        buf.barrier()
+        buf.free()
+        return nxt
+
+    for i in range(20):
+        cycle(i)
+    torch.cuda.synchronize()
+    free0 = cupy.cuda.runtime.memGetInfo()[0]
+    for i in range(cycles):
+        nxt = cycle(i)
+        if i % 100 == 0:
+            assert bool((nxt == i % 251).all()), f"cycle {i}: a peer's buffer held stale data"
+    torch.cuda.synchronize()
+    free1 = cupy.cuda.runtime.memGetInfo()[0]
+    grown = free0 - free1
+    assert grown < (8 << 20), f"device memory shrank by {grown >> 20} MiB over {cycles} allocate/free cycles"
+    reg = comm._extras.get("fp4ccl.symmetric")
+    assert reg is None or not reg.live, "freed buffers still registered"
+    return grown
+
+
+def sym_mismatch(comm):
+    """Sizes that differ between ranks fail on every rank; the next good allocation works."""
+    _setup(comm)
+    from fp4ccl.symmetric import symmetric_empty
+    try:
+        symmetric_empty(comm, (100 + comm.rank,), "float32")
+    except ValueError as err:
+        assert "same shape" in str(err), err
+    else:
+        raise AssertionError("mismatched symmetric_empty did not raise")
+    buf = symmetric_empty(comm, (100,), "float32")
+    buf.free()
+    return 1
+
+
+def sym_barrier_stress(comm, iters, use_barrier):
+    """Write, barrier, read the next rank's buffer, barrier; one rank per round is slowed down first.
+
+    Returns the number of stale elements read. With barriers it must be 0; without, the slowed
+    writer guarantees stale reads, which shows the check can see a missing barrier.
+    """
+    torch = _setup(comm)
+    from fp4ccl.symmetric import symmetric_empty
+    W, r = comm.size, comm.rank
+    n = 4 << 20
+    buf = symmetric_empty(comm, (n,), "float32")
+    dst = torch.empty(n, dtype=torch.float32, device="cuda")
+    bad = torch.zeros((), dtype=torch.int64, device="cuda")
+    buf.local.fill_(-1)
+    torch.cuda.synchronize()
+    comm.barrier()
+    nxt = (r + 1) % W
+    try:
+        for i in range(iters):
+            if i % W == r:
+                torch.cuda._sleep(2_000_000)  # about a millisecond: this round's writer is late
+            buf.local.fill_(float(i * W + r))
+            if use_barrier:
+                buf.barrier()
+            dst.copy_(buf.peer(nxt))
+            bad += (dst != float(i * W + nxt)).sum()
+            if use_barrier:
+                buf.barrier()
+        torch.cuda.synchronize()
+        comm.barrier()
+    finally:
+        buf.free()
+    return int(bad.item())
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_symmetric_write_read(nranks, dtype, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, sym_write_read, seed, dtype, backend="nccl"))
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_symmetric_alloc_free_1000_cycles(nranks):
+    need_gpus(nranks)
+    run_ranks(nranks, sym_alloc_free_cycles, 1000, backend="nccl")
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_symmetric_size_mismatch(nranks):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, sym_mismatch, backend="nccl"))
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_barrier_orders_and_its_absence_is_seen(nranks):
+    need_gpus(nranks)
+    with_barrier = run_ranks(nranks, sym_barrier_stress, 40, True, backend="nccl")
+    assert with_barrier == [0] * nranks, f"stale reads despite barriers: {with_barrier}"
+    without = run_ranks(nranks, sym_barrier_stress, 40, False, backend="nccl")
+    assert sum(without) > 0, "the stress test saw no stale data without barriers: it cannot detect a broken barrier"
