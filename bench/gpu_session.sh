@@ -18,7 +18,7 @@ for stage in "${stages[@]}"; do
       { nvidia-smi -L; nvidia-smi topo -m; $PY -c "import torch, cupy, fp4ccl.nccl as n; print('torch', torch.__version__, 'cupy', cupy.__version__, 'nccl', n.version(), n.library_path())"; git rev-parse HEAD 2>/dev/null; date -u; } > "$OUT/info.txt" 2>&1
       note "info: $(head -c 300 "$OUT/info.txt" | tr '\n' ' ')" ;;
     tests)
-      timeout 420 $PY -m pytest -q -rs tests/gpu -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+      timeout 420 $PY -m pytest -q -rs ${GPU_TESTS:-tests/gpu} -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
       note "tests rc=$?: $(tail -n 1 "$OUT/gpu_tests.log")" ;;
     mpi)
       timeout 180 mpirun --allow-run-as-root --oversubscribe -n "$ngpu" -x NCCL_NVLS_ENABLE -x PYTHONPATH -x PYTHONUNBUFFERED \
@@ -29,8 +29,8 @@ for stage in "${stages[@]}"; do
         --ops all_gather,reduce_scatter,all_reduce --json "$OUT/sweep.json" --plot "$OUT/sweep.png" > "$OUT/sweep.log" 2>&1
       note "sweep rc=$?"; grep -v "^\[rank[1-9]" "$OUT/sweep.log" | tail -n 60 >> "$summary" ;;
     vsweep)
-      timeout 300 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 64K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
-        --ops all_gatherv,reduce_scatterv,all_gatherv_nvfp4,reduce_scatterv_nvfp4 --json "$OUT/vsweep.json" --plot "$OUT/vsweep.png" > "$OUT/vsweep.log" 2>&1
+      timeout 420 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
+        --ops all_gather,reduce_scatter,all_gatherv,reduce_scatterv,all_gatherv_nvfp4,all_gatherv_nvfp4_raw,all_gatherv_mxfp4,reduce_scatterv_nvfp4 --json "$OUT/vsweep.json" --plot "$OUT/vsweep.png" > "$OUT/vsweep.log" 2>&1
       note "vsweep rc=$?"; grep -v "^\[rank[1-9]" "$OUT/vsweep.log" | tail -n 60 >> "$summary" ;;
     fp4bench)
       timeout 240 $PY bench/bench_fp4_kernels.py > "$OUT/fp4bench.log" 2>&1

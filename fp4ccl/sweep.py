@@ -19,6 +19,7 @@ report `logical_bytes` (the bf16 size it stands for): the table then shows `logi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ctypes
 import datetime
 import json
@@ -736,6 +737,220 @@ def register_op(op: SweepOp) -> SweepOp:
 
 
 for _op in (AllGather(), ReduceScatter(), AllReduce(), Broadcast(), Reduce(), AllToAll()):
+    register_op(_op)
+
+
+# -- variable-size and FP4 ops (fp4ccl only; their speedup column compares with the plain op) ----------
+
+def uneven_rows(total: int, n: int) -> List[int]:
+    """A fixed uneven split of `total` rows: ranks alternate 1.25x and 0.75x of the mean (sum kept)."""
+    if n == 1:
+        return [total]
+    mean = total // n
+    sizes = [mean + (mean // 4 if r % 2 == 0 else -(mean // 4)) for r in range(n)]
+    sizes[-1] += total - sum(sizes)
+    return sizes
+
+
+class _Fp4ccOnly(SweepOp):
+    impls = ("fp4ccl",)
+
+    def bind(self, impl, case):
+        if impl.name != "fp4ccl":
+            raise Unsupported(f"{impl.name} has no {self.name}")
+        return self.call(impl.comm, case)
+
+
+class AllGatherV(_Fp4ccOnly):
+    name = "all_gatherv"
+    baseline_op = "all_gather"
+
+    def busbw_factor(self, n):
+        return (n - 1) / n
+
+    def sizing(self, nbytes, itemsize, n):
+        per = nbytes // itemsize // n
+        if not per:
+            return None
+        return Sizing(per * n * itemsize, per * n, None, per * n, logical_bytes=per * n * itemsize)
+
+    def setup(self, case):
+        case.extra["sizes"] = sizes = uneven_rows(case.sizing.count, case.nranks)
+        case.extra["offsets"] = [sum(sizes[:r]) for r in range(case.nranks)]
+        case.sizing = dataclasses.replace(case.sizing, send_count=sizes[case.rank])
+        super().setup(case)
+
+    def call(self, comm, case):
+        s, r, sizes = case.send, case.recv, case.extra["sizes"]
+        return lambda: comm.all_gatherv(s, sizes, out=r)
+
+    def expected(self, case, start, stop):
+        sizes, offs = case.extra["sizes"], case.extra["offsets"]
+        parts, pos = [], start
+        while pos < stop:
+            r = max(q for q in range(case.nranks) if offs[q] <= pos and sizes[q] > 0)
+            end = min(stop, offs[r] + sizes[r])
+            parts.append(case.input_values(r, pos - offs[r], end - offs[r]))
+            pos = end
+        return _cat(case.frame, parts)
+
+
+class ReduceScatterV(_Fp4ccOnly):
+    name = "reduce_scatterv"
+    reduces = True
+    baseline_op = "reduce_scatter"
+
+    def busbw_factor(self, n):
+        return (n - 1) / n
+
+    def sizing(self, nbytes, itemsize, n):
+        per = nbytes // itemsize // n
+        if not per:
+            return None
+        return Sizing(per * n * itemsize, per * n, per * n, None, logical_bytes=per * n * itemsize)
+
+    def setup(self, case):
+        case.extra["sizes"] = sizes = uneven_rows(case.sizing.count, case.nranks)
+        case.extra["offset"] = sum(sizes[:case.rank])
+        case.sizing = dataclasses.replace(case.sizing, recv_count=sizes[case.rank])
+        super().setup(case)
+
+    def call(self, comm, case):
+        s, r, sizes, op = case.send, case.recv, case.extra["sizes"], case.redop
+        return lambda: comm.reduce_scatterv(s, sizes, op, out=r)
+
+    def expected(self, case, start, stop):
+        return _combine(case, start, stop, offset=case.extra["offset"])
+
+
+FP4_K = 1024
+# E2M1's values; with a 6 in every block both formats represent a block exactly (block scale 1 x S_dec),
+# so a quantize -> wire -> dequantize round trip must return the input bit for bit.
+_E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float64)
+
+
+def _fp4_values(case, rank: int, start: int, stop: int):
+    f = case.frame
+    ints = case.input_values(rank, start, stop)
+    grid = case.extra.get("grid")
+    if grid is None:
+        grid = case.extra["grid"] = f.small(_E2M1)
+    vals = grid[ints % len(_E2M1)]
+    vals[f.arange(start, stop) % 16 == 0] = 6.0
+    return vals
+
+
+class _Fp4Op(_Fp4ccOnly):
+    fmt = "nvfp4"
+
+    def busbw_factor(self, n):
+        return (n - 1) / n
+
+    def _rows(self, nbytes, itemsize, n):
+        return nbytes // itemsize // n // FP4_K
+
+    def wire(self, rows: int, n: int) -> int:
+        from .formats.tensor import packed_layout
+        return packed_layout(rows, FP4_K, self.fmt).total_bytes * n
+
+    def fill(self, case):
+        n = case.sizing.send_count
+        for s in range(0, n, CHUNK):
+            e = min(n, s + CHUNK)
+            case.send[s:e] = case.frame.cast(_fp4_values(case, case.rank, s, e), case.dtype)
+
+    def setup(self, case):
+        if case.dtype not in ("bfloat16", "float16", "float32"):
+            raise Unsupported(f"{self.name} takes bfloat16, float16 or float32, not {case.dtype}")
+        super().setup(case)
+
+
+class AllGatherVFp4(_Fp4Op):
+    """bf16 rows in, bf16 rows out, NVFP4 (or MXFP4) on the wire; size(B) counts wire bytes."""
+
+    name = "all_gatherv_nvfp4"
+    baseline_op = "all_gather"
+    dequantize = True
+
+    def sizing(self, nbytes, itemsize, n):
+        rows = self._rows(nbytes, itemsize, n)
+        if not rows:
+            return None
+        count = rows * FP4_K
+        return Sizing(self.wire(rows, n), count * n, count, count * n, logical_bytes=count * n * itemsize)
+
+    def call(self, comm, case):
+        f, rows = case.frame, case.sizing.send_count // FP4_K
+        s = case.send.reshape(rows, FP4_K)
+        r = case.recv.reshape(case.nranks * rows, FP4_K)
+        sizes = [rows] * case.nranks
+        if self.dequantize:
+            return lambda: comm.all_gatherv(s, sizes, out=r, compress=self.fmt)
+
+        def gather_fp4():
+            case.extra["q"] = comm.all_gatherv(s, sizes, compress=self.fmt, dequantize=False)
+        return gather_fp4
+
+    def output(self, case):
+        if not self.dequantize:
+            q = case.extra.get("q")
+            if q is None:
+                return None
+            q.dequantize(out=case.recv.reshape(tuple(q.shape)))
+        return case.recv
+
+    def expected(self, case, start, stop):
+        per = case.sizing.send_count
+        parts, pos = [], start
+        while pos < stop:
+            r, i = divmod(pos, per)
+            end = min(stop, (r + 1) * per)
+            parts.append(_fp4_values(case, r, i, i + end - pos))
+            pos = end
+        return _cat(case.frame, parts)
+
+
+class AllGatherVFp4Raw(AllGatherVFp4):
+    name = "all_gatherv_nvfp4_raw"
+    dequantize = False
+
+
+class AllGatherVMxfp4(AllGatherVFp4):
+    name = "all_gatherv_mxfp4"
+    fmt = "mxfp4"
+
+
+class ReduceScatterVFp4(_Fp4Op):
+    """bf16 in, NVFP4 chunks through an all-to-all, fp32 sum, bf16 out; size(B) counts wire bytes."""
+
+    name = "reduce_scatterv_nvfp4"
+    baseline_op = "reduce_scatter"
+
+    def sizing(self, nbytes, itemsize, n):
+        rows = self._rows(nbytes, itemsize, n)
+        if not rows:
+            return None
+        count = rows * FP4_K
+        return Sizing(self.wire(rows, n), count * n, count * n, count, logical_bytes=count * n * itemsize)
+
+    def call(self, comm, case):
+        rows = case.sizing.recv_count // FP4_K
+        s = case.send.reshape(case.nranks * rows, FP4_K)
+        r = case.recv.reshape(rows, FP4_K)
+        sizes = [rows] * case.nranks
+        return lambda: comm.reduce_scatterv(s, sizes, out=r, compress=self.fmt)
+
+    def expected(self, case, start, stop):
+        off = case.rank * case.sizing.recv_count
+        acc = None
+        for q in range(case.nranks):
+            v = _fp4_values(case, q, off + start, off + stop)
+            acc = v if acc is None else acc + v
+        return acc
+
+
+for _op in (AllGatherV(), ReduceScatterV(), AllGatherVFp4(), AllGatherVFp4Raw(), AllGatherVMxfp4(),
+            ReduceScatterVFp4()):
     register_op(_op)
 
 
