@@ -100,7 +100,7 @@ class _Workspace:
         self.calls = 0
         # High priority so that the side stream's few kernels (barrier, FP4 codec) are scheduled
         # ahead of the matmul's pending blocks instead of waiting for a wave to drain.
-        self.side = torch.cuda.Stream(device=comm.device, priority=-100)
+        self.side = torch.cuda.Stream(device=comm.device, priority=-1)
         self.done = torch.cuda.Event()
         self.used = False
         self._events: List[Any] = []
@@ -483,12 +483,11 @@ def _copy2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: in
         runtime.memcpy2DAsync(dst, dpitch, src, spitch, width, height, runtime.memcpyDefault, stream.cuda_stream)
 
 
-_DTYPE_MM_OK: Optional[bool] = None
+_F32_OUT_OK = {}  # "mm" / "addmm" -> whether torch's fp32-output (out_dtype) variant works here
 
 
 def _mm_into_f32(acc, a, b, first: bool) -> None:
     """acc (fp32) = / += a @ b with a, b in bf16/fp16, accumulated in fp32 by cuBLAS when torch can."""
-    global _DTYPE_MM_OK
     import torch
     if a.dtype == torch.float32:
         if first:
@@ -496,19 +495,20 @@ def _mm_into_f32(acc, a, b, first: bool) -> None:
         else:
             acc.addmm_(a, b)
         return
-    if _DTYPE_MM_OK is not False:
+    which = "mm" if first else "addmm"
+    if _F32_OUT_OK.get(which) is not False:
         try:
             if first:
                 torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=acc)
             else:
                 torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
-            _DTYPE_MM_OK = True
+            _F32_OUT_OK[which] = True
             return
         except (RuntimeError, AttributeError, NotImplementedError) as err:
-            if _DTYPE_MM_OK is True:
+            if _F32_OUT_OK.get(which) is True:
                 raise
-            _DTYPE_MM_OK = False
-            log.info("torch has no fp32-output matmul for %s (%s); partial products round to it first", a.dtype, err)
+            _F32_OUT_OK[which] = False
+            log.info("torch has no fp32-output %s for %s (%s); partial products round to it first", which, a.dtype, err)
     if first:
         acc.copy_(torch.mm(a, b))
     else:

@@ -1,0 +1,192 @@
+"""Pipelined all-gather + matmul and matmul + reduce-scatter: fp4ccl against torch's symmetric-memory fused
+ops, the sequential NCCL path and the matmul alone, in one run.
+
+    fp4ccl-run -n 4 bench/bench_overlap.py [--m 256,1024,4096,8192,16384] [--n 8192] [--k 8192]
+    mpirun -n 4 python bench/bench_overlap.py
+
+Shapes follow DESIGN.md's table: ag+mm A shard [M/W, K] @ B [K, N/W]; mm+rs A [M, K/W] @ B [K/W, N]. bf16,
+plus ag+mm with NVFP4 shards. Times are ms: each rank times batches of back-to-back calls with CUDA
+events (after warm-up); a batch's time is the slowest rank's; the table shows the median batch.
+eff = (comm + mm - fused) / min(comm, mm), where comm is the NCCL collective alone (for FP4 rows, the
+sequential FP4 gather: quantize, NCCL all_gather of packed bytes, dequantize).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import sys
+
+# NVLink multicast stays off everywhere this starts processes (see the device notes).
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", default="256,1024,4096,8192,16384", help="comma-separated M values")
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--k", type=int, default=8192)
+    p.add_argument("--iters", type=int, default=10, help="calls per timed batch")
+    p.add_argument("--batches", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--ops", default="ag,rs,ag_nvfp4")
+    p.add_argument("--no-torch", action="store_true", help="skip torch's fused ops")
+    p.add_argument("--json", default="", help="write every number here (rank 0)")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse()
+    import torch
+    import fp4ccl
+    from fp4ccl.overlap import all_gather_matmul, matmul_reduce_scatter
+
+    comm = fp4ccl.init("nccl")
+    torch.cuda.set_device(comm.device)
+    W, r = comm.size, comm.rank
+    dev = torch.device("cuda", comm.device)
+    group_name = None if args.no_torch else _torch_group(comm, torch)
+
+    def bench(fn):
+        for _ in range(args.warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.batches):
+            comm._exchange.barrier()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.iters):
+                fn()
+            end.record()
+            end.synchronize()
+            mine = start.elapsed_time(end) / args.iters
+            every = [struct.unpack("<d", b)[0] for b in comm._exchange.all_gather_bytes(struct.pack("<d", mine))]
+            times.append(max(every))
+        return statistics.median(times)
+
+    def with_path(path, fn):
+        def run():
+            old = os.environ.get("FP4CCL_OVERLAP")
+            os.environ["FP4CCL_OVERLAP"] = path
+            try:
+                return fn()
+            finally:
+                if old is None:
+                    os.environ.pop("FP4CCL_OVERLAP", None)
+                else:
+                    os.environ["FP4CCL_OVERLAP"] = old
+        return run
+
+    rows = []
+    N, K = args.n, args.k
+    ops = args.ops.split(",")
+    for M in (int(m) for m in args.m.split(",")):
+        g = torch.Generator(device=dev).manual_seed(1234 + r)
+        if "ag" in ops or "ag_nvfp4" in ops:
+            # two input sets, alternated, so repeated calls do not just hit L2
+            sets = [(torch.randn(M // W, K, device=dev, generator=g).bfloat16(),
+                     torch.randn(K, N // W, device=dev, generator=g).bfloat16()) for _ in range(2)]
+            full = [torch.randn(M, K, device=dev, generator=g).bfloat16() for _ in range(2)]
+            it = _cycler()
+            t_mm = bench(lambda: torch.mm(full[next(it)], sets[0][1]))
+            t_comm = bench(lambda: comm.all_gather(sets[next(it)][0]))
+            t_seq = bench(lambda: torch.mm(comm.all_gather(sets[next(it)][0]), sets[0][1]))
+            for fmt in ([None] if "ag" in ops else []) + (["nvfp4"] if "ag_nvfp4" in ops else []):
+                row = {"op": "ag+mm" + (f" {fmt}" if fmt else ""), "M": M, "mm": t_mm, "seq": t_seq}
+                if fmt:
+                    from fp4ccl.overlap import _fp4_shards
+                    row["comm"] = bench(lambda: _fp4_shards(comm, sets[next(it)][0], fmt))
+                else:
+                    row["comm"] = t_comm
+                for path in ("auto", "pipelined"):
+                    row[f"fp4ccl_{path}"] = bench(with_path(path, lambda: all_gather_matmul(
+                        comm, sets[next(it)][0], [sets[0][1]], 0, compress=fmt)))
+                if group_name and not fmt:
+                    row["torch"] = bench(lambda: torch.ops.symm_mem.fused_all_gather_matmul(
+                        sets[next(it)][0], [sets[0][1]], 0, group_name))
+                rows.append(row)
+            del sets, full
+        if "rs" in ops:
+            sets = [(torch.randn(M, K // W, device=dev, generator=g).bfloat16(),
+                     torch.randn(K // W, N, device=dev, generator=g).bfloat16()) for _ in range(2)]
+            part = [torch.randn(M, N, device=dev, generator=g).bfloat16() for _ in range(2)]
+            it = _cycler()
+            row = {"op": "mm+rs", "M": M}
+            row["mm"] = bench(lambda: torch.mm(*sets[next(it)]))
+            row["comm"] = bench(lambda: comm.reduce_scatter(part[next(it)]))
+            row["seq"] = bench(lambda: comm.reduce_scatter(torch.mm(*sets[next(it)])))
+            for path in ("auto", "pipelined"):
+                row[f"fp4ccl_{path}"] = bench(with_path(path, lambda: matmul_reduce_scatter(comm, *sets[next(it)])))
+            if group_name:
+                row["torch"] = bench(lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(
+                    *sets[next(it)], "sum", 0, group_name))
+            rows.append(row)
+            del sets, part
+        torch.cuda.empty_cache()
+
+    if r == 0:
+        _print(rows, W, N, K, torch.cuda.get_device_name(dev))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"world": W, "N": N, "K": K, "rows": rows}, f, indent=1)
+    comm.destroy()
+    if group_name:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _cycler():
+    i = 0
+    while True:
+        yield i & 1
+        i += 1
+
+
+def _torch_group(comm, torch):
+    """torch.distributed over NCCL with symmetric memory on, rendezvous through fp4ccl's exchange."""
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+    if comm.rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        data = str(port).encode()
+    else:
+        data = None
+    port = int(comm._exchange.broadcast_bytes(data, 0))
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank, world_size=comm.size,
+                            device_id=torch.device("cuda", comm.device))
+    group = dist.group.WORLD
+    symm_mem.enable_symm_mem_for_group(group.group_name)
+    return group.group_name
+
+
+def _eff(comm, mm, fused):
+    return (comm + mm - fused) / min(comm, mm) if min(comm, mm) > 0 else float("nan")
+
+
+def _print(rows, W, N, K, name):
+    print(f"\n# overlap bench: {W} x {name}, N={N} K={K}, bf16, ms (median batch, slowest rank)")
+    head = (f"{'op':<14}{'M':>7}{'mm':>9}{'comm':>9}{'seq':>9}{'torch':>9}{'fp4ccl':>9}{'pipelined':>10}"
+            f"{'eff fp4ccl':>11}{'eff torch':>10}{'vs torch':>9}{'vs seq':>8}")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        t = row.get("torch", float("nan"))
+        ours = row["fp4ccl_auto"]
+        print(f"{row['op']:<14}{row['M']:>7}{row['mm']:>9.3f}{row['comm']:>9.3f}{row['seq']:>9.3f}{t:>9.3f}"
+              f"{ours:>9.3f}{row['fp4ccl_pipelined']:>10.3f}{_eff(row['comm'], row['mm'], ours):>11.2f}"
+              f"{_eff(row['comm'], row['mm'], t):>10.2f}{t / ours:>8.2f}x{row['seq'] / ours:>7.2f}x")
+    print("fp4ccl = the automatic path (sequential below FP4CCL_OVERLAP_MIN_BYTES); pipelined = forced")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
