@@ -253,6 +253,19 @@ def test_kernel_names_exist_in_the_source():
     assert kernels.SEG_DTYPE.itemsize == 5 * 8 * kernels.MAXSEG
 
 
+def test_segment_tables_split_by_eight_and_keep_field_order():
+    from fp4ccl.formats import kernels
+    segs = [(10 * i, i + 1, 1000 + i, 2000 + i, 3000 + i) for i in range(10)]   # (src, units, data, scale, gs)
+    tables = list(kernels._tables(segs))
+    assert [(n, most) for _, n, most in tables] == [(8, 8), (2, 10)]
+    t, n, _ = tables[1]
+    assert list(t["src"][0][:n]) == [80, 90] and list(t["units"][0][:n]) == [9, 10]
+    assert list(t["data"][0][:n]) == [1008, 1009] and list(t["scale"][0][:n]) == [2008, 2009]
+    assert list(t["gs"][0][:n]) == [3008, 3009] and not t["units"][0][n:].any()
+    raw = t.view(np.uint64).reshape(-1)                   # the C struct: five arrays of MAXSEG u64
+    assert raw[0] == 9 and raw[kernels.MAXSEG] == 80 and raw[4 * kernels.MAXSEG] == 3008
+
+
 def _nvrtc_available() -> bool:
     try:
         from cupy_backends.cuda.libs import nvrtc

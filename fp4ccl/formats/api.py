@@ -14,7 +14,7 @@ from . import reference as ref
 from .tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, ROUNDINGS, SCALE_LAYOUTS, FP4Tensor, check_format, check_k,
                      packed_layout, scale_nbytes, swizzled_shape)
 
-_MAX_UNITS = 2**32 - 1  # the kernels index FP4 blocks of one segment with 32-bit integers
+_MAX_UNITS = 2**31  # the kernels index a segment's FP4 blocks with 32-bit integers (grid stride included)
 
 
 # ------------------------------------------------------------------------------ validation
@@ -47,7 +47,7 @@ def _check_options(format: str, scale_layout: str, rounding: str, seed: Optional
 
 def _check_units(rows: int, K: int, format: str, what: str = "x") -> None:
     if rows * (K // BLOCK_SIZE[format]) > _MAX_UNITS:
-        raise ValueError(f"{what}: {rows} rows x K={K} is more than 2**32 {format} blocks in one segment; split it")
+        raise ValueError(f"{what}: {rows} rows x K={K} is more than 2**31 {format} blocks in one segment; split it")
 
 
 def _is_scalar(a: Any) -> bool:

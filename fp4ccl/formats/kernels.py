@@ -112,11 +112,12 @@ def amax(device: int, x_ptr: int, in_dtype: str, numel: int, out_ptr: int, strea
 
 
 def _tables(segments: Sequence[Tuple[int, int, int, int, int]]):
+    """One SegTable per MAXSEG segments; a segment is (src_block, units, data, scale, gs)."""
     for i in range(0, max(len(segments), 1), MAXSEG):
         chunk = segments[i:i + MAXSEG]
         t = np.zeros(1, dtype=SEG_DTYPE)
-        for j, seg in enumerate(chunk):
-            for f, v in zip(_FIELDS, seg):
+        for j, (src, units, data, scale, gs) in enumerate(chunk):
+            for f, v in (("src", src), ("units", units), ("data", data), ("scale", scale), ("gs", gs)):
                 t[f][0, j] = int(v)
         yield t, len(chunk), max((int(s[1]) for s in chunk), default=0)
 

@@ -1,0 +1,147 @@
+"""Bandwidth of the FP4 kernels against the device's own copy bandwidth, measured in the same run.
+
+    python bench/bench_fp4_kernels.py [-b 64M] [-e 1G] [-f 4] [-n 20] [-w 5] [-t bfloat16,float32] [-j out.json]
+
+For each input size (bytes of the bf16/fp32 input) it times, with CUDA events around each launch, the
+median of n runs after w warm-ups, rotating over 3 fresh random inputs so no run reads what the last
+left in L2:
+  copy          torch copy_ of the input bytes                     bytes = 2 * in
+  q-nv amax=    NVFP4 quantize, amax given                        bytes = in + data + scales
+  q-nv auto     NVFP4 quantize, amax computed on the device       bytes = 2 * in + data + scales
+  q-mx          MXFP4 quantize                                    bytes = in + data + scales
+  dq-nv / dq-mx dequantize back to the input dtype                bytes = data + scales + out
+and reports GB/s = bytes / time and that as a percentage of the copy's GB/s ("roofline": the fewest
+bytes each kernel must move, read once and written once, against what a plain copy achieves).
+#wrong counts bytes of the first 64 rows that differ from the numpy reference (0 expected).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import fp4ccl  # noqa: E402
+from fp4ccl.formats import FP4Tensor, reference as ref  # noqa: E402
+
+
+def parse_size(s: str) -> int:
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    s = s.strip().upper().rstrip("B")
+    return int(float(s[:-1]) * mult[s[-1]]) if s[-1] in mult else int(s)
+
+
+def time_it(fn, n: int, warm: int) -> float:
+    """Median milliseconds of fn(i) over n timed calls (i = call index, for rotating inputs)."""
+    import torch
+    for i in range(warm):
+        fn(i)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(i)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def wrong_bytes(q: FP4Tensor, x, fmt: str, amax) -> int:
+    import torch
+    rows = min(64, x.shape[0])
+    xs = x[:rows].float().cpu().numpy()
+    if x.dtype == torch.bfloat16:
+        import ml_dtypes
+        xs = xs.astype(ml_dtypes.bfloat16)
+    d, s, _ = ref.quantize_2d(xs, fmt, amax)
+    return int((q.data[:rows].cpu().numpy() != d).sum() + (q.scales[:rows].cpu().numpy() != s).sum())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-b", "--minbytes", default="64M")
+    p.add_argument("-e", "--maxbytes", default="1G")
+    p.add_argument("-f", "--stepfactor", type=int, default=4)
+    p.add_argument("-n", "--iters", type=int, default=20)
+    p.add_argument("-w", "--warmup_iters", type=int, default=5)
+    p.add_argument("-t", "--dtypes", default="bfloat16,float32")
+    p.add_argument("-K", type=int, default=8192, help="last dimension (row length)")
+    p.add_argument("-j", "--json", default=None)
+    a = p.parse_args(argv)
+    import torch
+    dev = torch.cuda.get_device_name()
+    commit = os.environ.get("FP4CCL_COMMIT")
+    try:
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    print(f"# fp4ccl {fp4ccl.__version__} commit {commit} | {dev} | torch {torch.__version__} | "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | median of {a.iters} after {a.warmup_iters} warm-up")
+    print(f"# command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
+    rows_out = []
+    hdr = f"{'size(B)':>12} {'dtype':>9} {'kernel':>12} {'time(us)':>10} {'bytes':>12} {'GB/s':>8} {'%copy':>6} {'#wrong':>6}"
+    print(hdr)
+    g = torch.Generator(device="cuda")
+    g.manual_seed(1234)
+    size = parse_size(a.minbytes)
+    while size <= parse_size(a.maxbytes):
+        for dt_name in a.dtypes.split(","):
+            dt = getattr(torch, dt_name)
+            isz = torch.tensor([], dtype=dt).element_size()
+            K = a.K
+            rows = size // isz // K
+            n_el = rows * K
+            inb = n_el * isz
+            xs = [torch.randn(rows, K, device="cuda", dtype=dt, generator=g) * (1 + i) for i in range(3)]
+            dst = torch.empty_like(xs[0])
+            t_copy = time_it(lambda i: dst.copy_(xs[i % 3]), a.iters, a.warmup_iters)
+            copy_gbs = 2 * inb / t_copy / 1e6
+            results = [("copy", t_copy, 2 * inb, 0)]
+            del dst
+            amax = float(max(x.abs().max().item() for x in xs))
+            for fmt in ("nvfp4", "mxfp4"):
+                bs = 16 if fmt == "nvfp4" else 32
+                outs = [fp4ccl.quantize(x, fmt, amax=amax) for x in xs]
+                qbytes = n_el // 2 + n_el // bs
+                t = time_it(lambda i: fp4ccl.quantize(xs[i % 3], fmt, amax=amax, out=outs[i % 3]), a.iters, a.warmup_iters)
+                results.append((f"q-{fmt[:2]} amax=" if fmt == "nvfp4" else "q-mx", t, inb + qbytes,
+                                wrong_bytes(outs[0], xs[0], fmt, amax)))
+                if fmt == "nvfp4":
+                    t = time_it(lambda i: fp4ccl.quantize(xs[i % 3], fmt, out=outs[i % 3]), a.iters, a.warmup_iters)
+                    results.append(("q-nv auto", t, 2 * inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, None)))
+                ys = [torch.empty_like(x) for x in xs]
+                t = time_it(lambda i: fp4ccl.dequantize(outs[i % 3], out=ys[i % 3]), a.iters, a.warmup_iters)
+                ok = torch.equal(ys[0][:64].float().cpu(), torch.from_numpy(
+                    ref.dequantize_2d(outs[0].data[:64].cpu().numpy(), outs[0].scales[:64].cpu().numpy(),
+                                      float(outs[0].global_scale.item()) if fmt == "nvfp4" else None,
+                                      fmt, K, np.float32)).to(dt).float())
+                results.append((f"dq-{fmt[:2]}", t, qbytes + inb, 0 if ok else 1))
+                del outs, ys
+            for name, t, nbytes, wrong in results:
+                gbs = nbytes / t / 1e6
+                row = dict(size=inb, dtype=dt_name, kernel=name, time_us=t * 1e3, bytes=nbytes, gbs=gbs,
+                           pct_copy=100 * gbs / copy_gbs, wrong=wrong, device=dev, commit=commit)
+                rows_out.append(row)
+                print(f"{inb:>12} {dt_name:>9} {name:>12} {t * 1e3:>10.1f} {nbytes:>12} {gbs:>8.0f} "
+                      f"{100 * gbs / copy_gbs:>6.1f} {wrong:>6}")
+            del xs
+            torch.cuda.empty_cache()
+        size *= a.stepfactor
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(rows_out, fh, indent=1)
+    return 0 if all(r["wrong"] == 0 for r in rows_out) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

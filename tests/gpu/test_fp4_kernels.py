@@ -1,0 +1,323 @@
+"""The CUDA kernels of csrc/fp4.cu against the numpy reference, bit for bit, on torch and CuPy inputs.
+
+Skipped (with the reason) where no GPU is visible. Every check compares bytes: data, scales, global
+scale, and the dequantized values (NaN positions equal, every other bit equal).
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import need_gpus
+
+import fp4ccl
+from fp4ccl.formats import dequantize_packed, packed_layout, quantize_packed, reference as ref, unpack_packed
+
+F32 = np.float32
+NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+
+@pytest.fixture(autouse=True)
+def _gpu():
+    need_gpus(1)
+
+
+# ------------------------------------------------------------------------------ helpers
+def to_device(x: np.ndarray, framework: str):
+    if framework == "torch":
+        import torch
+        if x.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16).cuda()
+        return torch.from_numpy(x.copy()).cuda()
+    import cupy
+    return cupy.asarray(x)
+
+
+def to_host(a) -> np.ndarray:
+    if a is None:
+        return None
+    if type(a).__module__.startswith("torch"):
+        import torch
+        a = a.detach().cpu()
+        if a.dtype == torch.bfloat16:
+            return a.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return a.numpy()
+    import cupy
+    return cupy.asnumpy(a)
+
+
+def sync():
+    import cupy
+    cupy.cuda.runtime.deviceSynchronize()
+
+
+def make_input(rng, rows: int, K: int, dtype: str, kind: str) -> np.ndarray:
+    npdt = NP_DTYPES[dtype]
+    fin = ml_dtypes.finfo(npdt)
+    x = rng.standard_normal((rows, K)) * 10.0 ** rng.uniform(-2, 2, size=(rows, 1))
+    if kind == "adversarial" and rows:
+        nb = K // 16
+        ties = rng.choice([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 3.0], size=(rows, K))
+        ties = ties * rng.choice([-1.0, 1.0], size=(rows, K)) * np.repeat(2.0 ** rng.integers(-6, 6, size=(rows, nb)), 16, 1)
+        cat = np.repeat(rng.integers(0, 8, size=(rows, nb)), 16, axis=1)
+        x = np.where(cat == 1, ties, x)
+        x = np.where(cat == 2, 0.0, x)
+        x = np.where(cat == 3, rng.integers(-3, 4, size=(rows, K)) * float(fin.smallest_subnormal), x)
+        x = np.where(cat == 4, rng.uniform(-1, 1, size=(rows, K)) * float(fin.max) / 2, x)
+        x = np.where(cat == 5, rng.uniform(-1, 1, size=(rows, K)) * float(fin.tiny) * 4, x)
+        special = (cat == 6) & (rng.random((rows, K)) < 0.1)
+        x = np.where(special, rng.choice([np.nan, np.inf, -np.inf], size=(rows, K)), x)
+    with np.errstate(over="ignore"):
+        return x.astype(npdt)
+
+
+def assert_same_float_bits(got: np.ndarray, want: np.ndarray):
+    assert got.shape == want.shape
+    gn, wn = np.isnan(got.astype(F32)), np.isnan(want.astype(F32))
+    np.testing.assert_array_equal(gn, wn)
+    ui = {1: np.uint8, 2: np.uint16, 4: np.uint32}[got.dtype.itemsize]
+    g, w = got.view(ui)[~gn], want.astype(got.dtype).view(ui)[~wn]
+    bad = np.flatnonzero(g != w)
+    assert bad.size == 0, f"{bad.size} values differ, first at {bad[:5]}: {g[bad[:5]]} vs {w[bad[:5]]}"
+
+
+def check_against_reference(q, xh: np.ndarray, fmt: str, layout: str, amax=None, rounding="nearest", seed=None):
+    rows = int(np.prod(xh.shape[:-1]))
+    K = xh.shape[-1]
+    d, s, g = ref.quantize_2d(xh.reshape(rows, K), fmt, amax, rounding, seed)
+    np.testing.assert_array_equal(to_host(q.data).reshape(rows, K // 2), d)
+    sc = to_host(q.scales)
+    if layout == "linear":
+        np.testing.assert_array_equal(sc.reshape(rows, -1), s)
+    else:
+        np.testing.assert_array_equal(sc, ref.swizzle(s))
+    if fmt == "nvfp4":
+        assert to_host(q.global_scale).reshape(-1).view(np.uint32)[0] == np.array([g], F32).view(np.uint32)[0]
+    return d, s, g
+
+
+NV_SHAPES = [(0, 16), (1, 16), (1, 8192), (7, 48), (7, 4080), (1000, 144)]
+MX_SHAPES = [(0, 32), (1, 32), (1, 8192), (7, 96), (7, 4064), (1000, 160)]
+CASES = [(fw, dt) for fw in ("torch", "cupy") for dt in ("bfloat16", "float16", "float32") if (fw, dt) != ("cupy", "bfloat16")]
+
+
+# ------------------------------------------------------------------------------ bit-exact sweeps
+@pytest.mark.parametrize("kind", ["random", "adversarial"])
+@pytest.mark.parametrize("framework,dtype", CASES)
+@pytest.mark.parametrize("layout", ["linear", "swizzled"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_quantize_dequantize_bit_exact(rng, fmt, layout, framework, dtype, kind):
+    shapes = NV_SHAPES if fmt == "nvfp4" else MX_SHAPES
+    if framework == "torch" and dtype == "bfloat16":
+        shapes = shapes + [(1000, 8192)]
+    for rows, K in shapes:
+        xh = make_input(rng, rows, K, dtype, kind)
+        x = to_device(xh, framework)
+        q = fp4ccl.quantize(x, fmt, scale_layout=layout)
+        assert type(q.data).__module__.split(".")[0] == framework
+        d, s, g = check_against_reference(q, xh, fmt, layout)
+        for out_dt in ("bfloat16", "float16", "float32"):
+            y = to_host(q.dequantize(out_dt))
+            if framework == "cupy" and out_dt == "bfloat16":
+                y = y.view(ml_dtypes.bfloat16)
+            want = ref.dequantize_2d(d, s, g, fmt, K, NP_DTYPES[out_dt])
+            assert_same_float_bits(y.reshape(rows, K), want)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_amax_given_as_float_and_device_scalar(rng, fmt, dtype):
+    import torch
+    xh = make_input(rng, 33, 256, dtype, "adversarial")
+    x = to_device(xh, "torch")
+    for amax in (3.25, torch.tensor(3.25, device="cuda"), torch.tensor([3.25], device="cuda", dtype=torch.float64)):
+        q = fp4ccl.quantize(x, fmt, amax=amax, scale_layout="swizzled")
+        check_against_reference(q, xh, fmt, "swizzled", amax=3.25)
+    q = fp4ccl.quantize(x, fmt, amax=0.0)
+    check_against_reference(q, xh, fmt, "linear", amax=0.0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_tensor_amax(rng, dtype):
+    for rows, K in ((1, 16), (1000, 4096), (3, 48)):
+        xh = make_input(rng, rows, K, dtype, "adversarial")
+        a = fp4ccl.formats.amax(to_device(xh, "torch"))
+        assert a.shape == () and to_host(a) == ref.amax(xh)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("framework,dtype", CASES)
+def test_stochastic_rounding_bit_exact_and_replayable(rng, seed, fmt, framework, dtype):
+    for rows, K in ((7, 96), (300, 512)):
+        xh = make_input(rng, rows, K, dtype, "random")
+        x = to_device(xh, framework)
+        q1 = fp4ccl.quantize(x, fmt, rounding="stochastic", seed=seed)
+        q2 = fp4ccl.quantize(x, fmt, rounding="stochastic", seed=seed)
+        check_against_reference(q1, xh, fmt, "linear", rounding="stochastic", seed=seed)
+        np.testing.assert_array_equal(to_host(q1.data), to_host(q2.data))
+
+
+def test_stochastic_rounding_unbiased_on_gpu(rng):
+    import torch
+    xh = rng.uniform(-5.5, 5.5, size=(1, 64)).astype(F32)
+    xh[0, ::16] = 6.0
+    x = to_device(xh, "torch")
+    n = 4000
+    acc = torch.zeros_like(x, dtype=torch.float64)
+    for s in range(n):
+        acc += fp4ccl.quantize(x, amax=2688.0, rounding="stochastic", seed=s + 1).dequantize("float32")
+    err = to_host(acc / n) - xh
+    assert np.abs(err).max() < 5 / np.sqrt(n)
+
+
+# ------------------------------------------------------------------------------ packed forms
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("framework,dtype", [("torch", "bfloat16"), ("cupy", "float32"), ("torch", "float16")])
+def test_packed_forms_bit_exact(rng, fmt, framework, dtype):
+    K = 160 if fmt == "mxfp4" else 144
+    counts = [5, 0, 17, 1, 0, 40, 3, 9, 2, 11]            # 10 segments: two launches of at most 8
+    rows = sum(counts)
+    xh = make_input(rng, rows, K, dtype, "adversarial")
+    segs, off, r0 = [], 0, 0
+    for n in counts:
+        segs.append((r0, n, off))
+        off += packed_layout(n, K, fmt).total_bytes + 16 * int(rng.integers(0, 3))
+        r0 += n
+    perm = rng.permutation(len(segs))                     # buffer order need not follow row order
+    segs = [segs[i] for i in perm]
+    host_buf = np.full(off, 0xCD, np.uint8)
+    ref.quantize_packed(xh.reshape(rows, K), host_buf, segs, fmt)
+    buf = to_device(host_buf.copy(), framework)
+    buf[...] = 0xCD
+    quantize_packed(to_device(xh, framework), buf, segs, fmt)
+    np.testing.assert_array_equal(to_host(buf), host_buf)
+    for out_dt in ("bfloat16", "float32"):
+        store = "uint16" if (framework == "cupy" and out_dt == "bfloat16") else out_dt
+        want = ref.dequantize_packed(host_buf, segs, K, fmt, np.zeros((rows, K), NP_DTYPES[out_dt]))
+        if framework == "torch":
+            import torch
+            out = torch.full((rows, K), float("nan"), dtype=getattr(torch, out_dt), device="cuda")
+        else:
+            import cupy
+            out = cupy.full((rows, K), 0xFFFF if store == "uint16" else np.nan, dtype=store)
+        dequantize_packed(buf, segs, K, fmt, out)
+        got = to_host(out)
+        if store == "uint16":
+            got = got.view(ml_dtypes.bfloat16)
+        assert_same_float_bits(got, want)
+    u = unpack_packed(buf, [(n, o) for _, n, o in segs], K, fmt)
+    hu = unpack_packed(host_buf, [(n, o) for _, n, o in segs], K, fmt)
+    np.testing.assert_array_equal(to_host(u.data), hu.data)
+    np.testing.assert_array_equal(to_host(u.scales), hu.scales)
+    if fmt == "nvfp4":
+        assert to_host(u.global_scale) == hu.global_scale
+
+
+def test_packed_with_shared_device_amax(rng):
+    import torch
+    xh = make_input(rng, 64, 256, "bfloat16", "random")
+    x = to_device(xh, "torch")
+    amax = torch.tensor(17.0, device="cuda")
+    segs = [(0, 32, 0), (32, 32, packed_layout(32, 256, "nvfp4").total_bytes)]
+    buf = torch.zeros(2 * packed_layout(32, 256, "nvfp4").total_bytes, dtype=torch.uint8, device="cuda")
+    quantize_packed(x, buf, segs, amax=amax)
+    host = np.zeros(buf.numel(), np.uint8)
+    ref.quantize_packed(xh, host, segs, "nvfp4", 17.0)
+    np.testing.assert_array_equal(to_host(buf), host)
+
+
+# ------------------------------------------------------------------------------ streams and graphs
+def test_runs_on_the_callers_stream_without_host_sync(rng):
+    import time
+
+    import torch
+    xh = make_input(rng, 512, 1024, "bfloat16", "random")
+    x = to_device(xh, "torch")
+    later = to_device(make_input(rng, 512, 1024, "bfloat16", "random"), "torch")
+    side = torch.cuda.Stream()
+    fp4ccl.quantize(x).dequantize()                       # warm-up: JIT load and occupancy queries
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)                    # ~0.1 s of GPU time on the side stream only
+        x.copy_(later)                                    # ordered after the sleep, on `side`
+        t0 = time.perf_counter()
+        q = fp4ccl.quantize(x)                            # the current stream is `side`
+        y = q.dequantize()
+        t1 = time.perf_counter()
+    assert t1 - t0 < 0.05, "quantize/dequantize waited for the GPU"
+    assert not side.query()
+    side.synchronize()
+    check_against_reference(q, to_host(later), "nvfp4", "linear")
+    # stream= overrides the current stream
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(to_device(xh, "torch"))
+    q2 = fp4ccl.quantize(x, "mxfp4", stream=side)
+    side.synchronize()
+    check_against_reference(q2, xh, "mxfp4", "linear")
+
+
+def test_cupy_current_stream(rng):
+    import cupy
+    xh = make_input(rng, 64, 512, "float16", "random")
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        x = cupy.asarray(xh)
+        q = fp4ccl.quantize(x, scale_layout="swizzled")
+        y = q.dequantize("float32")
+    s.synchronize()
+    d, sc, g = check_against_reference(q, xh, "nvfp4", "swizzled")
+    assert_same_float_bits(cupy.asnumpy(y), ref.dequantize_2d(d, sc, g, "nvfp4", 512, F32))
+
+
+@pytest.mark.parametrize("amax_kind", ["float", "device", "computed"])
+def test_cuda_graph_capture(rng, amax_kind):
+    import torch
+    xh = make_input(rng, 256, 2048, "bfloat16", "random")
+    x = to_device(xh, "torch")
+    amax = {"float": 11.0, "device": torch.tensor(11.0, device="cuda"), "computed": None}[amax_kind]
+    out = fp4ccl.quantize(x, amax=amax)                   # warm-up: compiles and loads outside the capture
+    y = out.dequantize("float32")
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fp4ccl.quantize(x, amax=amax, out=out)
+        fp4ccl.dequantize(out, "float32", out=y)
+    for _ in range(2):
+        xh = make_input(rng, 256, 2048, "bfloat16", "random")
+        x.copy_(to_device(xh, "torch"))
+        g.replay()
+        torch.cuda.synchronize()
+        d, s, gs = check_against_reference(out, xh, "nvfp4", "linear", amax=None if amax is None else 11.0)
+        assert_same_float_bits(to_host(y), ref.dequantize_2d(d, s, gs, "nvfp4", 2048, F32))
+
+
+# ------------------------------------------------------------------------------ GPU-side validation
+def test_gpu_bad_input():
+    import torch
+    x = torch.zeros(4, 48, device="cuda")
+    with pytest.raises(ValueError, match="K=48"):
+        fp4ccl.quantize(x, "mxfp4")
+    with pytest.raises(ValueError, match="contiguous"):
+        fp4ccl.quantize(torch.zeros(32, 32, device="cuda").t())
+    with pytest.raises(TypeError, match="int32"):
+        fp4ccl.quantize(torch.zeros(2, 16, dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match="one element"):
+        fp4ccl.quantize(x, amax=np.ones(3))
+    with pytest.raises(ValueError, match="amax"):
+        fp4ccl.quantize(x, amax=torch.tensor(1.0))         # a CPU amax for a GPU tensor
+    q = fp4ccl.quantize(x)
+    with pytest.raises(ValueError, match="shape"):
+        fp4ccl.dequantize(q, out=torch.zeros(4, 47, device="cuda"))
+    e = fp4ccl.quantize(torch.zeros(0, 64, device="cuda"), "mxfp4", scale_layout="swizzled")
+    assert e.dequantize().shape == (0, 64)
+
+
+def test_misaligned_view_is_handled(rng):
+    import torch
+    xh = make_input(rng, 9, 64, "float32", "random")
+    big = torch.zeros(9 * 64 + 1, device="cuda")
+    view = big[1:].view(9, 64)                            # 4-byte offset: not 16-byte aligned
+    view.copy_(to_device(xh, "torch"))
+    check_against_reference(fp4ccl.quantize(view), xh, "nvfp4", "linear")
