@@ -292,6 +292,25 @@ class Communicator:
             self._extras["_v"] = v
         return v
 
+    # -- symmetric memory and overlapped matmuls (fp4ccl.symmetric, fp4ccl.overlap) -----------------
+    def symmetric_empty(self, shape, dtype="uint8"):
+        """Allocate a buffer of the same size on every rank of the node, mapped into each peer (collective)."""
+        self._check_open()
+        from .symmetric import symmetric_empty
+        return symmetric_empty(self, shape, dtype)
+
+    def all_gather_matmul(self, a_shard, bs, gather_dim: int = 0, **kwargs):
+        """(a_full or None, [a_full @ b for b in bs]) with the gather overlapped with the matmuls (collective)."""
+        self._check_open()
+        from .overlap import all_gather_matmul
+        return all_gather_matmul(self, a_shard, bs, gather_dim, **kwargs)
+
+    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum"):
+        """The reduce-scatter of a @ b along scatter_dim, overlapped with the matmul (collective)."""
+        self._check_open()
+        from .overlap import matmul_reduce_scatter
+        return matmul_reduce_scatter(self, a, b, scatter_dim, op)
+
     def send(self, x, peer: int, *, stream=None) -> None:
         """Send x to rank `peer` (point-to-point; pair it with a recv there, or put both in a group)."""
         info = self._input(x)
