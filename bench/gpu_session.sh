@@ -26,7 +26,7 @@ for stage in "${stages[@]}"; do
       note "mpi rc=$?: $(grep -c PASS "$OUT/mpi.log") PASS, $(grep -c FAIL "$OUT/mpi.log") FAIL" ;;
     sweep)
       timeout 300 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 1K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
-        --ops all_gather,reduce_scatter,all_reduce --json "$OUT/sweep.json" --plot "$OUT/sweep.png" > "$OUT/sweep.log" 2>&1
+        --ops all_gather,reduce_scatter,all_reduce --overhead --json "$OUT/sweep.json" --plot "$OUT/sweep.png" > "$OUT/sweep.log" 2>&1
       note "sweep rc=$?"; grep -v "^\[rank[1-9]" "$OUT/sweep.log" | tail -n 60 >> "$summary" ;;
     vsweep)
       timeout 420 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
