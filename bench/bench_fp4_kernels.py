@@ -10,8 +10,10 @@ left in L2:
   q-nv auto     NVFP4 quantize, amax computed on the device       bytes = 2 * in + data + scales
   q-mx          MXFP4 quantize                                    bytes = in + data + scales
   dq-nv / dq-mx dequantize back to the input dtype                bytes = data + scales + out
-and reports GB/s = bytes / time and that as a percentage of the copy's GB/s ("roofline": the fewest
-bytes each kernel must move, read once and written once, against what a plain copy achieves).
+time(us) is the GPU time of one call from CUDA-graph replays of 12 back-to-back calls (kernels alone);
+call(us) has events around each Python call with the GPU otherwise idle (dispatch overhead included).
+GB/s = bytes / time(us), and %copy that against the copy's GB/s, timed the same way ("roofline": the
+fewest bytes each kernel must move, read once and written once, against what a plain copy achieves).
 #wrong counts bytes of the first 64 rows that differ from the numpy reference (0 expected).
 """
 from __future__ import annotations
@@ -38,8 +40,35 @@ def parse_size(s: str) -> int:
     return int(float(s[:-1]) * mult[s[-1]]) if s[-1] in mult else int(s)
 
 
+def time_graph(fn, n: int, warm: int, calls: int = 12) -> float:
+    """Median milliseconds of one fn(i) from CUDA-graph replays of `calls` back-to-back calls: the GPU
+    time of the kernels alone, without the Python dispatch in between (METHOD.md)."""
+    import torch
+    for i in range(3):
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    for _ in range(max(1, warm)):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    return statistics.median(times)
+
+
 def time_it(fn, n: int, warm: int) -> float:
-    """Median milliseconds of fn(i) over n timed calls (i = call index, for rotating inputs)."""
+    """Median milliseconds of fn(i) over n timed calls (i = call index, for rotating inputs), events
+    around each call: what a caller whose GPU is idle sees, Python dispatch included."""
     import torch
     for i in range(warm):
         fn(i)
@@ -89,7 +118,8 @@ def main(argv=None) -> int:
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | median of {a.iters} after {a.warmup_iters} warm-up")
     print(f"# command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
     rows_out = []
-    hdr = f"{'size(B)':>12} {'dtype':>9} {'kernel':>12} {'time(us)':>10} {'bytes':>12} {'GB/s':>8} {'%copy':>6} {'#wrong':>6}"
+    hdr = (f"{'size(B)':>12} {'dtype':>9} {'kernel':>12} {'call(us)':>9} {'time(us)':>10} {'bytes':>12} {'GB/s':>8} "
+           f"{'%copy':>6} {'#wrong':>6}")
     print(hdr)
     g = torch.Generator(device="cuda")
     g.manual_seed(1234)
@@ -104,35 +134,39 @@ def main(argv=None) -> int:
             inb = n_el * isz
             xs = [torch.randn(rows, K, device="cuda", dtype=dt, generator=g) * (1 + i) for i in range(3)]
             dst = torch.empty_like(xs[0])
-            t_copy = time_it(lambda i: dst.copy_(xs[i % 3]), a.iters, a.warmup_iters)
+            cp = lambda i: dst.copy_(xs[i % 3])  # noqa: E731
+            t_copy = time_graph(cp, a.iters, a.warmup_iters)
             copy_gbs = 2 * inb / t_copy / 1e6
-            results = [("copy", t_copy, 2 * inb, 0)]
+            results = [("copy", time_it(cp, a.iters, a.warmup_iters), t_copy, 2 * inb, 0)]
             del dst
             amax = float(max(x.abs().max().item() for x in xs))
             for fmt in ("nvfp4", "mxfp4"):
                 bs = 16 if fmt == "nvfp4" else 32
                 outs = [fp4ccl.quantize(x, fmt, amax=amax) for x in xs]
                 qbytes = n_el // 2 + n_el // bs
-                t = time_it(lambda i: fp4ccl.quantize(xs[i % 3], fmt, amax=amax, out=outs[i % 3]), a.iters, a.warmup_iters)
-                results.append((f"q-{fmt[:2]} amax=" if fmt == "nvfp4" else "q-mx", t, inb + qbytes,
+                fq = lambda i: fp4ccl.quantize(xs[i % 3], fmt, amax=amax, out=outs[i % 3])  # noqa: E731
+                results.append((f"q-{fmt[:2]} amax=" if fmt == "nvfp4" else "q-mx", time_it(fq, a.iters, a.warmup_iters),
+                                time_graph(fq, a.iters, a.warmup_iters), inb + qbytes,
                                 wrong_bytes(outs[0], xs[0], fmt, amax)))
                 if fmt == "nvfp4":
-                    t = time_it(lambda i: fp4ccl.quantize(xs[i % 3], fmt, out=outs[i % 3]), a.iters, a.warmup_iters)
-                    results.append(("q-nv auto", t, 2 * inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, None)))
+                    fa = lambda i: fp4ccl.quantize(xs[i % 3], fmt, out=outs[i % 3])  # noqa: E731
+                    results.append(("q-nv auto", time_it(fa, a.iters, a.warmup_iters), time_graph(fa, a.iters, a.warmup_iters),
+                                    2 * inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
                 ys = [torch.empty_like(x) for x in xs]
-                t = time_it(lambda i: fp4ccl.dequantize(outs[i % 3], out=ys[i % 3]), a.iters, a.warmup_iters)
+                fd = lambda i: fp4ccl.dequantize(outs[i % 3], out=ys[i % 3])  # noqa: E731
+                t_call, t = time_it(fd, a.iters, a.warmup_iters), time_graph(fd, a.iters, a.warmup_iters)
                 ok = torch.equal(ys[0][:64].float().cpu(), torch.from_numpy(
                     ref.dequantize_2d(outs[0].data[:64].cpu().numpy(), outs[0].scales[:64].cpu().numpy(),
                                       float(outs[0].global_scale.item()) if fmt == "nvfp4" else None,
                                       fmt, K, np.float32)).to(dt).float())
-                results.append((f"dq-{fmt[:2]}", t, qbytes + inb, 0 if ok else 1))
+                results.append((f"dq-{fmt[:2]}", t_call, t, qbytes + inb, 0 if ok else 1))
                 del outs, ys
-            for name, t, nbytes, wrong in results:
+            for name, t_call, t, nbytes, wrong in results:
                 gbs = nbytes / t / 1e6
-                row = dict(size=inb, dtype=dt_name, kernel=name, time_us=t * 1e3, bytes=nbytes, gbs=gbs,
-                           pct_copy=100 * gbs / copy_gbs, wrong=wrong, device=dev, commit=commit)
+                row = dict(size=inb, dtype=dt_name, kernel=name, call_us=t_call * 1e3, time_us=t * 1e3, bytes=nbytes,
+                           gbs=gbs, pct_copy=100 * gbs / copy_gbs, wrong=wrong, device=dev, commit=commit)
                 rows_out.append(row)
-                print(f"{inb:>12} {dt_name:>9} {name:>12} {t * 1e3:>10.1f} {nbytes:>12} {gbs:>8.0f} "
+                print(f"{inb:>12} {dt_name:>9} {name:>12} {t_call * 1e3:>9.1f} {t * 1e3:>10.1f} {nbytes:>12} {gbs:>8.0f} "
                       f"{100 * gbs / copy_gbs:>6.1f} {wrong:>6}")
             del xs
             torch.cuda.empty_cache()

@@ -89,7 +89,7 @@ def check_against_reference(q, xh: np.ndarray, fmt: str, layout: str, amax=None,
     np.testing.assert_array_equal(to_host(q.data).reshape(rows, K // 2), d)
     sc = to_host(q.scales)
     if layout == "linear":
-        np.testing.assert_array_equal(sc.reshape(rows, -1), s)
+        np.testing.assert_array_equal(sc.reshape(rows, K // ref.BLOCK_SIZE[fmt]), s)
     else:
         np.testing.assert_array_equal(sc, ref.swizzle(s))
     if fmt == "nvfp4":
