@@ -255,7 +255,7 @@ def test_kernel_names_exist_in_the_source():
 
 def test_segment_tables_split_by_eight_and_keep_field_order():
     from fp4ccl.formats import kernels
-    segs = [(10 * i, i + 1, 1000 + i, 2000 + i, 3000 + i) for i in range(10)]   # (src, units, data, scale, gs)
+    segs = [(i + 1, 10 * i, 1000 + i, 2000 + i, 3000 + i) for i in range(10)]   # (units, src, data, scale, gs)
     tables = list(kernels._tables(segs))
     assert [(n, most) for _, n, most in tables] == [(8, 8), (2, 10)]
     t, n, _ = tables[1]

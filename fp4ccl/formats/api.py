@@ -220,7 +220,7 @@ def quantize(x: Any, format: str = "nvfp4", *, amax: Any = None, scale_layout: s
         if si.nbytes > rows * nbc:  # the padding must read as zeros
             kernels.memset(dev, si.ptr, 0, si.nbytes, s)
     kernels.quantize(dev, info.ptr, info.dtype, K, format, scale_layout, rounding, int(seed or 0),
-                     amax_ptr, amax_val, [(0, rows * nbc, di.ptr, si.ptr, gptr)], ncols_pad, s)
+                     amax_ptr, amax_val, [(rows * nbc, 0, di.ptr, si.ptr, gptr)], ncols_pad, s)
     del keep  # stream-ordered allocators make freeing after the enqueue safe
     return out
 
@@ -304,7 +304,7 @@ def dequantize(q: FP4Tensor, dtype: Any = None, *, out: Any = None, stream: Any 
     gptr = _arrays.describe(q.global_scale, "q.global_scale").ptr if q.format == "nvfp4" else 0
     ncols_pad = swizzled_shape(rows, nbc)[1] if q.scale_layout == "swizzled" else 0
     kernels.dequantize(di.device, oi.ptr, name, K, q.format, q.scale_layout,
-                       [(0, rows * nbc, di.ptr, si.ptr, gptr)], ncols_pad, _arrays.current_stream(di, stream))
+                       [(rows * nbc, 0, di.ptr, si.ptr, gptr)], ncols_pad, _arrays.current_stream(di, stream))
     return out
 
 
@@ -361,7 +361,7 @@ def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], 
     for r0, n, off in segs:
         lay = packed_layout(n, K, format)
         base = bi.ptr + off
-        launch.append((r0 * nbc, n * nbc, base, base + lay.scale_off, base + lay.gs_off if format == "nvfp4" else 0))
+        launch.append((n * nbc, r0 * nbc, base, base + lay.scale_off, base + lay.gs_off if format == "nvfp4" else 0))
     kernels.quantize(dev, info.ptr, info.dtype, K, format, "linear", rounding, int(seed or 0), amax_ptr, amax_val,
                      launch, 0, s)
     del keep
@@ -398,7 +398,7 @@ def dequantize_packed(buf: Any, segments: Sequence[Tuple[int, int, int]], K: int
     for r0, n, off in segs:
         lay = packed_layout(n, K, format)
         base = bi.ptr + off
-        launch.append((r0 * nbc, n * nbc, base, base + lay.scale_off, base + lay.gs_off if format == "nvfp4" else 0))
+        launch.append((n * nbc, r0 * nbc, base, base + lay.scale_off, base + lay.gs_off if format == "nvfp4" else 0))
     kernels.dequantize(oi.device, oi.ptr, name, K, format, "linear", launch, 0, _arrays.current_stream(oi, stream))
     return out
 

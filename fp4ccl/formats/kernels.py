@@ -112,14 +112,15 @@ def amax(device: int, x_ptr: int, in_dtype: str, numel: int, out_ptr: int, strea
 
 
 def _tables(segments: Sequence[Tuple[int, int, int, int, int]]):
-    """One SegTable per MAXSEG segments; a segment is (src_block, units, data, scale, gs)."""
+    """One SegTable per MAXSEG segments; a segment is (units, src_block, data, scale, gs), the field
+    order of `struct SegTable`."""
     for i in range(0, max(len(segments), 1), MAXSEG):
         chunk = segments[i:i + MAXSEG]
         t = np.zeros(1, dtype=SEG_DTYPE)
-        for j, (src, units, data, scale, gs) in enumerate(chunk):
+        for j, (units, src, data, scale, gs) in enumerate(chunk):
             for f, v in (("src", src), ("units", units), ("data", data), ("scale", scale), ("gs", gs)):
                 t[f][0, j] = int(v)
-        yield t, len(chunk), max((int(s[1]) for s in chunk), default=0)
+        yield t, len(chunk), max((int(s[0]) for s in chunk), default=0)
 
 
 def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout: str, rounding: str,
@@ -127,6 +128,8 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
              ncols_pad: int, stream: int) -> None:
     """Quantize FP4 blocks of x into each segment's (data, scale, gs) addresses.
 
+    segments: (units, src_block, data_ptr, scale_ptr, gs_ptr): `units` FP4 blocks of x starting at block
+    `src_block` (= row_start * K / block); gs_ptr 0 writes no global scale (MXFP4).
     amax_ptr: device address of an fp32 amax (0: use amax_value). ncols_pad: swizzled layout only.
     """
     name = f"fp4_quant_{_FMT_NAME[format]}_{_IN_NAME[in_dtype]}_{_LAYOUT_NAME[layout]}_{_ROUND_NAME[rounding]}"
@@ -140,7 +143,10 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
 
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,
                segments: Sequence[Tuple[int, int, int, int, int]], ncols_pad: int, stream: int) -> None:
-    """Decode each segment's (data, scale, gs) into FP4 blocks src.. of out."""
+    """Decode each segment's (data, scale, gs) into FP4 blocks of out.
+
+    segments: (units, dst_block, data_ptr, scale_ptr, gs_ptr): `units` blocks written from block
+    `dst_block` of out on; gs_ptr is the fp32 S_dec to decode with (NVFP4; ignored for MXFP4)."""
     name = f"fp4_dequant_{_FMT_NAME[format]}_{_IN_NAME[out_dtype]}_{_LAYOUT_NAME[layout]}"
     for table, nseg, most in _tables(list(segments)):
         if nseg == 0:
