@@ -278,8 +278,22 @@ __device__ void quant_body(const uint4* __restrict__ x, u32 K, const float* amax
 }
 
 // ---------------------------------------------------------------- dequantize
+// Position of chunk `sub` of lane `owner` in a warp's staging area. The XOR spreads the 8 lanes of one
+// 16-byte shared-memory phase over 8 distinct bank groups for any chunks-per-lane CH in {2, 4, 8}, both
+// when a lane writes its own chunks and when the warp reads them back in order.
+template <int CH>
+__device__ __forceinline__ u32 stage_pos(u32 owner, u32 sub) {
+    return owner * CH + (sub ^ ((owner / (8 / CH)) & (CH - 1)));
+}
+
+// One thread decodes one FP4 block per step. Its 32-128 output bytes are staged in shared memory and
+// written back by the whole warp in order, so each store instruction covers 512 contiguous bytes
+// (a thread storing its own block would touch 32 sectors, half-filled, per instruction).
 template <typename Out, int BS, bool NV, bool SWZ>
 __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
+    constexpr int OBYTES = BS * (Storer<Out>::PER_VEC == 4 ? 4 : 2);   // output bytes per FP4 block
+    constexpr int CH = OBYTES / 16;                                      // 16-byte chunks per block
+    __shared__ uint4 stage[FP4_THREADS / 32][32 * CH];
     __shared__ float lut[16];
     if (threadIdx.x < 16) {
         const u32 c = threadIdx.x & 7u;
@@ -292,34 +306,47 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     const u32 nbc = K / BS;
     const u32 units = (u32)seg.units;
     const u8* scale_in = (const u8*)seg.scale;
-    for (u32 l = blockIdx.x * blockDim.x + threadIdx.x; l < units; l += gridDim.x * blockDim.x) {
-        u32 w[BS / 8];
-        if constexpr (BS == 16) {
-            const uint2 d = __ldg((const uint2*)(seg.data + (u64)l * 8u));
-            w[0] = d.x; w[1] = d.y;
-        } else {
-            const uint4 d = __ldg((const uint4*)(seg.data + (u64)l * 16u));
-            w[0] = d.x; w[1] = d.y; w[2] = d.z; w[3] = d.w;
+    const u32 lane = threadIdx.x & 31u;
+    uint4* my_stage = stage[threadIdx.x >> 5];
+    // warp-uniform loop: every lane reaches the __syncwarp()s, lanes past the end only skip the work
+    for (u32 base = blockIdx.x * blockDim.x + (threadIdx.x & ~31u); base < units; base += gridDim.x * blockDim.x) {
+        const u32 l = base + lane;
+        if (l < units) {
+            u32 w[BS / 8];
+            if constexpr (BS == 16) {
+                const uint2 d = __ldg((const uint2*)(seg.data + (u64)l * 8u));
+                w[0] = d.x; w[1] = d.y;
+            } else {
+                const uint4 d = __ldg((const uint4*)(seg.data + (u64)l * 16u));
+                w[0] = d.x; w[1] = d.y; w[2] = d.z; w[3] = d.w;
+            }
+            const u32 sb = SWZ ? __ldg(scale_in + swizzle_offset(l / nbc, l % nbc, ncols_pad)) : __ldg(scale_in + l);
+            const float sc = NV ? __fmul_rn(e4m3_to_f32(sb), sdec) : e8m0_to_f32(sb);
+            float f[BS];
+#pragma unroll
+            for (int i = 0; i < BS; ++i) f[i] = __fmul_rn(lut[(w[i >> 3] >> ((i & 7) * 4)) & 15u], sc);
+#pragma unroll
+            for (int j = 0; j < CH; ++j) {
+                uint4 c;
+                if constexpr (Storer<Out>::PER_VEC == 4) {
+                    c = make_uint4(__float_as_uint(f[4 * j]), __float_as_uint(f[4 * j + 1]),
+                                   __float_as_uint(f[4 * j + 2]), __float_as_uint(f[4 * j + 3]));
+                } else {
+                    c = make_uint4(Storer<Out>::pack2(f[8 * j], f[8 * j + 1]), Storer<Out>::pack2(f[8 * j + 2], f[8 * j + 3]),
+                                   Storer<Out>::pack2(f[8 * j + 4], f[8 * j + 5]), Storer<Out>::pack2(f[8 * j + 6], f[8 * j + 7]));
+                }
+                my_stage[stage_pos<CH>(lane, (u32)j)] = c;
+            }
         }
-        const u32 sb = SWZ ? __ldg(scale_in + swizzle_offset(l / nbc, l % nbc, ncols_pad)) : __ldg(scale_in + l);
-        const float sc = NV ? __fmul_rn(e4m3_to_f32(sb), sdec) : e8m0_to_f32(sb);
-        float f[BS];
+        __syncwarp();
+        const u32 nchunks = (units - base < 32u ? units - base : 32u) * CH;
+        uint4* dst = (uint4*)(out + (seg.src + base) * (u64)OBYTES);
 #pragma unroll
-        for (int i = 0; i < BS; ++i) f[i] = __fmul_rn(lut[(w[i >> 3] >> ((i & 7) * 4)) & 15u], sc);
-        const u64 blk = seg.src + l;
-        if constexpr (Storer<Out>::PER_VEC == 4) {
-            uint4* o = (uint4*)(out + blk * BS * 4u);
-#pragma unroll
-            for (int i = 0; i < BS / 4; ++i)
-                o[i] = make_uint4(__float_as_uint(f[4 * i]), __float_as_uint(f[4 * i + 1]),
-                                  __float_as_uint(f[4 * i + 2]), __float_as_uint(f[4 * i + 3]));
-        } else {
-            uint4* o = (uint4*)(out + blk * BS * 2u);
-#pragma unroll
-            for (int i = 0; i < BS / 8; ++i)
-                o[i] = make_uint4(Storer<Out>::pack2(f[8 * i], f[8 * i + 1]), Storer<Out>::pack2(f[8 * i + 2], f[8 * i + 3]),
-                                  Storer<Out>::pack2(f[8 * i + 4], f[8 * i + 5]), Storer<Out>::pack2(f[8 * i + 6], f[8 * i + 7]));
+        for (int j = 0; j < CH; ++j) {
+            const u32 c = (u32)j * 32u + lane;
+            if (c < nchunks) dst[c] = my_stage[stage_pos<CH>(c / CH, c % CH)];
         }
+        __syncwarp();
     }
 }
 
