@@ -18,25 +18,25 @@ for stage in "${stages[@]}"; do
       { nvidia-smi -L; nvidia-smi topo -m; $PY -c "import torch, cupy, fp4ccl.nccl as n; print('torch', torch.__version__, 'cupy', cupy.__version__, 'nccl', n.version(), n.library_path())"; git rev-parse HEAD 2>/dev/null; date -u; } > "$OUT/info.txt" 2>&1
       note "info: $(head -c 300 "$OUT/info.txt" | tr '\n' ' ')" ;;
     tests)
-      timeout 420 $PY -m pytest -q -rs ${GPU_TESTS:-tests/gpu} -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+      timeout 330 $PY -m pytest -q -rs ${GPU_TESTS:-tests/gpu} -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
       note "tests rc=$?: $(tail -n 1 "$OUT/gpu_tests.log")" ;;
     mpi)
       timeout 180 mpirun --allow-run-as-root --oversubscribe -n "$ngpu" -x NCCL_NVLS_ENABLE -x PYTHONPATH -x PYTHONUNBUFFERED \
         $PY tests/gpu/mpi_main.py 4321 > "$OUT/mpi.log" 2>&1
       note "mpi rc=$?: $(grep -c PASS "$OUT/mpi.log") PASS, $(grep -c FAIL "$OUT/mpi.log") FAIL" ;;
     sweep)
-      timeout 300 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 1K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
+      timeout 170 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 1K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
         --ops all_gather,reduce_scatter,all_reduce --overhead --json "$OUT/sweep.json" --plot "$OUT/sweep.png" > "$OUT/sweep.log" 2>&1
       note "sweep rc=$?"; grep -v "^\[rank[1-9]" "$OUT/sweep.log" | tail -n 60 >> "$summary" ;;
     vsweep)
-      timeout 420 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
+      timeout 260 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
         --ops all_gather,reduce_scatter,all_gatherv,reduce_scatterv,all_gatherv_nvfp4,all_gatherv_nvfp4_raw,all_gatherv_mxfp4,reduce_scatterv_nvfp4 --json "$OUT/vsweep.json" --plot "$OUT/vsweep.png" > "$OUT/vsweep.log" 2>&1
       note "vsweep rc=$?"; grep -v "^\[rank[1-9]" "$OUT/vsweep.log" | tail -n 60 >> "$summary" ;;
     fp4bench)
-      timeout 240 $PY bench/bench_fp4_kernels.py > "$OUT/fp4bench.log" 2>&1
+      timeout 150 $PY bench/bench_fp4_kernels.py > "$OUT/fp4bench.log" 2>&1
       note "fp4bench rc=$?"; tail -n 30 "$OUT/fp4bench.log" >> "$summary" ;;
     overlap)
-      timeout 300 $PY -m fp4ccl.launcher -n "$ngpu" bench/bench_overlap.py > "$OUT/overlap.log" 2>&1
+      timeout 170 $PY -m fp4ccl.launcher -n "$ngpu" bench/bench_overlap.py > "$OUT/overlap.log" 2>&1
       note "overlap rc=$?"; grep -v "^\[rank[1-9]" "$OUT/overlap.log" | tail -n 40 >> "$summary" ;;
     *) note "unknown stage $stage" ;;
   esac
