@@ -6,7 +6,7 @@ through the same code. No launch syncs the host; nothing allocates except the ca
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 

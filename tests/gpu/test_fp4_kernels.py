@@ -248,7 +248,8 @@ def test_runs_on_the_callers_stream_without_host_sync(rng):
     assert t1 - t0 < 0.05, "quantize/dequantize waited for the GPU"
     assert not side.query()
     side.synchronize()
-    check_against_reference(q, to_host(later), "nvfp4", "linear")
+    d, s, g = check_against_reference(q, to_host(later), "nvfp4", "linear")
+    assert_same_float_bits(to_host(y), ref.dequantize_2d(d, s, g, "nvfp4", 1024, ml_dtypes.bfloat16))
     # stream= overrides the current stream
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)
