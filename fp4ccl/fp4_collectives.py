@@ -373,24 +373,15 @@ class _GpuCodec:
         bs = BLOCK_SIZE[fmt]
         segs = []
         for start, count, buf, off in chunks:
-            if count == 0:
-                if fmt == "nvfp4":  # the empty tensor's global scale is 1 (amax 0), as the reference writes
-                    kernels.memcpy(self.device, buf + off + layout.gs_off, self._one(), 4, self.stream)
+            if count == 0 and fmt != "nvfp4":
                 continue
+            # An empty NVFP4 segment still launches one block, which writes its global scale (the
+            # shared one, or 1 for an amax of 0), exactly as the reference does.
             gs = buf + off + layout.gs_off if fmt == "nvfp4" else 0
             segs.append((count * K // bs, start * K // bs, buf + off, buf + off + layout.scale_off, gs))
         if segs:
             kernels.quantize(self.device, info.ptr, info.dtype, K, fmt, "linear", rounding, seed or 0,
                              amax_ptr or 0, 0.0, segs, 0, self.stream)
-
-    def _one(self) -> int:
-        cache = self.comm._extras.setdefault("fp4_one", {})
-        arr = cache.get(self.device)
-        if arr is None:
-            import cupy
-            with cupy.cuda.Device(self.device):
-                arr = cache[self.device] = cupy.ones(1, np.float32)
-        return int(arr.data.ptr)
 
     def pack_tensor(self, q: FP4Tensor, buf: int, layout) -> None:
         from .formats import kernels
