@@ -453,8 +453,14 @@ def _sum_rows_f32(ptr: int, parts: int, n: int, oinfo: ArrayInfo, stream: int) -
     """out = sum over `parts` fp32 arrays of n elements laid end to end at ptr, rounded once to out's dtype."""
     if oinfo.framework == "torch":
         import torch
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=oinfo.obj.device)):
-            acc = _torch_view_f32(ptr, parts * n, oinfo.obj.device).view(parts, n)
+        device = oinfo.obj.device
+        current = torch.cuda.current_stream(device)
+        # Reuse torch's own Stream object when it is ours: a second wrapper of the same handle would
+        # hide an ongoing graph capture from torch's allocator.
+        ctx = torch.cuda.stream(current if current.cuda_stream == stream else
+                                torch.cuda.ExternalStream(stream, device=device))
+        with ctx:
+            acc = _torch_view_f32(ptr, parts * n, device).view(parts, n)
             oinfo.obj.view(-1).copy_(acc.sum(dim=0))
         return
     import cupy
