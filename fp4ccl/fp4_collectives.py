@@ -472,9 +472,15 @@ def _sum_rows_f32(ptr: int, parts: int, n: int, oinfo: ArrayInfo, stream: int) -
 
 
 def _torch_view_f32(ptr: int, n: int, device):
-    import cupy
+    """A torch view of n fp32 values at a device address, with no stream handshake (unlike DLPack,
+    whose producer-side event on another stream would break an ongoing CUDA-graph capture)."""
     import torch
-    mem = cupy.cuda.UnownedMemory(ptr, n * 4, None, device_id=device.index)
-    arr = cupy.ndarray((n,), np.float32, cupy.cuda.MemoryPointer(mem, 0))
-    return torch.from_dlpack(arr)
+    return torch.as_tensor(_DeviceSpan(ptr, n), device=device)
 
+
+class _DeviceSpan:
+    """The smallest __cuda_array_interface__ exporter: fp32, 1-D, no stream."""
+
+    def __init__(self, ptr: int, n: int):
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "<f4", "data": (ptr, False), "version": 2,
+                                         "strides": None}
