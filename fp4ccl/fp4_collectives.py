@@ -96,27 +96,19 @@ def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_
     if sizes[comm.rank] != info.shape[0]:
         raise ValueError(f"all_gatherv: x has {info.shape[0]} rows but sizes[{comm.rank}]={sizes[comm.rank]}")
     rows = [s * inner for s in sizes]
-    layouts = [packed_layout(r, K, compress) for r in rows]
-    counts = [lay.total_bytes for lay in layouts]
     shape = (sum(sizes),) + info.shape[1:]
     if dequantize:
         out, oinfo = comm._output(info, shape, out)
     elif out is not None:
         raise ValueError("out= is only for dequantize=True; with dequantize=False the result is a new FP4Tensor")
     codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
-    send, recv = codec.buffers(counts[comm.rank], sum(counts))
-    amax = codec.amax(info, compress, shared=(global_scale == "shared"))
-    codec.quantize(info, K, compress, amax, [(0, rows[comm.rank], send, 0)], layouts[comm.rank])
-    codec.gather(send, recv, counts)
-    offs = _offsets(counts)
-    row_offs = _offsets(rows)
+    shared = global_scale == "shared"
     if dequantize:
-        codec.dequantize(recv, [(row_offs[r], rows[r], offs[r], layouts[r]) for r in range(comm.size)], K,
-                         compress, oinfo)
+        codec.gather_dequantize(info, K, compress, shared, rows, oinfo)
         return out
-    gathered = codec.unpack_gathered(recv, offs, layouts, rows, K, compress, info, shape,
-                                     tuple(_offsets(sizes)) + (sum(sizes),))
-    if global_scale == "shared" and gathered.global_scale is not None:
+    row_offsets = tuple(_offsets(sizes)) + (sum(sizes),)
+    gathered = codec.gather_fp4(info, K, compress, shared, rows, shape, row_offsets)
+    if shared and gathered.global_scale is not None:
         gathered.global_scale = gathered.global_scale[0]  # every rank quantized with the same one
     return gathered
 
@@ -204,22 +196,8 @@ def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress
         raise ValueError(f"reduce_scatterv: x has {info.shape[0]} rows but sizes add up to {sum(sizes)}")
     out, oinfo = comm._output(info, (sizes[comm.rank],) + info.shape[1:], out)
     rows = [s * inner for s in sizes]
-    layouts = [packed_layout(r, K, compress) for r in rows]
-    send_counts = [lay.total_bytes for lay in layouts]
-    mine = layouts[comm.rank]
     codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
-    send, recv = codec.buffers(sum(send_counts), mine.total_bytes * comm.size, extra_f32=rows[comm.rank] * K * comm.size)
-    row_offs = _offsets(rows)
-    send_offs = _offsets(send_counts)
-    # Each chunk is a tensor of its own: its own amax, hence its own global scale.
-    base_seed = 0 if seed is None else int(seed)
-    for peer in range(comm.size):
-        chunk = (row_offs[peer], rows[peer], send, send_offs[peer])
-        amax = codec.amax_rows(info, K, compress, row_offs[peer], rows[peer])
-        codec.quantize(info, K, compress, amax, [chunk], layouts[peer], rounding=rounding,
-                       seed=_mix(base_seed, comm.rank, peer))
-    codec.all_to_all(send, send_counts, recv, mine.total_bytes)
-    codec.sum_dequantized(recv, mine, rows[comm.rank], K, compress, comm.size, oinfo)
+    codec.reduce_scatter(info, K, compress, rows, oinfo, rounding, 0 if seed is None else int(seed))
     return out
 
 
@@ -244,7 +222,42 @@ class _HostCodec:
     def __init__(self, comm):
         self.comm = comm
 
-    def buffers(self, send_bytes: int, recv_bytes: int, extra_f32: int = 0):
+    def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
+        send, recv, layouts, offs = self._gather_packed(info, K, fmt, shared, rows)
+        row_offs = _offsets(rows)
+        self.dequantize(recv, [(row_offs[r], rows[r], offs[r], layouts[r]) for r in range(len(rows))], K, fmt, oinfo)
+
+    def gather_fp4(self, info, K, fmt, shared, rows, shape, row_offsets):
+        send, recv, layouts, offs = self._gather_packed(info, K, fmt, shared, rows)
+        return self.unpack_gathered(recv, offs, layouts, rows, K, fmt, info, shape, row_offsets)
+
+    def _gather_packed(self, info, K, fmt, shared, rows):
+        me = self.comm.rank
+        layouts = [packed_layout(r, K, fmt) for r in rows]
+        counts = [lay.total_bytes for lay in layouts]
+        send, recv = self.buffers(counts[me], sum(counts))
+        amax = self.amax(info, fmt, shared)
+        self.quantize(info, K, fmt, amax, [(0, rows[me], send, 0)], layouts[me])
+        self.gather(send, recv, counts)
+        return send, recv, layouts, _offsets(counts)
+
+    def reduce_scatter(self, info, K, fmt, rows, oinfo, rounding, seed):
+        me, n = self.comm.rank, self.comm.size
+        layouts = [packed_layout(r, K, fmt) for r in rows]
+        send_counts = [lay.total_bytes for lay in layouts]
+        mine = layouts[me]
+        send, recv = self.buffers(sum(send_counts), mine.total_bytes * n)
+        row_offs = _offsets(rows)
+        send_offs = _offsets(send_counts)
+        # Each chunk is a tensor of its own: its own amax, hence its own global scale.
+        for peer in range(n):
+            amax = self.amax_rows(info, K, fmt, row_offs[peer], rows[peer])
+            self.quantize(info, K, fmt, amax, [(row_offs[peer], rows[peer], send, send_offs[peer])], layouts[peer],
+                          rounding=rounding, seed=_mix(seed, me, peer))
+        self.all_to_all(send, send_counts, recv, mine.total_bytes)
+        self.sum_dequantized(recv, mine, rows[me], K, fmt, n, oinfo)
+
+    def buffers(self, send_bytes: int, recv_bytes: int):
         return np.zeros(send_bytes, np.uint8), np.empty(recv_bytes, np.uint8)
 
     def amax(self, info: ArrayInfo, fmt: str, shared: bool):
@@ -322,20 +335,180 @@ class _HostCodec:
         return np.float32(self.comm.all_reduce(np.array([value], np.float32), "max")[0])
 
 
+# Outputs at least this large decode on a side stream, overlapped with the transfer (the rank's own
+# rows first, from its send buffer); below it the extra stream/event calls cost more than they hide.
+OVERLAP_FROM_BYTES = 16 << 20
+# Outputs at least this large are gathered in two chunks, so the first one decodes while the second
+# is on the wire; more chunks lose more to NCCL's lower efficiency on smaller messages than they hide.
+PIPELINE_FROM_BYTES = 256 << 20
+
+
+def _split(n: int, parts: int) -> List[int]:
+    """n split into `parts` near-equal counts (larger ones first)."""
+    q, r = divmod(n, parts)
+    return [q + (1 if i < r else 0) for i in range(parts)]
+
+
+class _SideStream:
+    """A second stream per communicator and device, and events to fork and join it with the caller's."""
+
+    def __init__(self, device: int):
+        import cupy
+        with cupy.cuda.Device(device):
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+            self._events = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(16)]
+        self.ptr = int(self._stream.ptr)
+        self._next = 0
+
+    def order(self, waiter: int, signaller: int) -> None:
+        """Work enqueued on `waiter` from now on runs after what `signaller` holds now."""
+        from cupy.cuda import runtime
+        ev = self._events[self._next % len(self._events)].ptr
+        self._next += 1
+        runtime.eventRecord(ev, signaller)
+        runtime.streamWaitEvent(waiter, ev, 0)
+
+    def close(self) -> None:
+        self._stream = None
+        self._events = []
+
+
 class _GpuCodec:
-    """Workspace buffers and the CUDA kernels, on one stream."""
+    """Workspace buffers and the CUDA kernels, on the caller's stream and (large calls) a side stream."""
 
     def __init__(self, comm, like: ArrayInfo, stream):
         self.comm = comm
         self.like = like
         self.device = like.device
         self.stream = _arrays.current_stream(like, stream)
-        self._extra = 0
+
+    # -- whole operations ----------------------------------------------------------------------------
+    def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
+        n, me = self.comm.size, self.comm.rank
+        out_bytes = sum(rows) * K * oinfo.itemsize
+        overlap = n > 1 and out_bytes >= OVERLAP_FROM_BYTES
+        nchunks = 2 if n > 1 and out_bytes >= PIPELINE_FROM_BYTES else 1
+        parts = [_split(r, nchunks) for r in rows]                  # parts[rank][chunk]
+        starts = [_offsets(p) for p in parts]                       # first row of each chunk, per rank
+        lay = [[packed_layout(parts[r][c], K, fmt) for c in range(nchunks)] for r in range(n)]
+        counts = [[lay[r][c].total_bytes for r in range(n)] for c in range(nchunks)]
+        send_offs = _offsets([lay[me][c].total_bytes for c in range(nchunks)])
+        recv_offs = _offsets([sum(cc) for cc in counts])
+        send, recv = self.buffers(sum(lay[me][c].total_bytes for c in range(nchunks)),
+                                  sum(sum(cc) for cc in counts))
+        amax = self.amax(info, fmt, shared)
+        self.quantize(info, K, fmt, amax, [(starts[me][c], parts[me][c], send + send_offs[c], lay[me][c])
+                                           for c in range(nchunks)])
+        out_rows = _offsets(rows)
+        side = self._side() if overlap else None
+        decode = self.stream
+        if side is not None:
+            decode = side.ptr
+            side.order(decode, self.stream)  # after the quantize
+            self.dequantize([(out_rows[me] + starts[me][c], parts[me][c], send + send_offs[c], lay[me][c])
+                             for c in range(nchunks)], K, fmt, oinfo, decode)
+        for c in range(nchunks):
+            base = recv + recv_offs[c]
+            self.gather(send + send_offs[c], base, counts[c])
+            offs = _offsets(counts[c])
+            segs = [(out_rows[r] + starts[r][c], parts[r][c], base + offs[r], lay[r][c])
+                    for r in range(n) if side is None or r != me]
+            if side is not None:
+                side.order(decode, self.stream)  # after this chunk's gather
+            self.dequantize(segs, K, fmt, oinfo, decode)
+        if side is not None:
+            side.order(self.stream, decode)  # join: the caller's stream sees every decoded row
+
+    def gather_fp4(self, info, K, fmt, shared, rows, shape, row_offsets):
+        if len(set(rows)) > 1:
+            return self._gather_fp4_packed(info, K, fmt, shared, rows, shape, row_offsets)
+        # Equal sizes: quantize straight into this rank's slice of the result and gather data, scales
+        # and global scales in place, in one NCCL group: nothing to unpack afterwards.
+        n, me, r = self.comm.size, self.comm.rank, rows[0]
+        bs = BLOCK_SIZE[fmt]
+        lead = shape[:-1]
+        data = _arrays.empty(info, lead + (K // 2,), "uint8")
+        scales = _arrays.empty(info, lead + (K // bs,), "uint8")
+        gs = _arrays.empty(info, (n,), "float32") if fmt == "nvfp4" else None
+        d, sc = _arrays.describe(data), _arrays.describe(scales)
+        g = _arrays.describe(gs) if gs is not None else None
+        self.buffers(0, 0)
+        amax = self.amax(info, fmt, shared)
+        dn, sn = r * K // 2, r * K // bs
+        self._quantize_segs(info, K, fmt, amax, [(r * K // bs, 0, d.ptr + me * dn, sc.ptr + me * sn,
+                                                   g.ptr + 4 * me if g is not None else 0)])
+        be = self.comm._backend
+        be.group_start()
+        try:
+            if dn:
+                be.all_gather(_bytes_info(self.like, d.ptr + me * dn, dn), _bytes_info(self.like, d.ptr, n * dn), self.stream)
+                be.all_gather(_bytes_info(self.like, sc.ptr + me * sn, sn), _bytes_info(self.like, sc.ptr, n * sn), self.stream)
+            if g is not None:
+                be.all_gather(_bytes_info(self.like, g.ptr + 4 * me, 4), _bytes_info(self.like, g.ptr, 4 * n), self.stream)
+        finally:
+            be.group_end()
+        return GatheredFP4Tensor(data, scales, gs, fmt, tuple(shape), "linear", info.dtype, row_offsets)
+
+    def _gather_fp4_packed(self, info, K, fmt, shared, rows, shape, row_offsets):
+        me = self.comm.rank
+        layouts = [packed_layout(r, K, fmt) for r in rows]
+        counts = [lay.total_bytes for lay in layouts]
+        send, recv = self.buffers(counts[me], sum(counts))
+        amax = self.amax(info, fmt, shared)
+        self.quantize(info, K, fmt, amax, [(0, rows[me], send, layouts[me])])
+        self.gather(send, recv, counts)
+        return self.unpack_gathered(recv, _offsets(counts), layouts, rows, K, fmt, info, shape, row_offsets)
+
+    def reduce_scatter(self, info, K, fmt, rows, oinfo, rounding, seed):
+        n, me = self.comm.size, self.comm.rank
+        lays = [packed_layout(r, K, fmt) for r in rows]
+        mine = lays[me]
+        send_counts = [0 if p == me else lays[p].total_bytes for p in range(n)]
+        send_offs = _offsets(send_counts)
+        send, recv = self.buffers(sum(send_counts), mine.total_bytes * n)
+        row_offs = _offsets(rows)
+        overlap = n > 1 and info.nbytes >= OVERLAP_FROM_BYTES
+        side = self._side() if overlap else None
+        quant = self.stream
+        if side is not None:
+            quant = side.ptr
+            side.order(quant, self.stream)  # the input is ready
+        be = self.comm._backend
+        # Peers in the order of the rounds below; this rank's own chunk goes straight into its slot.
+        order = [(me + i) % n for i in range(1, n)] + [me]
+        for i, peer in enumerate(order):
+            dst = recv + me * mine.total_bytes if peer == me else send + send_offs[peer]
+            amax = self.amax_rows(info, K, fmt, row_offs[peer], rows[peer], quant)
+            self.quantize(info, K, fmt, amax, [(row_offs[peer], rows[peer], dst, lays[peer])], rounding=rounding,
+                          seed=_mix(seed, me, peer), stream=quant)
+            if side is None or peer == me:
+                continue
+            # Round i: send to me+i while receiving from me-i; the next chunk quantizes meanwhile.
+            side.order(self.stream, quant)
+            src = (me - i - 1) % n
+            be.group_start()
+            try:
+                be.send(_bytes_info(self.like, dst, send_counts[peer]), peer, self.stream)
+                be.recv(_bytes_info(self.like, recv + src * mine.total_bytes, mine.total_bytes), src, self.stream)
+            finally:
+                be.group_end()
+        if side is None:
+            self.all_to_all(send, send_counts, recv, mine.total_bytes)
+        else:
+            side.order(self.stream, quant)  # the own chunk is quantized
+        self.sum_dequantized(recv, mine, rows[me], K, fmt, n, oinfo)
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _side(self) -> _SideStream:
+        key = ("fp4_side", self.device)
+        side = self.comm._extras.get(key)
+        if side is None:
+            side = self.comm._extras[key] = _SideStream(self.device)
+        return side
 
     def buffers(self, send_bytes: int, recv_bytes: int, extra_f32: int = 0):
         # One workspace: [amax scalars | send | recv | fp32 accumulation area]
-        self.n_amax = 64 * 4
-        send_off = _round_up(self.n_amax)
+        send_off = _round_up(64 * 4)
         recv_off = send_off + _round_up(send_bytes)
         extra_off = recv_off + _round_up(recv_bytes)
         base = _workspace(self.comm, extra_off + extra_f32 * 4)
@@ -360,28 +533,33 @@ class _GpuCodec:
             self.comm._backend.all_reduce(scalar, scalar, "max", self.stream)
         return slot
 
-    def amax_rows(self, info, K, fmt, start, count):
+    def amax_rows(self, info, K, fmt, start, count, stream=None):
         if fmt != "nvfp4":
             return 0
         from .formats import kernels
         slot = self._amax_slot()
-        kernels.amax(self.device, info.ptr + start * K * info.itemsize, info.dtype, count * K, slot, self.stream)
+        kernels.amax(self.device, info.ptr + start * K * info.itemsize, info.dtype, count * K, slot,
+                     self.stream if stream is None else stream)
         return slot
 
-    def quantize(self, info, K, fmt, amax_ptr, chunks, layout, rounding="nearest", seed=None):
-        from .formats import kernels
+    def quantize(self, info, K, fmt, amax_ptr, chunks, rounding="nearest", seed=None, stream=None):
+        """chunks: (first row, rows, segment address, packed layout) each."""
         bs = BLOCK_SIZE[fmt]
         segs = []
-        for start, count, buf, off in chunks:
+        for start, count, seg, layout in chunks:
             if count == 0 and fmt != "nvfp4":
                 continue
             # An empty NVFP4 segment still launches one block, which writes its global scale (the
             # shared one, or 1 for an amax of 0), exactly as the reference does.
-            gs = buf + off + layout.gs_off if fmt == "nvfp4" else 0
-            segs.append((count * K // bs, start * K // bs, buf + off, buf + off + layout.scale_off, gs))
+            gs = seg + layout.gs_off if fmt == "nvfp4" else 0
+            segs.append((count * K // bs, start * K // bs, seg, seg + layout.scale_off, gs))
+        self._quantize_segs(info, K, fmt, amax_ptr, segs, rounding, seed, stream)
+
+    def _quantize_segs(self, info, K, fmt, amax_ptr, segs, rounding="nearest", seed=None, stream=None):
         if segs:
+            from .formats import kernels
             kernels.quantize(self.device, info.ptr, info.dtype, K, fmt, "linear", rounding, seed or 0,
-                             amax_ptr or 0, 0.0, segs, 0, self.stream)
+                             amax_ptr or 0, 0.0, segs, 0, self.stream if stream is None else stream)
 
     def pack_tensor(self, q: FP4Tensor, buf: int, layout) -> None:
         from .formats import kernels
@@ -403,6 +581,8 @@ class _GpuCodec:
         be.group_start()
         try:
             for peer in range(self.comm.size):
+                if peer == self.comm.rank:
+                    continue
                 if send_counts[peer]:
                     be.send(_bytes_info(self.like, send + offs[peer], send_counts[peer]), peer, self.stream)
                 if recv_each:
@@ -410,13 +590,15 @@ class _GpuCodec:
         finally:
             be.group_end()
 
-    def dequantize(self, recv, segments, K, fmt, oinfo):
+    def dequantize(self, segments, K, fmt, oinfo, stream=None):
+        """segments: (first output row, rows, segment address, packed layout) each."""
         from .formats import kernels
         bs = BLOCK_SIZE[fmt]
-        segs = [(n * K // bs, r0 * K // bs, recv + off, recv + off + lay.scale_off,
-                 recv + off + lay.gs_off if fmt == "nvfp4" else 0) for r0, n, off, lay in segments if n]
+        segs = [(n * K // bs, r0 * K // bs, seg, seg + lay.scale_off, seg + lay.gs_off if fmt == "nvfp4" else 0)
+                for r0, n, seg, lay in segments if n]
         if segs:
-            kernels.dequantize(self.device, oinfo.ptr, oinfo.dtype, K, fmt, "linear", segs, 0, self.stream)
+            kernels.dequantize(self.device, oinfo.ptr, oinfo.dtype, K, fmt, "linear", segs, 0,
+                               self.stream if stream is None else stream)
 
     def unpack_gathered(self, recv, offs, layouts, rows, K, fmt, info, shape, row_offsets, dtype=None):
         from .formats import kernels
@@ -442,11 +624,27 @@ class _GpuCodec:
             return
         bs = BLOCK_SIZE[fmt]
         n = rows * K
-        segs = [(n // bs, r * n // bs, recv + r * layout.total_bytes, recv + r * layout.total_bytes + layout.scale_off,
-                 recv + r * layout.total_bytes + layout.gs_off if fmt == "nvfp4" else 0) for r in range(size)]
+        slots = [recv + r * layout.total_bytes for r in range(size)]
+        if hasattr(kernels, "dequantize_sum"):
+            kernels.dequantize_sum(self.device, oinfo.ptr, oinfo.dtype, K, fmt, n // bs,
+                                   [(a, a + layout.scale_off, a + layout.gs_off if fmt == "nvfp4" else 0) for a in slots],
+                                   self.stream)
+            return
         # Decode every contribution to fp32 side by side, then one fp32 sum and one rounding.
-        kernels.dequantize(self.device, self.f32, "float32", K, fmt, "linear", segs, 0, self.stream)
-        _sum_rows_f32(self.f32, size, n, oinfo, self.stream)
+        segs = [(n // bs, r * n // bs, a, a + layout.scale_off, a + layout.gs_off if fmt == "nvfp4" else 0)
+                for r, a in enumerate(slots)]
+        f32 = _workspace_f32(self.comm, size * n)
+        kernels.dequantize(self.device, f32, "float32", K, fmt, "linear", segs, 0, self.stream)
+        _sum_rows_f32(f32, size, n, oinfo, self.stream)
+
+
+def _workspace_f32(comm, count: int) -> int:
+    """A second cached workspace for the fp32 staging of the reduce-scatter's unfused sum."""
+    ws = comm._extras.get("fp4_f32")
+    if ws is None:
+        from .vcollectives import Workspace
+        ws = comm._extras["fp4_f32"] = Workspace(comm.device)
+    return ws.get(max(count * 4, 4))
 
 
 def _sum_rows_f32(ptr: int, parts: int, n: int, oinfo: ArrayInfo, stream: int) -> None:

@@ -95,3 +95,33 @@ def check_fp4_graph(comm, seed):
         want_rs = np.sum([roundtrip(a[off:off + n], "nvfp4") for a in ys], axis=0) if n else np.zeros((0, K))
         assert np.allclose(scattered.cpu().numpy(), want_rs, rtol=1e-6, atol=1e-6), f"rank {comm.rank} step {step} rs"
     return True
+
+
+def _forced_pipeline(comm, seed, fmt, graph):
+    """Run the checks with the overlap and two-chunk thresholds at 0, so small tensors take those paths."""
+    import fp4ccl.fp4_collectives as f
+    saved = f.OVERLAP_FROM_BYTES, f.PIPELINE_FROM_BYTES
+    f.OVERLAP_FROM_BYTES = f.PIPELINE_FROM_BYTES = 0
+    try:
+        if graph:
+            return check_fp4_graph(comm, seed)
+        fc.check_fp4_all_gatherv(comm, seed, "torch", fmt, "per_rank")
+        fc.check_fp4_all_gatherv(comm, seed, "torch", fmt, "shared")
+        fc.check_fp4_reduce_scatterv(comm, seed, "torch", fmt)
+        return True
+    finally:
+        f.OVERLAP_FROM_BYTES, f.PIPELINE_FROM_BYTES = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_side_stream_and_chunked_paths(fmt, nranks, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _forced_pipeline, seed, fmt, False, backend="nccl"))
+
+
+@pytest.mark.gpu
+def test_fp4_side_stream_paths_in_a_cuda_graph(seed):
+    need_gpus(4)
+    assert all(run_ranks(4, _forced_pipeline, seed, "nvfp4", True, backend="nccl"))
