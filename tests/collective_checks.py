@@ -406,3 +406,18 @@ def check_v_bad_input(comm, seed, framework):
     _sync(comm)
     assert to_numpy(y, "float32").shape == (2 * comm.size, 4)
     return True
+
+
+def check_all_reduce_large(comm, seed, framework, dtypes=("bfloat16", "float32", "int32")):
+    """Arrays past the host backend's split threshold (reduce-scatter + all-gather) reduce identically."""
+    n = (1 << 20) // 2 + 3  # an odd count of bf16 elements just over 1 MiB: uneven slices per rank
+    case = 0
+    for dtype in dtypes:
+        for op in (("sum", "min") if dtype.startswith("int") else ("sum", "max", "avg")):
+            case += 1
+            inputs = [make_input(seed, r, case, (n,), dtype, op) for r in range(comm.size)]
+            out = comm.all_reduce(to_framework(inputs[comm.rank], framework, comm.device), op)
+            _sync(comm)
+            what = f"rank {comm.rank} large all_reduce {dtype} op={op}"
+            assert_close(to_numpy(out, dtype), same_order_reduce(inputs, op, comm.size, dtype), dtype, op, comm.size, what)
+    return case

@@ -16,6 +16,7 @@ CHECKS = {
     "all_to_all": cc.check_all_to_all,
     "send_recv_ring": cc.check_send_recv_ring,
     "group_batch": cc.check_group_batch,
+    "all_reduce_large": cc.check_all_reduce_large,
 }
 
 
