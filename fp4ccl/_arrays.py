@@ -34,9 +34,14 @@ _NUMPY_DTYPES = {
 _NAME_OF_NUMPY = {v: k for k, v in _NUMPY_DTYPES.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ArrayInfo:
-    """What the lower layers need to know about an array, and the array itself (`obj`)."""
+    """What the lower layers need to know about an array, and the array itself (`obj`).
+
+    A slotted, non-frozen dataclass: built once or more per collective, so construction must cost
+    no more than plain attribute stores (a frozen dataclass pays object.__setattr__ per field).
+    Treat it as immutable all the same; `dataclasses.replace` still makes modified copies.
+    """
 
     obj: Any
     framework: str          # "torch" | "cupy" | "numpy"
@@ -56,7 +61,7 @@ class ArrayInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.itemsize
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
     @property
     def is_cuda(self) -> bool:
@@ -95,48 +100,119 @@ def dtype_name(dtype: Any) -> str:
 
 
 def _torch_dtype(torch, name: str):
-    dt = getattr(torch, name, None)
+    dt = _TORCH_OF_NAME.get(name)
     if dt is None:
-        raise TypeError(f"this torch has no dtype {name!r}")
+        dt = getattr(torch, name, None)
+        if dt is None:
+            raise TypeError(f"this torch has no dtype {name!r}")
+        _TORCH_OF_NAME[name] = dt
     return dt
+
+
+# Per-call lookups keyed by objects the frameworks hand back (type(x), x.dtype): a dict probe is far
+# cheaper than the string work dtype_name() does. Filled lazily, so no framework is imported here.
+_TORCH_NAMES: dict = {}     # torch.dtype -> canonical name
+_TORCH_OF_NAME: dict = {}   # canonical name -> torch.dtype
+_HANDLERS: dict = {}        # type(x) -> the describe function for its framework
+_TORCH_DEVICES: dict = {}   # ordinal (None: cpu) -> torch.device
+
+
+def _torch_names(torch) -> dict:
+    if not _TORCH_NAMES:
+        for name in ITEMSIZE:
+            dt = getattr(torch, name, None)
+            if isinstance(dt, torch.dtype):
+                _TORCH_NAMES[dt] = name
+    return _TORCH_NAMES
+
+
+def _describe_torch(x, name: str) -> ArrayInfo:
+    if x.is_sparse:
+        raise TypeError(f"{name}: sparse tensors are not supported")
+    if x.is_cuda:
+        dev = x.get_device()  # the ordinal itself, never None for a CUDA tensor
+    elif x.is_cpu:
+        dev = None
+    else:
+        raise TypeError(f"{name}: tensors on {x.device.type} are not supported (cpu or cuda)")
+    dt = x.dtype
+    dtype = _TORCH_NAMES.get(dt)
+    if dtype is None:
+        dtype = dtype_name(dt)  # raises the TypeError naming it when unsupported
+    return ArrayInfo(x, "torch", x.data_ptr(), tuple(x.shape), dtype, dev, x.is_contiguous())
+
+
+def _describe_cupy(x, name: str) -> ArrayInfo:
+    dtype = _NAME_OF_NUMPY.get(x.dtype)
+    if dtype is None:
+        dtype = dtype_name(x.dtype)
+    return ArrayInfo(x, "cupy", int(x.data.ptr), tuple(x.shape), dtype, int(x.device.id), bool(x.flags.c_contiguous))
+
+
+def _describe_numpy(x, name: str) -> ArrayInfo:
+    dtype = _NAME_OF_NUMPY.get(x.dtype)
+    if dtype is None:
+        dtype = dtype_name(x.dtype)
+    return ArrayInfo(x, "numpy", x.__array_interface__["data"][0], x.shape, dtype, None, bool(x.flags.c_contiguous))
+
+
+def _handler(cls, x, name: str):
+    """The describe function for objects of type `cls`, cached; a TypeError naming `name` if none."""
+    mod = cls.__module__.split(".")[0]
+    if mod == "torch":
+        import torch
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected an array or tensor, got {cls.__name__}")
+        _torch_names(torch)
+        fn = _describe_torch
+    elif mod == "cupy":
+        fn = _describe_cupy
+    elif isinstance(x, np.ndarray):
+        fn = _describe_numpy
+    else:
+        raise TypeError(f"{name}: expected a torch tensor, CuPy array or numpy array, got {cls.__name__}")
+    _HANDLERS[cls] = fn
+    return fn
 
 
 def describe(x: Any, name: str = "x") -> ArrayInfo:
     """Describe a torch tensor, CuPy array or numpy array; TypeError naming `name` for anything else."""
-    mod = type(x).__module__.split(".")[0]
-    if mod == "torch":
-        import torch
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected an array or tensor, got {type(x).__name__}")
-        if x.is_sparse:
-            raise TypeError(f"{name}: sparse tensors are not supported")
-        dev = x.device.index if x.device.type == "cuda" else None
-        if x.device.type not in ("cuda", "cpu"):
-            raise TypeError(f"{name}: tensors on {x.device.type} are not supported (cpu or cuda)")
-        if dev is None and x.device.type == "cuda":
-            dev = torch.cuda.current_device()
-        return ArrayInfo(x, "torch", x.data_ptr(), tuple(x.shape), dtype_name(x.dtype), dev, x.is_contiguous())
-    if mod == "cupy":
-        return ArrayInfo(x, "cupy", int(x.data.ptr), tuple(x.shape), dtype_name(x.dtype), int(x.device.id),
-                         bool(x.flags.c_contiguous))
-    if isinstance(x, np.ndarray):
-        return ArrayInfo(x, "numpy", int(x.ctypes.data), tuple(x.shape), dtype_name(x.dtype), None,
-                         bool(x.flags.c_contiguous))
-    raise TypeError(f"{name}: expected a torch tensor, CuPy array or numpy array, got {type(x).__name__}")
+    cls = type(x)
+    fn = _HANDLERS.get(cls)
+    if fn is None:
+        fn = _handler(cls, x, name)
+    return fn(x, name)
 
 
 def empty(like: ArrayInfo, shape: Sequence[int], dtype: Optional[str] = None) -> Any:
     """A new uninitialised array in `like`'s framework and on its device."""
+    return new(like, tuple(int(s) for s in shape), dtype)[0]
+
+
+def new(like: ArrayInfo, shape: tuple, dtype: Optional[str] = None):
+    """(array, its ArrayInfo): `empty` without describing the result again. `shape`: a tuple of ints."""
     dtype = dtype or like.dtype
-    shape = tuple(int(s) for s in shape)
-    if like.framework == "torch":
+    fw = like.framework
+    if fw == "torch":
         import torch
-        return torch.empty(shape, dtype=_torch_dtype(torch, dtype), device=like.obj.device)
-    if like.framework == "cupy":
+        dev = like.device
+        where = _TORCH_DEVICES.get(dev)
+        if where is None:
+            where = _TORCH_DEVICES[dev] = torch.device("cpu" if dev is None else f"cuda:{dev}")
+        tdt = _TORCH_OF_NAME.get(dtype) or _torch_dtype(torch, dtype)
+        # Sizes as separate arguments: torch parses them faster than one tuple (not for 0-d).
+        obj = torch.empty(*shape, dtype=tdt, device=where) if shape else torch.empty(shape, dtype=tdt, device=where)
+        return obj, ArrayInfo(obj, "torch", obj.data_ptr(), shape, dtype, dev, True)
+    if fw == "cupy":
         import cupy
-        with cupy.cuda.Device(like.device):
-            return cupy.empty(shape, dtype=numpy_dtype(dtype))
-    return np.empty(shape, dtype=numpy_dtype(dtype))
+        if cupy.cuda.runtime.getDevice() == like.device:
+            obj = cupy.empty(shape, dtype=numpy_dtype(dtype))
+        else:
+            with cupy.cuda.Device(like.device):
+                obj = cupy.empty(shape, dtype=numpy_dtype(dtype))
+        return obj, ArrayInfo(obj, "cupy", int(obj.data.ptr), shape, dtype, like.device, True)
+    obj = np.empty(shape, dtype=numpy_dtype(dtype))
+    return obj, ArrayInfo(obj, "numpy", obj.__array_interface__["data"][0], shape, dtype, None, True)
 
 
 def host_view(info: ArrayInfo) -> np.ndarray:
@@ -157,13 +233,49 @@ def current_stream(info: ArrayInfo, stream: Any = None) -> int:
     """The CUDA stream handle to enqueue on: `stream` if given, else the framework's current stream."""
     if stream is not None:
         return stream_handle(stream)
-    if info.framework == "torch":
-        import torch
-        return int(torch.cuda.current_stream(info.obj.device).cuda_stream)
-    if info.framework == "cupy":
-        import cupy
-        return int(cupy.cuda.get_current_stream().ptr)
+    fw = info.framework
+    if fw == "torch":
+        if info.device is None:  # not a CUDA array: let torch say what it makes of that
+            import torch
+            return int(torch.cuda.current_stream(info.obj.device).cuda_stream)
+        return (_torch_stream or _resolve_torch_stream())(info.device)
+    if fw == "cupy":
+        return (_cupy_stream or _resolve_cupy_stream())()
     return 0
+
+
+# Resolved on first use. torch.cuda.current_stream() builds a Stream object per call (microseconds);
+# the raw getter returns the handle itself. Kept behind a fallback: it is torch-internal.
+_torch_stream = None
+_cupy_stream = None
+
+
+def _resolve_torch_stream():
+    global _torch_stream
+    import torch
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        _torch_stream = raw
+    else:
+        _torch_stream = torch_stream_public
+    return _torch_stream
+
+
+def torch_stream_public(device: int) -> int:
+    """The current torch stream of `device` through the public API (the raw getter's fallback)."""
+    import torch
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def _resolve_cupy_stream():
+    global _cupy_stream
+    import cupy
+    get = cupy.cuda.get_current_stream
+
+    def ptr() -> int:
+        return get().ptr
+    _cupy_stream = ptr
+    return ptr
 
 
 def stream_handle(stream: Any) -> int:
