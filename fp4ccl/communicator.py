@@ -36,6 +36,8 @@ class Communicator:
     def __init__(self, backend, exchange: Exchange, *, local_rank: int = 0, local_size: int = 1,
                  device: Optional[int] = None, launcher: str = "single"):
         self._backend = backend
+        # A backend's name never changes; the per-call checks branch on it without a property call.
+        self._host = backend.name == "host"
         self._exchange = exchange
         self._rank = exchange.rank
         self._size = exchange.size
@@ -43,6 +45,9 @@ class Communicator:
         self._local_size = local_size
         self._device = device
         self._launcher = launcher
+        # The device inputs must be on (None: host memory); -1 matches nothing, for a GPU backend
+        # built without a device, so every array is refused there as before.
+        self._home = None if self._host else (device if device is not None else -1)
         self._closed: Optional[str] = None
         self._extras = {}  # per-communicator caches owned by other modules (symmetric workspaces, ...)
 
@@ -107,24 +112,25 @@ class Communicator:
             raise CommClosedError(f"this communicator was closed by {self._closed}(); create a new one with fp4ccl.init()")
 
     def _input(self, x: Any, name: str = "x") -> ArrayInfo:
-        self._check_open()
+        if self._closed:
+            self._check_open()
         info = _arrays.describe(x, name)
         if not info.contiguous:
             raise ValueError(f"{name} must be contiguous (call .contiguous() / ascontiguousarray first)")
-        if self.backend == "host":
-            if info.is_cuda:
+        dev = info.device
+        if dev != self._home:  # the common case (on the right device, or host on host) skips all three
+            if self._host:
                 raise TypeError(f"{name} is on {info.where()}, but this communicator's backend is 'host' (CPU arrays only)")
-        elif not info.is_cuda:
-            raise TypeError(f"{name} is on cpu, but this communicator's backend is '{self.backend}' on cuda:{self._device}")
-        elif info.device != self._device:
-            raise ValueError(f"{name} is on cuda:{info.device}, but this communicator uses cuda:{self._device}")
+            if dev is None:
+                raise TypeError(f"{name} is on cpu, but this communicator's backend is '{self.backend}' on cuda:{self._device}")
+            raise ValueError(f"{name} is on cuda:{dev}, but this communicator uses cuda:{self._device}")
         return info
 
     def _output(self, like: ArrayInfo, shape: Sequence[int], out: Any, name: str = "out"):
-        shape = tuple(int(s) for s in shape)
+        if type(shape) is not tuple:
+            shape = tuple(int(s) for s in shape)
         if out is None:
-            obj = _arrays.empty(like, shape)
-            return obj, _arrays.describe(obj, name)
+            return _arrays.new(like, shape)
         info = self._input(out, name)
         if info.framework != like.framework:
             raise TypeError(f"{name} is a {info.framework} array but the input is a {like.framework} array")
@@ -135,7 +141,7 @@ class Communicator:
         return out, info
 
     def _stream(self, info: ArrayInfo, stream: Any) -> int:
-        return _arrays.current_stream(info, stream) if info.is_cuda else 0
+        return _arrays.current_stream(info, stream) if info.device is not None else 0
 
     def _check_root(self, root: int, name: str = "root") -> int:
         if not isinstance(root, int) or isinstance(root, bool) or not 0 <= root < self._size:

@@ -118,3 +118,88 @@ def _uneven_then_valid(comm):
 @pytest.mark.parametrize("nranks", [2, 3])
 def test_uneven_shapes_rejected_on_every_rank(nranks):
     assert run_ranks(nranks, _uneven_then_valid) == [True] * nranks
+
+
+class _FakeCupyArray:
+    """What describe() reads from a cupy.ndarray, for a GPU array on a machine without one."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, device, shape=(4,), dtype=np.float32):
+        import types
+        self.data = types.SimpleNamespace(ptr=0x7F0000000000)
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        self.device = types.SimpleNamespace(id=device)
+        self.flags = types.SimpleNamespace(c_contiguous=True)
+
+
+class _IdleGpuBackend:
+    """Named like the NCCL backend; every check must fire before any of these would run."""
+
+    name = "nccl"
+
+    def __getattr__(self, op):
+        raise AssertionError(f"backend.{op} reached with bad input")
+
+
+def _gpu_comm(device=0):
+    from fp4ccl.bootstrap.exchange import SingleExchange
+    from fp4ccl.communicator import Communicator
+    return Communicator(_IdleGpuBackend(), SingleExchange(), device=device)
+
+
+def test_device_checks_name_both_places():
+    c = _gpu_comm(device=0)
+    with pytest.raises(TypeError, match="x is on cpu, but this communicator's backend is 'nccl' on cuda:0"):
+        c.all_reduce(np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="x is on cuda:1, but this communicator uses cuda:0"):
+        c.all_gather(_FakeCupyArray(1))
+    with pytest.raises(ValueError, match="out is on cuda:2, but this communicator uses cuda:0"):
+        c.all_reduce(_FakeCupyArray(0), out=_FakeCupyArray(2))
+    with pytest.raises(TypeError, match="out is on cpu, but this communicator's backend is 'nccl' on cuda:0"):
+        c.broadcast(_FakeCupyArray(0), 0, out=np.empty(4, np.float32))
+    with pytest.raises(ValueError, match="root=3 is out of range for a communicator of size 1"):
+        c.broadcast(_FakeCupyArray(0), 3)
+    with pytest.raises(TypeError, match="bool arrays cannot be reduced"):
+        c.all_reduce(_FakeCupyArray(0, dtype=bool))
+    with pytest.raises(TypeError, match=r"out has dtype float16, expected float32 \(the input's\)"):
+        c.all_reduce(_FakeCupyArray(0), out=_FakeCupyArray(0, dtype=np.float16))
+    with pytest.raises(ValueError, match=r"out has shape \(5,\), expected \(4,\)"):
+        c.all_reduce(_FakeCupyArray(0), out=_FakeCupyArray(0, shape=(5,)))
+
+
+def test_gpu_backend_without_a_device_refuses_every_array():
+    c = _gpu_comm(device=None)
+    with pytest.raises(TypeError, match="x is on cpu, but this communicator's backend is 'nccl' on cuda:None"):
+        c.all_reduce(np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="x is on cuda:0, but this communicator uses cuda:None"):
+        c.all_reduce(_FakeCupyArray(0))
+
+
+def test_gpu_array_on_host_comm(comm):
+    with pytest.raises(TypeError, match="x is on cuda:0, but this communicator's backend is 'host' "
+                                        r"\(CPU arrays only\)"):
+        comm.all_reduce(_FakeCupyArray(0))
+    with pytest.raises(TypeError, match="out is on cuda:1, but this communicator's backend is 'host'"):
+        comm.all_reduce(np.ones(4, np.float32), out=_FakeCupyArray(1))
+
+
+def test_out_from_another_framework(comm):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="out is a torch array but the input is a numpy array"):
+        comm.all_reduce(np.ones(4, np.float32), out=torch.empty(4))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        comm.all_reduce(torch.ones(4, 4), out=torch.empty(4, 4).t())
+
+
+def test_torch_tensors_that_cannot_be_used(comm):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="x: sparse tensors are not supported"):
+        comm.all_reduce(torch.ones(3, 3).to_sparse())
+    with pytest.raises(TypeError, match=r"x: tensors on meta are not supported \(cpu or cuda\)"):
+        comm.all_reduce(torch.empty(3, device="meta"))
+    with pytest.raises(TypeError, match="unsupported dtype 'torch.complex64'"):
+        comm.all_gather(torch.ones(3, dtype=torch.complex64))
+    # and after all that the communicator still works
+    assert torch.equal(comm.all_reduce(torch.arange(3.0)), torch.arange(3.0))
