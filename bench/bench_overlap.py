@@ -1,12 +1,15 @@
 """Pipelined all-gather + matmul and matmul + reduce-scatter: fp4ccl against torch's symmetric-memory fused
-ops, the sequential NCCL path and the matmul alone, in one run.
+ops, the sequential NCCL path and the matmul alone, in one run, with pipelined variants side by side.
 
-    fp4ccl-run -n 4 bench/bench_overlap.py [--m 256,1024,4096,8192,16384] [--n 8192] [--k 8192]
+    fp4ccl-run -n 4 bench/bench_overlap.py [--m 256,1024,...] [--variants k1=kernel:1,m2=memop:2]
     mpirun -n 4 python bench/bench_overlap.py
 
 Shapes follow DESIGN.md's table: ag+mm A shard [M/W, K] @ B [K, N/W]; mm+rs A [M, K/W] @ B [K/W, N]. bf16,
 plus ag+mm with NVFP4 shards. Times are ms: each rank times batches of back-to-back calls with CUDA
 events (after warm-up); a batch's time is the slowest rank's; the table shows the median batch.
+Columns: seq = NCCL collective then torch.mm called directly; seqpath = the same through fp4ccl's API
+(FP4CCL_OVERLAP=sequential, what the automatic path runs below the threshold); one column per variant
+(barrier kind and copy streams, forced pipelined). A summary picks the fastest per row.
 eff = (comm + mm - fused) / min(comm, mm), where comm is the NCCL collective alone (for FP4 rows, the
 sequential FP4 gather: quantize, NCCL all_gather of packed bytes, dequantize).
 """
@@ -28,18 +31,48 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+VARIANT_HELP = ("comma-separated NAME=BARRIER:STREAMS pipelined variants (FP4CCL_SYMM_BARRIER kernel|memop, "
+                "FP4CCL_OVERLAP_STREAMS); each is timed forced-pipelined")
+
+
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--m", default="256,1024,4096,8192,16384", help="comma-separated M values")
+    p.add_argument("--m", default="256,1024,2048,4096,8192,16384", help="comma-separated M values")
     p.add_argument("--n", type=int, default=8192)
     p.add_argument("--k", type=int, default=8192)
     p.add_argument("--iters", type=int, default=10, help="calls per timed batch")
     p.add_argument("--batches", type=int, default=7)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ops", default="ag,rs,ag_nvfp4")
+    p.add_argument("--variants", default="", help=VARIANT_HELP + "; empty: the defaults only")
     p.add_argument("--no-torch", action="store_true", help="skip torch's fused ops")
     p.add_argument("--json", default="", help="write every number here (rank 0)")
     return p.parse_args()
+
+
+def _variants(spec: str):
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, rest = item.partition("=")
+        barrier, _, streams = rest.partition(":")
+        out.append((name, {"FP4CCL_SYMM_BARRIER": barrier, "FP4CCL_OVERLAP_STREAMS": streams}))
+    return out or [("pipe", {})]
+
+
+def with_env(env, fn):
+    """fn run with the FP4CCL_* variables of `env` set (and restored after)."""
+    def run():
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
 
 
 def main() -> int:
@@ -53,6 +86,7 @@ def main() -> int:
     W, r = comm.size, comm.rank
     dev = torch.device("cuda", comm.device)
     group_name = None if args.no_torch else _torch_group(comm, torch)
+    variants = _variants(args.variants)
 
     def bench(fn):
         for _ in range(args.warmup):
@@ -72,22 +106,12 @@ def main() -> int:
             times.append(max(every))
         return statistics.median(times)
 
-    def with_path(path, fn):
-        def run():
-            old = os.environ.get("FP4CCL_OVERLAP")
-            os.environ["FP4CCL_OVERLAP"] = path
-            try:
-                return fn()
-            finally:
-                if old is None:
-                    os.environ.pop("FP4CCL_OVERLAP", None)
-                else:
-                    os.environ["FP4CCL_OVERLAP"] = old
-        return run
-
+    seq_path = {"FP4CCL_OVERLAP": "sequential"}
     rows = []
     N, K = args.n, args.k
     ops = args.ops.split(",")
+    if r == 0:
+        _header(W, N, K, torch.cuda.get_device_name(dev), variants)
     for M in (int(m) for m in args.m.split(",")):
         g = torch.Generator(device=dev).manual_seed(1234 + r)
         if "ag" in ops or "ag_nvfp4" in ops:
@@ -106,13 +130,18 @@ def main() -> int:
                     row["comm"] = bench(lambda: _fp4_shards(comm, sets[next(it)][0], fmt))
                 else:
                     row["comm"] = t_comm
-                for path in ("auto", "pipelined"):
-                    row[f"fp4ccl_{path}"] = bench(with_path(path, lambda: all_gather_matmul(
-                        comm, sets[next(it)][0], [sets[0][1]], 0, compress=fmt)))
+
+                def call():
+                    return all_gather_matmul(comm, sets[next(it)][0], [sets[0][1]], 0, compress=fmt)
+                row["fp4ccl_seqpath"] = bench(with_env(seq_path, call))
+                for name, env in variants:
+                    row[name] = bench(with_env({**env, "FP4CCL_OVERLAP": "pipelined"}, call))
                 if group_name and not fmt:
                     row["torch"] = bench(lambda: torch.ops.symm_mem.fused_all_gather_matmul(
                         sets[next(it)][0], [sets[0][1]], 0, group_name))
                 rows.append(row)
+                if r == 0:
+                    _row(row, variants)
             del sets, full
         if "rs" in ops:
             sets = [(torch.randn(M, K // W, device=dev, generator=g).bfloat16(),
@@ -123,20 +152,26 @@ def main() -> int:
             row["mm"] = bench(lambda: torch.mm(*sets[next(it)]))
             row["comm"] = bench(lambda: comm.reduce_scatter(part[next(it)]))
             row["seq"] = bench(lambda: comm.reduce_scatter(torch.mm(*sets[next(it)])))
-            for path in ("auto", "pipelined"):
-                row[f"fp4ccl_{path}"] = bench(with_path(path, lambda: matmul_reduce_scatter(comm, *sets[next(it)])))
+
+            def call():
+                return matmul_reduce_scatter(comm, *sets[next(it)])
+            row["fp4ccl_seqpath"] = bench(with_env(seq_path, call))
+            for name, env in variants:
+                row[name] = bench(with_env({**env, "FP4CCL_OVERLAP": "pipelined"}, call))
             if group_name:
                 row["torch"] = bench(lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(
                     *sets[next(it)], "sum", 0, group_name))
             rows.append(row)
+            if r == 0:
+                _row(row, variants)
             del sets, part
         torch.cuda.empty_cache()
 
     if r == 0:
-        _print(rows, W, N, K, torch.cuda.get_device_name(dev))
+        _summary(rows, variants)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"world": W, "N": N, "K": K, "rows": rows}, f, indent=1)
+                json.dump({"world": W, "N": N, "K": K, "variants": dict(variants), "rows": rows}, f, indent=1)
     comm.destroy()
     if group_name:
         torch.distributed.destroy_process_group()
@@ -169,23 +204,41 @@ def _torch_group(comm, torch):
     return group.group_name
 
 
+def _header(W, N, K, name, variants):
+    print(f"\n# overlap bench: {W} x {name}, N={N} K={K}, bf16, ms (median batch, slowest rank)")
+    print("# seqpath = fp4ccl's sequential path through its API (what auto runs below the threshold); "
+          + ", ".join(f"{n} = pipelined {e.get('FP4CCL_SYMM_BARRIER', 'default')}/"
+                      f"{e.get('FP4CCL_OVERLAP_STREAMS', 'default')} streams" for n, e in variants))
+    head = f"{'op':<12}{'M':>6}{'mm':>8}{'comm':>8}{'seq':>8}{'torch':>8}{'seqpath':>8}"
+    head += "".join(f"{n:>8}" for n, _ in variants)
+    print(head, flush=True)
+
+
+def _row(row, variants):
+    line = f"{row['op']:<12}{row['M']:>6}"
+    for key in ("mm", "comm", "seq", "torch", "fp4ccl_seqpath"):
+        line += f"{row.get(key, float('nan')):>8.3f}"
+    line += "".join(f"{row[n]:>8.3f}" for n, _ in variants)
+    print(line, flush=True)
+
+
 def _eff(comm, mm, fused):
     return (comm + mm - fused) / min(comm, mm) if min(comm, mm) > 0 else float("nan")
 
 
-def _print(rows, W, N, K, name):
-    print(f"\n# overlap bench: {W} x {name}, N={N} K={K}, bf16, ms (median batch, slowest rank)")
-    head = (f"{'op':<14}{'M':>7}{'mm':>9}{'comm':>9}{'seq':>9}{'torch':>9}{'fp4ccl':>9}{'pipelined':>10}"
-            f"{'eff fp4ccl':>11}{'eff torch':>10}{'vs torch':>9}{'vs seq':>8}")
+def _summary(rows, variants):
+    """Per row: the best of fp4ccl's sequential path and its pipelined variants, against torch and seq."""
+    print("\n# best fp4ccl per row; eff = (comm + mm - t) / min(comm, mm)")
+    head = (f"{'op':<12}{'M':>6}{'best':>9}{'ms':>8}{'torch':>8}{'seq':>8}{'eff':>7}{'eff torch':>10}"
+            f"{'vs torch':>9}{'vs seq':>8}")
     print(head)
-    print("-" * len(head))
     for row in rows:
-        t = row.get("torch", float("nan"))
-        ours = row["fp4ccl_auto"]
-        print(f"{row['op']:<14}{row['M']:>7}{row['mm']:>9.3f}{row['comm']:>9.3f}{row['seq']:>9.3f}{t:>9.3f}"
-              f"{ours:>9.3f}{row['fp4ccl_pipelined']:>10.3f}{_eff(row['comm'], row['mm'], ours):>11.2f}"
-              f"{_eff(row['comm'], row['mm'], t):>10.2f}{t / ours:>8.2f}x{row['seq'] / ours:>7.2f}x")
-    print("fp4ccl = the automatic path (sequential below FP4CCL_OVERLAP_MIN_BYTES); pipelined = forced")
+        cands = [("seqpath", row["fp4ccl_seqpath"])] + [(n, row[n]) for n, _ in variants]
+        name, t = min(cands, key=lambda c: c[1])
+        tt = row.get("torch", float("nan"))
+        print(f"{row['op']:<12}{row['M']:>6}{name:>9}{t:>8.3f}{tt:>8.3f}{row['seq']:>8.3f}"
+              f"{_eff(row['comm'], row['mm'], t):>7.2f}{_eff(row['comm'], row['mm'], tt):>10.2f}"
+              f"{tt / t:>8.2f}x{row['seq'] / t:>7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

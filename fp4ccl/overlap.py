@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections import OrderedDict
 from typing import Any, List, Optional, Tuple
 
@@ -67,8 +68,15 @@ class _State:
         self.agreed: "OrderedDict[str, None]" = OrderedDict()
         self.logged = set()
         self.workspaces = {}
+        self.fast: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def remember(self, key: tuple, value: tuple) -> None:
+        self.fast[key] = value
+        while len(self.fast) > 256:
+            self.fast.popitem(last=False)
 
     def close(self) -> None:
+        self.fast.clear()
         for ws in self.workspaces.values():
             ws.close()
         self.workspaces.clear()
@@ -101,10 +109,27 @@ class _Workspace:
         # High priority so that the side stream's few kernels (barrier, FP4 codec) are scheduled
         # ahead of the matmul's pending blocks instead of waiting for a wave to drain.
         self.side = torch.cuda.Stream(device=comm.device, priority=-1)
+        self._copy_streams = [self.side]
+        self._decode = None
         self.done = torch.cuda.Event()
         self.used = False
         self._events: List[Any] = []
         self._views = {}
+
+    def streams(self, n: int):
+        """n side streams (the first is `side`): one cudaMemcpyAsync between GPUs runs on one copy
+        engine, so a shard split over several streams can draw on several engines at once."""
+        import torch
+        while len(self._copy_streams) < n:
+            self._copy_streams.append(torch.cuda.Stream(device=self.comm.device, priority=-1))
+        return self._copy_streams[:n]
+
+    def decoder(self):
+        """A high-priority stream for the FP4 decode kernels, apart from the copy streams."""
+        import torch
+        if self._decode is None:
+            self._decode = torch.cuda.Stream(device=self.comm.device, priority=-1)
+        return self._decode
 
     def event(self, i: int):
         import torch
@@ -141,11 +166,12 @@ class _Workspace:
     def slot(self) -> int:
         return (self.calls % 2) * self.slot_bytes
 
-    def begin(self, main) -> None:
+    def begin(self, main, streams=()) -> None:
         """Order this call after the previous one, whatever streams either used."""
         if self.used:
             main.wait_event(self.done)
-            self.side.wait_event(self.done)
+            for s in streams or (self.side,):
+                s.wait_event(self.done)
 
     def end(self, main) -> None:
         self.done.record(main)
@@ -209,6 +235,46 @@ def _agree(comm, st: _State, what: str, signature: Optional[dict], bad: Optional
         st.agreed.popitem(last=False)
 
 
+_ENV_KEYS = ("FP4CCL_OVERLAP", "FP4CCL_OVERLAP_MIN_BYTES", "FP4CCL_OVERLAP_STREAMS", "FP4CCL_SYMM_BARRIER",
+             "FP4CCL_CHECK")
+
+
+def _tensor_key(x):
+    """What the checks of a torch tensor depend on; None for anything else (the full check runs)."""
+    torch = sys.modules.get("torch")
+    if torch is None or type(x) is not torch.Tensor:
+        return None
+    return (x.shape, x.dtype, x.device, x.stride())
+
+
+def _fast_key(comm, args: tuple, a, bs, out) -> Optional[tuple]:
+    """A key for calls that repeat one already checked and agreed (the common case in a model's
+    forward pass), so they skip the describe/check/JSON work: at small sizes that host time, not the
+    GPU, sets the speed. None where the full path must run every time."""
+    if comm.backend == "host" or os.environ.get("FP4CCL_CHECK", "") not in ("", "0"):
+        return None
+    if type(args[1]) is not int or not isinstance(bs, (list, tuple)):
+        return None   # a bool or numpy dim would alias an int key and skip its own type check
+    ka = _tensor_key(a)
+    kb = tuple(_tensor_key(b) for b in bs)
+    if ka is None or None in kb:
+        return None
+    ko = None
+    if out is not None:
+        if not isinstance(out, (list, tuple)):
+            return None
+        ko = tuple(_tensor_key(o) for o in out)
+        if None in ko:
+            return None
+    env = tuple(os.environ.get(k, "") for k in _ENV_KEYS)
+    return args + (ka, kb, ko, env)
+
+
+def _detached(info: _arrays.ArrayInfo) -> _arrays.ArrayInfo:
+    """info without the array it came from, for a cache that must not keep tensors alive."""
+    return dataclasses.replace(info, obj=None, ptr=0)
+
+
 def _describe_sig(sig: str) -> str:
     d = json.loads(sig)
     return ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("op",))
@@ -219,6 +285,24 @@ def _env_mode() -> str:
     if mode not in ("auto", "pipelined", "sequential"):
         raise ValueError(f"FP4CCL_OVERLAP={mode!r} is not one of auto, pipelined, sequential")
     return mode
+
+
+DEFAULT_STREAMS = 1
+
+
+def _n_streams() -> int:
+    """FP4CCL_OVERLAP_STREAMS: copy streams per pipelined call (each shard is split over them)."""
+    raw = os.environ.get("FP4CCL_OVERLAP_STREAMS", "")
+    n = int(raw) if raw else DEFAULT_STREAMS
+    if not 1 <= n <= 8:
+        raise ValueError(f"FP4CCL_OVERLAP_STREAMS={raw!r} must be between 1 and 8")
+    return n
+
+
+def _variant() -> dict:
+    """The pipelined path's settings; part of the agreed signature, so every rank uses the same."""
+    from .symmetric import barrier_mode
+    return {"streams": _n_streams(), "barrier": barrier_mode()}
 
 
 def _min_bytes() -> int:
@@ -362,24 +446,35 @@ def all_gather_matmul(comm, a_shard, bs, gather_dim: int = 0, *, return_a: bool 
     """
     comm._check_open()
     st = _state(comm)
-    what = "all_gather_matmul"
-    spec, bad, sig = None, None, None
-    try:
-        spec = _ag_check(comm, a_shard, bs, gather_dim, return_a, compress, out, gathered_rhs)
-        sig = {"a": list(spec.info.shape), "dtype": spec.info.dtype, "b": [list(_arrays.describe(b).shape) for b in spec.bs],
-               "dim": spec.dim, "rhs": spec.rhs, "compress": spec.compress, "path": _env_mode(),
-               "min_bytes": _min_bytes()}
-    except _Bad as err:
-        bad = err
-    except ValueError as err:  # a bad FP4CCL_OVERLAP* variable
-        bad = _Bad(ValueError, str(err))
-    _agree(comm, st, what, sig, bad)
-    if comm.backend == "host":
-        return _ag_host(comm, spec)
-    nbytes = math.prod(spec.full_shape) * spec.info.itemsize
-    path = _choose(comm, st, what, nbytes, sig)
+    key = _fast_key(comm, ("ag", gather_dim, bool(return_a), compress, bool(gathered_rhs)), a_shard, bs, out)
+    hit = st.fast.get(key) if key is not None else None
+    if hit is not None:
+        t, path, var = hit
+        spec = _AgSpec(a_shard, list(bs), t.info, t.dim, t.rhs, t.compress, t.return_a,
+                       None if out is None else list(out), t.full_shape, t.out_shapes)
+    else:
+        what = "all_gather_matmul"
+        spec, bad, sig = None, None, None
+        try:
+            spec = _ag_check(comm, a_shard, bs, gather_dim, return_a, compress, out, gathered_rhs)
+            var = _variant()
+            sig = {"a": list(spec.info.shape), "dtype": spec.info.dtype,
+                   "b": [list(_arrays.describe(b).shape) for b in spec.bs], "dim": spec.dim, "rhs": spec.rhs,
+                   "compress": spec.compress, "path": _env_mode(), "min_bytes": _min_bytes(), **var}
+        except _Bad as err:
+            bad = err
+        except ValueError as err:  # a bad FP4CCL_* variable
+            bad = _Bad(ValueError, str(err))
+        _agree(comm, st, what, sig, bad)
+        if comm.backend == "host":
+            return _ag_host(comm, spec)
+        nbytes = math.prod(spec.full_shape) * spec.info.itemsize
+        path = _choose(comm, st, what, nbytes, sig)
+        if key is not None:
+            st.remember(key, (dataclasses.replace(spec, a=None, bs=[], out=None, info=_detached(spec.info)),
+                              path, var))
     if path == "pipelined":
-        return _ag_pipelined(comm, st, spec)
+        return _ag_pipelined(comm, st, spec, var)
     return _ag_sequential(comm, spec)
 
 
@@ -456,16 +551,18 @@ def _ag_sequential(comm, spec: _AgSpec):
     a = spec.a
     if spec.compress:
         a_full = torch.cat(_fp4_shards(comm, a.contiguous(), spec.compress), dim=spec.dim)
+    elif spec.dim == 0:
+        a_full = comm.all_gather(a if a.is_contiguous() else a.contiguous())
     else:
         moved = a.movedim(spec.dim, 0).contiguous()
         a_full = comm.all_gather(moved).movedim(0, spec.dim)
+    # torch.mm where both sides are 2-D: torch.matmul's dispatch costs host time small calls notice.
+    mm = torch.mm if a_full.dim() == 2 else torch.matmul
     results = []
     for i, b in enumerate(spec.bs):
         o = spec.out[i] if spec.out is not None else None
-        if spec.rhs:
-            results.append(torch.matmul(b, a_full.T, out=o) if o is not None else torch.matmul(b, a_full.T))
-        else:
-            results.append(torch.matmul(a_full, b, out=o) if o is not None else torch.matmul(a_full, b))
+        x, y = (b, a_full.T) if spec.rhs else (a_full, b)
+        results.append(mm(x, y, out=o) if o is not None else mm(x, y))
     return (a_full if spec.return_a else None), results
 
 
@@ -515,7 +612,15 @@ def _mm_into_f32(acc, a, b, first: bool) -> None:
         acc.add_(torch.mm(a, b))
 
 
-def _ag_pipelined(comm, st: _State, spec: _AgSpec):
+def _split(total: int, parts: int, align: int) -> List[Tuple[int, int]]:
+    """(start, count) pieces covering [0, total), at most `parts`, starts multiples of `align`."""
+    if total <= 0:
+        return []
+    step = _align(-(-total // parts), align)
+    return [(pos, min(step, total - pos)) for pos in range(0, total, step)]
+
+
+def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
     import torch
     W, r = comm.size, comm.rank
     main = torch.cuda.current_stream(comm.device)
@@ -531,10 +636,6 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec):
     R, k = a2.shape
     isz = a2.element_size()
     shard_bytes = R * k * isz
-    side = ws.side
-    start = ws.event(0)
-    start.record(main)
-    side.wait_event(start)
     fmt = spec.compress
     if fmt:
         from . import formats
@@ -542,8 +643,15 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec):
     else:
         wire_bytes = shard_bytes
     ws.ensure(wire_bytes)
-    ws.begin(main)
+    copiers = ws.streams(var["streams"])
+    side = copiers[0]
+    decode = ws.decoder() if fmt else None
+    ws.begin(main, copiers + ([decode] if decode is not None else []))
     off = ws.slot()
+    events = iter(range(1 << 30))
+
+    def event():
+        return ws.event(next(events))
 
     # a_full in the canonical 2-D layout: rows [W*R, k] (dim 0) or columns [R, W*k] (K split).
     a_full2 = torch.empty((R, W * k) if ksplit else (W * R, k), dtype=a2.dtype, device=a2.device)
@@ -551,42 +659,77 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec):
     def dest(p):
         return a_full2[:, p * k:(p + 1) * k] if ksplit else a_full2[p * R:(p + 1) * R]
 
-    arrived = [ws.event(1 + i) for i in range(W - 1)]
-    side_done = ws.event(W)
-    with torch.cuda.stream(side):
-        mine = ws.buf.ptr(r) + off
-        if not fmt:
-            _copy(mine, a2.data_ptr(), shard_bytes, side)
-        else:
-            # Quantized on the side stream straight into the workspace, off the matmuls' critical path.
-            formats.quantize_packed(a2, ws.view(r, off, (wire_bytes,), "uint8"), [(0, R, 0)], fmt, stream=side)
-        ws.buf.barrier(side)
-        stage = tmp = None
+    mine = ws.buf.ptr(r) + off
+    if fmt:
+        # On `main`, ahead of the local matmul: queued on a side stream, the quantize kernels would
+        # wait for that matmul's blocks to leave the SMs, and every peer's first pull with them.
+        formats.quantize_packed(a2, ws.view(r, off, (wire_bytes,), "uint8"), [(0, R, 0)], fmt, stream=main)
+    ready = event()
+    ready.record(main)
+    side.wait_event(ready)
+    if not fmt:
+        _copy(mine, a2.data_ptr(), shard_bytes, side)
+    ws.buf.barrier(side, var["barrier"])
+    if len(copiers) > 1:
+        go = event()
+        go.record(side)
+        for s in copiers[1:]:
+            s.wait_event(go)
+
+    stage = tmp = None
+    if fmt:
+        stage = torch.empty((W - 1) * wire_bytes, dtype=torch.uint8, device=a2.device)
+        if ksplit:
+            tmp = torch.empty((R, k), dtype=a2.dtype, device=a2.device)
+    arrived: List[List[Any]] = []
+    for i in range(1, W):
+        p = (r + i) % W
+        src = ws.buf.ptr(p) + off
         if fmt:
-            stage = torch.empty(wire_bytes, dtype=torch.uint8, device=a2.device)
+            dst = stage.data_ptr() + (i - 1) * wire_bytes
+            pieces = _split(wire_bytes, len(copiers), 256)
+            for s, (o, n) in zip(copiers, pieces):
+                _copy(dst + o, src + o, n, s)
+        elif ksplit:
+            pieces = _split(R, len(copiers), 1)
+            for s, (r0, n) in zip(copiers, pieces):
+                _copy2d(dest(p).data_ptr() + r0 * W * k * isz, W * k * isz, src + r0 * k * isz, k * isz,
+                        k * isz, n, s)
+        else:
+            pieces = _split(shard_bytes, len(copiers), 256)
+            for s, (o, n) in zip(copiers, pieces):
+                _copy(dest(p).data_ptr() + o, src + o, n, s)
+        landed = []
+        for s in copiers[:len(pieces)]:
+            e = event()
+            e.record(s)
+            landed.append(e)
+        if fmt:
+            # A stream of its own, so a decode waiting for SMs never holds back the next pull.
+            for e in landed:
+                decode.wait_event(e)
+            seg = (i - 1) * wire_bytes
             if ksplit:
-                tmp = torch.empty((R, k), dtype=a2.dtype, device=a2.device)
-        for i in range(1, W):
-            p = (r + i) % W
-            src = ws.buf.ptr(p) + off
-            if fmt:
-                _copy(stage.data_ptr(), src, wire_bytes, side)  # the copy engine pulls; SMs only decode
-                if ksplit:
-                    formats.dequantize_packed(stage, [(0, R, 0)], k, fmt, tmp, stream=side)
+                formats.dequantize_packed(stage, [(0, R, seg)], k, fmt, tmp, stream=decode)
+                with torch.cuda.stream(decode):
                     dest(p).copy_(tmp)
-                else:
-                    formats.dequantize_packed(stage, [(p * R, R, 0)], k, fmt, a_full2, stream=side)
-            elif ksplit:
-                _copy2d(dest(p).data_ptr(), W * k * isz, src, k * isz, k * isz, R, side)
             else:
-                _copy(dest(p).data_ptr(), src, shard_bytes, side)
-            arrived[i - 1].record(side)
-        if spec.return_a:
-            if ksplit:
-                _copy2d(dest(r).data_ptr(), W * k * isz, a2.data_ptr(), k * isz, k * isz, R, side)
-            else:
-                _copy(dest(r).data_ptr(), a2.data_ptr(), shard_bytes, side)
-        side_done.record(side)
+                formats.dequantize_packed(stage, [(p * R, R, seg)], k, fmt, a_full2, stream=decode)
+            e = event()
+            e.record(decode)
+            landed = [e]
+        arrived.append(landed)
+    if spec.return_a:
+        last = copiers[-1]
+        if ksplit:
+            _copy2d(dest(r).data_ptr(), W * k * isz, a2.data_ptr(), k * isz, k * isz, R, last)
+        else:
+            _copy(dest(r).data_ptr(), a2.data_ptr(), shard_bytes, last)
+    finished = []
+    for s in copiers + ([decode] if decode is not None else []):
+        e = event()
+        e.record(s)
+        finished.append(e)
 
     # Products in canonical layout, written straight into the caller's `out` where its layout allows.
     results2 = []
@@ -618,9 +761,11 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec):
     consume(r, a2, True)
     for i in range(1, W):
         p = (r + i) % W
-        main.wait_event(arrived[i - 1])
+        for e in arrived[i - 1]:
+            main.wait_event(e)
         consume(p, dest(p), False)
-    main.wait_event(side_done)
+    for e in finished:
+        main.wait_event(e)
     if ksplit:
         for t, acc in zip(results2, accs):
             if t is not acc:
@@ -700,23 +845,32 @@ def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum"):
     """
     comm._check_open()
     st = _state(comm)
-    what = "matmul_reduce_scatter"
-    spec, bad, sig = None, None, None
-    try:
-        spec = _rs_check(comm, a, b, scatter_dim, op)
-        sig = {"a": list(spec.info.shape), "b": list(_arrays.describe(b).shape), "dtype": spec.info.dtype,
-               "dim": spec.dim, "op": spec.op, "path": _env_mode(), "min_bytes": _min_bytes()}
-    except _Bad as err:
-        bad = err
-    except ValueError as err:
-        bad = _Bad(ValueError, str(err))
-    _agree(comm, st, what, sig, bad)
-    if comm.backend == "host":
-        return _rs_host(comm, spec)
-    nbytes = math.prod(spec.info.shape[:-1]) * spec.b.shape[1] * spec.info.itemsize
-    path = _choose(comm, st, what, nbytes, sig)
+    key = _fast_key(comm, ("rs", scatter_dim, op), a, [b], None)
+    hit = st.fast.get(key) if key is not None else None
+    if hit is not None:
+        t, path, var = hit
+        spec = _RsSpec(a, b, t.info, t.dim, t.op, t.out_shape)
+    else:
+        what = "matmul_reduce_scatter"
+        spec, bad, sig = None, None, None
+        try:
+            spec = _rs_check(comm, a, b, scatter_dim, op)
+            var = _variant()
+            sig = {"a": list(spec.info.shape), "b": list(_arrays.describe(b).shape), "dtype": spec.info.dtype,
+                   "dim": spec.dim, "op": spec.op, "path": _env_mode(), "min_bytes": _min_bytes(), **var}
+        except _Bad as err:
+            bad = err
+        except ValueError as err:
+            bad = _Bad(ValueError, str(err))
+        _agree(comm, st, what, sig, bad)
+        if comm.backend == "host":
+            return _rs_host(comm, spec)
+        nbytes = math.prod(spec.info.shape[:-1]) * spec.b.shape[1] * spec.info.itemsize
+        path = _choose(comm, st, what, nbytes, sig)
+        if key is not None:
+            st.remember(key, (dataclasses.replace(spec, a=None, b=None, info=_detached(spec.info)), path, var))
     if path == "pipelined":
-        return _rs_pipelined(comm, st, spec)
+        return _rs_pipelined(comm, st, spec, var)
     return _rs_sequential(comm, spec)
 
 
@@ -735,13 +889,15 @@ def _rs_host(comm, spec: _RsSpec):
 
 def _rs_sequential(comm, spec: _RsSpec):
     import torch
-    partial = torch.matmul(spec.a, spec.b)
+    partial = torch.mm(spec.a, spec.b) if spec.a.dim() == 2 else torch.matmul(spec.a, spec.b)
+    if spec.dim == 0:
+        return comm.reduce_scatter(partial, op=spec.op)
     moved = partial.movedim(spec.dim, 0).contiguous()
     red = comm.reduce_scatter(moved, op=spec.op)
     return red.movedim(0, spec.dim)
 
 
-def _rs_pipelined(comm, st: _State, spec: _RsSpec):
+def _rs_pipelined(comm, st: _State, spec: _RsSpec, var: dict):
     import torch
     from .symmetric import launch
     W, r = comm.size, comm.rank
@@ -763,9 +919,10 @@ def _rs_pipelined(comm, st: _State, spec: _RsSpec):
     chunk_elems = chunk_shape[0] * chunk_shape[1]
     chunk_bytes = _align(chunk_elems * isz, 256)
     ws.ensure(W * chunk_bytes)
-    ws.begin(main)
+    pushers = ws.streams(var["streams"])
+    side = pushers[0]
+    ws.begin(main, pushers)
     off = ws.slot()
-    side = ws.side
 
     def operands(j):
         if last:
@@ -775,17 +932,24 @@ def _rs_pipelined(comm, st: _State, spec: _RsSpec):
     # Chunks for peers go to local staging, pushed by the side stream as each is produced.
     stage = torch.empty((W - 1,) + chunk_shape, dtype=a2.dtype, device=a2.device)
     produced = [ws.event(1 + i) for i in range(W - 1)]
+    pieces = _split(chunk_elems * isz, len(pushers), 256)
     for i in range(1, W):
         j = (r + i) % W
         x, y = operands(j)
         torch.mm(x, y, out=stage[i - 1])
         produced[i - 1].record(main)
-        side.wait_event(produced[i - 1])
-        _copy(ws.buf.ptr(j) + off + r * chunk_bytes, stage[i - 1].data_ptr(), chunk_elems * isz, side)
+        dst, src = ws.buf.ptr(j) + off + r * chunk_bytes, stage[i - 1].data_ptr()
+        for s, (o, n) in zip(pushers, pieces):
+            s.wait_event(produced[i - 1])
+            _copy(dst + o, src + o, n, s)
     x, y = operands(r)
     own = ws.view(r, off + r * chunk_bytes, chunk_shape, spec.info.dtype)
     torch.mm(x, y, out=own)
-    ws.buf.barrier(side)          # our pushes are in the peers' slots, theirs in ours
+    for t, s in enumerate(pushers[1:]):
+        e = ws.event(W + 1 + t)
+        e.record(s)
+        side.wait_event(e)
+    ws.buf.barrier(side, var["barrier"])  # our pushes are in the peers' slots, theirs in ours
     pushed = ws.event(W)
     pushed.record(side)
     main.wait_event(pushed)

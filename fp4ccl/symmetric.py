@@ -135,6 +135,60 @@ def launch(device: int, name: str, grid, block, args, stream: int) -> None:
         fn(grid, block, args, stream=ext)
 
 
+# -- stream memory operations (barrier without SMs) ---------------------------------------------------
+
+_CU_STREAM_WAIT_VALUE_GEQ = 0x0
+_CU_STREAM_WRITE_VALUE_DEFAULT = 0x0   # with a fence first: the stream's earlier writes become visible
+_CU_ATTR_64_BIT_STREAM_MEM_OPS = 122
+_MEMOPS: Dict[int, Any] = {}
+
+
+class _MemOps:
+    """cuStreamWriteValue64 / cuStreamWaitValue64 from libcuda, or None where the device lacks them."""
+
+    def __init__(self, lib, write, wait):
+        self.lib, self.write, self.wait = lib, write, wait
+
+
+def _memops(device: int) -> Optional[_MemOps]:
+    if device in _MEMOPS:
+        return _MEMOPS[device]
+    ops = None
+    try:
+        import ctypes
+        lib = ctypes.CDLL("libcuda.so.1")
+        value = ctypes.c_int(0)
+        lib.cuDeviceGetAttribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
+        rc = lib.cuDeviceGetAttribute(ctypes.byref(value), _CU_ATTR_64_BIT_STREAM_MEM_OPS, device)
+        if rc == 0 and value.value:
+            fns = []
+            for name in ("cuStreamWriteValue64_v2", "cuStreamWaitValue64_v2"):
+                fn = getattr(lib, name)
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                fns.append(fn)
+            ops = _MemOps(lib, *fns)
+        else:
+            log.info("cuda:%d has no 64-bit stream memory operations (rc %d): kernel barriers", device, rc)
+    except (OSError, AttributeError) as err:
+        log.info("stream memory operations unavailable (%s): kernel barriers", err)
+    _MEMOPS[device] = ops
+    return ops
+
+
+BARRIER_MODES = ("kernel", "memop")
+DEFAULT_BARRIER = "kernel"
+
+
+def barrier_mode() -> str:
+    """FP4CCL_SYMM_BARRIER: 'kernel' (one warp; traps after FP4CCL_TIMEOUT) or 'memop' (stream memory
+    operations: no SM needed, so the barrier is never queued behind a matmul holding every SM)."""
+    mode = os.environ.get("FP4CCL_SYMM_BARRIER", "").lower() or DEFAULT_BARRIER
+    if mode not in BARRIER_MODES:
+        raise ValueError(f"FP4CCL_SYMM_BARRIER={mode!r} is not one of {', '.join(BARRIER_MODES)}")
+    return mode
+
+
 def barrier_timeout_ns() -> int:
     """How long a device-side barrier waits for a peer before trapping (FP4CCL_TIMEOUT seconds, 0 = forever)."""
     raw = os.environ.get("FP4CCL_TIMEOUT", "")
@@ -389,15 +443,17 @@ class SymmetricBuffer:
         return _view(self._peer_base[self._rank_index(rank)] + offset, shape, dtype, self.device, self)
 
     # -- device-side barrier ------------------------------------------------------------------------
-    def barrier(self, stream: Any = None) -> None:
+    def barrier(self, stream: Any = None, mode: Optional[str] = None) -> None:
         """Enqueue a barrier over every rank on `stream` (default: the current stream); returns at once.
 
         Work enqueued on `stream` after it sees every write any rank enqueued (on the stream it
-        barriered on) before its own barrier. Collective: same order on every rank.
+        barriered on) before its own barrier. Collective: same order on every rank. `mode` 'kernel'
+        or 'memop' (default: FP4CCL_SYMM_BARRIER); both write the same pads, so ranks may differ.
         """
         self._check()
         from cupy.cuda import runtime
         handle = _stream_handle(stream, self.device)
+        mode = mode or barrier_mode()
         self._epoch += 1
         if self.world == 1:
             return
@@ -405,10 +461,35 @@ class SymmetricBuffer:
         with cupy.cuda.Device(self.device):
             # Epochs must reach each pad in order even when barriers go to different streams.
             runtime.streamWaitEvent(handle, self._last_barrier, 0)
-            launch(self.device, "fp4ccl_symm_barrier", (1,), (_round_up_warp(self.world),),
-                   (np.uint64(self._base + self.table_offset), np.int32(self.rank), np.int32(self.world),
-                    np.uint64(self._epoch), np.uint64(barrier_timeout_ns())), handle)
+            ops = _memops(self.device) if mode == "memop" else None
+            if ops is None or not self._memop_barrier(ops, handle):
+                launch(self.device, "fp4ccl_symm_barrier", (1,), (_round_up_warp(self.world),),
+                       (np.uint64(self._base + self.table_offset), np.int32(self.rank), np.int32(self.world),
+                        np.uint64(self._epoch), np.uint64(barrier_timeout_ns())), handle)
             runtime.eventRecord(self._last_barrier, handle)
+
+    def _memop_barrier(self, ops: _MemOps, handle: int) -> bool:
+        """The barrier as front-end stream operations: no block to schedule, so it cannot wait for a
+        matmul's SMs. No timeout (a missing peer blocks the stream). False if the driver refused the
+        first write, so the caller falls back to the kernel for this epoch (same pads, same meaning)."""
+        e = self._epoch
+        for i in range(1, self.world):
+            p = (self.rank + i) % self.world
+            rc = ops.write(handle, self._peer_base[p] + self.pad_offset + 8 * self.rank, e,
+                           _CU_STREAM_WRITE_VALUE_DEFAULT)
+            if rc:
+                if i == 1:
+                    log.warning("cuStreamWriteValue64 to a peer failed (CUresult %d): kernel barriers from now", rc)
+                    _MEMOPS[self.device] = None
+                    return False
+                raise Fp4cclError(f"cuStreamWriteValue64 failed mid-barrier (CUresult {rc})")
+        own = self._base + self.pad_offset
+        for i in range(1, self.world):
+            p = (self.rank + i) % self.world
+            rc = ops.wait(handle, own + 8 * p, e, _CU_STREAM_WAIT_VALUE_GEQ)
+            if rc:
+                raise Fp4cclError(f"cuStreamWaitValue64 failed (CUresult {rc})")
+        return True
 
 
 def _round_up_warp(n: int) -> int:

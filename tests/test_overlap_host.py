@@ -240,3 +240,41 @@ def test_bad_input_fails_on_every_rank(nranks):
             assert "rank" in msgs["unequal_shards"] and "different" in msgs["unequal_shards"]
             # the rank with the bad gather_dim says why; the others say which rank was bad
             assert "gather_dim=5" in msgs["dim_range_one_rank"] or f"rank {nranks - 1}" in msgs["dim_range_one_rank"]
+
+
+def test_fast_key_only_for_checked_torch_calls(monkeypatch):
+    """The per-call cache that skips the checks keys on everything they read, and stays off elsewhere."""
+    torch = pytest.importorskip("torch")
+    from fp4ccl import overlap
+
+    class Comm:
+        backend = "nccl"
+
+    a, b = torch.zeros(4, 8), torch.zeros(8, 2)
+    args = ("ag", 0, True, None, False)
+    key = overlap._fast_key(Comm(), args, a, [b], None)
+    assert key is not None and key == overlap._fast_key(Comm(), args, torch.ones(4, 8), [b], None)
+    assert overlap._fast_key(Comm(), args, torch.zeros(8, 4).t(), [b], None) != key   # strides are part of it
+    assert overlap._fast_key(Comm(), args, a, [b.double()], None) != key
+    assert overlap._fast_key(Comm(), ("ag", True, True, None, False), a, [b], None) is None  # bool dim
+    assert overlap._fast_key(Comm(), args, a.numpy(), [b], None) is None
+    assert overlap._fast_key(Comm(), args, a, b, None) is None
+    monkeypatch.setenv("FP4CCL_OVERLAP_STREAMS", "2")
+    assert overlap._fast_key(Comm(), args, a, [b], None) != key
+    monkeypatch.setenv("FP4CCL_CHECK", "1")
+    assert overlap._fast_key(Comm(), args, a, [b], None) is None
+    Comm.backend = "host"
+    monkeypatch.delenv("FP4CCL_CHECK")
+    assert overlap._fast_key(Comm(), args, a, [b], None) is None
+
+
+def test_split_covers_aligned():
+    from fp4ccl.overlap import _split
+    for total in (0, 1, 255, 256, 1000, 256000, 9437184 + 48):
+        for parts in (1, 2, 3, 4):
+            pieces = _split(total, parts, 256)
+            assert len(pieces) <= parts
+            assert sum(n for _, n in pieces) == total
+            assert all(o % 256 == 0 for o, _ in pieces)
+            assert [o for o, _ in pieces] == sorted(o for o, _ in pieces)
+    assert _split(250, 3, 1) == [(0, 84), (84, 84), (168, 82)]

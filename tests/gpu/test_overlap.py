@@ -156,6 +156,25 @@ def ov_other_stream(comm, seed):
     return n
 
 
+def ov_variant(comm, seed, barrier, streams):
+    """Every pipelined form under one barrier mode and copy-stream count (3 streams split unevenly)."""
+    _setup(comm)
+    os.environ["FP4CCL_SYMM_BARRIER"] = barrier
+    os.environ["FP4CCL_OVERLAP_STREAMS"] = str(streams)
+    try:
+        n = ov_ag(comm, seed, "bfloat16", (250, 512), 0, False, "pipelined")
+        n += ov_ag(comm, seed + 1, "bfloat16", (250, 512), 1, False, "pipelined")
+        n += ov_ag(comm, seed + 2, "bfloat16", (96, 256), 0, True, "pipelined", calls=1)
+        n += ov_ag_fp4(comm, seed + 3, "nvfp4", 0, "pipelined")
+        n += ov_ag_fp4(comm, seed + 4, "nvfp4", 1, "pipelined")
+        n += ov_rs(comm, seed + 5, "bfloat16", (500 * comm.size, 256 * comm.size), 384, 0, "sum", "pipelined")
+        n += ov_rs(comm, seed + 6, "bfloat16", (504, 256 * comm.size), 96 * comm.size, 1, "avg", "pipelined")
+    finally:
+        os.environ.pop("FP4CCL_SYMM_BARRIER", None)
+        os.environ.pop("FP4CCL_OVERLAP_STREAMS", None)
+    return n
+
+
 def ov_bad_unequal(comm):
     torch = _setup(comm)
     from fp4ccl.overlap import all_gather_matmul, matmul_reduce_scatter
@@ -266,3 +285,10 @@ def test_overlap_on_a_caller_stream(nranks, seed):
 def test_overlap_bad_input_fails_everywhere(nranks):
     need_gpus(nranks)
     assert all(run_ranks(nranks, ov_bad_unequal, backend="nccl"))
+
+
+@pytest.mark.parametrize("nranks", NRANKS)
+@pytest.mark.parametrize("barrier,streams", [("memop", 1), ("memop", 3), ("kernel", 3)])
+def test_overlap_variants(nranks, barrier, streams, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_variant, seed, barrier, streams, backend="nccl"))

@@ -97,7 +97,7 @@ def sym_mismatch(comm):
     return 1
 
 
-def sym_barrier_stress(comm, iters, use_barrier):
+def sym_barrier_stress(comm, iters, use_barrier, mode=None):
     """Write, barrier, read the next rank's buffer, barrier; one rank per round is slowed down first.
 
     Returns the number of stale elements read. With barriers it must be 0; without, the slowed
@@ -120,11 +120,11 @@ def sym_barrier_stress(comm, iters, use_barrier):
                 torch.cuda._sleep(2_000_000)  # about a millisecond: this round's writer is late
             buf.local.fill_(float(i * W + r))
             if use_barrier:
-                buf.barrier()
+                buf.barrier(mode=mode)
             dst.copy_(buf.peer(nxt))
             bad += (dst != float(i * W + nxt)).sum()
             if use_barrier:
-                buf.barrier()
+                buf.barrier(mode=mode)
         torch.cuda.synchronize()
         comm.barrier()
     finally:
@@ -158,3 +158,46 @@ def test_barrier_orders_and_its_absence_is_seen(nranks):
     assert with_barrier == [0] * nranks, f"stale reads despite barriers: {with_barrier}"
     without = run_ranks(nranks, sym_barrier_stress, 40, False, backend="nccl")
     assert sum(without) > 0, "the stress test saw no stale data without barriers: it cannot detect a broken barrier"
+
+
+def sym_push_stress(comm, iters, mode):
+    """Remote writes (the reduce-scatter pattern): rank r fills its part of the next rank's buffer over
+    NVLink with the copy engine, barrier, then the owner checks every part. One rank per round is late."""
+    torch = _setup(comm)
+    from cupy.cuda import runtime
+    from fp4ccl.symmetric import symmetric_empty
+    W, r = comm.size, comm.rank
+    n = 1 << 20
+    buf = symmetric_empty(comm, (W, n), "float32")
+    src = torch.empty(n, dtype=torch.float32, device="cuda")
+    bad = torch.zeros((), dtype=torch.int64, device="cuda")
+    buf.local.fill_(-1)
+    torch.cuda.synchronize()
+    comm.barrier()
+    nxt, prv = (r + 1) % W, (r - 1) % W
+    stream = torch.cuda.current_stream()
+    try:
+        for i in range(iters):
+            if i % W == r:
+                torch.cuda._sleep(2_000_000)
+            src.fill_(float(i * W + r))
+            runtime.memcpyAsync(buf.ptr(nxt) + r * n * 4, src.data_ptr(), n * 4, runtime.memcpyDefault,
+                                stream.cuda_stream)
+            buf.barrier(mode=mode)
+            bad += (buf.local[prv] != float(i * W + prv)).sum()
+            buf.barrier(mode=mode)
+        torch.cuda.synchronize()
+        comm.barrier()
+    finally:
+        buf.free()
+    return int(bad.item())
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("mode", ["kernel", "memop"])
+def test_barrier_modes_order_reads_and_remote_writes(nranks, mode):
+    need_gpus(nranks)
+    got = run_ranks(nranks, sym_barrier_stress, 24, True, mode, backend="nccl")
+    assert got == [0] * nranks, f"{mode}: stale reads despite barriers: {got}"
+    got = run_ranks(nranks, sym_push_stress, 24, mode, backend="nccl")
+    assert got == [0] * nranks, f"{mode}: pushed data not visible after the barrier: {got}"
