@@ -1,38 +1,64 @@
 """Variable-size all_gatherv / reduce_scatterv over NCCL, which has neither.
 
-Four ways to move rows that differ in number per rank, picked per call:
+Four ways to move rows that differ in number per rank, picked per call by `choose`:
 - "native": sizes are equal, so plain ncclAllGather / ncclReduceScatter does it;
-- "padded": pad every part to the largest, run the native op in a cached workspace, then compact
-  (one extra pass over the bytes on each side, but NCCL's ring/tree algorithms at full speed);
+- "padded": pad every part to the largest, run the native op in a cached workspace, and move the
+  parts between their padded slots and the user's buffer with one launch of the segmented-copy
+  kernel (csrc/vcopy.cu): NCCL's ring at full speed, but `size * max` rows on the wire and one
+  extra pass over the bytes;
 - "bcast" / "reduce": one ncclBroadcast (or ncclReduce) per rank inside one group, the known way
-  (vLLM, SGLang); no padding, but slower than the native op at mid sizes;
+  (vLLM, SGLang): NCCL calls only, no copy, no padding, but slower than the native op per byte at
+  mid sizes;
 - "p2p" (gather only): grouped send/recv to every peer.
-The reference table in docs/VCOLLECTIVES.md shows the grouped form 1.3-1.8x slower than the native op
-between 1 and 64 MiB and slightly faster from 256 MiB, so "padded" wins below that unless padding
-more than doubles the bytes. FP4CCL_ALGO forces one; FP4CCL_DEBUG=INFO logs each choice.
+docs/VCOLLECTIVES.md gives the estimates behind the size thresholds below. FP4CCL_ALGO forces one;
+FP4CCL_DEBUG=INFO logs each choice.
 """
 from __future__ import annotations
 
-import dataclasses
+import logging
 import os
-from typing import List, Sequence
+import threading
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
 
 from ._arrays import ArrayInfo
 from ._log import get_logger
 
 log = get_logger("fp4ccl.vcollectives")
+_INFO = logging.INFO
 
 GATHER_ALGOS = ("native", "padded", "bcast", "p2p")
 SCATTER_ALGOS = ("native", "padded", "reduce")
-# Above this many bytes the grouped form matches or beats the padded native op (see module doc).
-GROUPED_FROM_BYTES = 128 << 20
-MAX_PADDING_RATIO = 2.0
+
+# choose(): the grouped form below *_BELOW_BYTES (latency-bound: it has no copy launches, and the
+# reference puts it at 1.09-1.33x of the native op, which the padded form's extra launches exceed)
+# and from *_FROM_BYTES (bandwidth-bound: padding's extra wire bytes plus the copy pass cost more
+# than the grouped form's slower pipeline); "padded" in between unless padding would add more than
+# MAX_PADDING_RATIO times the bytes. Totals are the bytes of all ranks' rows together.
+BCAST_BELOW_BYTES = 2 << 20
+BCAST_FROM_BYTES = 40 << 20
+REDUCE_BELOW_BYTES = 4 << 20
+REDUCE_FROM_BYTES = 32 << 20
+MAX_PADDING_RATIO = 1.5
+
+# The segmented-copy kernel (csrc/vcopy.cu): these mirror its #defines.
+VCOPY_SOURCE = "vcopy.cu"
+VCOPY_KERNEL = "vcopy_segments"
+VCOPY_MAXSEG = 128
+VCOPY_THREADS = 256
+VCOPY_UNROLL = 4
+VCOPY_TABLE = np.dtype([(f, "<u8", (VCOPY_MAXSEG,)) for f in ("src", "dst", "nbytes")])
+_VCOPY_BLOCK_BYTES = VCOPY_THREADS * 16 * VCOPY_UNROLL  # what one block moves per grid-stride step
+_VCOPY_BLOCKS_PER_SM = 8                                # 2048 resident threads per SM on sm_80..sm_100
+
 _D2D = 3  # cudaMemcpyDeviceToDevice
 
 
 def part(info: ArrayInfo, offset: int, count: int) -> ArrayInfo:
     """A flat view of `count` elements of `info` starting at element `offset`."""
-    return dataclasses.replace(info, ptr=info.ptr + offset * info.itemsize, shape=(count,), contiguous=True)
+    return ArrayInfo(info.obj, info.framework, info.ptr + offset * info.itemsize, (count,), info.dtype,
+                     info.device, True)
 
 
 def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = False) -> str:
@@ -41,22 +67,31 @@ def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = Fal
     Inside an open NCCL group the NCCL calls run only at the group's end, after any copy enqueued
     around them, so only the algorithms made of NCCL calls alone are allowed there.
     """
-    allowed = GATHER_ALGOS if kind == "all_gatherv" else SCATTER_ALGOS
-    grouped = "bcast" if kind == "all_gatherv" else "reduce"
-    forced = os.environ.get("FP4CCL_ALGO", "").strip().lower()
+    gather = kind == "all_gatherv"
+    first = counts[0]
+    even = all(c == first for c in counts)
     if in_group:
-        return "native" if len(set(counts)) == 1 else grouped
+        return "native" if even else ("bcast" if gather else "reduce")
+    forced = os.environ.get("FP4CCL_ALGO")  # read per call: tests and users change it between calls
     if forced:
-        if forced not in allowed:
-            raise ValueError(f"FP4CCL_ALGO={forced!r} is not valid for {kind}; choose one of {', '.join(allowed)}")
-        if forced == "native" and len(set(counts)) > 1:
-            raise ValueError(f"FP4CCL_ALGO=native needs equal sizes, got {list(counts)}")
-        return forced
-    if len(set(counts)) == 1:
+        forced = forced.strip().lower()
+        if forced:
+            allowed = GATHER_ALGOS if gather else SCATTER_ALGOS
+            if forced not in allowed:
+                raise ValueError(f"FP4CCL_ALGO={forced!r} is not valid for {kind}; choose one of {', '.join(allowed)}")
+            if forced == "native" and not even:
+                raise ValueError(f"FP4CCL_ALGO=native needs equal sizes, got {list(counts)}")
+            return forced
+    if even:
         return "native"
     total = sum(counts) * itemsize
-    padded = max(counts) * len(counts) * itemsize
-    if total >= GROUPED_FROM_BYTES or padded > MAX_PADDING_RATIO * total:
+    if gather:
+        grouped, below, above = "bcast", BCAST_BELOW_BYTES, BCAST_FROM_BYTES
+    else:
+        grouped, below, above = "reduce", REDUCE_BELOW_BYTES, REDUCE_FROM_BYTES
+    if total < below or total >= above:
+        return grouped
+    if max(counts) * len(counts) * itemsize > MAX_PADDING_RATIO * total:
         return grouped
     return "padded"
 
@@ -87,12 +122,107 @@ class Workspace:
         self.nbytes = 0
 
 
+_runtime = None
+
+
+def _rt():
+    global _runtime
+    if _runtime is None:
+        from cupy_backends.cuda.api import runtime
+        _runtime = runtime
+    return _runtime
+
+
 def copy(dst: int, src: int, nbytes: int, stream: int) -> None:
     """Device-to-device copy on `stream` (skipped when empty)."""
     if nbytes:
-        import cupy
-        cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, _D2D, stream)
+        (_runtime or _rt()).memcpyAsync(dst, src, nbytes, _D2D, stream)
 
+
+# -- the segmented copy -------------------------------------------------------------------------------
+
+class _StreamRef:
+    """What CuPy's Function.__call__ reads a stream from (only `.ptr`), for a raw handle."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+_vcopy_lock = threading.Lock()
+_vcopy: Dict[int, object] = {}  # device -> (function, max blocks) or None when the kernel is unusable
+
+
+def _vcopy_kernel(device: int):
+    """(function, max resident blocks) of the segmented-copy kernel on `device`; None, logged once,
+    when it cannot be compiled or loaded (the caller then copies segment by segment)."""
+    try:
+        return _vcopy[device]
+    except KeyError:
+        pass
+    with _vcopy_lock:
+        if device in _vcopy:
+            return _vcopy[device]
+        try:
+            from . import jit
+            fn = jit.load_module(VCOPY_SOURCE, device).get_function(VCOPY_KERNEL)
+            rt = _rt()
+            sms = rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, device)
+            entry = (fn, max(1, sms * _VCOPY_BLOCKS_PER_SM))
+        except Exception as err:  # noqa: BLE001 - any failure means "use the memcpy loop"
+            log.info("segmented-copy kernel %s unavailable on cuda:%d (%s: %s); the padded v-collectives "
+                     "copy with one cudaMemcpyAsync per rank instead", VCOPY_SOURCE, device,
+                     type(err).__name__, err)
+            entry = None
+        _vcopy[device] = entry
+        return entry
+
+
+def launch_vcopy(device: int, segments: Sequence[Tuple[int, int, int]], stream: int) -> bool:
+    """Launch csrc/vcopy.cu over `segments` ((dst, src, nbytes) each, zero lengths allowed), in as
+    many launches as VCOPY_MAXSEG requires; False (nothing enqueued) when the kernel is unavailable."""
+    kernel = _vcopy_kernel(device)
+    if kernel is None:
+        return False
+    fn, max_blocks = kernel
+    rt = _runtime or _rt()
+    switch = rt.getDevice() != device
+    if switch:
+        prev = rt.getDevice()
+        rt.setDevice(device)
+    try:
+        for i in range(0, len(segments), VCOPY_MAXSEG):
+            chunk = segments[i:i + VCOPY_MAXSEG]
+            n = len(chunk)
+            table = np.zeros(1, VCOPY_TABLE)
+            flat = table.view(np.uint64)  # the three fields back to back, VCOPY_MAXSEG each
+            dsts, srcs, sizes = zip(*chunk)
+            flat[0:n] = srcs
+            flat[VCOPY_MAXSEG:VCOPY_MAXSEG + n] = dsts
+            flat[2 * VCOPY_MAXSEG:2 * VCOPY_MAXSEG + n] = sizes
+            most = max(sizes)
+            gx = max(1, min(-(-most // _VCOPY_BLOCK_BYTES), max_blocks // n))
+            fn((gx, n, 1), (VCOPY_THREADS, 1, 1), (table,), 0, _StreamRef(stream))
+    finally:
+        if switch:
+            rt.setDevice(prev)
+    return True
+
+
+def copy_segments(device: int, segments: Sequence[Tuple[int, int, int]], stream: int) -> None:
+    """Enqueue every (dst, src, nbytes) copy on `stream`: one kernel launch for all of them, or one
+    cudaMemcpyAsync when there is only one (a cheaper host call), or per segment as the fallback."""
+    segs = [s for s in segments if s[2]]
+    if not segs:
+        return
+    if len(segs) > 1 and launch_vcopy(device, segs, stream):
+        return
+    for dst, src, nbytes in segs:
+        copy(dst, src, nbytes, stream)
+
+
+# -- the algorithms -----------------------------------------------------------------------------------
 
 class NcclVariable:
     """all_gatherv / reduce_scatterv built from an NCCL backend's primitives."""
@@ -106,64 +236,95 @@ class NcclVariable:
     def close(self) -> None:
         self.workspace.close()
 
-    def _in_group(self) -> bool:
-        return getattr(self.backend, "_depth", 0) > 0
-
     def all_gatherv(self, send: ArrayInfo, recv: ArrayInfo, counts: List[int], stream: int) -> None:
-        algo = choose("all_gatherv", counts, send.itemsize, self._in_group())
-        log.info("all_gatherv counts=%s dtype=%s -> %s", counts, send.dtype, algo)
-        offsets = _offsets(counts)
         be = self.backend
+        algo = choose("all_gatherv", counts, send.itemsize, getattr(be, "_depth", 0) > 0)
+        if log.isEnabledFor(_INFO):
+            log.info("all_gatherv counts=%s dtype=%s -> %s", counts, send.dtype, algo)
         if algo == "native":
             be.all_gather(send, recv, stream)
+            return
+        rank = self.rank
+        if algo == "bcast":
+            be.group_start()
+            try:
+                off = 0
+                for r, n in enumerate(counts):
+                    if n:
+                        be.broadcast(send if r == rank else None, part(recv, off, n), r, stream)
+                    off += n
+            finally:
+                be.group_end()
         elif algo == "padded":
             width = max(counts)
             isz = send.itemsize
-            base = self.workspace.get(width * self.size * isz)
-            tmp = dataclasses.replace(recv, ptr=base, shape=(width * self.size,))
-            mine = part(tmp, self.rank * width, width)
-            copy(mine.ptr, send.ptr, send.nbytes, stream)
-            be.all_gather(mine, tmp, stream)  # in place: sendbuff is rank's slot of recvbuff
-            for r, (off, n) in enumerate(zip(offsets, counts)):
-                copy(recv.ptr + off * isz, base + r * width * isz, n * isz, stream)
-        elif algo == "bcast":
-            with _group(be):
-                for r, (off, n) in enumerate(zip(offsets, counts)):
-                    if n:
-                        be.broadcast(send if r == self.rank else None, part(recv, off, n), r, stream)
+            slot = width * isz
+            base = self.workspace.get(slot * self.size)
+            tmp = ArrayInfo(recv.obj, recv.framework, base, (width * self.size,), recv.dtype, recv.device, True)
+            if counts[rank] == width:
+                be.all_gather(send, tmp, stream)  # send fills a whole slot: out of place, no staging copy
+            else:
+                mine = part(tmp, rank * width, width)
+                copy(mine.ptr, send.ptr, send.nbytes, stream)
+                be.all_gather(mine, tmp, stream)  # in place: sendbuff is rank's slot of recvbuff
+            segs, off = [], 0
+            for r, n in enumerate(counts):
+                segs.append((recv.ptr + off * isz, base + r * slot, n * isz))
+                off += n
+            copy_segments(self.workspace.device, segs, stream)
         else:  # p2p
-            with _group(be):
+            offsets = _offsets(counts)
+            be.group_start()
+            try:
                 for r, (off, n) in enumerate(zip(offsets, counts)):
-                    if r == self.rank:
+                    if r == rank:
                         continue
-                    if counts[self.rank]:
+                    if counts[rank]:
                         be.send(send, r, stream)
                     if n:
                         be.recv(part(recv, off, n), r, stream)
-            copy(recv.ptr + offsets[self.rank] * send.itemsize, send.ptr, send.nbytes, stream)
+            finally:
+                be.group_end()
+            copy(recv.ptr + offsets[rank] * send.itemsize, send.ptr, send.nbytes, stream)
 
     def reduce_scatterv(self, send: ArrayInfo, recv: ArrayInfo, counts: List[int], op: str, stream: int) -> None:
-        algo = choose("reduce_scatterv", counts, send.itemsize, self._in_group())
-        log.info("reduce_scatterv counts=%s dtype=%s op=%s -> %s", counts, send.dtype, op, algo)
-        offsets = _offsets(counts)
         be = self.backend
+        algo = choose("reduce_scatterv", counts, send.itemsize, getattr(be, "_depth", 0) > 0)
+        if log.isEnabledFor(_INFO):
+            log.info("reduce_scatterv counts=%s dtype=%s op=%s -> %s", counts, send.dtype, op, algo)
         if algo == "native":
             be.reduce_scatter(send, recv, op, stream)
-        elif algo == "padded":
-            width = max(counts)
-            isz = send.itemsize
-            base = self.workspace.get((width * self.size + width) * isz)
-            tmp = dataclasses.replace(send, ptr=base, shape=(width * self.size,))
-            for r, (off, n) in enumerate(zip(offsets, counts)):
-                copy(base + r * width * isz, send.ptr + off * isz, n * isz, stream)
+            return
+        rank = self.rank
+        if algo == "reduce":
+            be.group_start()
+            try:
+                off = 0
+                for r, n in enumerate(counts):
+                    if n:
+                        be.reduce(part(send, off, n), recv if r == rank else None, op, r, stream)
+                    off += n
+            finally:
+                be.group_end()
+            return
+        # padded
+        width = max(counts)
+        isz = send.itemsize
+        slot = width * isz
+        direct = counts[rank] == width  # NCCL can write this rank's result straight into recv
+        base = self.workspace.get(slot * self.size + (0 if direct else slot))
+        tmp = ArrayInfo(send.obj, send.framework, base, (width * self.size,), send.dtype, send.device, True)
+        segs, off = [], 0
+        for r, n in enumerate(counts):
+            segs.append((base + r * slot, send.ptr + off * isz, n * isz))
+            off += n
+        copy_segments(self.workspace.device, segs, stream)
+        if direct:
+            be.reduce_scatter(tmp, recv, op, stream)
+        else:
             result = part(tmp, width * self.size, width)
             be.reduce_scatter(tmp, result, op, stream)
             copy(recv.ptr, result.ptr, recv.nbytes, stream)
-        else:  # grouped reduce
-            with _group(be):
-                for r, (off, n) in enumerate(zip(offsets, counts)):
-                    if n:
-                        be.reduce(part(send, off, n), recv if r == self.rank else None, op, r, stream)
 
 
 def _offsets(counts: Sequence[int]) -> List[int]:
@@ -172,16 +333,3 @@ def _offsets(counts: Sequence[int]) -> List[int]:
         out.append(acc)
         acc += n
     return out
-
-
-class _group:
-    """A backend group as a context manager (the backend's start/end nest)."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def __enter__(self):
-        self.backend.group_start()
-
-    def __exit__(self, *exc):
-        self.backend.group_end()

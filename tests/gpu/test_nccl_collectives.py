@@ -146,3 +146,100 @@ def check_graph_capture(comm, seed):
             want = np.sum(ys, axis=0)[off:off + sizes[comm.rank]]
             assert np.array_equal(scattered.cpu().numpy(), want), f"rank {comm.rank} rs {algo} step {step}"
     return True
+
+
+# -- the segmented copy behind the padded v-collectives (csrc/vcopy.cu) -------------------------------
+
+def _vcopy_cases(maxseg):
+    """Segment lists (dst_off, src_off, nbytes), offsets into two 24 MiB buffers, none overlapping."""
+    MiB = 1 << 20
+    odd = [(0, 0, 1), (64, 64, 3), (128, 128, 17), (4096, 4096, 4095), (9000, 9000, 16)]
+    unaligned = [(1, 4, 100), (1000, 1005, 257),       # not co-aligned at all: bytes
+                 (2003, 5011, 1000),                   # co-aligned mod 16: a byte head, then 16-byte words
+                 (3008, 6024, 999),                    # co-aligned mod 8 only
+                 (4100, 7104, 998), (5200, 8210, 997)]  # mod 4 only, mod 2 only
+    zeros = [(0, 0, 0), (16, 32, 40), (100, 200, 0), (300, 400, 0), (500, 600, 9), (700, 800, 0)]
+    many = [(i * 1000 + (i % 7), i * 1000 + (i % 5), (i * 37) % 900) for i in range(maxseg + 37)]
+    big = [(16, 48, 8 * MiB + 5), (9 * MiB + 1, 10 * MiB + 1, 3 * MiB), (13 * MiB, 13 * MiB + 8, 2 * MiB + 3),
+           (20 * MiB, 20 * MiB, 0)]
+    return {"odd": odd, "unaligned": unaligned, "zeros": zeros, "many": many, "big": big}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["odd", "unaligned", "zeros", "many", "big"])
+def test_vcopy_kernel_copies_exactly_the_segments(case):
+    need_gpus(1)
+    import cupy
+    import numpy as np
+    from fp4ccl import vcollectives as vc
+    segs = _vcopy_cases(vc.VCOPY_MAXSEG)[case]
+    n = 24 << 20
+    rng = np.random.default_rng(sum(map(ord, case)))
+    host_src = rng.integers(0, 256, n, dtype=np.uint8)
+    with cupy.cuda.Device(0):
+        src = cupy.asarray(host_src)
+        dst = cupy.full(n, 0xA5, dtype=cupy.uint8)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        table = [(int(dst.data.ptr) + d, int(src.data.ptr) + s, k) for d, s, k in segs]
+        assert vc.launch_vcopy(0, table, stream.ptr), "the kernel did not load (see FP4CCL_DEBUG=INFO)"
+        stream.synchronize()
+        got = cupy.asnumpy(dst)
+    want = np.full(n, 0xA5, np.uint8)
+    for d, s, k in segs:
+        want[d:d + k] = host_src[s:s + k]
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{case}: {bad.size} wrong bytes, first at {bad[:8].tolist()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_padded_v_collectives_use_the_kernel(nranks, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _padded_with_kernel, seed, backend="nccl"))
+
+
+def _padded_with_kernel(comm, seed):
+    import os
+    from fp4ccl import vcollectives as vc
+    os.environ["FP4CCL_ALGO"] = "padded"
+    try:
+        cc.check_all_gatherv(comm, seed, "torch", ["bfloat16", "int8"])
+        cc.check_all_gatherv(comm, seed, "cupy", ["uint8", "float64"])
+        cc.check_reduce_scatterv(comm, seed, "torch", ["float32", "int32"], exact=False, ops=("sum",))
+    finally:
+        del os.environ["FP4CCL_ALGO"]
+    assert vc._vcopy.get(comm.device) is not None, f"rank {comm.rank}: fell back to memcpy (kernel unavailable)"
+    return True
+
+
+@pytest.mark.gpu
+def test_automatic_choice_in_every_size_band(seed):
+    need_gpus(4)
+    assert all(run_ranks(4, _every_band, seed, backend="nccl"))
+
+
+def _every_band(comm, seed):
+    """bf16 rows of 64 elements, ranks at 1.25x / 0.75x of the mean, totals in each band of choose()."""
+    import torch
+    from fp4ccl import vcollectives as vc
+    dev = f"cuda:{comm.device}"
+    row = 64 * 2
+    seen = []
+    for total in (48 << 10, 8 << 20, 64 << 20):
+        mean = total // row // comm.size
+        sizes = [mean + (mean // 4 if r % 2 == 0 else -(mean // 4)) for r in range(comm.size)]
+        counts = [s * 64 for s in sizes]
+        seen.append((vc.choose("all_gatherv", counts, 2), vc.choose("reduce_scatterv", counts, 2)))
+        g = torch.Generator().manual_seed(seed + comm.rank)
+        x = torch.randint(-4, 5, (sizes[comm.rank], 64), generator=g).to(torch.bfloat16).to(dev)
+        full = comm.all_gatherv(x, sizes)
+        parts = [torch.randint(-4, 5, (sizes[r], 64), generator=torch.Generator().manual_seed(seed + r))
+                 for r in range(comm.size)]
+        assert torch.equal(full.cpu(), torch.cat(parts).to(torch.bfloat16)), f"rank {comm.rank} total {total}"
+        y = torch.full((sum(sizes), 64), float(comm.rank + 1), dtype=torch.bfloat16, device=dev)
+        mine = comm.reduce_scatterv(y, sizes)
+        torch.cuda.synchronize(comm.device)
+        want = comm.size * (comm.size + 1) / 2
+        assert mine.shape == (sizes[comm.rank], 64) and bool((mine == want).all()), f"rank {comm.rank} total {total}"
+    assert seen == [("bcast", "reduce"), ("padded", "padded"), ("bcast", "reduce")], seen
+    return True
