@@ -64,6 +64,7 @@ template <> struct Loader<u16> {  // bfloat16 bits
             f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
         }
     }
+    static __device__ __forceinline__ u32 signs8(const uint4* v, int j);
 };
 struct Half {};  // tag: float16 bits
 template <> struct Loader<Half> {
@@ -72,6 +73,7 @@ template <> struct Loader<Half> {
         f16x2_to_f32(v.x, f[0], f[1]); f16x2_to_f32(v.y, f[2], f[3]);
         f16x2_to_f32(v.z, f[4], f[5]); f16x2_to_f32(v.w, f[6], f[7]);
     }
+    static __device__ __forceinline__ u32 signs8(const uint4* v, int j);
 };
 template <> struct Loader<float> {
     static constexpr int PER_VEC = 4;
@@ -79,6 +81,7 @@ template <> struct Loader<float> {
         f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y);
         f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
     }
+    static __device__ __forceinline__ u32 signs8(const uint4* v, int j);
 };
 
 // Two fp32 values rounded (nearest-even) and packed into one 32-bit word, element `lo` in the low half.
@@ -139,6 +142,61 @@ __device__ __forceinline__ u32 e2m1_rne(float v) {
     return v < 1.0f ? cs : cn;
 }
 
+// Round-to-nearest E2M1 for 8 elements at once, mostly on the FMA pipe. On sm_90 the integer/compare
+// pipe (ALU) retires half as many instructions per clock as the FMA pipe, and the integer trick above
+// costs ~7 ALU instructions per element, which made bf16 quantize ALU-bound. Here, for v = min(|y|, 6):
+// the E2M1 grid has step 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6], so with M = 2^23 (ulp 1) the code is
+// round(2v) on [0, 2), round(v) + 2 on [2, 4) and round(v/2) + 4 on [4, 6]; each candidate is one
+// fp32 operation whose single rounding is RNE to an integer, and the right one is always the smallest
+// (the lines 2v, v + 2, v/2 + 4 cross at 2 and 4, and rounding is monotonic), so two mins pick it.
+// The candidates' bits are 0x4B000000 + code; summing bits << 4i with integer multiply-adds (FMA pipe)
+// and subtracting the constant part, sum(0x4B000000 << 4i) mod 2^32 = 0xFB000000, packs the 8 codes.
+// docs/FP4.md and tests/test_fp4_reference.py check the identity against ml_dtypes.
+__device__ __forceinline__ u32 e2m1_rn_bits(float y) {
+    const float v = fminf(fabsf(y), 6.0f);
+    const float a = __fmaf_rn(v, 2.0f, 8388608.0f);
+    const float b = __fadd_rn(v, 8388610.0f);
+    const float c = __fmaf_rn(v, 0.5f, 8388612.0f);
+    return __float_as_uint(fminf(fminf(a, b), c));
+}
+__device__ __forceinline__ u32 mad_u32(u32 a, u32 b, u32 c) {
+    u32 r; asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel)); return r;
+}
+// Magnitude nibbles of 8 elements (element i in bits 4i..4i+2), sign bits still zero.
+__device__ __forceinline__ u32 e2m1_rn_pack8(const float* y) {
+    u32 acc = e2m1_rn_bits(y[0]);
+#pragma unroll
+    for (int i = 1; i < 8; ++i) acc = mad_u32(e2m1_rn_bits(y[i]), 1u << (4 * i), acc);
+    return acc - 0xFB000000u;
+}
+// The E2M1 sign bits (bit 4i+3 for element i) of 8 elements, from 4 bytes s = [s0 s1 s2 s3] and
+// t = [s4 .. s7] that are 0xFF where the element is negative (prmt's sign-replicate selectors).
+__device__ __forceinline__ u32 sign_nibbles(u32 s, u32 t) {
+    const u32 even = prmt(s, t, 0x6420u), odd = prmt(s, t, 0x7531u);   // [s0 s2 s4 s6], [s1 s3 s5 s7]
+    return (even & 0x08080808u) | (odd & 0x80808080u);
+}
+// Sign bytes of 4 consecutive inputs held in one 16-byte vector (bf16/fp16: 8 per vector, so two
+// calls cover it) or in four fp32 words.
+__device__ __forceinline__ u32 sign_bytes_16bit(u32 w0, u32 w1) { return prmt(w0, w1, 0xFDB9u); }
+__device__ __forceinline__ u32 sign_bytes_f32(u32 w0, u32 w1, u32 w2, u32 w3) {
+    return prmt(prmt(w0, w1, 0x00FBu), prmt(w2, w3, 0x00FBu), 0x5410u);
+}
+
+// Sign bits of elements 8j..8j+7 of a block held in 16-byte vectors v (see sign_nibbles).
+__device__ __forceinline__ u32 Loader<u16>::signs8(const uint4* v, int j) {
+    return sign_nibbles(sign_bytes_16bit(v[j].x, v[j].y), sign_bytes_16bit(v[j].z, v[j].w));
+}
+__device__ __forceinline__ u32 Loader<Half>::signs8(const uint4* v, int j) {
+    return sign_nibbles(sign_bytes_16bit(v[j].x, v[j].y), sign_bytes_16bit(v[j].z, v[j].w));
+}
+__device__ __forceinline__ u32 Loader<float>::signs8(const uint4* v, int j) {
+    const uint4 a = v[2 * j], b = v[2 * j + 1];
+    return sign_nibbles(sign_bytes_f32(a.x, a.y, a.z, a.w), sign_bytes_f32(b.x, b.y, b.z, b.w));
+}
+
 // Counter-based random bits: a function of (seed, element index) alone, so a run replays exactly
 // and does not depend on the launch shape. murmur3's finalizer as the mixer.
 __device__ __forceinline__ u32 fmix32(u32 h) {
@@ -175,19 +233,28 @@ __device__ __forceinline__ u64 swizzle_offset(u32 r, u32 c, u32 ncols_pad) {
 // max |x| over the finite elements; result atomically max-ed into *out (which the caller zeroed).
 // Non-negative floats order like their bit patterns as signed ints, hence atomicMax on int.
 template <typename In>
+__device__ __forceinline__ void amax_vec(const uint4& v, float& m) {
+    float f[Loader<In>::PER_VEC];
+    Loader<In>::unpack(v, f);
+#pragma unroll
+    for (int j = 0; j < Loader<In>::PER_VEC; ++j) {
+        const float a = fabsf(f[j]);
+        m = (a <= FP4_FLT_MAX) ? fmaxf(m, a) : m;   // NaN and Inf fail the compare
+    }
+}
+
+template <typename In>
 __device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
     float m = 0.0f;
     const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < nvec; i += stride) {
-        const uint4 v = __ldg(x + i);
-        float f[Loader<In>::PER_VEC];
-        Loader<In>::unpack(v, f);
-#pragma unroll
-        for (int j = 0; j < Loader<In>::PER_VEC; ++j) {
-            const float a = fabsf(f[j]);
-            m = (a <= FP4_FLT_MAX) ? fmaxf(m, a) : m;   // NaN and Inf fail the compare
-        }
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    // two independent 16-byte loads per step: one in flight per thread left DRAM latency exposed
+    for (; i + stride < nvec; i += 2 * stride) {
+        const uint4 v0 = __ldg(x + i), v1 = __ldg(x + i + stride);
+        amax_vec<In>(v0, m);
+        amax_vec<In>(v1, m);
     }
+    if (i < nvec) amax_vec<In>(__ldg(x + i), m);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
     __shared__ float warp_max[32];
@@ -259,15 +326,21 @@ __device__ void quant_body(const uint4* __restrict__ x, u32 K, const float* amax
                 sbyte = e > 2u ? e - 2u : 0u;                     // floor(log2 bamax) - 2 + 127, clamped
                 mult = __uint_as_float((254u - sbyte) << 23);     // 2^-e, exact, always a normal float
             }
+            if constexpr (SR) {
 #pragma unroll
-            for (int i = 0; i < BS; ++i) {
-                const float y = __fmul_rn(f[i], mult);
-                const float a = fminf(fabsf(y), 6.0f);
-                u32 c;
-                if (SR) c = e2m1_sr(a, sr_bits(k1, k2, blk * BS + i));
-                else c = e2m1_rne(a);
-                c |= (__float_as_uint(y) >> 28) & 8u;
-                w[i >> 3] |= c << ((i & 7) * 4);
+                for (int i = 0; i < BS; ++i) {
+                    const float y = __fmul_rn(f[i], mult);
+                    u32 c = e2m1_sr(fminf(fabsf(y), 6.0f), sr_bits(k1, k2, blk * BS + i));
+                    c |= (__float_as_uint(y) >> 28) & 8u;
+                    w[i >> 3] |= c << ((i & 7) * 4);
+                }
+            } else {
+                // mult > 0 (or +0), so y has x's sign: the sign bits come straight from the loaded bytes
+                float y[BS];
+#pragma unroll
+                for (int i = 0; i < BS; ++i) y[i] = __fmul_rn(f[i], mult);
+#pragma unroll
+                for (int j = 0; j < BS / 8; ++j) w[j] = e2m1_rn_pack8(y + 8 * j) | Loader<In>::signs8(v, j);
             }
         }
         if constexpr (BS == 16) *(uint2*)(seg.data + (u64)l * 8u) = make_uint2(w[0], w[1]);
@@ -286,20 +359,78 @@ __device__ __forceinline__ u32 stage_pos(u32 owner, u32 sub) {
     return owner * CH + (sub ^ ((owner / (8 / CH)) & (CH - 1)));
 }
 
-// One thread decodes one FP4 block per step. Its 32-128 output bytes are staged in shared memory and
-// written back by the whole warp in order, so each store instruction covers 512 contiguous bytes
-// (a thread storing its own block would touch 32 sectors, half-filled, per instruction).
-template <typename Out, int BS, bool NV, bool SWZ>
-__device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
-    constexpr int OBYTES = BS * (Storer<Out>::PER_VEC == 4 ? 4 : 2);   // output bytes per FP4 block
-    constexpr int CH = OBYTES / 16;                                      // 16-byte chunks per block
-    __shared__ uint4 stage[FP4_THREADS / 32][32 * CH];
-    __shared__ float lut[16];
+// Output bytes of one FP4 block and the 16-byte chunks they make.
+template <typename Out, int BS> struct OutBlock {
+    static constexpr int BYTES = BS * (Storer<Out>::PER_VEC == 4 ? 4 : 2);
+    static constexpr int CH = BYTES / 16;
+};
+
+// The E2M1 values (sign in bit 3), built by every block in shared memory: a per-element lookup is one
+// broadcast-free shared load (16 words, 16 banks) instead of several integer instructions.
+__device__ __forceinline__ void fill_e2m1_lut(float* lut) {
     if (threadIdx.x < 16) {
         const u32 c = threadIdx.x & 7u;
         const float mag = c < 2u ? 0.5f * (float)c : __uint_as_float((c << 22) + 0x3F000000u);
         lut[threadIdx.x] = threadIdx.x & 8u ? -mag : mag;
     }
+}
+
+// Stages one block's BS decoded fp32 values (rounded to Out) as this lane's chunks.
+template <typename Out, int BS>
+__device__ __forceinline__ void stage_block(const float* f, u32 lane, uint4* my_stage) {
+    constexpr int CH = OutBlock<Out, BS>::CH;
+#pragma unroll
+    for (int j = 0; j < CH; ++j) {
+        uint4 c;
+        if constexpr (Storer<Out>::PER_VEC == 4) {
+            c = make_uint4(__float_as_uint(f[4 * j]), __float_as_uint(f[4 * j + 1]),
+                           __float_as_uint(f[4 * j + 2]), __float_as_uint(f[4 * j + 3]));
+        } else {
+            c = make_uint4(Storer<Out>::pack2(f[8 * j], f[8 * j + 1]), Storer<Out>::pack2(f[8 * j + 2], f[8 * j + 3]),
+                           Storer<Out>::pack2(f[8 * j + 4], f[8 * j + 5]), Storer<Out>::pack2(f[8 * j + 6], f[8 * j + 7]));
+        }
+        my_stage[stage_pos<CH>(lane, (u32)j)] = c;
+    }
+}
+
+// The warp writes back the staged output of its 32 blocks (fewer at the end), in order.
+template <typename Out, int BS>
+__device__ __forceinline__ void flush_stage(uint4* dst, u32 nblocks, u32 lane, const uint4* my_stage) {
+    constexpr int CH = OutBlock<Out, BS>::CH;
+    const u32 nchunks = nblocks * CH;
+#pragma unroll
+    for (int j = 0; j < CH; ++j) {
+        const u32 c = (u32)j * 32u + lane;
+        if (c < nchunks) dst[c] = my_stage[stage_pos<CH>(c / CH, c % CH)];
+    }
+}
+
+template <int BS> struct Packed;
+template <> struct Packed<16> {
+    uint2 d;
+    __device__ __forceinline__ void load(u64 data, u32 l) { d = __ldg((const uint2*)(data + (u64)l * 8u)); }
+    __device__ __forceinline__ u32 word(int i) const { return i == 0 ? d.x : d.y; }
+};
+template <> struct Packed<32> {
+    uint4 d;
+    __device__ __forceinline__ void load(u64 data, u32 l) { d = __ldg((const uint4*)(data + (u64)l * 16u)); }
+    __device__ __forceinline__ u32 word(int i) const { return i == 0 ? d.x : (i == 1 ? d.y : (i == 2 ? d.z : d.w)); }
+};
+
+// One thread decodes one FP4 block per warp chunk, FP4_DQ_UNROLL chunks per loop step (NVFP4) with every load
+// issued before the first use (8-16 bytes per load: one block in flight per thread was too little to
+// cover DRAM latency). Its 32-128 output bytes are staged in shared memory and written back by the
+// whole warp in order, so each store instruction covers 512 contiguous bytes (a thread storing its own
+// block would touch 32 sectors, half-filled, per instruction).
+#define FP4_DQ_UNROLL 2
+template <typename Out, int BS, bool NV, bool SWZ>
+__device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
+    constexpr int OBYTES = OutBlock<Out, BS>::BYTES;
+    constexpr int CH = OutBlock<Out, BS>::CH;
+    constexpr int U = BS == 16 ? FP4_DQ_UNROLL : 1;   // an MXFP4 block is already a 16-byte load
+    __shared__ uint4 stage[FP4_THREADS / 32][32 * CH];
+    __shared__ float lut[16];
+    fill_e2m1_lut(lut);
     __syncthreads();
     const Seg seg = pick_segment(t);
     const float sdec = (NV && seg.gs) ? *(const float*)seg.gs : 1.0f;
@@ -308,44 +439,106 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     const u8* scale_in = (const u8*)seg.scale;
     const u32 lane = threadIdx.x & 31u;
     uint4* my_stage = stage[threadIdx.x >> 5];
+    const u32 warp_base = blockIdx.x * blockDim.x * U + (threadIdx.x & ~31u) * U;
+    const u32 step = gridDim.x * blockDim.x * U;
     // warp-uniform loop: every lane reaches the __syncwarp()s, lanes past the end only skip the work
+    for (u32 base = warp_base; base < units; base += step) {
+        Packed<BS> d[U];
+        u32 sb[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u32 l = base + 32u * u + lane;
+            if (l < units) {
+                d[u].load(seg.data, l);
+                sb[u] = SWZ ? __ldg(scale_in + swizzle_offset(l / nbc, l % nbc, ncols_pad)) : __ldg(scale_in + l);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u32 b0 = base + 32u * u;
+            if (b0 >= units) break;   // warp-uniform
+            if (b0 + lane < units) {
+                const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
+                float f[BS];
+#pragma unroll
+                for (int i = 0; i < BS; ++i) f[i] = __fmul_rn(lut[(d[u].word(i >> 3) >> ((i & 7) * 4)) & 15u], sc);
+                stage_block<Out, BS>(f, lane, my_stage);
+            }
+            __syncwarp();
+            flush_stage<Out, BS>((uint4*)(out + (seg.src + b0) * (u64)OBYTES),
+                                 units - b0 < 32u ? units - b0 : 32u, lane, my_stage);
+            __syncwarp();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- dequantize and sum
+// The FP4 reduce-scatter's receive side: out block l = round_once(sum over c = 0..n-1, in order, of
+// contribution c's block l decoded to fp32 exactly as dequantize decodes it). One launch reads every
+// contribution once and writes the output once; the sum never leaves registers.
+// Up to FP4_MAXSUM contributions per launch, their addresses passed by value (3 KB of the 4 KB kernel
+// parameter space) as a __grid_constant__ struct, so a loop index reads it from the parameter bank with
+// no local-memory copy and no device-side table. `accumulate` (fp32 output only) starts from out
+// instead of 0, which chains launches for more contributions with the same result.
+#define FP4_MAXSUM 128
+struct SumTable {
+    u64 data[FP4_MAXSUM];
+    u64 scale[FP4_MAXSUM];
+    u64 gs[FP4_MAXSUM];      // fp32 S_dec of each contribution (NVFP4); unused for MXFP4
+};
+
+#define FP4_SUM_BATCH 4      // contributions whose loads are issued together
+template <typename Out, int BS, bool NV>
+__device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumTable& t) {
+    constexpr int OBYTES = OutBlock<Out, BS>::BYTES;
+    constexpr int CH = OutBlock<Out, BS>::CH;
+    __shared__ uint4 stage[FP4_THREADS / 32][32 * CH];
+    __shared__ float lut[16];
+    __shared__ float sdec[FP4_MAXSUM];
+    fill_e2m1_lut(lut);
+    for (u32 c = threadIdx.x; c < n; c += blockDim.x) sdec[c] = NV ? *(const float*)t.gs[c] : 1.0f;
+    __syncthreads();
+    const u32 lane = threadIdx.x & 31u;
+    uint4* my_stage = stage[threadIdx.x >> 5];
     for (u32 base = blockIdx.x * blockDim.x + (threadIdx.x & ~31u); base < units; base += gridDim.x * blockDim.x) {
         const u32 l = base + lane;
         if (l < units) {
-            u32 w[BS / 8];
-            if constexpr (BS == 16) {
-                const uint2 d = __ldg((const uint2*)(seg.data + (u64)l * 8u));
-                w[0] = d.x; w[1] = d.y;
-            } else {
-                const uint4 d = __ldg((const uint4*)(seg.data + (u64)l * 16u));
-                w[0] = d.x; w[1] = d.y; w[2] = d.z; w[3] = d.w;
-            }
-            const u32 sb = SWZ ? __ldg(scale_in + swizzle_offset(l / nbc, l % nbc, ncols_pad)) : __ldg(scale_in + l);
-            const float sc = NV ? __fmul_rn(e4m3_to_f32(sb), sdec) : e8m0_to_f32(sb);
-            float f[BS];
+            float acc[BS];
+            if (Storer<Out>::PER_VEC == 4 && accumulate) {   // fp32 output only (the launcher checks)
+                const float4* prev = (const float4*)(out + (u64)l * OBYTES);
 #pragma unroll
-            for (int i = 0; i < BS; ++i) f[i] = __fmul_rn(lut[(w[i >> 3] >> ((i & 7) * 4)) & 15u], sc);
-#pragma unroll
-            for (int j = 0; j < CH; ++j) {
-                uint4 c;
-                if constexpr (Storer<Out>::PER_VEC == 4) {
-                    c = make_uint4(__float_as_uint(f[4 * j]), __float_as_uint(f[4 * j + 1]),
-                                   __float_as_uint(f[4 * j + 2]), __float_as_uint(f[4 * j + 3]));
-                } else {
-                    c = make_uint4(Storer<Out>::pack2(f[8 * j], f[8 * j + 1]), Storer<Out>::pack2(f[8 * j + 2], f[8 * j + 3]),
-                                   Storer<Out>::pack2(f[8 * j + 4], f[8 * j + 5]), Storer<Out>::pack2(f[8 * j + 6], f[8 * j + 7]));
+                for (int j = 0; j < BS / 4; ++j) {
+                    const float4 p = prev[j];
+                    acc[4 * j] = p.x; acc[4 * j + 1] = p.y; acc[4 * j + 2] = p.z; acc[4 * j + 3] = p.w;
                 }
-                my_stage[stage_pos<CH>(lane, (u32)j)] = c;
+            } else {
+#pragma unroll
+                for (int i = 0; i < BS; ++i) acc[i] = 0.0f;
             }
+            for (u32 c0 = 0; c0 < n; c0 += FP4_SUM_BATCH) {
+                Packed<BS> d[FP4_SUM_BATCH];
+                u32 sb[FP4_SUM_BATCH];
+#pragma unroll
+                for (int k = 0; k < FP4_SUM_BATCH; ++k) {
+                    if (c0 + k < n) {
+                        d[k].load(t.data[c0 + k], l);
+                        sb[k] = __ldg((const u8*)t.scale[c0 + k] + l);
+                    }
+                }
+#pragma unroll
+                for (int k = 0; k < FP4_SUM_BATCH; ++k) {
+                    if (c0 + k < n) {
+                        const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[k]), sdec[c0 + k]) : e8m0_to_f32(sb[k]);
+#pragma unroll
+                        for (int i = 0; i < BS; ++i)
+                            acc[i] = __fadd_rn(acc[i], __fmul_rn(lut[(d[k].word(i >> 3) >> ((i & 7) * 4)) & 15u], sc));
+                    }
+                }
+            }
+            stage_block<Out, BS>(acc, lane, my_stage);
         }
         __syncwarp();
-        const u32 nchunks = (units - base < 32u ? units - base : 32u) * CH;
-        uint4* dst = (uint4*)(out + (seg.src + base) * (u64)OBYTES);
-#pragma unroll
-        for (int j = 0; j < CH; ++j) {
-            const u32 c = (u32)j * 32u + lane;
-            if (c < nchunks) dst[c] = my_stage[stage_pos<CH>(c / CH, c % CH)];
-        }
+        flush_stage<Out, BS>((uint4*)(out + (u64)base * OBYTES), units - base < 32u ? units - base : 32u, lane, my_stage);
         __syncwarp();
     }
 }
@@ -384,3 +577,11 @@ FP4_QUANT_ALL(mx, 32, false)
     FP4_DEQUANT(FMT, f32, float, BS, NV, lin, false) FP4_DEQUANT(FMT, f32, float, BS, NV, swz, true)
 FP4_DEQUANT_ALL(nv, 16, true)
 FP4_DEQUANT_ALL(mx, 32, false)
+
+// fp4_dqsum_<fmt>_<out>(out, units, n, accumulate, table): see dqsum_body.
+#define FP4_DQSUM(FMT, NAME, OUT, BS, NV) \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME( \
+        u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
+        dqsum_body<OUT, BS, NV>(out, units, n, accumulate, t); }
+FP4_DQSUM(nv, bf16, u16, 16, true) FP4_DQSUM(nv, f16, Half, 16, true) FP4_DQSUM(nv, f32, float, 16, true)
+FP4_DQSUM(mx, bf16, u16, 32, false) FP4_DQSUM(mx, f16, Half, 32, false) FP4_DQSUM(mx, f32, float, 32, false)

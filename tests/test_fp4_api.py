@@ -247,10 +247,39 @@ def test_kernel_names_exist_in_the_source():
     from fp4ccl.formats import kernels
     text = (REPO / "csrc" / "fp4.cu").read_text()
     names = kernels.kernel_names()
-    assert len(names) == 3 + 2 * 3 * 2 * 3
-    for macro in ("FP4_AMAX(", "FP4_QUANT_ALL(nv", "FP4_QUANT_ALL(mx", "FP4_DEQUANT_ALL(nv", "FP4_DEQUANT_ALL(mx"):
+    assert len(names) == 3 + 2 * 3 * 2 * 3 + 2 * 3
+    for macro in ("FP4_AMAX(", "FP4_QUANT_ALL(nv", "FP4_QUANT_ALL(mx", "FP4_DEQUANT_ALL(nv", "FP4_DEQUANT_ALL(mx",
+                  "FP4_DQSUM(nv, bf16", "FP4_DQSUM(mx, f32"):
         assert macro in text
     assert kernels.SEG_DTYPE.itemsize == 5 * 8 * kernels.MAXSEG
+    # the by-value tables must fit the 4 KB kernel parameter space with the scalar arguments
+    assert f"#define FP4_MAXSUM {kernels.MAXSUM}" in text and f"#define FP4_MAXSEG {kernels.MAXSEG}" in text
+    assert kernels.SUM_DTYPE.itemsize == 3 * 8 * kernels.MAXSUM and kernels.SUM_DTYPE.itemsize + 32 <= 4096
+
+
+def test_fill_segments_writes_the_struct_layout_in_place():
+    from fp4ccl.formats import kernels
+    table = np.full(5 * kernels.MAXSEG, 7, dtype=np.uint64)
+    most = kernels._fill_segments(table, [(3, 10, 100, 200, 300), (9, 20, 101, 201, 0)])
+    assert most == 9
+    view = table.view(kernels.SEG_DTYPE)[0]
+    assert list(view["units"][:2]) == [3, 9] and list(view["src"][:2]) == [10, 20]
+    assert list(view["data"][:2]) == [100, 101] and list(view["scale"][:2]) == [200, 201]
+    assert list(view["gs"][:2]) == [300, 0]
+    assert kernels._grid(0, 528, 1) == 1 and kernels._grid(10**9, 528, 1) == 528 and kernels._grid(10**9, 528, 8) == 66
+
+
+def test_dequantize_sum_validates_before_touching_the_gpu():
+    from fp4ccl.formats import kernels
+    with pytest.raises(ValueError, match="K=40"):
+        kernels.dequantize_sum(0, 0, "float32", 40, "nvfp4", 10, [], 0)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.dequantize_sum(0, 0, "bfloat16", 64, "nvfp4", 10, [(0, 0, 0)] * (kernels.MAXSUM + 1), 0)
+    with pytest.raises(TypeError, match="out_dtype"):
+        kernels.dequantize_sum(0, 0, "int8", 64, "nvfp4", 10, [], 0)
+    with pytest.raises(ValueError, match="format"):
+        kernels.dequantize_sum(0, 0, "float32", 64, "fp8", 10, [], 0)
+    kernels.dequantize_sum(0, 0, "float32", 64, "mxfp4", 0, [(1, 2, 0)], 0)   # nothing to do: no launch
 
 
 def test_segment_tables_split_by_eight_and_keep_field_order():

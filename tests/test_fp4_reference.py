@@ -338,3 +338,98 @@ def test_kernel_sr_trick_matches_reference(rng, seed):
     kernel = lo_code + (ur < frac)
     reference = ref._e2m1_codes(v, "stochastic", seed, np.arange(v.size, dtype=np.uint64)) & 7
     np.testing.assert_array_equal(kernel, reference)
+
+
+def e2m1_min3_like_kernel(y):
+    """csrc/fp4.cu e2m1_rn_bits: the smallest of three one-rounding candidates (2v, v + 2, v/2 + 4 on a
+    2^23 grid), bits 0x4B000000 + code. v * 2 and v * 0.5 are exact for v >= 2^-125, so the numpy form
+    rounds once like fmaf."""
+    v = np.minimum(np.abs(y), F32(6))
+    m = F32(8388608.0)
+    a = v * F32(2) + m
+    b = v + F32(8388610.0)
+    c = v * F32(0.5) + F32(8388612.0)
+    return np.minimum(np.minimum(a, b), c).astype(F32).view(U32)
+
+
+def test_kernel_min3_e2m1_trick_matches_ml_dtypes(rng):
+    # every fp32 in [0, 6] and +Inf were also checked against the integer trick above, exhaustively,
+    # by a host C++ build of both functions (2^31 inputs, 0 mismatches) when the trick was introduced
+    v = _sample_bits(0x02000000, 0x7F800000, rng)             # >= 2^-123 up to +Inf (the clamp)
+    edges = np.concatenate([[F32(t) for t in E2M1_GRID], [F32(t) for t, _ in TIES]]).astype(F32)
+    near = np.concatenate([edges, np.nextafter(edges, F32(0)), np.nextafter(edges, F32(7))])
+    v = np.concatenate([v, np.clip(near, 0, 6).astype(F32), np.array([0, 6, 6.5, 7, 1e30], F32)])
+    want = np.clip(v, 0, 6).astype(E2M1).view(np.uint8) & 7
+    np.testing.assert_array_equal(e2m1_min3_like_kernel(v) - U32(0x4B000000), want)
+    np.testing.assert_array_equal(e2m1_min3_like_kernel(-v) - U32(0x4B000000), want)
+
+
+def _prmt(a, b, sel):
+    """PTX prmt.b32 default mode: byte k of the result is byte (sel >> 4k) & 7 of {b:a}, or that byte's
+    sign bit replicated when (sel >> 4k) & 8."""
+    src = (int(b) << 32) | int(a)
+    out = 0
+    for k in range(4):
+        s = (sel >> (4 * k)) & 0xF
+        byte = (src >> (8 * (s & 7))) & 0xFF
+        if s & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * k)
+    return out
+
+
+def test_kernel_nibble_packing_with_signs(rng):
+    """e2m1_rn_pack8 + sign_nibbles (csrc/fp4.cu) build the same word as quantize_2d for 8 elements of
+    bf16 and fp32 input: multiply-add packing less 0xFB000000, signs by prmt sign-replication."""
+    for trial in range(300):
+        x = (rng.standard_normal(8) * 2.0 ** rng.integers(-3, 3)).astype(F32)
+        x[rng.random(8) < 0.2] = F32(-0.0)
+        for kind in ("bf16", "f32"):
+            xs = x.astype(ml_dtypes.bfloat16) if kind == "bf16" else x
+            y = xs.astype(F32)                                # mult = 1: y = x
+            acc = 0
+            for i, bits in enumerate(e2m1_min3_like_kernel(y)):
+                acc = (acc + int(bits) * 16 ** i) % 2**32
+            mag = (acc - 0xFB000000) % 2**32
+            if kind == "bf16":
+                w = xs.view(np.uint16).astype(np.uint64)
+                words = [int(w[2 * k] | (w[2 * k + 1] << np.uint64(16))) for k in range(4)]
+                s, t = _prmt(words[0], words[1], 0xFDB9), _prmt(words[2], words[3], 0xFDB9)
+            else:
+                w = [int(b) for b in xs.view(U32)]
+                s = _prmt(_prmt(w[0], w[1], 0x00FB), _prmt(w[2], w[3], 0x00FB), 0x5410)
+                t = _prmt(_prmt(w[4], w[5], 0x00FB), _prmt(w[6], w[7], 0x00FB), 0x5410)
+            sign = (_prmt(s, t, 0x6420) & 0x08080808) | (_prmt(s, t, 0x7531) & 0x80808080)
+            word = mag | sign
+            codes = np.clip(y, -6, 6).astype(E2M1).view(np.uint8) & 0xF
+            want = sum(int(c) << (4 * i) for i, c in enumerate(codes))
+            assert word == want, (kind, x, hex(word), hex(want))
+
+
+# ------------------------------------------------------------------------------ dequantize and sum
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_dequantize_sum_is_the_ordered_fp32_sum(rng, fmt):
+    K, rows, n = 64, 5, 6
+    parts = [ref.quantize_2d((rng.standard_normal((rows, K)) * 10.0 ** rng.uniform(-3, 3)).astype(F32), fmt)
+             for _ in range(n)]
+    datas, scales, gss = zip(*parts)
+    got = ref.dequantize_sum(datas, scales, gss, fmt, K, F32)
+    acc = np.zeros((rows, K), F32)
+    for d, s, g in parts:
+        acc = (acc + ref.dequantize_2d(d, s, g, fmt, K, F32)).astype(F32)
+    np.testing.assert_array_equal(got.view(U32), acc.view(U32))
+    bf = ref.dequantize_sum(datas, scales, gss, fmt, K, ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(bf.view(np.uint16), acc.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert not ref.dequantize_sum([], [], [], fmt, K, F32).size
+    # the order is part of the definition: fp32 addition is not associative
+    big = np.zeros((1, K), F32)
+    big[0, 0] = 1e8
+    small = np.zeros((1, K), F32)
+    small[0, 0] = 3.0
+    q = [ref.quantize_2d(v, "nvfp4") for v in (big, small, -big)]
+    d, s, g = zip(*q)
+    assert ref.dequantize_sum(d, s, g, "nvfp4", K, F32)[0, 0] == 0.0
+    d, s, g = zip(*[q[0], q[2], q[1]])
+    assert ref.dequantize_sum(d, s, g, "nvfp4", K, F32)[0, 0] == 3.0
+    with pytest.raises(ValueError, match="one of each"):
+        ref.dequantize_sum(d, s[:2], g, "nvfp4", K, F32)

@@ -1,32 +1,71 @@
-"""Launchers for the CUDA kernels in csrc/fp4.cu (compiled by fp4ccl.jit, launched through CuPy).
+"""Launchers for the CUDA kernels in csrc/fp4.cu (compiled by fp4ccl.jit).
 
 Everything takes raw device pointers and a raw cudaStream_t, so torch tensors and CuPy arrays go
 through the same code. No launch syncs the host; nothing allocates except the caller.
+
+The FP4 collectives call these several times per collective, so a launch must cost little Python.
+Per (thread, device, kernel) the launcher keeps one argument block that it fills in place: a ctypes
+struct whose field addresses form the `void**` that cuLaunchKernel reads (the fast path, through the
+CUfunction handle CuPy exposes as `Function.ptr`), or the one-element numpy table CuPy passes by value
+(the fallback). Both are safe to reuse as soon as the launch call returned: cuLaunchKernel copies the
+parameter values when it enqueues the launch (CuPy itself only wraps the numpy table's buffer address,
+`CNumpyArray` in cupy/cuda/function.pyx, and hands it to cuLaunchKernel). Thread-local, so concurrent
+launches from several threads never share one. `FP4CCL_LAUNCH=cupy` forces the CuPy path.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from .. import jit
+from .._log import get_logger
+
+_log = get_logger("fp4ccl.kernels")
 
 SOURCE = "fp4.cu"
 THREADS = 256        # FP4_THREADS in csrc/fp4.cu
 MAXSEG = 8           # FP4_MAXSEG in csrc/fp4.cu
+MAXSUM = 128         # FP4_MAXSUM in csrc/fp4.cu: contributions per dequantize_sum launch
 _FIELDS = ("units", "src", "data", "scale", "gs")
 # Mirrors `struct SegTable` (five arrays of MAXSEG u64); passed by value as a one-element array.
 SEG_DTYPE = np.dtype([(f, "<u8", (MAXSEG,)) for f in _FIELDS])
+# Mirrors `struct SumTable` (data, scale, gs: three arrays of MAXSUM u64).
+SUM_DTYPE = np.dtype([(f, "<u8", (MAXSUM,)) for f in ("data", "scale", "gs")])
 _IN_NAME = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 _FMT_NAME = {"nvfp4": "nv", "mxfp4": "mx"}
 _LAYOUT_NAME = {"linear": "lin", "swizzled": "swz"}
 _ROUND_NAME = {"nearest": "rn", "stochastic": "sr"}
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+_BLOCK = {"nvfp4": 16, "mxfp4": 32}
+
+# kernel name per option tuple, built once (f-strings per call were a measurable part of a launch)
+_QUANT_NAMES = {(f, t, lay, r): f"fp4_quant_{fn}_{tn}_{ln}_{rn}"
+                for f, fn in _FMT_NAME.items() for t, tn in _IN_NAME.items()
+                for lay, ln in _LAYOUT_NAME.items() for r, rn in _ROUND_NAME.items()}
+_DEQUANT_NAMES = {(f, t, lay): f"fp4_dequant_{fn}_{tn}_{ln}"
+                  for f, fn in _FMT_NAME.items() for t, tn in _IN_NAME.items() for lay, ln in _LAYOUT_NAME.items()}
+_SUM_NAMES = {(f, t): f"fp4_dqsum_{fn}_{tn}" for f, fn in _FMT_NAME.items() for t, tn in _IN_NAME.items()}
+_AMAX_NAMES = {t: f"fp4_amax_{tn}" for t, tn in _IN_NAME.items()}
+
+# argument kinds of each kernel family, in C order; "seg"/"sum" is the by-value table
+_SIGNATURES = {
+    "amax": ("u64", "u64", "u64"),
+    "quant": ("u64", "u32", "u64", "f32", "u64", "u32", "seg"),
+    "dequant": ("u64", "u32", "u32", "seg"),
+    "dqsum": ("u64", "u32", "u32", "u32", "sum"),
+}
+_CTYPES = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "f32": ctypes.c_float,
+           "seg": ctypes.c_uint64 * (5 * MAXSEG), "sum": ctypes.c_uint64 * (3 * MAXSUM)}
+_NUMPY = {"u64": np.uint64, "u32": np.uint32, "f32": np.float32}
 
 _lock = threading.Lock()
 _functions: Dict[Tuple[int, str], object] = {}
 _grids: Dict[Tuple[int, str], int] = {}
+_tls = threading.local()
 
 
 class _StreamRef:
@@ -36,6 +75,118 @@ class _StreamRef:
 
     def __init__(self, ptr: int):
         self.ptr = int(ptr)
+
+
+# ------------------------------------------------------------------------------ the driver entry point
+_driver = None          # ctypes cuLaunchKernel, False when unavailable or disabled
+
+
+def _cu_launch():
+    global _driver
+    if _driver is None:
+        fn = False
+        if os.environ.get("FP4CCL_LAUNCH", "").lower() != "cupy":
+            try:
+                lib = ctypes.CDLL("libcuda.so.1")
+                fn = lib.cuLaunchKernel
+                # CUresult cuLaunchKernel(CUfunction f, unsigned gridDimX, gridDimY, gridDimZ,
+                #     unsigned blockDimX, blockDimY, blockDimZ, unsigned sharedMemBytes, CUstream hStream,
+                #     void** kernelParams, void** extra)
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p,
+                                                                          ctypes.c_void_p]
+            except (OSError, AttributeError) as exc:
+                _log.info("cuLaunchKernel through ctypes unavailable (%s); launching through CuPy", exc)
+                fn = False
+        _driver = fn
+    return _driver
+
+
+def set_launch_mode(mode: str) -> None:
+    """'ctypes' (cuLaunchKernel through ctypes, the default where libcuda loads) or 'cupy' (CuPy's
+    Function.__call__). For the bench and tests; FP4CCL_LAUNCH=cupy sets it from the environment."""
+    global _driver
+    if mode not in ("ctypes", "cupy"):
+        raise ValueError(f"mode: expected 'ctypes' or 'cupy', got {mode!r}")
+    if mode == "cupy":
+        _driver = False
+    else:
+        _driver = None
+        os.environ.pop("FP4CCL_LAUNCH", None)
+        if _cu_launch() is False:
+            raise RuntimeError("cuLaunchKernel is not reachable through ctypes (libcuda.so.1 did not load)")
+
+
+def launch_mode() -> str:
+    return "ctypes" if _cu_launch() else "cupy"
+
+
+class _Launch:
+    """One kernel on one device, for one thread: its function, grid cap and a reusable argument block."""
+
+    __slots__ = ("fn", "fptr", "cap", "vals", "params", "table", "np_args", "np_table")
+
+    def __init__(self, device: int, name: str, kind: str):
+        self.fn = _function(device, name)
+        self.fptr = int(self.fn.ptr)
+        self.cap = _resident_blocks(device, name, self.fn)
+        sig = _SIGNATURES[kind]
+        self.vals = [_CTYPES[k]() for k in sig]
+        self.params = (ctypes.c_void_p * len(sig))(*[ctypes.addressof(v) for v in self.vals])
+        self.table = None
+        self.np_table = None
+        if sig[-1] in ("seg", "sum"):
+            self.table = np.ctypeslib.as_array(self.vals[-1])       # a view: writes land in the ctypes block
+            self.np_table = np.zeros(1, dtype=SEG_DTYPE if sig[-1] == "seg" else SUM_DTYPE)
+        self.np_args = [_NUMPY[k] for k in sig if k in _NUMPY]
+
+    def __call__(self, device: int, gx: int, gy: int, stream: int, *scalars) -> None:
+        vals = self.vals
+        for i, v in enumerate(scalars):
+            vals[i].value = v
+        cu = _driver if _driver is not None else _cu_launch()
+        if cu:
+            cur = _current_device()
+            if cur == device:
+                if cu(self.fptr, gx, gy, 1, THREADS, 1, 1, 0, stream, self.params, None) == 0:
+                    return
+            # another device is current, or no context on this thread yet: CuPy sets both up
+        self._cupy(device, gx, gy, stream, scalars)
+
+    def _cupy(self, device, gx, gy, stream, scalars) -> None:
+        import cupy
+        args = [t(v) for t, v in zip(self.np_args, scalars)]
+        if self.table is not None:
+            self.np_table.view(np.uint64)[:] = self.table
+            args.append(self.np_table)
+        with cupy.cuda.Device(device):
+            self.fn((gx, gy, 1), (THREADS, 1, 1), tuple(args), 0, _StreamRef(stream))
+
+
+_runtime = None
+
+
+def _rt():
+    global _runtime
+    if _runtime is None:
+        from cupy_backends.cuda.api import runtime
+        _runtime = runtime
+    return _runtime
+
+
+def _current_device() -> int:
+    return (_runtime or _rt()).getDevice()
+
+
+def _launcher(device: int, name: str, kind: str) -> _Launch:
+    cache = getattr(_tls, "launch", None)
+    if cache is None:
+        cache = _tls.launch = {}
+    key = (device, name)
+    la = cache.get(key)
+    if la is None:
+        la = cache[key] = _Launch(device, name, kind)
+    return la
 
 
 def _function(device: int, name: str):
@@ -65,14 +216,6 @@ def _resident_blocks(device: int, name: str, fn) -> int:
     return n
 
 
-def _launch(device: int, name: str, grid_x_for, nseg: int, args, stream: int) -> None:
-    import cupy
-    fn = _function(device, name)
-    gx = max(1, min(grid_x_for, max(1, _resident_blocks(device, name, fn) // nseg)))
-    with cupy.cuda.Device(device):
-        fn((gx, nseg, 1), (THREADS, 1, 1), args, 0, _StreamRef(stream))
-
-
 def kernel_names() -> List[str]:
     """Every kernel name csrc/fp4.cu must export (tests check the list against the source)."""
     names = [f"fp4_amax_{t}" for t in _IN_NAME.values()]
@@ -81,34 +224,42 @@ def kernel_names() -> List[str]:
             for lay in _LAYOUT_NAME.values():
                 names += [f"fp4_quant_{f}_{t}_{lay}_{r}" for r in _ROUND_NAME.values()]
                 names.append(f"fp4_dequant_{f}_{t}_{lay}")
-    return names
+    return names + list(_SUM_NAMES.values())
 
 
+# ------------------------------------------------------------------------------ copies
 def memset(device: int, ptr: int, value: int, nbytes: int, stream: int) -> None:
     if nbytes:
+        runtime = _runtime or _rt()
+        if runtime.getDevice() == device:
+            runtime.memsetAsync(ptr, value, nbytes, stream)
+            return
         import cupy
-        from cupy_backends.cuda.api import runtime
         with cupy.cuda.Device(device):
             runtime.memsetAsync(int(ptr), int(value), int(nbytes), int(stream))
 
 
 def memcpy(device: int, dst: int, src: int, nbytes: int, stream: int) -> None:
     if nbytes:
+        runtime = _runtime or _rt()
+        if runtime.getDevice() == device:
+            runtime.memcpyAsync(dst, src, nbytes, runtime.memcpyDeviceToDevice, stream)
+            return
         import cupy
-        from cupy_backends.cuda.api import runtime
         with cupy.cuda.Device(device):
             runtime.memcpyAsync(int(dst), int(src), int(nbytes), runtime.memcpyDeviceToDevice, int(stream))
 
 
+# ------------------------------------------------------------------------------ kernels
 def amax(device: int, x_ptr: int, in_dtype: str, numel: int, out_ptr: int, stream: int) -> None:
     """*out = max |x| over finite elements (fp32). numel * itemsize must be a multiple of 16 bytes."""
     memset(device, out_ptr, 0, 4, stream)
-    nbytes = numel * _ITEMSIZE[in_dtype]
-    if nbytes == 0:
+    nvec = numel * _ITEMSIZE[in_dtype] // 16
+    if nvec == 0:
         return
-    nvec = nbytes // 16
-    args = (np.uint64(x_ptr), np.uint64(nvec), np.uint64(out_ptr))
-    _launch(device, f"fp4_amax_{_IN_NAME[in_dtype]}", -(-nvec // THREADS), 1, args, stream)
+    la = _launcher(device, _AMAX_NAMES[in_dtype], "amax")
+    gx = min(-(-nvec // THREADS), la.cap)
+    la(device, gx, 1, stream, x_ptr, nvec, out_ptr)
 
 
 def _tables(segments: Sequence[Tuple[int, int, int, int, int]]):
@@ -123,6 +274,27 @@ def _tables(segments: Sequence[Tuple[int, int, int, int, int]]):
         yield t, len(chunk), max((int(s[0]) for s in chunk), default=0)
 
 
+def _fill_segments(table: np.ndarray, chunk) -> int:
+    """Writes (units, src, data, scale, gs) of each segment into the flat u64 view of a SegTable (field
+    f of segment j at f * MAXSEG + j); returns the largest `units`. Entries past len(chunk) keep stale
+    values: the kernel reads only entry blockIdx.y < len(chunk)."""
+    most = 0
+    for j, (units, src, data, scale, gs) in enumerate(chunk):
+        table[j] = units
+        table[MAXSEG + j] = src
+        table[2 * MAXSEG + j] = data
+        table[3 * MAXSEG + j] = scale
+        table[4 * MAXSEG + j] = gs
+        if units > most:
+            most = units
+    return most
+
+
+def _grid(units: int, cap: int, nseg: int) -> int:
+    per_seg = cap // nseg if nseg > 1 else cap
+    return max(1, min(-(-units // THREADS), max(1, per_seg)))
+
+
 def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout: str, rounding: str,
              seed: int, amax_ptr: int, amax_value: float, segments: Sequence[Tuple[int, int, int, int, int]],
              ncols_pad: int, stream: int) -> None:
@@ -132,13 +304,14 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
     `src_block` (= row_start * K / block); gs_ptr 0 writes no global scale (MXFP4).
     amax_ptr: device address of an fp32 amax (0: use amax_value). ncols_pad: swizzled layout only.
     """
-    name = f"fp4_quant_{_FMT_NAME[format]}_{_IN_NAME[in_dtype]}_{_LAYOUT_NAME[layout]}_{_ROUND_NAME[rounding]}"
-    for table, nseg, most in _tables(list(segments)):
-        if nseg == 0:
-            return
-        args = (np.uint64(x_ptr), np.uint32(K), np.uint64(amax_ptr), np.float32(amax_value),
-                np.uint64(seed & (2**64 - 1)), np.uint32(ncols_pad), table)
-        _launch(device, name, -(-most // THREADS), nseg, args, stream)
+    la = _launcher(device, _QUANT_NAMES[(format, in_dtype, layout, rounding)], "quant")
+    seed &= 0xFFFFFFFFFFFFFFFF
+    n = len(segments)
+    for i in range(0, n, MAXSEG):
+        chunk = segments[i:i + MAXSEG] if n > MAXSEG else segments
+        most = _fill_segments(la.table, chunk)
+        la(device, _grid(most, la.cap, len(chunk)), len(chunk), stream,
+           x_ptr, K, amax_ptr, amax_value, seed, ncols_pad)
 
 
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,
@@ -147,9 +320,45 @@ def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, l
 
     segments: (units, dst_block, data_ptr, scale_ptr, gs_ptr): `units` blocks written from block
     `dst_block` of out on; gs_ptr is the fp32 S_dec to decode with (NVFP4; ignored for MXFP4)."""
-    name = f"fp4_dequant_{_FMT_NAME[format]}_{_IN_NAME[out_dtype]}_{_LAYOUT_NAME[layout]}"
-    for table, nseg, most in _tables(list(segments)):
-        if nseg == 0:
-            return
-        args = (np.uint64(out_ptr), np.uint32(K), np.uint32(ncols_pad), table)
-        _launch(device, name, -(-most // THREADS), nseg, args, stream)
+    la = _launcher(device, _DEQUANT_NAMES[(format, out_dtype, layout)], "dequant")
+    n = len(segments)
+    for i in range(0, n, MAXSEG):
+        chunk = segments[i:i + MAXSEG] if n > MAXSEG else segments
+        most = _fill_segments(la.table, chunk)
+        la(device, _grid(most, la.cap, len(chunk)), len(chunk), stream, out_ptr, K, ncols_pad)
+
+
+def dequantize_sum(device: int, out_ptr: int, out_dtype: str, K: int, format: str, units: int,
+                   contributions: Sequence[Tuple[int, int, int]], stream: int) -> None:
+    """out blocks [0, units) = round_once_to(out_dtype, acc), acc the fp32 sum, in order c = 0, 1, ...,
+    of contribution c decoded exactly as `dequantize(..., "float32")` decodes it, from acc = 0.0f.
+
+    contributions: (data_ptr, scale_ptr, gs_ptr) each, a linear-layout FP4 tensor of `units` blocks
+    (gs_ptr: its fp32 S_dec; 0 for MXFP4). K is only checked against the block size: the kernel works on
+    whole blocks. Up to MAXSUM (128) contributions per launch; more need out_dtype "float32" (the
+    launches chain through out, which then holds the exact fp32 running sum). Capturable in a CUDA graph:
+    the addresses travel by value in the launch, nothing is copied from the host."""
+    if format not in _BLOCK:
+        raise ValueError(f"format: expected 'nvfp4' or 'mxfp4', got {format!r}")
+    if K % _BLOCK[format]:
+        raise ValueError(f"K={K} is not a multiple of the {format} block size {_BLOCK[format]}")
+    if out_dtype not in _IN_NAME:
+        raise TypeError(f"out_dtype: expected one of {', '.join(_IN_NAME)}, got {out_dtype!r}")
+    n = len(contributions)
+    if n > MAXSUM and out_dtype != "float32":
+        raise ValueError(f"dequantize_sum: {n} contributions is more than {MAXSUM} per launch, which only a "
+                         "float32 output can chain; sum into a float32 buffer and convert once")
+    if units <= 0:
+        return
+    if units >= 2**31:
+        raise ValueError(f"units={units}: the kernel indexes blocks with 32-bit integers; split it")
+    la = _launcher(device, _SUM_NAMES[(format, out_dtype)], "dqsum")
+    gx = _grid(units, la.cap, 1)
+    t = la.table
+    for i in range(0, max(n, 1), MAXSUM):
+        chunk = contributions[i:i + MAXSUM] if n > MAXSUM else contributions
+        for j, (d, s, g) in enumerate(chunk):
+            t[j] = d
+            t[MAXSUM + j] = s
+            t[2 * MAXSUM + j] = g
+        la(device, gx, 1, stream, out_ptr, units, len(chunk), 1 if i else 0)

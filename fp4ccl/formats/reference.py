@@ -141,6 +141,22 @@ def dequantize_2d(data: np.ndarray, scales: np.ndarray, s_dec, format: str, K: i
         return out.astype(dtype)
 
 
+def dequantize_sum(datas: Sequence[np.ndarray], scaless: Sequence[np.ndarray], s_decs: Sequence, format: str,
+                   K: int, dtype) -> np.ndarray:
+    """The FP4 reduce-scatter's sum: acc = 0 (fp32); for c in order: acc += dequantize_2d(c, float32);
+    then one rounding to `dtype`. datas[c] [rows, K/2], scaless[c] linear [rows, K/bs], s_decs[c] the
+    S_dec (None for MXFP4). The fused GPU kernel (kernels.dequantize_sum) matches this bit for bit."""
+    if not (len(datas) == len(scaless) == len(s_decs)):
+        raise ValueError(f"dequantize_sum: {len(datas)} data, {len(scaless)} scale and {len(s_decs)} global-scale "
+                         "arrays; expected one of each per contribution")
+    rows = datas[0].shape[0] if len(datas) else 0
+    acc = np.zeros((rows, K), dtype=F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for d, s, g in zip(datas, scaless, s_decs):
+            acc = acc + dequantize_2d(d, s, g, format, K, F32)
+        return acc.astype(dtype)
+
+
 def swizzle(scales: np.ndarray) -> np.ndarray:
     """Linear [rows, ncols] scales -> the flat swizzled layout (zero padded)."""
     rows, ncols = scales.shape
@@ -201,5 +217,5 @@ def dequantize_packed(buf: np.ndarray, segments: Sequence[Tuple[int, int, int]],
     return out2d
 
 
-__all__ = ["amax", "global_scales", "sr_bits", "quantize_2d", "dequantize_2d", "swizzle", "unswizzle",
+__all__ = ["amax", "global_scales", "sr_bits", "quantize_2d", "dequantize_2d", "dequantize_sum", "swizzle", "unswizzle",
            "quantize_packed", "read_packed", "dequantize_packed", "BLOCK_SIZE", "E2M1_GRID"]
