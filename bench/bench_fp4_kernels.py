@@ -10,11 +10,14 @@ left in L2:
   q-nv auto     NVFP4 quantize, amax computed on the device       bytes = 2 * in + data + scales
   q-mx          MXFP4 quantize                                    bytes = in + data + scales
   dq-nv / dq-mx dequantize back to the input dtype                bytes = data + scales + out
+  dqsumN-nv/mx  fused dequantize-and-sum of N FP4 tensors (bf16 rows) bytes = N * (data + scales) + out
 time(us) is the GPU time of one call from CUDA-graph replays of 12 back-to-back calls (kernels alone);
 call(us) has events around each Python call with the GPU otherwise idle (dispatch overhead included).
 GB/s = bytes / time(us), and %copy that against the copy's GB/s, timed the same way ("roofline": the
 fewest bytes each kernel must move, read once and written once, against what a plain copy achieves).
 #wrong counts bytes of the first 64 rows that differ from the numpy reference (0 expected).
+First, a short table of the host cost of one call of each launcher (kernels.* and fp4ccl.*), for the
+ctypes cuLaunchKernel path and the CuPy path.
 """
 from __future__ import annotations
 
@@ -95,6 +98,59 @@ def wrong_bytes(q: FP4Tensor, x, fmt: str, amax) -> int:
     return int((q.data[:rows].cpu().numpy() != d).sum() + (q.scales[:rows].cpu().numpy() != s).sum())
 
 
+def launch_costs(dev: str, commit: str, calls: int = 200, reps: int = 7):
+    """Host (Python) microseconds per call of each low-level launcher and of fp4ccl.quantize/dequantize,
+    on a 1 x 64 tensor (the GPU work is tiny; the calls are timed without a sync between them, median of
+    `reps` batches of `calls`), for both launch paths (cuLaunchKernel through ctypes, and CuPy)."""
+    import time
+
+    import torch
+    from fp4ccl.formats import kernels
+    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    q = fp4ccl.quantize(x, amax=4.0)
+    y = torch.empty_like(x)
+    amax_buf = torch.empty(1, device="cuda")
+    dev_i = x.device.index
+    s = torch.cuda.current_stream().cuda_stream
+    seg = [(4, 0, q.data.data_ptr(), q.scales.data_ptr(), q.global_scale.data_ptr())]
+    contrib = [(q.data.data_ptr(), q.scales.data_ptr(), q.global_scale.data_ptr())] * 4
+    cases = {
+        "kernels.amax": lambda: kernels.amax(dev_i, x.data_ptr(), "bfloat16", 64, amax_buf.data_ptr(), s),
+        "kernels.quantize": lambda: kernels.quantize(dev_i, x.data_ptr(), "bfloat16", 64, "nvfp4", "linear", "nearest",
+                                                     0, 0, 4.0, seg, 0, s),
+        "kernels.dequantize": lambda: kernels.dequantize(dev_i, y.data_ptr(), "bfloat16", 64, "nvfp4", "linear", seg, 0, s),
+        "kernels.dequantize_sum(4)": lambda: kernels.dequantize_sum(dev_i, y.data_ptr(), "bfloat16", 64, "nvfp4", 4,
+                                                                    contrib, s),
+        "fp4ccl.quantize(amax=)": lambda: fp4ccl.quantize(x, amax=4.0, out=q),
+        "fp4ccl.quantize(auto)": lambda: fp4ccl.quantize(x, out=q),
+        "fp4ccl.dequantize": lambda: fp4ccl.dequantize(q, out=y),
+    }
+    out = []
+    print(f"# per-call host cost, us (median of {reps} x {calls} calls, 1x64 bf16) | {dev} | commit {commit}")
+    print(f"{'call':>28} {'ctypes(us)':>11} {'cupy(us)':>9}")
+    modes = ["ctypes", "cupy"] if kernels.launch_mode() == "ctypes" else ["cupy"]
+    for name, fn in cases.items():
+        res = {}
+        for mode in modes:
+            kernels.set_launch_mode(mode)
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                ts.append((time.perf_counter() - t0) / calls * 1e6)
+                torch.cuda.synchronize()
+            res[mode] = statistics.median(ts)
+        kernels.set_launch_mode(modes[0])
+        out.append(dict(kernel="launch:" + name, call_us=res.get("ctypes"), cupy_us=res["cupy"], device=dev, commit=commit))
+        c = f"{res['ctypes']:>11.1f}" if "ctypes" in res else f"{'-':>11}"
+        print(f"{name:>28} {c} {res['cupy']:>9.1f}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-b", "--minbytes", default="64M")
@@ -105,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("-t", "--dtypes", default="bfloat16,float32")
     p.add_argument("-K", type=int, default=8192, help="last dimension (row length)")
     p.add_argument("-j", "--json", default=None)
+    p.add_argument("--contributions", type=int, default=4, help="contributions per dqsum row (ranks)")
+    p.add_argument("--launch-only", action="store_true", help="only the per-launch host cost table")
     a = p.parse_args(argv)
     import torch
     dev = torch.cuda.get_device_name()
@@ -117,6 +175,9 @@ def main(argv=None) -> int:
     print(f"# fp4ccl {fp4ccl.__version__} commit {commit} | {dev} | torch {torch.__version__} | "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | median of {a.iters} after {a.warmup_iters} warm-up")
     print(f"# command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
+    launch_rows = launch_costs(dev, commit)
+    if a.launch_only:
+        return 0
     rows_out = []
     hdr = (f"{'size(B)':>12} {'dtype':>9} {'kernel':>12} {'call(us)':>9} {'time(us)':>10} {'bytes':>12} {'GB/s':>8} "
            f"{'%copy':>6} {'#wrong':>6}")
@@ -160,6 +221,27 @@ def main(argv=None) -> int:
                                       float(outs[0].global_scale.item()) if fmt == "nvfp4" else None,
                                       fmt, K, np.float32)).to(dt).float())
                 results.append((f"dq-{fmt[:2]}", t_call, t, qbytes + inb, 0 if ok else 1))
+                if dt_name != "float32":
+                    # the FP4 reduce-scatter's receive side: NC contributions of this size summed into one
+                    # output of the input dtype (bytes: every contribution read once, the output written once)
+                    from fp4ccl.formats import kernels
+                    nc = a.contributions
+                    parts = [outs[i % 3] for i in range(nc)]
+                    contrib = [(q.data.data_ptr(), q.scales.data_ptr(),
+                                q.global_scale.data_ptr() if fmt == "nvfp4" else 0) for q in parts]
+                    units = n_el // bs
+
+                    def fs(i, y=ys[0]):
+                        kernels.dequantize_sum(y.device.index, y.data_ptr(), dt_name, K, fmt, units, contrib,
+                                               torch.cuda.current_stream().cuda_stream)
+                    fs(0)
+                    torch.cuda.synchronize()
+                    hs = [(p.data[:8].cpu().numpy(), p.scales[:8].cpu().numpy(),
+                           np.float32(p.global_scale.item()) if fmt == "nvfp4" else None) for p in parts]
+                    want = ref.dequantize_sum(*zip(*hs), fmt, K, np.float32)
+                    ok = torch.equal(ys[0][:8].float().cpu(), torch.from_numpy(want).to(dt).float())
+                    results.append((f"dqsum{nc}-{fmt[:2]}", time_it(fs, a.iters, a.warmup_iters),
+                                    time_graph(fs, a.iters, a.warmup_iters), nc * qbytes + inb, 0 if ok else 1))
                 del outs, ys
             for name, t_call, t, nbytes, wrong in results:
                 gbs = nbytes / t / 1e6
@@ -173,7 +255,7 @@ def main(argv=None) -> int:
         size *= a.stepfactor
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(rows_out, fh, indent=1)
+            json.dump(rows_out + launch_rows, fh, indent=1)
     return 0 if all(r["wrong"] == 0 for r in rows_out) else 1
 
 

@@ -322,3 +322,111 @@ def test_misaligned_view_is_handled(rng):
     view = big[1:].view(9, 64)                            # 4-byte offset: not 16-byte aligned
     view.copy_(to_device(xh, "torch"))
     check_against_reference(fp4ccl.quantize(view), xh, "nvfp4", "linear")
+
+
+# ------------------------------------------------------------------------------ dequantize and sum
+def _contributions(rng, n, rows, K, fmt, kind="random"):
+    """n FP4 tensors of [rows, K] on the GPU (torch), each with its own global scale, and host copies."""
+    import torch
+    qs, host = [], []
+    for c in range(n):
+        xh = make_input(rng, rows, K, "float32", kind if c % 3 == 1 else "random")
+        q = fp4ccl.quantize(to_device(xh, "torch"), fmt)
+        qs.append(q)
+        host.append((to_host(q.data), to_host(q.scales).reshape(rows, K // ref.BLOCK_SIZE[fmt]),
+                     F32(to_host(q.global_scale)) if fmt == "nvfp4" else None))
+    torch.cuda.synchronize()
+    return qs, host
+
+
+def _sum_on_gpu(qs, out, fmt, K, stream=None):
+    import torch
+    from fp4ccl.formats import kernels
+    rows = out.shape[0]
+    contrib = [(q.data.data_ptr(), q.scales.data_ptr(), q.global_scale.data_ptr() if fmt == "nvfp4" else 0)
+               for q in qs]
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[out.dtype]
+    s = stream if stream is not None else torch.cuda.current_stream().cuda_stream
+    kernels.dequantize_sum(out.device.index, out.data_ptr(), name, K, fmt, rows * K // ref.BLOCK_SIZE[fmt],
+                           contrib, s)
+
+
+@pytest.mark.parametrize("out_dt", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_dequantize_sum_bit_exact(rng, fmt, out_dt):
+    import torch
+    for n, rows, K in ((1, 7, 96), (4, 33, 224), (13, 100, 512), (64, 3, 4064 if fmt == "nvfp4" else 4032)):
+        qs, host = _contributions(rng, n, rows, K, fmt, "adversarial")
+        out = torch.full((rows, K), float("nan"), dtype=getattr(torch, out_dt), device="cuda")
+        _sum_on_gpu(qs, out, fmt, K)
+        want = ref.dequantize_sum(*zip(*host), fmt, K, NP_DTYPES[out_dt])
+        assert_same_float_bits(to_host(out), want)
+
+
+def test_dequantize_sum_chains_past_128_in_fp32_and_refuses_otherwise(rng):
+    import torch
+    from fp4ccl.formats import kernels
+    n, rows, K = kernels.MAXSUM + 9, 5, 64
+    qs, host = _contributions(rng, n, rows, K, "nvfp4")
+    out = torch.full((rows, K), float("nan"), dtype=torch.float32, device="cuda")
+    _sum_on_gpu(qs, out, "nvfp4", K)
+    assert_same_float_bits(to_host(out), ref.dequantize_sum(*zip(*host), "nvfp4", K, F32))
+    with pytest.raises(ValueError, match="float32"):
+        _sum_on_gpu(qs, torch.empty((rows, K), dtype=torch.bfloat16, device="cuda"), "nvfp4", K)
+    empty = torch.full((rows, K), float("nan"), dtype=torch.bfloat16, device="cuda")
+    _sum_on_gpu([], empty, "nvfp4", K)                    # no contribution: zeros
+    assert not empty.float().abs().sum().item() and not torch.isnan(empty).any()
+
+
+def test_dequantize_sum_in_a_cuda_graph(rng):
+    import torch
+    rows, K, n = 256, 1024, 4
+    qs, _ = _contributions(rng, n, rows, K, "nvfp4")
+    out = torch.empty((rows, K), dtype=torch.bfloat16, device="cuda")
+    _sum_on_gpu(qs, out, "nvfp4", K)                      # warm-up outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        _sum_on_gpu(qs, out, "nvfp4", K)
+    for _ in range(2):
+        host = []
+        for q in qs:                                      # new contents in the same buffers
+            xh = make_input(rng, rows, K, "bfloat16", "random")
+            fp4ccl.quantize(to_device(xh, "torch"), out=q)
+        torch.cuda.synchronize()
+        for q in qs:
+            host.append((to_host(q.data), to_host(q.scales), F32(to_host(q.global_scale))))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert_same_float_bits(to_host(out), ref.dequantize_sum(*zip(*host), "nvfp4", K, ml_dtypes.bfloat16))
+
+
+# ------------------------------------------------------------------------------ launch paths
+def test_launch_paths_agree_and_work_from_a_fresh_thread(rng):
+    import threading
+
+    import torch
+    from fp4ccl.formats import kernels
+    assert kernels.launch_mode() == "ctypes"              # libcuda loads on a GPU machine: the fast path
+    xh = make_input(rng, 300, 512, "bfloat16", "adversarial")
+    x = to_device(xh, "torch")
+    fast = fp4ccl.quantize(x, scale_layout="swizzled")
+    try:
+        kernels.set_launch_mode("cupy")
+        slow = fp4ccl.quantize(x, scale_layout="swizzled")
+    finally:
+        kernels.set_launch_mode("ctypes")
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(to_host(fast.data), to_host(slow.data))
+    np.testing.assert_array_equal(to_host(fast.scales), to_host(slow.scales))
+    got = {}
+
+    def work():                                           # a thread that never touched CUDA before
+        got["q"] = fp4ccl.quantize(x, "mxfp4")
+        torch.cuda.synchronize()
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    check_against_reference(got["q"], xh, "mxfp4", "linear")
