@@ -68,8 +68,7 @@ def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = Fal
     around them, so only the algorithms made of NCCL calls alone are allowed there.
     """
     gather = kind == "all_gatherv"
-    first = counts[0]
-    even = all(c == first for c in counts)
+    even = counts.count(counts[0]) == len(counts)
     if in_group:
         return "native" if even else ("bcast" if gather else "reduce")
     forced = os.environ.get("FP4CCL_ALGO")  # read per call: tests and users change it between calls
