@@ -6,7 +6,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD/out}"; mkdir -p "$OUT"
 PY=python3
-stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(info tests mpi sweep vsweep fp4bench overlap)
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(info tests mpi sweep vsweep algos fp4bench overlap)
 ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
 summary="$OUT/summary.txt"; : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -37,6 +37,16 @@ for stage in "${stages[@]}"; do
       timeout 260 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
         --ops all_gather,reduce_scatter,all_gatherv,reduce_scatterv,all_gatherv_nvfp4,all_gatherv_nvfp4_raw,all_gatherv_mxfp4,reduce_scatterv_nvfp4 --json "$OUT/vsweep.json" --plot "$OUT/vsweep.png" > "$OUT/vsweep.log" 2>&1
       note "vsweep rc=$?"; grep -v "^\[rank[1-9]" "$OUT/vsweep.log" | tail -n 60 >> "$summary" ;;
+    algos)
+      # The same uneven sweep with each v-collective algorithm forced, to fit vcollectives.choose().
+      : > "$OUT/algos.log"
+      for algo in padded bcast p2p reduce; do
+        ops=all_gatherv; [ "$algo" = reduce ] && ops=reduce_scatterv; [ "$algo" = padded ] && ops=all_gatherv,reduce_scatterv
+        echo "===== FP4CCL_ALGO=$algo" >> "$OUT/algos.log"
+        FP4CCL_ALGO=$algo timeout 120 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 10 -w 3 \
+          -d bfloat16 --ops "$ops" >> "$OUT/algos.log" 2>&1
+        note "algos $algo rc=$?"
+      done ;;
     fp4bench)
       timeout 150 $PY bench/bench_fp4_kernels.py > "$OUT/fp4bench.log" 2>&1
       note "fp4bench rc=$?"; tail -n 30 "$OUT/fp4bench.log" >> "$summary" ;;
@@ -48,3 +58,5 @@ for stage in "${stages[@]}"; do
   note "-- $stage took $(( $(date +%s) - start )) s"
 done
 cat "$summary"
+# Few files come back from a run: pack every log, table and plot into one archive.
+(cd "$OUT" && tar czf all.tgz --exclude=all.tgz --exclude=summary.txt . && find . -type f ! -name all.tgz ! -name summary.txt -delete)
