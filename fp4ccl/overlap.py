@@ -55,7 +55,10 @@ _BLOCK = {"nvfp4": 16, "mxfp4": 32}
 RS_OPS = ("sum", "avg")
 _MATMUL_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _GROW = 2 << 20
-DEFAULT_MIN_BYTES = 32 << 20
+# Where the pipelined path starts to win, measured on 4 x H200 (N = K = 8192 bf16, docs/OVERLAP.md): ag+mm
+# lost at 32 MiB gathered (M = 2048: 0.233 ms against 0.218 sequential) and won at 64 MiB; mm+rs lost
+# at a 16 MiB product (M = 1024) and won at 32 MiB (0.202 against 0.238).
+DEFAULT_MIN_BYTES = {"all_gather_matmul": 64 << 20, "matmul_reduce_scatter": 32 << 20}
 
 
 # -- per-communicator state -------------------------------------------------------------------------------
@@ -305,9 +308,9 @@ def _variant() -> dict:
     return {"streams": _n_streams(), "barrier": barrier_mode()}
 
 
-def _min_bytes() -> int:
+def _min_bytes(what: str) -> int:
     raw = os.environ.get("FP4CCL_OVERLAP_MIN_BYTES", "")
-    return int(float(raw)) if raw else DEFAULT_MIN_BYTES
+    return int(float(raw)) if raw else DEFAULT_MIN_BYTES[what]
 
 
 def _choose(comm, st: _State, what: str, nbytes: int, sig: dict) -> str:
@@ -460,7 +463,7 @@ def all_gather_matmul(comm, a_shard, bs, gather_dim: int = 0, *, return_a: bool 
             var = _variant()
             sig = {"a": list(spec.info.shape), "dtype": spec.info.dtype,
                    "b": [list(_arrays.describe(b).shape) for b in spec.bs], "dim": spec.dim, "rhs": spec.rhs,
-                   "compress": spec.compress, "path": _env_mode(), "min_bytes": _min_bytes(), **var}
+                   "compress": spec.compress, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
         except _Bad as err:
             bad = err
         except ValueError as err:  # a bad FP4CCL_* variable
@@ -857,7 +860,7 @@ def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum"):
             spec = _rs_check(comm, a, b, scatter_dim, op)
             var = _variant()
             sig = {"a": list(spec.info.shape), "b": list(_arrays.describe(b).shape), "dtype": spec.info.dtype,
-                   "dim": spec.dim, "op": spec.op, "path": _env_mode(), "min_bytes": _min_bytes(), **var}
+                   "dim": spec.dim, "op": spec.op, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
         except _Bad as err:
             bad = err
         except ValueError as err:

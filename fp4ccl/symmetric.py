@@ -177,12 +177,15 @@ def _memops(device: int) -> Optional[_MemOps]:
 
 
 BARRIER_MODES = ("kernel", "memop")
-DEFAULT_BARRIER = "kernel"
+# memop measured faster or even on 4 x H200 (docs/OVERLAP.md): 0.233 against 0.346 ms (ag+mm, M = 2048),
+# 0.202 against 0.313 (mm+rs, M = 2048); at M >= 8192 the two were within 4% either way.
+DEFAULT_BARRIER = "memop"
 
 
 def barrier_mode() -> str:
-    """FP4CCL_SYMM_BARRIER: 'kernel' (one warp; traps after FP4CCL_TIMEOUT) or 'memop' (stream memory
-    operations: no SM needed, so the barrier is never queued behind a matmul holding every SM)."""
+    """FP4CCL_SYMM_BARRIER: 'memop' (default: stream memory operations, no SM needed, so the barrier is
+    never queued behind a matmul holding every SM; no timeout) or 'kernel' (one warp; traps after
+    FP4CCL_TIMEOUT, so a rank that skips a call gives an error instead of a hang)."""
     mode = os.environ.get("FP4CCL_SYMM_BARRIER", "").lower() or DEFAULT_BARRIER
     if mode not in BARRIER_MODES:
         raise ValueError(f"FP4CCL_SYMM_BARRIER={mode!r} is not one of {', '.join(BARRIER_MODES)}")
