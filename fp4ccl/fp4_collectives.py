@@ -18,9 +18,11 @@ import numpy as np
 
 from . import _arrays
 from ._arrays import ArrayInfo
+from .formats.kernels import MAXSUM
 from .formats.tensor import BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, check_format, check_k, packed_layout
 
 GLOBAL_SCALES = ("per_rank", "shared")
+_MAX_REDUCE_RANKS = MAXSUM  # contributions one fused dequantize_sum launch can take
 _ALIGN = 256
 
 
@@ -194,6 +196,9 @@ def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress
     sizes = comm._sizes(sizes, 0, "reduce_scatterv")
     if sum(sizes) != info.shape[0]:
         raise ValueError(f"reduce_scatterv: x has {info.shape[0]} rows but sizes add up to {sum(sizes)}")
+    if info.device is not None and comm.size > _MAX_REDUCE_RANKS:
+        raise ValueError(f"reduce_scatterv with compress={compress!r} supports up to {_MAX_REDUCE_RANKS} ranks "
+                         f"on the GPU (one fused decode-and-sum launch), this communicator has {comm.size}")
     out, oinfo = comm._output(info, (sizes[comm.rank],) + info.shape[1:], out)
     rows = [s * inner for s in sizes]
     codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
@@ -325,11 +330,10 @@ class _HostCodec:
 
     def sum_dequantized(self, recv, layout, rows, K, fmt, size, oinfo):
         from .formats import reference
-        acc = np.zeros((rows, K), np.float32)
-        for r in range(size):
-            data, scales, s_dec = reference.read_packed(recv, rows, K, fmt, r * layout.total_bytes)
-            acc += reference.dequantize_2d(data, scales, s_dec, fmt, K, np.float32)
-        _arrays.host_view(oinfo).reshape(rows, K)[...] = acc.astype(_arrays.host_view(oinfo).dtype)
+        parts = [reference.read_packed(recv, rows, K, fmt, r * layout.total_bytes) for r in range(size)]
+        view = _arrays.host_view(oinfo)
+        view.reshape(rows, K)[...] = reference.dequantize_sum([p[0] for p in parts], [p[1] for p in parts],
+                                                              [p[2] for p in parts], fmt, K, view.dtype)
 
     def comm_all_reduce_max(self, value):
         return np.float32(self.comm.all_reduce(np.array([value], np.float32), "max")[0])
@@ -625,60 +629,7 @@ class _GpuCodec:
         bs = BLOCK_SIZE[fmt]
         n = rows * K
         slots = [recv + r * layout.total_bytes for r in range(size)]
-        if hasattr(kernels, "dequantize_sum"):
-            kernels.dequantize_sum(self.device, oinfo.ptr, oinfo.dtype, K, fmt, n // bs,
-                                   [(a, a + layout.scale_off, a + layout.gs_off if fmt == "nvfp4" else 0) for a in slots],
-                                   self.stream)
-            return
-        # Decode every contribution to fp32 side by side, then one fp32 sum and one rounding.
-        segs = [(n // bs, r * n // bs, a, a + layout.scale_off, a + layout.gs_off if fmt == "nvfp4" else 0)
-                for r, a in enumerate(slots)]
-        f32 = _workspace_f32(self.comm, size * n)
-        kernels.dequantize(self.device, f32, "float32", K, fmt, "linear", segs, 0, self.stream)
-        _sum_rows_f32(f32, size, n, oinfo, self.stream)
-
-
-def _workspace_f32(comm, count: int) -> int:
-    """A second cached workspace for the fp32 staging of the reduce-scatter's unfused sum."""
-    ws = comm._extras.get("fp4_f32")
-    if ws is None:
-        from .vcollectives import Workspace
-        ws = comm._extras["fp4_f32"] = Workspace(comm.device)
-    return ws.get(max(count * 4, 4))
-
-
-def _sum_rows_f32(ptr: int, parts: int, n: int, oinfo: ArrayInfo, stream: int) -> None:
-    """out = sum over `parts` fp32 arrays of n elements laid end to end at ptr, rounded once to out's dtype."""
-    if oinfo.framework == "torch":
-        import torch
-        device = oinfo.obj.device
-        current = torch.cuda.current_stream(device)
-        # Reuse torch's own Stream object when it is ours: a second wrapper of the same handle would
-        # hide an ongoing graph capture from torch's allocator.
-        ctx = torch.cuda.stream(current if current.cuda_stream == stream else
-                                torch.cuda.ExternalStream(stream, device=device))
-        with ctx:
-            acc = _torch_view_f32(ptr, parts * n, device).view(parts, n)
-            oinfo.obj.view(-1).copy_(acc.sum(dim=0))
-        return
-    import cupy
-    with cupy.cuda.ExternalStream(stream, oinfo.device):
-        mem = cupy.cuda.UnownedMemory(ptr, parts * n * 4, None, device_id=oinfo.device)
-        acc = cupy.ndarray((parts, n), np.float32, cupy.cuda.MemoryPointer(mem, 0))
-        res = _arrays.as_cupy(oinfo).reshape(-1)
-        res[...] = acc.sum(axis=0).astype(res.dtype)
-
-
-def _torch_view_f32(ptr: int, n: int, device):
-    """A torch view of n fp32 values at a device address, with no stream handshake (unlike DLPack,
-    whose producer-side event on another stream would break an ongoing CUDA-graph capture)."""
-    import torch
-    return torch.as_tensor(_DeviceSpan(ptr, n), device=device)
-
-
-class _DeviceSpan:
-    """The smallest __cuda_array_interface__ exporter: fp32, 1-D, no stream."""
-
-    def __init__(self, ptr: int, n: int):
-        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "<f4", "data": (ptr, False), "version": 2,
-                                         "strides": None}
+        # One pass: decode every contribution, sum in fp32 in rank order, round once.
+        kernels.dequantize_sum(self.device, oinfo.ptr, oinfo.dtype, K, fmt, n // bs,
+                               [(a, a + layout.scale_off, a + layout.gs_off if fmt == "nvfp4" else 0) for a in slots],
+                               self.stream)
