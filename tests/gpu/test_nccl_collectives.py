@@ -179,6 +179,9 @@ def test_vcopy_kernel_copies_exactly_the_segments(case):
     with cupy.cuda.Device(0):
         src = cupy.asarray(host_src)
         dst = cupy.full(n, 0xA5, dtype=cupy.uint8)
+        # The upload and the fill ran on CuPy's default stream, which a non-blocking stream does not
+        # wait for: finish them first, or the copy races them.
+        cupy.cuda.Device(0).synchronize()
         stream = cupy.cuda.Stream(non_blocking=True)
         table = [(int(dst.data.ptr) + d, int(src.data.ptr) + s, k) for d, s, k in segs]
         assert vc.launch_vcopy(0, table, stream.ptr), "the kernel did not load (see FP4CCL_DEBUG=INFO)"
