@@ -31,16 +31,21 @@ _INFO = logging.INFO
 GATHER_ALGOS = ("native", "padded", "bcast", "p2p")
 SCATTER_ALGOS = ("native", "padded", "reduce")
 
-# choose(): the grouped form below *_BELOW_BYTES (latency-bound: it has no copy launches, and the
-# reference puts it at 1.09-1.33x of the native op, which the padded form's extra launches exceed)
-# and from *_FROM_BYTES (bandwidth-bound: padding's extra wire bytes plus the copy pass cost more
-# than the grouped form's slower pipeline); "padded" in between unless padding would add more than
-# MAX_PADDING_RATIO times the bytes. Totals are the bytes of all ranks' rows together.
-BCAST_BELOW_BYTES = 2 << 20
-BCAST_FROM_BYTES = 40 << 20
-REDUCE_BELOW_BYTES = 4 << 20
-REDUCE_FROM_BYTES = 32 << 20
-MAX_PADDING_RATIO = 1.5
+# choose(), fitted to the per-algorithm sweeps of bench/RESULTS.md (run 4: 4 x H200, ranks alternating
+# 1.25x / 0.75x of the mean; totals are all ranks' bytes together):
+# - all_gatherv: the grouped broadcast below BCAST_BELOW_BYTES (42-46 us up to 2 MiB, against 65-100
+#   for padded and 49-62 for p2p) and from BCAST_FROM_BYTES (1320 us at 512 MiB, p2p 1648, padded
+#   1871); p2p in between (62 us at 8 MiB and 128 at 32 MiB, against 73/149 padded and 81/193
+#   bcast). Padded wins only where padding adds almost nothing: within NEAR_EVEN_RATIO of the bytes.
+# - reduce_scatterv: the grouped reduce everywhere (41-45 us up to 2 MiB, 396 at 128 MiB, 1312 at
+#   512 MiB, padded 67-1929) except between REDUCE_BELOW_BYTES and REDUCE_FROM_BYTES with at most
+#   MAX_PADDING_RATIO padding, where padded measured ahead (154 against 161 us at 32 MiB).
+BCAST_BELOW_BYTES = 4 << 20
+BCAST_FROM_BYTES = 64 << 20
+NEAR_EVEN_RATIO = 1.05
+REDUCE_BELOW_BYTES = 16 << 20
+REDUCE_FROM_BYTES = 64 << 20
+MAX_PADDING_RATIO = 1.25
 
 # The segmented-copy kernel (csrc/vcopy.cu): these mirror its #defines.
 VCOPY_SOURCE = "vcopy.cu"
@@ -84,15 +89,14 @@ def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = Fal
     if even:
         return "native"
     total = sum(counts) * itemsize
+    padding = max(counts) * len(counts) * itemsize / total
     if gather:
-        grouped, below, above = "bcast", BCAST_BELOW_BYTES, BCAST_FROM_BYTES
-    else:
-        grouped, below, above = "reduce", REDUCE_BELOW_BYTES, REDUCE_FROM_BYTES
-    if total < below or total >= above:
-        return grouped
-    if max(counts) * len(counts) * itemsize > MAX_PADDING_RATIO * total:
-        return grouped
-    return "padded"
+        if total < BCAST_BELOW_BYTES or total >= BCAST_FROM_BYTES:
+            return "bcast"
+        return "padded" if padding <= NEAR_EVEN_RATIO else "p2p"
+    if REDUCE_BELOW_BYTES <= total < REDUCE_FROM_BYTES and padding <= MAX_PADDING_RATIO:
+        return "padded"
+    return "reduce"
 
 
 class Workspace:

@@ -11,8 +11,8 @@ import pytest
 
 from fp4ccl import vcollectives as vc
 from fp4ccl._arrays import ArrayInfo
-from fp4ccl.vcollectives import (BCAST_BELOW_BYTES, BCAST_FROM_BYTES, MAX_PADDING_RATIO, REDUCE_BELOW_BYTES,
-                                 REDUCE_FROM_BYTES, choose)
+from fp4ccl.vcollectives import (BCAST_BELOW_BYTES, BCAST_FROM_BYTES, MAX_PADDING_RATIO, NEAR_EVEN_RATIO,
+                                 REDUCE_BELOW_BYTES, REDUCE_FROM_BYTES, choose)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,10 +45,19 @@ def test_small_totals_use_the_grouped_form():
     assert choose("all_gatherv", [1000, 900, 800, 1000], 2) == "bcast"
 
 
-def test_mid_sizes_with_modest_imbalance_pad():
-    for total in (8 << 20, 16 << 20):
-        assert choose("all_gatherv", uneven(total), 2) == "padded", total
-        assert choose("reduce_scatterv", uneven(total), 2) == "padded", total
+def test_mid_size_gathers_go_point_to_point_unless_nearly_even():
+    # 1.25x / 0.75x imbalance: p2p measured fastest for the gather between the two thresholds.
+    for total in (8 << 20, 32 << 20):
+        assert choose("all_gatherv", uneven(total), 2) == "p2p", total
+    q = (8 << 20) // 4
+    nearly_even = [q, q, q, q - 64]
+    assert 4 * q / sum(nearly_even) <= NEAR_EVEN_RATIO
+    assert choose("all_gatherv", nearly_even, 1) == "padded"
+
+
+def test_reduce_scatterv_pads_only_in_its_band():
+    assert choose("reduce_scatterv", uneven(8 << 20), 2) == "reduce"
+    assert choose("reduce_scatterv", uneven(32 << 20), 2) == "padded"
 
 
 def test_large_totals_use_the_grouped_form():
@@ -57,29 +66,29 @@ def test_large_totals_use_the_grouped_form():
         assert choose("reduce_scatterv", uneven(total), 2) == "reduce", total
 
 
-@pytest.mark.parametrize("kind,grouped,below,above", [
-    ("all_gatherv", "bcast", BCAST_BELOW_BYTES, BCAST_FROM_BYTES),
-    ("reduce_scatterv", "reduce", REDUCE_BELOW_BYTES, REDUCE_FROM_BYTES),
+@pytest.mark.parametrize("kind,grouped,middle,below,above", [
+    ("all_gatherv", "bcast", "padded", BCAST_BELOW_BYTES, BCAST_FROM_BYTES),
+    ("reduce_scatterv", "reduce", "padded", REDUCE_BELOW_BYTES, REDUCE_FROM_BYTES),
 ])
-def test_thresholds_are_where_the_constants_say(kind, grouped, below, above):
+def test_thresholds_are_where_the_constants_say(kind, grouped, middle, below, above):
     assert below < above
     # 4 ranks of 1-byte items, one rank one item short: padding is negligible.
     def counts(total):
         q = total // 4
         return [q, q, q, total - 3 * q - 1]
     assert choose(kind, counts(below - 4), 1) == grouped
-    assert choose(kind, counts(below + 4), 1) == "padded"
-    assert choose(kind, counts(above - 4), 1) == "padded"
+    assert choose(kind, counts(below + 4), 1) == middle
+    assert choose(kind, counts(above - 4), 1) == middle
     assert choose(kind, counts(above + 4), 1) == grouped
 
 
-def test_heavy_padding_uses_the_grouped_form_even_mid_size():
-    total = 8 << 20
+def test_heavy_padding_never_pads():
+    total = 32 << 20
     lopsided = [total // 2, total // 6, total // 6, total - total // 2 - 2 * (total // 6)]
     assert 4 * max(lopsided) > MAX_PADDING_RATIO * total
-    assert choose("all_gatherv", lopsided, 1) == "bcast"
+    assert choose("all_gatherv", lopsided, 1) == "p2p"
     assert choose("reduce_scatterv", lopsided, 1) == "reduce"
-    assert choose("all_gatherv", [total, 0, 0, 0], 1) == "bcast"  # padding would quadruple the bytes
+    assert choose("all_gatherv", [total, 0, 0, 0], 1) == "p2p"  # padding would quadruple the bytes
 
 
 def test_inside_a_group_only_nccl_only_algorithms(monkeypatch):

@@ -228,7 +228,7 @@ def _every_band(comm, seed):
     dev = f"cuda:{comm.device}"
     row = 64 * 2
     seen = []
-    for total in (48 << 10, 8 << 20, 64 << 20):
+    for total in (48 << 10, 8 << 20, 32 << 20, 64 << 20):
         mean = total // row // comm.size
         sizes = [mean + (mean // 4 if r % 2 == 0 else -(mean // 4)) for r in range(comm.size)]
         counts = [s * 64 for s in sizes]
@@ -244,5 +244,5 @@ def _every_band(comm, seed):
         torch.cuda.synchronize(comm.device)
         want = comm.size * (comm.size + 1) / 2
         assert mine.shape == (sizes[comm.rank], 64) and bool((mine == want).all()), f"rank {comm.rank} total {total}"
-    assert seen == [("bcast", "reduce"), ("padded", "padded"), ("bcast", "reduce")], seen
+    assert seen == [("bcast", "reduce"), ("p2p", "reduce"), ("p2p", "padded"), ("bcast", "reduce")], seen
     return True
