@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
 from . import _arrays
 from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
+from .vcollectives import offsets
 from .formats.tensor import BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, check_format, check_k, packed_layout
 
 GLOBAL_SCALES = ("per_rank", "shared")
@@ -45,13 +46,6 @@ class GatheredFP4Tensor(FP4Tensor):
 def _round_up(n: int, m: int = _ALIGN) -> int:
     return (n + m - 1) // m * m
 
-
-def _offsets(counts: Sequence[int]) -> List[int]:
-    out, acc = [], 0
-    for c in counts:
-        out.append(acc)
-        acc += c
-    return out
 
 
 def _bytes_info(like: ArrayInfo, ptr: int, nbytes: int) -> ArrayInfo:
@@ -108,7 +102,7 @@ def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_
     if dequantize:
         codec.gather_dequantize(info, K, compress, shared, rows, oinfo)
         return out
-    row_offsets = tuple(_offsets(sizes)) + (sum(sizes),)
+    row_offsets = tuple(offsets(sizes)) + (sum(sizes),)
     gathered = codec.gather_fp4(info, K, compress, shared, rows, shape, row_offsets)
     if shared and gathered.global_scale is not None:
         gathered.global_scale = gathered.global_scale[0]  # every rank quantized with the same one
@@ -134,8 +128,8 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream):
     codec.pack_tensor(q, send, layouts[comm.rank])
     codec.gather(send, recv, counts)
     shape = (sum(sizes),) + tuple(q.shape[1:])
-    return codec.unpack_gathered(recv, _offsets(counts), layouts, rows, K, q.format, info, shape,
-                                 tuple(_offsets(sizes)) + (sum(sizes),), dtype=q.dtype)
+    return codec.unpack_gathered(recv, offsets(counts), layouts, rows, K, q.format, info, shape,
+                                 tuple(offsets(sizes)) + (sum(sizes),), dtype=q.dtype)
 
 
 def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=None):
@@ -229,7 +223,7 @@ class _HostCodec:
 
     def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
         send, recv, layouts, offs = self._gather_packed(info, K, fmt, shared, rows)
-        row_offs = _offsets(rows)
+        row_offs = offsets(rows)
         self.dequantize(recv, [(row_offs[r], rows[r], offs[r], layouts[r]) for r in range(len(rows))], K, fmt, oinfo)
 
     def gather_fp4(self, info, K, fmt, shared, rows, shape, row_offsets):
@@ -244,7 +238,7 @@ class _HostCodec:
         amax = self.amax(info, fmt, shared)
         self.quantize(info, K, fmt, amax, [(0, rows[me], send, 0)], layouts[me])
         self.gather(send, recv, counts)
-        return send, recv, layouts, _offsets(counts)
+        return send, recv, layouts, offsets(counts)
 
     def reduce_scatter(self, info, K, fmt, rows, oinfo, rounding, seed):
         me, n = self.comm.rank, self.comm.size
@@ -252,8 +246,8 @@ class _HostCodec:
         send_counts = [lay.total_bytes for lay in layouts]
         mine = layouts[me]
         send, recv = self.buffers(sum(send_counts), mine.total_bytes * n)
-        row_offs = _offsets(rows)
-        send_offs = _offsets(send_counts)
+        row_offs = offsets(rows)
+        send_offs = offsets(send_counts)
         # Each chunk is a tensor of its own: its own amax, hence its own global scale.
         for peer in range(n):
             amax = self.amax_rows(info, K, fmt, row_offs[peer], rows[peer])
@@ -393,17 +387,17 @@ class _GpuCodec:
         overlap = n > 1 and out_bytes >= OVERLAP_FROM_BYTES
         nchunks = 2 if n > 1 and out_bytes >= PIPELINE_FROM_BYTES else 1
         parts = [_split(r, nchunks) for r in rows]                  # parts[rank][chunk]
-        starts = [_offsets(p) for p in parts]                       # first row of each chunk, per rank
+        starts = [offsets(p) for p in parts]                       # first row of each chunk, per rank
         lay = [[packed_layout(parts[r][c], K, fmt) for c in range(nchunks)] for r in range(n)]
         counts = [[lay[r][c].total_bytes for r in range(n)] for c in range(nchunks)]
-        send_offs = _offsets([lay[me][c].total_bytes for c in range(nchunks)])
-        recv_offs = _offsets([sum(cc) for cc in counts])
+        send_offs = offsets([lay[me][c].total_bytes for c in range(nchunks)])
+        recv_offs = offsets([sum(cc) for cc in counts])
         send, recv = self.buffers(sum(lay[me][c].total_bytes for c in range(nchunks)),
                                   sum(sum(cc) for cc in counts))
         amax = self.amax(info, fmt, shared)
         self.quantize(info, K, fmt, amax, [(starts[me][c], parts[me][c], send + send_offs[c], lay[me][c])
                                            for c in range(nchunks)])
-        out_rows = _offsets(rows)
+        out_rows = offsets(rows)
         side = self._side() if overlap else None
         decode = self.stream
         if side is not None:
@@ -414,7 +408,7 @@ class _GpuCodec:
         for c in range(nchunks):
             base = recv + recv_offs[c]
             self.gather(send + send_offs[c], base, counts[c])
-            offs = _offsets(counts[c])
+            offs = offsets(counts[c])
             segs = [(out_rows[r] + starts[r][c], parts[r][c], base + offs[r], lay[r][c])
                     for r in range(n) if side is None or r != me]
             if side is not None:
@@ -461,16 +455,16 @@ class _GpuCodec:
         amax = self.amax(info, fmt, shared)
         self.quantize(info, K, fmt, amax, [(0, rows[me], send, layouts[me])])
         self.gather(send, recv, counts)
-        return self.unpack_gathered(recv, _offsets(counts), layouts, rows, K, fmt, info, shape, row_offsets)
+        return self.unpack_gathered(recv, offsets(counts), layouts, rows, K, fmt, info, shape, row_offsets)
 
     def reduce_scatter(self, info, K, fmt, rows, oinfo, rounding, seed):
         n, me = self.comm.size, self.comm.rank
         lays = [packed_layout(r, K, fmt) for r in rows]
         mine = lays[me]
         send_counts = [0 if p == me else lays[p].total_bytes for p in range(n)]
-        send_offs = _offsets(send_counts)
+        send_offs = offsets(send_counts)
         send, recv = self.buffers(sum(send_counts), mine.total_bytes * n)
-        row_offs = _offsets(rows)
+        row_offs = offsets(rows)
         overlap = n > 1 and info.nbytes >= OVERLAP_FROM_BYTES
         side = self._side() if overlap else None
         quant = self.stream
@@ -581,7 +575,7 @@ class _GpuCodec:
 
     def all_to_all(self, send, send_counts, recv, recv_each):
         be = self.comm._backend
-        offs = _offsets(send_counts)
+        offs = offsets(send_counts)
         be.group_start()
         try:
             for peer in range(self.comm.size):

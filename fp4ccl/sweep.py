@@ -23,7 +23,6 @@ import dataclasses
 import ctypes
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -626,6 +625,18 @@ def _combine(case: Case, start: int, stop: int, ranks=None, offset: int = 0):
     return acc
 
 
+def _gathered(case: Case, start: int, stop: int, values) -> object:
+    """Expected [start, stop) of an equal-parts gather: rank r's `values(r, i, j)` sit at r * per + i."""
+    per = case.sizing.send_count
+    parts, pos = [], start
+    while pos < stop:   # a slice may span several ranks' blocks
+        r, i = divmod(pos, per)
+        end = min(stop, (r + 1) * per)
+        parts.append(values(r, i, i + end - pos))
+        pos = end
+    return _cat(case.frame, parts)
+
+
 class AllGather(SweepOp):
     name = "all_gather"
 
@@ -637,15 +648,7 @@ class AllGather(SweepOp):
         return Sizing(per * n * itemsize, per * n, per, per * n) if per else None
 
     def expected(self, case, start, stop):
-        per = case.sizing.send_count
-        parts = []
-        pos = start
-        while pos < stop:   # a slice may span several ranks' blocks
-            r, i = divmod(pos, per)
-            end = min(stop, (r + 1) * per)
-            parts.append(case.input_values(r, i, i + end - pos))
-            pos = end
-        return _cat(case.frame, parts)
+        return _gathered(case, start, stop, case.input_values)
 
 
 class ReduceScatter(SweepOp):
@@ -880,7 +883,7 @@ class AllGatherVFp4(_Fp4Op):
         return Sizing(self.wire(rows, n), count * n, count, count * n, logical_bytes=count * n * itemsize)
 
     def call(self, comm, case):
-        f, rows = case.frame, case.sizing.send_count // FP4_K
+        rows = case.sizing.send_count // FP4_K
         s = case.send.reshape(rows, FP4_K)
         r = case.recv.reshape(case.nranks * rows, FP4_K)
         sizes = [rows] * case.nranks
@@ -900,14 +903,7 @@ class AllGatherVFp4(_Fp4Op):
         return case.recv
 
     def expected(self, case, start, stop):
-        per = case.sizing.send_count
-        parts, pos = [], start
-        while pos < stop:
-            r, i = divmod(pos, per)
-            end = min(stop, (r + 1) * per)
-            parts.append(_fp4_values(case, r, i, i + end - pos))
-            pos = end
-        return _cat(case.frame, parts)
+        return _gathered(case, start, stop, lambda r, a, b: _fp4_values(case, r, a, b))
 
 
 class AllGatherVFp4Raw(AllGatherVFp4):

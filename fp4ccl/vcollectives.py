@@ -23,6 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from ._arrays import ArrayInfo
+from ._cuda import StreamRef, runtime as _rt
 from ._log import get_logger
 
 log = get_logger("fp4ccl.vcollectives")
@@ -125,33 +126,15 @@ class Workspace:
         self.nbytes = 0
 
 
-_runtime = None
-
-
-def _rt():
-    global _runtime
-    if _runtime is None:
-        from cupy_backends.cuda.api import runtime
-        _runtime = runtime
-    return _runtime
 
 
 def copy(dst: int, src: int, nbytes: int, stream: int) -> None:
     """Device-to-device copy on `stream` (skipped when empty)."""
     if nbytes:
-        (_runtime or _rt()).memcpyAsync(dst, src, nbytes, _D2D, stream)
+        _rt().memcpyAsync(dst, src, nbytes, _D2D, stream)
 
 
 # -- the segmented copy -------------------------------------------------------------------------------
-
-class _StreamRef:
-    """What CuPy's Function.__call__ reads a stream from (only `.ptr`), for a raw handle."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
 
 _vcopy_lock = threading.Lock()
 _vcopy: Dict[int, object] = {}  # device -> (function, max blocks) or None when the kernel is unusable
@@ -189,7 +172,7 @@ def launch_vcopy(device: int, segments: Sequence[Tuple[int, int, int]], stream: 
     if kernel is None:
         return False
     fn, max_blocks = kernel
-    rt = _runtime or _rt()
+    rt = _rt()
     switch = rt.getDevice() != device
     if switch:
         prev = rt.getDevice()
@@ -206,7 +189,7 @@ def launch_vcopy(device: int, segments: Sequence[Tuple[int, int, int]], stream: 
             flat[2 * VCOPY_MAXSEG:2 * VCOPY_MAXSEG + n] = sizes
             most = max(sizes)
             gx = max(1, min(-(-most // _VCOPY_BLOCK_BYTES), max_blocks // n))
-            fn((gx, n, 1), (VCOPY_THREADS, 1, 1), (table,), 0, _StreamRef(stream))
+            fn((gx, n, 1), (VCOPY_THREADS, 1, 1), (table,), 0, StreamRef(stream))
     finally:
         if switch:
             rt.setDevice(prev)
@@ -276,10 +259,10 @@ class NcclVariable:
                 off += n
             copy_segments(self.workspace.device, segs, stream)
         else:  # p2p
-            offsets = _offsets(counts)
+            offs = offsets(counts)
             be.group_start()
             try:
-                for r, (off, n) in enumerate(zip(offsets, counts)):
+                for r, (off, n) in enumerate(zip(offs, counts)):
                     if r == rank:
                         continue
                     if counts[rank]:
@@ -288,7 +271,7 @@ class NcclVariable:
                         be.recv(part(recv, off, n), r, stream)
             finally:
                 be.group_end()
-            copy(recv.ptr + offsets[rank] * send.itemsize, send.ptr, send.nbytes, stream)
+            copy(recv.ptr + offs[rank] * send.itemsize, send.ptr, send.nbytes, stream)
 
     def reduce_scatterv(self, send: ArrayInfo, recv: ArrayInfo, counts: List[int], op: str, stream: int) -> None:
         be = self.backend
@@ -330,7 +313,8 @@ class NcclVariable:
             copy(recv.ptr, result.ptr, recv.nbytes, stream)
 
 
-def _offsets(counts: Sequence[int]) -> List[int]:
+def offsets(counts: Sequence[int]) -> List[int]:
+    """Where each part starts when parts of these lengths are laid end to end."""
     out, acc = [], 0
     for n in counts:
         out.append(acc)

@@ -6,6 +6,8 @@ expected result. Outputs are slices of larger buffers pre-filled with a sentinel
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from fp4ccl._arrays import numpy_dtype
@@ -133,6 +135,23 @@ def same_order_reduce(arrays, op: str, size: int, dtype: str) -> np.ndarray:
 
 # -- the checks (each runs on every rank) -----------------------------------------------------------
 
+def _cases(framework, dtypes, *axes):
+    """(case number, dtype, *axis values) for every dtype the framework has and every combination of axes."""
+    case = 0
+    for dtype in dtypes:
+        if not supports(framework, dtype):
+            continue
+        for combo in itertools.product(*axes):
+            case += 1
+            yield (case, dtype) + combo
+
+
+def _inputs(comm, seed, case, framework, shape, dtype, op="sum"):
+    """Every rank's input for this case (numpy), and this rank's in the framework under test."""
+    inputs = [make_input(seed, r, case, shape, dtype, op) for r in range(comm.size)]
+    return inputs, to_framework(inputs[comm.rank], framework, comm.device)
+
+
 def _expect_reduction(comm, inputs, op, dtype, exact):
     return same_order_reduce(inputs, op, comm.size, dtype) if exact else reference_reduce(inputs, op, comm.size)
 
@@ -143,134 +162,98 @@ def _valid_op(op, dtype):
 
 def check_all_reduce(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS, exact=True):
     case = 0
-    for dtype in dtypes:
-        if not supports(framework, dtype):
+    for case, dtype, op, count in _cases(framework, dtypes, OPS, counts):
+        if not _valid_op(op, dtype):
             continue
-        for op in OPS:
-            if not _valid_op(op, dtype):
-                continue
-            for count in counts:
-                case += 1
-                inputs = [make_input(seed, r, case, (count,), dtype, op) for r in range(comm.size)]
-                x = to_framework(inputs[comm.rank], framework, comm.device)
-                fbuf, out = sentinel_out(comm, framework, (count,), dtype)
-                res = comm.all_reduce(x, op, out=out)
-                _sync(comm)
-                what = f"rank {comm.rank} all_reduce {dtype} op={op} count={count}"
-                assert res is out, what
-                check_no_overrun(fbuf, (count,), dtype, what)
-                assert_close(to_numpy(out, dtype), _expect_reduction(comm, inputs, op, dtype, exact),
-                             dtype, op, comm.size, what)
+        inputs, x = _inputs(comm, seed, case, framework, (count,), dtype, op)
+        fbuf, out = sentinel_out(comm, framework, (count,), dtype)
+        res = comm.all_reduce(x, op, out=out)
+        _sync(comm)
+        what = f"rank {comm.rank} all_reduce {dtype} op={op} count={count}"
+        assert res is out, what
+        check_no_overrun(fbuf, (count,), dtype, what)
+        assert_close(to_numpy(out, dtype), _expect_reduction(comm, inputs, op, dtype, exact),
+                     dtype, op, comm.size, what)
     return case
 
 
 def check_broadcast(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS):
     case = 0
-    for dtype in dtypes:
-        if not supports(framework, dtype):
-            continue
-        for count in counts:
-            for root in range(comm.size):
-                case += 1
-                inputs = [make_input(seed, r, case, (count, 3), dtype) for r in range(comm.size)]
-                x = to_framework(inputs[comm.rank], framework, comm.device)
-                fbuf, out = sentinel_out(comm, framework, (count, 3), dtype)
-                comm.broadcast(x, root, out=out)
-                fresh = comm.broadcast(x, root)  # default allocation path
-                _sync(comm)
-                what = f"rank {comm.rank} broadcast {dtype} count={count} root={root}"
-                check_no_overrun(fbuf, (count, 3), dtype, what)
-                want = inputs[root].view(np.uint8)
-                assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want), what
-                assert np.array_equal(to_numpy(fresh, dtype).view(np.uint8), want), what + " (allocated out)"
+    for case, dtype, count, root in _cases(framework, dtypes, counts, range(comm.size)):
+        inputs, x = _inputs(comm, seed, case, framework, (count, 3), dtype)
+        fbuf, out = sentinel_out(comm, framework, (count, 3), dtype)
+        comm.broadcast(x, root, out=out)
+        fresh = comm.broadcast(x, root)  # default allocation path
+        _sync(comm)
+        what = f"rank {comm.rank} broadcast {dtype} count={count} root={root}"
+        check_no_overrun(fbuf, (count, 3), dtype, what)
+        want = inputs[root].view(np.uint8)
+        assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want), what
+        assert np.array_equal(to_numpy(fresh, dtype).view(np.uint8), want), what + " (allocated out)"
     return case
 
 
 def check_reduce(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS, exact=True):
     case = 0
-    for dtype in dtypes:
-        if not supports(framework, dtype):
+    for case, dtype, op, count, root in _cases(framework, dtypes, ("sum", "max"), counts, range(comm.size)):
+        inputs, x = _inputs(comm, seed, case, framework, (count,), dtype, op)
+        fbuf, out = sentinel_out(comm, framework, (count,), dtype)
+        res = comm.reduce(x, root, op, out=out if comm.rank == root else None)
+        _sync(comm)
+        what = f"rank {comm.rank} reduce {dtype} op={op} count={count} root={root}"
+        if comm.rank != root:
+            assert res is None, what
             continue
-        for op in ("sum", "max"):
-            for count in counts:
-                for root in range(comm.size):
-                    case += 1
-                    inputs = [make_input(seed, r, case, (count,), dtype, op) for r in range(comm.size)]
-                    x = to_framework(inputs[comm.rank], framework, comm.device)
-                    fbuf, out = sentinel_out(comm, framework, (count,), dtype)
-                    res = comm.reduce(x, root, op, out=out if comm.rank == root else None)
-                    _sync(comm)
-                    what = f"rank {comm.rank} reduce {dtype} op={op} count={count} root={root}"
-                    if comm.rank != root:
-                        assert res is None, what
-                        continue
-                    check_no_overrun(fbuf, (count,), dtype, what)
-                    assert_close(to_numpy(out, dtype), _expect_reduction(comm, inputs, op, dtype, exact),
-                                 dtype, op, comm.size, what)
+        check_no_overrun(fbuf, (count,), dtype, what)
+        assert_close(to_numpy(out, dtype), _expect_reduction(comm, inputs, op, dtype, exact),
+                     dtype, op, comm.size, what)
     return case
 
 
 def check_all_gather(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS):
     case = 0
-    for dtype in dtypes:
-        if not supports(framework, dtype):
-            continue
-        for count in counts:
-            case += 1
-            inputs = [make_input(seed, r, case, (count, 2), dtype) for r in range(comm.size)]
-            x = to_framework(inputs[comm.rank], framework, comm.device)
-            shape = (comm.size * count, 2)
-            fbuf, out = sentinel_out(comm, framework, shape, dtype)
-            comm.all_gather(x, out=out)
-            _sync(comm)
-            what = f"rank {comm.rank} all_gather {dtype} count={count}"
-            check_no_overrun(fbuf, shape, dtype, what)
-            want = np.concatenate(inputs).view(np.uint8)
-            assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want), what
+    for case, dtype, count in _cases(framework, dtypes, counts):
+        inputs, x = _inputs(comm, seed, case, framework, (count, 2), dtype)
+        shape = (comm.size * count, 2)
+        fbuf, out = sentinel_out(comm, framework, shape, dtype)
+        comm.all_gather(x, out=out)
+        _sync(comm)
+        what = f"rank {comm.rank} all_gather {dtype} count={count}"
+        check_no_overrun(fbuf, shape, dtype, what)
+        want = np.concatenate(inputs).view(np.uint8)
+        assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want), what
     return case
 
 
 def check_reduce_scatter(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS, exact=True):
     case = 0
-    for dtype in dtypes:
-        if not supports(framework, dtype):
+    for case, dtype, op, count in _cases(framework, dtypes, OPS, counts):
+        if not _valid_op(op, dtype):
             continue
-        for op in OPS:
-            if not _valid_op(op, dtype):
-                continue
-            for count in counts:
-                case += 1
-                shape = (comm.size * count,)
-                inputs = [make_input(seed, r, case, shape, dtype, op) for r in range(comm.size)]
-                x = to_framework(inputs[comm.rank], framework, comm.device)
-                fbuf, out = sentinel_out(comm, framework, (count,), dtype)
-                comm.reduce_scatter(x, op, out=out)
-                _sync(comm)
-                what = f"rank {comm.rank} reduce_scatter {dtype} op={op} count={count}"
-                check_no_overrun(fbuf, (count,), dtype, what)
-                mine = [a[comm.rank * count:(comm.rank + 1) * count] for a in inputs]
-                assert_close(to_numpy(out, dtype), _expect_reduction(comm, mine, op, dtype, exact),
-                             dtype, op, comm.size, what)
+        inputs, x = _inputs(comm, seed, case, framework, (comm.size * count,), dtype, op)
+        fbuf, out = sentinel_out(comm, framework, (count,), dtype)
+        comm.reduce_scatter(x, op, out=out)
+        _sync(comm)
+        what = f"rank {comm.rank} reduce_scatter {dtype} op={op} count={count}"
+        check_no_overrun(fbuf, (count,), dtype, what)
+        mine = [a[comm.rank * count:(comm.rank + 1) * count] for a in inputs]
+        assert_close(to_numpy(out, dtype), _expect_reduction(comm, mine, op, dtype, exact),
+                     dtype, op, comm.size, what)
     return case
 
 
 def check_all_to_all(comm, seed, framework, dtypes=ALL_DTYPES, counts=COUNTS):
     case = 0
-    for dtype in dtypes:
-        if not supports(framework, dtype):
-            continue
-        for count in counts:
-            case += 1
-            shape = (comm.size * count, 3)
-            inputs = [make_input(seed, r, case, shape, dtype) for r in range(comm.size)]
-            x = to_framework(inputs[comm.rank], framework, comm.device)
-            fbuf, out = sentinel_out(comm, framework, shape, dtype)
-            comm.all_to_all(x, out=out)
-            _sync(comm)
-            what = f"rank {comm.rank} all_to_all {dtype} count={count}"
-            check_no_overrun(fbuf, shape, dtype, what)
-            want = np.concatenate([a[comm.rank * count:(comm.rank + 1) * count] for a in inputs])
-            assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want.view(np.uint8)), what
+    for case, dtype, count in _cases(framework, dtypes, counts):
+        shape = (comm.size * count, 3)
+        inputs, x = _inputs(comm, seed, case, framework, shape, dtype)
+        fbuf, out = sentinel_out(comm, framework, shape, dtype)
+        comm.all_to_all(x, out=out)
+        _sync(comm)
+        what = f"rank {comm.rank} all_to_all {dtype} count={count}"
+        check_no_overrun(fbuf, shape, dtype, what)
+        want = np.concatenate([a[comm.rank * count:(comm.rank + 1) * count] for a in inputs])
+        assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want.view(np.uint8)), what
     return case
 
 
@@ -421,3 +404,14 @@ def check_all_reduce_large(comm, seed, framework, dtypes=("bfloat16", "float32",
             what = f"rank {comm.rank} large all_reduce {dtype} op={op}"
             assert_close(to_numpy(out, dtype), same_order_reduce(inputs, op, comm.size, dtype), dtype, op, comm.size, what)
     return case
+
+
+# The plain collectives' checks, shared by the host and the GPU test files.
+COLLECTIVES = {
+    "all_reduce": check_all_reduce,
+    "broadcast": check_broadcast,
+    "reduce": check_reduce,
+    "all_gather": check_all_gather,
+    "reduce_scatter": check_reduce_scatter,
+    "all_to_all": check_all_to_all,
+}

@@ -8,12 +8,7 @@ from harness import run_ranks
 
 RANKS = [1, 2, 3, 4]
 CHECKS = {
-    "all_reduce": cc.check_all_reduce,
-    "broadcast": cc.check_broadcast,
-    "reduce": cc.check_reduce,
-    "all_gather": cc.check_all_gather,
-    "reduce_scatter": cc.check_reduce_scatter,
-    "all_to_all": cc.check_all_to_all,
+    **cc.COLLECTIVES,
     "send_recv_ring": cc.check_send_recv_ring,
     "group_batch": cc.check_group_batch,
     "all_reduce_large": cc.check_all_reduce_large,

@@ -6,7 +6,6 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fp4ccl import vcollectives as vc
@@ -292,7 +291,7 @@ class FakeKernel:
 def test_launch_packs_the_table_and_splits_at_maxseg(monkeypatch):
     fn = FakeKernel()
     rt = FakeRuntime(device=1)
-    monkeypatch.setattr(vc, "_runtime", rt)
+    monkeypatch.setattr(vc, "_rt", lambda: rt)
     monkeypatch.setitem(vc._vcopy, 1, (fn, 1056))
     n = vc.VCOPY_MAXSEG + 3
     segs = [(0x10_0000_0000 + 64 * i, 0x20_0000_0000 + 32 * i, i % 5) for i in range(n)]
@@ -315,7 +314,7 @@ def test_launch_packs_the_table_and_splits_at_maxseg(monkeypatch):
 def test_launch_on_another_device_switches_and_restores(monkeypatch):
     fn = FakeKernel()
     rt = FakeRuntime(device=0)
-    monkeypatch.setattr(vc, "_runtime", rt)
+    monkeypatch.setattr(vc, "_rt", lambda: rt)
     monkeypatch.setitem(vc._vcopy, 2, (fn, 100))
     vc.launch_vcopy(2, [(16, 32, 8), (48, 64, 8)], 0)
     assert rt.set == [2, 0] and len(fn.launches) == 1

@@ -71,6 +71,20 @@ def _host_amax(amax: Any) -> Optional[float]:
     return v
 
 
+def _amax_source(format: str, amax: Any, info: _arrays.ArrayInfo, stream: int) -> Tuple[int, float, Any]:
+    """(device address of the amax or 0, host value, what must stay alive) for a GPU quantize: the
+    caller's amax, or (NVFP4, none given) one computed now on `stream`."""
+    if format != "nvfp4":
+        return 0, 0.0, None
+    if amax is not None:
+        return _device_amax(amax, info)
+    from . import kernels
+    keep = _arrays.empty(info, (1,), "float32")
+    ptr = _arrays.describe(keep).ptr
+    kernels.amax(info.device, info.ptr, info.dtype, info.size, ptr, stream)
+    return ptr, 0.0, keep
+
+
 def _device_amax(amax: Any, info: _arrays.ArrayInfo) -> Tuple[int, float, Any]:
     """(device pointer or 0, value, keep-alive) for the kernels' amax argument."""
     if _is_scalar(amax):
@@ -206,14 +220,7 @@ def quantize(x: Any, format: str = "nvfp4", *, amax: Any = None, scale_layout: s
     s = _arrays.current_stream(info, stream)
     di, si = _arrays.describe(out.data, "out.data"), _arrays.describe(out.scales, "out.scales")
     gptr = _arrays.describe(out.global_scale, "out.global_scale").ptr if format == "nvfp4" else 0
-    amax_ptr, amax_val, keep = 0, 0.0, None
-    if format == "nvfp4":
-        if amax is None:
-            keep = _arrays.empty(info, (1,), "float32")
-            amax_ptr = _arrays.describe(keep).ptr
-            kernels.amax(dev, info.ptr, info.dtype, info.size, amax_ptr, s)
-        else:
-            amax_ptr, amax_val, keep = _device_amax(amax, info)
+    amax_ptr, amax_val, keep = _amax_source(format, amax, info, s)
     ncols_pad = 0
     if scale_layout == "swizzled":
         ncols_pad = swizzled_shape(rows, nbc)[1]
@@ -349,14 +356,7 @@ def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], 
     info = _aligned(info, "x")
     dev, s = info.device, _arrays.current_stream(info, stream)
     nbc = K // BLOCK_SIZE[format]
-    amax_ptr, amax_val, keep = 0, 0.0, None
-    if format == "nvfp4":
-        if amax is None:
-            keep = _arrays.empty(info, (1,), "float32")
-            amax_ptr = _arrays.describe(keep).ptr
-            kernels.amax(dev, info.ptr, info.dtype, info.size, amax_ptr, s)
-        else:
-            amax_ptr, amax_val, keep = _device_amax(amax, info)
+    amax_ptr, amax_val, keep = _amax_source(format, amax, info, s)
     launch = []
     for r0, n, off in segs:
         lay = packed_layout(n, K, format)

@@ -22,6 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from .. import jit
+from .._cuda import StreamRef, runtime as _rt
 from .._log import get_logger
 
 _log = get_logger("fp4ccl.kernels")
@@ -68,13 +69,6 @@ _grids: Dict[Tuple[int, str], int] = {}
 _tls = threading.local()
 
 
-class _StreamRef:
-    """What CuPy's Function.__call__ reads a stream from (only `.ptr`), for a raw handle."""
-
-    __slots__ = ("ptr",)
-
-    def __init__(self, ptr: int):
-        self.ptr = int(ptr)
 
 
 # ------------------------------------------------------------------------------ the driver entry point
@@ -160,22 +154,13 @@ class _Launch:
             self.np_table.view(np.uint64)[:] = self.table
             args.append(self.np_table)
         with cupy.cuda.Device(device):
-            self.fn((gx, gy, 1), (THREADS, 1, 1), tuple(args), 0, _StreamRef(stream))
+            self.fn((gx, gy, 1), (THREADS, 1, 1), tuple(args), 0, StreamRef(stream))
 
 
-_runtime = None
-
-
-def _rt():
-    global _runtime
-    if _runtime is None:
-        from cupy_backends.cuda.api import runtime
-        _runtime = runtime
-    return _runtime
 
 
 def _current_device() -> int:
-    return (_runtime or _rt()).getDevice()
+    return _rt().getDevice()
 
 
 def _launcher(device: int, name: str, kind: str) -> _Launch:
@@ -230,7 +215,7 @@ def kernel_names() -> List[str]:
 # ------------------------------------------------------------------------------ copies
 def memset(device: int, ptr: int, value: int, nbytes: int, stream: int) -> None:
     if nbytes:
-        runtime = _runtime or _rt()
+        runtime = _rt()
         if runtime.getDevice() == device:
             runtime.memsetAsync(ptr, value, nbytes, stream)
             return
@@ -241,7 +226,7 @@ def memset(device: int, ptr: int, value: int, nbytes: int, stream: int) -> None:
 
 def memcpy(device: int, dst: int, src: int, nbytes: int, stream: int) -> None:
     if nbytes:
-        runtime = _runtime or _rt()
+        runtime = _rt()
         if runtime.getDevice() == device:
             runtime.memcpyAsync(dst, src, nbytes, runtime.memcpyDeviceToDevice, stream)
             return

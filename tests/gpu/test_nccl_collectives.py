@@ -8,12 +8,7 @@ from conftest import need_gpus
 from harness import run_ranks
 
 CHECKS = {
-    "all_reduce": cc.check_all_reduce,
-    "broadcast": cc.check_broadcast,
-    "reduce": cc.check_reduce,
-    "all_gather": cc.check_all_gather,
-    "reduce_scatter": cc.check_reduce_scatter,
-    "all_to_all": cc.check_all_to_all,
+    **cc.COLLECTIVES,
     "all_gatherv": cc.check_all_gatherv,
     "reduce_scatterv": cc.check_reduce_scatterv,
 }
