@@ -764,9 +764,10 @@ class _Fp4ccOnly(SweepOp):
         return self.call(impl.comm, case)
 
 
-class AllGatherV(_Fp4ccOnly):
-    name = "all_gatherv"
-    baseline_op = "all_gather"
+class _UnevenOp(_Fp4ccOnly):
+    """A v-collective over the sweep's fixed uneven split; `uneven` names the per-rank side."""
+
+    uneven = "send_count"
 
     def busbw_factor(self, n):
         return (n - 1) / n
@@ -775,13 +776,19 @@ class AllGatherV(_Fp4ccOnly):
         per = nbytes // itemsize // n
         if not per:
             return None
-        return Sizing(per * n * itemsize, per * n, None, per * n, logical_bytes=per * n * itemsize)
+        total = per * n
+        return Sizing(total * itemsize, total, total, total, logical_bytes=total * itemsize)
 
     def setup(self, case):
         case.extra["sizes"] = sizes = uneven_rows(case.sizing.count, case.nranks)
         case.extra["offsets"] = [sum(sizes[:r]) for r in range(case.nranks)]
-        case.sizing = dataclasses.replace(case.sizing, send_count=sizes[case.rank])
+        case.sizing = dataclasses.replace(case.sizing, **{self.uneven: sizes[case.rank]})
         super().setup(case)
+
+
+class AllGatherV(_UnevenOp):
+    name = "all_gatherv"
+    baseline_op = "all_gather"
 
     def call(self, comm, case):
         s, r, sizes = case.send, case.recv, case.extra["sizes"]
@@ -798,32 +805,18 @@ class AllGatherV(_Fp4ccOnly):
         return _cat(case.frame, parts)
 
 
-class ReduceScatterV(_Fp4ccOnly):
+class ReduceScatterV(_UnevenOp):
     name = "reduce_scatterv"
     reduces = True
     baseline_op = "reduce_scatter"
-
-    def busbw_factor(self, n):
-        return (n - 1) / n
-
-    def sizing(self, nbytes, itemsize, n):
-        per = nbytes // itemsize // n
-        if not per:
-            return None
-        return Sizing(per * n * itemsize, per * n, per * n, None, logical_bytes=per * n * itemsize)
-
-    def setup(self, case):
-        case.extra["sizes"] = sizes = uneven_rows(case.sizing.count, case.nranks)
-        case.extra["offset"] = sum(sizes[:case.rank])
-        case.sizing = dataclasses.replace(case.sizing, recv_count=sizes[case.rank])
-        super().setup(case)
+    uneven = "recv_count"
 
     def call(self, comm, case):
         s, r, sizes, op = case.send, case.recv, case.extra["sizes"], case.redop
         return lambda: comm.reduce_scatterv(s, sizes, op, out=r)
 
     def expected(self, case, start, stop):
-        return _combine(case, start, stop, offset=case.extra["offset"])
+        return _combine(case, start, stop, offset=case.extra["offsets"][case.rank])
 
 
 FP4_K = 1024
