@@ -31,33 +31,40 @@ def roundtrip(x, fmt, amax=None, dtype=None):
     return reference.dequantize_2d(data, scales, s_dec, fmt, x.shape[1], dtype or x.dtype)
 
 
-def check_fp4_all_gatherv(comm, seed, framework, fmt, global_scale, dtypes=DTYPES, K=64):
+def _cases(comm, framework, dtypes):
+    """(case number, dtype, per-rank rows) over the dtypes the framework has and the uneven patterns."""
     case = 0
     for dtype in dtypes:
         if framework == "cupy" and dtype == "bfloat16":
-            continue
+            continue  # CuPy has no bfloat16
         for sizes in uneven_sizes(comm.size, case):
             case += 1
-            shards = [shard(seed, r, case, sizes[r], K, dtype) for r in range(comm.size)]
-            amax = None
-            if global_scale == "shared" and fmt == "nvfp4":
-                amax = max(reference.amax(s) for s in shards)
-            want = np.concatenate([roundtrip(s, fmt, amax) if len(s) else s for s in shards])
-            x = to_framework(shards[comm.rank], framework, comm.device)
-            shape = (sum(sizes), K)
-            fbuf, out = sentinel_out(comm, framework, shape, dtype)
-            comm.all_gatherv(x, sizes, out=out, compress=fmt, global_scale=global_scale)
-            q = comm.all_gatherv(x, sizes, compress=fmt, global_scale=global_scale, dequantize=False)
-            again = q.dequantize()
-            _sync(comm)
-            what = f"rank {comm.rank} all_gatherv {fmt} {global_scale} {dtype} sizes={sizes}"
-            check_no_overrun(fbuf, shape, dtype, what)
-            got = to_numpy(out, dtype)
-            assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), what + _first_diff(got, want)
-            assert np.array_equal(to_numpy(again, dtype).view(np.uint8), want.view(np.uint8)), what + " (FP4Tensor)"
-            assert tuple(q.shape) == shape and q.row_offsets == tuple(np.cumsum([0] + sizes)), what
-            if global_scale == "shared" and fmt == "nvfp4":
-                assert np.ndim(to_numpy(q.global_scale, "float32")) == 0, what + " (one shared global scale)"
+            yield case, dtype, sizes
+
+
+def check_fp4_all_gatherv(comm, seed, framework, fmt, global_scale, dtypes=DTYPES, K=64):
+    case = 0
+    for case, dtype, sizes in _cases(comm, framework, dtypes):
+        shards = [shard(seed, r, case, sizes[r], K, dtype) for r in range(comm.size)]
+        amax = None
+        if global_scale == "shared" and fmt == "nvfp4":
+            amax = max(reference.amax(s) for s in shards)
+        want = np.concatenate([roundtrip(s, fmt, amax) if len(s) else s for s in shards])
+        x = to_framework(shards[comm.rank], framework, comm.device)
+        shape = (sum(sizes), K)
+        fbuf, out = sentinel_out(comm, framework, shape, dtype)
+        comm.all_gatherv(x, sizes, out=out, compress=fmt, global_scale=global_scale)
+        q = comm.all_gatherv(x, sizes, compress=fmt, global_scale=global_scale, dequantize=False)
+        again = q.dequantize()
+        _sync(comm)
+        what = f"rank {comm.rank} all_gatherv {fmt} {global_scale} {dtype} sizes={sizes}"
+        check_no_overrun(fbuf, shape, dtype, what)
+        got = to_numpy(out, dtype)
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), what + _first_diff(got, want)
+        assert np.array_equal(to_numpy(again, dtype).view(np.uint8), want.view(np.uint8)), what + " (FP4Tensor)"
+        assert tuple(q.shape) == shape and q.row_offsets == tuple(np.cumsum([0] + sizes)), what
+        if global_scale == "shared" and fmt == "nvfp4":
+            assert np.ndim(to_numpy(q.global_scale, "float32")) == 0, what + " (one shared global scale)"
     return case
 
 
@@ -80,33 +87,29 @@ def check_fp4_gather_tensor_as_is(comm, seed, framework, fmt):
 
 def check_fp4_reduce_scatterv(comm, seed, framework, fmt, dtypes=DTYPES, K=64):
     case = 0
-    for dtype in dtypes:
-        if framework == "cupy" and dtype == "bfloat16":
-            continue
-        for sizes in uneven_sizes(comm.size, case):
-            case += 1
-            total = sum(sizes)
-            inputs = [shard(seed, r, case, total, K, dtype) for r in range(comm.size)]
-            off = sum(sizes[:comm.rank])
-            n = sizes[comm.rank]
-            # Each rank quantized the rows meant for us as a tensor of its own.
-            parts = [roundtrip(a[off:off + n], fmt, dtype=np.float32) if n else np.zeros((0, K), np.float32)
-                     for a in inputs]
-            want = np.sum(parts, axis=0, dtype=np.float32) if n else np.zeros((0, K), np.float32)
-            x = to_framework(inputs[comm.rank], framework, comm.device)
-            fbuf, out = sentinel_out(comm, framework, (n, K), dtype)
-            comm.reduce_scatterv(x, sizes, out=out, compress=fmt)
-            _sync(comm)
-            what = f"rank {comm.rank} reduce_scatterv {fmt} {dtype} sizes={sizes}"
-            check_no_overrun(fbuf, (n, K), dtype, what)
-            got = to_numpy(out, dtype).astype(np.float32)
-            # fp32 sums in another order differ by a few fp32 ulps of the summed magnitudes (which
-            # cancellation can make far larger than the sum), then round once to `dtype`.
-            ulp = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
-            tiny = {"float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}[dtype]
-            magnitude = np.sum(np.abs(parts), axis=0) if n else want
-            tol = 2 * ulp * np.abs(want) + 2.0**-21 * magnitude + tiny
-            assert np.all(np.abs(got - want) <= tol), what + _first_diff(got, want)
+    for case, dtype, sizes in _cases(comm, framework, dtypes):
+        total = sum(sizes)
+        inputs = [shard(seed, r, case, total, K, dtype) for r in range(comm.size)]
+        off = sum(sizes[:comm.rank])
+        n = sizes[comm.rank]
+        # Each rank quantized the rows meant for us as a tensor of its own.
+        parts = [roundtrip(a[off:off + n], fmt, dtype=np.float32) if n else np.zeros((0, K), np.float32)
+                 for a in inputs]
+        want = np.sum(parts, axis=0, dtype=np.float32) if n else np.zeros((0, K), np.float32)
+        x = to_framework(inputs[comm.rank], framework, comm.device)
+        fbuf, out = sentinel_out(comm, framework, (n, K), dtype)
+        comm.reduce_scatterv(x, sizes, out=out, compress=fmt)
+        _sync(comm)
+        what = f"rank {comm.rank} reduce_scatterv {fmt} {dtype} sizes={sizes}"
+        check_no_overrun(fbuf, (n, K), dtype, what)
+        got = to_numpy(out, dtype).astype(np.float32)
+        # fp32 sums in another order differ by a few fp32 ulps of the summed magnitudes (which
+        # cancellation can make far larger than the sum), then round once to `dtype`.
+        ulp = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+        tiny = {"float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}[dtype]
+        magnitude = np.sum(np.abs(parts), axis=0) if n else want
+        tol = 2 * ulp * np.abs(want) + 2.0**-21 * magnitude + tiny
+        assert np.all(np.abs(got - want) <= tol), what + _first_diff(got, want)
     return case
 
 

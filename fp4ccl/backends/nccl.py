@@ -205,20 +205,25 @@ class NcclBackend:
                 fn(*args, comm, stream)
                 return
             seq = self._seq
-            self._inflight = (seq, name, time.monotonic())
-            try:
-                fn(*args, comm, stream)
-            except NcclError as e:
-                if self._failure is not None:
-                    raise self._failure.error() from e
-                raise
-            finally:
-                self._inflight = None
+            self._watched(seq, name, fn, *args, comm, stream)
             if self._depth:
                 self._group_streams.add(stream)
                 self._group_calls.append((seq, name))
             else:
                 self._track(stream, seq, name)
+
+    def _watched(self, seq, label, fn, *args):
+        """Run one NCCL call the watchdog can see in flight; if the watchdog aborted the communicator
+        meanwhile, raise its error (which names the call and rank) rather than NCCL's."""
+        self._inflight = (seq, label, time.monotonic())
+        try:
+            fn(*args)
+        except NcclError as e:
+            if self._failure is not None:
+                raise self._failure.error() from e
+            raise
+        finally:
+            self._inflight = None
 
     def _track(self, stream, seq, name):
         rt = self._rt
@@ -325,15 +330,9 @@ class NcclBackend:
             calls = self._group_calls
             label = _group_label(calls)
             seq = calls[0][0] if calls else self._seq
-            self._inflight = (seq, label, time.monotonic())
             try:
-                self._f_group_end()
-            except NcclError as e:
-                if self._failure is not None:
-                    raise self._failure.error() from e
-                raise
+                self._watched(seq, label, self._f_group_end)
             finally:
-                self._inflight = None
                 streams = list(self._group_streams)
                 self._group_streams.clear()
                 self._group_calls = []
