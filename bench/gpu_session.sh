@@ -40,13 +40,19 @@ for stage in "${stages[@]}"; do
     algos)
       # The same uneven sweep with each v-collective algorithm forced, to fit vcollectives.choose().
       : > "$OUT/algos.log"
-      for algo in padded bcast p2p reduce; do
+      for algo in padded bcast p2p reduce symm; do
         ops=all_gatherv; [ "$algo" = reduce ] && ops=reduce_scatterv; [ "$algo" = padded ] && ops=all_gatherv,reduce_scatterv
         echo "===== FP4CCL_ALGO=$algo" >> "$OUT/algos.log"
         FP4CCL_ALGO=$algo timeout 120 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 10 -w 3 \
           -d bfloat16 --ops "$ops" >> "$OUT/algos.log" 2>&1
         note "algos $algo rc=$?"
-      done ;;
+      done
+      # The FP4 collectives over NCCL (the default on one node is symmetric memory), for comparison.
+      echo "===== FP4CCL_FP4_ALGO=nccl" >> "$OUT/algos.log"
+      FP4CCL_FP4_ALGO=nccl timeout 120 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 10 -w 3 \
+        -d bfloat16 --ops all_gatherv_nvfp4,all_gatherv_nvfp4_raw,reduce_scatterv_nvfp4 >> "$OUT/algos.log" 2>&1
+      note "algos fp4-nccl rc=$?"
+      grep -v "^\[rank[1-9]" "$OUT/algos.log" | grep -E "=====|fp4ccl \|" >> "$summary" ;;
     fp4bench)
       timeout 150 $PY bench/bench_fp4_kernels.py > "$OUT/fp4bench.log" 2>&1
       note "fp4bench rc=$?"; tail -n 30 "$OUT/fp4bench.log" >> "$summary" ;;

@@ -294,7 +294,7 @@ class Communicator:
                 v = self._backend
             else:
                 from .vcollectives import NcclVariable
-                v = NcclVariable(self._backend, self._rank, self._size)
+                v = NcclVariable(self._backend, self._rank, self._size, comm=self)
             self._extras["_v"] = v
         return v
 

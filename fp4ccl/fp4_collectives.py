@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, symm_collectives
 from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
 from .vcollectives import offsets
@@ -124,12 +124,16 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream):
     layouts = [packed_layout(r, K, q.format) for r in rows]
     counts = [lay.total_bytes for lay in layouts]
     codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
+    shape = (sum(sizes),) + tuple(q.shape[1:])
+    row_offsets = tuple(offsets(sizes)) + (sum(sizes),)
+    if info.device is not None and symm_collectives.fp4_algo(comm, codec.stream) == "symm":
+        return codec.pull_gathered(rows, K, q.format, info, shape, row_offsets, q.dtype,
+                                   lambda addr, lay: codec.pack_tensor(q, addr, lay))
     send, recv = codec.buffers(counts[comm.rank], sum(counts))
     codec.pack_tensor(q, send, layouts[comm.rank])
     codec.gather(send, recv, counts)
-    shape = (sum(sizes),) + tuple(q.shape[1:])
     return codec.unpack_gathered(recv, offsets(counts), layouts, rows, K, q.format, info, shape,
-                                 tuple(offsets(sizes)) + (sum(sizes),), dtype=q.dtype)
+                                 row_offsets, dtype=q.dtype)
 
 
 def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=None):
@@ -382,6 +386,8 @@ class _GpuCodec:
 
     # -- whole operations ----------------------------------------------------------------------------
     def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
+        if symm_collectives.fp4_algo(self.comm, self.stream) == "symm":
+            return symm_collectives.fp4_gather_dequantize(self, info, K, fmt, shared, rows, oinfo)
         n, me = self.comm.size, self.comm.rank
         out_bytes = sum(rows) * K * oinfo.itemsize
         overlap = n > 1 and out_bytes >= OVERLAP_FROM_BYTES
@@ -418,6 +424,12 @@ class _GpuCodec:
             side.order(self.stream, decode)  # join: the caller's stream sees every decoded row
 
     def gather_fp4(self, info, K, fmt, shared, rows, shape, row_offsets):
+        if symm_collectives.fp4_algo(self.comm, self.stream) == "symm":
+            self.buffers(0, 0)
+            amax = self.amax(info, fmt, shared)
+            me = self.comm.rank
+            return self.pull_gathered(rows, K, fmt, info, shape, row_offsets, info.dtype,
+                                      lambda addr, lay: self.quantize(info, K, fmt, amax, [(0, rows[me], addr, lay)]))
         if len(set(rows)) > 1:
             return self._gather_fp4_packed(info, K, fmt, shared, rows, shape, row_offsets)
         # Equal sizes: quantize straight into this rank's slice of the result and gather data, scales
@@ -458,6 +470,8 @@ class _GpuCodec:
         return self.unpack_gathered(recv, offsets(counts), layouts, rows, K, fmt, info, shape, row_offsets)
 
     def reduce_scatter(self, info, K, fmt, rows, oinfo, rounding, seed):
+        if symm_collectives.fp4_algo(self.comm, self.stream) == "symm":
+            return symm_collectives.fp4_reduce_scatter(self, info, K, fmt, rows, oinfo, rounding, seed, _mix)
         n, me = self.comm.size, self.comm.rank
         lays = [packed_layout(r, K, fmt) for r in rows]
         mine = lays[me]
@@ -598,15 +612,26 @@ class _GpuCodec:
             kernels.dequantize(self.device, oinfo.ptr, oinfo.dtype, K, fmt, "linear", segs, 0,
                                self.stream if stream is None else stream)
 
+    @staticmethod
+    def _gathered_arrays(info, shape, K, fmt, nranks):
+        """Empty (data, scales, per-rank global scales or None) for a gathered FP4 tensor, and their addresses."""
+        lead = shape[:-1]
+        data = _arrays.empty(info, lead + (K // 2,), "uint8")
+        scales = _arrays.empty(info, lead + (K // BLOCK_SIZE[fmt],), "uint8")
+        gs = _arrays.empty(info, (nranks,), "float32") if fmt == "nvfp4" else None
+        ptrs = (_arrays.describe(data).ptr, _arrays.describe(scales).ptr, _arrays.describe(gs).ptr if gs is not None else 0)
+        return (data, scales, gs), ptrs
+
+    def pull_gathered(self, rows, K, fmt, info, shape, row_offsets, dtype, fill_slot):
+        """The symmetric-memory gather of packed FP4 segments (fill_slot writes this rank's)."""
+        arrays, ptrs = self._gathered_arrays(info, shape, K, fmt, len(rows))
+        symm_collectives.fp4_gather_raw(self, rows, K, fmt, fill_slot, *ptrs)
+        return GatheredFP4Tensor(*arrays, fmt, tuple(shape), "linear", dtype, row_offsets)
+
     def unpack_gathered(self, recv, offs, layouts, rows, K, fmt, info, shape, row_offsets, dtype=None):
         from .formats import kernels
         bs = BLOCK_SIZE[fmt]
-        lead = shape[:-1]
-        data = _arrays.empty(info, lead + (K // 2,), "uint8")
-        scales = _arrays.empty(info, lead + (K // bs,), "uint8")
-        gs = _arrays.empty(info, (len(rows),), "float32") if fmt == "nvfp4" else None
-        dptr, sptr = _arrays.describe(data).ptr, _arrays.describe(scales).ptr
-        gptr = _arrays.describe(gs).ptr if gs is not None else 0
+        (data, scales, gs), (dptr, sptr, gptr) = self._gathered_arrays(info, shape, K, fmt, len(rows))
         a = 0
         for r, (off, n, lay) in enumerate(zip(offs, rows, layouts)):
             kernels.memcpy(self.device, dptr + a * K // 2, recv + off, n * K // 2, self.stream)

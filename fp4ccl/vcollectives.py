@@ -9,7 +9,10 @@ Four ways to move rows that differ in number per rank, picked per call by `choos
 - "bcast" / "reduce": one ncclBroadcast (or ncclReduce) per rank inside one group, the known way
   (vLLM, SGLang): NCCL calls only, no copy, no padding, but slower than the native op per byte at
   mid sizes;
-- "p2p" (gather only): grouped send/recv to every peer.
+- "p2p" (gather only): grouped send/recv to every peer;
+- "symm" (gather only, ranks of one node): copy the rows into a symmetric workspace, one device-side
+  barrier, and one kernel pulling every peer's rows over NVLink (fp4ccl/symm_collectives.py): no
+  NCCL kernel at all, so the latency of a few small launches.
 docs/VCOLLECTIVES.md gives the estimates behind the size thresholds below. FP4CCL_ALGO forces one;
 FP4CCL_DEBUG=INFO logs each choice.
 """
@@ -29,7 +32,7 @@ from ._log import get_logger
 log = get_logger("fp4ccl.vcollectives")
 _INFO = logging.INFO
 
-GATHER_ALGOS = ("native", "padded", "bcast", "p2p")
+GATHER_ALGOS = ("native", "padded", "bcast", "p2p", "symm")
 SCATTER_ALGOS = ("native", "padded", "reduce")
 
 # choose(), fitted to the per-algorithm sweeps of bench/RESULTS.md (run 4: 4 x H200, ranks alternating
@@ -47,6 +50,8 @@ NEAR_EVEN_RATIO = 1.05
 REDUCE_BELOW_BYTES = 16 << 20
 REDUCE_FROM_BYTES = 64 << 20
 MAX_PADDING_RATIO = 1.25
+# Uneven all_gatherv totals below this go to "symm" where symmetric memory can serve the call.
+SYMM_GATHER_BELOW_BYTES = 0
 
 # The segmented-copy kernel (csrc/vcopy.cu): these mirror its #defines.
 VCOPY_SOURCE = "vcopy.cu"
@@ -67,29 +72,47 @@ def part(info: ArrayInfo, offset: int, count: int) -> ArrayInfo:
                      info.device, True)
 
 
-def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = False) -> str:
+def forced_algo() -> str:
+    """FP4CCL_ALGO, normalized ('' when unset); read per call: tests and users change it between calls."""
+    return os.environ.get("FP4CCL_ALGO", "").strip().lower()
+
+
+def symm_candidate(counts: Sequence[int], itemsize: int) -> bool:
+    """Whether choose() would take "symm" for this all_gatherv where symmetric memory is usable (so
+    the caller checks usability, a collective step the first time, only when it matters)."""
+    forced = forced_algo()
+    if forced:
+        return forced == "symm"
+    return counts.count(counts[0]) != len(counts) and sum(counts) * itemsize < SYMM_GATHER_BELOW_BYTES
+
+
+def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = False, symm_ok: bool = False) -> str:
     """The algorithm for one call: FP4CCL_ALGO if set (and valid for `kind`), else by size and padding.
 
     Inside an open NCCL group the NCCL calls run only at the group's end, after any copy enqueued
-    around them, so only the algorithms made of NCCL calls alone are allowed there.
+    around them, so only the algorithms made of NCCL calls alone are allowed there. `symm_ok`: the
+    communicator's ranks share a node and the stream is not being captured; a forced "symm" that
+    cannot run falls back to the automatic choice.
     """
     gather = kind == "all_gatherv"
     even = counts.count(counts[0]) == len(counts)
     if in_group:
         return "native" if even else ("bcast" if gather else "reduce")
-    forced = os.environ.get("FP4CCL_ALGO")  # read per call: tests and users change it between calls
+    forced = forced_algo()
     if forced:
-        forced = forced.strip().lower()
-        if forced:
-            allowed = GATHER_ALGOS if gather else SCATTER_ALGOS
-            if forced not in allowed:
-                raise ValueError(f"FP4CCL_ALGO={forced!r} is not valid for {kind}; choose one of {', '.join(allowed)}")
-            if forced == "native" and not even:
-                raise ValueError(f"FP4CCL_ALGO=native needs equal sizes, got {list(counts)}")
+        allowed = GATHER_ALGOS if gather else SCATTER_ALGOS
+        if forced not in allowed:
+            raise ValueError(f"FP4CCL_ALGO={forced!r} is not valid for {kind}; choose one of {', '.join(allowed)}")
+        if forced == "native" and not even:
+            raise ValueError(f"FP4CCL_ALGO=native needs equal sizes, got {list(counts)}")
+        if forced != "symm" or symm_ok:
             return forced
+        log.info("FP4CCL_ALGO=symm, but symmetric memory cannot serve this call: choosing by size")
     if even:
         return "native"
     total = sum(counts) * itemsize
+    if gather and symm_ok and total < SYMM_GATHER_BELOW_BYTES:
+        return "symm"
     padding = max(counts) * len(counts) * itemsize / total
     if gather:
         if total < BCAST_BELOW_BYTES or total >= BCAST_FROM_BYTES:
@@ -213,8 +236,9 @@ def copy_segments(device: int, segments: Sequence[Tuple[int, int, int]], stream:
 class NcclVariable:
     """all_gatherv / reduce_scatterv built from an NCCL backend's primitives."""
 
-    def __init__(self, backend, rank: int, size: int):
+    def __init__(self, backend, rank: int, size: int, comm=None):
         self.backend = backend
+        self.comm = comm  # for the symmetric-memory algorithm (None: NCCL algorithms only)
         self.rank = rank
         self.size = size
         self.workspace = Workspace(backend.device)
@@ -224,11 +248,20 @@ class NcclVariable:
 
     def all_gatherv(self, send: ArrayInfo, recv: ArrayInfo, counts: List[int], stream: int) -> None:
         be = self.backend
-        algo = choose("all_gatherv", counts, send.itemsize, getattr(be, "_depth", 0) > 0)
+        in_group = getattr(be, "_depth", 0) > 0
+        symm_ok = False
+        if self.comm is not None and not in_group and symm_candidate(counts, send.itemsize):
+            from . import symm_collectives
+            symm_ok = symm_collectives.usable(self.comm, stream)
+        algo = choose("all_gatherv", counts, send.itemsize, in_group, symm_ok)
         if log.isEnabledFor(_INFO):
             log.info("all_gatherv counts=%s dtype=%s -> %s", counts, send.dtype, algo)
         if algo == "native":
             be.all_gather(send, recv, stream)
+            return
+        if algo == "symm":
+            from . import symm_collectives
+            symm_collectives.all_gatherv(self.comm, send.ptr, recv.ptr, counts, send.itemsize, stream)
             return
         rank = self.rank
         if algo == "bcast":

@@ -122,6 +122,33 @@ def test_forced_algorithm_is_read_on_every_call(monkeypatch):
     assert choose("all_gatherv", counts, 2) == "bcast"
 
 
+def test_symm_is_taken_only_where_symmetric_memory_can_serve(monkeypatch):
+    counts = uneven(64 << 10)
+    monkeypatch.setattr(vc, "SYMM_GATHER_BELOW_BYTES", 1 << 20)
+    assert vc.symm_candidate(counts, 2)
+    assert choose("all_gatherv", counts, 2, symm_ok=True) == "symm"
+    assert choose("all_gatherv", counts, 2, symm_ok=False) == "bcast"
+    assert choose("all_gatherv", [4, 4], 2, symm_ok=True) == "native"  # even: ncclAllGather
+    assert not vc.symm_candidate([4, 4], 2)
+    big = uneven(2 << 20)
+    assert not vc.symm_candidate(big, 2) and choose("all_gatherv", big, 2, symm_ok=True) == "bcast"
+    assert choose("reduce_scatterv", counts, 2, symm_ok=True) == "reduce"
+
+
+def test_forced_symm_falls_back_to_the_size_rule_where_it_cannot_run(monkeypatch, caplog):
+    monkeypatch.setenv("FP4CCL_ALGO", "symm")
+    counts = uneven(64 << 10)
+    assert vc.symm_candidate(counts, 2) and vc.symm_candidate([4, 4], 2)
+    assert choose("all_gatherv", counts, 2, symm_ok=True) == "symm"
+    assert choose("all_gatherv", [4, 4], 2, symm_ok=True) == "symm"  # forced even for equal sizes
+    with caplog.at_level("INFO", logger="fp4ccl.vcollectives"):
+        assert choose("all_gatherv", counts, 2, symm_ok=False) == "bcast"
+    assert "cannot serve" in caplog.text
+    with pytest.raises(ValueError, match="not valid for reduce_scatterv"):
+        choose("reduce_scatterv", counts, 2, symm_ok=True)
+    assert choose("all_gatherv", counts, 2, in_group=True, symm_ok=True) == "bcast"
+
+
 # -- what the padded algorithms enqueue ---------------------------------------------------------------
 
 class RecordingBackend:
@@ -168,7 +195,7 @@ class FixedWorkspace:
 
 def _variable(rank, size, monkeypatch):
     v = vc.NcclVariable.__new__(vc.NcclVariable)
-    v.backend, v.rank, v.size = RecordingBackend(), rank, size
+    v.backend, v.rank, v.size, v.comm = RecordingBackend(), rank, size, None
     v.workspace = FixedWorkspace(0x100000)
     log = []
     monkeypatch.setattr(vc, "copy", lambda dst, src, n, stream: log.append(("copy", dst, src, n)))

@@ -8,37 +8,86 @@ from conftest import need_gpus
 from harness import run_ranks
 
 
+# Each check runs on both transports: "symm" (symmetric memory, the default on one node) and "nccl".
+PATHS = ["symm", "nccl"]
+
+
+def _on_path(comm, path, check, *args):
+    import os
+    os.environ["FP4CCL_FP4_ALGO"] = path
+    try:
+        return check(comm, *args)
+    finally:
+        del os.environ["FP4CCL_FP4_ALGO"]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("nranks", [2, 4])
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
 @pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank")])
-def test_fp4_all_gatherv_bit_exact(fmt, global_scale, framework, nranks, seed):
+def test_fp4_all_gatherv_bit_exact(fmt, global_scale, framework, nranks, path, seed):
     need_gpus(nranks)
     pytest.importorskip(framework)
-    assert all(run_ranks(nranks, fc.check_fp4_all_gatherv, seed, framework, fmt, global_scale, backend="nccl"))
+    assert all(run_ranks(nranks, _on_path, path, fc.check_fp4_all_gatherv, seed, framework, fmt, global_scale,
+                         backend="nccl"))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_fp4_gather_of_an_fp4tensor(fmt, seed):
+def test_fp4_gather_of_an_fp4tensor(fmt, path, seed):
     need_gpus(4)
-    assert all(run_ranks(4, fc.check_fp4_gather_tensor_as_is, seed, "torch", fmt, backend="nccl"))
+    assert all(run_ranks(4, _on_path, path, fc.check_fp4_gather_tensor_as_is, seed, "torch", fmt, backend="nccl"))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("nranks", [2, 4])
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_fp4_reduce_scatterv(fmt, framework, nranks, seed):
+def test_fp4_reduce_scatterv(fmt, framework, nranks, path, seed):
     need_gpus(nranks)
     pytest.importorskip(framework)
-    assert all(run_ranks(nranks, fc.check_fp4_reduce_scatterv, seed, framework, fmt, backend="nccl"))
+    assert all(run_ranks(nranks, _on_path, path, fc.check_fp4_reduce_scatterv, seed, framework, fmt, backend="nccl"))
 
 
 @pytest.mark.gpu
-def test_fp4_stochastic_rounding(seed):
+@pytest.mark.parametrize("path", PATHS)
+def test_fp4_stochastic_rounding(path, seed):
     need_gpus(2)
-    assert all(run_ranks(2, fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4", backend="nccl"))
+    assert all(run_ranks(2, _on_path, path, fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4", backend="nccl"))
+
+
+@pytest.mark.gpu
+def test_fp4_symm_calls_on_alternating_streams(seed):
+    """Back-to-back symmetric-memory calls on three streams, no host sync between them, so a call's
+    stream differs from the one that last used the same workspace half: a half must not be
+    overwritten while a peer still decodes it (the end-of-call event orders that)."""
+    need_gpus(4)
+    assert all(run_ranks(4, _on_path, "symm", check_alternating_streams, seed, backend="nccl"))
+
+
+def check_alternating_streams(comm, seed):
+    import numpy as np
+    import torch
+    from fp4_collective_checks import roundtrip, shard
+    dev = f"cuda:{comm.device}"
+    K, calls = 512, 8
+    sizes = [1024 * (r + 1) for r in range(comm.size)]   # large enough that a decode takes a while
+    streams = [torch.cuda.Stream(device=comm.device) for _ in range(3)]
+    xs = [[shard(seed, r, c, sizes[r], K, "float32") for r in range(comm.size)] for c in range(calls)]
+    ins = [torch.from_numpy(xs[c][comm.rank]).to(dev) for c in range(calls)]
+    torch.cuda.synchronize(comm.device)
+    outs = []
+    for c in range(calls):
+        with torch.cuda.stream(streams[c % 3]):
+            outs.append(comm.all_gatherv(ins[c], sizes, compress="nvfp4"))
+    torch.cuda.synchronize(comm.device)
+    for c in range(calls):
+        want = np.concatenate([roundtrip(x, "nvfp4") for x in xs[c]])
+        assert np.array_equal(outs[c].cpu().numpy(), want), f"rank {comm.rank}: call {c} differs"
+    return True
 
 
 @pytest.mark.gpu
@@ -99,9 +148,11 @@ def check_fp4_graph(comm, seed):
 
 def _forced_pipeline(comm, seed, fmt, graph):
     """Run the checks with the overlap and two-chunk thresholds at 0, so small tensors take those paths."""
+    import os
     import fp4ccl.fp4_collectives as f
     saved = f.OVERLAP_FROM_BYTES, f.PIPELINE_FROM_BYTES
     f.OVERLAP_FROM_BYTES = f.PIPELINE_FROM_BYTES = 0
+    os.environ["FP4CCL_FP4_ALGO"] = "nccl"  # these thresholds belong to the NCCL transport
     try:
         if graph:
             return check_fp4_graph(comm, seed)
@@ -110,6 +161,7 @@ def _forced_pipeline(comm, seed, fmt, graph):
         fc.check_fp4_reduce_scatterv(comm, seed, "torch", fmt)
         return True
     finally:
+        del os.environ["FP4CCL_FP4_ALGO"]
         f.OVERLAP_FROM_BYTES, f.PIPELINE_FROM_BYTES = saved
 
 

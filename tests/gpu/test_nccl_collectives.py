@@ -44,10 +44,16 @@ def test_nccl_p2p_groups_and_errors(name, nranks, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("algo", ["padded", "bcast", "p2p"])
+@pytest.mark.parametrize("algo", ["padded", "bcast", "p2p", "symm"])
 def test_all_gatherv_each_algorithm(algo, seed):
     need_gpus(4)
     assert all(run_ranks(4, _with_algo, algo, "all_gatherv", seed, backend="nccl"))
+
+
+@pytest.mark.gpu
+def test_symm_all_gatherv_at_two_ranks(seed):
+    need_gpus(2)
+    assert all(run_ranks(2, _with_algo, "symm", "all_gatherv", seed, backend="nccl"))
 
 
 @pytest.mark.gpu
@@ -112,7 +118,8 @@ def check_graph_capture(comm, seed):
     gathered = torch.empty((sum(sizes), 8), device=dev)
     scattered = torch.empty((sizes[comm.rank], 8), device=dev)
     import os
-    for gather_algo, scatter_algo in (("padded", "padded"), ("bcast", "reduce")):
+    # A forced "symm" cannot run under capture: it must fall back to an NCCL algorithm, not hang.
+    for gather_algo, scatter_algo in (("padded", "padded"), ("bcast", "reduce"), ("symm", "reduce")):
         def ops():
             os.environ["FP4CCL_ALGO"] = gather_algo
             comm.all_gatherv(x, sizes, out=gathered)

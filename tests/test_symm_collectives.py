@@ -1,0 +1,203 @@
+"""fp4ccl.symm_collectives without a GPU: the choice between symmetric memory and NCCL, the
+double-buffered workspace, and the order of steps each algorithm enqueues (over fakes).
+The algorithms themselves run in tests/gpu/test_fp4_collectives.py and test_nccl_collectives.py."""
+from __future__ import annotations
+
+import pytest
+
+from fp4ccl import symm_collectives as sc
+from fp4ccl.formats.tensor import packed_layout
+
+
+class FakeComm:
+    def __init__(self, rank=1, size=4, device=0):
+        self.rank, self.size, self.device = rank, size, device
+        self._extras = {}
+
+
+class FakeRuntime:
+    """The CUDA runtime calls the workspace makes, recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def streamWaitEvent(self, stream, event, flags):
+        self.calls.append(("wait", stream, event))
+
+    def eventRecord(self, event, stream):
+        self.calls.append(("record", event, stream))
+
+    def eventDestroy(self, event):
+        self.calls.append(("destroy", event))
+
+    def streamIsCapturing(self, stream):
+        return stream == 99
+
+
+class FakeBuffer:
+    """A SymmetricBuffer stand-in: rank r's memory starts at (r + 1) << 32."""
+
+    live = []
+
+    def __init__(self, comm, nbytes):
+        self.comm, self.nbytes, self.freed, self.barriers = comm, nbytes, False, []
+        FakeBuffer.live.append(self)
+
+    @classmethod
+    def allocate(cls, comm, shape, dtype):
+        assert dtype == "uint8" and len(shape) == 1
+        return cls(comm, shape[0])
+
+    def ptr(self, rank=None):
+        r = self.comm.rank if rank is None else rank
+        return (r + 1) << 32
+
+    def barrier(self, stream):
+        self.barriers.append(stream)
+
+    def free(self):
+        self.freed = True
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    rt = FakeRuntime()
+    monkeypatch.setattr(sc, "_rt", lambda: rt)
+    import fp4ccl.symmetric as symmetric
+    monkeypatch.setattr(symmetric, "SymmetricBuffer", FakeBuffer)
+    monkeypatch.setattr(sc, "_new_event", lambda device: 0xE0)
+    FakeBuffer.live = []
+    return rt
+
+
+def test_fp4_algo_env_and_usability(monkeypatch, caplog):
+    comm = FakeComm()
+    monkeypatch.setattr(sc, "usable", lambda c, s: True)
+    monkeypatch.delenv("FP4CCL_FP4_ALGO", raising=False)
+    assert sc.fp4_algo(comm, 7) == "symm"
+    monkeypatch.setenv("FP4CCL_FP4_ALGO", " NCCL ")
+    assert sc.fp4_algo(comm, 7) == "nccl"
+    monkeypatch.setenv("FP4CCL_FP4_ALGO", "ring")
+    with pytest.raises(ValueError, match="FP4CCL_FP4_ALGO='ring' is not one of symm, nccl"):
+        sc.fp4_algo(comm, 7)
+    monkeypatch.setattr(sc, "usable", lambda c, s: False)
+    monkeypatch.setenv("FP4CCL_FP4_ALGO", "symm")
+    with caplog.at_level("INFO", logger="fp4ccl.symm_collectives"):
+        assert sc.fp4_algo(comm, 7) == "nccl"
+    assert "cannot serve" in caplog.text
+
+
+def test_usable_needs_two_ranks_a_device_and_no_capture(monkeypatch):
+    rt = FakeRuntime()
+    monkeypatch.setattr(sc, "_rt", lambda: rt)
+    import fp4ccl.symmetric as symmetric
+    monkeypatch.setattr(symmetric, "same_node", lambda comm: comm.size != 3)
+    assert sc.usable(FakeComm(size=4), 7)
+    assert not sc.usable(FakeComm(rank=0, size=1), 7)
+    assert not sc.usable(FakeComm(device=None), 7)
+    assert not sc.usable(FakeComm(size=4), 99)      # being captured
+    assert not sc.usable(FakeComm(size=3), 7)       # spans hosts
+
+
+def test_workspace_alternates_halves_and_grows_collectively(fakes):
+    rt = fakes
+    comm = FakeComm(rank=1, size=3)
+    ws = sc.workspace(comm)
+    assert sc.workspace(comm) is ws  # cached per communicator
+    local, slots = ws.acquire(1000, 5)
+    assert ws.slot == 1024 and FakeBuffer.live[0].nbytes == 2048
+    assert local == slots[1] == 2 << 32 and slots == [1 << 32, 2 << 32, 3 << 32]
+    local2, slots2 = ws.acquire(600, 6)  # fits: the other half, no new allocation
+    assert local2 == (2 << 32) + 1024 and slots2[0] == (1 << 32) + 1024
+    assert len(FakeBuffer.live) == 1
+    local3, _ = ws.acquire(10, 5)
+    assert local3 == 2 << 32  # back to the first half
+    assert ws.calls == 3
+    assert [c for c in rt.calls if c[0] == "wait"] == [("wait", 5, 0xE0), ("wait", 6, 0xE0), ("wait", 5, 0xE0)]
+    ws.release(5)
+    assert rt.calls[-1] == ("record", 0xE0, 5)
+    ws.acquire(1100, 5)  # grows by at least the growth factor, freeing the old buffer first
+    assert FakeBuffer.live[0].freed and ws.slot == 1536 and FakeBuffer.live[1].nbytes == 3072
+    ws.acquire(5000, 5)
+    assert ws.slot == 5120
+    ws.close()
+    assert ("destroy", 0xE0) in rt.calls and ws.buf is None
+
+
+class FakeCodec:
+    """The _GpuCodec steps the FP4 algorithms call, recorded."""
+
+    def __init__(self, comm, stream=5):
+        self.comm, self.stream, self.log = comm, stream, []
+
+    def buffers(self, send, recv):
+        self.log.append(("buffers", send, recv))
+
+    def amax(self, info, fmt, shared):
+        self.log.append(("amax", shared))
+        return 0xA0
+
+    def amax_rows(self, info, K, fmt, start, count):
+        self.log.append(("amax_rows", start, count))
+        return 0xA0 + start
+
+    def quantize(self, info, K, fmt, amax, chunks, rounding="nearest", seed=None):
+        self.log.append(("quantize", amax, chunks, seed))
+
+    def dequantize(self, segments, K, fmt, oinfo):
+        self.log.append(("dequantize", segments))
+
+
+class Out:
+    ptr, dtype = 0x7000, "bfloat16"
+
+
+def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes):
+    comm = FakeComm(rank=2, size=3)
+    codec = FakeCodec(comm)
+    rows, K = [3, 0, 5], 64
+    sc.fp4_gather_dequantize(codec, None, K, "nvfp4", False, rows, Out())
+    lays = [packed_layout(r, K, "nvfp4") for r in rows]
+    buf = FakeBuffer.live[0]
+    assert codec.log[:2] == [("buffers", 0, 0), ("amax", False)]
+    assert codec.log[2] == ("quantize", 0xA0, [(0, 5, 3 << 32, lays[2])], None)
+    assert buf.barriers == [5]
+    assert codec.log[3] == ("dequantize", [(0, 3, 1 << 32, lays[0]), (3, 0, 2 << 32, lays[1]),
+                                           (3, 5, 3 << 32, lays[2])])
+    assert buf.nbytes >= 2 * max(lay.total_bytes for lay in lays)
+
+
+def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(fakes, monkeypatch):
+    from fp4ccl.formats import kernels
+    sums = []
+    monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: sums.append(a))
+    comm = FakeComm(rank=1, size=3)
+    codec = FakeCodec(comm)
+    rows, K = [2, 4, 0], 32
+    lays = [packed_layout(r, K, "nvfp4") for r in rows]
+    region = [0, lays[0].total_bytes, lays[0].total_bytes + lays[1].total_bytes]
+    sc.fp4_reduce_scatter(codec, None, K, "nvfp4", rows, Out(), "stochastic", 9, lambda s, me, p: (s, me, p))
+    quants = [e for e in codec.log if e[0] == "quantize"]
+    # peers from the next rank on, this rank's own chunk last, each with its own amax and seed
+    assert [q[2][0][0] for q in quants] == [6, 0, 2]
+    assert [q[1] for q in quants] == [0xA0 + 6, 0xA0 + 0, 0xA0 + 2]
+    assert [q[3] for q in quants] == [(9, 1, 2), (9, 1, 0), (9, 1, 1)]
+    assert [q[2][0][2] for q in quants] == [(2 << 32) + region[2], 2 << 32, (2 << 32) + region[1]]
+    assert FakeBuffer.live[0].barriers == [5]
+    (dev, optr, odt, k, fmt, units, contribs, stream), = sums
+    assert (optr, units, stream) == (0x7000, 4 * K // 16, 5)
+    mine = lays[1]
+    assert contribs == [(((r + 1) << 32) + region[1], ((r + 1) << 32) + region[1] + mine.scale_off,
+                         ((r + 1) << 32) + region[1] + mine.gs_off) for r in range(3)]
+
+
+def test_plain_all_gatherv_copies_in_then_pulls_every_peer(fakes, monkeypatch):
+    from fp4ccl import vcollectives
+    log = []
+    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n)))
+    monkeypatch.setattr(vcollectives, "copy_segments", lambda dev, segs, st: log.append(("segments", segs)))
+    comm = FakeComm(rank=0, size=3)
+    sc.all_gatherv(comm, 0x100, 0x900, [2, 0, 3], 4, 5)
+    assert log[0] == ("copy", 1 << 32, 0x100, 8)
+    assert FakeBuffer.live[0].barriers == [5]
+    assert log[1] == ("segments", [(0x900, 0x100, 8), (0x908, 2 << 32, 0), (0x908, 3 << 32, 12)])
