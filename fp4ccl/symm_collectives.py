@@ -78,6 +78,7 @@ class Workspace:
         self.slot = 0
         self.calls = 0
         self._done = 0        # cudaEvent_t: the end of the previous call, whatever its stream
+        self._last_stream = None
 
     def acquire(self, slot_bytes: int, stream: int) -> Tuple[int, List[int]]:
         """(this rank's slot address, every rank's slot address) for one call on `stream`.
@@ -85,15 +86,17 @@ class Workspace:
         need = _round_up(max(slot_bytes, 1))
         if need > self.slot:
             self._grow(max(need, _round_up(int(self.slot * _GROWTH))))
-        rt = _rt()
-        rt.streamWaitEvent(stream, self._done, 0)
+        if stream != self._last_stream:  # on the same stream, stream order already does it
+            _rt().streamWaitEvent(stream, self._done, 0)
+            self._last_stream = stream
         half = (self.calls % 2) * self.slot
         self.calls += 1
         buf = self.buf
         return buf.ptr() + half, [buf.ptr(r) + half for r in range(self.comm.size)]
 
     def barrier(self, stream: int) -> None:
-        self.buf.barrier(stream)
+        # acquire() ordered this stream after the previous call, and so after its barrier.
+        self.buf.barrier(stream, ordered=True)
 
     def release(self, stream: int) -> None:
         _rt().eventRecord(self._done, stream)
@@ -106,6 +109,7 @@ class Workspace:
         log.info("symmetric workspace: 2 x %d bytes on cuda:%d", slot, self.comm.device)
         self.buf = SymmetricBuffer.allocate(self.comm, (2 * slot,), "uint8")
         self.slot = slot
+        self._last_stream = None
         if not self._done:
             self._done = _new_event(self.comm.device)
 

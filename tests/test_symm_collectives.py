@@ -52,7 +52,8 @@ class FakeBuffer:
         r = self.comm.rank if rank is None else rank
         return (r + 1) << 32
 
-    def barrier(self, stream):
+    def barrier(self, stream, ordered=False):
+        assert ordered  # the workspace orders its calls itself
         self.barriers.append(stream)
 
     def free(self):
@@ -114,6 +115,8 @@ def test_workspace_alternates_halves_and_grows_collectively(fakes):
     assert local3 == 2 << 32  # back to the first half
     assert ws.calls == 3
     assert [c for c in rt.calls if c[0] == "wait"] == [("wait", 5, 0xE0), ("wait", 6, 0xE0), ("wait", 5, 0xE0)]
+    ws.acquire(10, 5)  # the same stream again: stream order suffices, no wait
+    assert len([c for c in rt.calls if c[0] == "wait"]) == 3
     ws.release(5)
     assert rt.calls[-1] == ("record", 0xE0, 5)
     ws.acquire(1100, 5)  # grows by at least the growth factor, freeing the old buffer first
