@@ -5,16 +5,22 @@
 For each input size (bytes of the bf16/fp32 input) it times, with CUDA events around each launch, the
 median of n runs after w warm-ups, rotating over 3 fresh random inputs so no run reads what the last
 left in L2:
-  copy          torch copy_ of the input bytes                     bytes = 2 * in
+  copy          torch copy_ of the input bytes (a memcpy node)     bytes = 2 * in
+  copy-s        the same copy_ calls on the stream, no graph       bytes = 2 * in
+  copy-k        a plain 16-byte-vector copy kernel (graph)         bytes = 2 * in
   q-nv amax=    NVFP4 quantize, amax given                        bytes = in + data + scales
   q-nv auto     NVFP4 quantize, amax computed on the device       bytes = 2 * in + data + scales
+                (fp4ccl.quantize: the amax kernel, then quantize)
+  q-nv fused    the same in one launch (kernels.quantize_auto)     bytes = 2 * in + data + scales
   q-mx          MXFP4 quantize                                    bytes = in + data + scales
   dq-nv / dq-mx dequantize back to the input dtype                bytes = data + scales + out
   dqsumN-nv/mx  fused dequantize-and-sum of N FP4 tensors (bf16 rows) bytes = N * (data + scales) + out
 time(us) is the GPU time of one call from CUDA-graph replays of 12 back-to-back calls (kernels alone);
 call(us) has events around each Python call with the GPU otherwise idle (dispatch overhead included).
-GB/s = bytes / time(us), and %copy that against the copy's GB/s, timed the same way ("roofline": the
+GB/s = bytes / time(us), and %copy that against the fastest of the three copies ("roofline": the
 fewest bytes each kernel must move, read once and written once, against what a plain copy achieves).
+Under graph replay a 1 GiB copy_ (a memcpy node) ran at ~2.77 TB/s while the same copy on the stream
+and a copy kernel did not: see docs/FP4.md.
 #wrong counts bytes of the first 64 rows that differ from the numpy reference (0 expected).
 First, a short table of the host cost of one call of each launcher (kernels.* and fp4ccl.*), for the
 ctypes cuLaunchKernel path and the CuPy path.
@@ -67,6 +73,53 @@ def time_graph(fn, n: int, warm: int, calls: int = 12) -> float:
         times.append(a.elapsed_time(b) / calls)
     del g
     return statistics.median(times)
+
+
+def time_stream(fn, n: int, warm: int, calls: int = 12) -> float:
+    """Median milliseconds of one fn(i) from `calls` back-to-back calls on the stream, no graph (events
+    around the batch; the host enqueues faster than these sizes run, so the GPU does not wait)."""
+    import torch
+    for i in range(max(1, warm)):
+        fn(i)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for i in range(calls):
+            fn(i)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return statistics.median(times)
+
+
+_COPY_SRC = r"""
+extern "C" __global__ void __launch_bounds__(256) copy16(const uint4* __restrict__ s, uint4* __restrict__ d,
+                                                         unsigned long long n) {
+    const unsigned long long stride = (unsigned long long)gridDim.x * 256u;
+    unsigned long long i = (unsigned long long)blockIdx.x * 256u + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        const uint4 a = s[i], b = s[i + stride], c = s[i + 2 * stride], e = s[i + 3 * stride];
+        d[i] = a; d[i + stride] = b; d[i + 2 * stride] = c; d[i + 3 * stride] = e;
+    }
+    for (; i < n; i += stride) d[i] = s[i];
+}
+"""
+
+
+def copy_kernel():
+    """fn(dst, src, nbytes) launching a plain vector copy kernel on torch's current stream."""
+    import cupy
+    import torch
+    k = cupy.RawKernel(_COPY_SRC, "copy16")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    grid = sms * 8                                        # 2048 resident threads per SM at 256 per block
+
+    def run(dst, src, nbytes):
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            k((grid,), (256,), (src.data_ptr(), dst.data_ptr(), cupy.uint64(nbytes // 16)))
+    return run
 
 
 def time_it(fn, n: int, warm: int) -> float:
@@ -174,6 +227,7 @@ def main(argv=None) -> int:
         commit = "?"
     print(f"# fp4ccl {fp4ccl.__version__} commit {commit} | {dev} | torch {torch.__version__} | "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | median of {a.iters} after {a.warmup_iters} warm-up")
+    print(f"# FP4CCL_KERNEL_V2={os.environ.get('FP4CCL_KERNEL_V2', '')}")
     print(f"# command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
     launch_rows = launch_costs(dev, commit)
     if a.launch_only:
@@ -182,6 +236,7 @@ def main(argv=None) -> int:
     hdr = (f"{'size(B)':>12} {'dtype':>9} {'kernel':>12} {'call(us)':>9} {'time(us)':>10} {'bytes':>12} {'GB/s':>8} "
            f"{'%copy':>6} {'#wrong':>6}")
     print(hdr)
+    kcopy = copy_kernel()
     g = torch.Generator(device="cuda")
     g.manual_seed(1234)
     size = parse_size(a.minbytes)
@@ -196,9 +251,14 @@ def main(argv=None) -> int:
             xs = [torch.randn(rows, K, device="cuda", dtype=dt, generator=g) * (1 + i) for i in range(3)]
             dst = torch.empty_like(xs[0])
             cp = lambda i: dst.copy_(xs[i % 3])  # noqa: E731
-            t_copy = time_graph(cp, a.iters, a.warmup_iters)
-            copy_gbs = 2 * inb / t_copy / 1e6
-            results = [("copy", time_it(cp, a.iters, a.warmup_iters), t_copy, 2 * inb, 0)]
+            ck = lambda i: kcopy(dst, xs[i % 3], inb)  # noqa: E731
+            t_cp = time_it(cp, a.iters, a.warmup_iters)
+            copies = [("copy", t_cp, time_graph(cp, a.iters, a.warmup_iters)),
+                      ("copy-s", t_cp, time_stream(cp, a.iters, a.warmup_iters)),
+                      ("copy-k", time_it(ck, a.iters, a.warmup_iters), time_graph(ck, a.iters, a.warmup_iters))]
+            ok = torch.equal(dst, xs[(3 - 1) % 3]) or torch.equal(dst, xs[11 % 3])
+            copy_gbs = max(2 * inb / t / 1e6 for _, _, t in copies)
+            results = [(name, tc, t, 2 * inb, 0 if ok else 1) for name, tc, t in copies]
             del dst
             amax = float(max(x.abs().max().item() for x in xs))
             for fmt in ("nvfp4", "mxfp4"):
@@ -213,6 +273,19 @@ def main(argv=None) -> int:
                     fa = lambda i: fp4ccl.quantize(xs[i % 3], fmt, out=outs[i % 3])  # noqa: E731
                     results.append(("q-nv auto", time_it(fa, a.iters, a.warmup_iters), time_graph(fa, a.iters, a.warmup_iters),
                                     2 * inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
+                    from fp4ccl.formats import kernels
+                    work = torch.zeros(kernels.QAUTO_WORK_BYTES // 4, dtype=torch.int32, device="cuda")
+
+                    def ff(i):
+                        x, q = xs[i % 3], outs[i % 3]
+                        kernels.quantize_auto(x.device.index, x.data_ptr(), dt_name, n_el, K, "linear", "nearest", 0,
+                                              work.data_ptr(), [(n_el // 16, 0, q.data.data_ptr(), q.scales.data_ptr(),
+                                                                 q.global_scale.data_ptr())], 0,
+                                              torch.cuda.current_stream().cuda_stream)
+                    t_call = time_it(ff, a.iters, a.warmup_iters)
+                    ff(0)
+                    results.append(("q-nv fused", t_call, time_graph(ff, a.iters, a.warmup_iters), 2 * inb + qbytes,
+                                    wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
                 ys = [torch.empty_like(x) for x in xs]
                 fd = lambda i: fp4ccl.dequantize(outs[i % 3], out=ys[i % 3])  # noqa: E731
                 t_call, t = time_it(fd, a.iters, a.warmup_iters), time_graph(fd, a.iters, a.warmup_iters)

@@ -105,6 +105,14 @@ __device__ __forceinline__ float max_nan(float a, float b) {
     float r; asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
 }
 
+// Streaming stores (evict-first): a kernel never reads its outputs back, so they should not push
+// out of L2 the inputs that are still to be read (the fused quantize re-reads x from L2).
+__device__ __forceinline__ void st_cs(void* p, const uint4& v) {
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+__device__ __forceinline__ void st_cs(void* p, u32 v) { asm volatile("st.global.cs.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory"); }
+__device__ __forceinline__ void st_cs(void* p, u16 v) { asm volatile("st.global.cs.u16 [%0], %1;" :: "l"(p), "h"(v) : "memory"); }
+
 // fp32 in [0, 448] -> E4M3 code, round to nearest even. Normal range: round the 23-bit mantissa to 3
 // bits on the integer bits (a carry into the exponent is the right answer), then rebias 127 -> 7.
 // Below 2^-6 E4M3 is subnormal with step 2^-9: s * 512 is exact and adding 2^23 rounds it to an integer.
@@ -166,12 +174,15 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel)); return r;
 }
 // Magnitude nibbles of 8 elements (element i in bits 4i..4i+2), sign bits still zero.
-__device__ __forceinline__ u32 e2m1_rn_pack8(const float* y) {
+// (For 4 elements the same constant holds: the terms i >= 2 vanish mod 2^32.)
+template <int N>
+__device__ __forceinline__ u32 e2m1_rn_pack(const float* y) {
     u32 acc = e2m1_rn_bits(y[0]);
 #pragma unroll
-    for (int i = 1; i < 8; ++i) acc = mad_u32(e2m1_rn_bits(y[i]), 1u << (4 * i), acc);
+    for (int i = 1; i < N; ++i) acc = mad_u32(e2m1_rn_bits(y[i]), 1u << (4 * i), acc);
     return acc - 0xFB000000u;
 }
+__device__ __forceinline__ u32 e2m1_rn_pack8(const float* y) { return e2m1_rn_pack<8>(y); }
 // The E2M1 sign bits (bit 4i+3 for element i) of 8 elements, from 4 bytes s = [s0 s1 s2 s3] and
 // t = [s4 .. s7] that are 0xFF where the element is negative (prmt's sign-replicate selectors).
 __device__ __forceinline__ u32 sign_nibbles(u32 s, u32 t) {
@@ -243,11 +254,10 @@ __device__ __forceinline__ void amax_vec(const uint4& v, float& m) {
     }
 }
 
+// This thread's share of the amax: vectors i, i + stride, ...
 template <typename In>
-__device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
+__device__ __forceinline__ float amax_partial(const uint4* __restrict__ x, u64 nvec, u64 i, u64 stride) {
     float m = 0.0f;
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     // two independent 16-byte loads per step: one in flight per thread left DRAM latency exposed
     for (; i + stride < nvec; i += 2 * stride) {
         const uint4 v0 = __ldg(x + i), v1 = __ldg(x + i + stride);
@@ -255,6 +265,11 @@ __device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
         amax_vec<In>(v1, m);
     }
     if (i < nvec) amax_vec<In>(__ldg(x + i), m);
+    return m;
+}
+
+// Block-wide max of m, atomically max-ed into *out by thread 0 (the fused quantize relies on that).
+__device__ __forceinline__ void block_amax_to(float m, float* out) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
     __shared__ float warp_max[32];
@@ -269,76 +284,105 @@ __device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
     }
 }
 
+template <typename In>
+__device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
+    const float m = amax_partial<In>(x, nvec, (u64)blockIdx.x * blockDim.x + threadIdx.x, (u64)gridDim.x * blockDim.x);
+    block_amax_to(m, out);
+}
+
 // ---------------------------------------------------------------- quantize
 // The global encode scale from amax: S_enc = 448 * 6 / amax capped at FLT_MAX; amax == 0 -> 1.
 // An amax that is not a finite non-negative number (only possible from a device scalar, which cannot
 // be checked without a sync) is treated like 0; the reference does the same.
-__device__ __forceinline__ float nvfp4_senc(const float* amax_ptr, float amax_val) {
-    const float amax = amax_ptr ? *amax_ptr : amax_val;
+__device__ __forceinline__ float nvfp4_senc(float amax) {
     if (!(amax > 0.0f && amax <= FP4_FLT_MAX)) return 1.0f;
     return fminf(__fdiv_rn(2688.0f, amax), FP4_FLT_MAX);
 }
 
+// What every quantize thread derives once from the launch arguments.
+struct QuantCtx {
+    float sdec, senc6;   // NVFP4: S_dec and S_enc * (1/6)
+    u32 k1, k2;          // stochastic rounding keys
+};
+template <bool NV>
+__device__ __forceinline__ QuantCtx quant_ctx(float amax, u64 seed, const Seg& seg) {
+    QuantCtx c;
+    c.sdec = 1.0f; c.senc6 = 0.0f;
+    if (NV) {
+        const float senc = nvfp4_senc(amax);
+        c.sdec = __frcp_rn(senc);
+        c.senc6 = __fmul_rn(senc, 1.0f / 6.0f);
+        if (seg.gs && blockIdx.x == 0 && threadIdx.x == 0) *(float*)seg.gs = c.sdec;
+    }
+    c.k1 = fmix32((u32)seed);
+    c.k2 = fmix32((u32)(seed >> 32) + 0x7F4A7C15u);
+    return c;
+}
+
+// Block scale byte of a finite block with max |x| = m, and the multiplier that maps x into E2M1 range.
+template <bool NV>
+__device__ __forceinline__ float block_scale(float m, const QuantCtx& c, u32& sbyte) {
+    if (NV) {
+        sbyte = e4m3_rne(fminf(__fmul_rn(m, c.senc6), 448.0f));
+        const float bsf = e4m3_to_f32(sbyte);
+        return fminf(__frcp_rn(__fmul_rn(bsf, c.sdec)), FP4_FLT_MAX);
+    }
+    const u32 e = __float_as_uint(m) >> 23;           // biased exponent of bamax
+    sbyte = e > 2u ? e - 2u : 0u;                     // floor(log2 bamax) - 2 + 127, clamped
+    return __uint_as_float((254u - sbyte) << 23);     // 2^-e, exact, always a normal float
+}
+
+// Sign bits (bit 4i+3 of element i) of the elements of one 16-byte input vector.
+template <typename In> __device__ __forceinline__ u32 signs_vec(const uint4& v) {
+    return sign_nibbles(sign_bytes_16bit(v.x, v.y), sign_bytes_16bit(v.z, v.w));
+}
+template <> __device__ __forceinline__ u32 signs_vec<float>(const uint4& v) {
+    return sign_nibbles(sign_bytes_f32(v.x, v.y, v.z, v.w), 0u);
+}
+
 // One thread quantizes one block of BS elements per iteration (16 for NVFP4, 32 for MXFP4): it loads
 // BS inputs with 16-byte loads, writes BS/2 data bytes with one 8- or 16-byte store and one scale byte.
-template <typename In, int BS, bool NV, bool SWZ, bool SR>
-__device__ void quant_body(const uint4* __restrict__ x, u32 K, const float* amax_ptr, float amax_val,
-                           u64 seed, u32 ncols_pad, const SegTable& t) {
-    const Seg seg = pick_segment(t);
-    float sdec = 1.0f, senc6 = 0.0f;
-    if (NV) {
-        const float senc = nvfp4_senc(amax_ptr, amax_val);
-        sdec = __frcp_rn(senc);
-        senc6 = __fmul_rn(senc, 1.0f / 6.0f);
-        if (seg.gs && blockIdx.x == 0 && threadIdx.x == 0) *(float*)seg.gs = sdec;
-    }
-    const u32 k1 = fmix32((u32)seed), k2 = fmix32((u32)(seed >> 32) + 0x7F4A7C15u);
+// REV walks the blocks from the last to the first (the fused quantize: see qauto_body).
+template <typename In, int BS, bool NV, bool SWZ, bool SR, bool REV>
+__device__ void quant_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c, u32 ncols_pad, const Seg& seg) {
     constexpr int PV = Loader<In>::PER_VEC;
     constexpr int NVEC = BS / PV;
     const u32 nbc = K / BS;
     const u32 units = (u32)seg.units;
     u8* scale_out = (u8*)seg.scale;
-    for (u32 l = blockIdx.x * blockDim.x + threadIdx.x; l < units; l += gridDim.x * blockDim.x) {
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < units; i += gridDim.x * blockDim.x) {
+        const u32 l = REV ? units - 1u - i : i;
         const u64 blk = seg.src + l;
         float f[BS];
         uint4 v[NVEC];
 #pragma unroll
-        for (int i = 0; i < NVEC; ++i) v[i] = __ldg(x + blk * NVEC + i);
+        for (int j = 0; j < NVEC; ++j) v[j] = __ldg(x + blk * NVEC + j);
 #pragma unroll
-        for (int i = 0; i < NVEC; ++i) Loader<In>::unpack(v[i], f + i * PV);
+        for (int j = 0; j < NVEC; ++j) Loader<In>::unpack(v[j], f + j * PV);
         float m = 0.0f;
 #pragma unroll
-        for (int i = 0; i < BS; ++i) m = max_nan(m, fabsf(f[i]));
+        for (int j = 0; j < BS; ++j) m = max_nan(m, fabsf(f[j]));
         u32 w[BS / 8];
 #pragma unroll
-        for (int i = 0; i < BS / 8; ++i) w[i] = 0u;
+        for (int j = 0; j < BS / 8; ++j) w[j] = 0u;
         u32 sbyte;
         if (!(m <= FP4_FLT_MAX)) {
             sbyte = NV ? 0x7Fu : 0xFFu;   // NaN scale; the block's data stays 0
         } else {
-            float mult;
-            if (NV) {
-                sbyte = e4m3_rne(fminf(__fmul_rn(m, senc6), 448.0f));
-                const float bsf = e4m3_to_f32(sbyte);
-                mult = fminf(__frcp_rn(__fmul_rn(bsf, sdec)), FP4_FLT_MAX);
-            } else {
-                const u32 e = __float_as_uint(m) >> 23;           // biased exponent of bamax
-                sbyte = e > 2u ? e - 2u : 0u;                     // floor(log2 bamax) - 2 + 127, clamped
-                mult = __uint_as_float((254u - sbyte) << 23);     // 2^-e, exact, always a normal float
-            }
+            const float mult = block_scale<NV>(m, c, sbyte);
             if constexpr (SR) {
 #pragma unroll
-                for (int i = 0; i < BS; ++i) {
-                    const float y = __fmul_rn(f[i], mult);
-                    u32 c = e2m1_sr(fminf(fabsf(y), 6.0f), sr_bits(k1, k2, blk * BS + i));
-                    c |= (__float_as_uint(y) >> 28) & 8u;
-                    w[i >> 3] |= c << ((i & 7) * 4);
+                for (int j = 0; j < BS; ++j) {
+                    const float y = __fmul_rn(f[j], mult);
+                    u32 q = e2m1_sr(fminf(fabsf(y), 6.0f), sr_bits(c.k1, c.k2, blk * BS + j));
+                    q |= (__float_as_uint(y) >> 28) & 8u;
+                    w[j >> 3] |= q << ((j & 7) * 4);
                 }
             } else {
                 // mult > 0 (or +0), so y has x's sign: the sign bits come straight from the loaded bytes
                 float y[BS];
 #pragma unroll
-                for (int i = 0; i < BS; ++i) y[i] = __fmul_rn(f[i], mult);
+                for (int j = 0; j < BS; ++j) y[j] = __fmul_rn(f[j], mult);
 #pragma unroll
                 for (int j = 0; j < BS / 8; ++j) w[j] = e2m1_rn_pack8(y + 8 * j) | Loader<In>::signs8(v, j);
             }
@@ -348,6 +392,131 @@ __device__ void quant_body(const uint4* __restrict__ x, u32 K, const float* amax
         if (SWZ) scale_out[swizzle_offset(l / nbc, l % nbc, ncols_pad)] = (u8)sbyte;
         else scale_out[l] = (u8)sbyte;
     }
+}
+
+// Variant "lanes": G = BS / PV consecutive lanes share one block, one 16-byte vector each, so every
+// warp load reads 512 contiguous bytes (one thread per block strides 32-128 bytes between lanes, and
+// each such load instruction touches 32 different L1 lines). The block max takes log2(G) shuffles; each
+// lane computes the (identical) scale, quantizes its PV elements and stores PV/2 bytes; the group's
+// first lane stores the scale byte. FP4_Q_VECS vectors per lane per step, all loaded before use.
+#define FP4_Q_VECS 2
+template <typename In, int BS, bool NV, bool SWZ, bool SR, bool REV>
+__device__ void quant_lanes_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c, u32 ncols_pad, const Seg& seg) {
+    constexpr int PV = Loader<In>::PER_VEC;
+    constexpr int G = BS / PV;
+    constexpr int U = FP4_Q_VECS;
+    constexpr u32 PER = 32u * U;
+    const u32 nbc = K / BS;
+    const u64 nv = seg.units * G;
+    const u64 xv0 = seg.src * G;
+    const u32 lane = threadIdx.x & 31u;
+    const u64 nsteps = (nv + PER - 1) / PER;
+    const u32 nwarps = (gridDim.x * blockDim.x) >> 5;
+    u8* scale_out = (u8*)seg.scale;
+    // warp-uniform loop: the shuffles need every lane; lanes past the end load zeros and store nothing
+    for (u64 s = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; s < nsteps; s += nwarps) {
+        const u64 base = (REV ? nsteps - 1 - s : s) * PER;
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u64 vi = base + u * 32u + lane;
+            v[u] = vi < nv ? __ldg(x + xv0 + vi) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u64 vi = base + u * 32u + lane;
+            float f[PV];
+            Loader<In>::unpack(v[u], f);
+            float m = 0.0f;
+#pragma unroll
+            for (int j = 0; j < PV; ++j) m = max_nan(m, fabsf(f[j]));
+#pragma unroll
+            for (int o = 1; o < G; o <<= 1) m = max_nan(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+            u32 w = 0u, sbyte;
+            if (!(m <= FP4_FLT_MAX)) {
+                sbyte = NV ? 0x7Fu : 0xFFu;
+            } else {
+                const float mult = block_scale<NV>(m, c, sbyte);
+                if constexpr (SR) {
+#pragma unroll
+                    for (int j = 0; j < PV; ++j) {
+                        const float y = __fmul_rn(f[j], mult);
+                        u32 q = e2m1_sr(fminf(fabsf(y), 6.0f), sr_bits(c.k1, c.k2, (xv0 + vi) * PV + j));
+                        q |= (__float_as_uint(y) >> 28) & 8u;
+                        w |= q << (j * 4);
+                    }
+                } else {
+                    float y[PV];
+#pragma unroll
+                    for (int j = 0; j < PV; ++j) y[j] = __fmul_rn(f[j], mult);
+                    w = e2m1_rn_pack<PV>(y) | signs_vec<In>(v[u]);
+                }
+            }
+            if (vi < nv) {
+                if constexpr (PV == 8) st_cs((void*)(seg.data + vi * 4u), w);
+                else st_cs((void*)(seg.data + vi * 2u), (u16)w);
+                if (vi % G == 0) {
+                    const u64 l = vi / G;
+                    if (SWZ) scale_out[swizzle_offset((u32)(l / nbc), (u32)(l % nbc), ncols_pad)] = (u8)sbyte;
+                    else scale_out[l] = (u8)sbyte;
+                }
+            }
+        }
+    }
+}
+
+template <typename In, int BS, bool NV, bool SWZ, bool SR, bool LANES, bool REV>
+__device__ __forceinline__ void quant_any(const uint4* __restrict__ x, u32 K, const QuantCtx& c, u32 ncols_pad, const Seg& seg) {
+    if constexpr (LANES) quant_lanes_body<In, BS, NV, SWZ, SR, REV>(x, K, c, ncols_pad, seg);
+    else quant_body<In, BS, NV, SWZ, SR, REV>(x, K, c, ncols_pad, seg);
+}
+
+template <typename In, int BS, bool NV, bool SWZ, bool SR, bool LANES>
+__device__ void quant_kernel(const uint4* __restrict__ x, u32 K, const float* amax_ptr, float amax_val,
+                             u64 seed, u32 ncols_pad, const SegTable& t) {
+    const Seg seg = pick_segment(t);
+    const QuantCtx c = quant_ctx<NV>(NV ? (amax_ptr ? *amax_ptr : amax_val) : 0.0f, seed, seg);
+    quant_any<In, BS, NV, SWZ, SR, LANES, false>(x, K, c, ncols_pad, seg);
+}
+
+// ---------------------------------------------------------------- quantize with the amax in the same launch
+// NVFP4 with the tensor's own amax, in one launch of exactly the resident blocks (launched cooperatively,
+// which guarantees they are all resident): phase 1 every block takes its share of max |x| over all of x
+// (nvec vectors) and atomically max-es it into work[0]; a grid-wide barrier on the counter work[1];
+// phase 2 quantizes the segments as quant_kernel does, but walking the blocks in reverse, so it starts
+// with the tail of x that phase 1 read last and that is still in L2. work = 2 words the launcher zeroes
+// before each launch (a memset in the same stream: replayable in a CUDA graph).
+__device__ __forceinline__ float grid_barrier_read(u32* work, u32 nblocks) {
+    __shared__ float amax_s;
+    __syncthreads();   // every thread's phase-1 work (and thread 0's atomicMax) is done
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(work + 1, 1u);
+        u32 seen;
+        for (;;) {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(work + 1) : "memory");
+            if (seen >= nblocks) break;
+            asm volatile("nanosleep.u32 100;");
+        }
+        float a;
+        asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(a) : "l"(work) : "memory");
+        amax_s = a;
+    }
+    __syncthreads();
+    return amax_s;
+}
+
+template <typename In, bool SWZ, bool SR, bool LANES>
+__device__ void qauto_kernel(const uint4* __restrict__ x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad,
+                             const SegTable& t) {
+    const u32 nblocks = gridDim.x * gridDim.y;
+    const u32 bid = blockIdx.y * gridDim.x + blockIdx.x;
+    block_amax_to(amax_partial<In>(x, nvec, (u64)bid * blockDim.x + threadIdx.x, (u64)nblocks * blockDim.x),
+                  (float*)work);
+    const float amax = grid_barrier_read(work, nblocks);
+    const Seg seg = pick_segment(t);
+    const QuantCtx c = quant_ctx<true>(amax, seed, seg);
+    quant_any<In, 16, true, SWZ, SR, LANES, true>(x, K, c, ncols_pad, seg);
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -472,6 +641,68 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     }
 }
 
+// Variant "direct": one thread owns one 16-byte output chunk (8 bf16/fp16 or 4 fp32 elements, decoded
+// from 4 or 2 data bytes) per slice, and a block works on FP4_DQ_CHUNKS slices of 256 consecutive chunks
+// per step, so each warp store writes 512 contiguous bytes straight from registers (no shared-memory
+// staging, no warp syncs) and each warp load reads 64-128 contiguous bytes. All the step's loads are
+// issued before the first decode. Stores are streaming (evict-first).
+#define FP4_DQ_CHUNKS 4
+template <typename Out> __device__ __forceinline__ u32 load_chunk_nibbles(u64 data, u64 chunk) {
+    if constexpr (Storer<Out>::PER_VEC == 8) return __ldg((const u32*)data + chunk);
+    else return (u32)__ldg((const u16*)data + chunk);
+}
+template <typename Out>
+__device__ __forceinline__ uint4 decode_chunk(u32 nib, float sc, const float* lut) {
+    constexpr int E = Storer<Out>::PER_VEC;
+    float f[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) f[i] = __fmul_rn(lut[(nib >> (4 * i)) & 15u], sc);
+    if constexpr (E == 4) {
+        return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+    } else {
+        return make_uint4(Storer<Out>::pack2(f[0], f[1]), Storer<Out>::pack2(f[2], f[3]),
+                          Storer<Out>::pack2(f[4], f[5]), Storer<Out>::pack2(f[6], f[7]));
+    }
+}
+
+template <typename Out, int BS, bool NV, bool SWZ>
+__device__ void dequant_direct_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
+    constexpr int E = Storer<Out>::PER_VEC;
+    constexpr int CPB = BS / E;           // chunks per FP4 block
+    constexpr int U = FP4_DQ_CHUNKS;
+    __shared__ float lut[16];
+    fill_e2m1_lut(lut);
+    __syncthreads();
+    const Seg seg = pick_segment(t);
+    const float sdec = (NV && seg.gs) ? *(const float*)seg.gs : 1.0f;
+    const u32 nbc = K / BS;
+    const u64 nch = seg.units * CPB;
+    const u8* scale_in = (const u8*)seg.scale;
+    uint4* dst = (uint4*)(out + seg.src * BS * (u64)(16 / E));
+    const u64 step = (u64)gridDim.x * blockDim.x * U;
+    for (u64 c0 = (u64)blockIdx.x * blockDim.x * U + threadIdx.x; c0 < nch; c0 += step) {
+        u32 nib[U], sb[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u64 ch = c0 + (u64)u * blockDim.x;
+            if (ch < nch) {
+                nib[u] = load_chunk_nibbles<Out>(seg.data, ch);
+                const u64 l = ch / CPB;
+                sb[u] = SWZ ? __ldg(scale_in + swizzle_offset((u32)(l / nbc), (u32)(l % nbc), ncols_pad))
+                            : __ldg(scale_in + l);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u64 ch = c0 + (u64)u * blockDim.x;
+            if (ch < nch) {
+                const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
+                st_cs(dst + ch, decode_chunk<Out>(nib[u], sc, lut));
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- dequantize and sum
 // The FP4 reduce-scatter's receive side: out block l = round_once(sum over c = 0..n-1, in order, of
 // contribution c's block l decoded to fp32 exactly as dequantize decodes it). One launch reads every
@@ -543,6 +774,81 @@ __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumT
     }
 }
 
+// Variant "direct" of dequantize-and-sum: as dequant_direct_body, one 16-byte output chunk per thread
+// and slice, FP4_SUM_CHUNKS slices per step; the loads of FP4_SUM_BATCH contributions x those slices are
+// issued together. The fp32 sum is taken in contribution order, as dqsum_body does.
+#define FP4_SUM_CHUNKS 2
+template <typename Out, int BS, bool NV>
+__device__ void dqsum_direct_body(u8* out, u32 units, u32 n, u32 accumulate, const SumTable& t) {
+    constexpr int E = Storer<Out>::PER_VEC;
+    constexpr int CPB = BS / E;
+    constexpr int U = FP4_SUM_CHUNKS;
+    constexpr int B = FP4_SUM_BATCH;
+    __shared__ float lut[16];
+    __shared__ float sdec[FP4_MAXSUM];
+    fill_e2m1_lut(lut);
+    for (u32 c = threadIdx.x; c < n; c += blockDim.x) sdec[c] = NV ? *(const float*)t.gs[c] : 1.0f;
+    __syncthreads();
+    const u64 nch = (u64)units * CPB;
+    uint4* dst = (uint4*)out;
+    const u64 step = (u64)gridDim.x * blockDim.x * U;
+    for (u64 c0 = (u64)blockIdx.x * blockDim.x * U + threadIdx.x; c0 < nch; c0 += step) {
+        float acc[U][E];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int i = 0; i < E; ++i) acc[u][i] = 0.0f;
+            if constexpr (E == 4) {   // accumulate: fp32 output only (the launcher checks)
+                const u64 ch = c0 + (u64)u * blockDim.x;
+                if (accumulate && ch < nch) {
+                    const uint4 p = dst[ch];
+                    acc[u][0] = __uint_as_float(p.x); acc[u][1] = __uint_as_float(p.y);
+                    acc[u][2] = __uint_as_float(p.z); acc[u][3] = __uint_as_float(p.w);
+                }
+            }
+        }
+        for (u32 k0 = 0; k0 < n; k0 += B) {
+            u32 nib[B][U], sb[B][U];
+#pragma unroll
+            for (int k = 0; k < B; ++k) {
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const u64 ch = c0 + (u64)u * blockDim.x;
+                    if (k0 + k < n && ch < nch) {
+                        nib[k][u] = load_chunk_nibbles<Out>(t.data[k0 + k], ch);
+                        sb[k][u] = __ldg((const u8*)t.scale[k0 + k] + ch / CPB);
+                    }
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < B; ++k) {
+                if (k0 + k < n) {
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[k][u]), sdec[k0 + k]) : e8m0_to_f32(sb[k][u]);
+#pragma unroll
+                        for (int i = 0; i < E; ++i)
+                            acc[u][i] = __fadd_rn(acc[u][i], __fmul_rn(lut[(nib[k][u] >> (4 * i)) & 15u], sc));
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const u64 ch = c0 + (u64)u * blockDim.x;
+            if (ch < nch) {
+                if constexpr (E == 4) {
+                    st_cs(dst + ch, make_uint4(__float_as_uint(acc[u][0]), __float_as_uint(acc[u][1]),
+                                               __float_as_uint(acc[u][2]), __float_as_uint(acc[u][3])));
+                } else {
+                    st_cs(dst + ch, make_uint4(Storer<Out>::pack2(acc[u][0], acc[u][1]), Storer<Out>::pack2(acc[u][2], acc[u][3]),
+                                               Storer<Out>::pack2(acc[u][4], acc[u][5]), Storer<Out>::pack2(acc[u][6], acc[u][7])));
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- entry points (extern "C": stable names)
 // Names: fp4_amax_<in>, fp4_quant_<fmt>_<in>_<layout>_<rounding>, fp4_dequant_<fmt>_<out>_<layout>;
 // <in>/<out> in {bf16, f16, f32}, <fmt> in {nv, mx}, <layout> in {lin, swz}, <rounding> in {rn, sr}.
@@ -553,10 +859,14 @@ FP4_AMAX(bf16, u16)
 FP4_AMAX(f16, Half)
 FP4_AMAX(f32, float)
 
+// Variants under measurement carry the suffix _v2 (see fp4ccl/formats/kernels.py, FP4CCL_KERNEL_V2).
 #define FP4_QUANT(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND( \
         const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
-        quant_body<IN, BS, NV, SWZ, SR>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); }
+        quant_kernel<IN, BS, NV, SWZ, SR, false>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); } \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND##_v2( \
+        const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
+        quant_kernel<IN, BS, NV, SWZ, SR, true>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); }
 #define FP4_QUANT_ALL(FMT, BS, NV) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, rn, false) FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, sr, true) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, rn, false)  FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, sr, true) \
@@ -567,10 +877,28 @@ FP4_AMAX(f32, float)
 FP4_QUANT_ALL(nv, 16, true)
 FP4_QUANT_ALL(mx, 32, false)
 
+// fp4_qauto_nv_<in>_<layout>_<rounding>(x, nvec, K, work, seed, ncols_pad, table): see qauto_kernel.
+#define FP4_QAUTO(NAME, IN, LAY, SWZ, RND, SR) \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_qauto_nv_##NAME##_##LAY##_##RND( \
+        const uint4* x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad, const SegTable t) { \
+        qauto_kernel<IN, SWZ, SR, false>(x, nvec, K, work, seed, ncols_pad, t); } \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_qauto_nv_##NAME##_##LAY##_##RND##_v2( \
+        const uint4* x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad, const SegTable t) { \
+        qauto_kernel<IN, SWZ, SR, true>(x, nvec, K, work, seed, ncols_pad, t); }
+#define FP4_QAUTO_ALL(NAME, IN) \
+    FP4_QAUTO(NAME, IN, lin, false, rn, false) FP4_QAUTO(NAME, IN, lin, false, sr, true) \
+    FP4_QAUTO(NAME, IN, swz, true, rn, false)  FP4_QAUTO(NAME, IN, swz, true, sr, true)
+FP4_QAUTO_ALL(bf16, u16)
+FP4_QAUTO_ALL(f16, Half)
+FP4_QAUTO_ALL(f32, float)
+
 #define FP4_DEQUANT(FMT, NAME, OUT, BS, NV, LAY, SWZ) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY( \
         u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
-        dequant_body<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); }
+        dequant_body<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); } \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY##_v2( \
+        u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
+        dequant_direct_body<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); }
 #define FP4_DEQUANT_ALL(FMT, BS, NV) \
     FP4_DEQUANT(FMT, bf16, u16, BS, NV, lin, false) FP4_DEQUANT(FMT, bf16, u16, BS, NV, swz, true) \
     FP4_DEQUANT(FMT, f16, Half, BS, NV, lin, false) FP4_DEQUANT(FMT, f16, Half, BS, NV, swz, true) \
@@ -582,6 +910,9 @@ FP4_DEQUANT_ALL(mx, 32, false)
 #define FP4_DQSUM(FMT, NAME, OUT, BS, NV) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME( \
         u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
-        dqsum_body<OUT, BS, NV>(out, units, n, accumulate, t); }
+        dqsum_body<OUT, BS, NV>(out, units, n, accumulate, t); } \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME##_v2( \
+        u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
+        dqsum_direct_body<OUT, BS, NV>(out, units, n, accumulate, t); }
 FP4_DQSUM(nv, bf16, u16, 16, true) FP4_DQSUM(nv, f16, Half, 16, true) FP4_DQSUM(nv, f32, float, 16, true)
 FP4_DQSUM(mx, bf16, u16, 32, false) FP4_DQSUM(mx, f16, Half, 32, false) FP4_DQSUM(mx, f32, float, 32, false)
