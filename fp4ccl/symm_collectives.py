@@ -199,30 +199,70 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr
     ws.release(stream)
 
 
+# Input size from which the reduce-scatter runs in two stages (env FP4CCL_FP4_RS_STAGES overrides).
+RS_TWO_STAGES_FROM_BYTES = 64 << 20
+
+
+def rs_stages(nbytes: int) -> int:
+    raw = os.environ.get("FP4CCL_FP4_RS_STAGES", "").strip()
+    if raw:
+        if raw not in ("1", "2", "3", "4"):
+            raise ValueError(f"FP4CCL_FP4_RS_STAGES={raw!r} must be 1, 2, 3 or 4")
+        return int(raw)
+    return 2 if nbytes >= RS_TWO_STAGES_FROM_BYTES else 1
+
+
+def _split(n: int, parts: int) -> List[int]:
+    q, r = divmod(n, parts)
+    return [q + (1 if i < r else 0) for i in range(parts)]
+
+
 def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo, rounding: str, seed: int, mix) -> None:
     """Quantize the chunk for each peer (its own amax) into this rank's slot; barrier; decode and sum,
-    in rank order, the chunk every rank made for this one, straight from their slots."""
+    in rank order, the chunk every rank made for this one, straight from their slots.
+
+    In S stages (rs_stages): every chunk's amax first, then stage s quantizes the s-th row range of
+    every chunk, barriers, and decodes-and-sums it on a side stream while the caller's stream
+    quantizes stage s+1: the NVLink-bound pull overlaps the HBM-bound quantize. The random bits of
+    stochastic rounding depend on the element's index only, so stages change no result.
+    """
     from .formats import kernels
     from .formats.tensor import BLOCK_SIZE, packed_layout
     from .vcollectives import offsets
     comm, stream = codec.comm, codec.stream
     n, me = comm.size, comm.rank
-    lays = [packed_layout(r, K, fmt) for r in rows]
-    region = offsets([lay.total_bytes for lay in lays])
+    stages = rs_stages(info.nbytes)
+    parts = [_split(r, stages) for r in rows]                          # parts[peer][stage]
+    starts = [offsets(p) for p in parts]
+    lays = [[packed_layout(c, K, fmt) for c in p] for p in parts]
+    region = offsets([lay.total_bytes for p in lays for lay in p])     # (peer, stage) flattened
     row_offs = offsets(rows)
     ws = workspace(comm)
     codec.buffers(0, 0)
-    local, slots = ws.acquire(sum(lay.total_bytes for lay in lays), stream)
+    local, slots = ws.acquire(sum(lay.total_bytes for p in lays for lay in p), stream)
     # The chunk for the next peer first: with a skewed start, the first chunks the peers wait on are ready soonest.
-    for p in [(me + i) % n for i in range(1, n + 1)]:
-        amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
-        codec.quantize(info, K, fmt, amax, [(row_offs[p], rows[p], local + region[p], lays[p])],
-                       rounding=rounding, seed=mix(seed, me, p))
-    ws.barrier(stream)
-    mine = lays[me]
-    if rows[me]:
-        bs = BLOCK_SIZE[fmt]
-        contributions = [(s + region[me], s + region[me] + mine.scale_off,
-                          s + region[me] + mine.gs_off if fmt == "nvfp4" else 0) for s in slots]
-        kernels.dequantize_sum(comm.device, oinfo.ptr, oinfo.dtype, K, fmt, rows[me] * K // bs, contributions, stream)
+    order = [(me + i) % n for i in range(1, n + 1)]
+    amax = {p: codec.amax_rows(info, K, fmt, row_offs[p], rows[p]) for p in order}
+    side = codec._side() if stages > 1 else None
+    bs = BLOCK_SIZE[fmt]
+    for st in range(stages):
+        for p in order:
+            codec.quantize(info, K, fmt, amax[p], [(row_offs[p] + starts[p][st], parts[p][st],
+                                                    local + region[p * stages + st], lays[p][st])],
+                           rounding=rounding, seed=mix(seed, me, p))
+        ws.barrier(stream)
+        count = parts[me][st]
+        if not count:
+            continue
+        lay, off = lays[me][st], region[me * stages + st]
+        contributions = [(s + off, s + off + lay.scale_off, s + off + lay.gs_off if fmt == "nvfp4" else 0)
+                         for s in slots]
+        out_ptr = oinfo.ptr + starts[me][st] * K * oinfo.itemsize
+        target = stream
+        if side is not None:
+            target = side.ptr
+            side.order(target, stream)  # after this stage's barrier
+        kernels.dequantize_sum(comm.device, out_ptr, oinfo.dtype, K, fmt, count * K // bs, contributions, target)
+    if side is not None:
+        side.order(stream, side.ptr)  # join: the caller's stream sees every summed row
     ws.release(stream)

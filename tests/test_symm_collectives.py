@@ -152,7 +152,7 @@ class FakeCodec:
 
 
 class Out:
-    ptr, dtype = 0x7000, "bfloat16"
+    ptr, dtype, itemsize = 0x7000, "bfloat16", 2
 
 
 def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes):
@@ -170,18 +170,34 @@ def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes):
     assert buf.nbytes >= 2 * max(lay.total_bytes for lay in lays)
 
 
+class In:
+    nbytes = 1 << 10
+
+
+class FakeSide:
+    ptr = 0x51DE
+
+    def __init__(self):
+        self.orders = []
+
+    def order(self, waiter, signaller):
+        self.orders.append((waiter, signaller))
+
+
 def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(fakes, monkeypatch):
     from fp4ccl.formats import kernels
     sums = []
     monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: sums.append(a))
+    monkeypatch.delenv("FP4CCL_FP4_RS_STAGES", raising=False)
     comm = FakeComm(rank=1, size=3)
     codec = FakeCodec(comm)
     rows, K = [2, 4, 0], 32
     lays = [packed_layout(r, K, "nvfp4") for r in rows]
     region = [0, lays[0].total_bytes, lays[0].total_bytes + lays[1].total_bytes]
-    sc.fp4_reduce_scatter(codec, None, K, "nvfp4", rows, Out(), "stochastic", 9, lambda s, me, p: (s, me, p))
+    sc.fp4_reduce_scatter(codec, In(), K, "nvfp4", rows, Out(), "stochastic", 9, lambda s, me, p: (s, me, p))
     quants = [e for e in codec.log if e[0] == "quantize"]
     # peers from the next rank on, this rank's own chunk last, each with its own amax and seed
+    assert [e for e in codec.log if e[0] == "amax_rows"] == [("amax_rows", 6, 0), ("amax_rows", 0, 2), ("amax_rows", 2, 4)]
     assert [q[2][0][0] for q in quants] == [6, 0, 2]
     assert [q[1] for q in quants] == [0xA0 + 6, 0xA0 + 0, 0xA0 + 2]
     assert [q[3] for q in quants] == [(9, 1, 2), (9, 1, 0), (9, 1, 1)]
@@ -192,6 +208,36 @@ def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(f
     mine = lays[1]
     assert contribs == [(((r + 1) << 32) + region[1], ((r + 1) << 32) + region[1] + mine.scale_off,
                          ((r + 1) << 32) + region[1] + mine.gs_off) for r in range(3)]
+
+
+def test_fp4_reduce_scatter_in_two_stages_decodes_stage_one_on_the_side_stream(fakes, monkeypatch):
+    from fp4ccl.formats import kernels
+    sums = []
+    monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: sums.append(a))
+    monkeypatch.setenv("FP4CCL_FP4_RS_STAGES", "2")
+    comm = FakeComm(rank=0, size=2)
+    codec = FakeCodec(comm)
+    side = FakeSide()
+    codec._side = lambda: side
+    rows, K = [5, 3], 32
+    sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
+    quants = [e[2][0] for e in codec.log if e[0] == "quantize"]
+    # stage 0: rows [5, 7) of peer 1's chunk, rows [0, 3) of our own; stage 1: [7, 8) and [3, 5)
+    assert [(q[0], q[1]) for q in quants] == [(5, 2), (0, 3), (7, 1), (3, 2)]
+    assert [e[1] for e in codec.log if e[0] == "quantize"] == [0xA0 + 5, 0xA0, 0xA0 + 5, 0xA0]
+    lays = [[packed_layout(3, K, "mxfp4"), packed_layout(2, K, "mxfp4")],
+            [packed_layout(2, K, "mxfp4"), packed_layout(1, K, "mxfp4")]]
+    region = [0, lays[0][0].total_bytes, lays[0][0].total_bytes + lays[0][1].total_bytes]
+    assert [q[2] for q in quants] == [(1 << 32) + region[2], 1 << 32, (1 << 32) + region[2] + lays[1][0].total_bytes,
+                                      (1 << 32) + region[1]]
+    assert FakeBuffer.live[0].barriers == [5, 5]
+    assert [(s[1], s[5], s[7]) for s in sums] == [(0x7000, 3, side.ptr), (0x7000 + 3 * K * 2, 2, side.ptr)]
+    assert sums[0][5] == 3 * K // 32
+    assert [c[0] for c in sums[1][6]] == [((r + 1) << 32) + region[1] for r in range(2)]
+    assert side.orders == [(side.ptr, 5), (side.ptr, 5), (5, side.ptr)]
+    monkeypatch.setenv("FP4CCL_FP4_RS_STAGES", "5")
+    with pytest.raises(ValueError, match="FP4CCL_FP4_RS_STAGES='5'"):
+        sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
 
 
 def test_plain_all_gatherv_copies_in_then_pulls_every_peer(fakes, monkeypatch):

@@ -60,6 +60,26 @@ def test_fp4_stochastic_rounding(path, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("stages", ["2", "3"])
+def test_fp4_reduce_scatterv_in_stages(stages, seed):
+    """The staged symmetric-memory reduce-scatter (decode of stage s on a side stream while stage s+1
+    quantizes) on small inputs, forced by FP4CCL_FP4_RS_STAGES."""
+    need_gpus(4)
+    assert all(run_ranks(4, _staged_reduce_scatter, stages, seed, backend="nccl"))
+
+
+def _staged_reduce_scatter(comm, stages, seed):
+    import os
+    os.environ["FP4CCL_FP4_RS_STAGES"] = stages
+    try:
+        for fmt, framework in (("nvfp4", "torch"), ("mxfp4", "cupy")):
+            _on_path(comm, "symm", fc.check_fp4_reduce_scatterv, seed, framework, fmt)
+        return _on_path(comm, "symm", fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4")
+    finally:
+        del os.environ["FP4CCL_FP4_RS_STAGES"]
+
+
+@pytest.mark.gpu
 def test_fp4_symm_calls_on_alternating_streams(seed):
     """Back-to-back symmetric-memory calls on three streams, no host sync between them, so a call's
     stream differs from the one that last used the same workspace half: a half must not be
