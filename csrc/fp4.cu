@@ -398,13 +398,11 @@ __device__ void quant_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c
 // warp load reads 512 contiguous bytes (one thread per block strides 32-128 bytes between lanes, and
 // each such load instruction touches 32 different L1 lines). The block max takes log2(G) shuffles; each
 // lane computes the (identical) scale, quantizes its PV elements and stores PV/2 bytes; the group's
-// first lane stores the scale byte. FP4_Q_VECS vectors per lane per step, all loaded before use.
-#define FP4_Q_VECS 2
-template <typename In, int BS, bool NV, bool SWZ, bool SR, bool REV>
+// first lane stores the scale byte. U vectors per lane per step, all loaded before use.
+template <typename In, int BS, bool NV, bool SWZ, bool SR, bool REV, int U>
 __device__ void quant_lanes_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c, u32 ncols_pad, const Seg& seg) {
     constexpr int PV = Loader<In>::PER_VEC;
     constexpr int G = BS / PV;
-    constexpr int U = FP4_Q_VECS;
     constexpr u32 PER = 32u * U;
     const u32 nbc = K / BS;
     const u64 nv = seg.units * G;
@@ -465,13 +463,14 @@ __device__ void quant_lanes_body(const uint4* __restrict__ x, u32 K, const Quant
     }
 }
 
-template <typename In, int BS, bool NV, bool SWZ, bool SR, bool LANES, bool REV>
+// LANES: 0 one thread per block (quant_body), else quant_lanes_body with LANES vectors per lane and step
+template <typename In, int BS, bool NV, bool SWZ, bool SR, int LANES, bool REV>
 __device__ __forceinline__ void quant_any(const uint4* __restrict__ x, u32 K, const QuantCtx& c, u32 ncols_pad, const Seg& seg) {
-    if constexpr (LANES) quant_lanes_body<In, BS, NV, SWZ, SR, REV>(x, K, c, ncols_pad, seg);
+    if constexpr (LANES > 0) quant_lanes_body<In, BS, NV, SWZ, SR, REV, LANES>(x, K, c, ncols_pad, seg);
     else quant_body<In, BS, NV, SWZ, SR, REV>(x, K, c, ncols_pad, seg);
 }
 
-template <typename In, int BS, bool NV, bool SWZ, bool SR, bool LANES>
+template <typename In, int BS, bool NV, bool SWZ, bool SR, int LANES>
 __device__ void quant_kernel(const uint4* __restrict__ x, u32 K, const float* amax_ptr, float amax_val,
                              u64 seed, u32 ncols_pad, const SegTable& t) {
     const Seg seg = pick_segment(t);
@@ -506,7 +505,7 @@ __device__ __forceinline__ float grid_barrier_read(u32* work, u32 nblocks) {
     return amax_s;
 }
 
-template <typename In, bool SWZ, bool SR, bool LANES>
+template <typename In, bool SWZ, bool SR, int LANES>
 __device__ void qauto_kernel(const uint4* __restrict__ x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad,
                              const SegTable& t) {
     const u32 nblocks = gridDim.x * gridDim.y;
@@ -645,8 +644,7 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
 // from 4 or 2 data bytes) per slice, and a block works on FP4_DQ_CHUNKS slices of 256 consecutive chunks
 // per step, so each warp store writes 512 contiguous bytes straight from registers (no shared-memory
 // staging, no warp syncs) and each warp load reads 64-128 contiguous bytes. All the step's loads are
-// issued before the first decode. Stores are streaming (evict-first).
-#define FP4_DQ_CHUNKS 4
+// issued before the first decode. U slices per step; CS: streaming (evict-first) stores.
 template <typename Out> __device__ __forceinline__ u32 load_chunk_nibbles(u64 data, u64 chunk) {
     if constexpr (Storer<Out>::PER_VEC == 8) return __ldg((const u32*)data + chunk);
     else return (u32)__ldg((const u16*)data + chunk);
@@ -665,11 +663,10 @@ __device__ __forceinline__ uint4 decode_chunk(u32 nib, float sc, const float* lu
     }
 }
 
-template <typename Out, int BS, bool NV, bool SWZ>
+template <typename Out, int BS, bool NV, bool SWZ, int U, bool CS>
 __device__ void dequant_direct_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     constexpr int E = Storer<Out>::PER_VEC;
     constexpr int CPB = BS / E;           // chunks per FP4 block
-    constexpr int U = FP4_DQ_CHUNKS;
     __shared__ float lut[16];
     fill_e2m1_lut(lut);
     __syncthreads();
@@ -697,7 +694,9 @@ __device__ void dequant_direct_body(u8* out, u32 K, u32 ncols_pad, const SegTabl
             const u64 ch = c0 + (u64)u * blockDim.x;
             if (ch < nch) {
                 const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
-                st_cs(dst + ch, decode_chunk<Out>(nib[u], sc, lut));
+                const uint4 r = decode_chunk<Out>(nib[u], sc, lut);
+                if (CS) st_cs(dst + ch, r);
+                else dst[ch] = r;
             }
         }
     }
@@ -775,14 +774,12 @@ __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumT
 }
 
 // Variant "direct" of dequantize-and-sum: as dequant_direct_body, one 16-byte output chunk per thread
-// and slice, FP4_SUM_CHUNKS slices per step; the loads of FP4_SUM_BATCH contributions x those slices are
-// issued together. The fp32 sum is taken in contribution order, as dqsum_body does.
-#define FP4_SUM_CHUNKS 2
-template <typename Out, int BS, bool NV>
+// and slice, U slices per step; the loads of FP4_SUM_BATCH contributions x those slices are issued
+// together. The fp32 sum is taken in contribution order, as dqsum_body does.
+template <typename Out, int BS, bool NV, int U>
 __device__ void dqsum_direct_body(u8* out, u32 units, u32 n, u32 accumulate, const SumTable& t) {
     constexpr int E = Storer<Out>::PER_VEC;
     constexpr int CPB = BS / E;
-    constexpr int U = FP4_SUM_CHUNKS;
     constexpr int B = FP4_SUM_BATCH;
     __shared__ float lut[16];
     __shared__ float sdec[FP4_MAXSUM];
@@ -859,14 +856,14 @@ FP4_AMAX(bf16, u16)
 FP4_AMAX(f16, Half)
 FP4_AMAX(f32, float)
 
-// Variants under measurement carry the suffix _v2 (see fp4ccl/formats/kernels.py, FP4CCL_KERNEL_V2).
+// Variants under measurement carry the suffix _v2 / _v3 (see fp4ccl/formats/kernels.py, FP4CCL_KERNEL_V2).
+#define FP4_QUANT1(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR, SUF, LANES) \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND##SUF( \
+        const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
+        quant_kernel<IN, BS, NV, SWZ, SR, LANES>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); }
 #define FP4_QUANT(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR) \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND( \
-        const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
-        quant_kernel<IN, BS, NV, SWZ, SR, false>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); } \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND##_v2( \
-        const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
-        quant_kernel<IN, BS, NV, SWZ, SR, true>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); }
+    FP4_QUANT1(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR, , 0) FP4_QUANT1(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR, _v2, 2) \
+    FP4_QUANT1(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR, _v3, 4)
 #define FP4_QUANT_ALL(FMT, BS, NV) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, rn, false) FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, sr, true) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, rn, false)  FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, sr, true) \
@@ -878,13 +875,13 @@ FP4_QUANT_ALL(nv, 16, true)
 FP4_QUANT_ALL(mx, 32, false)
 
 // fp4_qauto_nv_<in>_<layout>_<rounding>(x, nvec, K, work, seed, ncols_pad, table): see qauto_kernel.
+#define FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, SUF, LANES) \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_qauto_nv_##NAME##_##LAY##_##RND##SUF( \
+        const uint4* x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad, const SegTable t) { \
+        qauto_kernel<IN, SWZ, SR, LANES>(x, nvec, K, work, seed, ncols_pad, t); }
 #define FP4_QAUTO(NAME, IN, LAY, SWZ, RND, SR) \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_qauto_nv_##NAME##_##LAY##_##RND( \
-        const uint4* x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad, const SegTable t) { \
-        qauto_kernel<IN, SWZ, SR, false>(x, nvec, K, work, seed, ncols_pad, t); } \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_qauto_nv_##NAME##_##LAY##_##RND##_v2( \
-        const uint4* x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad, const SegTable t) { \
-        qauto_kernel<IN, SWZ, SR, true>(x, nvec, K, work, seed, ncols_pad, t); }
+    FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, , 0) FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, _v2, 2) \
+    FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, _v3, 4)
 #define FP4_QAUTO_ALL(NAME, IN) \
     FP4_QAUTO(NAME, IN, lin, false, rn, false) FP4_QAUTO(NAME, IN, lin, false, sr, true) \
     FP4_QAUTO(NAME, IN, swz, true, rn, false)  FP4_QAUTO(NAME, IN, swz, true, sr, true)
@@ -898,7 +895,10 @@ FP4_QAUTO_ALL(f32, float)
         dequant_body<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); } \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY##_v2( \
         u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
-        dequant_direct_body<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); }
+        dequant_direct_body<OUT, BS, NV, SWZ, 4, true>(out, K, ncols_pad, t); } \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY##_v3( \
+        u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
+        dequant_direct_body<OUT, BS, NV, SWZ, 4, false>(out, K, ncols_pad, t); }
 #define FP4_DEQUANT_ALL(FMT, BS, NV) \
     FP4_DEQUANT(FMT, bf16, u16, BS, NV, lin, false) FP4_DEQUANT(FMT, bf16, u16, BS, NV, swz, true) \
     FP4_DEQUANT(FMT, f16, Half, BS, NV, lin, false) FP4_DEQUANT(FMT, f16, Half, BS, NV, swz, true) \
@@ -913,6 +913,9 @@ FP4_DEQUANT_ALL(mx, 32, false)
         dqsum_body<OUT, BS, NV>(out, units, n, accumulate, t); } \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME##_v2( \
         u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
-        dqsum_direct_body<OUT, BS, NV>(out, units, n, accumulate, t); }
+        dqsum_direct_body<OUT, BS, NV, 2>(out, units, n, accumulate, t); } \
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME##_v3( \
+        u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
+        dqsum_direct_body<OUT, BS, NV, 1>(out, units, n, accumulate, t); }
 FP4_DQSUM(nv, bf16, u16, 16, true) FP4_DQSUM(nv, f16, Half, 16, true) FP4_DQSUM(nv, f32, float, 16, true)
 FP4_DQSUM(mx, bf16, u16, 32, false) FP4_DQSUM(mx, f16, Half, 32, false) FP4_DQSUM(mx, f32, float, 32, false)

@@ -54,13 +54,14 @@ _AMAX_NAMES = {t: f"fp4_amax_{tn}" for t, tn in _IN_NAME.items()}
 _QAUTO_NAMES = {(t, lay, r): f"fp4_qauto_nv_{tn}_{ln}_{rn}" for t, tn in _IN_NAME.items()
                 for lay, ln in _LAYOUT_NAME.items() for r, rn in _ROUND_NAME.items()}
 
-# Kernel families whose "_v2" variant is launched instead (a comma-separated list of quant, dequant,
-# dqsum; qauto follows quant): for measuring candidates side by side.
-_V2 = frozenset(f for f in os.environ.get("FP4CCL_KERNEL_V2", "").split(",") if f)
+# Kernel variants under measurement: FP4CCL_KERNEL_V2="quant=v2,dequant=v3,dqsum=v2" launches
+# <name>_<suffix> for that family (qauto follows quant).
+_V2 = dict(f.split("=", 1) for f in os.environ.get("FP4CCL_KERNEL_V2", "").split(",") if "=" in f)
 
 
 def _v(name: str, family: str) -> str:
-    return name + "_v2" if family in _V2 else name
+    suf = _V2.get(family)
+    return f"{name}_{suf}" if suf else name
 
 # argument kinds of each kernel family, in C order; "seg"/"sum" is the by-value table
 _SIGNATURES = {
