@@ -41,7 +41,7 @@ for stage in "${stages[@]}"; do
       # The same uneven sweep with each v-collective algorithm forced, to fit vcollectives.choose().
       : > "$OUT/algos.log"
       for algo in padded bcast p2p reduce symm; do
-        ops=all_gatherv; [ "$algo" = reduce ] && ops=reduce_scatterv; [ "$algo" = padded ] && ops=all_gatherv,reduce_scatterv
+        ops=all_gatherv; [ "$algo" = reduce ] && ops=reduce_scatterv; [ "$algo" = padded ] || [ "$algo" = symm ] && ops=all_gatherv,reduce_scatterv
         echo "===== FP4CCL_ALGO=$algo" >> "$OUT/algos.log"
         FP4CCL_ALGO=$algo timeout 120 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 10 -w 3 \
           -d bfloat16 --ops "$ops" >> "$OUT/algos.log" 2>&1

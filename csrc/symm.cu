@@ -82,51 +82,100 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     return h;
 }
 
-// out[i] = scale * sum_s in[s * slot_stride + i], accumulated in fp32 and rounded once.
-// The slots are the partial products other ranks pushed into this rank's symmetric buffer.
-// 16-byte vector loads when n, slot_stride and both pointers allow it; a scalar loop otherwise.
-#define FP4CCL_SUM_SLOTS_16(NAME, TO_F32, FROM_F32)                                                         \
-    extern "C" __global__ void NAME(u16* __restrict__ out, const u16* __restrict__ in, long long n,          \
-                                    int nslots, long long slot_stride, float scale) {                       \
-        const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;                             \
-        const long long nthreads = (long long)gridDim.x * blockDim.x;                                       \
-        const bool vec = ((n | slot_stride) & 7) == 0 && (((unsigned long long)out | (unsigned long long)in) & 15) == 0; \
-        if (vec) {                                                                                           \
-            for (long long v = tid; v < n / 8; v += nthreads) {                                              \
-                float acc[8];                                                                                \
-                _Pragma("unroll") for (int k = 0; k < 8; ++k) acc[k] = 0.f;                                  \
-                for (int s = 0; s < nslots; ++s) {                                                           \
-                    const uint4 w = reinterpret_cast<const uint4*>(in + s * slot_stride)[v];                 \
-                    const u32 words[4] = {w.x, w.y, w.z, w.w};                                               \
-                    _Pragma("unroll") for (int k = 0; k < 4; ++k) {                                          \
-                        acc[2 * k] += TO_F32((u16)(words[k] & 0xffffu));                                     \
-                        acc[2 * k + 1] += TO_F32((u16)(words[k] >> 16));                                     \
-                    }                                                                                        \
-                }                                                                                            \
-                u32 packed[4];                                                                               \
-                _Pragma("unroll") for (int k = 0; k < 4; ++k) packed[k] =                                    \
-                    (u32)FROM_F32(acc[2 * k] * scale) | ((u32)FROM_F32(acc[2 * k + 1] * scale) << 16);       \
-                reinterpret_cast<uint4*>(out)[v] = make_uint4(packed[0], packed[1], packed[2], packed[3]);   \
-            }                                                                                                \
-        } else {                                                                                             \
-            for (long long i = tid; i < n; i += nthreads) {                                                  \
-                float acc = 0.f;                                                                             \
-                for (int s = 0; s < nslots; ++s) acc += TO_F32(in[s * slot_stride + i]);                     \
-                out[i] = FROM_F32(acc * scale);                                                              \
-            }                                                                                                \
-        }                                                                                                    \
-    }
+// Element types of the summing kernels: storage type, widening to fp32, rounding back.
+struct Bf16 {
+    typedef u16 T;
+    __device__ static float to_f32(u16 h) { return bf16_to_f32(h); }
+    __device__ static u16 from_f32(float f) { return f32_to_bf16(f); }
+};
+struct F16 {
+    typedef u16 T;
+    __device__ static float to_f32(u16 h) { return f16_to_f32(h); }
+    __device__ static u16 from_f32(float f) { return f32_to_f16(f); }
+};
+struct F32 {
+    typedef float T;
+    __device__ static float to_f32(float f) { return f; }
+    __device__ static float from_f32(float f) { return f; }
+};
 
-FP4CCL_SUM_SLOTS_16(fp4ccl_sum_slots_bf16, bf16_to_f32, f32_to_bf16)
-FP4CCL_SUM_SLOTS_16(fp4ccl_sum_slots_f16, f16_to_f32, f32_to_f16)
-
-extern "C" __global__ void fp4ccl_sum_slots_f32(float* __restrict__ out, const float* __restrict__ in, long long n,
-                                                int nslots, long long slot_stride, float scale) {
+// out[i] = scale * sum over s < nsrc of src(s)[i], accumulated in fp32 in source order and rounded
+// once. 16-byte vector loads when n and every address allow it (the usual case), scalar otherwise.
+// With sources in peers' memory the loads cross NVLink; several sources per thread keep enough of
+// them in flight.
+template <class E, class Src>
+__device__ __forceinline__ void sum_sources(typename E::T* __restrict__ out, const Src& src, int nsrc, long long n,
+                                            float scale) {
+    typedef typename E::T T;
+    constexpr int PER = 16 / sizeof(T);
     const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long nthreads = (long long)gridDim.x * blockDim.x;
-    for (long long i = tid; i < n; i += nthreads) {
-        float acc = 0.f;
-        for (int s = 0; s < nslots; ++s) acc += in[s * slot_stride + i];
-        out[i] = acc * scale;
+    unsigned long long addr_bits = (unsigned long long)out;
+    for (int s = 0; s < nsrc; ++s) addr_bits |= (unsigned long long)src(s);
+    if (n % PER == 0 && (addr_bits & 15) == 0) {
+        for (long long v = tid; v < n / PER; v += nthreads) {
+            float acc[PER];
+#pragma unroll
+            for (int k = 0; k < PER; ++k) acc[k] = 0.f;
+            for (int s = 0; s < nsrc; ++s) {
+                const uint4 w = reinterpret_cast<const uint4*>(src(s))[v];
+                const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+                for (int k = 0; k < PER; ++k) acc[k] += E::to_f32(e[k]);
+            }
+            uint4 packed;
+            T* o = reinterpret_cast<T*>(&packed);
+#pragma unroll
+            for (int k = 0; k < PER; ++k) o[k] = E::from_f32(acc[k] * scale);
+            reinterpret_cast<uint4*>(out)[v] = packed;
+        }
+    } else {
+        for (long long i = tid; i < n; i += nthreads) {
+            float acc = 0.f;
+            for (int s = 0; s < nsrc; ++s) acc += E::to_f32(reinterpret_cast<const T*>(src(s))[i]);
+            out[i] = E::from_f32(acc * scale);
+        }
     }
 }
+
+// Sources at a fixed stride in one buffer: the partial products other ranks pushed into this rank's
+// symmetric buffer (fp4ccl/overlap.py, matmul_reduce_scatter). slot_stride counts elements.
+template <class E>
+struct StridedSlots {
+    const typename E::T* base;
+    long long stride;
+    __device__ const typename E::T* operator()(int s) const { return base + s * stride; }
+};
+
+#define FP4CCL_SUM_SLOTS(NAME, E)                                                                        \
+    extern "C" __global__ void NAME(E::T* __restrict__ out, const E::T* __restrict__ in, long long n,     \
+                                    int nslots, long long slot_stride, float scale) {                    \
+        sum_sources<E>(out, StridedSlots<E>{in, slot_stride}, nslots, n, scale);                          \
+    }
+
+FP4CCL_SUM_SLOTS(fp4ccl_sum_slots_bf16, Bf16)
+FP4CCL_SUM_SLOTS(fp4ccl_sum_slots_f16, F16)
+FP4CCL_SUM_SLOTS(fp4ccl_sum_slots_f32, F32)
+
+// Sources anywhere, by address: the same rows of every rank's symmetric slot (fp4ccl/symm_collectives.py,
+// reduce_scatterv). The table travels by value in the launch parameters, as in vcopy.cu.
+#define FP4CCL_MAX_SOURCES 8  // Python's MAX_SOURCES must match
+
+struct SourceTable {
+    u64 src[FP4CCL_MAX_SOURCES];
+};
+
+struct TableSources {
+    const SourceTable* t;
+    __device__ const void* operator()(int s) const { return reinterpret_cast<const void*>(t->src[s]); }
+};
+
+#define FP4CCL_SUM_SOURCES(NAME, E)                                                                      \
+    extern "C" __global__ void NAME(E::T* __restrict__ out, const __grid_constant__ SourceTable t, int nsrc, \
+                                    long long n, float scale) {                                           \
+        sum_sources<E>(out, TableSources{&t}, nsrc, n, scale);                                            \
+    }
+
+FP4CCL_SUM_SOURCES(fp4ccl_sum_sources_bf16, Bf16)
+FP4CCL_SUM_SOURCES(fp4ccl_sum_sources_f16, F16)
+FP4CCL_SUM_SOURCES(fp4ccl_sum_sources_f32, F32)

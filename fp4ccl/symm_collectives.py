@@ -18,8 +18,11 @@ must make the same choice, so capture (like every collective) has to be the same
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Sequence, Tuple
+
+import numpy as np
 
 from ._cuda import runtime as _rt
 from ._log import get_logger
@@ -154,6 +157,50 @@ def all_gatherv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], items
         off += n
     copy_segments(comm.device, segs, stream)
     ws.release(stream)
+
+
+# -- plain reduce_scatterv -------------------------------------------------------------------------------
+
+MAX_SOURCES = 8  # FP4CCL_MAX_SOURCES in csrc/symm.cu: ranks one summing launch reads
+SUM_KERNELS = {"bfloat16": "fp4ccl_sum_sources_bf16", "float16": "fp4ccl_sum_sources_f16",
+               "float32": "fp4ccl_sum_sources_f32"}
+_SOURCE_TABLE = np.dtype([("src", "<u8", (MAX_SOURCES,))])
+_SUM_THREADS = 256
+
+
+def can_reduce_scatter(comm, dtype: str, op: str) -> bool:
+    """Whether reduce_scatterv(..., algo 'symm') supports this call: sums of float types, <= 8 ranks."""
+    return op == "sum" and dtype in SUM_KERNELS and comm.size <= MAX_SOURCES
+
+
+def reduce_scatterv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], dtype: str, itemsize: int,
+                    stream: int) -> None:
+    """This rank's rows of the sum: copy the whole input in, barrier, one kernel summing (in fp32, in
+    rank order, rounded once) the rows meant for this rank from every rank's slot."""
+    from .symmetric import launch
+    from .vcollectives import copy, offsets
+    me, n = comm.rank, comm.size
+    ws = workspace(comm)
+    total = sum(counts) * itemsize
+    local, slots = ws.acquire(total, stream)
+    copy(local, send_ptr, total, stream)
+    ws.barrier(stream)
+    count = counts[me]
+    if count:
+        off = offsets(counts)[me] * itemsize
+        table = np.zeros(1, _SOURCE_TABLE)
+        table["src"][0, :n] = [s + off for s in slots]
+        per_thread = 16 // itemsize
+        blocks = max(1, min(_resident_sum_blocks(comm.device), -(-count // (per_thread * _SUM_THREADS))))
+        launch(comm.device, SUM_KERNELS[dtype], (blocks,), (_SUM_THREADS,),
+               (np.uint64(recv_ptr), table, np.int32(n), np.int64(count), np.float32(1.0)), stream)
+    ws.release(stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_sum_blocks(device: int) -> int:
+    rt = _rt()
+    return 8 * rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, device)
 
 
 # -- FP4 -------------------------------------------------------------------------------------------------

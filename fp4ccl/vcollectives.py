@@ -10,9 +10,10 @@ Four ways to move rows that differ in number per rank, picked per call by `choos
   (vLLM, SGLang): NCCL calls only, no copy, no padding, but slower than the native op per byte at
   mid sizes;
 - "p2p" (gather only): grouped send/recv to every peer;
-- "symm" (gather only, ranks of one node): copy the rows into a symmetric workspace, one device-side
-  barrier, and one kernel pulling every peer's rows over NVLink (fp4ccl/symm_collectives.py): no
-  NCCL kernel at all, so the latency of a few small launches.
+- "symm" (ranks of one node): copy the rows into a symmetric workspace, one device-side barrier, and
+  one kernel pulling every peer's rows over NVLink (gather), or summing this rank's rows of every
+  peer's input in fp32 (reduce-scatter of floats; fp4ccl/symm_collectives.py): no NCCL kernel at
+  all, so the latency of a few small launches.
 docs/VCOLLECTIVES.md gives the estimates behind the size thresholds below. FP4CCL_ALGO forces one;
 FP4CCL_DEBUG=INFO logs each choice.
 """
@@ -33,7 +34,7 @@ log = get_logger("fp4ccl.vcollectives")
 _INFO = logging.INFO
 
 GATHER_ALGOS = ("native", "padded", "bcast", "p2p", "symm")
-SCATTER_ALGOS = ("native", "padded", "reduce")
+SCATTER_ALGOS = ("native", "padded", "reduce", "symm")
 
 # choose(), fitted to the per-algorithm sweeps of bench/RESULTS.md (run 4: 4 x H200, ranks alternating
 # 1.25x / 0.75x of the mean; totals are all ranks' bytes together):
@@ -50,8 +51,9 @@ NEAR_EVEN_RATIO = 1.05
 REDUCE_BELOW_BYTES = 16 << 20
 REDUCE_FROM_BYTES = 64 << 20
 MAX_PADDING_RATIO = 1.25
-# Uneven all_gatherv totals below this go to "symm" where symmetric memory can serve the call.
+# Uneven totals below these go to "symm" where symmetric memory can serve the call.
 SYMM_GATHER_BELOW_BYTES = 0
+SYMM_SCATTER_BELOW_BYTES = 0
 
 # The segmented-copy kernel (csrc/vcopy.cu): these mirror its #defines.
 VCOPY_SOURCE = "vcopy.cu"
@@ -77,13 +79,17 @@ def forced_algo() -> str:
     return os.environ.get("FP4CCL_ALGO", "").strip().lower()
 
 
-def symm_candidate(counts: Sequence[int], itemsize: int) -> bool:
-    """Whether choose() would take "symm" for this all_gatherv where symmetric memory is usable (so
-    the caller checks usability, a collective step the first time, only when it matters)."""
+def _symm_below(kind: str) -> int:
+    return SYMM_GATHER_BELOW_BYTES if kind == "all_gatherv" else SYMM_SCATTER_BELOW_BYTES
+
+
+def symm_candidate(kind: str, counts: Sequence[int], itemsize: int) -> bool:
+    """Whether choose() would take "symm" for this call where symmetric memory is usable (so the
+    caller checks usability, a collective step the first time, only when it matters)."""
     forced = forced_algo()
     if forced:
         return forced == "symm"
-    return counts.count(counts[0]) != len(counts) and sum(counts) * itemsize < SYMM_GATHER_BELOW_BYTES
+    return counts.count(counts[0]) != len(counts) and sum(counts) * itemsize < _symm_below(kind)
 
 
 def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = False, symm_ok: bool = False) -> str:
@@ -111,7 +117,7 @@ def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = Fal
     if even:
         return "native"
     total = sum(counts) * itemsize
-    if gather and symm_ok and total < SYMM_GATHER_BELOW_BYTES:
+    if symm_ok and total < _symm_below(kind):
         return "symm"
     padding = max(counts) * len(counts) * itemsize / total
     if gather:
@@ -250,7 +256,7 @@ class NcclVariable:
         be = self.backend
         in_group = getattr(be, "_depth", 0) > 0
         symm_ok = False
-        if self.comm is not None and not in_group and symm_candidate(counts, send.itemsize):
+        if self.comm is not None and not in_group and symm_candidate("all_gatherv", counts, send.itemsize):
             from . import symm_collectives
             symm_ok = symm_collectives.usable(self.comm, stream)
         algo = choose("all_gatherv", counts, send.itemsize, in_group, symm_ok)
@@ -308,11 +314,21 @@ class NcclVariable:
 
     def reduce_scatterv(self, send: ArrayInfo, recv: ArrayInfo, counts: List[int], op: str, stream: int) -> None:
         be = self.backend
-        algo = choose("reduce_scatterv", counts, send.itemsize, getattr(be, "_depth", 0) > 0)
+        in_group = getattr(be, "_depth", 0) > 0
+        symm_ok = False
+        if self.comm is not None and not in_group and symm_candidate("reduce_scatterv", counts, send.itemsize):
+            from . import symm_collectives
+            symm_ok = (symm_collectives.can_reduce_scatter(self.comm, send.dtype, op)
+                       and symm_collectives.usable(self.comm, stream))
+        algo = choose("reduce_scatterv", counts, send.itemsize, in_group, symm_ok)
         if log.isEnabledFor(_INFO):
             log.info("reduce_scatterv counts=%s dtype=%s op=%s -> %s", counts, send.dtype, op, algo)
         if algo == "native":
             be.reduce_scatter(send, recv, op, stream)
+            return
+        if algo == "symm":
+            from . import symm_collectives
+            symm_collectives.reduce_scatterv(self.comm, send.ptr, recv.ptr, counts, send.dtype, send.itemsize, stream)
             return
         rank = self.rank
         if algo == "reduce":

@@ -250,3 +250,30 @@ def test_plain_all_gatherv_copies_in_then_pulls_every_peer(fakes, monkeypatch):
     assert log[0] == ("copy", 1 << 32, 0x100, 8)
     assert FakeBuffer.live[0].barriers == [5]
     assert log[1] == ("segments", [(0x900, 0x100, 8), (0x908, 2 << 32, 0), (0x908, 3 << 32, 12)])
+
+
+def test_plain_reduce_scatterv_copies_the_input_in_then_sums_this_ranks_rows(fakes, monkeypatch):
+    from fp4ccl import symmetric, vcollectives
+    log = []
+    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n)))
+    monkeypatch.setattr(symmetric, "launch", lambda dev, name, grid, block, args, st: log.append((name, grid, args, st)))
+    monkeypatch.setattr(sc, "_resident_sum_blocks", lambda device: 1056)
+    comm = FakeComm(rank=2, size=3)
+    sc.reduce_scatterv(comm, 0x100, 0x900, [4, 0, 5000], "bfloat16", 2, 5)
+    assert log[0] == ("copy", 3 << 32, 0x100, 2 * 5004)
+    assert FakeBuffer.live[0].barriers == [5]
+    name, grid, (out, table, nsrc, count, scale), stream = log[1]
+    assert (name, out, int(nsrc), int(count), float(scale), stream) == ("fp4ccl_sum_sources_bf16", 0x900, 3, 5000, 1.0, 5)
+    assert grid == (3,)  # 5000 bf16 = 625 16-byte vectors = 3 blocks of 256 threads
+    assert list(table["src"][0]) == [((r + 1) << 32) + 8 for r in range(3)] + [0] * 5
+    log.clear()
+    sc.reduce_scatterv(FakeComm(rank=1, size=3), 0x100, 0x900, [4, 0, 5000], "float32", 4, 5)
+    assert [e[0] for e in log] == ["copy"]  # nothing to sum for a rank with no rows, but it still barriers
+
+
+def test_which_reduce_scatters_symmetric_memory_takes():
+    assert sc.can_reduce_scatter(FakeComm(size=4), "bfloat16", "sum")
+    assert sc.can_reduce_scatter(FakeComm(size=8), "float32", "sum")
+    assert not sc.can_reduce_scatter(FakeComm(size=4), "bfloat16", "max")
+    assert not sc.can_reduce_scatter(FakeComm(size=4), "int32", "sum")
+    assert not sc.can_reduce_scatter(FakeComm(size=9), "float32", "sum")

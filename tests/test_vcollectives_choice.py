@@ -125,27 +125,33 @@ def test_forced_algorithm_is_read_on_every_call(monkeypatch):
 def test_symm_is_taken_only_where_symmetric_memory_can_serve(monkeypatch):
     counts = uneven(64 << 10)
     monkeypatch.setattr(vc, "SYMM_GATHER_BELOW_BYTES", 1 << 20)
-    assert vc.symm_candidate(counts, 2)
+    monkeypatch.setattr(vc, "SYMM_SCATTER_BELOW_BYTES", 32 << 10)
+    assert vc.symm_candidate("all_gatherv", counts, 2)
     assert choose("all_gatherv", counts, 2, symm_ok=True) == "symm"
     assert choose("all_gatherv", counts, 2, symm_ok=False) == "bcast"
     assert choose("all_gatherv", [4, 4], 2, symm_ok=True) == "native"  # even: ncclAllGather
-    assert not vc.symm_candidate([4, 4], 2)
+    assert not vc.symm_candidate("all_gatherv", [4, 4], 2)
     big = uneven(2 << 20)
-    assert not vc.symm_candidate(big, 2) and choose("all_gatherv", big, 2, symm_ok=True) == "bcast"
+    assert not vc.symm_candidate("all_gatherv", big, 2) and choose("all_gatherv", big, 2, symm_ok=True) == "bcast"
+    # the reduce-scatter has its own threshold
+    assert not vc.symm_candidate("reduce_scatterv", counts, 2)
     assert choose("reduce_scatterv", counts, 2, symm_ok=True) == "reduce"
+    small = uneven(16 << 10)
+    assert vc.symm_candidate("reduce_scatterv", small, 2)
+    assert choose("reduce_scatterv", small, 2, symm_ok=True) == "symm"
 
 
 def test_forced_symm_falls_back_to_the_size_rule_where_it_cannot_run(monkeypatch, caplog):
     monkeypatch.setenv("FP4CCL_ALGO", "symm")
     counts = uneven(64 << 10)
-    assert vc.symm_candidate(counts, 2) and vc.symm_candidate([4, 4], 2)
+    assert vc.symm_candidate("all_gatherv", counts, 2) and vc.symm_candidate("reduce_scatterv", [4, 4], 2)
     assert choose("all_gatherv", counts, 2, symm_ok=True) == "symm"
     assert choose("all_gatherv", [4, 4], 2, symm_ok=True) == "symm"  # forced even for equal sizes
+    assert choose("reduce_scatterv", counts, 2, symm_ok=True) == "symm"
     with caplog.at_level("INFO", logger="fp4ccl.vcollectives"):
         assert choose("all_gatherv", counts, 2, symm_ok=False) == "bcast"
+        assert choose("reduce_scatterv", counts, 2, symm_ok=False) == "reduce"
     assert "cannot serve" in caplog.text
-    with pytest.raises(ValueError, match="not valid for reduce_scatterv"):
-        choose("reduce_scatterv", counts, 2, symm_ok=True)
     assert choose("all_gatherv", counts, 2, in_group=True, symm_ok=True) == "bcast"
 
 

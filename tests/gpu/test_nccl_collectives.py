@@ -51,13 +51,14 @@ def test_all_gatherv_each_algorithm(algo, seed):
 
 
 @pytest.mark.gpu
-def test_symm_all_gatherv_at_two_ranks(seed):
+def test_symm_v_collectives_at_two_ranks(seed):
     need_gpus(2)
     assert all(run_ranks(2, _with_algo, "symm", "all_gatherv", seed, backend="nccl"))
+    assert all(run_ranks(2, _with_algo, "symm", "reduce_scatterv", seed, backend="nccl"))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("algo", ["padded", "reduce"])
+@pytest.mark.parametrize("algo", ["padded", "reduce", "symm"])
 def test_reduce_scatterv_each_algorithm(algo, seed):
     need_gpus(4)
     assert all(run_ranks(4, _with_algo, algo, "reduce_scatterv", seed, backend="nccl"))
@@ -119,7 +120,7 @@ def check_graph_capture(comm, seed):
     scattered = torch.empty((sizes[comm.rank], 8), device=dev)
     import os
     # A forced "symm" cannot run under capture: it must fall back to an NCCL algorithm, not hang.
-    for gather_algo, scatter_algo in (("padded", "padded"), ("bcast", "reduce"), ("symm", "reduce")):
+    for gather_algo, scatter_algo in (("padded", "padded"), ("bcast", "reduce"), ("symm", "symm")):
         def ops():
             os.environ["FP4CCL_ALGO"] = gather_algo
             comm.all_gatherv(x, sizes, out=gathered)
