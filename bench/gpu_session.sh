@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, the mpirun variant, and the benches, each logged under $OUT.
-# Usage: bash bench/gpu_session.sh [stage ...]   stages: info tests mpi sweep vsweep fp4bench overlap (default: all)
+# Usage: bash bench/gpu_session.sh [stage ...]   stages: info tests mpi sweep vsweep algos fp4bench overlap probe (default: all but probe)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -65,6 +65,9 @@ for stage in "${stages[@]}"; do
     overlap)
       timeout 170 $PY -m fp4ccl.launcher -n "$ngpu" bench/bench_overlap.py > "$OUT/overlap.log" 2>&1
       note "overlap rc=$?"; grep -v "^\[rank[1-9]" "$OUT/overlap.log" | tail -n 40 >> "$summary" ;;
+    probe)
+      timeout 90 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_overlap.py > "$OUT/probe.log" 2>&1
+      note "probe rc=$?"; grep -v "^\[rank[1-9]" "$OUT/probe.log" | tail -n 20 >> "$summary" ;;
     *) note "unknown stage $stage" ;;
   esac
   note "-- $stage took $(( $(date +%s) - start )) s"

@@ -1,0 +1,133 @@
+"""Does a pull from a peer's symmetric memory overlap a matmul? (the question behind issue 6's gap)
+
+Run under the launcher, every rank pulls from rank+1 while multiplying:
+    python3 -m fp4ccl.launcher -n 4 bench/probe_overlap.py [--mib 32] [--m 2048] [--nk 8192]
+
+Rows (ms, median of --iters after warm-up, CUDA events, slowest rank): the matmul alone, each pull
+alone, then each pull issued on a second stream at the same time as the matmul (`both`: from the
+first event to the last; `mm|` and `pull|`: each stream's own span within it). A pull that overlaps
+keeps `both` near max(mm, pull); one that waits for the matmul's SMs gives mm + pull.
+Pulls: cudaMemcpyAsync peer-to-local (copy engine), the same split in 4 pieces on 4 streams, and the
+segmented-copy kernel (SM loads over NVLink) with a few blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=32, help="bytes pulled per call, MiB")
+    ap.add_argument("--m", type=int, default=2048, help="rows of the matmul's A (one shard)")
+    ap.add_argument("--nk", type=int, default=8192, help="N = K of the matmul")
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+
+    import torch
+    import fp4ccl
+    from fp4ccl import vcollectives
+    from fp4ccl._cuda import StreamRef, runtime
+
+    comm = fp4ccl.init()
+    torch.cuda.set_device(comm.device)
+    dev = f"cuda:{comm.device}"
+    nbytes = args.mib << 20
+    buf = comm.symmetric_empty((nbytes,), "uint8")
+    buf.local.copy_(torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=dev))
+    buf.barrier()
+    torch.cuda.synchronize()
+    peer = (comm.rank + 1) % comm.size
+    src = buf.ptr(peer)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    a = torch.randn(args.m, args.nk, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(args.nk, args.nk, device=dev, dtype=torch.bfloat16)
+    c = torch.empty(args.m, args.nk, device=dev, dtype=torch.bfloat16)
+    main_s = torch.cuda.current_stream()
+    side = [torch.cuda.Stream(device=dev) for _ in range(4)]
+
+    def ce(streams):
+        def go():
+            piece = nbytes // len(streams)
+            for i, s in enumerate(streams):
+                runtime.memcpyAsync(dst.data_ptr() + i * piece, src + i * piece, piece, runtime.memcpyDefault,
+                                    s.cuda_stream)
+        return go
+
+    fn, _ = vcollectives._vcopy_kernel(comm.device)
+
+    def sm(blocks):
+        # `blocks` segments of one block each (grid x = 1): exactly that many blocks read over NVLink.
+        piece = nbytes // blocks
+        table = np.zeros(1, vcollectives.VCOPY_TABLE)
+        flat = table.view(np.uint64)
+        m = vcollectives.VCOPY_MAXSEG
+        flat[0:blocks] = [src + i * piece for i in range(blocks)]
+        flat[m:m + blocks] = [dst.data_ptr() + i * piece for i in range(blocks)]
+        flat[2 * m:2 * m + blocks] = piece
+
+        def go():
+            fn((1, blocks, 1), (vcollectives.VCOPY_THREADS, 1, 1), (table,), 0, StreamRef(side[0].cuda_stream))
+        return go
+
+    pulls = {"ce x1": (ce(side[:1]), side[:1]), "ce x4": (ce(side), side),
+             "sm 16": (sm(16), side[:1]), "sm 64": (sm(64), side[:1]), "sm 128": (sm(128), side[:1])}
+
+    def timed(fn_main, pull):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(main_s)
+        ends = []
+        if pull is not None:
+            go, streams = pull
+            for s in streams:
+                s.wait_event(start)
+            go()
+            for s in streams:
+                e = torch.cuda.Event(enable_timing=True)
+                e.record(s)
+                ends.append(("pull", e))
+        if fn_main is not None:
+            fn_main()
+            e = torch.cuda.Event(enable_timing=True)
+            e.record(main_s)
+            ends.append(("mm", e))
+        torch.cuda.synchronize()
+        spans = {}
+        for k, e in ends:
+            spans[k] = max(spans.get(k, 0.0), start.elapsed_time(e))
+        spans["both"] = max(spans.values())
+        return spans
+
+    def mm():
+        torch.mm(a, b, out=c)
+
+    def median(fn_main, pull):
+        for _ in range(3):
+            timed(fn_main, pull)
+        runs = [timed(fn_main, pull) for _ in range(args.iters)]
+        return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+    rows = [("mm alone", median(mm, None))]
+    for name, pull in pulls.items():
+        rows.append((f"{name} alone", median(None, pull)))
+        rows.append((f"{name} + mm", median(mm, pull)))
+    # Slowest rank per cell.
+    keys = ("both", "mm", "pull")
+    flat = np.array([[r.get(k, float("nan")) for k in keys] for _, r in rows], dtype=np.float64)
+    gathered = comm.all_gather(torch.from_numpy(flat).to(dev)).cpu().numpy().reshape(comm.size, *flat.shape)
+    worst = np.nanmax(gathered, axis=0) if comm.size > 1 else flat
+    if comm.rank == 0:
+        print(f"# probe_overlap: {comm.size} ranks, pull {args.mib} MiB from rank+1, mm [{args.m} x {args.nk}] @ "
+              f"[{args.nk} x {args.nk}] bf16, median of {args.iters}, slowest rank, ms")
+        print(f"{'case':>14} {'both':>8} {'mm|':>8} {'pull|':>8} {'GB/s pull':>10}")
+        for (name, _), (both, m, p) in zip(rows, worst):
+            gbs = nbytes / (p * 1e-3) / 1e9 if p == p else float("nan")
+            print(f"{name:>14} {both:8.3f} {m:8.3f} {p:8.3f} {gbs:10.1f}")
+    buf.free()
+    comm.destroy()
+
+
+if __name__ == "__main__":
+    main()
