@@ -98,8 +98,11 @@ class Workspace:
         return buf.ptr() + half, [buf.ptr(r) + half for r in range(self.comm.size)]
 
     def barrier(self, stream: int) -> None:
-        # acquire() ordered this stream after the previous call, and so after its barrier.
-        self.buf.barrier(stream, ordered=True)
+        # acquire() ordered this stream after the previous call, and so after its barrier. With
+        # FP4CCL_TIMEOUT set, the kernel barrier: a rank that skips the call then gives an error
+        # after the timeout, where the stream-memop barrier would wait forever.
+        mode = "kernel" if os.environ.get("FP4CCL_TIMEOUT", "").strip() else None
+        self.buf.barrier(stream, mode=mode, ordered=True)
 
     def release(self, stream: int) -> None:
         _rt().eventRecord(self._done, stream)

@@ -52,9 +52,10 @@ class FakeBuffer:
         r = self.comm.rank if rank is None else rank
         return (r + 1) << 32
 
-    def barrier(self, stream, ordered=False):
+    def barrier(self, stream, mode=None, ordered=False):
         assert ordered  # the workspace orders its calls itself
         self.barriers.append(stream)
+        self.modes = getattr(self, "modes", []) + [mode]
 
     def free(self):
         self.freed = True
@@ -277,3 +278,13 @@ def test_which_reduce_scatters_symmetric_memory_takes():
     assert not sc.can_reduce_scatter(FakeComm(size=4), "bfloat16", "max")
     assert not sc.can_reduce_scatter(FakeComm(size=4), "int32", "sum")
     assert not sc.can_reduce_scatter(FakeComm(size=9), "float32", "sum")
+
+
+def test_a_timeout_makes_the_barrier_one_that_can_give_up(fakes, monkeypatch):
+    ws = sc.workspace(FakeComm())
+    ws.acquire(10, 5)
+    monkeypatch.delenv("FP4CCL_TIMEOUT", raising=False)
+    ws.barrier(5)
+    monkeypatch.setenv("FP4CCL_TIMEOUT", "30")
+    ws.barrier(5)
+    assert FakeBuffer.live[0].modes == [None, "kernel"]  # None: FP4CCL_SYMM_BARRIER's choice
