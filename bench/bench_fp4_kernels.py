@@ -8,6 +8,7 @@ left in L2:
   copy          torch copy_ of the input bytes (a memcpy node)     bytes = 2 * in
   copy-s        the same copy_ calls on the stream, no graph       bytes = 2 * in
   copy-k        a plain 16-byte-vector copy kernel (graph)         bytes = 2 * in
+  write-k       the same kernel writing a constant (writes only)   bytes = in
   q-nv amax=    NVFP4 quantize, amax given                        bytes = in + data + scales
   q-nv auto     NVFP4 quantize, amax computed on the device       bytes = 2 * in + data + scales
                 (fp4ccl.quantize: the amax kernel, then quantize)
@@ -40,7 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import fp4ccl  # noqa: E402
-from fp4ccl.formats import FP4Tensor, reference as ref  # noqa: E402
+from fp4ccl.formats import FP4Tensor, kernels, reference as ref  # noqa: E402
 
 
 def parse_size(s: str) -> int:
@@ -105,20 +106,43 @@ extern "C" __global__ void __launch_bounds__(256) copy16(const uint4* __restrict
     }
     for (; i < n; i += stride) d[i] = s[i];
 }
+extern "C" __global__ void __launch_bounds__(256) fill16(uint4* __restrict__ d, unsigned long long n) {
+    const uint4 v = make_uint4(1u, 2u, 3u, 4u);
+    for (unsigned long long i = (unsigned long long)blockIdx.x * 256u + threadIdx.x; i < n; i += gridDim.x * 256ull) d[i] = v;
+}
 """
+
+
+_VARIANTS: dict = {}
+
+
+def variant(kernels, family: str):
+    """Yields "" (the default kernel) and then ":<suffix>" for each candidate given with --variants for
+    this kernel family, with fp4ccl.formats.kernels switched to it meanwhile."""
+    yield ""
+    for suf in _VARIANTS.get(family, ()):
+        kernels._V2[family] = suf
+        try:
+            yield ":" + suf
+        finally:
+            kernels._V2.pop(family, None)
 
 
 def copy_kernel():
     """fn(dst, src, nbytes) launching a plain vector copy kernel on torch's current stream."""
     import cupy
     import torch
-    k = cupy.RawKernel(_COPY_SRC, "copy16")
+    mod = cupy.RawModule(code=_COPY_SRC)
+    k, kf = mod.get_function("copy16"), mod.get_function("fill16")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     grid = sms * 8                                        # 2048 resident threads per SM at 256 per block
 
     def run(dst, src, nbytes):
         with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-            k((grid,), (256,), (src.data_ptr(), dst.data_ptr(), cupy.uint64(nbytes // 16)))
+            if src is None:
+                kf((grid,), (256,), (dst.data_ptr(), cupy.uint64(nbytes // 16)))
+            else:
+                k((grid,), (256,), (src.data_ptr(), dst.data_ptr(), cupy.uint64(nbytes // 16)))
     return run
 
 
@@ -158,7 +182,6 @@ def launch_costs(dev: str, commit: str, calls: int = 200, reps: int = 7):
     import time
 
     import torch
-    from fp4ccl.formats import kernels
     x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
     q = fp4ccl.quantize(x, amax=4.0)
     y = torch.empty_like(x)
@@ -216,7 +239,12 @@ def main(argv=None) -> int:
     p.add_argument("-j", "--json", default=None)
     p.add_argument("--contributions", type=int, default=4, help="contributions per dqsum row (ranks)")
     p.add_argument("--launch-only", action="store_true", help="only the per-launch host cost table")
+    p.add_argument("--variants", default="", help="candidate kernels timed beside the defaults, e.g. "
+                   "'dequant=v2,dequant=v3,dqsum=v2' (csrc/fp4.cu names them <kernel>_<suffix>)")
     a = p.parse_args(argv)
+    for f in filter(None, a.variants.split(",")):
+        fam, suf = f.split("=", 1)
+        _VARIANTS.setdefault(fam, []).append(suf)
     import torch
     dev = torch.cuda.get_device_name()
     commit = os.environ.get("FP4CCL_COMMIT")
@@ -256,9 +284,11 @@ def main(argv=None) -> int:
             copies = [("copy", t_cp, time_graph(cp, a.iters, a.warmup_iters)),
                       ("copy-s", t_cp, time_stream(cp, a.iters, a.warmup_iters)),
                       ("copy-k", time_it(ck, a.iters, a.warmup_iters), time_graph(ck, a.iters, a.warmup_iters))]
-            ok = torch.equal(dst, xs[(3 - 1) % 3]) or torch.equal(dst, xs[11 % 3])
+            ok = torch.equal(dst, xs[11 % 3])                  # the last of the 12 calls
             copy_gbs = max(2 * inb / t / 1e6 for _, _, t in copies)
             results = [(name, tc, t, 2 * inb, 0 if ok else 1) for name, tc, t in copies]
+            fk = lambda i: kcopy(dst, None, inb)  # noqa: E731
+            results.append(("write-k", time_it(fk, a.iters, a.warmup_iters), time_graph(fk, a.iters, a.warmup_iters), inb, 0))
             del dst
             amax = float(max(x.abs().max().item() for x in xs))
             for fmt in ("nvfp4", "mxfp4"):
@@ -273,7 +303,6 @@ def main(argv=None) -> int:
                     fa = lambda i: fp4ccl.quantize(xs[i % 3], fmt, out=outs[i % 3])  # noqa: E731
                     results.append(("q-nv auto", time_it(fa, a.iters, a.warmup_iters), time_graph(fa, a.iters, a.warmup_iters),
                                     2 * inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
-                    from fp4ccl.formats import kernels
                     work = torch.zeros(kernels.QAUTO_WORK_BYTES // 4, dtype=torch.int32, device="cuda")
 
                     def ff(i):
@@ -282,27 +311,25 @@ def main(argv=None) -> int:
                                               work.data_ptr(), [(n_el // 16, 0, q.data.data_ptr(), q.scales.data_ptr(),
                                                                  q.global_scale.data_ptr())], 0,
                                               torch.cuda.current_stream().cuda_stream)
-                    try:
+                    for suf in variant(kernels, "qauto"):
+                        outs[0].data.fill_(0xAB)
                         t_call = time_it(ff, a.iters, a.warmup_iters)
                         t_fused = time_graph(ff, a.iters, a.warmup_iters)
-                    except Exception as exc:  # noqa: BLE001 - report and go on with the other rows
-                        print(f"# q-nv fused failed: {exc!r}")
-                        torch.cuda.synchronize()
-                    else:
-                        results.append(("q-nv fused", t_call, t_fused, 2 * inb + qbytes,
+                        results.append(("q-nv fused" + suf, t_call, t_fused, 2 * inb + qbytes,
                                         wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
                 ys = [torch.empty_like(x) for x in xs]
                 fd = lambda i: fp4ccl.dequantize(outs[i % 3], out=ys[i % 3])  # noqa: E731
-                t_call, t = time_it(fd, a.iters, a.warmup_iters), time_graph(fd, a.iters, a.warmup_iters)
-                ok = torch.equal(ys[0][:64].float().cpu(), torch.from_numpy(
-                    ref.dequantize_2d(outs[0].data[:64].cpu().numpy(), outs[0].scales[:64].cpu().numpy(),
-                                      float(outs[0].global_scale.item()) if fmt == "nvfp4" else None,
-                                      fmt, K, np.float32)).to(dt).float())
-                results.append((f"dq-{fmt[:2]}", t_call, t, qbytes + inb, 0 if ok else 1))
+                for suf in variant(kernels, "dequant"):
+                    ys[0].fill_(float("nan"))
+                    t_call, t = time_it(fd, a.iters, a.warmup_iters), time_graph(fd, a.iters, a.warmup_iters)
+                    ok = torch.equal(ys[0][:64].float().cpu(), torch.from_numpy(
+                        ref.dequantize_2d(outs[0].data[:64].cpu().numpy(), outs[0].scales[:64].cpu().numpy(),
+                                          float(outs[0].global_scale.item()) if fmt == "nvfp4" else None,
+                                          fmt, K, np.float32)).to(dt).float())
+                    results.append((f"dq-{fmt[:2]}" + suf, t_call, t, qbytes + inb, 0 if ok else 1))
                 if dt_name != "float32":
                     # the FP4 reduce-scatter's receive side: NC contributions of this size summed into one
                     # output of the input dtype (bytes: every contribution read once, the output written once)
-                    from fp4ccl.formats import kernels
                     nc = a.contributions
                     parts = [outs[i % 3] for i in range(nc)]
                     contrib = [(q.data.data_ptr(), q.scales.data_ptr(),
@@ -312,14 +339,16 @@ def main(argv=None) -> int:
                     def fs(i, y=ys[0]):
                         kernels.dequantize_sum(y.device.index, y.data_ptr(), dt_name, K, fmt, units, contrib,
                                                torch.cuda.current_stream().cuda_stream)
-                    fs(0)
-                    torch.cuda.synchronize()
                     hs = [(p.data[:8].cpu().numpy(), p.scales[:8].cpu().numpy(),
                            np.float32(p.global_scale.item()) if fmt == "nvfp4" else None) for p in parts]
                     want = ref.dequantize_sum(*zip(*hs), fmt, K, np.float32)
-                    ok = torch.equal(ys[0][:8].float().cpu(), torch.from_numpy(want).to(dt).float())
-                    results.append((f"dqsum{nc}-{fmt[:2]}", time_it(fs, a.iters, a.warmup_iters),
-                                    time_graph(fs, a.iters, a.warmup_iters), nc * qbytes + inb, 0 if ok else 1))
+                    for suf in variant(kernels, "dqsum"):
+                        ys[0].fill_(float("nan"))
+                        fs(0)
+                        torch.cuda.synchronize()
+                        ok = torch.equal(ys[0][:8].float().cpu(), torch.from_numpy(want).to(dt).float())
+                        results.append((f"dqsum{nc}-{fmt[:2]}" + suf, time_it(fs, a.iters, a.warmup_iters),
+                                        time_graph(fs, a.iters, a.warmup_iters), nc * qbytes + inb, 0 if ok else 1))
                 del outs, ys
             for name, t_call, t, nbytes, wrong in results:
                 gbs = nbytes / t / 1e6

@@ -112,6 +112,14 @@ __device__ __forceinline__ void st_cs(void* p, const uint4& v) {
 }
 __device__ __forceinline__ void st_cs(void* p, u32 v) { asm volatile("st.global.cs.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory"); }
 __device__ __forceinline__ void st_cs(void* p, u16 v) { asm volatile("st.global.cs.u16 [%0], %1;" :: "l"(p), "h"(v) : "memory"); }
+__device__ __forceinline__ void st_cs(void* p, const uint2& v) {
+    asm volatile("st.global.cs.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(v.x), "r"(v.y) : "memory");
+}
+__device__ __forceinline__ uint4 ld_cs(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
 
 // fp32 in [0, 448] -> E4M3 code, round to nearest even. Normal range: round the 23-bit mantissa to 3
 // bits on the integer bits (a carry into the exponent is the right answer), then rebias 127 -> 7.
@@ -258,13 +266,17 @@ __device__ __forceinline__ void amax_vec(const uint4& v, float& m) {
 template <typename In>
 __device__ __forceinline__ float amax_partial(const uint4* __restrict__ x, u64 nvec, u64 i, u64 stride) {
     float m = 0.0f;
-    // two independent 16-byte loads per step: one in flight per thread left DRAM latency exposed
-    for (; i + stride < nvec; i += 2 * stride) {
-        const uint4 v0 = __ldg(x + i), v1 = __ldg(x + i + stride);
+    // four independent 16-byte loads per step: with two, the amax pass ran at ~3.3 TB/s (64 MiB), DRAM
+    // latency still exposed
+    for (; i + 3 * stride < nvec; i += 4 * stride) {
+        const uint4 v0 = __ldg(x + i), v1 = __ldg(x + i + stride), v2 = __ldg(x + i + 2 * stride),
+                    v3 = __ldg(x + i + 3 * stride);
         amax_vec<In>(v0, m);
         amax_vec<In>(v1, m);
+        amax_vec<In>(v2, m);
+        amax_vec<In>(v3, m);
     }
-    if (i < nvec) amax_vec<In>(__ldg(x + i), m);
+    for (; i < nvec; i += stride) amax_vec<In>(__ldg(x + i), m);
     return m;
 }
 
@@ -342,8 +354,9 @@ template <> __device__ __forceinline__ u32 signs_vec<float>(const uint4& v) {
 
 // One thread quantizes one block of BS elements per iteration (16 for NVFP4, 32 for MXFP4): it loads
 // BS inputs with 16-byte loads, writes BS/2 data bytes with one 8- or 16-byte store and one scale byte.
-// REV walks the blocks from the last to the first (the fused quantize: see qauto_body).
-template <typename In, int BS, bool NV, bool SWZ, bool SR, bool REV>
+// REV walks the blocks from the last to the first and STREAM marks loads and stores evict-first (the
+// fused quantize's second pass: see qauto_kernel).
+template <typename In, int BS, bool NV, bool SWZ, bool SR, bool REV, bool STREAM>
 __device__ void quant_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c, u32 ncols_pad, const Seg& seg) {
     constexpr int PV = Loader<In>::PER_VEC;
     constexpr int NVEC = BS / PV;
@@ -356,7 +369,7 @@ __device__ void quant_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c
         float f[BS];
         uint4 v[NVEC];
 #pragma unroll
-        for (int j = 0; j < NVEC; ++j) v[j] = __ldg(x + blk * NVEC + j);
+        for (int j = 0; j < NVEC; ++j) v[j] = STREAM ? ld_cs(x + blk * NVEC + j) : __ldg(x + blk * NVEC + j);
 #pragma unroll
         for (int j = 0; j < NVEC; ++j) Loader<In>::unpack(v[j], f + j * PV);
         float m = 0.0f;
@@ -387,19 +400,25 @@ __device__ void quant_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c
                 for (int j = 0; j < BS / 8; ++j) w[j] = e2m1_rn_pack8(y + 8 * j) | Loader<In>::signs8(v, j);
             }
         }
-        if constexpr (BS == 16) *(uint2*)(seg.data + (u64)l * 8u) = make_uint2(w[0], w[1]);
-        else *(uint4*)(seg.data + (u64)l * 16u) = make_uint4(w[0], w[1], w[2], w[3]);
+        if constexpr (BS == 16) {
+            if (STREAM) st_cs((void*)(seg.data + (u64)l * 8u), make_uint2(w[0], w[1]));
+            else *(uint2*)(seg.data + (u64)l * 8u) = make_uint2(w[0], w[1]);
+        } else {
+            *(uint4*)(seg.data + (u64)l * 16u) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
         if (SWZ) scale_out[swizzle_offset(l / nbc, l % nbc, ncols_pad)] = (u8)sbyte;
         else scale_out[l] = (u8)sbyte;
     }
 }
 
-// Variant "lanes": G = BS / PV consecutive lanes share one block, one 16-byte vector each, so every
-// warp load reads 512 contiguous bytes (one thread per block strides 32-128 bytes between lanes, and
-// each such load instruction touches 32 different L1 lines). The block max takes log2(G) shuffles; each
-// lane computes the (identical) scale, quantizes its PV elements and stores PV/2 bytes; the group's
-// first lane stores the scale byte. U vectors per lane per step, all loaded before use.
-template <typename In, int BS, bool NV, bool SWZ, bool SR, bool REV, int U>
+// G = BS / PV consecutive lanes share one block, one 16-byte vector each, so every warp load reads 512
+// contiguous bytes. Used for MXFP4 from fp32, where one thread per block strides 128 bytes between
+// lanes: each load instruction then touches 32 different 128-byte lines, and that path ran at 73-82% of
+// the copy; here 87-95% (H200, 2026-11-21). For the other formats and types every lane computing the
+// block scale costs more than it saves (68-86% against 86-99%). The block max takes log2(G) shuffles;
+// each lane quantizes its PV elements and stores PV/2 bytes; the group's first lane stores the scale
+// byte. U vectors per lane per step, all loaded before use (U = 2 beat 4).
+template <typename In, int BS, bool NV, bool SWZ, bool SR, int U>
 __device__ void quant_lanes_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c, u32 ncols_pad, const Seg& seg) {
     constexpr int PV = Loader<In>::PER_VEC;
     constexpr int G = BS / PV;
@@ -413,7 +432,7 @@ __device__ void quant_lanes_body(const uint4* __restrict__ x, u32 K, const Quant
     u8* scale_out = (u8*)seg.scale;
     // warp-uniform loop: the shuffles need every lane; lanes past the end load zeros and store nothing
     for (u64 s = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; s < nsteps; s += nwarps) {
-        const u64 base = (REV ? nsteps - 1 - s : s) * PER;
+        const u64 base = s * PER;
         uint4 v[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -463,19 +482,13 @@ __device__ void quant_lanes_body(const uint4* __restrict__ x, u32 K, const Quant
     }
 }
 
-// LANES: 0 one thread per block (quant_body), else quant_lanes_body with LANES vectors per lane and step
-template <typename In, int BS, bool NV, bool SWZ, bool SR, int LANES, bool REV>
-__device__ __forceinline__ void quant_any(const uint4* __restrict__ x, u32 K, const QuantCtx& c, u32 ncols_pad, const Seg& seg) {
-    if constexpr (LANES > 0) quant_lanes_body<In, BS, NV, SWZ, SR, REV, LANES>(x, K, c, ncols_pad, seg);
-    else quant_body<In, BS, NV, SWZ, SR, REV>(x, K, c, ncols_pad, seg);
-}
-
-template <typename In, int BS, bool NV, bool SWZ, bool SR, int LANES>
+template <typename In, int BS, bool NV, bool SWZ, bool SR>
 __device__ void quant_kernel(const uint4* __restrict__ x, u32 K, const float* amax_ptr, float amax_val,
                              u64 seed, u32 ncols_pad, const SegTable& t) {
     const Seg seg = pick_segment(t);
     const QuantCtx c = quant_ctx<NV>(NV ? (amax_ptr ? *amax_ptr : amax_val) : 0.0f, seed, seg);
-    quant_any<In, BS, NV, SWZ, SR, LANES, false>(x, K, c, ncols_pad, seg);
+    if constexpr (!NV && Loader<In>::PER_VEC == 4) quant_lanes_body<In, BS, NV, SWZ, SR, 2>(x, K, c, ncols_pad, seg);
+    else quant_body<In, BS, NV, SWZ, SR, false, false>(x, K, c, ncols_pad, seg);
 }
 
 // ---------------------------------------------------------------- quantize with the amax in the same launch
@@ -505,7 +518,7 @@ __device__ __forceinline__ float grid_barrier_read(u32* work, u32 nblocks) {
     return amax_s;
 }
 
-template <typename In, bool SWZ, bool SR, int LANES>
+template <typename In, bool SWZ, bool SR, bool STREAM>
 __device__ void qauto_kernel(const uint4* __restrict__ x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad,
                              const SegTable& t) {
     const u32 nblocks = gridDim.x * gridDim.y;
@@ -515,7 +528,7 @@ __device__ void qauto_kernel(const uint4* __restrict__ x, u64 nvec, u32 K, u32* 
     const float amax = grid_barrier_read(work, nblocks);
     const Seg seg = pick_segment(t);
     const QuantCtx c = quant_ctx<true>(amax, seed, seg);
-    quant_any<In, 16, true, SWZ, SR, LANES, true>(x, K, c, ncols_pad, seg);
+    quant_body<In, 16, true, SWZ, SR, true, STREAM>(x, K, c, ncols_pad, seg);
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -540,6 +553,30 @@ __device__ __forceinline__ void fill_e2m1_lut(float* lut) {
         const u32 c = threadIdx.x & 7u;
         const float mag = c < 2u ? 0.5f * (float)c : __uint_as_float((c << 22) + 0x3F000000u);
         lut[threadIdx.x] = threadIdx.x & 8u ? -mag : mag;
+    }
+}
+
+// Byte offsets 4 * nibble into the 16-float LUT for the 8 nibbles of a data word: even nibbles in the
+// bytes of e, odd ones in o; one prmt then extracts each (0.25 + 1 integer instructions per element
+// instead of a shift and a mask, ~2.3 with the address arithmetic).
+struct NibOffs { u32 e, o; };
+__device__ __forceinline__ NibOffs nib_offsets(u32 w) { return {(w << 2) & 0x3C3C3C3Cu, (w >> 2) & 0x3C3C3C3Cu}; }
+__device__ __forceinline__ float lut_at(const float* lut, const NibOffs& n, int i) {
+    return *(const float*)((const char*)lut + prmt((i & 1) ? n.o : n.e, 0u, 0x4440u | (u32)(i >> 1)));
+}
+// f[i] = E2M1 value of nibble i of the packed block d, times sc (one rounding).
+template <bool FAST, int BS, typename P>
+__device__ __forceinline__ void decode_block(const P& d, const float* lut, float sc, float* f) {
+#pragma unroll
+    for (int j = 0; j < BS / 8; ++j) {
+        if constexpr (FAST) {
+            const NibOffs n = nib_offsets(d.word(j));
+#pragma unroll
+            for (int i = 0; i < 8; ++i) f[8 * j + i] = __fmul_rn(lut_at(lut, n, i), sc);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) f[8 * j + i] = __fmul_rn(lut[(d.word(j) >> (i * 4)) & 15u], sc);
+        }
     }
 }
 
@@ -591,7 +628,7 @@ template <> struct Packed<32> {
 // whole warp in order, so each store instruction covers 512 contiguous bytes (a thread storing its own
 // block would touch 32 sectors, half-filled, per instruction).
 #define FP4_DQ_UNROLL 2
-template <typename Out, int BS, bool NV, bool SWZ>
+template <typename Out, int BS, bool NV, bool SWZ, bool FAST>
 __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     constexpr int OBYTES = OutBlock<Out, BS>::BYTES;
     constexpr int CH = OutBlock<Out, BS>::CH;
@@ -628,8 +665,7 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
             if (b0 + lane < units) {
                 const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
                 float f[BS];
-#pragma unroll
-                for (int i = 0; i < BS; ++i) f[i] = __fmul_rn(lut[(d[u].word(i >> 3) >> ((i & 7) * 4)) & 15u], sc);
+                decode_block<FAST, BS>(d[u], lut, sc, f);
                 stage_block<Out, BS>(f, lane, my_stage);
             }
             __syncwarp();
@@ -640,11 +676,12 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     }
 }
 
-// Variant "direct": one thread owns one 16-byte output chunk (8 bf16/fp16 or 4 fp32 elements, decoded
-// from 4 or 2 data bytes) per slice, and a block works on FP4_DQ_CHUNKS slices of 256 consecutive chunks
-// per step, so each warp store writes 512 contiguous bytes straight from registers (no shared-memory
-// staging, no warp syncs) and each warp load reads 64-128 contiguous bytes. All the step's loads are
-// issued before the first decode. U slices per step; CS: streaming (evict-first) stores.
+// Variant "bulk" (sm_90+): each step decodes FP4_DQB_SLICES x 256 consecutive 16-byte output chunks
+// (thread t: chunk t of each slice, from 4 or 2 data bytes) into a shared-memory tile, and one thread
+// writes the tile out with one bulk asynchronous copy (cp.async.bulk, the TMA engine): the output leaves
+// the SM as a few large transfers instead of 16-byte vector stores, while the SM goes on with the next
+// step's loads. Two tiles alternate.
+#define FP4_DQB_SLICES 2
 template <typename Out> __device__ __forceinline__ u32 load_chunk_nibbles(u64 data, u64 chunk) {
     if constexpr (Storer<Out>::PER_VEC == 8) return __ldg((const u32*)data + chunk);
     else return (u32)__ldg((const u16*)data + chunk);
@@ -663,10 +700,20 @@ __device__ __forceinline__ uint4 decode_chunk(u32 nib, float sc, const float* lu
     }
 }
 
-template <typename Out, int BS, bool NV, bool SWZ, int U, bool CS>
-__device__ void dequant_direct_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+template <typename Out, int BS, bool NV, bool SWZ>
+__device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
+#if __CUDA_ARCH__ >= 900
     constexpr int E = Storer<Out>::PER_VEC;
     constexpr int CPB = BS / E;           // chunks per FP4 block
+    constexpr int U = FP4_DQB_SLICES;
+    constexpr u32 TILE = U * FP4_THREADS; // chunks per tile
+    __shared__ __align__(128) uint4 tile[2][TILE];
     __shared__ float lut[16];
     fill_e2m1_lut(lut);
     __syncthreads();
@@ -676,12 +723,12 @@ __device__ void dequant_direct_body(u8* out, u32 K, u32 ncols_pad, const SegTabl
     const u64 nch = seg.units * CPB;
     const u8* scale_in = (const u8*)seg.scale;
     uint4* dst = (uint4*)(out + seg.src * BS * (u64)(16 / E));
-    const u64 step = (u64)gridDim.x * blockDim.x * U;
-    for (u64 c0 = (u64)blockIdx.x * blockDim.x * U + threadIdx.x; c0 < nch; c0 += step) {
+    u32 it = 0;
+    for (u64 t0 = (u64)blockIdx.x * TILE; t0 < nch; t0 += (u64)gridDim.x * TILE, ++it) {
         u32 nib[U], sb[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const u64 ch = c0 + (u64)u * blockDim.x;
+            const u64 ch = t0 + (u64)u * FP4_THREADS + threadIdx.x;
             if (ch < nch) {
                 nib[u] = load_chunk_nibbles<Out>(seg.data, ch);
                 const u64 l = ch / CPB;
@@ -689,17 +736,31 @@ __device__ void dequant_direct_body(u8* out, u32 K, u32 ncols_pad, const SegTabl
                             : __ldg(scale_in + l);
             }
         }
+        uint4* buf = tile[it & 1u];
+        // the copy issued from this tile two steps ago must have finished reading it
+        if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+        __syncthreads();
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const u64 ch = c0 + (u64)u * blockDim.x;
+            const u64 ch = t0 + (u64)u * FP4_THREADS + threadIdx.x;
             if (ch < nch) {
                 const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
-                const uint4 r = decode_chunk<Out>(nib[u], sc, lut);
-                if (CS) st_cs(dst + ch, r);
-                else dst[ch] = r;
+                buf[u * FP4_THREADS + threadIdx.x] = decode_chunk<Out>(nib[u], sc, lut);
             }
         }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // generic-proxy writes -> the bulk copy
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const u64 n = nch - t0 < TILE ? nch - t0 : TILE;
+            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                         :: "l"(dst + t0), "r"(smem_addr(buf)), "r"((u32)n * 16u) : "memory");
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
     }
+    if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#else
+    dequant_body<Out, BS, NV, SWZ, false>(out, K, ncols_pad, t);
+#endif
 }
 
 // ---------------------------------------------------------------- dequantize and sum
@@ -718,7 +779,7 @@ struct SumTable {
 };
 
 #define FP4_SUM_BATCH 4      // contributions whose loads are issued together
-template <typename Out, int BS, bool NV>
+template <typename Out, int BS, bool NV, bool FAST>
 __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumTable& t) {
     constexpr int OBYTES = OutBlock<Out, BS>::BYTES;
     constexpr int CH = OutBlock<Out, BS>::CH;
@@ -759,9 +820,10 @@ __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumT
                 for (int k = 0; k < FP4_SUM_BATCH; ++k) {
                     if (c0 + k < n) {
                         const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[k]), sdec[c0 + k]) : e8m0_to_f32(sb[k]);
+                        float f[BS];
+                        decode_block<FAST, BS>(d[k], lut, sc, f);
 #pragma unroll
-                        for (int i = 0; i < BS; ++i)
-                            acc[i] = __fadd_rn(acc[i], __fmul_rn(lut[(d[k].word(i >> 3) >> ((i & 7) * 4)) & 15u], sc));
+                        for (int i = 0; i < BS; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
                     }
                 }
             }
@@ -770,79 +832,6 @@ __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumT
         __syncwarp();
         flush_stage<Out, BS>((uint4*)(out + (u64)base * OBYTES), units - base < 32u ? units - base : 32u, lane, my_stage);
         __syncwarp();
-    }
-}
-
-// Variant "direct" of dequantize-and-sum: as dequant_direct_body, one 16-byte output chunk per thread
-// and slice, U slices per step; the loads of FP4_SUM_BATCH contributions x those slices are issued
-// together. The fp32 sum is taken in contribution order, as dqsum_body does.
-template <typename Out, int BS, bool NV, int U>
-__device__ void dqsum_direct_body(u8* out, u32 units, u32 n, u32 accumulate, const SumTable& t) {
-    constexpr int E = Storer<Out>::PER_VEC;
-    constexpr int CPB = BS / E;
-    constexpr int B = FP4_SUM_BATCH;
-    __shared__ float lut[16];
-    __shared__ float sdec[FP4_MAXSUM];
-    fill_e2m1_lut(lut);
-    for (u32 c = threadIdx.x; c < n; c += blockDim.x) sdec[c] = NV ? *(const float*)t.gs[c] : 1.0f;
-    __syncthreads();
-    const u64 nch = (u64)units * CPB;
-    uint4* dst = (uint4*)out;
-    const u64 step = (u64)gridDim.x * blockDim.x * U;
-    for (u64 c0 = (u64)blockIdx.x * blockDim.x * U + threadIdx.x; c0 < nch; c0 += step) {
-        float acc[U][E];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-#pragma unroll
-            for (int i = 0; i < E; ++i) acc[u][i] = 0.0f;
-            if constexpr (E == 4) {   // accumulate: fp32 output only (the launcher checks)
-                const u64 ch = c0 + (u64)u * blockDim.x;
-                if (accumulate && ch < nch) {
-                    const uint4 p = dst[ch];
-                    acc[u][0] = __uint_as_float(p.x); acc[u][1] = __uint_as_float(p.y);
-                    acc[u][2] = __uint_as_float(p.z); acc[u][3] = __uint_as_float(p.w);
-                }
-            }
-        }
-        for (u32 k0 = 0; k0 < n; k0 += B) {
-            u32 nib[B][U], sb[B][U];
-#pragma unroll
-            for (int k = 0; k < B; ++k) {
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const u64 ch = c0 + (u64)u * blockDim.x;
-                    if (k0 + k < n && ch < nch) {
-                        nib[k][u] = load_chunk_nibbles<Out>(t.data[k0 + k], ch);
-                        sb[k][u] = __ldg((const u8*)t.scale[k0 + k] + ch / CPB);
-                    }
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < B; ++k) {
-                if (k0 + k < n) {
-#pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[k][u]), sdec[k0 + k]) : e8m0_to_f32(sb[k][u]);
-#pragma unroll
-                        for (int i = 0; i < E; ++i)
-                            acc[u][i] = __fadd_rn(acc[u][i], __fmul_rn(lut[(nib[k][u] >> (4 * i)) & 15u], sc));
-                    }
-                }
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const u64 ch = c0 + (u64)u * blockDim.x;
-            if (ch < nch) {
-                if constexpr (E == 4) {
-                    st_cs(dst + ch, make_uint4(__float_as_uint(acc[u][0]), __float_as_uint(acc[u][1]),
-                                               __float_as_uint(acc[u][2]), __float_as_uint(acc[u][3])));
-                } else {
-                    st_cs(dst + ch, make_uint4(Storer<Out>::pack2(acc[u][0], acc[u][1]), Storer<Out>::pack2(acc[u][2], acc[u][3]),
-                                               Storer<Out>::pack2(acc[u][4], acc[u][5]), Storer<Out>::pack2(acc[u][6], acc[u][7])));
-                }
-            }
-        }
     }
 }
 
@@ -857,13 +846,10 @@ FP4_AMAX(f16, Half)
 FP4_AMAX(f32, float)
 
 // Variants under measurement carry the suffix _v2 / _v3 (see fp4ccl/formats/kernels.py, FP4CCL_KERNEL_V2).
-#define FP4_QUANT1(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR, SUF, LANES) \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND##SUF( \
-        const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
-        quant_kernel<IN, BS, NV, SWZ, SR, LANES>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); }
 #define FP4_QUANT(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR) \
-    FP4_QUANT1(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR, , 0) FP4_QUANT1(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR, _v2, 2) \
-    FP4_QUANT1(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR, _v3, 4)
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND( \
+        const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
+        quant_kernel<IN, BS, NV, SWZ, SR>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); }
 #define FP4_QUANT_ALL(FMT, BS, NV) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, rn, false) FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, sr, true) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, rn, false)  FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, sr, true) \
@@ -875,13 +861,12 @@ FP4_QUANT_ALL(nv, 16, true)
 FP4_QUANT_ALL(mx, 32, false)
 
 // fp4_qauto_nv_<in>_<layout>_<rounding>(x, nvec, K, work, seed, ncols_pad, table): see qauto_kernel.
-#define FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, SUF, LANES) \
+#define FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, SUF, STREAM) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_qauto_nv_##NAME##_##LAY##_##RND##SUF( \
         const uint4* x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad, const SegTable t) { \
-        qauto_kernel<IN, SWZ, SR, LANES>(x, nvec, K, work, seed, ncols_pad, t); }
+        qauto_kernel<IN, SWZ, SR, STREAM>(x, nvec, K, work, seed, ncols_pad, t); }
 #define FP4_QAUTO(NAME, IN, LAY, SWZ, RND, SR) \
-    FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, , 0) FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, _v2, 2) \
-    FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, _v3, 4)
+    FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, , false) FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, _v2, true)
 #define FP4_QAUTO_ALL(NAME, IN) \
     FP4_QAUTO(NAME, IN, lin, false, rn, false) FP4_QAUTO(NAME, IN, lin, false, sr, true) \
     FP4_QAUTO(NAME, IN, swz, true, rn, false)  FP4_QAUTO(NAME, IN, swz, true, sr, true)
@@ -892,13 +877,13 @@ FP4_QAUTO_ALL(f32, float)
 #define FP4_DEQUANT(FMT, NAME, OUT, BS, NV, LAY, SWZ) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY( \
         u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
-        dequant_body<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); } \
+        dequant_body<OUT, BS, NV, SWZ, false>(out, K, ncols_pad, t); } \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY##_v2( \
         u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
-        dequant_direct_body<OUT, BS, NV, SWZ, 4, true>(out, K, ncols_pad, t); } \
+        dequant_bulk_body<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); } \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY##_v3( \
         u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
-        dequant_direct_body<OUT, BS, NV, SWZ, 4, false>(out, K, ncols_pad, t); }
+        dequant_body<OUT, BS, NV, SWZ, true>(out, K, ncols_pad, t); }
 #define FP4_DEQUANT_ALL(FMT, BS, NV) \
     FP4_DEQUANT(FMT, bf16, u16, BS, NV, lin, false) FP4_DEQUANT(FMT, bf16, u16, BS, NV, swz, true) \
     FP4_DEQUANT(FMT, f16, Half, BS, NV, lin, false) FP4_DEQUANT(FMT, f16, Half, BS, NV, swz, true) \
@@ -910,12 +895,9 @@ FP4_DEQUANT_ALL(mx, 32, false)
 #define FP4_DQSUM(FMT, NAME, OUT, BS, NV) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME( \
         u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
-        dqsum_body<OUT, BS, NV>(out, units, n, accumulate, t); } \
+        dqsum_body<OUT, BS, NV, false>(out, units, n, accumulate, t); } \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME##_v2( \
         u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
-        dqsum_direct_body<OUT, BS, NV, 2>(out, units, n, accumulate, t); } \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME##_v3( \
-        u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
-        dqsum_direct_body<OUT, BS, NV, 1>(out, units, n, accumulate, t); }
+        dqsum_body<OUT, BS, NV, true>(out, units, n, accumulate, t); }
 FP4_DQSUM(nv, bf16, u16, 16, true) FP4_DQSUM(nv, f16, Half, 16, true) FP4_DQSUM(nv, f32, float, 16, true)
 FP4_DQSUM(mx, bf16, u16, 32, false) FP4_DQSUM(mx, f16, Half, 32, false) FP4_DQSUM(mx, f32, float, 32, false)

@@ -54,8 +54,8 @@ _AMAX_NAMES = {t: f"fp4_amax_{tn}" for t, tn in _IN_NAME.items()}
 _QAUTO_NAMES = {(t, lay, r): f"fp4_qauto_nv_{tn}_{ln}_{rn}" for t, tn in _IN_NAME.items()
                 for lay, ln in _LAYOUT_NAME.items() for r, rn in _ROUND_NAME.items()}
 
-# Kernel variants under measurement: FP4CCL_KERNEL_V2="quant=v2,dequant=v3,dqsum=v2" launches
-# <name>_<suffix> for that family (qauto follows quant).
+# Kernel variants under measurement: FP4CCL_KERNEL_V2="qauto=v2,dequant=v3,dqsum=v2" launches
+# <name>_<suffix> for that family.
 _V2 = dict(f.split("=", 1) for f in os.environ.get("FP4CCL_KERNEL_V2", "").split(",") if "=" in f)
 
 
@@ -339,7 +339,7 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
     `src_block` (= row_start * K / block); gs_ptr 0 writes no global scale (MXFP4).
     amax_ptr: device address of an fp32 amax (0: use amax_value). ncols_pad: swizzled layout only.
     """
-    la = _launcher(device, _v(_QUANT_NAMES[(format, in_dtype, layout, rounding)], "quant"), "quant")
+    la = _launcher(device, _QUANT_NAMES[(format, in_dtype, layout, rounding)], "quant")
     seed &= 0xFFFFFFFFFFFFFFFF
     n = len(segments)
     for i in range(0, n, MAXSEG):
@@ -365,7 +365,7 @@ def quantize_auto(device: int, x_ptr: int, in_dtype: str, numel: int, K: int, la
         raise ValueError(f"quantize_auto: {len(segments)} segments, at most {MAXSEG} per launch")
     segments = list(segments) or [(0, 0, 0, 0, 0)]
     memset(device, work_ptr, 0, QAUTO_WORK_BYTES, stream)
-    la = _launcher(device, _v(_QAUTO_NAMES[(in_dtype, layout, rounding)], "quant"), "qauto")
+    la = _launcher(device, _v(_QAUTO_NAMES[(in_dtype, layout, rounding)], "qauto"), "qauto")
     most = _fill_segments(la.table, segments)
     nvec = numel * _ITEMSIZE[in_dtype] // 16
     nseg = len(segments)
