@@ -105,20 +105,12 @@ __device__ __forceinline__ float max_nan(float a, float b) {
     float r; asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
 }
 
-// Streaming stores (evict-first): a kernel never reads its outputs back, so they should not push
-// out of L2 the inputs that are still to be read (the fused quantize re-reads x from L2).
-__device__ __forceinline__ void st_cs(void* p, const uint4& v) {
-    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+// Streaming (evict-first) stores: a kernel never reads its outputs back.
+__device__ __forceinline__ void st_cs(void* p, u32 v) {
+    asm volatile("st.global.cs.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
-__device__ __forceinline__ void st_cs(void* p, u32 v) { asm volatile("st.global.cs.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory"); }
-__device__ __forceinline__ void st_cs(void* p, u16 v) { asm volatile("st.global.cs.u16 [%0], %1;" :: "l"(p), "h"(v) : "memory"); }
-__device__ __forceinline__ void st_cs(void* p, const uint2& v) {
-    asm volatile("st.global.cs.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(v.x), "r"(v.y) : "memory");
-}
-__device__ __forceinline__ uint4 ld_cs(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
+__device__ __forceinline__ void st_cs(void* p, u16 v) {
+    asm volatile("st.global.cs.u16 [%0], %1;" :: "l"(p), "h"(v) : "memory");
 }
 
 // fp32 in [0, 448] -> E4M3 code, round to nearest even. Normal range: round the 23-bit mantissa to 3
@@ -262,12 +254,12 @@ __device__ __forceinline__ void amax_vec(const uint4& v, float& m) {
     }
 }
 
-// This thread's share of the amax: vectors i, i + stride, ...
 template <typename In>
-__device__ __forceinline__ float amax_partial(const uint4* __restrict__ x, u64 nvec, u64 i, u64 stride) {
+__device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
     float m = 0.0f;
-    // four independent 16-byte loads per step: with two, the amax pass ran at ~3.3 TB/s (64 MiB), DRAM
-    // latency still exposed
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    // several independent 16-byte loads per step: one in flight per thread left DRAM latency exposed
     for (; i + 3 * stride < nvec; i += 4 * stride) {
         const uint4 v0 = __ldg(x + i), v1 = __ldg(x + i + stride), v2 = __ldg(x + i + 2 * stride),
                     v3 = __ldg(x + i + 3 * stride);
@@ -277,11 +269,6 @@ __device__ __forceinline__ float amax_partial(const uint4* __restrict__ x, u64 n
         amax_vec<In>(v3, m);
     }
     for (; i < nvec; i += stride) amax_vec<In>(__ldg(x + i), m);
-    return m;
-}
-
-// Block-wide max of m, atomically max-ed into *out by thread 0 (the fused quantize relies on that).
-__device__ __forceinline__ void block_amax_to(float m, float* out) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
     __shared__ float warp_max[32];
@@ -294,12 +281,6 @@ __device__ __forceinline__ void block_amax_to(float m, float* out) {
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
         if (lane == 0 && m > 0.0f) atomicMax((int*)out, __float_as_int(m));
     }
-}
-
-template <typename In>
-__device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
-    const float m = amax_partial<In>(x, nvec, (u64)blockIdx.x * blockDim.x + threadIdx.x, (u64)gridDim.x * blockDim.x);
-    block_amax_to(m, out);
 }
 
 // ---------------------------------------------------------------- quantize
@@ -354,22 +335,19 @@ template <> __device__ __forceinline__ u32 signs_vec<float>(const uint4& v) {
 
 // One thread quantizes one block of BS elements per iteration (16 for NVFP4, 32 for MXFP4): it loads
 // BS inputs with 16-byte loads, writes BS/2 data bytes with one 8- or 16-byte store and one scale byte.
-// REV walks the blocks from the last to the first and STREAM marks loads and stores evict-first (the
-// fused quantize's second pass: see qauto_kernel).
-template <typename In, int BS, bool NV, bool SWZ, bool SR, bool REV, bool STREAM>
+template <typename In, int BS, bool NV, bool SWZ, bool SR>
 __device__ void quant_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c, u32 ncols_pad, const Seg& seg) {
     constexpr int PV = Loader<In>::PER_VEC;
     constexpr int NVEC = BS / PV;
     const u32 nbc = K / BS;
     const u32 units = (u32)seg.units;
     u8* scale_out = (u8*)seg.scale;
-    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < units; i += gridDim.x * blockDim.x) {
-        const u32 l = REV ? units - 1u - i : i;
+    for (u32 l = blockIdx.x * blockDim.x + threadIdx.x; l < units; l += gridDim.x * blockDim.x) {
         const u64 blk = seg.src + l;
         float f[BS];
         uint4 v[NVEC];
 #pragma unroll
-        for (int j = 0; j < NVEC; ++j) v[j] = STREAM ? ld_cs(x + blk * NVEC + j) : __ldg(x + blk * NVEC + j);
+        for (int j = 0; j < NVEC; ++j) v[j] = __ldg(x + blk * NVEC + j);
 #pragma unroll
         for (int j = 0; j < NVEC; ++j) Loader<In>::unpack(v[j], f + j * PV);
         float m = 0.0f;
@@ -400,12 +378,8 @@ __device__ void quant_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c
                 for (int j = 0; j < BS / 8; ++j) w[j] = e2m1_rn_pack8(y + 8 * j) | Loader<In>::signs8(v, j);
             }
         }
-        if constexpr (BS == 16) {
-            if (STREAM) st_cs((void*)(seg.data + (u64)l * 8u), make_uint2(w[0], w[1]));
-            else *(uint2*)(seg.data + (u64)l * 8u) = make_uint2(w[0], w[1]);
-        } else {
-            *(uint4*)(seg.data + (u64)l * 16u) = make_uint4(w[0], w[1], w[2], w[3]);
-        }
+        if constexpr (BS == 16) *(uint2*)(seg.data + (u64)l * 8u) = make_uint2(w[0], w[1]);
+        else *(uint4*)(seg.data + (u64)l * 16u) = make_uint4(w[0], w[1], w[2], w[3]);
         if (SWZ) scale_out[swizzle_offset(l / nbc, l % nbc, ncols_pad)] = (u8)sbyte;
         else scale_out[l] = (u8)sbyte;
     }
@@ -414,8 +388,8 @@ __device__ void quant_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c
 // G = BS / PV consecutive lanes share one block, one 16-byte vector each, so every warp load reads 512
 // contiguous bytes. Used for MXFP4 from fp32, where one thread per block strides 128 bytes between
 // lanes: each load instruction then touches 32 different 128-byte lines, and that path ran at 73-82% of
-// the copy; here 87-95% (H200, 2026-11-21). For the other formats and types every lane computing the
-// block scale costs more than it saves (68-86% against 86-99%). The block max takes log2(G) shuffles;
+// the copy; here 86-95% (H200, 2026-11-21). For the other formats and types every lane computing the
+// block scale costs more than it saves (68-86% against 85-99%). The block max takes log2(G) shuffles;
 // each lane quantizes its PV elements and stores PV/2 bytes; the group's first lane stores the scale
 // byte. U vectors per lane per step, all loaded before use (U = 2 beat 4).
 template <typename In, int BS, bool NV, bool SWZ, bool SR, int U>
@@ -488,47 +462,7 @@ __device__ void quant_kernel(const uint4* __restrict__ x, u32 K, const float* am
     const Seg seg = pick_segment(t);
     const QuantCtx c = quant_ctx<NV>(NV ? (amax_ptr ? *amax_ptr : amax_val) : 0.0f, seed, seg);
     if constexpr (!NV && Loader<In>::PER_VEC == 4) quant_lanes_body<In, BS, NV, SWZ, SR, 2>(x, K, c, ncols_pad, seg);
-    else quant_body<In, BS, NV, SWZ, SR, false, false>(x, K, c, ncols_pad, seg);
-}
-
-// ---------------------------------------------------------------- quantize with the amax in the same launch
-// NVFP4 with the tensor's own amax, in one launch of exactly the resident blocks (launched cooperatively,
-// which guarantees they are all resident): phase 1 every block takes its share of max |x| over all of x
-// (nvec vectors) and atomically max-es it into work[0]; a grid-wide barrier on the counter work[1];
-// phase 2 quantizes the segments as quant_kernel does, but walking the blocks in reverse, so it starts
-// with the tail of x that phase 1 read last and that is still in L2. work = 2 words the launcher zeroes
-// before each launch (a memset in the same stream: replayable in a CUDA graph).
-__device__ __forceinline__ float grid_barrier_read(u32* work, u32 nblocks) {
-    __shared__ float amax_s;
-    __syncthreads();   // every thread's phase-1 work (and thread 0's atomicMax) is done
-    if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(work + 1, 1u);
-        u32 seen;
-        for (;;) {
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(work + 1) : "memory");
-            if (seen >= nblocks) break;
-            asm volatile("nanosleep.u32 100;");
-        }
-        float a;
-        asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(a) : "l"(work) : "memory");
-        amax_s = a;
-    }
-    __syncthreads();
-    return amax_s;
-}
-
-template <typename In, bool SWZ, bool SR, bool STREAM>
-__device__ void qauto_kernel(const uint4* __restrict__ x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad,
-                             const SegTable& t) {
-    const u32 nblocks = gridDim.x * gridDim.y;
-    const u32 bid = blockIdx.y * gridDim.x + blockIdx.x;
-    block_amax_to(amax_partial<In>(x, nvec, (u64)bid * blockDim.x + threadIdx.x, (u64)nblocks * blockDim.x),
-                  (float*)work);
-    const float amax = grid_barrier_read(work, nblocks);
-    const Seg seg = pick_segment(t);
-    const QuantCtx c = quant_ctx<true>(amax, seed, seg);
-    quant_body<In, 16, true, SWZ, SR, true, STREAM>(x, K, c, ncols_pad, seg);
+    else quant_body<In, BS, NV, SWZ, SR>(x, K, c, ncols_pad, seg);
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -557,26 +491,23 @@ __device__ __forceinline__ void fill_e2m1_lut(float* lut) {
 }
 
 // Byte offsets 4 * nibble into the 16-float LUT for the 8 nibbles of a data word: even nibbles in the
-// bytes of e, odd ones in o; one prmt then extracts each (0.25 + 1 integer instructions per element
-// instead of a shift and a mask, ~2.3 with the address arithmetic).
+// bytes of e, odd ones in o; one prmt then extracts each (0.5 + 1 integer instructions per element,
+// against ~2.3 for a shift, a mask and the address arithmetic in the SASS of dequantize_sum). With it
+// the 4-way dequantize_sum went from 71-73% to 75-77% of the copy (NVFP4) and from 72-79% to 85-91%
+// (MXFP4), H200 2026-11-21.
 struct NibOffs { u32 e, o; };
 __device__ __forceinline__ NibOffs nib_offsets(u32 w) { return {(w << 2) & 0x3C3C3C3Cu, (w >> 2) & 0x3C3C3C3Cu}; }
 __device__ __forceinline__ float lut_at(const float* lut, const NibOffs& n, int i) {
     return *(const float*)((const char*)lut + prmt((i & 1) ? n.o : n.e, 0u, 0x4440u | (u32)(i >> 1)));
 }
 // f[i] = E2M1 value of nibble i of the packed block d, times sc (one rounding).
-template <bool FAST, int BS, typename P>
+template <int BS, typename P>
 __device__ __forceinline__ void decode_block(const P& d, const float* lut, float sc, float* f) {
 #pragma unroll
     for (int j = 0; j < BS / 8; ++j) {
-        if constexpr (FAST) {
-            const NibOffs n = nib_offsets(d.word(j));
+        const NibOffs n = nib_offsets(d.word(j));
 #pragma unroll
-            for (int i = 0; i < 8; ++i) f[8 * j + i] = __fmul_rn(lut_at(lut, n, i), sc);
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) f[8 * j + i] = __fmul_rn(lut[(d.word(j) >> (i * 4)) & 15u], sc);
-        }
+        for (int i = 0; i < 8; ++i) f[8 * j + i] = __fmul_rn(lut_at(lut, n, i), sc);
     }
 }
 
@@ -622,13 +553,14 @@ template <> struct Packed<32> {
     __device__ __forceinline__ u32 word(int i) const { return i == 0 ? d.x : (i == 1 ? d.y : (i == 2 ? d.z : d.w)); }
 };
 
+// MXFP4 (and NVFP4 before sm_90, see dequant_bulk_body).
 // One thread decodes one FP4 block per warp chunk, FP4_DQ_UNROLL chunks per loop step (NVFP4) with every load
 // issued before the first use (8-16 bytes per load: one block in flight per thread was too little to
 // cover DRAM latency). Its 32-128 output bytes are staged in shared memory and written back by the
 // whole warp in order, so each store instruction covers 512 contiguous bytes (a thread storing its own
 // block would touch 32 sectors, half-filled, per instruction).
 #define FP4_DQ_UNROLL 2
-template <typename Out, int BS, bool NV, bool SWZ, bool FAST>
+template <typename Out, int BS, bool NV, bool SWZ>
 __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     constexpr int OBYTES = OutBlock<Out, BS>::BYTES;
     constexpr int CH = OutBlock<Out, BS>::CH;
@@ -665,7 +597,7 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
             if (b0 + lane < units) {
                 const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
                 float f[BS];
-                decode_block<FAST, BS>(d[u], lut, sc, f);
+                decode_block<BS>(d[u], lut, sc, f);
                 stage_block<Out, BS>(f, lane, my_stage);
             }
             __syncwarp();
@@ -676,11 +608,13 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     }
 }
 
-// Variant "bulk" (sm_90+): each step decodes FP4_DQB_SLICES x 256 consecutive 16-byte output chunks
-// (thread t: chunk t of each slice, from 4 or 2 data bytes) into a shared-memory tile, and one thread
-// writes the tile out with one bulk asynchronous copy (cp.async.bulk, the TMA engine): the output leaves
-// the SM as a few large transfers instead of 16-byte vector stores, while the SM goes on with the next
-// step's loads. Two tiles alternate.
+// NVFP4 on sm_90+: each step decodes FP4_DQB_SLICES x 256 consecutive 16-byte output chunks (thread t:
+// chunk t of each slice, from 4 or 2 data bytes) into a shared-memory tile, and one thread writes the
+// tile out with one bulk asynchronous copy (cp.async.bulk, the TMA engine): the output leaves the SM as
+// 8 KB transfers instead of 16-byte vector stores, while the SM goes on with the next step's loads.
+// Two tiles alternate. On the H200 (2026-11-21) this took NVFP4 to bf16 from 82.8/85.0/85.4% of
+// the copy (64 MiB/256 MiB/1 GiB, dequant_body) to 84.9/86.5/87.3%, to fp32 from 81.6/85.0/85.6% to
+// 84.3/85.4/85.8%; for MXFP4 it was no better than dequant_body (82.5-87.2%), which MXFP4 keeps.
 #define FP4_DQB_SLICES 2
 template <typename Out> __device__ __forceinline__ u32 load_chunk_nibbles(u64 data, u64 chunk) {
     if constexpr (Storer<Out>::PER_VEC == 8) return __ldg((const u32*)data + chunk);
@@ -759,7 +693,7 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
     }
     if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 #else
-    dequant_body<Out, BS, NV, SWZ, false>(out, K, ncols_pad, t);
+    dequant_body<Out, BS, NV, SWZ>(out, K, ncols_pad, t);
 #endif
 }
 
@@ -779,7 +713,7 @@ struct SumTable {
 };
 
 #define FP4_SUM_BATCH 4      // contributions whose loads are issued together
-template <typename Out, int BS, bool NV, bool FAST>
+template <typename Out, int BS, bool NV>
 __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumTable& t) {
     constexpr int OBYTES = OutBlock<Out, BS>::BYTES;
     constexpr int CH = OutBlock<Out, BS>::CH;
@@ -821,7 +755,7 @@ __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumT
                     if (c0 + k < n) {
                         const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[k]), sdec[c0 + k]) : e8m0_to_f32(sb[k]);
                         float f[BS];
-                        decode_block<FAST, BS>(d[k], lut, sc, f);
+                        decode_block<BS>(d[k], lut, sc, f);
 #pragma unroll
                         for (int i = 0; i < BS; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
                     }
@@ -845,7 +779,6 @@ FP4_AMAX(bf16, u16)
 FP4_AMAX(f16, Half)
 FP4_AMAX(f32, float)
 
-// Variants under measurement carry the suffix _v2 / _v3 (see fp4ccl/formats/kernels.py, FP4CCL_KERNEL_V2).
 #define FP4_QUANT(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND( \
         const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
@@ -860,44 +793,21 @@ FP4_AMAX(f32, float)
 FP4_QUANT_ALL(nv, 16, true)
 FP4_QUANT_ALL(mx, 32, false)
 
-// fp4_qauto_nv_<in>_<layout>_<rounding>(x, nvec, K, work, seed, ncols_pad, table): see qauto_kernel.
-#define FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, SUF, STREAM) \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_qauto_nv_##NAME##_##LAY##_##RND##SUF( \
-        const uint4* x, u64 nvec, u32 K, u32* work, u64 seed, u32 ncols_pad, const SegTable t) { \
-        qauto_kernel<IN, SWZ, SR, STREAM>(x, nvec, K, work, seed, ncols_pad, t); }
-#define FP4_QAUTO(NAME, IN, LAY, SWZ, RND, SR) \
-    FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, , false) FP4_QAUTO1(NAME, IN, LAY, SWZ, RND, SR, _v2, true)
-#define FP4_QAUTO_ALL(NAME, IN) \
-    FP4_QAUTO(NAME, IN, lin, false, rn, false) FP4_QAUTO(NAME, IN, lin, false, sr, true) \
-    FP4_QAUTO(NAME, IN, swz, true, rn, false)  FP4_QAUTO(NAME, IN, swz, true, sr, true)
-FP4_QAUTO_ALL(bf16, u16)
-FP4_QAUTO_ALL(f16, Half)
-FP4_QAUTO_ALL(f32, float)
-
-#define FP4_DEQUANT(FMT, NAME, OUT, BS, NV, LAY, SWZ) \
+#define FP4_DEQUANT(FMT, NAME, OUT, BS, NV, LAY, SWZ, BODY) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY( \
         u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
-        dequant_body<OUT, BS, NV, SWZ, false>(out, K, ncols_pad, t); } \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY##_v2( \
-        u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
-        dequant_bulk_body<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); } \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dequant_##FMT##_##NAME##_##LAY##_v3( \
-        u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
-        dequant_body<OUT, BS, NV, SWZ, true>(out, K, ncols_pad, t); }
-#define FP4_DEQUANT_ALL(FMT, BS, NV) \
-    FP4_DEQUANT(FMT, bf16, u16, BS, NV, lin, false) FP4_DEQUANT(FMT, bf16, u16, BS, NV, swz, true) \
-    FP4_DEQUANT(FMT, f16, Half, BS, NV, lin, false) FP4_DEQUANT(FMT, f16, Half, BS, NV, swz, true) \
-    FP4_DEQUANT(FMT, f32, float, BS, NV, lin, false) FP4_DEQUANT(FMT, f32, float, BS, NV, swz, true)
-FP4_DEQUANT_ALL(nv, 16, true)
-FP4_DEQUANT_ALL(mx, 32, false)
+        BODY<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); }
+#define FP4_DEQUANT_ALL(FMT, BS, NV, BODY) \
+    FP4_DEQUANT(FMT, bf16, u16, BS, NV, lin, false, BODY) FP4_DEQUANT(FMT, bf16, u16, BS, NV, swz, true, BODY) \
+    FP4_DEQUANT(FMT, f16, Half, BS, NV, lin, false, BODY) FP4_DEQUANT(FMT, f16, Half, BS, NV, swz, true, BODY) \
+    FP4_DEQUANT(FMT, f32, float, BS, NV, lin, false, BODY) FP4_DEQUANT(FMT, f32, float, BS, NV, swz, true, BODY)
+FP4_DEQUANT_ALL(nv, 16, true, dequant_bulk_body)
+FP4_DEQUANT_ALL(mx, 32, false, dequant_body)
 
 // fp4_dqsum_<fmt>_<out>(out, units, n, accumulate, table): see dqsum_body.
 #define FP4_DQSUM(FMT, NAME, OUT, BS, NV) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME( \
         u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
-        dqsum_body<OUT, BS, NV, false>(out, units, n, accumulate, t); } \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME##_v2( \
-        u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
-        dqsum_body<OUT, BS, NV, true>(out, units, n, accumulate, t); }
+        dqsum_body<OUT, BS, NV>(out, units, n, accumulate, t); }
 FP4_DQSUM(nv, bf16, u16, 16, true) FP4_DQSUM(nv, f16, Half, 16, true) FP4_DQSUM(nv, f32, float, 16, true)
 FP4_DQSUM(mx, bf16, u16, 32, false) FP4_DQSUM(mx, f16, Half, 32, false) FP4_DQSUM(mx, f32, float, 32, false)

@@ -51,17 +51,6 @@ _DEQUANT_NAMES = {(f, t, lay): f"fp4_dequant_{fn}_{tn}_{ln}"
                   for f, fn in _FMT_NAME.items() for t, tn in _IN_NAME.items() for lay, ln in _LAYOUT_NAME.items()}
 _SUM_NAMES = {(f, t): f"fp4_dqsum_{fn}_{tn}" for f, fn in _FMT_NAME.items() for t, tn in _IN_NAME.items()}
 _AMAX_NAMES = {t: f"fp4_amax_{tn}" for t, tn in _IN_NAME.items()}
-_QAUTO_NAMES = {(t, lay, r): f"fp4_qauto_nv_{tn}_{ln}_{rn}" for t, tn in _IN_NAME.items()
-                for lay, ln in _LAYOUT_NAME.items() for r, rn in _ROUND_NAME.items()}
-
-# Kernel variants under measurement: FP4CCL_KERNEL_V2="qauto=v2,dequant=v3,dqsum=v2" launches
-# <name>_<suffix> for that family.
-_V2 = dict(f.split("=", 1) for f in os.environ.get("FP4CCL_KERNEL_V2", "").split(",") if "=" in f)
-
-
-def _v(name: str, family: str) -> str:
-    suf = _V2.get(family)
-    return f"{name}_{suf}" if suf else name
 
 # argument kinds of each kernel family, in C order; "seg"/"sum" is the by-value table
 _SIGNATURES = {
@@ -69,7 +58,6 @@ _SIGNATURES = {
     "quant": ("u64", "u32", "u64", "f32", "u64", "u32", "seg"),
     "dequant": ("u64", "u32", "u32", "seg"),
     "dqsum": ("u64", "u32", "u32", "u32", "sum"),
-    "qauto": ("u64", "u64", "u32", "u64", "u64", "u32", "seg"),
 }
 _CTYPES = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "f32": ctypes.c_float,
            "seg": ctypes.c_uint64 * (5 * MAXSEG), "sum": ctypes.c_uint64 * (3 * MAXSUM)}
@@ -85,7 +73,6 @@ _tls = threading.local()
 
 # ------------------------------------------------------------------------------ the driver entry point
 _driver = None          # ctypes cuLaunchKernel, False when unavailable or disabled
-_coop = None            # ctypes cuLaunchCooperativeKernel, False when unavailable
 
 
 def _cu_launch():
@@ -107,26 +94,6 @@ def _cu_launch():
                 fn = False
         _driver = fn
     return _driver
-
-
-def _cu_launch_coop():
-    """cuLaunchCooperativeKernel through ctypes (also used under the CuPy launch mode: CuPy's Function
-    has no cooperative launch), or False."""
-    global _coop
-    if _coop is None:
-        fn = False
-        try:
-            fn = ctypes.CDLL("libcuda.so.1").cuLaunchCooperativeKernel
-            # CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned gridDimX, gridDimY, gridDimZ,
-            #     unsigned blockDimX, blockDimY, blockDimZ, unsigned sharedMemBytes, CUstream hStream,
-            #     void** kernelParams)
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p]
-        except (OSError, AttributeError) as exc:
-            _log.info("cuLaunchCooperativeKernel through ctypes unavailable (%s)", exc)
-            fn = False
-        _coop = fn
-    return _coop
 
 
 def set_launch_mode(mode: str) -> None:
@@ -179,23 +146,6 @@ class _Launch:
                     return
             # another device is current, or no context on this thread yet: CuPy sets both up
         self._cupy(device, gx, gy, stream, scalars)
-
-    def cooperative(self, device: int, gx: int, gy: int, stream: int, *scalars) -> None:
-        """A launch whose blocks are all resident at once (grid-wide barrier inside the kernel)."""
-        vals = self.vals
-        for i, v in enumerate(scalars):
-            vals[i].value = v
-        coop = _cu_launch_coop()
-        if not coop:
-            raise RuntimeError("cuLaunchCooperativeKernel is not reachable through ctypes (libcuda.so.1)")
-        if _current_device() != device:
-            import cupy
-            with cupy.cuda.Device(device):
-                err = coop(self.fptr, gx, gy, 1, THREADS, 1, 1, 0, stream, self.params)
-        else:
-            err = coop(self.fptr, gx, gy, 1, THREADS, 1, 1, 0, stream, self.params)
-        if err:
-            raise RuntimeError(f"cuLaunchCooperativeKernel of {self.fn!r} with grid ({gx}, {gy}) failed: CUresult {err}")
 
     def _cupy(self, device, gx, gy, stream, scalars) -> None:
         import cupy
@@ -253,7 +203,7 @@ def _resident_blocks(device: int, name: str, fn) -> int:
 
 def kernel_names() -> List[str]:
     """Every kernel name csrc/fp4.cu must export (tests check the list against the source)."""
-    names = [f"fp4_amax_{t}" for t in _IN_NAME.values()] + list(_QAUTO_NAMES.values())
+    names = [f"fp4_amax_{t}" for t in _IN_NAME.values()]
     for f in _FMT_NAME.values():
         for t in _IN_NAME.values():
             for lay in _LAYOUT_NAME.values():
@@ -349,38 +299,13 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
            x_ptr, K, amax_ptr, amax_value, seed, ncols_pad)
 
 
-QAUTO_WORK_BYTES = 8   # the fused quantize's scratch: the amax word and the barrier counter
-
-
-def quantize_auto(device: int, x_ptr: int, in_dtype: str, numel: int, K: int, layout: str, rounding: str,
-                  seed: int, work_ptr: int, segments: Sequence[Tuple[int, int, int, int, int]], ncols_pad: int,
-                  stream: int) -> None:
-    """NVFP4 quantize with the amax of all of x (numel elements) computed in the same launch: the result
-    of kernels.amax followed by kernels.quantize with that amax, bit for bit, in one cooperative launch
-    whose second phase re-reads x in reverse order, the tail from L2 (csrc/fp4.cu, qauto_kernel).
-
-    work_ptr: QAUTO_WORK_BYTES of device memory owned by this call until it completes (zeroed here, on
-    the stream). segments as for quantize, at most MAXSEG. numel * itemsize must be a multiple of 16."""
-    if len(segments) > MAXSEG:
-        raise ValueError(f"quantize_auto: {len(segments)} segments, at most {MAXSEG} per launch")
-    segments = list(segments) or [(0, 0, 0, 0, 0)]
-    memset(device, work_ptr, 0, QAUTO_WORK_BYTES, stream)
-    la = _launcher(device, _v(_QAUTO_NAMES[(in_dtype, layout, rounding)], "qauto"), "qauto")
-    most = _fill_segments(la.table, segments)
-    nvec = numel * _ITEMSIZE[in_dtype] // 16
-    nseg = len(segments)
-    # phase 1 reads all of x with every block: size the grid by the larger of the two phases' work
-    gx = _grid(max(most, -(-nvec // nseg)), la.cap, nseg)
-    la.cooperative(device, gx, nseg, stream, x_ptr, nvec, K, work_ptr, seed & 0xFFFFFFFFFFFFFFFF, ncols_pad)
-
-
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,
                segments: Sequence[Tuple[int, int, int, int, int]], ncols_pad: int, stream: int) -> None:
     """Decode each segment's (data, scale, gs) into FP4 blocks of out.
 
     segments: (units, dst_block, data_ptr, scale_ptr, gs_ptr): `units` blocks written from block
     `dst_block` of out on; gs_ptr is the fp32 S_dec to decode with (NVFP4; ignored for MXFP4)."""
-    la = _launcher(device, _v(_DEQUANT_NAMES[(format, out_dtype, layout)], "dequant"), "dequant")
+    la = _launcher(device, _DEQUANT_NAMES[(format, out_dtype, layout)], "dequant")
     n = len(segments)
     for i in range(0, n, MAXSEG):
         chunk = segments[i:i + MAXSEG] if n > MAXSEG else segments
@@ -412,7 +337,7 @@ def dequantize_sum(device: int, out_ptr: int, out_dtype: str, K: int, format: st
         return
     if units >= 2**31:
         raise ValueError(f"units={units}: the kernel indexes blocks with 32-bit integers; split it")
-    la = _launcher(device, _v(_SUM_NAMES[(format, out_dtype)], "dqsum"), "dqsum")
+    la = _launcher(device, _SUM_NAMES[(format, out_dtype)], "dqsum")
     gx = _grid(units, la.cap, 1)
     t = la.table
     for i in range(0, max(n, 1), MAXSUM):

@@ -294,63 +294,6 @@ def test_cuda_graph_capture(rng, amax_kind):
         assert_same_float_bits(to_host(y), ref.dequantize_2d(d, s, gs, "nvfp4", 2048, F32))
 
 
-# ------------------------------------------------------------------------------ fused amax + quantize
-def _quantize_auto(x, q, layout, rounding, seed, split=None, work=None):
-    """kernels.quantize_auto of torch tensor x into FP4Tensor q; split: a row where a second segment starts."""
-    import torch
-    from fp4ccl.formats import kernels, swizzled_shape
-    rows, K = x.shape
-    nbc = K // 16
-    if work is None:
-        work = torch.empty(2, dtype=torch.int32, device="cuda")
-    d, sc, g = q.data.data_ptr(), q.scales.data_ptr(), q.global_scale.data_ptr()
-    segs = [(rows * nbc, 0, d, sc, g)]
-    if split is not None:
-        segs = [(split * nbc, 0, d, sc, g), ((rows - split) * nbc, split * nbc, d + split * K // 2, sc + split * nbc, g)]
-    ncols_pad = swizzled_shape(rows, nbc)[1] if layout == "swizzled" else 0
-    kernels.quantize_auto(x.device.index, x.data_ptr(), {torch.bfloat16: "bfloat16", torch.float16: "float16",
-                          torch.float32: "float32"}[x.dtype], x.numel(), K, layout, rounding, seed, work.data_ptr(),
-                          segs, ncols_pad, torch.cuda.current_stream().cuda_stream)
-    return work
-
-
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("layout", ["linear", "swizzled"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_quantize_auto_bit_exact(rng, dtype, layout, rounding):
-    seed = 77 if rounding == "stochastic" else None
-    for rows, K in ((1, 16), (7, 4080), (1000, 144), (3000, 2048)):
-        xh = make_input(rng, rows, K, dtype, "adversarial" if rows < 3000 else "random")
-        x = to_device(xh, "torch")
-        q = fp4ccl.quantize(x, scale_layout=layout, amax=1.0)        # allocates; every byte is overwritten
-        q.data.fill_(0xAB)
-        q.global_scale.fill_(float("nan"))
-        if layout == "linear":
-            q.scales.fill_(0xAB)
-        _quantize_auto(x, q, layout, rounding, seed or 0, split=rows // 3 if layout == "linear" and rows > 1 else None)
-        check_against_reference(q, xh, "nvfp4", layout, rounding=rounding, seed=seed)
-
-
-def test_quantize_auto_in_a_cuda_graph(rng):
-    import torch
-    rows, K = 512, 4096
-    xh = make_input(rng, rows, K, "bfloat16", "random")
-    x = to_device(xh, "torch")
-    q = fp4ccl.quantize(x, amax=1.0)
-    work = _quantize_auto(x, q, "linear", "nearest", 0)            # warm-up outside the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        _quantize_auto(x, q, "linear", "nearest", 0, work=work)
-    for _ in range(3):
-        xh = make_input(rng, rows, K, "bfloat16", "random")
-        x.copy_(to_device(xh, "torch"))
-        q.data.fill_(0xAB)
-        g.replay()
-        torch.cuda.synchronize()
-        check_against_reference(q, xh, "nvfp4", "linear")
-
-
 # ------------------------------------------------------------------------------ GPU-side validation
 def test_gpu_bad_input():
     import torch
