@@ -12,7 +12,6 @@ left in L2:
   q-nv amax=    NVFP4 quantize, amax given                        bytes = in + data + scales
   q-nv auto     NVFP4 quantize, amax computed on the device       bytes = 2 * in + data + scales
                 (fp4ccl.quantize: the amax kernel, then quantize)
-  q-nv fused    the same in one launch (kernels.quantize_auto)     bytes = 2 * in + data + scales
   q-mx          MXFP4 quantize                                    bytes = in + data + scales
   dq-nv / dq-mx dequantize back to the input dtype                bytes = data + scales + out
   dqsumN-nv/mx  fused dequantize-and-sum of N FP4 tensors (bf16 rows) bytes = N * (data + scales) + out
@@ -111,21 +110,6 @@ extern "C" __global__ void __launch_bounds__(256) fill16(uint4* __restrict__ d, 
     for (unsigned long long i = (unsigned long long)blockIdx.x * 256u + threadIdx.x; i < n; i += gridDim.x * 256ull) d[i] = v;
 }
 """
-
-
-_VARIANTS: dict = {}
-
-
-def variant(kernels, family: str):
-    """Yields "" (the default kernel) and then ":<suffix>" for each candidate given with --variants for
-    this kernel family, with fp4ccl.formats.kernels switched to it meanwhile."""
-    yield ""
-    for suf in _VARIANTS.get(family, ()):
-        kernels._V2[family] = suf
-        try:
-            yield ":" + suf
-        finally:
-            kernels._V2.pop(family, None)
 
 
 def copy_kernel():
@@ -239,12 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("-j", "--json", default=None)
     p.add_argument("--contributions", type=int, default=4, help="contributions per dqsum row (ranks)")
     p.add_argument("--launch-only", action="store_true", help="only the per-launch host cost table")
-    p.add_argument("--variants", default="", help="candidate kernels timed beside the defaults, e.g. "
-                   "'dequant=v2,dequant=v3,dqsum=v2' (csrc/fp4.cu names them <kernel>_<suffix>)")
     a = p.parse_args(argv)
-    for f in filter(None, a.variants.split(",")):
-        fam, suf = f.split("=", 1)
-        _VARIANTS.setdefault(fam, []).append(suf)
     import torch
     dev = torch.cuda.get_device_name()
     commit = os.environ.get("FP4CCL_COMMIT")
@@ -255,7 +234,6 @@ def main(argv=None) -> int:
         commit = "?"
     print(f"# fp4ccl {fp4ccl.__version__} commit {commit} | {dev} | torch {torch.__version__} | "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | median of {a.iters} after {a.warmup_iters} warm-up")
-    print(f"# FP4CCL_KERNEL_V2={os.environ.get('FP4CCL_KERNEL_V2', '')}")
     print(f"# command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
     launch_rows = launch_costs(dev, commit)
     if a.launch_only:
@@ -303,30 +281,15 @@ def main(argv=None) -> int:
                     fa = lambda i: fp4ccl.quantize(xs[i % 3], fmt, out=outs[i % 3])  # noqa: E731
                     results.append(("q-nv auto", time_it(fa, a.iters, a.warmup_iters), time_graph(fa, a.iters, a.warmup_iters),
                                     2 * inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
-                    work = torch.zeros(kernels.QAUTO_WORK_BYTES // 4, dtype=torch.int32, device="cuda")
-
-                    def ff(i):
-                        x, q = xs[i % 3], outs[i % 3]
-                        kernels.quantize_auto(x.device.index, x.data_ptr(), dt_name, n_el, K, "linear", "nearest", 0,
-                                              work.data_ptr(), [(n_el // 16, 0, q.data.data_ptr(), q.scales.data_ptr(),
-                                                                 q.global_scale.data_ptr())], 0,
-                                              torch.cuda.current_stream().cuda_stream)
-                    for suf in variant(kernels, "qauto"):
-                        outs[0].data.fill_(0xAB)
-                        t_call = time_it(ff, a.iters, a.warmup_iters)
-                        t_fused = time_graph(ff, a.iters, a.warmup_iters)
-                        results.append(("q-nv fused" + suf, t_call, t_fused, 2 * inb + qbytes,
-                                        wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
                 ys = [torch.empty_like(x) for x in xs]
                 fd = lambda i: fp4ccl.dequantize(outs[i % 3], out=ys[i % 3])  # noqa: E731
-                for suf in variant(kernels, "dequant"):
-                    ys[0].fill_(float("nan"))
-                    t_call, t = time_it(fd, a.iters, a.warmup_iters), time_graph(fd, a.iters, a.warmup_iters)
-                    ok = torch.equal(ys[0][:64].float().cpu(), torch.from_numpy(
-                        ref.dequantize_2d(outs[0].data[:64].cpu().numpy(), outs[0].scales[:64].cpu().numpy(),
-                                          float(outs[0].global_scale.item()) if fmt == "nvfp4" else None,
-                                          fmt, K, np.float32)).to(dt).float())
-                    results.append((f"dq-{fmt[:2]}" + suf, t_call, t, qbytes + inb, 0 if ok else 1))
+                ys[0].fill_(float("nan"))
+                t_call, t = time_it(fd, a.iters, a.warmup_iters), time_graph(fd, a.iters, a.warmup_iters)
+                ok = torch.equal(ys[0][:64].float().cpu(), torch.from_numpy(
+                    ref.dequantize_2d(outs[0].data[:64].cpu().numpy(), outs[0].scales[:64].cpu().numpy(),
+                                      float(outs[0].global_scale.item()) if fmt == "nvfp4" else None,
+                                      fmt, K, np.float32)).to(dt).float())
+                results.append((f"dq-{fmt[:2]}", t_call, t, qbytes + inb, 0 if ok else 1))
                 if dt_name != "float32":
                     # the FP4 reduce-scatter's receive side: NC contributions of this size summed into one
                     # output of the input dtype (bytes: every contribution read once, the output written once)
@@ -342,13 +305,12 @@ def main(argv=None) -> int:
                     hs = [(p.data[:8].cpu().numpy(), p.scales[:8].cpu().numpy(),
                            np.float32(p.global_scale.item()) if fmt == "nvfp4" else None) for p in parts]
                     want = ref.dequantize_sum(*zip(*hs), fmt, K, np.float32)
-                    for suf in variant(kernels, "dqsum"):
-                        ys[0].fill_(float("nan"))
-                        fs(0)
-                        torch.cuda.synchronize()
-                        ok = torch.equal(ys[0][:8].float().cpu(), torch.from_numpy(want).to(dt).float())
-                        results.append((f"dqsum{nc}-{fmt[:2]}" + suf, time_it(fs, a.iters, a.warmup_iters),
-                                        time_graph(fs, a.iters, a.warmup_iters), nc * qbytes + inb, 0 if ok else 1))
+                    ys[0].fill_(float("nan"))
+                    fs(0)
+                    torch.cuda.synchronize()
+                    ok = torch.equal(ys[0][:8].float().cpu(), torch.from_numpy(want).to(dt).float())
+                    results.append((f"dqsum{nc}-{fmt[:2]}", time_it(fs, a.iters, a.warmup_iters),
+                                    time_graph(fs, a.iters, a.warmup_iters), nc * qbytes + inb, 0 if ok else 1))
                 del outs, ys
             for name, t_call, t, nbytes, wrong in results:
                 gbs = nbytes / t / 1e6
