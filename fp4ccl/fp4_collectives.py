@@ -23,6 +23,7 @@ from .vcollectives import offsets
 from .formats.tensor import BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, check_format, check_k, packed_layout
 
 GLOBAL_SCALES = ("per_rank", "shared")
+_AMAX_SLOTS = 64  # device amax scalars in the workspace, used in turn
 _MAX_REDUCE_RANKS = MAXSUM  # contributions one fused dequantize_sum launch can take
 _ALIGN = 256
 
@@ -127,6 +128,7 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream):
     shape = (sum(sizes),) + tuple(q.shape[1:])
     row_offsets = tuple(offsets(sizes)) + (sum(sizes),)
     if info.device is not None and symm_collectives.fp4_algo(comm, codec.stream) == "symm":
+        codec.reserve_nccl_gather(K, q.format, rows)
         return codec.pull_gathered(rows, K, q.format, info, shape, row_offsets, q.dtype,
                                    lambda addr, lay: codec.pack_tensor(q, addr, lay))
     send, recv = codec.buffers(counts[comm.rank], sum(counts))
@@ -385,21 +387,44 @@ class _GpuCodec:
         self.stream = _arrays.current_stream(like, stream)
 
     # -- whole operations ----------------------------------------------------------------------------
-    def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
-        if symm_collectives.fp4_algo(self.comm, self.stream) == "symm":
-            return symm_collectives.fp4_gather_dequantize(self, info, K, fmt, shared, rows, oinfo)
+    def _gather_plan(self, K, fmt, rows, oinfo):
+        """The NCCL gather's chunks: (nchunks, parts[rank][chunk], starts, layouts, counts[chunk][rank],
+        send bytes, receive bytes)."""
         n, me = self.comm.size, self.comm.rank
         out_bytes = sum(rows) * K * oinfo.itemsize
-        overlap = n > 1 and out_bytes >= OVERLAP_FROM_BYTES
         nchunks = 2 if n > 1 and out_bytes >= PIPELINE_FROM_BYTES else 1
         parts = [_split(r, nchunks) for r in rows]                  # parts[rank][chunk]
         starts = [offsets(p) for p in parts]                       # first row of each chunk, per rank
         lay = [[packed_layout(parts[r][c], K, fmt) for c in range(nchunks)] for r in range(n)]
         counts = [[lay[r][c].total_bytes for r in range(n)] for c in range(nchunks)]
+        return (nchunks, parts, starts, lay, counts, sum(lay[me][c].total_bytes for c in range(nchunks)),
+                sum(sum(cc) for cc in counts))
+
+    def reserve_nccl_gather(self, K, fmt, rows, oinfo=None):
+        """Size the workspace the NCCL transport would need for this gather, so that a CUDA graph
+        captured after eager (symmetric-memory) calls finds it allocated: nothing grows in a capture."""
+        if oinfo is None:
+            counts = [packed_layout(r, K, fmt).total_bytes for r in rows]
+            self.buffers(counts[self.comm.rank], sum(counts))
+        else:
+            plan = self._gather_plan(K, fmt, rows, oinfo)
+            self.buffers(plan[5], plan[6])
+
+    def reserve_nccl_reduce_scatter(self, K, fmt, rows):
+        """As reserve_nccl_gather, for the reduce-scatter."""
+        me = self.comm.rank
+        lays = [packed_layout(r, K, fmt) for r in rows]
+        self.buffers(sum(lay.total_bytes for p, lay in enumerate(lays) if p != me), lays[me].total_bytes * len(rows))
+
+    def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
+        if symm_collectives.fp4_algo(self.comm, self.stream) == "symm":
+            return symm_collectives.fp4_gather_dequantize(self, info, K, fmt, shared, rows, oinfo)
+        n, me = self.comm.size, self.comm.rank
+        overlap = n > 1 and sum(rows) * K * oinfo.itemsize >= OVERLAP_FROM_BYTES
+        nchunks, parts, starts, lay, counts, send_bytes, recv_bytes = self._gather_plan(K, fmt, rows, oinfo)
         send_offs = offsets([lay[me][c].total_bytes for c in range(nchunks)])
         recv_offs = offsets([sum(cc) for cc in counts])
-        send, recv = self.buffers(sum(lay[me][c].total_bytes for c in range(nchunks)),
-                                  sum(sum(cc) for cc in counts))
+        send, recv = self.buffers(send_bytes, recv_bytes)
         amax = self.amax(info, fmt, shared)
         self.quantize(info, K, fmt, amax, [(starts[me][c], parts[me][c], send + send_offs[c], lay[me][c])
                                            for c in range(nchunks)])
@@ -425,11 +450,16 @@ class _GpuCodec:
 
     def gather_fp4(self, info, K, fmt, shared, rows, shape, row_offsets):
         if symm_collectives.fp4_algo(self.comm, self.stream) == "symm":
-            self.buffers(0, 0)
-            amax = self.amax(info, fmt, shared)
+            if len(set(rows)) > 1:
+                self.reserve_nccl_gather(K, fmt, rows)
+            else:
+                self.buffers(0, 0)
             me = self.comm.rank
-            return self.pull_gathered(rows, K, fmt, info, shape, row_offsets, info.dtype,
-                                      lambda addr, lay: self.quantize(info, K, fmt, amax, [(0, rows[me], addr, lay)]))
+
+            def fill(addr, lay):
+                amax = self.amax(info, fmt, shared)
+                self.quantize(info, K, fmt, amax, [(0, rows[me], addr, lay)])
+            return self.pull_gathered(rows, K, fmt, info, shape, row_offsets, info.dtype, fill)
         if len(set(rows)) > 1:
             return self._gather_fp4_packed(info, K, fmt, shared, rows, shape, row_offsets)
         # Equal sizes: quantize straight into this rank's slice of the result and gather data, scales
@@ -520,19 +550,23 @@ class _GpuCodec:
 
     def buffers(self, send_bytes: int, recv_bytes: int, extra_f32: int = 0):
         # One workspace: [amax scalars | send | recv | fp32 accumulation area]
-        send_off = _round_up(64 * 4)
+        send_off = _round_up(_AMAX_SLOTS * 4)
         recv_off = send_off + _round_up(send_bytes)
         extra_off = recv_off + _round_up(recv_bytes)
         base = _workspace(self.comm, extra_off + extra_f32 * 4)
         self.base = base
-        self._amax_next = 0
         self.f32 = base + extra_off
         return base + send_off, base + recv_off
 
     def _amax_slot(self) -> int:
-        slot = self.base + 4 * (self._amax_next % 64)
-        self._amax_next += 1
-        return slot
+        # The slots rotate across calls, not within one: calls on different streams may run at
+        # once, and each must keep its amax until its quantize has read it.
+        turn = self.comm._extras.get("fp4_amax_next")
+        if turn is None:
+            from .symmetric import _Flag
+            turn = self.comm._extras["fp4_amax_next"] = _Flag(0)
+        turn.value += 1
+        return self.base + 4 * (turn.value % _AMAX_SLOTS)
 
     def amax(self, info: ArrayInfo, fmt: str, shared: bool):
         if fmt != "nvfp4":

@@ -215,10 +215,10 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
     comm, stream = codec.comm, codec.stream
     lays = [packed_layout(r, K, fmt) for r in rows]
     ws = workspace(comm)
-    codec.buffers(0, 0)
-    amax = codec.amax(info, fmt, shared)
+    codec.reserve_nccl_gather(K, fmt, rows, oinfo)
     local, slots = ws.acquire(max(lay.total_bytes for lay in lays), stream)
     me = comm.rank
+    amax = codec.amax(info, fmt, shared)  # after acquire: ordered after the previous call, whatever its stream
     codec.quantize(info, K, fmt, amax, [(0, rows[me], local, lays[me])])
     ws.barrier(stream)
     out_rows = offsets(rows)
@@ -288,7 +288,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     region = offsets([lay.total_bytes for p in lays for lay in p])     # (peer, stage) flattened
     row_offs = offsets(rows)
     ws = workspace(comm)
-    codec.buffers(0, 0)
+    codec.reserve_nccl_reduce_scatter(K, fmt, rows)
     local, slots = ws.acquire(sum(lay.total_bytes for p in lays for lay in p), stream)
     # The chunk for the next peer first: with a skewed start, the first chunks the peers wait on are ready soonest.
     order = [(me + i) % n for i in range(1, n + 1)]

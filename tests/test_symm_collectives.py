@@ -137,11 +137,20 @@ class FakeCodec:
     def buffers(self, send, recv):
         self.log.append(("buffers", send, recv))
 
+    def reserve_nccl_gather(self, K, fmt, rows, oinfo=None):
+        self.log.append(("reserve", "gather"))
+
+    def reserve_nccl_reduce_scatter(self, K, fmt, rows):
+        self.log.append(("reserve", "reduce_scatter"))
+
     def amax(self, info, fmt, shared):
+        # the amax slot may still be read by the previous call: the stream must wait for it first
+        assert self.comm._extras[sc._EXTRAS_KEY].calls > 0, "amax before the workspace ordered the stream"
         self.log.append(("amax", shared))
         return 0xA0
 
     def amax_rows(self, info, K, fmt, start, count):
+        assert self.comm._extras[sc._EXTRAS_KEY].calls > 0, "amax before the workspace ordered the stream"
         self.log.append(("amax_rows", start, count))
         return 0xA0 + start
 
@@ -163,7 +172,7 @@ def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes):
     sc.fp4_gather_dequantize(codec, None, K, "nvfp4", False, rows, Out())
     lays = [packed_layout(r, K, "nvfp4") for r in rows]
     buf = FakeBuffer.live[0]
-    assert codec.log[:2] == [("buffers", 0, 0), ("amax", False)]
+    assert codec.log[:2] == [("reserve", "gather"), ("amax", False)]
     assert codec.log[2] == ("quantize", 0xA0, [(0, 5, 3 << 32, lays[2])], None)
     assert buf.barriers == [5]
     assert codec.log[3] == ("dequantize", [(0, 3, 1 << 32, lays[0]), (3, 0, 2 << 32, lays[1]),
