@@ -67,7 +67,9 @@ for stage in "${stages[@]}"; do
       note "overlap rc=$?"; grep -v "^\[rank[1-9]" "$OUT/overlap.log" | tail -n 40 >> "$summary" ;;
     probe)
       timeout 90 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_overlap.py > "$OUT/probe.log" 2>&1
-      note "probe rc=$?"; grep -v "^\[rank[1-9]" "$OUT/probe.log" | tail -n 20 >> "$summary" ;;
+      note "probe overlap rc=$?"
+      timeout 90 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_latency.py >> "$OUT/probe.log" 2>&1
+      note "probe latency rc=$?"; grep -v "^\[rank[1-9]" "$OUT/probe.log" | grep -v "^fp4ccl-run" | tail -n 40 >> "$summary" ;;
     *) note "unknown stage $stage" ;;
   esac
   note "-- $stage took $(( $(date +%s) - start )) s"

@@ -7,8 +7,9 @@ Rows (ms, median of --iters after warm-up, CUDA events, slowest rank): the matmu
 alone, then each pull issued on a second stream at the same time as the matmul (`both`: from the
 first event to the last; `mm|` and `pull|`: each stream's own span within it). A pull that overlaps
 keeps `both` near max(mm, pull); one that waits for the matmul's SMs gives mm + pull.
-Pulls: cudaMemcpyAsync peer-to-local (copy engine), the same split in 4 pieces on 4 streams, and the
-segmented-copy kernel (SM loads over NVLink) with a few blocks.
+Pulls: cudaMemcpyAsync peer-to-local (copy engine) from one peer, the same split in 4 pieces on 4
+streams, one copy from each peer on its own stream; the segmented-copy kernel (SM loads over NVLink)
+from every peer with a full grid, and from one peer with a few blocks.
 """
 from __future__ import annotations
 
@@ -48,12 +49,24 @@ def main() -> None:
     main_s = torch.cuda.current_stream()
     side = [torch.cuda.Stream(device=dev) for _ in range(4)]
 
-    def ce(streams):
+    rt = runtime()
+    peers = [(comm.rank + i) % comm.size for i in range(1, comm.size)]
+
+    def ce(streams, sources):
+        # The bytes split evenly over (stream, source) pairs: one copy per stream, source i % len(sources).
         def go():
             piece = nbytes // len(streams)
             for i, s in enumerate(streams):
-                runtime.memcpyAsync(dst.data_ptr() + i * piece, src + i * piece, piece, runtime.memcpyDefault,
-                                    s.cuda_stream)
+                base = buf.ptr(sources[i % len(sources)])
+                rt.memcpyAsync(dst.data_ptr() + i * piece, base + i * piece, piece, rt.memcpyDefault, s.cuda_stream)
+        return go
+
+    def sm_all_peers():
+        piece = nbytes // len(peers)
+        segs = [(dst.data_ptr() + i * piece, buf.ptr(p) + i * piece, piece) for i, p in enumerate(peers)]
+
+        def go():
+            vcollectives.launch_vcopy(comm.device, segs, side[0].cuda_stream)
         return go
 
     fn, _ = vcollectives._vcopy_kernel(comm.device)
@@ -72,7 +85,9 @@ def main() -> None:
             fn((1, blocks, 1), (vcollectives.VCOPY_THREADS, 1, 1), (table,), 0, StreamRef(side[0].cuda_stream))
         return go
 
-    pulls = {"ce x1": (ce(side[:1]), side[:1]), "ce x4": (ce(side), side),
+    pulls = {"ce 1 peer": (ce(side[:1], [peer]), side[:1]), "ce 1 peer x4": (ce(side, [peer]), side),
+             "ce all peers": (ce(side[:len(peers)], peers), side[:len(peers)]),
+             "sm all peers": (sm_all_peers(), side[:1]),
              "sm 16": (sm(16), side[:1]), "sm 64": (sm(64), side[:1]), "sm 128": (sm(128), side[:1])}
 
     def timed(fn_main, pull):
@@ -121,10 +136,10 @@ def main() -> None:
     if comm.rank == 0:
         print(f"# probe_overlap: {comm.size} ranks, pull {args.mib} MiB from rank+1, mm [{args.m} x {args.nk}] @ "
               f"[{args.nk} x {args.nk}] bf16, median of {args.iters}, slowest rank, ms")
-        print(f"{'case':>14} {'both':>8} {'mm|':>8} {'pull|':>8} {'GB/s pull':>10}")
+        print(f"{'case':>20} {'both':>8} {'mm|':>8} {'pull|':>8} {'GB/s pull':>10}")
         for (name, _), (both, m, p) in zip(rows, worst):
             gbs = nbytes / (p * 1e-3) / 1e9 if p == p else float("nan")
-            print(f"{name:>14} {both:8.3f} {m:8.3f} {p:8.3f} {gbs:10.1f}")
+            print(f"{name:>20} {both:8.3f} {m:8.3f} {p:8.3f} {gbs:10.1f}")
     buf.free()
     comm.destroy()
 

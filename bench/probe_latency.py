@@ -1,0 +1,109 @@
+"""Where the time of a small collective goes: host and GPU microseconds per call of each step.
+
+Run under the launcher:  python3 -m fp4ccl.launcher -n 4 bench/probe_latency.py [--calls 200]
+
+Each row enqueues --calls back-to-back calls of one step on one stream: `host` is the enqueue time per
+call (perf_counter), `gpu` the CUDA-event time from before the first to after the last, per call; the
+slowest rank of each. A step whose gpu time equals its host time is host-bound.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--rows", type=int, default=64, help="rows of K = 1024 bf16 per rank for the collectives")
+    args = ap.parse_args()
+
+    import torch
+    import fp4ccl
+    from fp4ccl import formats, vcollectives
+    from fp4ccl._cuda import runtime
+    from fp4ccl.formats import kernels
+
+    comm = fp4ccl.init()
+    torch.cuda.set_device(comm.device)
+    dev = f"cuda:{comm.device}"
+    rt = runtime()
+    stream = torch.cuda.current_stream()
+    sh = stream.cuda_stream
+    buf = comm.symmetric_empty((1 << 20,), "uint8")
+    peer = (comm.rank + 1) % comm.size
+    x = torch.randn(args.rows, 1024, device=dev, dtype=torch.bfloat16)
+    small = torch.empty(4096, dtype=torch.uint8, device=dev)
+    sizes = [args.rows] * comm.size
+    out = torch.empty(args.rows * comm.size, 1024, device=dev, dtype=torch.bfloat16)
+    q = formats.quantize(x, "nvfp4")
+    amax = torch.ones((), device=dev, dtype=torch.float32)
+
+    def fp4_gather(algo):
+        def go():
+            os.environ["FP4CCL_FP4_ALGO"] = algo
+            comm.all_gatherv(x, sizes, out=out, compress="nvfp4")
+        return go
+
+    def v_gather(algo):
+        uneven = [args.rows + (1 if r % 2 else -1) for r in range(comm.size)]
+        xs = torch.randn(uneven[comm.rank], 1024, device=dev, dtype=torch.bfloat16)
+        o = torch.empty(sum(uneven), 1024, device=dev, dtype=torch.bfloat16)
+
+        def go():
+            os.environ["FP4CCL_ALGO"] = algo
+            comm.all_gatherv(xs, uneven, out=o)
+        return go
+
+    steps = {
+        "barrier memop": lambda: buf.barrier(stream, mode="memop"),
+        "barrier kernel": lambda: buf.barrier(stream, mode="kernel"),
+        "memcpy local 4K": lambda: rt.memcpyAsync(small.data_ptr(), buf.ptr(), 4096, rt.memcpyDefault, sh),
+        "memcpy peer 4K": lambda: rt.memcpyAsync(small.data_ptr(), buf.ptr(peer), 4096, rt.memcpyDefault, sh),
+        "event record": lambda: stream.record_event(),
+        "vcopy 4 segs": lambda: vcollectives.launch_vcopy(
+            comm.device, [(small.data_ptr() + 1024 * i, buf.ptr(r), 1024) for i, r in enumerate(range(comm.size))], sh),
+        "fp4 amax": lambda: kernels.amax(comm.device, x.data_ptr(), "bfloat16", x.numel(), amax.data_ptr(), sh),
+        "fp4 quantize call": lambda: formats.quantize(x, "nvfp4", amax=amax),
+        "fp4 dequantize call": lambda: formats.dequantize(q),
+        "nccl all_gather": lambda: comm.all_gather(x, out=out),
+        "fp4 gather symm": fp4_gather("symm"),
+        "fp4 gather nccl": fp4_gather("nccl"),
+        "v gather bcast": v_gather("bcast"),
+        "v gather symm": v_gather("symm"),
+    }
+    rows = []
+    for name, step in steps.items():
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        comm.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            step()
+        host = (time.perf_counter() - t0) / args.calls * 1e6
+        end.record(stream)
+        end.synchronize()
+        rows.append((host, start.elapsed_time(end) * 1e3 / args.calls))
+    os.environ.pop("FP4CCL_FP4_ALGO", None)
+    os.environ.pop("FP4CCL_ALGO", None)
+    flat = np.array(rows, dtype=np.float64)
+    gathered = comm.all_gather(torch.from_numpy(flat).to(dev)).cpu().numpy().reshape(comm.size, *flat.shape)
+    worst = gathered.max(axis=0)
+    if comm.rank == 0:
+        print(f"# probe_latency: {comm.size} ranks, {args.calls} calls per step, us per call, slowest rank; "
+              f"collectives on {args.rows} x 1024 bf16 per rank")
+        print(f"{'step':>22} {'host':>8} {'gpu':>8}")
+        for name, (h, g) in zip(steps, worst):
+            print(f"{name:>22} {h:8.2f} {g:8.2f}")
+    buf.free()
+    comm.destroy()
+
+
+if __name__ == "__main__":
+    main()
