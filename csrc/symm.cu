@@ -35,11 +35,12 @@ __device__ __forceinline__ u64 global_timer_ns() {
     return t;
 }
 
-// One block, one thread per rank. `pads[p]` is rank p's pad as mapped in this process.
-// timeout_ns == 0 waits forever; otherwise a peer that never arrives traps the kernel, which
-// surfaces as a CUDA error on this rank instead of a silent hang.
-extern "C" __global__ void fp4ccl_symm_barrier(const u64* __restrict__ pads, int rank, int world, u64 epoch,
-                                               u64 timeout_ns) {
+// Thread `peer` of the block announces `epoch` to that peer and waits until the peer announced at
+// least as much to us. `pads[p]` is rank p's pad as mapped in this process. timeout_ns == 0 waits
+// forever; otherwise a peer that never arrives traps the kernel, which surfaces as a CUDA error on
+// this rank instead of a silent hang.
+__device__ __forceinline__ void announce_and_wait(const u64* __restrict__ pads, int rank, int world, u64 epoch,
+                                                  u64 timeout_ns) {
     const int peer = threadIdx.x;
     if (peer >= world || peer == rank) return;
     u64* theirs = reinterpret_cast<u64*>(pads[peer]);
@@ -60,6 +61,26 @@ extern "C" __global__ void fp4ccl_symm_barrier(const u64* __restrict__ pads, int
             __trap();
         }
     }
+}
+
+// One block, one thread per rank; the host counts the epochs.
+extern "C" __global__ void fp4ccl_symm_barrier(const u64* __restrict__ pads, int rank, int world, u64 epoch,
+                                               u64 timeout_ns) {
+    announce_and_wait(pads, rank, world, epoch, timeout_ns);
+}
+
+// The same barrier with the epoch kept on the device: `counter` (in this rank's allocation) holds the
+// last epoch this rank used; the kernel takes the next one and stores it back. A CUDA graph that
+// contains this kernel therefore gets a fresh epoch on every replay, where a host-side epoch would be
+// frozen into the graph. Every barrier on one buffer must be of this kind (the host counts none).
+extern "C" __global__ void fp4ccl_symm_barrier_dev(const u64* __restrict__ pads, int rank, int world,
+                                                   u64* counter, u64 timeout_ns) {
+    __shared__ u64 epoch;
+    if (threadIdx.x == 0) epoch = *counter + 1;
+    __syncthreads();
+    announce_and_wait(pads, rank, world, epoch, timeout_ns);
+    __syncthreads();
+    if (threadIdx.x == 0) *counter = epoch;
 }
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import OrderedDict
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -72,8 +73,21 @@ def fp4_algo(comm, stream: int) -> str:
     return "nccl"
 
 
+# Calls whose workspace slot is at most this replay a CUDA graph of their steps once the same call
+# (same buffers, sizes and stream) comes again: one graph launch instead of a handful of API calls,
+# which is what a small call's time is made of. FP4CCL_SYMM_GRAPHS=0 turns it off.
+GRAPH_MAX_SLOT_BYTES = 4 << 20
+_GRAPH_CACHE = 64       # graphs kept per communicator (least recently used dropped)
+_SEEN_CACHE = 256       # call keys remembered, to capture only calls that repeat
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get("FP4CCL_SYMM_GRAPHS", "1").strip() not in ("0", "false", "off", "no")
+
+
 class Workspace:
-    """The per-communicator symmetric workspace: two halves of `slot` bytes on every rank."""
+    """The per-communicator symmetric workspace: two halves of `slot` bytes on every rank, and the
+    cache of CUDA graphs of repeated calls (invalidated when the workspace grows)."""
 
     def __init__(self, comm):
         self.comm = comm
@@ -82,34 +96,87 @@ class Workspace:
         self.calls = 0
         self._done = 0        # cudaEvent_t: the end of the previous call, whatever its stream
         self._last_stream = None
+        self._graphs: "OrderedDict[tuple, int]" = OrderedDict()   # key -> cudaGraphExec_t
+        self._seen: "OrderedDict[tuple, None]" = OrderedDict()
+        self._capture_stream = None
 
-    def acquire(self, slot_bytes: int, stream: int) -> Tuple[int, List[int]]:
-        """(this rank's slot address, every rank's slot address) for one call on `stream`.
+    def run(self, slot_bytes: int, stream: int, key, enqueue) -> None:
+        """One call: `enqueue(stream, local, slots)` enqueues its steps for a workspace half (this
+        rank's slot address, every rank's). Run directly, or through a cached CUDA graph when `key`
+        (everything the steps depend on besides the half and the stream; None: never cache) repeats.
         slot_bytes must be the same on every rank (derive it from sizes, never from local data)."""
+        local, slots, half = self._acquire(slot_bytes, stream)
+        graph = None
+        if key is not None and slot_bytes <= GRAPH_MAX_SLOT_BYTES and graphs_enabled():
+            full = key + (half, stream)
+            graph = self._graphs.get(full)
+            if graph is not None:
+                self._graphs.move_to_end(full)
+            elif full in self._seen:
+                graph = self._capture(full, lambda s: enqueue(s, local, slots))
+            else:
+                self._seen[full] = None
+                if len(self._seen) > _SEEN_CACHE:
+                    self._seen.popitem(last=False)
+        if graph is not None:
+            _rt().graphLaunch(graph, stream)
+        else:
+            enqueue(stream, local, slots)
+        _rt().eventRecord(self._done, stream)
+
+    def barrier(self, stream: int) -> None:
+        # The epoch lives on the device, so the same barrier works eagerly and inside a graph. A
+        # rank that skips a call makes its peers' barrier trap after FP4CCL_TIMEOUT (600 s unset).
+        self.buf.barrier(stream, mode="device")
+
+    def _acquire(self, slot_bytes: int, stream: int) -> Tuple[int, List[int], int]:
         need = _round_up(max(slot_bytes, 1))
         if need > self.slot:
             self._grow(max(need, _round_up(int(self.slot * _GROWTH))))
         if stream != self._last_stream:  # on the same stream, stream order already does it
             _rt().streamWaitEvent(stream, self._done, 0)
             self._last_stream = stream
-        half = (self.calls % 2) * self.slot
+        half = self.calls % 2
         self.calls += 1
+        off = half * self.slot
         buf = self.buf
-        return buf.ptr() + half, [buf.ptr(r) + half for r in range(self.comm.size)]
+        return buf.ptr() + off, [buf.ptr(r) + off for r in range(self.comm.size)], half
 
-    def barrier(self, stream: int) -> None:
-        # acquire() ordered this stream after the previous call, and so after its barrier. With
-        # FP4CCL_TIMEOUT set, the kernel barrier: a rank that skips the call then gives an error
-        # after the timeout, where the stream-memop barrier would wait forever.
-        mode = "kernel" if os.environ.get("FP4CCL_TIMEOUT", "").strip() else None
-        self.buf.barrier(stream, mode=mode, ordered=True)
+    def _capture(self, key: tuple, enqueue) -> int:
+        rt = _rt()
+        if self._capture_stream is None:
+            self._capture_stream = _new_stream(self.comm.device)
+        s = self._capture_stream
+        # Relaxed: other threads may allocate meanwhile; nothing in the steps allocates or syncs.
+        rt.streamBeginCapture(s, rt.streamCaptureModeRelaxed)
+        try:
+            enqueue(s)
+        finally:
+            graph = rt.streamEndCapture(s)
+        try:
+            exe = rt.graphInstantiate(graph)
+        finally:
+            rt.graphDestroy(graph)
+        self._graphs[key] = exe
+        if len(self._graphs) > _GRAPH_CACHE:
+            _, old = self._graphs.popitem(last=False)
+            rt.graphExecDestroy(old)
+        return exe
 
-    def release(self, stream: int) -> None:
-        _rt().eventRecord(self._done, stream)
+    def _drop_graphs(self) -> None:
+        rt = _rt()
+        for exe in self._graphs.values():
+            try:
+                rt.graphExecDestroy(exe)
+            except Exception:  # noqa: BLE001 - the context may already be gone at teardown
+                pass
+        self._graphs.clear()
+        self._seen.clear()
 
     def _grow(self, slot: int) -> None:
         from .symmetric import SymmetricBuffer
         if self.buf is not None:
+            self._drop_graphs()  # they point into the old buffer
             self.buf.free()  # collective: every rank grows at the same call (slot sizes agree)
             self.buf = None
         log.info("symmetric workspace: 2 x %d bytes on cuda:%d", slot, self.comm.device)
@@ -121,13 +188,32 @@ class Workspace:
 
     def close(self) -> None:
         # comm.destroy() frees the buffer itself (collectively, with the other symmetric buffers).
+        self._drop_graphs()
         if self._done:
             try:
                 _rt().eventDestroy(self._done)
             except Exception:  # noqa: BLE001 - the context may already be gone at teardown
                 pass
             self._done = 0
+        self._capture_stream = None
         self.buf = None
+
+
+def _new_stream(device: int):
+    """A non-blocking stream of our own on `device` (a CuPy Stream; int() of .ptr is the handle)."""
+    import cupy
+    with cupy.cuda.Device(device):
+        stream = cupy.cuda.Stream(non_blocking=True)
+    return _OwnedStream(stream)
+
+
+class _OwnedStream(int):
+    """A stream handle that keeps its CuPy Stream alive."""
+
+    def __new__(cls, stream):
+        self = super().__new__(cls, int(stream.ptr))
+        self.stream = stream
+        return self
 
 
 def _new_event(device: int) -> int:
@@ -146,20 +232,28 @@ def workspace(comm) -> Workspace:
 
 # -- plain all_gatherv ---------------------------------------------------------------------------------
 
+def ring(comm) -> List[int]:
+    """The peers in the order this rank reads them: rank+1, rank+2, ... At each step every rank reads a
+    different peer, and one copy from one peer measured faster than copies from every peer at once
+    (bench/probe_overlap.py: 344 against 203 GB/s on 4 x H200)."""
+    return [(comm.rank + i) % comm.size for i in range(1, comm.size)]
+
+
 def all_gatherv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], itemsize: int, stream: int) -> None:
-    """Rows of every rank into recv: copy in, barrier, one kernel pulling every peer's slot."""
-    from .vcollectives import copy, copy_segments
+    """Rows of every rank into recv: copy in, barrier, one copy-engine pull per peer in ring order."""
+    from .vcollectives import copy, offsets
     me = comm.rank
-    ws = workspace(comm)
-    local, slots = ws.acquire(max(counts) * itemsize, stream)
-    copy(local, send_ptr, counts[me] * itemsize, stream)
-    ws.barrier(stream)
-    segs, off = [], 0
-    for r, n in enumerate(counts):
-        segs.append((recv_ptr + off * itemsize, send_ptr if r == me else slots[r], n * itemsize))
-        off += n
-    copy_segments(comm.device, segs, stream)
-    ws.release(stream)
+    offs = offsets(counts)
+
+    def enqueue(s, local, slots):
+        copy(local, send_ptr, counts[me] * itemsize, s)
+        copy(recv_ptr + offs[me] * itemsize, send_ptr, counts[me] * itemsize, s)
+        workspace(comm).barrier(s)
+        for p in ring(comm):
+            copy(recv_ptr + offs[p] * itemsize, slots[p], counts[p] * itemsize, s)
+
+    workspace(comm).run(max(counts) * itemsize, stream, ("all_gatherv", send_ptr, recv_ptr, tuple(counts), itemsize),
+                        enqueue)
 
 
 # -- plain reduce_scatterv -------------------------------------------------------------------------------
@@ -183,21 +277,22 @@ def reduce_scatterv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], d
     from .symmetric import launch
     from .vcollectives import copy, offsets
     me, n = comm.rank, comm.size
-    ws = workspace(comm)
     total = sum(counts) * itemsize
-    local, slots = ws.acquire(total, stream)
-    copy(local, send_ptr, total, stream)
-    ws.barrier(stream)
     count = counts[me]
-    if count:
-        off = offsets(counts)[me] * itemsize
-        table = np.zeros(1, _SOURCE_TABLE)
-        table["src"][0, :n] = [s + off for s in slots]
-        per_thread = 16 // itemsize
-        blocks = max(1, min(_resident_sum_blocks(comm.device), -(-count // (per_thread * _SUM_THREADS))))
-        launch(comm.device, SUM_KERNELS[dtype], (blocks,), (_SUM_THREADS,),
-               (np.uint64(recv_ptr), table, np.int32(n), np.int64(count), np.float32(1.0)), stream)
-    ws.release(stream)
+    off = offsets(counts)[me] * itemsize
+
+    def enqueue(s, local, slots):
+        copy(local, send_ptr, total, s)
+        workspace(comm).barrier(s)
+        if count:
+            table = np.zeros(1, _SOURCE_TABLE)
+            table["src"][0, :n] = [slot + off for slot in slots]
+            per_thread = 16 // itemsize
+            blocks = max(1, min(_resident_sum_blocks(comm.device), -(-count // (per_thread * _SUM_THREADS))))
+            launch(comm.device, SUM_KERNELS[dtype], (blocks,), (_SUM_THREADS,),
+                   (np.uint64(recv_ptr), table, np.int32(n), np.int64(count), np.float32(1.0)), s)
+
+    workspace(comm).run(total, stream, ("reduce_scatterv", send_ptr, recv_ptr, tuple(counts), dtype), enqueue)
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,44 +304,58 @@ def _resident_sum_blocks(device: int) -> int:
 # -- FP4 -------------------------------------------------------------------------------------------------
 
 def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Sequence[int], oinfo) -> None:
-    """Quantize into this rank's slot; barrier; decode every rank's slot (over NVLink) into out."""
+    """Quantize into this rank's slot and decode it; barrier; decode each peer's slot straight over
+    NVLink, one peer after another in ring order, each decode with the whole grid."""
     from .formats.tensor import packed_layout
     from .vcollectives import offsets
-    comm, stream = codec.comm, codec.stream
-    lays = [packed_layout(r, K, fmt) for r in rows]
-    ws = workspace(comm)
-    codec.reserve_nccl_gather(K, fmt, rows, oinfo)
-    local, slots = ws.acquire(max(lay.total_bytes for lay in lays), stream)
+    comm = codec.comm
     me = comm.rank
-    amax = codec.amax(info, fmt, shared)  # after acquire: ordered after the previous call, whatever its stream
-    codec.quantize(info, K, fmt, amax, [(0, rows[me], local, lays[me])])
-    ws.barrier(stream)
+    lays = [packed_layout(r, K, fmt) for r in rows]
     out_rows = offsets(rows)
-    codec.dequantize([(out_rows[r], rows[r], slots[r], lays[r]) for r in range(comm.size)], K, fmt, oinfo)
-    ws.release(stream)
+    codec.reserve_nccl_gather(K, fmt, rows, oinfo)
+
+    def enqueue(s, local, slots):
+        codec.stream = s
+        amax = codec.amax(info, fmt, shared)
+        codec.quantize(info, K, fmt, amax, [(0, rows[me], local, lays[me])])
+        # Our own rows before the barrier: the peers are still quantizing meanwhile.
+        codec.dequantize([(out_rows[me], rows[me], local, lays[me])], K, fmt, oinfo)
+        workspace(comm).barrier(s)
+        for p in ring(comm):
+            codec.dequantize([(out_rows[p], rows[p], slots[p], lays[p])], K, fmt, oinfo)
+
+    key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, shared)
+    workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, key, enqueue)
 
 
 def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr: int, sptr: int, gptr: int) -> None:
     """Gather packed FP4 segments into separate data / scales / global-scale arrays: `fill_slot(addr,
-    layout)` writes this rank's segment; after the barrier one copy kernel pulls every rank's parts."""
+    layout)` writes this rank's segment (on codec.stream); after the barrier the copy engine pulls
+    each rank's parts, peer after peer in ring order."""
     from .formats.tensor import BLOCK_SIZE, packed_layout
-    from .vcollectives import copy_segments
-    comm, stream = codec.comm, codec.stream
+    from .vcollectives import copy, offsets
+    comm = codec.comm
     bs = BLOCK_SIZE[fmt]
     lays = [packed_layout(r, K, fmt) for r in rows]
-    ws = workspace(comm)
-    local, slots = ws.acquire(max(lay.total_bytes for lay in lays), stream)
-    fill_slot(local, lays[comm.rank])
-    ws.barrier(stream)
-    segs, a = [], 0
-    for r, (n, lay) in enumerate(zip(rows, lays)):
-        segs.append((dptr + a * K // 2, slots[r], n * K // 2))
-        segs.append((sptr + a * K // bs, slots[r] + lay.scale_off, n * K // bs))
+    first = offsets(rows)
+
+    def pull(s, r, src):
+        a, n, lay = first[r], rows[r], lays[r]
+        copy(dptr + a * K // 2, src, n * K // 2, s)
+        copy(sptr + a * K // bs, src + lay.scale_off, n * K // bs, s)
         if gptr:
-            segs.append((gptr + 4 * r, slots[r] + lay.gs_off, 4))
-        a += n
-    copy_segments(comm.device, segs, stream)
-    ws.release(stream)
+            copy(gptr + 4 * r, src + lay.gs_off, 4, s)
+
+    def enqueue(s, local, slots):
+        codec.stream = s
+        fill_slot(local, lays[comm.rank])
+        pull(s, comm.rank, local)
+        workspace(comm).barrier(s)
+        for p in ring(comm):
+            pull(s, p, slots[p])
+
+    # The result arrays are new on every call, so a graph of this call would never be replayed.
+    workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, None, enqueue)
 
 
 # Input size from which the reduce-scatter runs in two stages (env FP4CCL_FP4_RS_STAGES overrides).
@@ -279,40 +388,44 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     from .formats import kernels
     from .formats.tensor import BLOCK_SIZE, packed_layout
     from .vcollectives import offsets
-    comm, stream = codec.comm, codec.stream
-    n, me = comm.size, comm.rank
+    comm = codec.comm
+    me = comm.rank
     stages = rs_stages(info.nbytes)
     parts = [_split(r, stages) for r in rows]                          # parts[peer][stage]
     starts = [offsets(p) for p in parts]
     lays = [[packed_layout(c, K, fmt) for c in p] for p in parts]
     region = offsets([lay.total_bytes for p in lays for lay in p])     # (peer, stage) flattened
     row_offs = offsets(rows)
-    ws = workspace(comm)
     codec.reserve_nccl_reduce_scatter(K, fmt, rows)
-    local, slots = ws.acquire(sum(lay.total_bytes for p in lays for lay in p), stream)
     # The chunk for the next peer first: with a skewed start, the first chunks the peers wait on are ready soonest.
-    order = [(me + i) % n for i in range(1, n + 1)]
-    amax = {p: codec.amax_rows(info, K, fmt, row_offs[p], rows[p]) for p in order}
+    order = ring(comm) + [me]
     side = codec._side() if stages > 1 else None
     bs = BLOCK_SIZE[fmt]
-    for st in range(stages):
-        for p in order:
-            codec.quantize(info, K, fmt, amax[p], [(row_offs[p] + starts[p][st], parts[p][st],
-                                                    local + region[p * stages + st], lays[p][st])],
-                           rounding=rounding, seed=mix(seed, me, p))
-        ws.barrier(stream)
-        count = parts[me][st]
-        if not count:
-            continue
-        lay, off = lays[me][st], region[me * stages + st]
-        contributions = [(s + off, s + off + lay.scale_off, s + off + lay.gs_off if fmt == "nvfp4" else 0)
-                         for s in slots]
-        out_ptr = oinfo.ptr + starts[me][st] * K * oinfo.itemsize
-        target = stream
+
+    def enqueue(stream, local, slots):
+        codec.stream = stream
+        amax = {p: codec.amax_rows(info, K, fmt, row_offs[p], rows[p]) for p in order}
+        for st in range(stages):
+            for p in order:
+                codec.quantize(info, K, fmt, amax[p], [(row_offs[p] + starts[p][st], parts[p][st],
+                                                        local + region[p * stages + st], lays[p][st])],
+                               rounding=rounding, seed=mix(seed, me, p))
+            workspace(comm).barrier(stream)
+            count = parts[me][st]
+            if not count:
+                continue
+            lay, off = lays[me][st], region[me * stages + st]
+            contributions = [(s + off, s + off + lay.scale_off, s + off + lay.gs_off if fmt == "nvfp4" else 0)
+                             for s in slots]
+            out_ptr = oinfo.ptr + starts[me][st] * K * oinfo.itemsize
+            target = stream
+            if side is not None:
+                target = side.ptr
+                side.order(target, stream)  # after this stage's barrier
+            kernels.dequantize_sum(comm.device, out_ptr, oinfo.dtype, K, fmt, count * K // bs, contributions, target)
         if side is not None:
-            target = side.ptr
-            side.order(target, stream)  # after this stage's barrier
-        kernels.dequantize_sum(comm.device, out_ptr, oinfo.dtype, K, fmt, count * K // bs, contributions, target)
-    if side is not None:
-        side.order(stream, side.ptr)  # join: the caller's stream sees every summed row
-    ws.release(stream)
+            side.order(stream, side.ptr)  # join: the caller's stream sees every summed row
+
+    key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed)
+    workspace(comm).run(sum(lay.total_bytes for p in lays for lay in p), codec.stream, key if stages == 1 else None,
+                        enqueue)

@@ -271,7 +271,8 @@ class SymmetricBuffer:
         self.device = comm.device
         self.pad_offset = _align(max(self.nbytes, 1))
         self.table_offset = self.pad_offset + _align(8 * self.world)
-        self.alloc_bytes = self.table_offset + _align(8 * self.world)
+        self.counter_offset = self.table_offset + _align(8 * self.world)  # the 'device' barrier's epoch
+        self.alloc_bytes = self.counter_offset + _ALIGN
         self._base = 0
         self._peer_base: List[int] = [0] * self.world
         self._views: Dict[int, Any] = {}
@@ -452,6 +453,8 @@ class SymmetricBuffer:
         Work enqueued on `stream` after it sees every write any rank enqueued (on the stream it
         barriered on) before its own barrier. Collective: same order on every rank. `mode` 'kernel'
         or 'memop' (default: FP4CCL_SYMM_BARRIER); both write the same pads, so ranks may differ.
+        `mode='device'`: a kernel that keeps the epoch on the device, so the barrier can be captured in
+        a CUDA graph and replayed; a buffer whose barriers are 'device' must use no other mode.
         `ordered=True`: the caller already orders `stream` after this buffer's previous barrier,
         whatever stream that used (saves an event record and wait per barrier).
         """
@@ -459,6 +462,12 @@ class SymmetricBuffer:
         from cupy.cuda import runtime
         handle = _stream_handle(stream, self.device)
         mode = mode or barrier_mode()
+        if mode == "device":
+            if self.world > 1:
+                launch(self.device, "fp4ccl_symm_barrier_dev", (1,), (_round_up_warp(self.world),),
+                       (np.uint64(self._base + self.table_offset), np.int32(self.rank), np.int32(self.world),
+                        np.uint64(self._base + self.counter_offset), np.uint64(barrier_timeout_ns())), handle)
+            return
         self._epoch += 1
         if self.world == 1:
             return

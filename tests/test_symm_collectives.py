@@ -33,6 +33,30 @@ class FakeRuntime:
     def streamIsCapturing(self, stream):
         return stream == 99
 
+    streamCaptureModeRelaxed = 2
+
+    def streamBeginCapture(self, stream, mode):
+        self.calls.append(("begin", stream))
+        self.capturing = stream
+
+    def streamEndCapture(self, stream):
+        self.calls.append(("end", stream))
+        self.capturing = None
+        return 0x6000
+
+    def graphInstantiate(self, graph):
+        self.execs = getattr(self, "execs", 0) + 1
+        return 0x7000 + self.execs
+
+    def graphDestroy(self, graph):
+        self.calls.append(("graph destroy", graph))
+
+    def graphExecDestroy(self, exe):
+        self.calls.append(("exec destroy", exe))
+
+    def graphLaunch(self, exe, stream):
+        self.calls.append(("launch", exe, stream))
+
 
 class FakeBuffer:
     """A SymmetricBuffer stand-in: rank r's memory starts at (r + 1) << 32."""
@@ -52,10 +76,13 @@ class FakeBuffer:
         r = self.comm.rank if rank is None else rank
         return (r + 1) << 32
 
+    trace = None  # a list to log ("barrier", stream) into, to check where barriers fall among other steps
+
     def barrier(self, stream, mode=None, ordered=False):
-        assert ordered  # the workspace orders its calls itself
+        assert mode == "device"  # replayable in a graph, the same eagerly
         self.barriers.append(stream)
-        self.modes = getattr(self, "modes", []) + [mode]
+        if FakeBuffer.trace is not None:
+            FakeBuffer.trace.append(("barrier", stream))
 
     def free(self):
         self.freed = True
@@ -68,7 +95,10 @@ def fakes(monkeypatch):
     import fp4ccl.symmetric as symmetric
     monkeypatch.setattr(symmetric, "SymmetricBuffer", FakeBuffer)
     monkeypatch.setattr(sc, "_new_event", lambda device: 0xE0)
+    monkeypatch.setattr(sc, "_new_stream", lambda device: 0xCA)
+    monkeypatch.delenv("FP4CCL_SYMM_GRAPHS", raising=False)
     FakeBuffer.live = []
+    FakeBuffer.trace = None
     return rt
 
 
@@ -101,31 +131,94 @@ def test_usable_needs_two_ranks_a_device_and_no_capture(monkeypatch):
     assert not sc.usable(FakeComm(size=3), 7)       # spans hosts
 
 
+def _halves(ws, slot_bytes, stream, key=None):
+    got = []
+    ws.run(slot_bytes, stream, key, lambda s, local, slots: got.append((s, local, slots)))
+    return got
+
+
 def test_workspace_alternates_halves_and_grows_collectively(fakes):
     rt = fakes
     comm = FakeComm(rank=1, size=3)
     ws = sc.workspace(comm)
     assert sc.workspace(comm) is ws  # cached per communicator
-    local, slots = ws.acquire(1000, 5)
+    [(s, local, slots)] = _halves(ws, 1000, 5)
     assert ws.slot == 1024 and FakeBuffer.live[0].nbytes == 2048
-    assert local == slots[1] == 2 << 32 and slots == [1 << 32, 2 << 32, 3 << 32]
-    local2, slots2 = ws.acquire(600, 6)  # fits: the other half, no new allocation
+    assert s == 5 and local == slots[1] == 2 << 32 and slots == [1 << 32, 2 << 32, 3 << 32]
+    [(_, local2, slots2)] = _halves(ws, 600, 6)  # fits: the other half, no new allocation
     assert local2 == (2 << 32) + 1024 and slots2[0] == (1 << 32) + 1024
     assert len(FakeBuffer.live) == 1
-    local3, _ = ws.acquire(10, 5)
+    [(_, local3, _)] = _halves(ws, 10, 5)
     assert local3 == 2 << 32  # back to the first half
     assert ws.calls == 3
     assert [c for c in rt.calls if c[0] == "wait"] == [("wait", 5, 0xE0), ("wait", 6, 0xE0), ("wait", 5, 0xE0)]
-    ws.acquire(10, 5)  # the same stream again: stream order suffices, no wait
+    _halves(ws, 10, 5)  # the same stream again: stream order suffices, no wait
     assert len([c for c in rt.calls if c[0] == "wait"]) == 3
-    ws.release(5)
-    assert rt.calls[-1] == ("record", 0xE0, 5)
-    ws.acquire(1100, 5)  # grows by at least the growth factor, freeing the old buffer first
+    assert rt.calls[-1] == ("record", 0xE0, 5)  # every call ends by recording where it ended
+    _halves(ws, 1100, 5)  # grows by at least the growth factor, freeing the old buffer first
     assert FakeBuffer.live[0].freed and ws.slot == 1536 and FakeBuffer.live[1].nbytes == 3072
-    ws.acquire(5000, 5)
+    _halves(ws, 5000, 5)
     assert ws.slot == 5120
     ws.close()
     assert ("destroy", 0xE0) in rt.calls and ws.buf is None
+
+
+def test_a_call_that_repeats_is_captured_once_per_half_then_replayed(fakes):
+    rt = fakes
+    ws = sc.workspace(FakeComm(rank=0, size=2))
+    key = ("op", 0x100, 0x200)
+    runs = [_halves(ws, 64, 5, key) for _ in range(6)]
+    # calls 1 and 2 (one per half) run eagerly and are remembered; 3 and 4 are captured on our own
+    # stream and launched on the caller's; 5 and 6 replay
+    assert [r[0][0] for r in runs[:2]] == [5, 5]
+    assert [r[0][0] for r in runs[2:4]] == [0xCA, 0xCA] and runs[4:] == [[], []]
+    launches = [c for c in rt.calls if c[0] == "launch"]
+    assert launches == [("launch", 0x7001, 5), ("launch", 0x7002, 5), ("launch", 0x7001, 5), ("launch", 0x7002, 5)]
+    assert [c for c in rt.calls if c[0] in ("begin", "end")] == [("begin", 0xCA), ("end", 0xCA)] * 2
+    assert [r[0][1] for r in runs[2:4]] == [1 << 32, (1 << 32) + 256]  # each graph holds its own half
+    # a different stream, or a key of None, is another call
+    assert _halves(ws, 64, 6, key)[0][0] == 6
+    assert _halves(ws, 64, 5, None)[0][0] == 5
+    assert _halves(ws, 64, 5, None)[0][0] == 5
+
+
+def test_graphs_are_dropped_when_the_workspace_grows_and_bounded(fakes, monkeypatch):
+    rt = fakes
+    ws = sc.workspace(FakeComm(rank=0, size=2))
+    for _ in range(4):
+        _halves(ws, 64, 5, ("a",))
+    assert len(ws._graphs) == 2
+    _halves(ws, 1 << 20, 5, ("b",))  # grows: the graphs point into the old buffer
+    assert not ws._graphs and list(ws._seen) == [("b", 0, 5)]  # only the call after growing is remembered
+    assert {("exec destroy", 0x7001), ("exec destroy", 0x7002)} <= set(rt.calls)
+    monkeypatch.setattr(sc, "_GRAPH_CACHE", 3)
+    for i in range(4):
+        for _ in range(4):
+            _halves(ws, 64, 5, ("k", i))
+    assert len(ws._graphs) == 3
+    monkeypatch.setenv("FP4CCL_SYMM_GRAPHS", "0")
+    launched = len([c for c in rt.calls if c[0] == "launch"])
+    for _ in range(4):
+        assert _halves(ws, 64, 5, ("k", 3))[0][0] == 5
+    assert len([c for c in rt.calls if c[0] == "launch"]) == launched
+    monkeypatch.setattr(sc, "GRAPH_MAX_SLOT_BYTES", 32)
+    monkeypatch.delenv("FP4CCL_SYMM_GRAPHS")
+    for _ in range(4):
+        assert _halves(ws, 64, 5, ("big",))[0][0] == 5  # too large to cache
+
+
+def test_a_capture_that_fails_ends_the_capture(fakes):
+    rt = fakes
+    ws = sc.workspace(FakeComm(rank=0, size=2))
+
+    def boom(s, local, slots):
+        if s == 0xCA:
+            raise RuntimeError("no")
+    for _ in range(2):
+        ws.run(64, 5, ("x",), boom)
+    with pytest.raises(RuntimeError):
+        ws.run(64, 5, ("x",), boom)
+    assert rt.calls[-1] == ("end", 0xCA) and rt.capturing is None
 
 
 class FakeCodec:
@@ -165,23 +258,25 @@ class Out:
     ptr, dtype, itemsize = 0x7000, "bfloat16", 2
 
 
-def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes):
+def test_fp4_gather_dequantize_decodes_its_own_rows_first_then_each_peer_in_ring_order(fakes):
     comm = FakeComm(rank=2, size=3)
     codec = FakeCodec(comm)
+    FakeBuffer.trace = codec.log
     rows, K = [3, 0, 5], 64
-    sc.fp4_gather_dequantize(codec, None, K, "nvfp4", False, rows, Out())
+    sc.fp4_gather_dequantize(codec, In(), K, "nvfp4", False, rows, Out())
     lays = [packed_layout(r, K, "nvfp4") for r in rows]
-    buf = FakeBuffer.live[0]
-    assert codec.log[:2] == [("reserve", "gather"), ("amax", False)]
-    assert codec.log[2] == ("quantize", 0xA0, [(0, 5, 3 << 32, lays[2])], None)
-    assert buf.barriers == [5]
-    assert codec.log[3] == ("dequantize", [(0, 3, 1 << 32, lays[0]), (3, 0, 2 << 32, lays[1]),
-                                           (3, 5, 3 << 32, lays[2])])
-    assert buf.nbytes >= 2 * max(lay.total_bytes for lay in lays)
+    assert codec.log == [
+        ("reserve", "gather"), ("amax", False),
+        ("quantize", 0xA0, [(0, 5, 3 << 32, lays[2])], None),
+        ("dequantize", [(3, 5, 3 << 32, lays[2])]),          # own rows, while the peers still quantize
+        ("barrier", 5),
+        ("dequantize", [(0, 3, 1 << 32, lays[0])]),          # rank 0 (= 2 + 1 mod 3), then rank 1
+        ("dequantize", [(3, 0, 2 << 32, lays[1])])]
+    assert FakeBuffer.live[0].nbytes >= 2 * max(lay.total_bytes for lay in lays)
 
 
 class In:
-    nbytes = 1 << 10
+    nbytes, ptr, dtype = 1 << 10, 0x3000, "bfloat16"
 
 
 class FakeSide:
@@ -250,16 +345,18 @@ def test_fp4_reduce_scatter_in_two_stages_decodes_stage_one_on_the_side_stream(f
         sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
 
 
-def test_plain_all_gatherv_copies_in_then_pulls_every_peer(fakes, monkeypatch):
+def test_plain_all_gatherv_copies_in_then_pulls_peer_after_peer(fakes, monkeypatch):
     from fp4ccl import vcollectives
     log = []
     monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n)))
-    monkeypatch.setattr(vcollectives, "copy_segments", lambda dev, segs, st: log.append(("segments", segs)))
+    FakeBuffer.trace = log
     comm = FakeComm(rank=0, size=3)
     sc.all_gatherv(comm, 0x100, 0x900, [2, 0, 3], 4, 5)
-    assert log[0] == ("copy", 1 << 32, 0x100, 8)
-    assert FakeBuffer.live[0].barriers == [5]
-    assert log[1] == ("segments", [(0x900, 0x100, 8), (0x908, 2 << 32, 0), (0x908, 3 << 32, 12)])
+    assert log == [("copy", 1 << 32, 0x100, 8),           # into our slot, for the peers
+                   ("copy", 0x900, 0x100, 8),             # our own rows, straight from x
+                   ("barrier", 5),
+                   ("copy", 0x908, 2 << 32, 0),           # rank 1 (nothing), then rank 2
+                   ("copy", 0x908, 3 << 32, 12)]
 
 
 def test_plain_reduce_scatterv_copies_the_input_in_then_sums_this_ranks_rows(fakes, monkeypatch):
@@ -287,13 +384,3 @@ def test_which_reduce_scatters_symmetric_memory_takes():
     assert not sc.can_reduce_scatter(FakeComm(size=4), "bfloat16", "max")
     assert not sc.can_reduce_scatter(FakeComm(size=4), "int32", "sum")
     assert not sc.can_reduce_scatter(FakeComm(size=9), "float32", "sum")
-
-
-def test_a_timeout_makes_the_barrier_one_that_can_give_up(fakes, monkeypatch):
-    ws = sc.workspace(FakeComm())
-    ws.acquire(10, 5)
-    monkeypatch.delenv("FP4CCL_TIMEOUT", raising=False)
-    ws.barrier(5)
-    monkeypatch.setenv("FP4CCL_TIMEOUT", "30")
-    ws.barrier(5)
-    assert FakeBuffer.live[0].modes == [None, "kernel"]  # None: FP4CCL_SYMM_BARRIER's choice

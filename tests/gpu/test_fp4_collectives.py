@@ -80,6 +80,57 @@ def _staged_reduce_scatter(comm, stages, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_symm_repeated_calls_replay_cuda_graphs(nranks, seed):
+    """The same call with the same buffers again and again (fresh data each time): from the third call
+    on, symm_collectives replays a captured CUDA graph; every result must still be right."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, check_repeated_calls, seed, backend="nccl"))
+
+
+def check_repeated_calls(comm, seed):
+    import os
+    import numpy as np
+    import torch
+    from fp4_collective_checks import roundtrip, shard
+    from fp4ccl import symm_collectives
+    dev = f"cuda:{comm.device}"
+    K = 64
+    sizes = [(3, 0, 5, 2)[r % 4] for r in range(comm.size)]
+    total, mine, off = sum(sizes), sizes[comm.rank], sum(sizes[:comm.rank])
+    x = torch.empty((mine, K), device=dev)
+    y = torch.empty((total, K), device=dev)
+    g_fp4 = torch.empty((total, K), device=dev)
+    g_plain = torch.empty((total, K), device=dev)
+    rs_fp4 = torch.empty((mine, K), device=dev)
+    rs_plain = torch.empty((mine, K), device=dev)
+    os.environ["FP4CCL_ALGO"] = "symm"
+    try:
+        for step in range(6):
+            xs = [shard(seed, r, 300 + step, sizes[r], K, "float32") for r in range(comm.size)]
+            ys = [shard(seed, r, 400 + step, total, K, "float32") for r in range(comm.size)]
+            x.copy_(torch.from_numpy(xs[comm.rank]))
+            y.copy_(torch.from_numpy(ys[comm.rank]))
+            comm.all_gatherv(x, sizes, out=g_fp4, compress="nvfp4")
+            comm.all_gatherv(x, sizes, out=g_plain)
+            comm.reduce_scatterv(y, sizes, out=rs_fp4, compress="nvfp4")
+            comm.reduce_scatterv(y, sizes, out=rs_plain)
+            torch.cuda.synchronize(comm.device)
+            what = f"rank {comm.rank} step {step}"
+            assert np.array_equal(g_fp4.cpu().numpy(), np.concatenate([roundtrip(a, "nvfp4") for a in xs])), what
+            assert np.array_equal(g_plain.cpu().numpy(), np.concatenate(xs)), what
+            want = np.sum([roundtrip(a[off:off + mine], "nvfp4") for a in ys], axis=0) if mine else np.zeros((0, K))
+            assert np.allclose(rs_fp4.cpu().numpy(), want, rtol=1e-6, atol=1e-6), what
+            want = np.sum([a[off:off + mine] for a in ys], axis=0, dtype=np.float32) if mine else np.zeros((0, K))
+            assert np.allclose(rs_plain.cpu().numpy(), want, rtol=1e-6, atol=1e-6), what
+    finally:
+        del os.environ["FP4CCL_ALGO"]
+    # Four calls per step alternate the two halves, so each call always meets the same half: one graph each.
+    assert len(symm_collectives.workspace(comm)._graphs) == 4, "each of the 4 calls should have been captured"
+    return True
+
+
+@pytest.mark.gpu
 def test_fp4_symm_calls_on_alternating_streams(seed):
     """Back-to-back symmetric-memory calls on three streams, no host sync between them, so a call's
     stream differs from the one that last used the same workspace half: a half must not be
