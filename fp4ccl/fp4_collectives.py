@@ -410,11 +410,13 @@ class _GpuCodec:
             plan = self._gather_plan(K, fmt, rows, oinfo)
             self.buffers(plan[5], plan[6])
 
-    def reserve_nccl_reduce_scatter(self, K, fmt, rows):
-        """As reserve_nccl_gather, for the reduce-scatter."""
+    def reserve_nccl_reduce_scatter(self, K, fmt, rows, staging=0):
+        """As reserve_nccl_gather, for the reduce-scatter; also `staging` bytes of receive area for the
+        symmetric-memory path, at self.staging (its start)."""
         me = self.comm.rank
         lays = [packed_layout(r, K, fmt) for r in rows]
-        self.buffers(sum(lay.total_bytes for p, lay in enumerate(lays) if p != me), lays[me].total_bytes * len(rows))
+        _, self.staging = self.buffers(sum(lay.total_bytes for p, lay in enumerate(lays) if p != me),
+                                       max(lays[me].total_bytes * len(rows), staging))
 
     def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
         if symm_collectives.fp4_algo(self.comm, self.stream) == "symm":

@@ -358,74 +358,82 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr
     workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, None, enqueue)
 
 
-# Input size from which the reduce-scatter runs in two stages (env FP4CCL_FP4_RS_STAGES overrides).
-RS_TWO_STAGES_FROM_BYTES = 64 << 20
+# Input size from which the FP4 reduce-scatter pipelines its pulls behind its quantization (env
+# FP4CCL_FP4_RS_PIPELINE=0/1 forces either way).
+RS_PIPELINE_FROM_BYTES = 16 << 20
 
 
-def rs_stages(nbytes: int) -> int:
-    raw = os.environ.get("FP4CCL_FP4_RS_STAGES", "").strip()
+def rs_pipelined(nbytes: int) -> bool:
+    raw = os.environ.get("FP4CCL_FP4_RS_PIPELINE", "").strip()
     if raw:
-        if raw not in ("1", "2", "3", "4"):
-            raise ValueError(f"FP4CCL_FP4_RS_STAGES={raw!r} must be 1, 2, 3 or 4")
-        return int(raw)
-    return 2 if nbytes >= RS_TWO_STAGES_FROM_BYTES else 1
-
-
-def _split(n: int, parts: int) -> List[int]:
-    q, r = divmod(n, parts)
-    return [q + (1 if i < r else 0) for i in range(parts)]
+        if raw not in ("0", "1"):
+            raise ValueError(f"FP4CCL_FP4_RS_PIPELINE={raw!r} must be 0 or 1")
+        return raw == "1"
+    return nbytes >= RS_PIPELINE_FROM_BYTES
 
 
 def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo, rounding: str, seed: int, mix) -> None:
-    """Quantize the chunk for each peer (its own amax) into this rank's slot; barrier; decode and sum,
-    in rank order, the chunk every rank made for this one, straight from their slots.
+    """Each rank quantizes the chunk for each peer (its own amax) into its slot; this rank decodes
+    and sums, in rank order, the chunk every rank made for it, rounding once.
 
-    In S stages (rs_stages): every chunk's amax first, then stage s quantizes the s-th row range of
-    every chunk, barriers, and decodes-and-sums it on a side stream while the caller's stream
-    quantizes stage s+1: the NVLink-bound pull overlaps the HBM-bound quantize. The random bits of
-    stochastic rounding depend on the element's index only, so stages change no result.
+    Small inputs: quantize every chunk, one barrier, one fused decode-and-sum kernel reading the
+    peers' slots over NVLink. Large inputs (rs_pipelined) in n - 1 stages: at stage i every rank
+    quantizes its chunk for rank + i, a barrier on a side stream, and the copy engine pulls the chunk
+    from rank - i into a local staging area while the SMs quantize stage i + 1; the own chunk last,
+    then one local decode-and-sum. Stochastic rounding draws from the element index, so both give
+    the same bits.
     """
     from .formats import kernels
     from .formats.tensor import BLOCK_SIZE, packed_layout
-    from .vcollectives import offsets
+    from .vcollectives import copy, offsets
     comm = codec.comm
-    me = comm.rank
-    stages = rs_stages(info.nbytes)
-    parts = [_split(r, stages) for r in rows]                          # parts[peer][stage]
-    starts = [offsets(p) for p in parts]
-    lays = [[packed_layout(c, K, fmt) for c in p] for p in parts]
-    region = offsets([lay.total_bytes for p in lays for lay in p])     # (peer, stage) flattened
-    row_offs = offsets(rows)
-    codec.reserve_nccl_reduce_scatter(K, fmt, rows)
-    # The chunk for the next peer first: with a skewed start, the first chunks the peers wait on are ready soonest.
-    order = ring(comm) + [me]
-    side = codec._side() if stages > 1 else None
+    me, n = comm.rank, comm.size
     bs = BLOCK_SIZE[fmt]
+    lays = [packed_layout(r, K, fmt) for r in rows]
+    region = offsets([lay.total_bytes for lay in lays])       # in every slot, the chunk for rank p at region[p]
+    row_offs = offsets(rows)
+    mine = lays[me]
+    pipelined = rs_pipelined(info.nbytes)
+    codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=(n - 1) * mine.total_bytes if pipelined else 0)
+    staging = codec.staging if pipelined else 0
 
-    def enqueue(stream, local, slots):
-        codec.stream = stream
-        amax = {p: codec.amax_rows(info, K, fmt, row_offs[p], rows[p]) for p in order}
-        for st in range(stages):
-            for p in order:
-                codec.quantize(info, K, fmt, amax[p], [(row_offs[p] + starts[p][st], parts[p][st],
-                                                        local + region[p * stages + st], lays[p][st])],
-                               rounding=rounding, seed=mix(seed, me, p))
-            workspace(comm).barrier(stream)
-            count = parts[me][st]
-            if not count:
-                continue
-            lay, off = lays[me][st], region[me * stages + st]
-            contributions = [(s + off, s + off + lay.scale_off, s + off + lay.gs_off if fmt == "nvfp4" else 0)
-                             for s in slots]
-            out_ptr = oinfo.ptr + starts[me][st] * K * oinfo.itemsize
-            target = stream
-            if side is not None:
-                target = side.ptr
-                side.order(target, stream)  # after this stage's barrier
-            kernels.dequantize_sum(comm.device, out_ptr, oinfo.dtype, K, fmt, count * K // bs, contributions, target)
-        if side is not None:
-            side.order(stream, side.ptr)  # join: the caller's stream sees every summed row
+    def quantize(p, dst):
+        amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
+        codec.quantize(info, K, fmt, amax, [(row_offs[p], rows[p], dst + region[p], lays[p])],
+                       rounding=rounding, seed=mix(seed, me, p))
 
-    key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed)
-    workspace(comm).run(sum(lay.total_bytes for p in lays for lay in p), codec.stream, key if stages == 1 else None,
-                        enqueue)
+    def decode_sum(stream, sources):
+        if rows[me]:
+            kernels.dequantize_sum(comm.device, oinfo.ptr, oinfo.dtype, K, fmt, rows[me] * K // bs,
+                                   [(a, a + mine.scale_off, a + mine.gs_off if fmt == "nvfp4" else 0) for a in sources],
+                                   stream)
+
+    def enqueue(s, local, slots):
+        codec.stream = s
+        for p in ring(comm) + [me]:
+            quantize(p, local)
+        workspace(comm).barrier(s)
+        decode_sum(s, [slot + region[me] for slot in slots])
+
+    def enqueue_pipelined(s, local, slots):
+        codec.stream = s
+        side = codec._side()
+        ws = workspace(comm)
+        for i, p in enumerate(ring(comm), 1):
+            quantize(p, local)
+            side.order(side.ptr, s)          # this stage's chunk is in our slot
+            ws.barrier(side.ptr)             # ... and in every rank's
+            src = (me - i) % n
+            copy(staging + (i - 1) * mine.total_bytes, slots[src] + region[me], mine.total_bytes, side.ptr)
+        quantize(me, local)
+        side.order(s, side.ptr)              # every pull landed
+        sources = [local + region[me] if c == me else staging + ((me - c) % n - 1) * mine.total_bytes
+                   for c in range(n)]
+        decode_sum(s, sources)
+
+    slot = sum(lay.total_bytes for lay in lays)
+    if pipelined:
+        workspace(comm).run(slot, codec.stream, None, enqueue_pipelined)
+    else:
+        key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed)
+        workspace(comm).run(slot, codec.stream, key, enqueue)

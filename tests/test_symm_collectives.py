@@ -233,8 +233,9 @@ class FakeCodec:
     def reserve_nccl_gather(self, K, fmt, rows, oinfo=None):
         self.log.append(("reserve", "gather"))
 
-    def reserve_nccl_reduce_scatter(self, K, fmt, rows):
-        self.log.append(("reserve", "reduce_scatter"))
+    def reserve_nccl_reduce_scatter(self, K, fmt, rows, staging=0):
+        self.log.append(("reserve", "reduce_scatter", staging))
+        self.staging = 0x5000
 
     def amax(self, info, fmt, shared):
         # the amax slot may still be read by the previous call: the stream must wait for it first
@@ -293,7 +294,7 @@ def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(f
     from fp4ccl.formats import kernels
     sums = []
     monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: sums.append(a))
-    monkeypatch.delenv("FP4CCL_FP4_RS_STAGES", raising=False)
+    monkeypatch.setenv("FP4CCL_FP4_RS_PIPELINE", "0")
     comm = FakeComm(rank=1, size=3)
     codec = FakeCodec(comm)
     rows, K = [2, 4, 0], 32
@@ -315,33 +316,35 @@ def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(f
                          ((r + 1) << 32) + region[1] + mine.gs_off) for r in range(3)]
 
 
-def test_fp4_reduce_scatter_in_two_stages_decodes_stage_one_on_the_side_stream(fakes, monkeypatch):
+def test_fp4_reduce_scatter_pipelined_pulls_each_stage_with_the_copy_engine(fakes, monkeypatch):
+    from fp4ccl import vcollectives
     from fp4ccl.formats import kernels
-    sums = []
+    sums, log = [], []
     monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: sums.append(a))
-    monkeypatch.setenv("FP4CCL_FP4_RS_STAGES", "2")
-    comm = FakeComm(rank=0, size=2)
+    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
+    monkeypatch.setenv("FP4CCL_FP4_RS_PIPELINE", "1")
+    comm = FakeComm(rank=0, size=3)
     codec = FakeCodec(comm)
     side = FakeSide()
     codec._side = lambda: side
-    rows, K = [5, 3], 32
+    FakeBuffer.trace = log
+    rows, K = [5, 3, 2], 32
+    lays = [packed_layout(r, K, "mxfp4") for r in rows]
+    region = [0, lays[0].total_bytes, lays[0].total_bytes + lays[1].total_bytes]
+    mine = lays[0].total_bytes
     sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
-    quants = [e[2][0] for e in codec.log if e[0] == "quantize"]
-    # stage 0: rows [5, 7) of peer 1's chunk, rows [0, 3) of our own; stage 1: [7, 8) and [3, 5)
-    assert [(q[0], q[1]) for q in quants] == [(5, 2), (0, 3), (7, 1), (3, 2)]
-    assert [e[1] for e in codec.log if e[0] == "quantize"] == [0xA0 + 5, 0xA0, 0xA0 + 5, 0xA0]
-    lays = [[packed_layout(3, K, "mxfp4"), packed_layout(2, K, "mxfp4")],
-            [packed_layout(2, K, "mxfp4"), packed_layout(1, K, "mxfp4")]]
-    region = [0, lays[0][0].total_bytes, lays[0][0].total_bytes + lays[0][1].total_bytes]
-    assert [q[2] for q in quants] == [(1 << 32) + region[2], 1 << 32, (1 << 32) + region[2] + lays[1][0].total_bytes,
-                                      (1 << 32) + region[1]]
-    assert FakeBuffer.live[0].barriers == [5, 5]
-    assert [(s[1], s[5], s[7]) for s in sums] == [(0x7000, 3, side.ptr), (0x7000 + 3 * K * 2, 2, side.ptr)]
-    assert sums[0][5] == 3 * K // 32
-    assert [c[0] for c in sums[1][6]] == [((r + 1) << 32) + region[1] for r in range(2)]
+    assert ("reserve", "reduce_scatter", 2 * mine) in codec.log
+    # stage 1: the chunk for rank 1, pulled from rank 2 (= 0 - 1); stage 2: for rank 2, from rank 1
+    assert [e[2][0][0] for e in codec.log if e[0] == "quantize"] == [5, 8, 0]
+    assert log == [("barrier", side.ptr), ("copy", 0x5000, (3 << 32) + region[0], mine, side.ptr),
+                   ("barrier", side.ptr), ("copy", 0x5000 + mine, (2 << 32) + region[0], mine, side.ptr)]
     assert side.orders == [(side.ptr, 5), (side.ptr, 5), (5, side.ptr)]
-    monkeypatch.setenv("FP4CCL_FP4_RS_STAGES", "5")
-    with pytest.raises(ValueError, match="FP4CCL_FP4_RS_STAGES='5'"):
+    (dev, optr, odt, k, fmt, units, contribs, stream), = sums
+    assert stream == 5 and units == 5
+    # in rank order: our own chunk, then rank 1's (pulled at stage 2), then rank 2's (stage 1)
+    assert [c[0] for c in contribs] == [1 << 32, 0x5000 + mine, 0x5000]
+    monkeypatch.setenv("FP4CCL_FP4_RS_PIPELINE", "2")
+    with pytest.raises(ValueError, match="FP4CCL_FP4_RS_PIPELINE='2'"):
         sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
 
 

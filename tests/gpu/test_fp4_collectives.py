@@ -60,23 +60,23 @@ def test_fp4_stochastic_rounding(path, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stages", ["2", "3"])
-def test_fp4_reduce_scatterv_in_stages(stages, seed):
-    """The staged symmetric-memory reduce-scatter (decode of stage s on a side stream while stage s+1
-    quantizes) on small inputs, forced by FP4CCL_FP4_RS_STAGES."""
-    need_gpus(4)
-    assert all(run_ranks(4, _staged_reduce_scatter, stages, seed, backend="nccl"))
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_fp4_reduce_scatterv_pipelined(nranks, seed):
+    """The pipelined symmetric-memory reduce-scatter (a barrier and a copy-engine pull per stage on a
+    side stream while the next stage quantizes) on small inputs, forced by FP4CCL_FP4_RS_PIPELINE=1."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _pipelined_reduce_scatter, seed, backend="nccl"))
 
 
-def _staged_reduce_scatter(comm, stages, seed):
+def _pipelined_reduce_scatter(comm, seed):
     import os
-    os.environ["FP4CCL_FP4_RS_STAGES"] = stages
+    os.environ["FP4CCL_FP4_RS_PIPELINE"] = "1"
     try:
         for fmt, framework in (("nvfp4", "torch"), ("mxfp4", "cupy")):
             _on_path(comm, "symm", fc.check_fp4_reduce_scatterv, seed, framework, fmt)
         return _on_path(comm, "symm", fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4")
     finally:
-        del os.environ["FP4CCL_FP4_RS_STAGES"]
+        del os.environ["FP4CCL_FP4_RS_PIPELINE"]
 
 
 @pytest.mark.gpu
