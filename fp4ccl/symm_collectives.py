@@ -233,24 +233,24 @@ def workspace(comm) -> Workspace:
 # -- plain all_gatherv ---------------------------------------------------------------------------------
 
 def ring(comm) -> List[int]:
-    """The peers in the order this rank reads them: rank+1, rank+2, ... At each step every rank reads a
-    different peer, and one copy from one peer measured faster than copies from every peer at once
-    (bench/probe_overlap.py: 344 against 203 GB/s on 4 x H200)."""
+    """The peers in ring order from this rank: rank+1, rank+2, ... Steps that each touch one peer go
+    in this order, so that at every step each rank deals with a different peer."""
     return [(comm.rank + i) % comm.size for i in range(1, comm.size)]
 
 
 def all_gatherv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], itemsize: int, stream: int) -> None:
-    """Rows of every rank into recv: copy in, barrier, one copy-engine pull per peer in ring order."""
-    from .vcollectives import copy, offsets
+    """Rows of every rank into recv: copy in, barrier, one segmented-copy launch pulling every peer's
+    rows (the own rows straight from x). Copy-engine pulls, peer after peer in ring order, measured
+    slower from 8 MiB on (bench/RESULTS.md run 6)."""
+    from .vcollectives import copy, copy_segments, offsets
     me = comm.rank
     offs = offsets(counts)
 
     def enqueue(s, local, slots):
         copy(local, send_ptr, counts[me] * itemsize, s)
-        copy(recv_ptr + offs[me] * itemsize, send_ptr, counts[me] * itemsize, s)
         workspace(comm).barrier(s)
-        for p in ring(comm):
-            copy(recv_ptr + offs[p] * itemsize, slots[p], counts[p] * itemsize, s)
+        copy_segments(comm.device, [(recv_ptr + offs[r] * itemsize, send_ptr if r == me else slots[r],
+                                     counts[r] * itemsize) for r in range(comm.size)], s)
 
     workspace(comm).run(max(counts) * itemsize, stream, ("all_gatherv", send_ptr, recv_ptr, tuple(counts), itemsize),
                         enqueue)
@@ -304,8 +304,9 @@ def _resident_sum_blocks(device: int) -> int:
 # -- FP4 -------------------------------------------------------------------------------------------------
 
 def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Sequence[int], oinfo) -> None:
-    """Quantize into this rank's slot and decode it; barrier; decode each peer's slot straight over
-    NVLink, one peer after another in ring order, each decode with the whole grid."""
+    """Quantize into this rank's slot; barrier; one decode launch over every rank's slot, the peers'
+    read straight over NVLink. (Decoding the own rows before the barrier and each peer in turn with
+    the whole grid measured slower: 163 against 146 us at 128 MiB, 515 against 470 at 512 MiB.)"""
     from .formats.tensor import packed_layout
     from .vcollectives import offsets
     comm = codec.comm
@@ -318,11 +319,8 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
         codec.stream = s
         amax = codec.amax(info, fmt, shared)
         codec.quantize(info, K, fmt, amax, [(0, rows[me], local, lays[me])])
-        # Our own rows before the barrier: the peers are still quantizing meanwhile.
-        codec.dequantize([(out_rows[me], rows[me], local, lays[me])], K, fmt, oinfo)
         workspace(comm).barrier(s)
-        for p in ring(comm):
-            codec.dequantize([(out_rows[p], rows[p], slots[p], lays[p])], K, fmt, oinfo)
+        codec.dequantize([(out_rows[r], rows[r], slots[r], lays[r]) for r in range(comm.size)], K, fmt, oinfo)
 
     key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, shared)
     workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, key, enqueue)
@@ -330,37 +328,36 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
 
 def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr: int, sptr: int, gptr: int) -> None:
     """Gather packed FP4 segments into separate data / scales / global-scale arrays: `fill_slot(addr,
-    layout)` writes this rank's segment (on codec.stream); after the barrier the copy engine pulls
-    each rank's parts, peer after peer in ring order."""
+    layout)` writes this rank's segment (on codec.stream); after the barrier one segmented-copy launch
+    pulls every rank's parts. (Copy-engine pulls, peer after peer, measured slower: 184 against
+    154 us at 128 MiB, 632 against 470 at 512 MiB.)"""
     from .formats.tensor import BLOCK_SIZE, packed_layout
-    from .vcollectives import copy, offsets
+    from .vcollectives import copy_segments, offsets
     comm = codec.comm
     bs = BLOCK_SIZE[fmt]
     lays = [packed_layout(r, K, fmt) for r in rows]
     first = offsets(rows)
 
-    def pull(s, r, src):
-        a, n, lay = first[r], rows[r], lays[r]
-        copy(dptr + a * K // 2, src, n * K // 2, s)
-        copy(sptr + a * K // bs, src + lay.scale_off, n * K // bs, s)
-        if gptr:
-            copy(gptr + 4 * r, src + lay.gs_off, 4, s)
-
     def enqueue(s, local, slots):
         codec.stream = s
         fill_slot(local, lays[comm.rank])
-        pull(s, comm.rank, local)
         workspace(comm).barrier(s)
-        for p in ring(comm):
-            pull(s, p, slots[p])
+        segs = []
+        for r, (a, n, lay) in enumerate(zip(first, rows, lays)):
+            segs.append((dptr + a * K // 2, slots[r], n * K // 2))
+            segs.append((sptr + a * K // bs, slots[r] + lay.scale_off, n * K // bs))
+            if gptr:
+                segs.append((gptr + 4 * r, slots[r] + lay.gs_off, 4))
+        copy_segments(comm.device, segs, s)
 
     # The result arrays are new on every call, so a graph of this call would never be replayed.
     workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, None, enqueue)
 
 
 # Input size from which the FP4 reduce-scatter pipelines its pulls behind its quantization (env
-# FP4CCL_FP4_RS_PIPELINE=0/1 forces either way).
-RS_PIPELINE_FROM_BYTES = 16 << 20
+# FP4CCL_FP4_RS_PIPELINE=0/1 forces either way). Measured (4 x H200, bf16): pipelined 705 against 808 us
+# at 512 MiB and 1407 against 1552 at 1 GiB, but 249 against 242 at 128 MiB and slower below.
+RS_PIPELINE_FROM_BYTES = 256 << 20
 
 
 def rs_pipelined(nbytes: int) -> bool:

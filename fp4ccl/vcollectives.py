@@ -51,9 +51,11 @@ NEAR_EVEN_RATIO = 1.05
 REDUCE_BELOW_BYTES = 16 << 20
 REDUCE_FROM_BYTES = 64 << 20
 MAX_PADDING_RATIO = 1.25
-# Uneven totals below these go to "symm" where symmetric memory can serve the call.
-SYMM_GATHER_BELOW_BYTES = 0
-SYMM_SCATTER_BELOW_BYTES = 0
+# Uneven totals below these go to "symm" where symmetric memory can serve the call (run 6 of
+# bench/RESULTS.md: gather 32-41 us up to 2 MiB against 37-63 for bcast; reduce-scatter 28-29 us up
+# to 2 MiB against 37-39 for reduce, 139 against 153-163 at 32 MiB, but 461 against 379 at 128 MiB).
+SYMM_GATHER_BELOW_BYTES = 4 << 20
+SYMM_SCATTER_BELOW_BYTES = 64 << 20
 
 # The segmented-copy kernel (csrc/vcopy.cu): these mirror its #defines.
 VCOPY_SOURCE = "vcopy.cu"

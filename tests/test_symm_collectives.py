@@ -259,7 +259,7 @@ class Out:
     ptr, dtype, itemsize = 0x7000, "bfloat16", 2
 
 
-def test_fp4_gather_dequantize_decodes_its_own_rows_first_then_each_peer_in_ring_order(fakes):
+def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes):
     comm = FakeComm(rank=2, size=3)
     codec = FakeCodec(comm)
     FakeBuffer.trace = codec.log
@@ -269,10 +269,8 @@ def test_fp4_gather_dequantize_decodes_its_own_rows_first_then_each_peer_in_ring
     assert codec.log == [
         ("reserve", "gather"), ("amax", False),
         ("quantize", 0xA0, [(0, 5, 3 << 32, lays[2])], None),
-        ("dequantize", [(3, 5, 3 << 32, lays[2])]),          # own rows, while the peers still quantize
         ("barrier", 5),
-        ("dequantize", [(0, 3, 1 << 32, lays[0])]),          # rank 0 (= 2 + 1 mod 3), then rank 1
-        ("dequantize", [(3, 0, 2 << 32, lays[1])])]
+        ("dequantize", [(0, 3, 1 << 32, lays[0]), (3, 0, 2 << 32, lays[1]), (3, 5, 3 << 32, lays[2])])]
     assert FakeBuffer.live[0].nbytes >= 2 * max(lay.total_bytes for lay in lays)
 
 
@@ -348,18 +346,18 @@ def test_fp4_reduce_scatter_pipelined_pulls_each_stage_with_the_copy_engine(fake
         sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
 
 
-def test_plain_all_gatherv_copies_in_then_pulls_peer_after_peer(fakes, monkeypatch):
+def test_plain_all_gatherv_copies_in_then_pulls_every_peer(fakes, monkeypatch):
     from fp4ccl import vcollectives
     log = []
     monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n)))
+    monkeypatch.setattr(vcollectives, "copy_segments", lambda dev, segs, st: log.append(("segments", segs)))
     FakeBuffer.trace = log
     comm = FakeComm(rank=0, size=3)
     sc.all_gatherv(comm, 0x100, 0x900, [2, 0, 3], 4, 5)
     assert log == [("copy", 1 << 32, 0x100, 8),           # into our slot, for the peers
-                   ("copy", 0x900, 0x100, 8),             # our own rows, straight from x
                    ("barrier", 5),
-                   ("copy", 0x908, 2 << 32, 0),           # rank 1 (nothing), then rank 2
-                   ("copy", 0x908, 3 << 32, 12)]
+                   ("segments", [(0x900, 0x100, 8),        # our own rows straight from x
+                                 (0x908, 2 << 32, 0), (0x908, 3 << 32, 12)])]
 
 
 def test_plain_reduce_scatterv_copies_the_input_in_then_sums_this_ranks_rows(fakes, monkeypatch):

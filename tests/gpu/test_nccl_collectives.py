@@ -230,12 +230,14 @@ def _every_band(comm, seed):
     from fp4ccl import vcollectives as vc
     dev = f"cuda:{comm.device}"
     row = 64 * 2
-    seen = []
+    seen, symm = [], []  # the choice without and with symmetric memory (what these calls take here)
     for total in (48 << 10, 8 << 20, 32 << 20, 64 << 20):
         mean = total // row // comm.size
         sizes = [mean + (mean // 4 if r % 2 == 0 else -(mean // 4)) for r in range(comm.size)]
         counts = [s * 64 for s in sizes]
         seen.append((vc.choose("all_gatherv", counts, 2), vc.choose("reduce_scatterv", counts, 2)))
+        symm.append((vc.choose("all_gatherv", counts, 2, symm_ok=True),
+                     vc.choose("reduce_scatterv", counts, 2, symm_ok=True)))
         g = torch.Generator().manual_seed(seed + comm.rank)
         x = torch.randint(-4, 5, (sizes[comm.rank], 64), generator=g).to(torch.bfloat16).to(dev)
         full = comm.all_gatherv(x, sizes)
@@ -248,4 +250,5 @@ def _every_band(comm, seed):
         want = comm.size * (comm.size + 1) / 2
         assert mine.shape == (sizes[comm.rank], 64) and bool((mine == want).all()), f"rank {comm.rank} total {total}"
     assert seen == [("bcast", "reduce"), ("p2p", "reduce"), ("p2p", "padded"), ("bcast", "reduce")], seen
+    assert symm == [("symm", "symm"), ("p2p", "symm"), ("p2p", "symm"), ("bcast", "reduce")], symm
     return True
