@@ -100,10 +100,11 @@ class Workspace:
         self._seen: "OrderedDict[tuple, None]" = OrderedDict()
         self._capture_stream = None
 
-    def run(self, slot_bytes: int, stream: int, key, enqueue) -> None:
+    def run(self, slot_bytes: int, stream: int, key, enqueue, prepare=None) -> None:
         """One call: `enqueue(stream, local, slots)` enqueues its steps for a workspace half (this
         rank's slot address, every rank's). Run directly, or through a cached CUDA graph when `key`
         (everything the steps depend on besides the half and the stream; None: never cache) repeats.
+        `prepare()` runs first unless a graph is replayed (sizing other workspaces, say).
         slot_bytes must be the same on every rank (derive it from sizes, never from local data)."""
         local, slots, half = self._acquire(slot_bytes, stream)
         graph = None
@@ -112,12 +113,17 @@ class Workspace:
             graph = self._graphs.get(full)
             if graph is not None:
                 self._graphs.move_to_end(full)
-            elif full in self._seen:
-                graph = self._capture(full, lambda s: enqueue(s, local, slots))
             else:
-                self._seen[full] = None
-                if len(self._seen) > _SEEN_CACHE:
-                    self._seen.popitem(last=False)
+                if prepare is not None:
+                    prepare()
+                if full in self._seen:
+                    graph = self._capture(full, lambda s: enqueue(s, local, slots))
+                else:
+                    self._seen[full] = None
+                    if len(self._seen) > _SEEN_CACHE:
+                        self._seen.popitem(last=False)
+        elif prepare is not None:
+            prepare()
         if graph is not None:
             _rt().graphLaunch(graph, stream)
         else:
@@ -313,7 +319,6 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
     me = comm.rank
     lays = [packed_layout(r, K, fmt) for r in rows]
     out_rows = offsets(rows)
-    codec.reserve_nccl_gather(K, fmt, rows, oinfo)
 
     def enqueue(s, local, slots):
         codec.stream = s
@@ -323,7 +328,8 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
         codec.dequantize([(out_rows[r], rows[r], slots[r], lays[r]) for r in range(comm.size)], K, fmt, oinfo)
 
     key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, shared)
-    workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, key, enqueue)
+    workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, key, enqueue,
+                        prepare=lambda: codec.reserve_nccl_gather(K, fmt, rows, oinfo))
 
 
 def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr: int, sptr: int, gptr: int) -> None:
@@ -391,8 +397,9 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     row_offs = offsets(rows)
     mine = lays[me]
     pipelined = rs_pipelined(info.nbytes)
-    codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=(n - 1) * mine.total_bytes if pipelined else 0)
-    staging = codec.staging if pipelined else 0
+
+    def prepare():
+        codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=(n - 1) * mine.total_bytes if pipelined else 0)
 
     def quantize(p, dst):
         amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
@@ -416,6 +423,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
         codec.stream = s
         side = codec._side()
         ws = workspace(comm)
+        staging = codec.staging
         for i, p in enumerate(ring(comm), 1):
             quantize(p, local)
             side.order(side.ptr, s)          # this stage's chunk is in our slot
@@ -430,7 +438,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
 
     slot = sum(lay.total_bytes for lay in lays)
     if pipelined:
-        workspace(comm).run(slot, codec.stream, None, enqueue_pipelined)
+        workspace(comm).run(slot, codec.stream, None, enqueue_pipelined, prepare)
     else:
         key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed)
-        workspace(comm).run(slot, codec.stream, key, enqueue)
+        workspace(comm).run(slot, codec.stream, key, enqueue, prepare)

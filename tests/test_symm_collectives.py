@@ -131,9 +131,10 @@ def test_usable_needs_two_ranks_a_device_and_no_capture(monkeypatch):
     assert not sc.usable(FakeComm(size=3), 7)       # spans hosts
 
 
-def _halves(ws, slot_bytes, stream, key=None):
+def _halves(ws, slot_bytes, stream, key=None, prepared=None):
     got = []
-    ws.run(slot_bytes, stream, key, lambda s, local, slots: got.append((s, local, slots)))
+    prepare = (lambda: prepared.append(1)) if prepared is not None else None
+    ws.run(slot_bytes, stream, key, lambda s, local, slots: got.append((s, local, slots)), prepare)
     return got
 
 
@@ -167,7 +168,9 @@ def test_a_call_that_repeats_is_captured_once_per_half_then_replayed(fakes):
     rt = fakes
     ws = sc.workspace(FakeComm(rank=0, size=2))
     key = ("op", 0x100, 0x200)
-    runs = [_halves(ws, 64, 5, key) for _ in range(6)]
+    prepared = []
+    runs = [_halves(ws, 64, 5, key, prepared) for _ in range(6)]
+    assert len(prepared) == 4  # before each eager run and each capture, not before a replay
     # calls 1 and 2 (one per half) run eagerly and are remembered; 3 and 4 are captured on our own
     # stream and launched on the caller's; 5 and 6 replay
     assert [r[0][0] for r in runs[:2]] == [5, 5]

@@ -4,6 +4,8 @@ Nothing here imports a framework: arrays are whatever the producer made (numpy, 
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Tuple
@@ -44,6 +46,7 @@ class PackedLayout(NamedTuple):
     total_bytes: int  # the segment's size, a multiple of 16
 
 
+@functools.lru_cache(maxsize=4096)  # on every collective call's path; a pure function of its arguments
 def packed_layout(rows: int, K: int, format: str) -> PackedLayout:
     """The packed wire layout of a [rows, K] FP4 tensor: [data | scales | global scale], each segment
     16-byte aligned, total a multiple of 16 so segments of several tensors can follow each other."""
