@@ -31,8 +31,8 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-VARIANT_HELP = ("comma-separated NAME=BARRIER:STREAMS pipelined variants (FP4CCL_SYMM_BARRIER kernel|memop, "
-                "FP4CCL_OVERLAP_STREAMS); each is timed forced-pipelined")
+VARIANT_HELP = ("comma-separated NAME=BARRIER:STREAMS[:CHUNKS] pipelined variants (FP4CCL_SYMM_BARRIER "
+                "kernel|memop, FP4CCL_OVERLAP_STREAMS, FP4CCL_OVERLAP_CHUNKS); each is timed forced-pipelined")
 
 
 def parse():
@@ -55,7 +55,11 @@ def _variants(spec: str):
     for item in filter(None, spec.split(",")):
         name, _, rest = item.partition("=")
         barrier, _, streams = rest.partition(":")
-        out.append((name, {"FP4CCL_SYMM_BARRIER": barrier, "FP4CCL_OVERLAP_STREAMS": streams}))
+        streams, _, chunks = streams.partition(":")
+        env = {"FP4CCL_SYMM_BARRIER": barrier, "FP4CCL_OVERLAP_STREAMS": streams}
+        if chunks:
+            env["FP4CCL_OVERLAP_CHUNKS"] = chunks
+        out.append((name, env))
     return out or [("pipe", {})]
 
 
@@ -208,7 +212,8 @@ def _header(W, N, K, name, variants):
     print(f"\n# overlap bench: {W} x {name}, N={N} K={K}, bf16, ms (median batch, slowest rank)")
     print("# seqpath = fp4ccl's sequential path through its API (what auto runs below the threshold); "
           + ", ".join(f"{n} = pipelined {e.get('FP4CCL_SYMM_BARRIER', 'default')}/"
-                      f"{e.get('FP4CCL_OVERLAP_STREAMS', 'default')} streams" for n, e in variants))
+                      f"{e.get('FP4CCL_OVERLAP_STREAMS', 'default')} streams/"
+                      f"{e.get('FP4CCL_OVERLAP_CHUNKS', 'default')} chunks" for n, e in variants))
     head = f"{'op':<12}{'M':>6}{'mm':>8}{'comm':>8}{'seq':>8}{'torch':>8}{'seqpath':>8}"
     head += "".join(f"{n:>8}" for n, _ in variants)
     print(head, flush=True)

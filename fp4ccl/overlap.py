@@ -238,8 +238,8 @@ def _agree(comm, st: _State, what: str, signature: Optional[dict], bad: Optional
         st.agreed.popitem(last=False)
 
 
-_ENV_KEYS = ("FP4CCL_OVERLAP", "FP4CCL_OVERLAP_MIN_BYTES", "FP4CCL_OVERLAP_STREAMS", "FP4CCL_SYMM_BARRIER",
-             "FP4CCL_CHECK")
+_ENV_KEYS = ("FP4CCL_OVERLAP", "FP4CCL_OVERLAP_MIN_BYTES", "FP4CCL_OVERLAP_STREAMS", "FP4CCL_OVERLAP_CHUNKS",
+             "FP4CCL_SYMM_BARRIER", "FP4CCL_CHECK")
 
 
 def _tensor_key(x):
@@ -302,10 +302,24 @@ def _n_streams() -> int:
     return n
 
 
+# Pieces each peer's shard is pulled (and multiplied) in: the matmul of the last piece is what the
+# pipeline cannot hide, so smaller pieces shorten the tail; too small and the matmuls lose efficiency.
+DEFAULT_CHUNKS = 1
+
+
+def _n_chunks() -> int:
+    """FP4CCL_OVERLAP_CHUNKS: pieces per peer shard in the pipelined all_gather_matmul (bf16/fp16/fp32)."""
+    raw = os.environ.get("FP4CCL_OVERLAP_CHUNKS", "")
+    n = int(raw) if raw else DEFAULT_CHUNKS
+    if not 1 <= n <= 16:
+        raise ValueError(f"FP4CCL_OVERLAP_CHUNKS={raw!r} must be between 1 and 16")
+    return n
+
+
 def _variant() -> dict:
     """The pipelined path's settings; part of the agreed signature, so every rank uses the same."""
     from .symmetric import barrier_mode
-    return {"streams": _n_streams(), "barrier": barrier_mode()}
+    return {"streams": _n_streams(), "barrier": barrier_mode(), "chunks": _n_chunks()}
 
 
 def _min_bytes(what: str) -> int:
@@ -684,32 +698,39 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
         stage = torch.empty((W - 1) * wire_bytes, dtype=torch.uint8, device=a2.device)
         if ksplit:
             tmp = torch.empty((R, k), dtype=a2.dtype, device=a2.device)
-    arrived: List[List[Any]] = []
+    # arrived[i - 1]: (first row, rows, events) of each piece of peer r + i's shard, in pull order.
+    arrived: List[List[Tuple[int, int, List[Any]]]] = []
+    rows_per_piece = _split(R, 1 if fmt else min(var["chunks"], max(R, 1)), 1) or [(0, 0)]
     for i in range(1, W):
         p = (r + i) % W
         src = ws.buf.ptr(p) + off
-        if fmt:
-            dst = stage.data_ptr() + (i - 1) * wire_bytes
-            pieces = _split(wire_bytes, len(copiers), 256)
-            for s, (o, n) in zip(copiers, pieces):
-                _copy(dst + o, src + o, n, s)
-        elif ksplit:
-            pieces = _split(R, len(copiers), 1)
-            for s, (r0, n) in zip(copiers, pieces):
-                _copy2d(dest(p).data_ptr() + r0 * W * k * isz, W * k * isz, src + r0 * k * isz, k * isz,
-                        k * isz, n, s)
-        else:
-            pieces = _split(shard_bytes, len(copiers), 256)
-            for s, (o, n) in zip(copiers, pieces):
-                _copy(dest(p).data_ptr() + o, src + o, n, s)
-        landed = []
-        for s in copiers[:len(pieces)]:
-            e = event()
-            e.record(s)
-            landed.append(e)
+        landed_pieces = []
+        for r0, nr in rows_per_piece:
+            if fmt:
+                dst = stage.data_ptr() + (i - 1) * wire_bytes
+                pieces = _split(wire_bytes, len(copiers), 256)
+                for s, (o, n) in zip(copiers, pieces):
+                    _copy(dst + o, src + o, n, s)
+            elif ksplit:
+                pieces = _split(nr, len(copiers), 1)
+                for s, (q0, n) in zip(copiers, pieces):
+                    row = r0 + q0
+                    _copy2d(dest(p).data_ptr() + row * W * k * isz, W * k * isz, src + row * k * isz, k * isz,
+                            k * isz, n, s)
+            else:
+                base = r0 * k * isz
+                pieces = _split(nr * k * isz, len(copiers), 256)
+                for s, (o, n) in zip(copiers, pieces):
+                    _copy(dest(p).data_ptr() + base + o, src + base + o, n, s)
+            landed = []
+            for s in copiers[:len(pieces)]:
+                e = event()
+                e.record(s)
+                landed.append(e)
+            landed_pieces.append((r0, nr, landed))
         if fmt:
             # A stream of its own, so a decode waiting for SMs never holds back the next pull.
-            for e in landed:
+            for e in landed_pieces[0][2]:
                 decode.wait_event(e)
             seg = (i - 1) * wire_bytes
             if ksplit:
@@ -720,8 +741,8 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
                 formats.dequantize_packed(stage, [(p * R, R, seg)], k, fmt, a_full2, stream=decode)
             e = event()
             e.record(decode)
-            landed = [e]
-        arrived.append(landed)
+            landed_pieces = [(0, R, [e])]
+        arrived.append(landed_pieces)
     if spec.return_a:
         last = copiers[-1]
         if ksplit:
@@ -750,23 +771,26 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
         accs = [t if t.dtype == torch.float32 else torch.empty(t.shape, dtype=torch.float32, device=t.device)
                 for t in results2]
 
-    def consume(p: int, ap, first: bool):
+    def consume(p: int, ap, first: bool, r0: int = 0, r1: int = R):
+        """The products of rows [r0, r1) of shard p (ap holds the whole shard)."""
+        ap = ap[r0:r1]
         for j, b in enumerate(spec.bs):
             if spec.rhs and not ksplit:     # x @ a_p.T -> column block p
-                torch.mm(b, ap.T, out=results2[j][:, p * R:(p + 1) * R])
+                torch.mm(b, ap.T, out=results2[j][:, p * R + r0:p * R + r1])
             elif spec.rhs:                   # K split: x[:, block p] @ a_p.T, accumulated
-                _mm_into_f32(accs[j], b[:, p * k:(p + 1) * k], ap.T, first)
+                _mm_into_f32(accs[j][:, r0:r1], b[:, p * k:(p + 1) * k], ap.T, first)
             elif ksplit:                     # a_p @ b[block p rows], accumulated
-                _mm_into_f32(accs[j], ap, b[p * k:(p + 1) * k], first)
+                _mm_into_f32(accs[j][r0:r1], ap, b[p * k:(p + 1) * k], first)
             else:                            # a_p @ b -> row block p
-                torch.mm(ap, b, out=results2[j][p * R:(p + 1) * R])
+                torch.mm(ap, b, out=results2[j][p * R + r0:p * R + r1])
 
     consume(r, a2, True)
     for i in range(1, W):
         p = (r + i) % W
-        for e in arrived[i - 1]:
-            main.wait_event(e)
-        consume(p, dest(p), False)
+        for r0, nr, landed in arrived[i - 1]:
+            for e in landed:
+                main.wait_event(e)
+            consume(p, dest(p), False, r0, r0 + nr)
     for e in finished:
         main.wait_event(e)
     if ksplit:

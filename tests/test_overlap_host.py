@@ -261,6 +261,13 @@ def test_fast_key_only_for_checked_torch_calls(monkeypatch):
     assert overlap._fast_key(Comm(), args, a, b, None) is None
     monkeypatch.setenv("FP4CCL_OVERLAP_STREAMS", "2")
     assert overlap._fast_key(Comm(), args, a, [b], None) != key
+    streams2 = overlap._fast_key(Comm(), args, a, [b], None)
+    monkeypatch.setenv("FP4CCL_OVERLAP_CHUNKS", "4")
+    assert overlap._fast_key(Comm(), args, a, [b], None) != streams2  # every rank must pipeline alike
+    monkeypatch.setenv("FP4CCL_OVERLAP_CHUNKS", "17")
+    with pytest.raises(ValueError, match="FP4CCL_OVERLAP_CHUNKS='17' must be between 1 and 16"):
+        overlap._variant()
+    monkeypatch.delenv("FP4CCL_OVERLAP_CHUNKS")
     monkeypatch.setenv("FP4CCL_CHECK", "1")
     assert overlap._fast_key(Comm(), args, a, [b], None) is None
     Comm.backend = "host"

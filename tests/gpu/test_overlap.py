@@ -156,15 +156,18 @@ def ov_other_stream(comm, seed):
     return n
 
 
-def ov_variant(comm, seed, barrier, streams):
-    """Every pipelined form under one barrier mode and copy-stream count (3 streams split unevenly)."""
+def ov_variant(comm, seed, barrier, streams, chunks=1):
+    """Every pipelined form under one barrier mode, copy-stream count (3 streams split unevenly) and
+    number of pieces per pulled shard (3 split 250 rows unevenly)."""
     _setup(comm)
     os.environ["FP4CCL_SYMM_BARRIER"] = barrier
     os.environ["FP4CCL_OVERLAP_STREAMS"] = str(streams)
+    os.environ["FP4CCL_OVERLAP_CHUNKS"] = str(chunks)
     try:
         n = ov_ag(comm, seed, "bfloat16", (250, 512), 0, False, "pipelined")
         n += ov_ag(comm, seed + 1, "bfloat16", (250, 512), 1, False, "pipelined")
         n += ov_ag(comm, seed + 2, "bfloat16", (96, 256), 0, True, "pipelined", calls=1)
+        n += ov_ag(comm, seed + 7, "bfloat16", (96, 256), 1, True, "pipelined", calls=1)
         n += ov_ag_fp4(comm, seed + 3, "nvfp4", 0, "pipelined")
         n += ov_ag_fp4(comm, seed + 4, "nvfp4", 1, "pipelined")
         n += ov_rs(comm, seed + 5, "bfloat16", (500 * comm.size, 256 * comm.size), 384, 0, "sum", "pipelined")
@@ -172,6 +175,7 @@ def ov_variant(comm, seed, barrier, streams):
     finally:
         os.environ.pop("FP4CCL_SYMM_BARRIER", None)
         os.environ.pop("FP4CCL_OVERLAP_STREAMS", None)
+        os.environ.pop("FP4CCL_OVERLAP_CHUNKS", None)
     return n
 
 
@@ -288,7 +292,8 @@ def test_overlap_bad_input_fails_everywhere(nranks):
 
 
 @pytest.mark.parametrize("nranks", NRANKS)
-@pytest.mark.parametrize("barrier,streams", [("memop", 1), ("memop", 3), ("kernel", 3)])
-def test_overlap_variants(nranks, barrier, streams, seed):
+@pytest.mark.parametrize("barrier,streams,chunks", [("memop", 1, 1), ("memop", 3, 1), ("kernel", 3, 1),
+                                                    ("memop", 1, 3), ("memop", 2, 4)])
+def test_overlap_variants(nranks, barrier, streams, chunks, seed):
     need_gpus(nranks)
-    assert all(run_ranks(nranks, ov_variant, seed, barrier, streams, backend="nccl"))
+    assert all(run_ranks(nranks, ov_variant, seed, barrier, streams, chunks, backend="nccl"))
