@@ -303,17 +303,29 @@ def _n_streams() -> int:
 
 
 # Pieces each peer's shard is pulled (and multiplied) in: the matmul of the last piece is what the
-# pipeline cannot hide, so smaller pieces shorten the tail; too small and the matmuls lose efficiency.
-DEFAULT_CHUNKS = 1
+# pipeline cannot hide, so smaller pieces shorten the tail; too small and the launches cost more than
+# they hide. Measured (4 x H200, N = K = 8192 bf16, ms, 1/2/4/8 pieces): M = 1024 0.233/0.272/0.412/
+# 0.680, M = 4096 0.348/0.343/0.421/0.671, M = 8192 0.620/0.589/0.604/0.724, M = 16384 1.179/1.085/
+# 1.072/1.105. So by shard size: CHUNKS_BY_SHARD_BYTES lists (minimum shard bytes, pieces).
+CHUNKS_BY_SHARD_BYTES = ((64 << 20, 4), (16 << 20, 2))
 
 
-def _n_chunks() -> int:
-    """FP4CCL_OVERLAP_CHUNKS: pieces per peer shard in the pipelined all_gather_matmul (bf16/fp16/fp32)."""
+def _n_chunks() -> Optional[int]:
+    """FP4CCL_OVERLAP_CHUNKS: pieces per peer shard in the pipelined all_gather_matmul (bf16/fp16/fp32);
+    None (unset): by shard size (chunks_for)."""
     raw = os.environ.get("FP4CCL_OVERLAP_CHUNKS", "")
-    n = int(raw) if raw else DEFAULT_CHUNKS
+    if not raw:
+        return None
+    n = int(raw)
     if not 1 <= n <= 16:
         raise ValueError(f"FP4CCL_OVERLAP_CHUNKS={raw!r} must be between 1 and 16")
     return n
+
+
+def chunks_for(shard_bytes: int, forced: Optional[int]) -> int:
+    if forced is not None:
+        return forced
+    return next((n for least, n in CHUNKS_BY_SHARD_BYTES if shard_bytes >= least), 1)
 
 
 def _variant() -> dict:
@@ -700,7 +712,8 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
             tmp = torch.empty((R, k), dtype=a2.dtype, device=a2.device)
     # arrived[i - 1]: (first row, rows, events) of each piece of peer r + i's shard, in pull order.
     arrived: List[List[Tuple[int, int, List[Any]]]] = []
-    rows_per_piece = _split(R, 1 if fmt else min(var["chunks"], max(R, 1)), 1) or [(0, 0)]
+    chunks = 1 if fmt else min(chunks_for(shard_bytes, var["chunks"]), max(R, 1))
+    rows_per_piece = _split(R, chunks, 1) or [(0, 0)]
     for i in range(1, W):
         p = (r + i) % W
         src = ws.buf.ptr(p) + off

@@ -285,3 +285,11 @@ def test_split_covers_aligned():
             assert all(o % 256 == 0 for o, _ in pieces)
             assert [o for o, _ in pieces] == sorted(o for o, _ in pieces)
     assert _split(250, 3, 1) == [(0, 84), (84, 84), (168, 82)]
+
+
+def test_pieces_per_shard_by_size_unless_forced():
+    from fp4ccl.overlap import chunks_for
+    assert chunks_for(1 << 20, None) == 1
+    assert chunks_for(16 << 20, None) == 2
+    assert chunks_for(64 << 20, None) == 4
+    assert chunks_for(64 << 20, 1) == 1 and chunks_for(1 << 10, 8) == 8
