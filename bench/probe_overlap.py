@@ -9,7 +9,8 @@ first event to the last; `mm|` and `pull|`: each stream's own span within it). A
 keeps `both` near max(mm, pull); one that waits for the matmul's SMs gives mm + pull.
 Pulls: cudaMemcpyAsync peer-to-local (copy engine) from one peer, the same split in 4 pieces on 4
 streams, one copy from each peer on its own stream; the segmented-copy kernel (SM loads over NVLink)
-from every peer with a full grid, and from one peer with a few blocks.
+from every peer with a full grid or N blocks per peer (`sm all xN`), and from one peer with a few
+blocks; `ce+sm xN`: the copy engine pulls one peer's share while N blocks per peer pull the others'.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=2048, help="rows of the matmul's A (one shard)")
     ap.add_argument("--nk", type=int, default=8192, help="N = K of the matmul")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-mm", action="store_true", help="time the pulls alone only")
     args = ap.parse_args()
 
     import torch
@@ -85,10 +87,42 @@ def main() -> None:
             fn((1, blocks, 1), (vcollectives.VCOPY_THREADS, 1, 1), (table,), 0, StreamRef(side[0].cuda_stream))
         return go
 
+    def sm_peers(sources, blocks, first):
+        """A vcopy launch pulling an equal share of `nbytes` from each source (share i of the buffer
+        from source i, i counted from `first`), `blocks` blocks per source."""
+        share = nbytes // len(peers)
+        table = np.zeros(1, vcollectives.VCOPY_TABLE)
+        flat = table.view(np.uint64)
+        m = vcollectives.VCOPY_MAXSEG
+        n = len(sources)
+        flat[0:n] = [buf.ptr(p) + (first + i) * share for i, p in enumerate(sources)]
+        flat[m:m + n] = [dst.data_ptr() + (first + i) * share for i in range(n)]
+        flat[2 * m:2 * m + n] = share
+        return lambda stream: fn((blocks, n, 1), (vcollectives.VCOPY_THREADS, 1, 1), (table,), 0,
+                                 StreamRef(stream.cuda_stream))
+
+    def hybrid(blocks):
+        # The copy engine pulls the first peer's share while SM blocks pull the other peers' shares.
+        share = nbytes // len(peers)
+        sm_rest = sm_peers(peers[1:], blocks, 1)
+
+        def go():
+            rt.memcpyAsync(dst.data_ptr(), buf.ptr(peers[0]), share, rt.memcpyDefault, side[0].cuda_stream)
+            sm_rest(side[1])
+        return go
+
+    def sm_each(blocks):
+        launch = sm_peers(peers, blocks, 0)
+        return lambda: launch(side[0])
+
     pulls = {"ce 1 peer": (ce(side[:1], [peer]), side[:1]), "ce 1 peer x4": (ce(side, [peer]), side),
              "ce all peers": (ce(side[:len(peers)], peers), side[:len(peers)]),
              "sm all peers": (sm_all_peers(), side[:1]),
+             "sm all x64": (sm_each(64), side[:1]), "sm all x128": (sm_each(128), side[:1]),
+             "ce+sm x128": (hybrid(128), side[:2]), "ce+sm x256": (hybrid(256), side[:2]),
              "sm 16": (sm(16), side[:1]), "sm 64": (sm(64), side[:1]), "sm 128": (sm(128), side[:1])}
+    if args.no_mm:
+        pulls = {k: v for k, v in pulls.items() if not k.startswith("sm ") or k.startswith("sm all")}
 
     def timed(fn_main, pull):
         start = torch.cuda.Event(enable_timing=True)
@@ -127,7 +161,8 @@ def main() -> None:
     rows = [("mm alone", median(mm, None))]
     for name, pull in pulls.items():
         rows.append((f"{name} alone", median(None, pull)))
-        rows.append((f"{name} + mm", median(mm, pull)))
+        if not args.no_mm:
+            rows.append((f"{name} + mm", median(mm, pull)))
     # Slowest rank per cell.
     keys = ("both", "mm", "pull")
     flat = np.array([[r.get(k, float("nan")) for k in keys] for _, r in rows], dtype=np.float64)
