@@ -78,20 +78,7 @@ def time_graph(fn, n: int, warm: int, calls: int = 12) -> float:
 def time_stream(fn, n: int, warm: int, calls: int = 12) -> float:
     """Median milliseconds of one fn(i) from `calls` back-to-back calls on the stream, no graph (events
     around the batch; the host enqueues faster than these sizes run, so the GPU does not wait)."""
-    import torch
-    for i in range(max(1, warm)):
-        fn(i)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for i in range(calls):
-            fn(i)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    return statistics.median(times)
+    return time_it(fn, n, max(1, warm), calls)
 
 
 _COPY_SRC = r"""
@@ -130,21 +117,23 @@ def copy_kernel():
     return run
 
 
-def time_it(fn, n: int, warm: int) -> float:
-    """Median milliseconds of fn(i) over n timed calls (i = call index, for rotating inputs), events
-    around each call: what a caller whose GPU is idle sees, Python dispatch included."""
+def time_it(fn, n: int, warm: int, calls: int = 1) -> float:
+    """Median milliseconds of one fn(i) (i = call index, for rotating inputs) over n timed batches of
+    `calls` calls, events around each batch; with calls = 1 what a caller whose GPU is idle sees,
+    Python dispatch included."""
     import torch
     for i in range(warm):
         fn(i)
     torch.cuda.synchronize()
     times = []
-    for i in range(n):
+    for k in range(n):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn(i)
+        for i in range(calls):
+            fn(k * calls + i)
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / calls)
     return statistics.median(times)
 
 

@@ -333,6 +333,21 @@ template <> __device__ __forceinline__ u32 signs_vec<float>(const uint4& v) {
     return sign_nibbles(sign_bytes_f32(v.x, v.y, v.z, v.w), 0u);
 }
 
+// N values f[j] * mult stochastically rounded to E2M1 (element j draws the random bits of element
+// idx0 + j), packed a nibble each from bit 0 up.
+template <int N>
+__device__ __forceinline__ u32 e2m1_sr_pack(const float* f, float mult, const QuantCtx& c, u64 idx0) {
+    u32 w = 0u;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const float y = __fmul_rn(f[j], mult);
+        u32 q = e2m1_sr(fminf(fabsf(y), 6.0f), sr_bits(c.k1, c.k2, idx0 + j));
+        q |= (__float_as_uint(y) >> 28) & 8u;
+        w |= q << (j * 4);
+    }
+    return w;
+}
+
 // One thread quantizes one block of BS elements per iteration (16 for NVFP4, 32 for MXFP4): it loads
 // BS inputs with 16-byte loads, writes BS/2 data bytes with one 8- or 16-byte store and one scale byte.
 template <typename In, int BS, bool NV, bool SWZ, bool SR>
@@ -363,12 +378,7 @@ __device__ void quant_body(const uint4* __restrict__ x, u32 K, const QuantCtx& c
             const float mult = block_scale<NV>(m, c, sbyte);
             if constexpr (SR) {
 #pragma unroll
-                for (int j = 0; j < BS; ++j) {
-                    const float y = __fmul_rn(f[j], mult);
-                    u32 q = e2m1_sr(fminf(fabsf(y), 6.0f), sr_bits(c.k1, c.k2, blk * BS + j));
-                    q |= (__float_as_uint(y) >> 28) & 8u;
-                    w[j >> 3] |= q << ((j & 7) * 4);
-                }
+                for (int j = 0; j < BS / 8; ++j) w[j] = e2m1_sr_pack<8>(f + 8 * j, mult, c, blk * BS + 8 * j);
             } else {
                 // mult > 0 (or +0), so y has x's sign: the sign bits come straight from the loaded bytes
                 float y[BS];
@@ -429,13 +439,7 @@ __device__ void quant_lanes_body(const uint4* __restrict__ x, u32 K, const Quant
             } else {
                 const float mult = block_scale<NV>(m, c, sbyte);
                 if constexpr (SR) {
-#pragma unroll
-                    for (int j = 0; j < PV; ++j) {
-                        const float y = __fmul_rn(f[j], mult);
-                        u32 q = e2m1_sr(fminf(fabsf(y), 6.0f), sr_bits(c.k1, c.k2, (xv0 + vi) * PV + j));
-                        q |= (__float_as_uint(y) >> 28) & 8u;
-                        w |= q << (j * 4);
-                    }
+                    w = e2m1_sr_pack<PV>(f, mult, c, (xv0 + vi) * PV);
                 } else {
                     float y[PV];
 #pragma unroll
@@ -560,6 +564,13 @@ template <> struct Packed<32> {
 // whole warp in order, so each store instruction covers 512 contiguous bytes (a thread storing its own
 // block would touch 32 sectors, half-filled, per instruction).
 #define FP4_DQ_UNROLL 2
+
+// The segment's global decode scale S_dec (NVFP4; 1 where the segment has none, and for MXFP4).
+template <bool NV>
+__device__ __forceinline__ float decode_scale(const Seg& seg) {
+    return (NV && seg.gs) ? *(const float*)seg.gs : 1.0f;
+}
+
 template <typename Out, int BS, bool NV, bool SWZ>
 __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     constexpr int OBYTES = OutBlock<Out, BS>::BYTES;
@@ -570,7 +581,7 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
     fill_e2m1_lut(lut);
     __syncthreads();
     const Seg seg = pick_segment(t);
-    const float sdec = (NV && seg.gs) ? *(const float*)seg.gs : 1.0f;
+    const float sdec = decode_scale<NV>(seg);
     const u32 nbc = K / BS;
     const u32 units = (u32)seg.units;
     const u8* scale_in = (const u8*)seg.scale;
@@ -652,7 +663,7 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
     fill_e2m1_lut(lut);
     __syncthreads();
     const Seg seg = pick_segment(t);
-    const float sdec = (NV && seg.gs) ? *(const float*)seg.gs : 1.0f;
+    const float sdec = decode_scale<NV>(seg);
     const u32 nbc = K / BS;
     const u64 nch = seg.units * CPB;
     const u8* scale_in = (const u8*)seg.scale;
