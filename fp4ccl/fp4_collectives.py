@@ -565,8 +565,8 @@ class _GpuCodec:
         # once, and each must keep its amax until its quantize has read it.
         turn = self.comm._extras.get("fp4_amax_next")
         if turn is None:
-            from .symmetric import _Flag
-            turn = self.comm._extras["fp4_amax_next"] = _Flag(0)
+            from .symmetric import _Cached
+            turn = self.comm._extras["fp4_amax_next"] = _Cached(0)
         turn.value += 1
         return self.base + 4 * (turn.value % _AMAX_SLOTS)
 

@@ -67,11 +67,11 @@ def same_node(comm) -> bool:
     if not value:
         log.info("ranks span %d hosts: symmetric memory is off for this communicator", len(set(idents)))
     if extras is not None:
-        extras["fp4ccl.same_node"] = _Flag(value)
+        extras["fp4ccl.same_node"] = _Cached(value)
     return value
 
 
-class _Flag:
+class _Cached:
     """A cached value kept in comm._extras (which calls close() on destroy)."""
 
     def __init__(self, value):
