@@ -73,10 +73,9 @@ def fp4_algo(comm, stream: int) -> str:
     return "nccl"
 
 
-# Calls whose workspace slot is at most this replay a CUDA graph of their steps once the same call
-# (same buffers, sizes and stream) comes again: one graph launch instead of a handful of API calls,
-# which is what a small call's time is made of. FP4CCL_SYMM_GRAPHS=0 turns it off.
-GRAPH_MAX_SLOT_BYTES = 4 << 20
+# A call that comes again (same buffers, sizes and stream) replays a CUDA graph of its steps: one graph
+# launch instead of a handful of API calls, which is what a small call's time is made of, and no host
+# gaps between the steps of a large one. FP4CCL_SYMM_GRAPHS=0 turns it off.
 _GRAPH_CACHE = 64       # graphs kept per communicator (least recently used dropped)
 _SEEN_CACHE = 256       # call keys remembered, to capture only calls that repeat
 
@@ -108,7 +107,7 @@ class Workspace:
         slot_bytes must be the same on every rank (derive it from sizes, never from local data)."""
         local, slots, half = self._acquire(slot_bytes, stream)
         graph = None
-        if key is not None and slot_bytes <= GRAPH_MAX_SLOT_BYTES and graphs_enabled():
+        if key is not None and graphs_enabled():
             full = key + (half, stream)
             graph = self._graphs.get(full)
             if graph is not None:
