@@ -384,3 +384,24 @@ def test_which_reduce_scatters_symmetric_memory_takes():
     assert not sc.can_reduce_scatter(FakeComm(size=4), "bfloat16", "max")
     assert not sc.can_reduce_scatter(FakeComm(size=4), "int32", "sum")
     assert not sc.can_reduce_scatter(FakeComm(size=9), "float32", "sum")
+
+
+def test_fp4_gather_raw_fills_its_slot_then_pulls_every_part_in_one_launch(fakes, monkeypatch):
+    from fp4ccl import vcollectives
+    log = []
+    monkeypatch.setattr(vcollectives, "copy_segments", lambda dev, segs, st: log.append(("segments", segs, st)))
+    FakeBuffer.trace = log
+    comm = FakeComm(rank=1, size=2)
+    codec = FakeCodec(comm)
+    rows, K = [3, 5], 64
+    filled = []
+    sc.fp4_gather_raw(codec, rows, K, "nvfp4", lambda addr, lay: filled.append((addr, lay, codec.stream)),
+                      0xD000, 0x5000, 0x6000)
+    lays = [packed_layout(r, K, "nvfp4") for r in rows]
+    assert filled == [(2 << 32, lays[1], 5)]  # our slot, on the caller's stream, before the barrier
+    base = [1 << 32, 2 << 32]
+    assert log == [("barrier", 5), ("segments", [
+        (0xD000, base[0], 3 * 32), (0x5000, base[0] + lays[0].scale_off, 3 * 4), (0x6000, base[0] + lays[0].gs_off, 4),
+        (0xD000 + 3 * 32, base[1], 5 * 32), (0x5000 + 3 * 4, base[1] + lays[1].scale_off, 5 * 4),
+        (0x6000 + 4, base[1] + lays[1].gs_off, 4)], 5)]
+    assert not sc.workspace(comm)._seen  # new result arrays every call: never remembered for a graph
