@@ -12,8 +12,9 @@ barrier of the next call, which every peer reaches after its reads of that half 
 an event joins calls made on different streams), so one barrier per call is enough.
 
 Not used, and the NCCL algorithms run instead, when: the communicator spans hosts or has one rank,
-the stream is being captured into a CUDA graph (the barrier's epochs are host-side counters, which
-a replay cannot advance), or FP4CCL_FP4_ALGO / FP4CCL_ALGO ask for an NCCL algorithm. Every rank
+the caller's stream is being captured into a CUDA graph (the caller's graph would freeze one workspace
+half, and its replays could overwrite that half while a peer still reads it), or FP4CCL_FP4_ALGO /
+FP4CCL_ALGO ask for an NCCL algorithm. Every rank
 must make the same choice, so capture (like every collective) has to be the same on every rank.
 """
 from __future__ import annotations
@@ -106,23 +107,19 @@ class Workspace:
         `prepare()` runs first unless a graph is replayed (sizing other workspaces, say).
         slot_bytes must be the same on every rank (derive it from sizes, never from local data)."""
         local, slots, half = self._acquire(slot_bytes, stream)
-        graph = None
-        if key is not None and graphs_enabled():
-            full = key + (half, stream)
-            graph = self._graphs.get(full)
-            if graph is not None:
-                self._graphs.move_to_end(full)
-            else:
-                if prepare is not None:
-                    prepare()
-                if full in self._seen:
-                    graph = self._capture(full, lambda s: enqueue(s, local, slots))
-                else:
-                    self._seen[full] = None
-                    if len(self._seen) > _SEEN_CACHE:
-                        self._seen.popitem(last=False)
-        elif prepare is not None:
-            prepare()
+        full = key + (half, stream) if key is not None and graphs_enabled() else None
+        graph = self._graphs.get(full) if full is not None else None
+        if graph is not None:
+            self._graphs.move_to_end(full)
+        else:
+            if prepare is not None:
+                prepare()
+            if full in self._seen:
+                graph = self._capture(full, lambda s: enqueue(s, local, slots))
+            elif full is not None:
+                self._seen[full] = None
+                if len(self._seen) > _SEEN_CACHE:
+                    self._seen.popitem(last=False)
         if graph is not None:
             _rt().graphLaunch(graph, stream)
         else:

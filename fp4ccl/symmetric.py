@@ -447,7 +447,7 @@ class SymmetricBuffer:
         return _view(self._peer_base[self._rank_index(rank)] + offset, shape, dtype, self.device, self)
 
     # -- device-side barrier ------------------------------------------------------------------------
-    def barrier(self, stream: Any = None, mode: Optional[str] = None, ordered: bool = False) -> None:
+    def barrier(self, stream: Any = None, mode: Optional[str] = None) -> None:
         """Enqueue a barrier over every rank on `stream` (default: the current stream); returns at once.
 
         Work enqueued on `stream` after it sees every write any rank enqueued (on the stream it
@@ -455,8 +455,6 @@ class SymmetricBuffer:
         or 'memop' (default: FP4CCL_SYMM_BARRIER); both write the same pads, so ranks may differ.
         `mode='device'`: a kernel that keeps the epoch on the device, so the barrier can be captured in
         a CUDA graph and replayed; a buffer whose barriers are 'device' must use no other mode.
-        `ordered=True`: the caller already orders `stream` after this buffer's previous barrier,
-        whatever stream that used (saves an event record and wait per barrier).
         """
         self._check()
         from cupy.cuda import runtime
@@ -474,15 +472,13 @@ class SymmetricBuffer:
         import cupy
         with cupy.cuda.Device(self.device):
             # Epochs must reach each pad in order even when barriers go to different streams.
-            if not ordered:
-                runtime.streamWaitEvent(handle, self._last_barrier, 0)
+            runtime.streamWaitEvent(handle, self._last_barrier, 0)
             ops = _memops(self.device) if mode == "memop" else None
             if ops is None or not self._memop_barrier(ops, handle):
                 launch(self.device, "fp4ccl_symm_barrier", (1,), (_round_up_warp(self.world),),
                        (np.uint64(self._base + self.table_offset), np.int32(self.rank), np.int32(self.world),
                         np.uint64(self._epoch), np.uint64(barrier_timeout_ns())), handle)
-            if not ordered:
-                runtime.eventRecord(self._last_barrier, handle)
+            runtime.eventRecord(self._last_barrier, handle)
 
     def _memop_barrier(self, ops: _MemOps, handle: int) -> bool:
         """The barrier as front-end stream operations: no block to schedule, so it cannot wait for a

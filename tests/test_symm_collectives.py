@@ -78,7 +78,7 @@ class FakeBuffer:
 
     trace = None  # a list to log ("barrier", stream) into, to check where barriers fall among other steps
 
-    def barrier(self, stream, mode=None, ordered=False):
+    def barrier(self, stream, mode=None):
         assert mode == "device"  # replayable in a graph, the same eagerly
         self.barriers.append(stream)
         if FakeBuffer.trace is not None:
