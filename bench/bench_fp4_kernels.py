@@ -10,8 +10,11 @@ left in L2:
   copy-k        a plain 16-byte-vector copy kernel (graph)         bytes = 2 * in
   write-k       the same kernel writing a constant (writes only)   bytes = in
   q-nv amax=    NVFP4 quantize, amax given                        bytes = in + data + scales
+  amax          the amax kernel alone (max |x| into a device fp32)  bytes = in
   q-nv auto     NVFP4 quantize, amax computed on the device       bytes = 2 * in + data + scales
                 (fp4ccl.quantize: the amax kernel, then quantize)
+  q-nv amax*    NVFP4 quantize, amax given as a device scalar     bytes = in + data + scales
+                (the second launch of "auto" alone)
   q-mx          MXFP4 quantize                                    bytes = in + data + scales
   dq-nv / dq-mx dequantize back to the input dtype                bytes = data + scales + out
   dqsumN-nv/mx  fused dequantize-and-sum of N FP4 tensors (bf16 rows) bytes = N * (data + scales) + out
@@ -258,6 +261,12 @@ def main(argv=None) -> int:
             results.append(("write-k", time_it(fk, a.iters, a.warmup_iters), time_graph(fk, a.iters, a.warmup_iters), inb, 0))
             del dst
             amax = float(max(x.abs().max().item() for x in xs))
+            am = torch.empty(3, device="cuda", dtype=torch.float32)
+            fm = lambda i: kernels.amax(am.device.index, xs[i % 3].data_ptr(), dt_name, n_el,  # noqa: E731
+                                        am[i % 3].data_ptr(), torch.cuda.current_stream().cuda_stream)
+            t_call, t = time_it(fm, a.iters, a.warmup_iters), time_graph(fm, a.iters, a.warmup_iters)
+            ok = torch.equal(am.cpu(), torch.stack([x.abs().max().float() for x in xs]).cpu())
+            results.append(("amax", t_call, t, inb, 0 if ok else 1))
             for fmt in ("nvfp4", "mxfp4"):
                 bs = 16 if fmt == "nvfp4" else 32
                 outs = [fp4ccl.quantize(x, fmt, amax=amax) for x in xs]
@@ -270,6 +279,10 @@ def main(argv=None) -> int:
                     fa = lambda i: fp4ccl.quantize(xs[i % 3], fmt, out=outs[i % 3])  # noqa: E731
                     results.append(("q-nv auto", time_it(fa, a.iters, a.warmup_iters), time_graph(fa, a.iters, a.warmup_iters),
                                     2 * inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
+                    # the quantize launch of "auto" alone: amax already on the device (read through a pointer)
+                    fp = lambda i: fp4ccl.quantize(xs[i % 3], fmt, amax=am[i % 3], out=outs[i % 3])  # noqa: E731
+                    results.append(("q-nv amax*", time_it(fp, a.iters, a.warmup_iters), time_graph(fp, a.iters, a.warmup_iters),
+                                    inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
                 ys = [torch.empty_like(x) for x in xs]
                 fd = lambda i: fp4ccl.dequantize(outs[i % 3], out=ys[i % 3])  # noqa: E731
                 ys[0].fill_(float("nan"))

@@ -379,7 +379,7 @@ def _prmt(a, b, sel):
 
 
 def test_kernel_nibble_packing_with_signs(rng):
-    """e2m1_rn_pack8 + sign_nibbles (csrc/fp4.cu) build the same word as quantize_2d for 8 elements of
+    """e2m1_rn_pack<8> + sign_nibbles (csrc/fp4.cu) build the same word as quantize_2d for 8 elements of
     bf16 and fp32 input: multiply-add packing less 0xFB000000, signs by prmt sign-replication."""
     for trial in range(300):
         x = (rng.standard_normal(8) * 2.0 ** rng.integers(-3, 3)).astype(F32)
