@@ -19,6 +19,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--rows", type=int, default=64, help="rows of K = 1024 bf16 per rank for the collectives")
+    ap.add_argument("--profile", action="store_true", help="also cProfile the symmetric-memory FP4 gather (rank 0)")
     args = ap.parse_args()
 
     import torch
@@ -75,6 +76,27 @@ def main() -> None:
         "v gather bcast": v_gather("bcast"),
         "v gather symm": v_gather("symm"),
     }
+    # The GPU time alone of a replayed call: the symmetric-memory FP4 gather's cached graphs (one per
+    # workspace half, captured by the calls above), and one NCCL all_gather captured by torch.
+    from fp4ccl import symm_collectives
+    for _ in range(4):
+        fp4_gather("symm")()
+    ws = symm_collectives.workspace(comm)
+    exes = [g for k, g in ws._graphs.items() if k[0] == "fp4_gather"]
+    if len(exes) == 2:
+        flip = [0]
+
+        def replay():
+            rt.graphLaunch(exes[flip[0]], sh)
+            flip[0] ^= 1
+        steps["fp4 gather graph"] = replay
+    side = torch.cuda.Stream()
+    side.wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(g, stream=side):
+        comm.all_gather(x, out=out)
+    stream.wait_stream(side)
+    steps["nccl all_gather graph"] = g.replay
     rows = []
     for name, step in steps.items():
         for _ in range(5):
@@ -90,6 +112,22 @@ def main() -> None:
         end.record(stream)
         end.synchronize()
         rows.append((host, start.elapsed_time(end) * 1e3 / args.calls))
+    if args.profile:
+        # where the host time of one symmetric-memory FP4 gather goes (graph replays: the steady state)
+        import cProfile
+        import io
+        import pstats
+        prof = cProfile.Profile()
+        go = fp4_gather("symm")
+        prof.enable()
+        for _ in range(args.calls):
+            go()
+        prof.disable()
+        torch.cuda.synchronize()
+        if comm.rank == 0:
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+            print(text.getvalue())
     os.environ.pop("FP4CCL_FP4_ALGO", None)
     os.environ.pop("FP4CCL_ALGO", None)
     flat = np.array(rows, dtype=np.float64)
