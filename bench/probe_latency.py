@@ -78,18 +78,19 @@ def main() -> None:
     }
     # The GPU time alone of a replayed call: the symmetric-memory FP4 gather's cached graphs (one per
     # workspace half, captured by the calls above), and one NCCL all_gather captured by torch.
+    # (Looked up when the step starts: a step before it may grow the workspace, which drops the graphs.)
     from fp4ccl import symm_collectives
-    for _ in range(4):
-        fp4_gather("symm")()
-    ws = symm_collectives.workspace(comm)
-    exes = [g for k, g in ws._graphs.items() if k[0] == "fp4_gather"]
-    if len(exes) == 2:
-        flip = [0]
+    exes, flip = [], [0]
 
-        def replay():
-            rt.graphLaunch(exes[flip[0]], sh)
-            flip[0] ^= 1
-        steps["fp4 gather graph"] = replay
+    def replay():
+        if not exes:
+            for _ in range(4):
+                fp4_gather("symm")()
+            exes.extend(g for k, g in symm_collectives.workspace(comm)._graphs.items() if k[0] == "fp4_gather")
+            assert len(exes) == 2, "expected one cached graph per workspace half"
+        rt.graphLaunch(exes[flip[0]], sh)
+        flip[0] ^= 1
+    steps["fp4 gather graph"] = replay
     side = torch.cuda.Stream()
     side.wait_stream(stream)
     g = torch.cuda.CUDAGraph()
