@@ -80,16 +80,19 @@ def main() -> None:
     # workspace half, captured by the calls above), and one NCCL all_gather captured by torch.
     # (Looked up when the step starts: a step before it may grow the workspace, which drops the graphs.)
     from fp4ccl import symm_collectives
-    exes, flip = [], [0]
+    # Each replay takes the half the workspace would use next and counts as its call, so the eager
+    # calls after it keep the double-buffering order.
+    by_half = {}
 
     def replay():
-        if not exes:
+        ws = symm_collectives.workspace(comm)
+        if not by_half:
             for _ in range(4):
                 fp4_gather("symm")()
-            exes.extend(g for k, g in symm_collectives.workspace(comm)._graphs.items() if k[0] == "fp4_gather")
-            assert len(exes) == 2, "expected one cached graph per workspace half"
-        rt.graphLaunch(exes[flip[0]], sh)
-        flip[0] ^= 1
+            by_half.update({k[-2]: g for k, g in ws._graphs.items() if k[0] == "fp4_gather"})
+            assert len(by_half) == 2, "expected one cached graph per workspace half"
+        rt.graphLaunch(by_half[ws.calls % 2], sh)
+        ws.calls += 1
     steps["fp4 gather graph"] = replay
     side = torch.cuda.Stream()
     side.wait_stream(stream)
