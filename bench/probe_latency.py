@@ -143,6 +143,8 @@ def main() -> None:
         print(f"{'step':>22} {'host':>8} {'gpu':>8}")
         for name, (h, g) in zip(steps, worst):
             print(f"{name:>22} {h:8.2f} {g:8.2f}")
+    del g  # the captured NCCL all_gather: a graph holding NCCL work must go before its communicator
+    torch.cuda.synchronize()
     buf.free()
     comm.destroy()
 

@@ -268,18 +268,17 @@ __device__ __forceinline__ void amax_vec(const uint4& v, float& m) {
 #ifndef FP4_AMAX_STEP
 #define FP4_AMAX_STEP 8
 #endif
+// This thread's max |x| over the finite elements of x[first], x[first + stride], ... (0 if none).
 template <typename In>
-__device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
+__device__ __forceinline__ float amax_thread(const uint4* __restrict__ x, u64 nvec, u64 first, u64 stride) {
     float m = 0.0f;
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const uint4* xr = FP4_AMAX_REVERSE ? x + nvec - 1 : x;   // element i is xr[dir * i]
     const long long dir = FP4_AMAX_REVERSE ? -1 : 1;
     // FP4_AMAX_STEP independent 16-byte loads per step, the last step's predicated (a missing vector is
     // zeros, which leave the max alone): one load in flight per thread left DRAM latency exposed, and
     // a remainder loop of single loads left the last few round trips exposed.
     constexpr int S = FP4_AMAX_STEP;
-    for (; i < nvec; i += S * stride) {
+    for (u64 i = first; i < nvec; i += S * stride) {
         uint4 v[S];
 #pragma unroll
         for (int u = 0; u < S; ++u) {
@@ -289,6 +288,11 @@ __device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
 #pragma unroll
         for (int u = 0; u < S; ++u) amax_vec<In>(v[u], m);
     }
+    return m;
+}
+
+// The max of m over the block, valid in every lane of warp 0 (every thread must call it).
+__device__ __forceinline__ float block_max(float m) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
     __shared__ float warp_max[32];
@@ -299,8 +303,15 @@ __device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
         m = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
-        if (lane == 0 && m > 0.0f) atomicMax((int*)out, __float_as_int(m));
     }
+    return m;
+}
+
+template <typename In>
+__device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
+    const float m = block_max(amax_thread<In>(x, nvec, (u64)blockIdx.x * blockDim.x + threadIdx.x,
+                                              (u64)gridDim.x * blockDim.x));
+    if (threadIdx.x == 0 && m > 0.0f) atomicMax((int*)out, __float_as_int(m));
 }
 
 // ---------------------------------------------------------------- quantize
@@ -881,6 +892,46 @@ __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumT
     }
 }
 
+// ---------------------------------------------------------------- small NVFP4 quantize, amax included
+// For the small gathers of decode-time dispatch the amax pass, its zeroed result word and the quantize
+// were three graph nodes of ~1-2 us each around a few microseconds of work. Here one launch of one
+// thread-block cluster does all three: the cluster's CTAs are co-scheduled by the hardware, so its
+// barrier cannot deadlock the way a grid-wide spin could; each CTA's max goes through distributed
+// shared memory. x is read twice, the second time from L2 (the path is for inputs of a few hundred KB).
+// NVFP4, linear scales, round to nearest: what an FP4 gather with per-rank global scales quantizes.
+#define FP4_SMALL_CTAS 8
+__device__ __forceinline__ void cluster_barrier() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// *p in the shared memory of CTA `cta` of this cluster
+__device__ __forceinline__ float ld_cluster_f32(const float* p, u32 cta) {
+    u32 remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(cta));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+template <typename In>
+__device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, const SegTable& t) {
+    __shared__ float part, amax;
+    // the grid is one cluster, so blockIdx.x is the CTA's rank in it
+    const float m = block_max(amax_thread<In>(x, nvec, (u64)blockIdx.x * blockDim.x + threadIdx.x,
+                                              (u64)gridDim.x * blockDim.x));
+    if (threadIdx.x == 0) part = m;
+    cluster_barrier();   // every CTA's part written and visible cluster-wide
+    if (threadIdx.x < 32) {
+        float a = threadIdx.x < gridDim.x ? ld_cluster_f32(&part, threadIdx.x) : 0.0f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, o));
+        if (threadIdx.x == 0) amax = a;
+    }
+    cluster_barrier();   // amax visible to the whole CTA; no CTA exits while a peer reads its part
+    const Seg seg = pick_segment(t);
+    const QuantCtx c = quant_ctx<true>(amax, 0, seg);
+    quant_body<In, 16, true, false, false>(x, K, c, 0u, seg);
+}
+
 // ---------------------------------------------------------------- entry points (extern "C": stable names)
 // Names: fp4_amax_<in>, fp4_quant_<fmt>_<in>_<layout>_<rounding>, fp4_dequant_<fmt>_<out>_<layout>;
 // <in>/<out> in {bf16, f16, f32}, <fmt> in {nv, mx}, <layout> in {lin, swz}, <rounding> in {rn, sr}.
@@ -908,6 +959,14 @@ FP4_QUANT_ALL(mx, 32, false)
 // Blocks per SM the register allocation must allow (__launch_bounds__): for fp32 output, 6 took the
 // dequantize kernels from 83-85% to 85-89% of the copy (H200, 2026-11-21); for 16-bit output it
 // made them slower (no cap).
+// fp4_quant_small_nv_<in>(x, nvec, K, table): launch exactly FP4_SMALL_CTAS blocks, one segment. sm_90+.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define FP4_QUANT_SMALL(NAME, IN) \
+    extern "C" __global__ void __cluster_dims__(FP4_SMALL_CTAS, 1, 1) __launch_bounds__(FP4_THREADS) \
+    fp4_quant_small_nv_##NAME(const uint4* x, u64 nvec, u32 K, const SegTable t) { quant_small_body<IN>(x, nvec, K, t); }
+FP4_QUANT_SMALL(bf16, u16) FP4_QUANT_SMALL(f16, Half) FP4_QUANT_SMALL(f32, float)
+#endif
+
 #ifndef FP4_DQ_MINB_F32
 #define FP4_DQ_MINB_F32 6
 #endif

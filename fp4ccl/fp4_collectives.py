@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
@@ -342,6 +343,22 @@ class _HostCodec:
 # Outputs at least this large decode on a side stream, overlapped with the transfer (the rank's own
 # rows first, from its send buffer); below it the extra stream/event calls cost more than they hide.
 OVERLAP_FROM_BYTES = 16 << 20
+# An NVFP4 input of at most this many bytes, quantized whole with its own amax, is quantized by one
+# thread-block cluster in one launch (amax included) instead of a zeroed word, the amax kernel and the
+# quantize kernel. FP4CCL_SMALL_QUANTIZE_BYTES overrides it (0 turns the one-launch path off).
+SMALL_QUANTIZE_BYTES = 256 << 10
+
+
+def small_quantize_bytes() -> int:
+    v = os.environ.get("FP4CCL_SMALL_QUANTIZE_BYTES")
+    if not v:
+        return SMALL_QUANTIZE_BYTES
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"FP4CCL_SMALL_QUANTIZE_BYTES={v!r} is not a byte count") from None
+
+
 # Outputs at least this large are gathered in two chunks, so the first one decodes while the second
 # is on the wire; more chunks lose more to NCCL's lower efficiency on smaller messages than they hide.
 PIPELINE_FROM_BYTES = 256 << 20
@@ -427,9 +444,8 @@ class _GpuCodec:
         send_offs = offsets([lay[me][c].total_bytes for c in range(nchunks)])
         recv_offs = offsets([sum(cc) for cc in counts])
         send, recv = self.buffers(send_bytes, recv_bytes)
-        amax = self.amax(info, fmt, shared)
-        self.quantize(info, K, fmt, amax, [(starts[me][c], parts[me][c], send + send_offs[c], lay[me][c])
-                                           for c in range(nchunks)])
+        self.amax_and_quantize(info, K, fmt, shared, [(starts[me][c], parts[me][c], send + send_offs[c], lay[me][c])
+                                                      for c in range(nchunks)])
         out_rows = offsets(rows)
         side = self._side() if overlap else None
         decode = self.stream
@@ -459,8 +475,7 @@ class _GpuCodec:
             me = self.comm.rank
 
             def fill(addr, lay):
-                amax = self.amax(info, fmt, shared)
-                self.quantize(info, K, fmt, amax, [(0, rows[me], addr, lay)])
+                self.amax_and_quantize(info, K, fmt, shared, [(0, rows[me], addr, lay)])
             return self.pull_gathered(rows, K, fmt, info, shape, row_offsets, info.dtype, fill)
         if len(set(rows)) > 1:
             return self._gather_fp4_packed(info, K, fmt, shared, rows, shape, row_offsets)
@@ -496,8 +511,7 @@ class _GpuCodec:
         layouts = [packed_layout(r, K, fmt) for r in rows]
         counts = [lay.total_bytes for lay in layouts]
         send, recv = self.buffers(counts[me], sum(counts))
-        amax = self.amax(info, fmt, shared)
-        self.quantize(info, K, fmt, amax, [(0, rows[me], send, layouts[me])])
+        self.amax_and_quantize(info, K, fmt, shared, [(0, rows[me], send, layouts[me])])
         self.gather(send, recv, counts)
         return self.unpack_gathered(recv, offsets(counts), layouts, rows, K, fmt, info, shape, row_offsets)
 
@@ -589,6 +603,21 @@ class _GpuCodec:
         kernels.amax(self.device, info.ptr + start * K * info.itemsize, info.dtype, count * K, slot,
                      self.stream if stream is None else stream)
         return slot
+
+    def amax_and_quantize(self, info, K, fmt, shared, chunks):
+        """quantize(chunks) with the amax of all of x (NVFP4; `shared`: MAX-reduced over the ranks).
+        A small NVFP4 x quantized whole with its own amax is one launch (kernels.quantize_small_nvfp4)
+        instead of three graph nodes: what decode-size gathers are made of."""
+        if (fmt == "nvfp4" and not shared and len(chunks) == 1 and chunks[0][0] == 0
+                and 0 < info.nbytes <= small_quantize_bytes() and chunks[0][1] * K == info.size):
+            from .formats import kernels
+            if kernels.has_quantize_small(self.device):
+                _, count, seg, layout = chunks[0]
+                kernels.quantize_small_nvfp4(self.device, info.ptr, info.dtype, info.size, K,
+                                             (count * K // 16, 0, seg, seg + layout.scale_off, seg + layout.gs_off),
+                                             self.stream)
+                return
+        self.quantize(info, K, fmt, self.amax(info, fmt, shared), chunks)
 
     def quantize(self, info, K, fmt, amax_ptr, chunks, rounding="nearest", seed=None, stream=None):
         """chunks: (first row, rows, segment address, packed layout) each."""

@@ -99,6 +99,7 @@ class Workspace:
         self._graphs: "OrderedDict[tuple, int]" = OrderedDict()   # key -> cudaGraphExec_t
         self._seen: "OrderedDict[tuple, None]" = OrderedDict()
         self._capture_stream = None
+        self._addrs = [None, None]   # per half: (this rank's slot address, every rank's), set at growth
 
     def run(self, slot_bytes: int, stream: int, key, enqueue, prepare=None) -> None:
         """One call: `enqueue(stream, local, slots)` enqueues its steps for a workspace half (this
@@ -140,9 +141,12 @@ class Workspace:
             self._last_stream = stream
         half = self.calls % 2
         self.calls += 1
-        off = half * self.slot
-        buf = self.buf
-        return buf.ptr() + off, [buf.ptr(r) + off for r in range(self.comm.size)], half
+        addrs = self._addrs[half]
+        if addrs is None:
+            off = half * self.slot
+            buf = self.buf
+            addrs = self._addrs[half] = (buf.ptr() + off, [buf.ptr(r) + off for r in range(self.comm.size)])
+        return addrs[0], addrs[1], half
 
     def _capture(self, key: tuple, enqueue) -> int:
         rt = _rt()
@@ -184,6 +188,7 @@ class Workspace:
         log.info("symmetric workspace: 2 x %d bytes on cuda:%d", slot, self.comm.device)
         self.buf = SymmetricBuffer.allocate(self.comm, (2 * slot,), "uint8")
         self.slot = slot
+        self._addrs = [None, None]
         self._last_stream = None
         if not self._done:
             self._done = _new_event(self.comm.device)
@@ -199,6 +204,7 @@ class Workspace:
             self._done = 0
         self._capture_stream = None
         self.buf = None
+        self._addrs = [None, None]
 
 
 def _new_stream(device: int):
@@ -313,19 +319,26 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
     from .vcollectives import offsets
     comm = codec.comm
     me = comm.rank
-    lays = [packed_layout(r, K, fmt) for r in rows]
-    out_rows = offsets(rows)
+    rows = tuple(rows)
 
     def enqueue(s, local, slots):
+        lays = [packed_layout(r, K, fmt) for r in rows]
+        out_rows = offsets(rows)
         codec.stream = s
-        amax = codec.amax(info, fmt, shared)
-        codec.quantize(info, K, fmt, amax, [(0, rows[me], local, lays[me])])
+        codec.amax_and_quantize(info, K, fmt, shared, [(0, rows[me], local, lays[me])])
         workspace(comm).barrier(s)
         codec.dequantize([(out_rows[r], rows[r], slots[r], lays[r]) for r in range(comm.size)], K, fmt, oinfo)
 
-    key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, shared)
-    workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, key, enqueue,
+    key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, rows, K, fmt, shared)
+    workspace(comm).run(_largest_packed(rows, K, fmt), codec.stream, key, enqueue,
                         prepare=lambda: codec.reserve_nccl_gather(K, fmt, rows, oinfo))
+
+
+@functools.lru_cache(maxsize=256)
+def _largest_packed(rows: Tuple[int, ...], K: int, fmt: str) -> int:
+    """Bytes of the largest rank's packed FP4 segment: the slot size of an FP4 gather."""
+    from .formats.tensor import packed_layout
+    return max(packed_layout(r, K, fmt).total_bytes for r in rows)
 
 
 def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr: int, sptr: int, gptr: int) -> None:

@@ -250,6 +250,9 @@ class FakeCodec:
     def quantize(self, info, K, fmt, amax, chunks, rounding="nearest", seed=None):
         self.log.append(("quantize", amax, chunks, seed))
 
+    def amax_and_quantize(self, info, K, fmt, shared, chunks):
+        self.quantize(info, K, fmt, self.amax(info, fmt, shared), chunks)
+
     def dequantize(self, segments, K, fmt, oinfo):
         self.log.append(("dequantize", segments))
 
@@ -405,3 +408,63 @@ def test_fp4_gather_raw_fills_its_slot_then_pulls_every_part_in_one_launch(fakes
         (0xD000 + 3 * 32, base[1], 5 * 32), (0x5000 + 3 * 4, base[1] + lays[1].scale_off, 5 * 4),
         (0x6000 + 4, base[1] + lays[1].gs_off, 4)], 5)]
     assert not sc.workspace(comm)._seen  # new result arrays every call: never remembered for a graph
+
+
+# -- the one-launch small NVFP4 quantize: when the GPU codec picks it --------------------------------------
+
+def _codec_for_choice(monkeypatch, arch_ok=True):
+    from fp4ccl import fp4_collectives as fc
+    from fp4ccl.formats import kernels
+    calls = []
+    monkeypatch.setattr(kernels, "has_quantize_small", lambda device: arch_ok)
+    monkeypatch.setattr(kernels, "quantize_small_nvfp4", lambda *a: calls.append(("small",) + a))
+    codec = object.__new__(fc._GpuCodec)
+    codec.device, codec.stream = 0, 9
+    codec.amax = lambda info, fmt, shared: calls.append(("amax", fmt, shared)) or 0xA0
+    codec.quantize = lambda info, K, fmt, amax, chunks: calls.append(("quantize", fmt, amax, len(chunks)))
+    return codec, calls
+
+
+def _x(rows, K, itemsize=2):
+    from fp4ccl._arrays import ArrayInfo
+    return ArrayInfo(None, "torch", 0x1000, (rows, K), "bfloat16" if itemsize == 2 else "float32", 0, True)
+
+
+@pytest.mark.parametrize("case, small", [
+    (dict(), True),
+    (dict(fmt="mxfp4"), False),                 # MXFP4 has no amax
+    (dict(shared=True), False),                 # the amax is MAX-reduced over ranks first
+    (dict(rows=1024, K=256), False),            # 512 KiB: above SMALL_QUANTIZE_BYTES
+    (dict(rows=0), False),                      # empty: the kernel path writes the global scale of 0 rows
+    (dict(two_chunks=True), False),             # the NCCL path's pipelined chunks
+    (dict(start=1), False),                     # not the whole of x
+    (dict(arch_ok=False), False),               # before sm_90: no thread-block clusters
+    (dict(env="0"), False),                     # FP4CCL_SMALL_QUANTIZE_BYTES=0 turns it off
+    (dict(env=str(1 << 20), rows=1024, K=256), True),
+])
+def test_small_nvfp4_quantize_is_one_launch_only_where_it_applies(monkeypatch, case, small):
+    from fp4ccl.formats.tensor import packed_layout
+    if "env" in case:
+        monkeypatch.setenv("FP4CCL_SMALL_QUANTIZE_BYTES", case["env"])
+    else:
+        monkeypatch.delenv("FP4CCL_SMALL_QUANTIZE_BYTES", raising=False)
+    codec, calls = _codec_for_choice(monkeypatch, case.get("arch_ok", True))
+    rows, K, fmt = case.get("rows", 64), case.get("K", 256), case.get("fmt", "nvfp4")
+    lay = packed_layout(rows, K, fmt)
+    start = case.get("start", 0)
+    chunks = [(start, rows - start, 0x9000, lay)]
+    if case.get("two_chunks"):
+        chunks = [(0, rows // 2, 0x9000, lay), (rows // 2, rows - rows // 2, 0xA000, lay)]
+    codec.amax_and_quantize(_x(rows, K), K, fmt, case.get("shared", False), chunks)
+    if small:
+        assert calls == [("small", 0, 0x1000, "bfloat16", rows * K, K,
+                          (rows * K // 16, 0, 0x9000, 0x9000 + lay.scale_off, 0x9000 + lay.gs_off), 9)]
+    else:
+        assert calls[-1][0] == "quantize" and all(c[0] != "small" for c in calls)
+
+
+def test_small_quantize_bytes_rejects_a_bad_value(monkeypatch):
+    from fp4ccl import fp4_collectives as fc
+    monkeypatch.setenv("FP4CCL_SMALL_QUANTIZE_BYTES", "lots")
+    with pytest.raises(ValueError, match="FP4CCL_SMALL_QUANTIZE_BYTES"):
+        fc.small_quantize_bytes()

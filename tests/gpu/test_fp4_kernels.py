@@ -443,3 +443,60 @@ def test_launch_paths_agree_and_work_from_a_fresh_thread(rng):
     t.start()
     t.join()
     check_against_reference(got["q"], xh, "mxfp4", "linear")
+
+
+# ------------------------------------------------------------------------------ one-launch small NVFP4 quantize
+@pytest.mark.parametrize("kind", ["random", "adversarial", "zeros"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("rows, K", [(1, 16), (7, 48), (33, 256), (1000, 144), (3, 8192), (2048, 1024)])
+def test_quantize_small_nvfp4_is_the_amax_kernel_then_quantize(rng, kind, dtype, rows, K):
+    """The cluster kernel (amax through distributed shared memory, then quantize) against the reference
+    with the amax computed, byte for byte; outputs pre-filled so an unwritten byte shows. The last
+    shape (4 MiB of fp32) is far above the size the collectives use it for: it must stay exact."""
+    import torch
+    from fp4ccl.formats import kernels
+    if not kernels.has_quantize_small(torch.cuda.current_device()):
+        pytest.skip("thread-block clusters need sm_90 or newer")
+    xh = make_input(rng, rows, K, dtype, "random" if kind == "zeros" else kind)
+    if kind == "zeros":
+        xh = np.zeros_like(xh)
+    x = to_device(xh, "torch")
+    data = torch.full((rows, K // 2), 0xAB, dtype=torch.uint8, device="cuda")
+    scales = torch.full((rows, K // 16), 0xAB, dtype=torch.uint8, device="cuda")
+    gs = torch.full((1,), float("nan"), dtype=torch.float32, device="cuda")
+    kernels.quantize_small_nvfp4(x.device.index, x.data_ptr(), dtype, rows * K, K,
+                                 (rows * K // 16, 0, data.data_ptr(), scales.data_ptr(), gs.data_ptr()),
+                                 torch.cuda.current_stream().cuda_stream)
+    d, s, g = ref.quantize_2d(xh, "nvfp4", None)
+    np.testing.assert_array_equal(to_host(data), d)
+    np.testing.assert_array_equal(to_host(scales), s)
+    assert to_host(gs).view(np.uint32)[0] == np.array([g], F32).view(np.uint32)[0]
+
+
+def test_quantize_small_nvfp4_in_a_cuda_graph_sees_fresh_data(rng):
+    """Captured once, replayed on new contents: the amax is recomputed by every replay."""
+    import torch
+    from fp4ccl.formats import kernels
+    if not kernels.has_quantize_small(torch.cuda.current_device()):
+        pytest.skip("thread-block clusters need sm_90 or newer")
+    rows, K = 64, 512
+    x = torch.empty(rows, K, dtype=torch.bfloat16, device="cuda")
+    data = torch.empty(rows, K // 2, dtype=torch.uint8, device="cuda")
+    scales = torch.empty(rows, K // 16, dtype=torch.uint8, device="cuda")
+    gs = torch.empty(1, dtype=torch.float32, device="cuda")
+    seg = (rows * K // 16, 0, data.data_ptr(), scales.data_ptr(), gs.data_ptr())
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        kernels.quantize_small_nvfp4(x.device.index, x.data_ptr(), "bfloat16", rows * K, K, seg, s.cuda_stream)
+    torch.cuda.current_stream().wait_stream(s)
+    for scale in (1.0, 1e-3, 250.0):
+        xh = (rng.standard_normal((rows, K)) * scale).astype(ml_dtypes.bfloat16)
+        x.copy_(to_device(xh, "torch"))
+        g.replay()
+        torch.cuda.synchronize()
+        d, sc, gsc = ref.quantize_2d(xh, "nvfp4", None)
+        np.testing.assert_array_equal(to_host(data), d)
+        np.testing.assert_array_equal(to_host(scales), sc)
+        assert to_host(gs)[0] == np.float32(gsc)
