@@ -53,7 +53,7 @@ __device__ __forceinline__ void announce_and_wait(const u64* __restrict__ pads, 
     unsigned int backoff = 32;
     while (ld_acquire_sys(mine + peer) < epoch) {
         __nanosleep(backoff);
-        if (backoff < 1024) backoff <<= 1;
+        if (backoff < 256) backoff <<= 1;   // a waiter wakes within ~0.25 us of its flag
         if (timeout_ns && global_timer_ns() - start > timeout_ns) {
             printf("fp4ccl: symmetric-memory barrier timed out on rank %d waiting for rank %d (epoch %llu, "
                    "the peer announced %llu); a rank skipped or reordered a collective call\n",

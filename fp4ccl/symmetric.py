@@ -462,9 +462,15 @@ class SymmetricBuffer:
         mode = mode or barrier_mode()
         if mode == "device":
             if self.world > 1:
-                launch(self.device, "fp4ccl_symm_barrier_dev", (1,), (_round_up_warp(self.world),),
-                       (np.uint64(self._base + self.table_offset), np.int32(self.rank), np.int32(self.world),
-                        np.uint64(self._base + self.counter_offset), np.uint64(barrier_timeout_ns())), handle)
+                # through the ctypes launcher: the CuPy call with numpy arguments cost ~8 us of host time,
+                # most of a small symmetric-memory collective's own
+                from .formats import kernels as fp4_kernels
+                dev = self.device
+                la = fp4_kernels.launcher(dev, "fp4ccl_symm_barrier_dev", "symm_barrier_dev",
+                                          lambda: kernels(dev).get_function("fp4ccl_symm_barrier_dev"),
+                                          _round_up_warp(self.world))
+                la(dev, 1, 1, handle, self._base + self.table_offset, self.rank, self.world,
+                   self._base + self.counter_offset, barrier_timeout_ns())
             return
         self._epoch += 1
         if self.world == 1:

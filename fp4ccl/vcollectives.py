@@ -27,7 +27,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from ._arrays import ArrayInfo
-from ._cuda import StreamRef, runtime as _rt
+from .formats.kernels import VCOPY_MAXSEG  # segments per vcopy launch (csrc/vcopy.cu)
+from ._cuda import runtime as _rt
 from ._log import get_logger
 
 log = get_logger("fp4ccl.vcollectives")
@@ -60,10 +61,8 @@ SYMM_SCATTER_BELOW_BYTES = 64 << 20
 # The segmented-copy kernel (csrc/vcopy.cu): these mirror its #defines.
 VCOPY_SOURCE = "vcopy.cu"
 VCOPY_KERNEL = "vcopy_segments"
-VCOPY_MAXSEG = 128
 VCOPY_THREADS = 256
 VCOPY_UNROLL = 4
-VCOPY_TABLE = np.dtype([(f, "<u8", (VCOPY_MAXSEG,)) for f in ("src", "dst", "nbytes")])
 _VCOPY_BLOCK_BYTES = VCOPY_THREADS * 16 * VCOPY_UNROLL  # what one block moves per grid-stride step
 _VCOPY_BLOCKS_PER_SM = 8                                # 2048 resident threads per SM on sm_80..sm_100
 
@@ -203,27 +202,21 @@ def launch_vcopy(device: int, segments: Sequence[Tuple[int, int, int]], stream: 
     if kernel is None:
         return False
     fn, max_blocks = kernel
-    rt = _rt()
-    switch = rt.getDevice() != device
-    if switch:
-        prev = rt.getDevice()
-        rt.setDevice(device)
-    try:
-        for i in range(0, len(segments), VCOPY_MAXSEG):
-            chunk = segments[i:i + VCOPY_MAXSEG]
-            n = len(chunk)
-            table = np.zeros(1, VCOPY_TABLE)
-            flat = table.view(np.uint64)  # the three fields back to back, VCOPY_MAXSEG each
-            dsts, srcs, sizes = zip(*chunk)
-            flat[0:n] = srcs
-            flat[VCOPY_MAXSEG:VCOPY_MAXSEG + n] = dsts
-            flat[2 * VCOPY_MAXSEG:2 * VCOPY_MAXSEG + n] = sizes
-            most = max(sizes)
-            gx = max(1, min(-(-most // _VCOPY_BLOCK_BYTES), max_blocks // n))
-            fn((gx, n, 1), (VCOPY_THREADS, 1, 1), (table,), 0, StreamRef(stream))
-    finally:
-        if switch:
-            rt.setDevice(prev)
+    from .formats import kernels
+    # the ctypes launcher (a CuPy call with a numpy table cost ~10 us of host time); its table is the
+    # three fields back to back, VCOPY_MAXSEG each; entries past n keep stale values the kernel never reads
+    la = kernels.launcher(device, VCOPY_KERNEL, "vcopy", lambda: fn, VCOPY_THREADS)
+    flat = la.table
+    for i in range(0, len(segments), VCOPY_MAXSEG):
+        chunk = segments[i:i + VCOPY_MAXSEG]
+        n = len(chunk)
+        dsts, srcs, sizes = zip(*chunk)
+        flat[0:n] = srcs
+        flat[VCOPY_MAXSEG:VCOPY_MAXSEG + n] = dsts
+        flat[2 * VCOPY_MAXSEG:2 * VCOPY_MAXSEG + n] = sizes
+        most = max(sizes)
+        gx = max(1, min(-(-most // _VCOPY_BLOCK_BYTES), max_blocks // n))
+        la(device, gx, n, stream)
     return True
 
 

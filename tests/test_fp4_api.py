@@ -270,6 +270,42 @@ def test_fill_segments_writes_the_struct_layout_in_place():
     assert kernels._grid(0, 528, 1) == 1 and kernels._grid(10**9, 528, 1) == 528 and kernels._grid(10**9, 528, 8) == 66
 
 
+def test_launcher_of_another_module_passes_its_arguments_and_table(monkeypatch):
+    """kernels.launcher(): the symmetric-memory barrier's and vcopy's arguments reach cuLaunchKernel
+    as the kernel declares them (int32 rank/world, u64 addresses, the by-value segment table)."""
+    import ctypes
+    from fp4ccl.formats import kernels
+    seen = []
+
+    def cu(fptr, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+        seen.append((fptr, gx, gy, bx, stream, params))
+        return 0
+
+    class Fn:
+        ptr = 0xF00D
+    monkeypatch.setattr(kernels, "_driver", cu)
+    monkeypatch.setattr(kernels, "_current_device", lambda: 3)
+    monkeypatch.setattr(kernels._tls, "launch", {}, raising=False)
+    la = kernels.launcher(3, "fp4ccl_symm_barrier_dev", "symm_barrier_dev", Fn, 64)
+    assert kernels.launcher(3, "fp4ccl_symm_barrier_dev", "symm_barrier_dev", None, 64) is la   # cached
+    la(3, 1, 1, 0x5, 0x1000, 2, 4, 0x2000, 7 * 10**9)
+    fptr, gx, gy, bx, stream, params = seen[-1]
+    assert (fptr, gx, gy, bx, stream) == (0xF00D, 1, 1, 64, 0x5)
+    p = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+    assert ctypes.c_uint64.from_address(p[0]).value == 0x1000
+    assert ctypes.c_int32.from_address(p[1]).value == 2 and ctypes.c_int32.from_address(p[2]).value == 4
+    assert ctypes.c_uint64.from_address(p[3]).value == 0x2000
+    assert ctypes.c_uint64.from_address(p[4]).value == 7 * 10**9
+    lv = kernels.launcher(3, "vcopy_segments", "vcopy", Fn, 256)
+    lv.table[:3] = [11, 12, 13]
+    lv.table[kernels.VCOPY_MAXSEG] = 21
+    lv(3, 9, 3, 0x6)
+    params = ctypes.cast(seen[-1][5], ctypes.POINTER(ctypes.c_void_p))
+    block = (ctypes.c_uint64 * (3 * kernels.VCOPY_MAXSEG)).from_address(params[0])
+    assert list(block[:3]) == [11, 12, 13] and block[kernels.VCOPY_MAXSEG] == 21
+    assert seen[-1][1:4] == (9, 3, 256)
+
+
 def test_dequantize_sum_validates_before_touching_the_gpu():
     from fp4ccl.formats import kernels
     with pytest.raises(ValueError, match="K=40"):

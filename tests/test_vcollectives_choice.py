@@ -6,6 +6,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fp4ccl import vcollectives as vc
@@ -292,65 +293,47 @@ def test_python_mirrors_the_kernel_defines():
     assert int(defines["VCOPY_MAXSEG"]) == vc.VCOPY_MAXSEG
     assert int(defines["VCOPY_THREADS"]) == vc.VCOPY_THREADS
     assert int(defines["VCOPY_UNROLL"]) == vc.VCOPY_UNROLL
-    assert vc.VCOPY_TABLE.itemsize == 3 * 8 * vc.VCOPY_MAXSEG
     assert re.search(r'extern "C" __global__ void __launch_bounds__\(VCOPY_THREADS\)\s+' + vc.VCOPY_KERNEL + r"\(", text)
 
 
-class FakeRuntime:
-    cudaDevAttrMultiProcessorCount = 16
+class FakeLauncher:
+    """kernels.launcher()'s object: a reusable by-value table, and launches recorded with a copy of it."""
 
-    def __init__(self, device=0):
-        self.device = device
-        self.set = []
-
-    def getDevice(self):
-        return self.device
-
-    def setDevice(self, d):
-        self.set.append(d)
-        self.device = d
-
-
-class FakeKernel:
     def __init__(self):
+        self.table = np.zeros(3 * vc.VCOPY_MAXSEG, np.uint64)
         self.launches = []
 
-    def __call__(self, grid, block, args, shared, stream):
-        (table,) = args
-        assert table.dtype == vc.VCOPY_TABLE and table.shape == (1,)
-        self.launches.append((grid, block, table.copy(), stream.ptr))
+    def __call__(self, device, gx, gy, stream, *scalars):
+        self.launches.append((device, (gx, gy), self.table.copy(), stream))
 
 
 def test_launch_packs_the_table_and_splits_at_maxseg(monkeypatch):
-    fn = FakeKernel()
-    rt = FakeRuntime(device=1)
-    monkeypatch.setattr(vc, "_rt", lambda: rt)
-    monkeypatch.setitem(vc._vcopy, 1, (fn, 1056))
+    from fp4ccl.formats import kernels
+    la = FakeLauncher()
+    got = []
+
+    def launcher(device, name, kind, load_function, block):
+        got.append((device, name, kind, load_function(), block))
+        return la
+    monkeypatch.setattr(kernels, "launcher", launcher)
+    monkeypatch.setitem(vc._vcopy, 1, ("fn", 1056))
     n = vc.VCOPY_MAXSEG + 3
     segs = [(0x10_0000_0000 + 64 * i, 0x20_0000_0000 + 32 * i, i % 5) for i in range(n)]
     segs[7] = (segs[7][0], segs[7][1], 1 << 20)
     assert vc.launch_vcopy(1, segs, 0xABC)
-    assert len(fn.launches) == 2 and rt.set == []
-    (g0, b0, t0, s0), (g1, b1, t1, s1) = fn.launches
-    assert b0 == (vc.VCOPY_THREADS, 1, 1) and s0 == s1 == 0xABC
+    assert got == [(1, vc.VCOPY_KERNEL, "vcopy", "fn", vc.VCOPY_THREADS)]
+    assert len(la.launches) == 2
+    (d0, g0, t0, s0), (d1, g1, t1, s1) = la.launches
+    assert d0 == d1 == 1 and s0 == s1 == 0xABC
     assert g0 == (min(-(-(1 << 20) // (vc.VCOPY_THREADS * 16 * vc.VCOPY_UNROLL)), 1056 // vc.VCOPY_MAXSEG),
-                  vc.VCOPY_MAXSEG, 1)
-    assert g1 == (1, 3, 1)
-    for table, chunk in ((t0, segs[:vc.VCOPY_MAXSEG]), (t1, segs[vc.VCOPY_MAXSEG:])):
-        k = len(chunk)
-        assert list(table["dst"][0, :k]) == [s[0] for s in chunk]
-        assert list(table["src"][0, :k]) == [s[1] for s in chunk]
-        assert list(table["nbytes"][0, :k]) == [s[2] for s in chunk]
-        assert not table["nbytes"][0, k:].any()
-
-
-def test_launch_on_another_device_switches_and_restores(monkeypatch):
-    fn = FakeKernel()
-    rt = FakeRuntime(device=0)
-    monkeypatch.setattr(vc, "_rt", lambda: rt)
-    monkeypatch.setitem(vc._vcopy, 2, (fn, 100))
-    vc.launch_vcopy(2, [(16, 32, 8), (48, 64, 8)], 0)
-    assert rt.set == [2, 0] and len(fn.launches) == 1
+                  vc.VCOPY_MAXSEG)
+    assert g1 == (1, 3)
+    m = vc.VCOPY_MAXSEG
+    for table, chunk in ((t0, segs[:m]), (t1, segs[m:])):
+        k = len(chunk)   # entries past k are stale: the kernel reads only blockIdx.y < k
+        assert list(table[m:m + k]) == [s[0] for s in chunk]            # dst
+        assert list(table[:k]) == [s[1] for s in chunk]                 # src
+        assert list(table[2 * m:2 * m + k]) == [s[2] for s in chunk]    # nbytes
 
 
 def test_copy_segments_uses_one_launch_one_memcpy_or_the_fallback(monkeypatch):

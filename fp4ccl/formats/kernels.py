@@ -63,10 +63,15 @@ _SIGNATURES = {
     "dequant": ("u64", "u32", "u32", "seg"),
     "dqsum": ("u64", "u32", "u32", "u32", "sum"),
     "qsmall": ("u64", "u64", "u32", "seg"),
+    # kernels of other modules launched through launcher() (csrc/symm.cu, csrc/vcopy.cu)
+    "symm_barrier_dev": ("u64", "i32", "i32", "u64", "u64"),
+    "vcopy": ("vtab",),
 }
-_CTYPES = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "f32": ctypes.c_float,
-           "seg": ctypes.c_uint64 * (5 * MAXSEG), "sum": ctypes.c_uint64 * (3 * MAXSUM)}
-_NUMPY = {"u64": np.uint64, "u32": np.uint32, "f32": np.float32}
+VCOPY_MAXSEG = 128   # VCOPY_MAXSEG in csrc/vcopy.cu: segments per launch (src, dst, nbytes arrays)
+_TABLES = {"seg": 5 * MAXSEG, "sum": 3 * MAXSUM, "vtab": 3 * VCOPY_MAXSEG}   # u64 words of each by-value table
+_CTYPES = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "i32": ctypes.c_int32, "f32": ctypes.c_float,
+           **{k: ctypes.c_uint64 * n for k, n in _TABLES.items()}}
+_NUMPY = {"u64": np.uint64, "u32": np.uint32, "i32": np.int32, "f32": np.float32}
 
 _lock = threading.Lock()
 _functions: Dict[Tuple[int, str], object] = {}
@@ -123,20 +128,22 @@ def launch_mode() -> str:
 class _Launch:
     """One kernel on one device, for one thread: its function, grid cap and a reusable argument block."""
 
-    __slots__ = ("fn", "fptr", "cap", "vals", "params", "table", "np_args", "np_table")
+    __slots__ = ("fn", "fptr", "cap", "vals", "params", "table", "np_args", "np_table", "block")
 
-    def __init__(self, device: int, name: str, kind: str):
-        self.fn = _function(device, name)
+    def __init__(self, device: int, name: str, kind: str, fn=None, block: int = THREADS):
+        own = fn is None
+        self.fn = _function(device, name) if own else fn
         self.fptr = int(self.fn.ptr)
-        self.cap = _resident_blocks(device, name, self.fn)
+        self.block = block
+        self.cap = _resident_blocks(device, name, self.fn) if own else 0
         sig = _SIGNATURES[kind]
         self.vals = [_CTYPES[k]() for k in sig]
         self.params = (ctypes.c_void_p * len(sig))(*[ctypes.addressof(v) for v in self.vals])
         self.table = None
         self.np_table = None
-        if sig[-1] in ("seg", "sum"):
+        if sig[-1] in _TABLES:
             self.table = np.ctypeslib.as_array(self.vals[-1])       # a view: writes land in the ctypes block
-            self.np_table = np.zeros(1, dtype=SEG_DTYPE if sig[-1] == "seg" else SUM_DTYPE)
+            self.np_table = np.zeros(1, dtype=np.dtype([("t", "<u8", (_TABLES[sig[-1]],))]))
         self.np_args = [_NUMPY[k] for k in sig if k in _NUMPY]
 
     def __call__(self, device: int, gx: int, gy: int, stream: int, *scalars) -> None:
@@ -147,7 +154,7 @@ class _Launch:
         if cu:
             cur = _current_device()
             if cur == device:
-                if cu(self.fptr, gx, gy, 1, THREADS, 1, 1, 0, stream, self.params, None) == 0:
+                if cu(self.fptr, gx, gy, 1, self.block, 1, 1, 0, stream, self.params, None) == 0:
                     return
             # another device is current, or no context on this thread yet: CuPy sets both up
         self._cupy(device, gx, gy, stream, scalars)
@@ -159,7 +166,7 @@ class _Launch:
             self.np_table.view(np.uint64)[:] = self.table
             args.append(self.np_table)
         with cupy.cuda.Device(device):
-            self.fn((gx, gy, 1), (THREADS, 1, 1), tuple(args), 0, StreamRef(stream))
+            self.fn((gx, gy, 1), (self.block, 1, 1), tuple(args), 0, StreamRef(stream))
 
 
 
@@ -176,6 +183,20 @@ def _launcher(device: int, name: str, kind: str) -> _Launch:
     la = cache.get(key)
     if la is None:
         la = cache[key] = _Launch(device, name, kind)
+    return la
+
+
+def launcher(device: int, name: str, kind: str, load_function, block: int):
+    """The cached fast launcher of a kernel of another csrc module: `load_function()` (called once
+    per thread and device) returns its CuPy Function; `kind` names its argument signature in
+    _SIGNATURES. Call it as la(device, grid_x, grid_y, stream, *scalars) after filling la.table."""
+    cache = getattr(_tls, "launch", None)
+    if cache is None:
+        cache = _tls.launch = {}
+    key = (device, name)
+    la = cache.get(key)
+    if la is None:
+        la = cache[key] = _Launch(device, name, kind, load_function(), block)
     return la
 
 
