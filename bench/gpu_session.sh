@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, the mpirun variant, and the benches, each logged under $OUT.
-# Usage: bash bench/gpu_session.sh [stage ...]   stages: info tests mpi sweep vsweep algos fp4bench overlap probe (default: all but probe)
+# Usage: bash bench/gpu_session.sh [stage ...]   stages: info tests mpi sweep vsweep algos fp4bench overlap probe latency
+# (default: all but probe and latency)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -70,6 +71,9 @@ for stage in "${stages[@]}"; do
       note "probe overlap rc=$?"
       timeout 90 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_latency.py >> "$OUT/probe.log" 2>&1
       note "probe latency rc=$?"; grep -v "^\[rank[1-9]" "$OUT/probe.log" | grep -v "^fp4ccl-run" | tail -n 40 >> "$summary" ;;
+    latency)
+      timeout 75 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_latency.py > "$OUT/latency.log" 2>&1
+      note "probe latency rc=$?"; grep -v "^\[rank[1-9]" "$OUT/latency.log" | grep -v "^fp4ccl-run" | tail -n 24 >> "$summary" ;;
     *) note "unknown stage $stage" ;;
   esac
   note "-- $stage took $(( $(date +%s) - start )) s"
