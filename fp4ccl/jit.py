@@ -119,8 +119,9 @@ def compile_source(name: str, arch: int, kind: str = "cubin") -> bytes:
     sources = source_files()
     if name not in sources:
         raise FileNotFoundError(f"no CUDA source {name!r} in {csrc_dir()}")
-    headers = tuple(t for n, t in sources.items() if n.endswith(".cuh"))
-    include_names = tuple(n for n in sources if n.endswith(".cuh"))
+    # CuPy's binding hands these to nvrtcCreateProgram as C strings: bytes, not str
+    headers = tuple(t.encode() for n, t in sources.items() if n.endswith(".cuh"))
+    include_names = tuple(n.encode() for n in sources if n.endswith(".cuh"))
     prog = nvrtc.createProgram(sources[name], name, headers, include_names)
     try:
         arch_opt = f"--gpu-architecture={'sm' if kind == 'cubin' else 'compute'}_{arch}"

@@ -23,7 +23,6 @@ import socket
 import struct
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -87,28 +86,13 @@ _MODULES: Dict[int, Any] = {}
 _MODULES_LOCK = threading.Lock()
 
 
-def _source(name: str) -> str:
-    here = Path(__file__).resolve().parent.parent / "csrc" / name
-    if here.is_file():
-        return here.read_text()
-    from importlib import resources  # installed wheel: csrc/ ships as the fp4ccl._csrc package
-    return resources.files("fp4ccl._csrc").joinpath(name).read_text()
-
-
 def kernels(device: int):
-    """csrc/symm.cu loaded on `device`: through fp4ccl.jit (disk cache shared by the node's ranks), or,
-    where jit cannot find the csrc/ tree it expects, compiled here with NVRTC through CuPy."""
+    """csrc/symm.cu loaded on `device` through fp4ccl.jit (disk cache shared by the node's ranks)."""
     with _MODULES_LOCK:
         mod = _MODULES.get(device)
         if mod is None:
-            try:
-                from . import jit
-                mod = jit.load_module("symm.cu", device)
-            except FileNotFoundError as err:
-                log.info("fp4ccl.jit unavailable (%s); compiling symm.cu with cupy.RawModule", err)
-                import cupy
-                with cupy.cuda.Device(device):
-                    mod = cupy.RawModule(code=_source("symm.cu"), options=("-std=c++17",))
+            from . import jit
+            mod = jit.load_module("symm.cu", device)
             with _cupy_device(device):
                 mod.get_function("fp4ccl_symm_barrier")  # compile now, not inside the first collective
             _MODULES[device] = mod
@@ -414,6 +398,12 @@ class SymmetricBuffer:
         self._check()
         return self._peer_base[self.rank if rank is None else self._rank_index(rank)]
 
+    def device_barrier_args(self) -> Tuple[int, int]:
+        """(address of the peers' pad table, address of the epoch counter) in this rank's allocation:
+        what a kernel running the 'device' barrier itself needs (csrc/symm_barrier.cuh)."""
+        self._check()
+        return self._base + self.table_offset, self._base + self.counter_offset
+
     def signal_pad_ptr(self, rank: Optional[int] = None) -> int:
         self._check()
         return self._peer_base[self.rank if rank is None else self._rank_index(rank)] + self.pad_offset
@@ -469,8 +459,8 @@ class SymmetricBuffer:
                 la = fp4_kernels.launcher(dev, "fp4ccl_symm_barrier_dev", "symm_barrier_dev",
                                           lambda: kernels(dev).get_function("fp4ccl_symm_barrier_dev"),
                                           _round_up_warp(self.world))
-                la(dev, 1, 1, handle, self._base + self.table_offset, self.rank, self.world,
-                   self._base + self.counter_offset, barrier_timeout_ns())
+                pads, counter = self.device_barrier_args()
+                la(dev, 1, 1, handle, pads, self.rank, self.world, counter, barrier_timeout_ns())
             return
         self._epoch += 1
         if self.world == 1:

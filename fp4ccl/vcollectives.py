@@ -24,7 +24,6 @@ import os
 import threading
 from typing import Dict, List, Sequence, Tuple
 
-import numpy as np
 
 from ._arrays import ArrayInfo
 from .formats.kernels import VCOPY_MAXSEG  # segments per vcopy launch (csrc/vcopy.cu)

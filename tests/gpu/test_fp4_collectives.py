@@ -8,17 +8,22 @@ from conftest import need_gpus
 from harness import run_ranks
 
 
-# Each check runs on both transports: "symm" (symmetric memory, the default on one node) and "nccl".
-PATHS = ["symm", "nccl"]
+# Each check runs on both transports: "symm" (symmetric memory, the default on one node) and "nccl";
+# "symm-steps" is symm with the one-launch small-input kernels off (FP4CCL_SMALL_QUANTIZE_BYTES=0), so
+# the separate amax, quantize, barrier and decode launches stay tested at these sizes too.
+PATHS = ["symm", "symm-steps", "nccl"]
 
 
 def _on_path(comm, path, check, *args):
     import os
-    os.environ["FP4CCL_FP4_ALGO"] = path
+    os.environ["FP4CCL_FP4_ALGO"] = path.split("-")[0]
+    if path.endswith("-steps"):
+        os.environ["FP4CCL_SMALL_QUANTIZE_BYTES"] = "0"
     try:
         return check(comm, *args)
     finally:
         del os.environ["FP4CCL_FP4_ALGO"]
+        os.environ.pop("FP4CCL_SMALL_QUANTIZE_BYTES", None)
 
 
 @pytest.mark.gpu
