@@ -14,8 +14,6 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-#include "symm_barrier.cuh"   // the symmetric-memory barrier, for the one-launch FP4 gather
-
 #define FP4_MAXSEG 8
 #define FP4_FLT_MAX 3.402823466e+38f
 #define FP4_THREADS 256
@@ -750,7 +748,7 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 }
 
 template <typename Out, int BS, bool NV, bool SWZ>
-__device__ void dequant_bulk_seg(u8* out, u32 K, u32 ncols_pad, const Seg& seg, u32 bid, u32 nblk) {
+__device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
 #if __CUDA_ARCH__ >= 900
     constexpr int E = Storer<Out>::PER_VEC;
     constexpr int CPB = BS / E;           // chunks per FP4 block
@@ -760,6 +758,7 @@ __device__ void dequant_bulk_seg(u8* out, u32 K, u32 ncols_pad, const Seg& seg, 
     __shared__ float lut[16];
     fill_e2m1_lut(lut);
     __syncthreads();
+    const Seg seg = pick_segment(t);
     const float sdec = decode_scale<NV>(seg);
     const u32 nbc = K / BS;
     const u64 nch = seg.units * CPB;
@@ -777,11 +776,11 @@ __device__ void dequant_bulk_seg(u8* out, u32 K, u32 ncols_pad, const Seg& seg, 
             }
         }
     };
-    const u64 gstep = (u64)nblk * TILE;
+    const u64 gstep = (u64)gridDim.x * TILE;
     u32 nib[U], sb[U];
-    if ((u64)bid * TILE < nch) load_step((u64)bid * TILE, nib, sb);
+    if ((u64)blockIdx.x * TILE < nch) load_step((u64)blockIdx.x * TILE, nib, sb);
     u32 it = 0;
-    for (u64 t0 = (u64)bid * TILE; t0 < nch; t0 += gstep, ++it) {
+    for (u64 t0 = (u64)blockIdx.x * TILE; t0 < nch; t0 += gstep, ++it) {
         // the next step's loads are issued before this step's decode, barrier and store (FP4_DQ_PREFETCH)
         u32 nibn[U], sbn[U];
         const bool more = t0 + gstep < nch;
@@ -816,14 +815,6 @@ __device__ void dequant_bulk_seg(u8* out, u32 K, u32 ncols_pad, const Seg& seg, 
         }
     }
     if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-    __syncthreads();   // the tiles are free again: a caller may decode another segment next
-#endif
-}
-
-template <typename Out, int BS, bool NV, bool SWZ>
-__device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
-#if __CUDA_ARCH__ >= 900
-    dequant_bulk_seg<Out, BS, NV, SWZ>(out, K, ncols_pad, pick_segment(t), blockIdx.x, gridDim.x);
 #else
     dequant_body<Out, BS, NV, SWZ>(out, K, ncols_pad, t);
 #endif
@@ -921,11 +912,10 @@ __device__ __forceinline__ float ld_cluster_f32(const float* p, u32 cta) {
     return v;
 }
 
-// The amax of all of x, computed by the whole grid, which must be one cluster (blockIdx.x is then the
-// CTA's rank in it); every thread gets it.
 template <typename In>
-__device__ float cluster_amax(const uint4* __restrict__ x, u64 nvec) {
+__device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, const SegTable& t) {
     __shared__ float part, amax;
+    // the grid is one cluster, so blockIdx.x is the CTA's rank in it
     const float m = block_max(amax_thread<In>(x, nvec, (u64)blockIdx.x * blockDim.x + threadIdx.x,
                                               (u64)gridDim.x * blockDim.x));
     if (threadIdx.x == 0) part = m;
@@ -937,52 +927,9 @@ __device__ float cluster_amax(const uint4* __restrict__ x, u64 nvec) {
         if (threadIdx.x == 0) amax = a;
     }
     cluster_barrier();   // amax visible to the whole CTA; no CTA exits while a peer reads its part
-    return amax;
-}
-
-template <typename In>
-__device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, const SegTable& t) {
-    const float amax = cluster_amax<In>(x, nvec);
     const Seg seg = pick_segment(t);
-    quant_body<In, 16, true, false, false>(x, K, quant_ctx<true>(amax, 0, seg), 0u, seg);
-}
-
-// Entry i of the table (a loop-invariant index: the table stays in the parameter bank).
-__device__ __forceinline__ Seg segment_at(const SegTable& t, int i) {
-    return {t.units[i], t.src[i], t.data[i], t.scale[i], t.gs[i]};
-}
-
-// ---------------------------------------------------------------- small NVFP4 gather, one launch
-// The symmetric-memory FP4 gather (fp4ccl/symm_collectives.py) of a few hundred KB per rank as one
-// cluster launch: amax and quantize this rank's rows into its own slot, the device barrier over
-// every rank (csrc/symm_barrier.cuh, the same pads and device epoch as fp4ccl_symm_barrier_dev, so
-// it interlocks with that kernel on the peers), then decode every rank's slot, the peers' straight
-// over NVLink, into out. Three kernels and their graph edges become one; the work itself is small.
-// Table entry r is rank r's segment: units, first output block, and its slot's data, scales and
-// global scale; this rank's entry is also where it quantizes to. world <= FP4_MAXSEG.
-template <typename In, typename Out>
-__device__ void gather_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, u8* out, int rank, int world,
-                                  const u64* __restrict__ pads, u64* counter, u64 timeout_ns, const SegTable& t) {
-#if __CUDA_ARCH__ >= 900
-    __shared__ u64 epoch;
-    const float amax = cluster_amax<In>(x, nvec);
-    Seg own = segment_at(t, rank);
-    own.src = 0;   // this rank's rows are all of x
-    quant_body<In, 16, true, false, false>(x, K, quant_ctx<true>(amax, 0, own), 0u, own);
-    // Every CTA's slot bytes are written; CTA 0 has observed them (the cluster barrier's release and
-    // acquire), so its system-scope fence and release in announce_and_wait publish them to the peers.
-    cluster_barrier();
-    if (blockIdx.x == 0) {
-        if (threadIdx.x == 0) epoch = *counter + 1;
-        __syncthreads();
-        announce_and_wait(pads, rank, world, epoch, timeout_ns);
-        __syncthreads();
-        if (threadIdx.x == 0) *counter = epoch;
-    }
-    cluster_barrier();   // every peer's slot is complete, for every CTA
-    for (int r = 0; r < world; ++r)
-        dequant_bulk_seg<Out, 16, true, false>(out, K, 0u, segment_at(t, r), blockIdx.x, gridDim.x);
-#endif
+    const QuantCtx c = quant_ctx<true>(amax, 0, seg);
+    quant_body<In, 16, true, false, false>(x, K, c, 0u, seg);
 }
 
 // ---------------------------------------------------------------- entry points (extern "C": stable names)
@@ -1018,14 +965,6 @@ FP4_QUANT_ALL(mx, 32, false)
     extern "C" __global__ void __cluster_dims__(FP4_SMALL_CTAS, 1, 1) __launch_bounds__(FP4_THREADS) \
     fp4_quant_small_nv_##NAME(const uint4* x, u64 nvec, u32 K, const SegTable t) { quant_small_body<IN>(x, nvec, K, t); }
 FP4_QUANT_SMALL(bf16, u16) FP4_QUANT_SMALL(f16, Half) FP4_QUANT_SMALL(f32, float)
-// fp4_gather_small_nv_<t>(x, nvec, K, out, rank, world, pads, counter, timeout_ns, table): see
-// gather_small_body; out has x's type (as the gather returns it); launch exactly FP4_SMALL_CTAS blocks.
-#define FP4_GATHER_SMALL(NAME, T) \
-    extern "C" __global__ void __cluster_dims__(FP4_SMALL_CTAS, 1, 1) __launch_bounds__(FP4_THREADS) \
-    fp4_gather_small_nv_##NAME(const uint4* x, u64 nvec, u32 K, u8* out, int rank, int world, \
-                               const u64* pads, u64* counter, u64 timeout_ns, const SegTable t) { \
-        gather_small_body<T, T>(x, nvec, K, out, rank, world, pads, counter, timeout_ns, t); }
-FP4_GATHER_SMALL(bf16, u16) FP4_GATHER_SMALL(f16, Half) FP4_GATHER_SMALL(f32, float)
 #endif
 
 #ifndef FP4_DQ_MINB_F32

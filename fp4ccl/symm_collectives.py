@@ -320,44 +320,18 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
     comm = codec.comm
     me = comm.rank
     rows = tuple(rows)
-    one_launch = _gather_in_one_launch(comm, info, K, fmt, shared, rows)
 
     def enqueue(s, local, slots):
         lays = [packed_layout(r, K, fmt) for r in rows]
         out_rows = offsets(rows)
-        if one_launch:
-            from .formats import kernels
-            from .symmetric import barrier_timeout_ns
-            pads, counter = workspace(comm).buf.device_barrier_args()
-            bs = 16
-            kernels.gather_small_nvfp4(
-                comm.device, info.ptr, info.dtype, info.size, K, oinfo.ptr, me, comm.size, pads, counter,
-                barrier_timeout_ns(), [(rows[r] * K // bs, out_rows[r] * K // bs, slots[r], slots[r] + lays[r].scale_off,
-                                        slots[r] + lays[r].gs_off) for r in range(comm.size)], s)
-            return
         codec.stream = s
         codec.amax_and_quantize(info, K, fmt, shared, [(0, rows[me], local, lays[me])])
         workspace(comm).barrier(s)
         codec.dequantize([(out_rows[r], rows[r], slots[r], lays[r]) for r in range(comm.size)], K, fmt, oinfo)
 
-    key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, rows, K, fmt, shared, one_launch)
+    key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, rows, K, fmt, shared)
     workspace(comm).run(_largest_packed(rows, K, fmt), codec.stream, key, enqueue,
                         prepare=lambda: codec.reserve_nccl_gather(K, fmt, rows, oinfo))
-
-
-def _gather_in_one_launch(comm, info, K: int, fmt: str, shared: bool, rows: Tuple[int, ...]) -> bool:
-    """Whether this FP4 gather runs as one kernel (kernels.gather_small_nvfp4): NVFP4 with per-rank
-    global scales, at most 8 ranks, every rank's input within FP4CCL_SMALL_QUANTIZE_BYTES, the output
-    of the input's dtype (as the collective makes it), sm_90+.
-    Decided from the sizes every rank passes, so every rank decides alike (the two paths would
-    interlock anyway: both run exactly one device barrier on the workspace)."""
-    from .fp4_collectives import small_quantize_bytes
-    from .formats.kernels import MAXSEG, has_quantize_small
-    if fmt != "nvfp4" or shared or comm.size > MAXSEG:
-        return False
-    if max(rows) * K * info.itemsize > small_quantize_bytes():
-        return False
-    return has_quantize_small(comm.device)
 
 
 @functools.lru_cache(maxsize=256)

@@ -87,9 +87,6 @@ class FakeBuffer:
     def free(self):
         self.freed = True
 
-    def device_barrier_args(self):
-        return self.ptr() + 0x100, self.ptr() + 0x200
-
 
 @pytest.fixture
 def fakes(monkeypatch):
@@ -265,7 +262,7 @@ class Out:
 
 
 def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes, monkeypatch):
-    monkeypatch.setenv("FP4CCL_SMALL_QUANTIZE_BYTES", "0")   # the steps, not the one-launch kernel
+    monkeypatch.setenv("FP4CCL_SMALL_QUANTIZE_BYTES", "0")   # amax and quantize as two steps
     comm = FakeComm(rank=2, size=3)
     codec = FakeCodec(comm)
     FakeBuffer.trace = codec.log
@@ -278,35 +275,6 @@ def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes, 
         ("barrier", 5),
         ("dequantize", [(0, 3, 1 << 32, lays[0]), (3, 0, 2 << 32, lays[1]), (3, 5, 3 << 32, lays[2])])]
     assert FakeBuffer.live[0].nbytes >= 2 * max(lay.total_bytes for lay in lays)
-
-
-def test_small_fp4_gather_is_one_kernel_with_every_slot(fakes, monkeypatch):
-    """Small NVFP4 per-rank gathers: one gather_small_nvfp4 launch (amax, quantize, the workspace's
-    device barrier, decode) given every rank's slot segment, and no separate barrier."""
-    from fp4ccl.formats import kernels
-    monkeypatch.delenv("FP4CCL_SMALL_QUANTIZE_BYTES", raising=False)
-    monkeypatch.setattr(kernels, "has_quantize_small", lambda device: True)
-    launches = []
-    monkeypatch.setattr(kernels, "gather_small_nvfp4", lambda *a: launches.append(a))
-    comm = FakeComm(rank=2, size=3)
-    codec = FakeCodec(comm)
-    FakeBuffer.trace = codec.log
-    rows, K = [3, 0, 5], 64
-    sc.fp4_gather_dequantize(codec, In(), K, "nvfp4", False, rows, Out())
-    lays = [packed_layout(r, K, "nvfp4") for r in rows]
-    assert codec.log == [("reserve", "gather")]                 # no amax/quantize/barrier/decode steps
-    (a,) = launches
-    slot = [(r + 1) << 32 for r in range(3)]
-    assert a[:11] == (0, In.ptr, "bfloat16", In.size, K, Out.ptr, 2, 3, slot[2] + 0x100, slot[2] + 0x200, a[10])
-    assert a[11] == [(3 * 4, 0, slot[0], slot[0] + lays[0].scale_off, slot[0] + lays[0].gs_off),
-                     (0, 3 * 4, slot[1], slot[1] + lays[1].scale_off, slot[1] + lays[1].gs_off),
-                     (5 * 4, 3 * 4, slot[2], slot[2] + lays[2].scale_off, slot[2] + lays[2].gs_off)]
-    assert a[12] == 5                                            # the caller's stream
-    # not for MXFP4, shared global scales, or more than 8 ranks: the steps
-    for fmt, shared, size in (("mxfp4", False, 3), ("nvfp4", True, 3), ("nvfp4", False, 9)):
-        c = FakeComm(rank=0, size=size)
-        assert not sc._gather_in_one_launch(c, In(), K, fmt, shared, tuple([3] * size))
-    assert not sc._gather_in_one_launch(comm, In(), 1 << 20, "nvfp4", False, (3, 0, 5))   # above the bytes
 
 
 class In:

@@ -53,7 +53,6 @@ _DEQUANT_NAMES = {(f, t, lay): f"fp4_dequant_{fn}_{tn}_{ln}"
 _SUM_NAMES = {(f, t): f"fp4_dqsum_{fn}_{tn}" for f, fn in _FMT_NAME.items() for t, tn in _IN_NAME.items()}
 _AMAX_NAMES = {t: f"fp4_amax_{tn}" for t, tn in _IN_NAME.items()}
 _SMALL_NAMES = {t: f"fp4_quant_small_nv_{tn}" for t, tn in _IN_NAME.items()}
-_GATHER_SMALL_NAMES = {t: f"fp4_gather_small_nv_{tn}" for t, tn in _IN_NAME.items()}
 SMALL_CTAS = 8       # FP4_SMALL_CTAS in csrc/fp4.cu: the cluster (and grid) of quantize_small_nvfp4
 SMALL_MIN_ARCH = 90  # thread-block clusters
 
@@ -64,7 +63,6 @@ _SIGNATURES = {
     "dequant": ("u64", "u32", "u32", "seg"),
     "dqsum": ("u64", "u32", "u32", "u32", "sum"),
     "qsmall": ("u64", "u64", "u32", "seg"),
-    "gsmall": ("u64", "u64", "u32", "u64", "i32", "i32", "u64", "u64", "u64", "seg"),
     # kernels of other modules launched through launcher() (csrc/symm.cu, csrc/vcopy.cu)
     "symm_barrier_dev": ("u64", "i32", "i32", "u64", "u64"),
     "vcopy": ("vtab",),
@@ -237,7 +235,7 @@ def kernel_names() -> List[str]:
             for lay in _LAYOUT_NAME.values():
                 names += [f"fp4_quant_{f}_{t}_{lay}_{r}" for r in _ROUND_NAME.values()]
                 names.append(f"fp4_dequant_{f}_{t}_{lay}")
-    return names + list(_SUM_NAMES.values()) + list(_SMALL_NAMES.values()) + list(_GATHER_SMALL_NAMES.values())
+    return names + list(_SUM_NAMES.values()) + list(_SMALL_NAMES.values())
 
 
 # ------------------------------------------------------------------------------ copies
@@ -342,22 +340,6 @@ def quantize_small_nvfp4(device: int, x_ptr: int, in_dtype: str, numel: int, K: 
     la = _launcher(device, _SMALL_NAMES[in_dtype], "qsmall")
     _fill_segments(la.table, (segment,))
     la(device, SMALL_CTAS, 1, stream, x_ptr, numel * _ITEMSIZE[in_dtype] // 16, K)
-
-
-def gather_small_nvfp4(device: int, x_ptr: int, dtype: str, numel: int, K: int, out_ptr: int,
-                       rank: int, world: int, pads_ptr: int, counter_ptr: int, timeout_ns: int,
-                       segments: Sequence[Tuple[int, int, int, int, int]], stream: int) -> None:
-    """The symmetric-memory NVFP4 gather (per-rank global scales, linear, round to nearest) in one
-    cluster launch: amax and quantize x into this rank's slot, the device barrier of the slots'
-    symmetric buffer (pads table and epoch counter as fp4ccl_symm_barrier_dev takes them), decode every
-    rank's slot into out (of x's dtype). segments[r] = (units, first output block, data, scales, global
-    scale) of rank r's slot; len(segments) == world <= MAXSEG. sm_90+ (has_quantize_small)."""
-    if not 1 <= world == len(segments) <= MAXSEG:
-        raise ValueError(f"gather_small_nvfp4: {len(segments)} segments for {world} ranks (1..{MAXSEG})")
-    la = _launcher(device, _GATHER_SMALL_NAMES[dtype], "gsmall")
-    _fill_segments(la.table, segments)
-    la(device, SMALL_CTAS, 1, stream, x_ptr, numel * _ITEMSIZE[dtype] // 16, K, out_ptr, rank, world,
-       pads_ptr, counter_ptr, timeout_ns)
 
 
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,
