@@ -175,28 +175,18 @@ def _current_device() -> int:
     return _rt().getDevice()
 
 
-def _launcher(device: int, name: str, kind: str) -> _Launch:
+def launcher(device: int, name: str, kind: str, load_function=None, block: int = THREADS) -> _Launch:
+    """The cached (per thread and device) fast launcher of kernel `name`: one of csrc/fp4.cu, or, with
+    `load_function` (called once; returns its CuPy Function), of another csrc module. `kind` names its
+    argument signature in _SIGNATURES. Call it as la(device, grid_x, grid_y, stream, *scalars) after
+    filling la.table."""
     cache = getattr(_tls, "launch", None)
     if cache is None:
         cache = _tls.launch = {}
     key = (device, name)
     la = cache.get(key)
     if la is None:
-        la = cache[key] = _Launch(device, name, kind)
-    return la
-
-
-def launcher(device: int, name: str, kind: str, load_function, block: int):
-    """The cached fast launcher of a kernel of another csrc module: `load_function()` (called once
-    per thread and device) returns its CuPy Function; `kind` names its argument signature in
-    _SIGNATURES. Call it as la(device, grid_x, grid_y, stream, *scalars) after filling la.table."""
-    cache = getattr(_tls, "launch", None)
-    if cache is None:
-        cache = _tls.launch = {}
-    key = (device, name)
-    la = cache.get(key)
-    if la is None:
-        la = cache[key] = _Launch(device, name, kind, load_function(), block)
+        la = cache[key] = _Launch(device, name, kind, load_function() if load_function else None, block)
     return la
 
 
@@ -268,7 +258,7 @@ def amax(device: int, x_ptr: int, in_dtype: str, numel: int, out_ptr: int, strea
     nvec = numel * _ITEMSIZE[in_dtype] // 16
     if nvec == 0:
         return
-    la = _launcher(device, _AMAX_NAMES[in_dtype], "amax")
+    la = launcher(device, _AMAX_NAMES[in_dtype], "amax")
     gx = min(-(-nvec // THREADS), la.cap)
     la(device, gx, 1, stream, x_ptr, nvec, out_ptr)
 
@@ -315,7 +305,7 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
     `src_block` (= row_start * K / block); gs_ptr 0 writes no global scale (MXFP4).
     amax_ptr: device address of an fp32 amax (0: use amax_value). ncols_pad: swizzled layout only.
     """
-    la = _launcher(device, _QUANT_NAMES[(format, in_dtype, layout, rounding)], "quant")
+    la = launcher(device, _QUANT_NAMES[(format, in_dtype, layout, rounding)], "quant")
     seed &= 0xFFFFFFFFFFFFFFFF
     n = len(segments)
     for i in range(0, n, MAXSEG):
@@ -337,7 +327,7 @@ def quantize_small_nvfp4(device: int, x_ptr: int, in_dtype: str, numel: int, K: 
     computed in the same launch: one thread-block cluster, no zeroed scratch word, so one graph node
     instead of three. Bit-identical to amax() then quantize(). For inputs of up to a few hundred KB
     (the cluster is 8 blocks); sm_90+ (has_quantize_small). segment: as quantize()'s."""
-    la = _launcher(device, _SMALL_NAMES[in_dtype], "qsmall")
+    la = launcher(device, _SMALL_NAMES[in_dtype], "qsmall")
     _fill_segments(la.table, (segment,))
     la(device, SMALL_CTAS, 1, stream, x_ptr, numel * _ITEMSIZE[in_dtype] // 16, K)
 
@@ -348,7 +338,7 @@ def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, l
 
     segments: (units, dst_block, data_ptr, scale_ptr, gs_ptr): `units` blocks written from block
     `dst_block` of out on; gs_ptr is the fp32 S_dec to decode with (NVFP4; ignored for MXFP4)."""
-    la = _launcher(device, _DEQUANT_NAMES[(format, out_dtype, layout)], "dequant")
+    la = launcher(device, _DEQUANT_NAMES[(format, out_dtype, layout)], "dequant")
     n = len(segments)
     for i in range(0, n, MAXSEG):
         chunk = segments[i:i + MAXSEG] if n > MAXSEG else segments
@@ -380,7 +370,7 @@ def dequantize_sum(device: int, out_ptr: int, out_dtype: str, K: int, format: st
         return
     if units >= 2**31:
         raise ValueError(f"units={units}: the kernel indexes blocks with 32-bit integers; split it")
-    la = _launcher(device, _SUM_NAMES[(format, out_dtype)], "dqsum")
+    la = launcher(device, _SUM_NAMES[(format, out_dtype)], "dqsum")
     gx = _grid(units, la.cap, 1)
     t = la.table
     for i in range(0, max(n, 1), MAXSUM):
