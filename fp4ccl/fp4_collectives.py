@@ -364,6 +364,14 @@ def small_quantize_bytes() -> int:
 PIPELINE_FROM_BYTES = 256 << 20
 
 
+def _kernel_segment(chunk, K: int, fmt: str) -> Tuple[int, int, int, int, int]:
+    """A (first row, rows, segment address, packed layout) chunk as the quantize kernels' segment:
+    (FP4 blocks, first block of x, data, scales, global scale; 0 for MXFP4)."""
+    start, count, seg, layout = chunk
+    bs = BLOCK_SIZE[fmt]
+    return (count * K // bs, start * K // bs, seg, seg + layout.scale_off, seg + layout.gs_off if fmt == "nvfp4" else 0)
+
+
 def _split(n: int, parts: int) -> List[int]:
     """n split into `parts` near-equal counts (larger ones first)."""
     q, r = divmod(n, parts)
@@ -612,24 +620,16 @@ class _GpuCodec:
                 and 0 < info.nbytes <= small_quantize_bytes() and chunks[0][1] * K == info.size):
             from .formats import kernels
             if kernels.has_quantize_small(self.device):
-                _, count, seg, layout = chunks[0]
                 kernels.quantize_small_nvfp4(self.device, info.ptr, info.dtype, info.size, K,
-                                             (count * K // 16, 0, seg, seg + layout.scale_off, seg + layout.gs_off),
-                                             self.stream)
+                                             _kernel_segment(chunks[0], K, fmt), self.stream)
                 return
         self.quantize(info, K, fmt, self.amax(info, fmt, shared), chunks)
 
     def quantize(self, info, K, fmt, amax_ptr, chunks, rounding="nearest", seed=None, stream=None):
         """chunks: (first row, rows, segment address, packed layout) each."""
-        bs = BLOCK_SIZE[fmt]
-        segs = []
-        for start, count, seg, layout in chunks:
-            if count == 0 and fmt != "nvfp4":
-                continue
-            # An empty NVFP4 segment still launches one block, which writes its global scale (the
-            # shared one, or 1 for an amax of 0), exactly as the reference does.
-            gs = seg + layout.gs_off if fmt == "nvfp4" else 0
-            segs.append((count * K // bs, start * K // bs, seg, seg + layout.scale_off, gs))
+        # An empty NVFP4 segment still launches one block, which writes its global scale (the
+        # shared one, or 1 for an amax of 0), exactly as the reference does.
+        segs = [_kernel_segment(c, K, fmt) for c in chunks if c[1] or fmt == "nvfp4"]
         self._quantize_segs(info, K, fmt, amax_ptr, segs, rounding, seed, stream)
 
     def _quantize_segs(self, info, K, fmt, amax_ptr, segs, rounding="nearest", seed=None, stream=None):

@@ -398,12 +398,6 @@ class SymmetricBuffer:
         self._check()
         return self._peer_base[self.rank if rank is None else self._rank_index(rank)]
 
-    def device_barrier_args(self) -> Tuple[int, int]:
-        """(address of the peers' pad table, address of the epoch counter) in this rank's allocation:
-        what a kernel running the 'device' barrier itself needs (csrc/symm_barrier.cuh)."""
-        self._check()
-        return self._base + self.table_offset, self._base + self.counter_offset
-
     def signal_pad_ptr(self, rank: Optional[int] = None) -> int:
         self._check()
         return self._peer_base[self.rank if rank is None else self._rank_index(rank)] + self.pad_offset
@@ -459,8 +453,8 @@ class SymmetricBuffer:
                 la = fp4_kernels.launcher(dev, "fp4ccl_symm_barrier_dev", "symm_barrier_dev",
                                           lambda: kernels(dev).get_function("fp4ccl_symm_barrier_dev"),
                                           _round_up_warp(self.world))
-                pads, counter = self.device_barrier_args()
-                la(dev, 1, 1, handle, pads, self.rank, self.world, counter, barrier_timeout_ns())
+                la(dev, 1, 1, handle, self._base + self.table_offset, self.rank, self.world,
+                   self._base + self.counter_offset, barrier_timeout_ns())
             return
         self._epoch += 1
         if self.world == 1:

@@ -24,10 +24,9 @@ import os
 import threading
 from typing import Dict, List, Sequence, Tuple
 
-
 from ._arrays import ArrayInfo
-from .formats.kernels import VCOPY_MAXSEG  # segments per vcopy launch (csrc/vcopy.cu)
 from ._cuda import runtime as _rt
+from .formats.kernels import VCOPY_MAXSEG  # segments per vcopy launch (csrc/vcopy.cu)
 from ._log import get_logger
 
 log = get_logger("fp4ccl.vcollectives")
