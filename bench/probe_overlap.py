@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--nk", type=int, default=8192, help="N = K of the matmul")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-mm", action="store_true", help="time the pulls alone only")
+    ap.add_argument("--carveouts", default="", help="comma-separated SM carveouts: time the matmul with that many "
+                    "SMs left free (torch._C._set_sm_carveout_experimental), alone and beside an NVFP4 decode")
     args = ap.parse_args()
 
     import torch
@@ -115,7 +117,19 @@ def main() -> None:
         launch = sm_peers(peers, blocks, 0)
         return lambda: launch(side[0])
 
-    pulls = {"ce 1 peer": (ce(side[:1], [peer]), side[:1]), "ce 1 peer x4": (ce(side, [peer]), side),
+    def ce_push(streams, targets):
+        # The reverse direction: this rank's copy engine writes into the peers' buffers (piece i to
+        # target i % len(targets)), so each rank receives what its peers push.
+        def go():
+            piece = nbytes // len(streams)
+            for i, s in enumerate(streams):
+                base = buf.ptr(targets[i % len(targets)])
+                rt.memcpyAsync(base + i * piece, dst.data_ptr() + i * piece, piece, rt.memcpyDefault, s.cuda_stream)
+        return go
+
+    pulls = {"ce 1 peer": (ce(side[:1], [peer]), side[:1]),
+             "ce push 1 peer": (ce_push(side[:1], [peer]), side[:1]),
+             "ce push all": (ce_push(side[:len(peers)], peers), side[:len(peers)]), "ce 1 peer x4": (ce(side, [peer]), side),
              "ce all peers": (ce(side[:len(peers)], peers), side[:len(peers)]),
              "sm all peers": (sm_all_peers(), side[:1]),
              "sm all x64": (sm_each(64), side[:1]), "sm all x128": (sm_each(128), side[:1]),
@@ -159,6 +173,27 @@ def main() -> None:
         return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
     rows = [("mm alone", median(mm, None))]
+    if args.carveouts:
+        # An NVFP4 decode of one shard ([m x nk] bf16 out) on the side stream beside the matmul: does a
+        # cuBLAS carveout leave the decode SMs to run on while the matmul runs?
+        from fp4ccl import formats
+        lay = formats.packed_layout(args.m, args.nk, "nvfp4")
+        packed = torch.empty(lay.total_bytes, dtype=torch.uint8, device=dev)
+        formats.quantize_packed(a, packed, [(0, args.m, 0)], "nvfp4")
+        decoded = torch.empty_like(a)
+
+        def decode_pull():
+            return lambda: formats.dequantize_packed(packed, [(0, args.m, 0)], args.nk, "nvfp4", decoded,
+                                                     stream=side[0])
+        dq = (decode_pull(), side[:1])
+        rows.append(("decode alone", median(None, dq)))
+        for n in [int(c) for c in args.carveouts.split(",")]:
+            torch._C._set_sm_carveout_experimental(n or None)
+            try:
+                rows.append((f"mm carve{n}", median(mm, None)))
+                rows.append((f"decode+mm carve{n}", median(mm, dq)))
+            finally:
+                torch._C._set_sm_carveout_experimental(None)
     for name, pull in pulls.items():
         rows.append((f"{name} alone", median(None, pull)))
         if not args.no_mm:

@@ -606,6 +606,11 @@ __device__ __forceinline__ void decode_stage_block(const P& d, const float* lut,
     }
 }
 
+// Streaming (evict-first) stores for the dequantized output, which is written once and not read back
+// by this kernel (0: plain stores).
+#ifndef FP4_DQ_STORE_CS
+#define FP4_DQ_STORE_CS 0
+#endif
 // The warp writes back the staged output of its 32 blocks (fewer at the end), in order.
 template <typename Out, int BS>
 __device__ __forceinline__ void flush_stage(uint4* dst, u32 nblocks, u32 lane, const uint4* my_stage) {
@@ -614,7 +619,10 @@ __device__ __forceinline__ void flush_stage(uint4* dst, u32 nblocks, u32 lane, c
 #pragma unroll
     for (int j = 0; j < CH; ++j) {
         const u32 c = (u32)j * 32u + lane;
-        if (c < nchunks) dst[c] = my_stage[stage_pos<CH>(c / CH, c % CH)];
+        if (c < nchunks) {
+            const uint4 v = my_stage[stage_pos<CH>(c / CH, c % CH)];
+            if (FP4_DQ_STORE_CS) __stcs(dst + c, v); else dst[c] = v;
+        }
     }
 }
 
@@ -723,6 +731,10 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
 #ifndef FP4_DQB_SLICES
 #define FP4_DQB_SLICES 4
 #endif
+// The tile stores carry an L2 evict-first policy (1), like the streaming stores above (0: none).
+#ifndef FP4_DQB_EVICT_FIRST
+#define FP4_DQB_EVICT_FIRST 0
+#endif
 template <typename Out> __device__ __forceinline__ u32 load_chunk_nibbles(u64 data, u64 chunk) {
     if constexpr (Storer<Out>::PER_VEC == 8) return __ldg((const u32*)data + chunk);
     else return (u32)__ldg((const u16*)data + chunk);
@@ -777,6 +789,8 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
         }
     };
     const u64 gstep = (u64)gridDim.x * TILE;
+    u64 policy = 0;
+    if (FP4_DQB_EVICT_FIRST) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
     u32 nib[U], sb[U];
     if ((u64)blockIdx.x * TILE < nch) load_step((u64)blockIdx.x * TILE, nib, sb);
     u32 it = 0;
@@ -801,8 +815,13 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
         __syncthreads();
         if (threadIdx.x == 0) {
             const u64 n = nch - t0 < TILE ? nch - t0 : TILE;
-            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                         :: "l"(dst + t0), "r"(smem_addr(buf)), "r"((u32)n * 16u) : "memory");
+            if (FP4_DQB_EVICT_FIRST) {
+                asm volatile("cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;"
+                             :: "l"(dst + t0), "r"(smem_addr(buf)), "r"((u32)n * 16u), "l"(policy) : "memory");
+            } else {
+                asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                             :: "l"(dst + t0), "r"(smem_addr(buf)), "r"((u32)n * 16u) : "memory");
+            }
             asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
         if (more) {
