@@ -74,11 +74,13 @@ def main() -> None:
         return go
 
     fn, _ = vcollectives._vcopy_kernel(comm.device)
+    # the kernel's by-value parameter: three arrays of VCOPY_MAXSEG u64 (src, dst, nbytes)
+    VCOPY_TABLE = np.dtype([(f, "<u8", (vcollectives.VCOPY_MAXSEG,)) for f in ("src", "dst", "nbytes")])
 
     def sm(blocks):
         # `blocks` segments of one block each (grid x = 1): exactly that many blocks read over NVLink.
         piece = nbytes // blocks
-        table = np.zeros(1, vcollectives.VCOPY_TABLE)
+        table = np.zeros(1, VCOPY_TABLE)
         flat = table.view(np.uint64)
         m = vcollectives.VCOPY_MAXSEG
         flat[0:blocks] = [src + i * piece for i in range(blocks)]
@@ -93,7 +95,7 @@ def main() -> None:
         """A vcopy launch pulling an equal share of `nbytes` from each source (share i of the buffer
         from source i, i counted from `first`), `blocks` blocks per source."""
         share = nbytes // len(peers)
-        table = np.zeros(1, vcollectives.VCOPY_TABLE)
+        table = np.zeros(1, VCOPY_TABLE)
         flat = table.view(np.uint64)
         m = vcollectives.VCOPY_MAXSEG
         n = len(sources)
