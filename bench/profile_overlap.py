@@ -21,8 +21,9 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _timeline(trace_path: str, gap_us: float = 300.0):
-    """GPU events of the last call in a chrome trace: [(stream, start, end, name)], times from its start."""
+def _timeline(trace_path: str, gap_us: float):
+    """GPU events of the last profiled step (events apart by more than gap_us start a new step):
+    [(stream, start, end, name)], times from the step's first event."""
     with open(trace_path) as f:
         events = json.load(f)["traceEvents"]
     gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
@@ -42,7 +43,7 @@ def _timeline(trace_path: str, gap_us: float = 300.0):
 
 def _print(title: str, rows) -> None:
     print(f"\n## {title}: {len(rows)} GPU events, span {max((r[2] for r in rows), default=0):.1f} us")
-    for stream, start, end, name in sorted(rows, key=lambda r: (str(r[0]), r[1])):
+    for stream, start, end, name in sorted(rows, key=lambda r: r[1]):
         print(f"  stream {str(stream):>4} {start:9.1f} {end:9.1f} {end - start:8.1f}  {name[:90]}")
 
 
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--nk", type=int, default=8192, help="N = K")
     ap.add_argument("--variants", default="default=", help="NAME=ENV=V[;ENV=V],... fp4ccl settings to profile")
     ap.add_argument("--trace", default="", help="also write the chrome traces into this folder")
+    ap.add_argument("--loop", type=int, default=1, help="back-to-back calls per profiled step (steady state)")
     args = ap.parse_args()
 
     import torch
@@ -96,13 +98,14 @@ def main() -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 comm._exchange.barrier()
-                fn()
+                for _ in range(args.loop):
+                    fn()
                 torch.cuda.synchronize()
-                time.sleep(0.002)
+                time.sleep(0.01)
         if comm.rank == 0:
             path = os.path.join(out_dir, f"profile_overlap_{i}.json")
             prof.export_chrome_trace(path)
-            _print(f"{title}, M={args.m} N=K={args.nk}, rank 0", _timeline(path))
+            _print(f"{title}, M={args.m} N=K={args.nk}, {args.loop} calls, rank 0", _timeline(path, 5000.0))
         comm._exchange.barrier()
     comm.destroy()
     dist.destroy_process_group()
