@@ -29,6 +29,10 @@ def main() -> None:
     ap.add_argument("--no-mm", action="store_true", help="time the pulls alone only")
     ap.add_argument("--carveouts", default="", help="comma-separated SM carveouts: time the matmul with that many "
                     "SMs left free (torch._C._set_sm_carveout_experimental), alone and beside an NVFP4 decode")
+    ap.add_argument("--mm-n", type=int, default=0, help="columns of the matmul's B (default --nk)")
+    ap.add_argument("--torch-symm", action="store_true",
+                    help="also pull from a buffer of torch's symmetric memory (torch.distributed), by "
+                         "cudaMemcpyAsync and by torch's copy_, to compare the two allocations")
     args = ap.parse_args()
 
     import torch
@@ -48,8 +52,9 @@ def main() -> None:
     src = buf.ptr(peer)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     a = torch.randn(args.m, args.nk, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(args.nk, args.nk, device=dev, dtype=torch.bfloat16)
-    c = torch.empty(args.m, args.nk, device=dev, dtype=torch.bfloat16)
+    mm_n = args.mm_n or args.nk
+    b = torch.randn(args.nk, mm_n, device=dev, dtype=torch.bfloat16)
+    c = torch.empty(args.m, mm_n, device=dev, dtype=torch.bfloat16)
     main_s = torch.cuda.current_stream()
     side = [torch.cuda.Stream(device=dev) for _ in range(4)]
 
@@ -129,7 +134,32 @@ def main() -> None:
                 rt.memcpyAsync(base + i * piece, dst.data_ptr() + i * piece, piece, rt.memcpyDefault, s.cuda_stream)
         return go
 
-    pulls = {"ce 1 peer": (ce(side[:1], [peer]), side[:1]),
+    extra = {}
+    if args.torch_symm:
+        import os
+        import sys
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import torch.distributed._symmetric_memory as symm_mem
+        from bench_overlap import _torch_group
+        group_name = _torch_group(comm, torch)
+        tbuf = symm_mem.empty(nbytes, dtype=torch.uint8, device=dev)
+        handle = symm_mem.rendezvous(tbuf, group_name)
+        tbuf.copy_(buf.local)
+        handle.barrier()
+        torch.cuda.synchronize()
+        tpeer = handle.get_buffer(peer, (nbytes,), torch.uint8)
+
+        def torch_copy():
+            with torch.cuda.stream(side[0]):
+                dst.copy_(tpeer)
+
+        def ce_from(ptr, kind):
+            return lambda: rt.memcpyAsync(dst.data_ptr(), ptr, nbytes, kind, side[0].cuda_stream)
+        extra = {"ce 1 peer torchbuf": (ce_from(tpeer.data_ptr(), rt.memcpyDefault), side[:1]),
+                 "copy_ 1 peer torchbuf": (torch_copy, side[:1]),
+                 "ce 1 peer d2d kind": (ce_from(src, rt.memcpyDeviceToDevice), side[:1])}
+
+    pulls = {**extra, "ce 1 peer": (ce(side[:1], [peer]), side[:1]),
              "ce push 1 peer": (ce_push(side[:1], [peer]), side[:1]),
              "ce push all": (ce_push(side[:len(peers)], peers), side[:len(peers)]), "ce 1 peer x4": (ce(side, [peer]), side),
              "ce all peers": (ce(side[:len(peers)], peers), side[:len(peers)]),
@@ -214,6 +244,8 @@ def main() -> None:
             print(f"{name:>20} {both:8.3f} {m:8.3f} {p:8.3f} {gbs:10.1f}")
     buf.free()
     comm.destroy()
+    if args.torch_symm:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
