@@ -31,10 +31,8 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-VARIANT_HELP = ("comma-separated NAME=BARRIER:STREAMS[:CHUNKS[:SCHEDULE[:CARVEOUT]]] pipelined variants "
-                "(FP4CCL_SYMM_BARRIER kernel|memop, FP4CCL_OVERLAP_STREAMS, FP4CCL_OVERLAP_CHUNKS, "
-                "FP4CCL_OVERLAP_SCHEDULE pull|alternate, FP4CCL_OVERLAP_CARVEOUT; an empty field keeps the "
-                "default); each is timed forced-pipelined")
+VARIANT_HELP = ("comma-separated NAME=BARRIER:STREAMS[:CHUNKS] pipelined variants (FP4CCL_SYMM_BARRIER "
+                "kernel|memop, FP4CCL_OVERLAP_STREAMS, FP4CCL_OVERLAP_CHUNKS); each is timed forced-pipelined")
 
 
 def parse():
@@ -56,12 +54,12 @@ def _variants(spec: str):
     out = []
     for item in filter(None, spec.split(",")):
         name, _, rest = item.partition("=")
-        fields = rest.split(":")
-        keys = ("FP4CCL_SYMM_BARRIER", "FP4CCL_OVERLAP_STREAMS", "FP4CCL_OVERLAP_CHUNKS",
-                "FP4CCL_OVERLAP_SCHEDULE", "FP4CCL_OVERLAP_CARVEOUT")
-        if len(fields) > len(keys):
-            raise SystemExit(f"variant {item!r}: at most {len(keys)} fields ({VARIANT_HELP})")
-        out.append((name, {k: v for k, v in zip(keys, fields) if v}))
+        barrier, _, streams = rest.partition(":")
+        streams, _, chunks = streams.partition(":")
+        env = {"FP4CCL_SYMM_BARRIER": barrier, "FP4CCL_OVERLAP_STREAMS": streams}
+        if chunks:
+            env["FP4CCL_OVERLAP_CHUNKS"] = chunks
+        out.append((name, env))
     return out or [("pipe", {})]
 
 
@@ -215,9 +213,7 @@ def _header(W, N, K, name, variants):
     print("# seqpath = fp4ccl's sequential path through its API (what auto runs below the threshold); "
           + ", ".join(f"{n} = pipelined {e.get('FP4CCL_SYMM_BARRIER', 'default')}/"
                       f"{e.get('FP4CCL_OVERLAP_STREAMS', 'default')} streams/"
-                      f"{e.get('FP4CCL_OVERLAP_CHUNKS', 'default')} chunks/"
-                      f"{e.get('FP4CCL_OVERLAP_SCHEDULE', 'default')} schedule/"
-                      f"{e.get('FP4CCL_OVERLAP_CARVEOUT', '0')} SMs carved out" for n, e in variants))
+                      f"{e.get('FP4CCL_OVERLAP_CHUNKS', 'default')} chunks" for n, e in variants))
     head = f"{'op':<12}{'M':>6}{'mm':>8}{'comm':>8}{'seq':>8}{'torch':>8}{'seqpath':>8}"
     head += "".join(f"{n:>8}" for n, _ in variants)
     print(head, flush=True)

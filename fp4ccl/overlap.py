@@ -34,7 +34,6 @@ FP4CCL_CHECK=1 exchanges on every call.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -240,7 +239,7 @@ def _agree(comm, st: _State, what: str, signature: Optional[dict], bad: Optional
 
 
 _ENV_KEYS = ("FP4CCL_OVERLAP", "FP4CCL_OVERLAP_MIN_BYTES", "FP4CCL_OVERLAP_STREAMS", "FP4CCL_OVERLAP_CHUNKS",
-             "FP4CCL_OVERLAP_SCHEDULE", "FP4CCL_OVERLAP_CARVEOUT", "FP4CCL_SYMM_BARRIER", "FP4CCL_CHECK")
+             "FP4CCL_SYMM_BARRIER", "FP4CCL_CHECK")
 
 
 def _tensor_key(x):
@@ -329,52 +328,10 @@ def chunks_for(shard_bytes: int, forced: Optional[int]) -> int:
     return next((n for least, n in CHUNKS_BY_SHARD_BYTES if shard_bytes >= least), 1)
 
 
-SCHEDULES = ("pull", "alternate")
-DEFAULT_SCHEDULE = "pull"
-
-
-def _schedule() -> str:
-    """FP4CCL_OVERLAP_SCHEDULE: how all_gather_matmul orders its pulls and matmuls.
-    pull: one side stream pulls every peer's shard in turn while the caller's stream multiplies each as
-    it lands; alternate: two streams take turns, each pulling one peer's shard and then multiplying it,
-    so two pulls and two matmuls can run at once (plain dim-0 shards; others keep `pull`)."""
-    raw = os.environ.get("FP4CCL_OVERLAP_SCHEDULE", "").lower() or DEFAULT_SCHEDULE
-    if raw not in SCHEDULES:
-        raise ValueError(f"FP4CCL_OVERLAP_SCHEDULE={raw!r} is not one of {', '.join(SCHEDULES)}")
-    return raw
-
-
-def _carveout() -> int:
-    """FP4CCL_OVERLAP_CARVEOUT: SMs cuBLAS leaves free during the pipelined path's matmuls (0: none), so
-    that the FP4 decode and the barrier kernel find SMs while a matmul runs."""
-    raw = os.environ.get("FP4CCL_OVERLAP_CARVEOUT", "")
-    n = int(raw) if raw else 0
-    if not 0 <= n <= 64:
-        raise ValueError(f"FP4CCL_OVERLAP_CARVEOUT={raw!r} must be between 0 and 64")
-    return n
-
-
-@contextlib.contextmanager
-def _sm_carveout(n: int):
-    """torch's cuBLAS calls enqueued inside leave n SMs free; torch's previous setting is restored."""
-    import torch
-    get = getattr(torch._C, "_get_sm_carveout_experimental", None)
-    if not n or get is None:
-        yield
-        return
-    old = get()
-    torch._C._set_sm_carveout_experimental(n)
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(old)
-
-
 def _variant() -> dict:
     """The pipelined path's settings; part of the agreed signature, so every rank uses the same."""
     from .symmetric import barrier_mode
-    return {"streams": _n_streams(), "barrier": barrier_mode(), "chunks": _n_chunks(), "schedule": _schedule(),
-            "carveout": _carveout()}
+    return {"streams": _n_streams(), "barrier": barrier_mode(), "chunks": _n_chunks()}
 
 
 def _min_bytes(what: str) -> int:
@@ -715,8 +672,7 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
     else:
         wire_bytes = shard_bytes
     ws.ensure(wire_bytes)
-    alternate = var["schedule"] == "alternate" and not fmt and not ksplit
-    copiers = ws.streams(1 if alternate else var["streams"])
+    copiers = ws.streams(var["streams"])
     side = copiers[0]
     decode = ws.decoder() if fmt else None
     ws.begin(main, copiers + ([decode] if decode is not None else []))
@@ -749,6 +705,69 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
         for s in copiers[1:]:
             s.wait_event(go)
 
+    stage = tmp = None
+    if fmt:
+        stage = torch.empty((W - 1) * wire_bytes, dtype=torch.uint8, device=a2.device)
+        if ksplit:
+            tmp = torch.empty((R, k), dtype=a2.dtype, device=a2.device)
+    # arrived[i - 1]: (first row, rows, events) of each piece of peer r + i's shard, in pull order.
+    arrived: List[List[Tuple[int, int, List[Any]]]] = []
+    chunks = 1 if fmt else min(chunks_for(shard_bytes, var["chunks"]), max(R, 1))
+    rows_per_piece = _split(R, chunks, 1) or [(0, 0)]
+    for i in range(1, W):
+        p = (r + i) % W
+        src = ws.buf.ptr(p) + off
+        landed_pieces = []
+        for r0, nr in rows_per_piece:
+            if fmt:
+                dst = stage.data_ptr() + (i - 1) * wire_bytes
+                pieces = _split(wire_bytes, len(copiers), 256)
+                for s, (o, n) in zip(copiers, pieces):
+                    _copy(dst + o, src + o, n, s)
+            elif ksplit:
+                pieces = _split(nr, len(copiers), 1)
+                for s, (q0, n) in zip(copiers, pieces):
+                    row = r0 + q0
+                    _copy2d(dest(p).data_ptr() + row * W * k * isz, W * k * isz, src + row * k * isz, k * isz,
+                            k * isz, n, s)
+            else:
+                base = r0 * k * isz
+                pieces = _split(nr * k * isz, len(copiers), 256)
+                for s, (o, n) in zip(copiers, pieces):
+                    _copy(dest(p).data_ptr() + base + o, src + base + o, n, s)
+            landed = []
+            for s in copiers[:len(pieces)]:
+                e = event()
+                e.record(s)
+                landed.append(e)
+            landed_pieces.append((r0, nr, landed))
+        if fmt:
+            # A stream of its own, so a decode waiting for SMs never holds back the next pull.
+            for e in landed_pieces[0][2]:
+                decode.wait_event(e)
+            seg = (i - 1) * wire_bytes
+            if ksplit:
+                formats.dequantize_packed(stage, [(0, R, seg)], k, fmt, tmp, stream=decode)
+                with torch.cuda.stream(decode):
+                    dest(p).copy_(tmp)
+            else:
+                formats.dequantize_packed(stage, [(p * R, R, seg)], k, fmt, a_full2, stream=decode)
+            e = event()
+            e.record(decode)
+            landed_pieces = [(0, R, [e])]
+        arrived.append(landed_pieces)
+    if spec.return_a:
+        last = copiers[-1]
+        if ksplit:
+            _copy2d(dest(r).data_ptr(), W * k * isz, a2.data_ptr(), k * isz, k * isz, R, last)
+        else:
+            _copy(dest(r).data_ptr(), a2.data_ptr(), shard_bytes, last)
+    finished = []
+    for s in copiers + ([decode] if decode is not None else []):
+        e = event()
+        e.record(s)
+        finished.append(e)
+
     # Products in canonical layout, written straight into the caller's `out` where its layout allows.
     results2 = []
     for i, b in enumerate(spec.bs):
@@ -778,83 +797,15 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
             else:                            # a_p @ b -> row block p
                 torch.mm(ap, b, out=results2[j][p * R + r0:p * R + r1])
 
-    arrived: List[List[Tuple[int, int, List[Any]]]] = []
-    finished: List[Any] = []
-    if not alternate:
-        stage = tmp = None
-        if fmt:
-            stage = torch.empty((W - 1) * wire_bytes, dtype=torch.uint8, device=a2.device)
-            if ksplit:
-                tmp = torch.empty((R, k), dtype=a2.dtype, device=a2.device)
-        # arrived[i - 1]: (first row, rows, events) of each piece of peer r + i's shard, in pull order.
-        chunks = 1 if fmt else min(chunks_for(shard_bytes, var["chunks"]), max(R, 1))
-        rows_per_piece = _split(R, chunks, 1) or [(0, 0)]
-        for i in range(1, W):
-            p = (r + i) % W
-            src = ws.buf.ptr(p) + off
-            landed_pieces = []
-            for r0, nr in rows_per_piece:
-                if fmt:
-                    dst = stage.data_ptr() + (i - 1) * wire_bytes
-                    pieces = _split(wire_bytes, len(copiers), 256)
-                    for s, (o, n) in zip(copiers, pieces):
-                        _copy(dst + o, src + o, n, s)
-                elif ksplit:
-                    pieces = _split(nr, len(copiers), 1)
-                    for s, (q0, n) in zip(copiers, pieces):
-                        row = r0 + q0
-                        _copy2d(dest(p).data_ptr() + row * W * k * isz, W * k * isz, src + row * k * isz, k * isz,
-                                k * isz, n, s)
-                else:
-                    base = r0 * k * isz
-                    pieces = _split(nr * k * isz, len(copiers), 256)
-                    for s, (o, n) in zip(copiers, pieces):
-                        _copy(dest(p).data_ptr() + base + o, src + base + o, n, s)
-                landed = []
-                for s in copiers[:len(pieces)]:
-                    e = event()
-                    e.record(s)
-                    landed.append(e)
-                landed_pieces.append((r0, nr, landed))
-            if fmt:
-                # A stream of its own, so a decode waiting for SMs never holds back the next pull.
-                for e in landed_pieces[0][2]:
-                    decode.wait_event(e)
-                seg = (i - 1) * wire_bytes
-                if ksplit:
-                    formats.dequantize_packed(stage, [(0, R, seg)], k, fmt, tmp, stream=decode)
-                    with torch.cuda.stream(decode):
-                        dest(p).copy_(tmp)
-                else:
-                    formats.dequantize_packed(stage, [(p * R, R, seg)], k, fmt, a_full2, stream=decode)
-                e = event()
-                e.record(decode)
-                landed_pieces = [(0, R, [e])]
-            arrived.append(landed_pieces)
-        if spec.return_a:
-            last = copiers[-1]
-            if ksplit:
-                _copy2d(dest(r).data_ptr(), W * k * isz, a2.data_ptr(), k * isz, k * isz, R, last)
-            else:
-                _copy(dest(r).data_ptr(), a2.data_ptr(), shard_bytes, last)
-        for s in copiers + ([decode] if decode is not None else []):
-            e = event()
-            e.record(s)
-            finished.append(e)
-
-    with _sm_carveout(var["carveout"]):
-        if alternate:
-            _ag_alternate(comm, ws, event, a2, dest, consume, spec.return_a, off, side, main)
-        else:
-            consume(r, a2, True)
-            for i in range(1, W):
-                p = (r + i) % W
-                for r0, nr, landed in arrived[i - 1]:
-                    for e in landed:
-                        main.wait_event(e)
-                    consume(p, dest(p), False, r0, r0 + nr)
-            for e in finished:
+    consume(r, a2, True)
+    for i in range(1, W):
+        p = (r + i) % W
+        for r0, nr, landed in arrived[i - 1]:
+            for e in landed:
                 main.wait_event(e)
+            consume(p, dest(p), False, r0, r0 + nr)
+    for e in finished:
+        main.wait_event(e)
     if ksplit:
         for t, acc in zip(results2, accs):
             if t is not acc:
@@ -878,30 +829,6 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
                 o.copy_(t)
         outs = spec.out
     return (a_full if spec.return_a else None), outs
-
-
-def _ag_alternate(comm, ws, event, a2, dest, consume, return_a: bool, off: int, side, main) -> None:
-    """The alternate schedule (dim-0 shards): after the barrier on `side`, peer r+i's shard is pulled and
-    multiplied on `side` for odd i and on `main` for even i, so a pull on one stream overlaps the
-    matmul on the other and two matmuls may share the SMs; `main` multiplies the own shard first."""
-    import torch
-    W, r = comm.size, comm.rank
-    nbytes = a2.numel() * a2.element_size()
-    slots_ready = event()
-    slots_ready.record(side)
-    consume(r, a2, True)
-    main.wait_event(slots_ready)
-    for i in range(1, W):
-        p = (r + i) % W
-        s = side if i % 2 else main
-        _copy(dest(p).data_ptr(), ws.buf.ptr(p) + off, nbytes, s)
-        with torch.cuda.stream(s):
-            consume(p, dest(p), False)
-    if return_a:
-        _copy(dest(r).data_ptr(), a2.data_ptr(), nbytes, side)
-    side_done = event()
-    side_done.record(side)
-    main.wait_event(side_done)
 
 
 # -- matmul_reduce_scatter -----------------------------------------------------------------------------------

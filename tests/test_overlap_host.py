@@ -268,16 +268,6 @@ def test_fast_key_only_for_checked_torch_calls(monkeypatch):
     with pytest.raises(ValueError, match="FP4CCL_OVERLAP_CHUNKS='17' must be between 1 and 16"):
         overlap._variant()
     monkeypatch.delenv("FP4CCL_OVERLAP_CHUNKS")
-    for var, good, bad, msg in (("FP4CCL_OVERLAP_SCHEDULE", "alternate", "zigzag", "is not one of pull, alternate"),
-                                ("FP4CCL_OVERLAP_CARVEOUT", "16", "65", "must be between 0 and 64")):
-        before = overlap._fast_key(Comm(), args, a, [b], None)
-        monkeypatch.setenv(var, good)
-        assert overlap._fast_key(Comm(), args, a, [b], None) != before
-        assert overlap._variant()[var.rsplit("_", 1)[1].lower()] == (int(good) if good.isdigit() else good)
-        monkeypatch.setenv(var, bad)
-        with pytest.raises(ValueError, match=msg):
-            overlap._variant()
-        monkeypatch.delenv(var)
     monkeypatch.setenv("FP4CCL_CHECK", "1")
     assert overlap._fast_key(Comm(), args, a, [b], None) is None
     Comm.backend = "host"
@@ -303,24 +293,3 @@ def test_pieces_per_shard_by_size_unless_forced():
     assert chunks_for(16 << 20, None) == 2
     assert chunks_for(64 << 20, None) == 4
     assert chunks_for(64 << 20, 1) == 1 and chunks_for(1 << 10, 8) == 8
-
-
-def test_sm_carveout_is_restored():
-    torch = pytest.importorskip("torch")
-    from fp4ccl.overlap import _sm_carveout
-    if not hasattr(torch._C, "_set_sm_carveout_experimental"):
-        pytest.skip("this torch has no SM carveout")
-    torch._C._set_sm_carveout_experimental(None)
-    with _sm_carveout(0):
-        assert torch._C._get_sm_carveout_experimental() is None
-    with _sm_carveout(16):
-        assert torch._C._get_sm_carveout_experimental() == 16
-    assert torch._C._get_sm_carveout_experimental() is None
-    torch._C._set_sm_carveout_experimental(8)
-    try:
-        with pytest.raises(RuntimeError):
-            with _sm_carveout(16):
-                raise RuntimeError("inside")
-        assert torch._C._get_sm_carveout_experimental() == 8
-    finally:
-        torch._C._set_sm_carveout_experimental(None)

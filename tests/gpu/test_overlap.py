@@ -156,14 +156,13 @@ def ov_other_stream(comm, seed):
     return n
 
 
-def ov_variant(comm, seed, barrier, streams, chunks=1, schedule="pull", carveout=0):
-    """Every pipelined form under one barrier mode, copy-stream count (3 streams split unevenly),
-    number of pieces per pulled shard (3 split 250 rows unevenly), schedule and SM carveout."""
+def ov_variant(comm, seed, barrier, streams, chunks=1):
+    """Every pipelined form under one barrier mode, copy-stream count (3 streams split unevenly) and
+    number of pieces per pulled shard (3 split 250 rows unevenly)."""
     _setup(comm)
-    env = {"FP4CCL_SYMM_BARRIER": barrier, "FP4CCL_OVERLAP_STREAMS": str(streams),
-           "FP4CCL_OVERLAP_CHUNKS": str(chunks), "FP4CCL_OVERLAP_SCHEDULE": schedule,
-           "FP4CCL_OVERLAP_CARVEOUT": str(carveout)}
-    os.environ.update(env)
+    os.environ["FP4CCL_SYMM_BARRIER"] = barrier
+    os.environ["FP4CCL_OVERLAP_STREAMS"] = str(streams)
+    os.environ["FP4CCL_OVERLAP_CHUNKS"] = str(chunks)
     try:
         n = ov_ag(comm, seed, "bfloat16", (250, 512), 0, False, "pipelined")
         n += ov_ag(comm, seed + 1, "bfloat16", (250, 512), 1, False, "pipelined")
@@ -174,8 +173,9 @@ def ov_variant(comm, seed, barrier, streams, chunks=1, schedule="pull", carveout
         n += ov_rs(comm, seed + 5, "bfloat16", (500 * comm.size, 256 * comm.size), 384, 0, "sum", "pipelined")
         n += ov_rs(comm, seed + 6, "bfloat16", (504, 256 * comm.size), 96 * comm.size, 1, "avg", "pipelined")
     finally:
-        for k in env:
-            os.environ.pop(k, None)
+        os.environ.pop("FP4CCL_SYMM_BARRIER", None)
+        os.environ.pop("FP4CCL_OVERLAP_STREAMS", None)
+        os.environ.pop("FP4CCL_OVERLAP_CHUNKS", None)
     return n
 
 
@@ -292,10 +292,8 @@ def test_overlap_bad_input_fails_everywhere(nranks):
 
 
 @pytest.mark.parametrize("nranks", NRANKS)
-@pytest.mark.parametrize("barrier,streams,chunks,schedule,carveout", [
-    ("memop", 1, 1, "pull", 0), ("memop", 3, 1, "pull", 0), ("kernel", 3, 1, "pull", 0), ("memop", 1, 3, "pull", 0),
-    ("memop", 2, 4, "pull", 0), ("memop", 1, 1, "alternate", 0), ("kernel", 2, 1, "alternate", 0),
-    ("memop", 1, 2, "pull", 16)])
-def test_overlap_variants(nranks, barrier, streams, chunks, schedule, carveout, seed):
+@pytest.mark.parametrize("barrier,streams,chunks", [("memop", 1, 1), ("memop", 3, 1), ("kernel", 3, 1),
+                                                    ("memop", 1, 3), ("memop", 2, 4)])
+def test_overlap_variants(nranks, barrier, streams, chunks, seed):
     need_gpus(nranks)
-    assert all(run_ranks(nranks, ov_variant, seed, barrier, streams, chunks, schedule, carveout, backend="nccl"))
+    assert all(run_ranks(nranks, ov_variant, seed, barrier, streams, chunks, backend="nccl"))
