@@ -732,6 +732,11 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
 #ifndef FP4_DQB_SLICES
 #define FP4_DQB_SLICES 4
 #endif
+// Slices per tile for fp32 output (a 16-byte chunk is 4 values there, so the same tile holds half the
+// elements of a 16-bit one).
+#ifndef FP4_DQB_SLICES_F32
+#define FP4_DQB_SLICES_F32 2
+#endif
 // The tile stores carry an L2 evict-first policy (1), like the streaming stores above (0: none).
 // NVFP4 to fp32 at 256 MiB 84.0 -> 85.2% of the copy, at 1 GiB 85.3 -> 86.3% (run 20).
 #ifndef FP4_DQB_EVICT_FIRST
@@ -766,7 +771,7 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
 #if __CUDA_ARCH__ >= 900
     constexpr int E = Storer<Out>::PER_VEC;
     constexpr int CPB = BS / E;           // chunks per FP4 block
-    constexpr int U = FP4_DQB_SLICES;
+    constexpr int U = sizeof(Out) == 4 ? FP4_DQB_SLICES_F32 : FP4_DQB_SLICES;
     constexpr u32 TILE = U * FP4_THREADS; // chunks per tile
     __shared__ __align__(128) uint4 tile[2][TILE];
     __shared__ float lut[16];
