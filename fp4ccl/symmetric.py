@@ -176,6 +176,36 @@ def barrier_mode() -> str:
     return mode
 
 
+ALLOC_MODES = ("auto", "vmm", "ipc")
+
+
+def alloc_mode() -> str:
+    """FP4CCL_SYMM_ALLOC: how symmetric buffers are made and shared. 'auto' (default): CUDA VMM
+    (cuMemCreate, shared as file descriptors) where every rank supports it, else cudaMalloc + CUDA IPC;
+    'vmm': VMM or an error; 'ipc': cudaMalloc + CUDA IPC."""
+    mode = os.environ.get("FP4CCL_SYMM_ALLOC", "").lower() or "auto"
+    if mode not in ALLOC_MODES:
+        raise ValueError(f"FP4CCL_SYMM_ALLOC={mode!r} is not one of {', '.join(ALLOC_MODES)}")
+    return mode
+
+
+def _fd_timeout() -> float:
+    """Seconds a rank waits for a peer's descriptor (FP4CCL_TIMEOUT, at most 600; a peer is at most
+    one host exchange behind, so this only bounds a crashed peer)."""
+    raw = os.environ.get("FP4CCL_TIMEOUT", "")
+    seconds = float(raw) if raw else 600.0
+    return min(seconds, 600.0) if seconds > 0 else 600.0
+
+
+def _close_all(fds: List[int], fdx) -> None:
+    for f in fds:
+        if f >= 0:
+            os.close(f)
+    fds[:] = [-1] * len(fds)
+    if fdx is not None:
+        fdx.close()
+
+
 def barrier_timeout_ns() -> int:
     """How long a device-side barrier waits for a peer before trapping (FP4CCL_TIMEOUT seconds, 0 = forever)."""
     raw = os.environ.get("FP4CCL_TIMEOUT", "")
@@ -264,6 +294,10 @@ class SymmetricBuffer:
         self._last_barrier = 0       # cudaEvent_t that orders barriers issued on different streams
         self._serial = -1
         self._freed = True
+        self.kind = "ipc"            # how the memory was made and shared: "ipc" (cudaMalloc) or "vmm"
+        self._own = None             # vmm.Mapping of our allocation (vmm)
+        self._peer_maps: List[Any] = [None] * self.world   # vmm.Mapping of each peer's (vmm)
+        self._fd_prefix = ""
 
     # -- collective lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -284,15 +318,32 @@ class SymmetricBuffer:
         import cupy
         from cupy.cuda import runtime
         ex = self.comm._exchange
+        use_vmm = self._agree_on_vmm()
         error = ""
         handle = b""
+        fd = -1
+        fdx = None
         try:
             with cupy.cuda.Device(self.device):
-                self._base = runtime.malloc(self.alloc_bytes)
+                if use_vmm:
+                    from . import vmm
+                    runtime.free(0)   # the device's primary context must be current for the driver calls
+                    self._own = vmm.Mapping.create(self.device, self.alloc_bytes)
+                    self._base = self._own.ptr
+                else:
+                    self._base = runtime.malloc(self.alloc_bytes)
                 # Pads start at epoch 0; zeroed and synchronized before any peer can learn the handle.
                 runtime.memset(self._base + self.pad_offset, 0, self.alloc_bytes - self.pad_offset)
                 runtime.deviceSynchronize()
-                handle = runtime.ipcGetMemHandle(self._base)
+                if use_vmm:
+                    fd = self._own.export_fd()
+                    handle = struct.pack("<Q", self._own.size)
+                else:
+                    handle = runtime.ipcGetMemHandle(self._base)
+            if use_vmm:
+                # bound before the exchange below, so every peer can send to us once it has returned
+                fdx = vmm.FdExchange(self._fd_prefix, self.rank, self.world, _fd_timeout())
+                fdx.bind()
         except Exception as err:  # noqa: BLE001 - reported to every rank below, then raised everywhere
             error = f"{type(err).__name__}: {err}"
         meta = json.dumps({"shape": list(self.shape), "dtype": self.dtype, "nbytes": self.nbytes,
@@ -305,24 +356,28 @@ class SymmetricBuffer:
             handles.append(bytes(part[4 + n:]))
         problem = _allocation_problem(metas)
         if problem is not None:
+            _close_all([fd], fdx)
             self._free_local_only()
             raise problem
         opened_error = ""
         try:
             with cupy.cuda.Device(self.device):
-                for p in range(self.world):
-                    if p == self.rank:
-                        self._peer_base[p] = self._base
-                    else:
-                        self._peer_base[p] = runtime.ipcOpenMemHandle(handles[p])
+                if use_vmm:
+                    self._open_vmm(fdx.exchange(fd), handles)
+                else:
+                    for p in range(self.world):
+                        self._peer_base[p] = self._base if p == self.rank else runtime.ipcOpenMemHandle(handles[p])
         except Exception as err:  # noqa: BLE001 - agreed on below
             opened_error = f"{type(err).__name__}: {err}"
+        finally:
+            _close_all([fd], fdx)
         statuses = [s.decode() for s in ex.all_gather_bytes(opened_error.encode())]
         failed = [(r, s) for r, s in enumerate(statuses) if s]
         if failed:
             self._teardown()
             detail = "; ".join(f"rank {r}: {s}" for r, s in failed)
-            raise SymmetricMemoryUnavailable(f"symmetric_empty: opening the peers' CUDA IPC handles failed ({detail})")
+            raise SymmetricMemoryUnavailable(
+                f"symmetric_empty: mapping the peers' buffers ({self.kind}) failed ({detail})")
         table = np.array([b + self.pad_offset for b in self._peer_base], dtype=np.uint64)
         with cupy.cuda.Device(self.device):
             runtime.memcpy(self._base + self.table_offset, table.ctypes.data, table.nbytes, runtime.memcpyHostToDevice)
@@ -333,7 +388,47 @@ class SymmetricBuffer:
             self._serial = reg.serial
             reg.serial += 1
             reg.live[self._serial] = self
-        log.debug("symmetric buffer %s %s: %d bytes on cuda:%d", self.shape, self.dtype, self.nbytes, self.device)
+        log.debug("symmetric buffer %s %s: %d bytes on cuda:%d (%s)", self.shape, self.dtype, self.nbytes,
+                  self.device, self.kind)
+
+    def _agree_on_vmm(self) -> bool:
+        """Whether this allocation uses CUDA VMM: FP4CCL_SYMM_ALLOC allows it and every rank supports it.
+        Also fixes the socket names of the descriptor exchange (one host round trip per allocation)."""
+        mode = alloc_mode()
+        self.kind = "ipc"
+        if self.world == 1 or mode == "ipc":
+            return False
+        from . import vmm
+        able = vmm.supported(self.device)
+        token = os.urandom(8).hex()
+        votes = self.comm._exchange.all_gather_bytes(b"%d:%s" % (able, token.encode()))
+        everyone = all(v.startswith(b"1:") for v in votes)
+        if not everyone:
+            which = [r for r, v in enumerate(votes) if not v.startswith(b"1:")]
+            if mode == "vmm":
+                raise SymmetricMemoryUnavailable(f"FP4CCL_SYMM_ALLOC=vmm, but ranks {which} cannot export CUDA VMM "
+                                                 f"allocations as file descriptors")
+            log.info("ranks %s cannot share CUDA VMM allocations: symmetric buffers use CUDA IPC", which)
+            return False
+        # rank 0's token names the sockets of this allocation: unique per job and per allocation
+        self._fd_prefix = f"fp4ccl-symm-{votes[0].split(b':')[1].decode()}"
+        self.kind = "vmm"
+        return True
+
+    def _open_vmm(self, fds: List[int], handles: List[bytes]) -> None:
+        from . import vmm
+        self._peer_maps = [None] * self.world
+        try:
+            for p in range(self.world):
+                if p == self.rank:
+                    self._peer_base[p] = self._base
+                    continue
+                (size,) = struct.unpack("<Q", handles[p])
+                self._peer_maps[p] = vmm.Mapping.import_fd(self.device, fds[p], size)
+                self._peer_base[p] = self._peer_maps[p].ptr
+        finally:
+            # the imported handles keep the memory; the descriptors are not needed any more
+            _close_all([f for p, f in enumerate(fds) if p != self.rank], None)
 
     def free(self) -> None:
         """Release the buffer on every rank (collective): close peer mappings, barrier, free, barrier."""
@@ -355,8 +450,13 @@ class SymmetricBuffer:
             runtime.deviceSynchronize()
             for p, ptr in enumerate(self._peer_base):
                 if p != self.rank and ptr:
-                    runtime.ipcCloseMemHandle(ptr)
+                    if self.kind == "vmm":
+                        if self._peer_maps[p] is not None:
+                            self._peer_maps[p].release()
+                    else:
+                        runtime.ipcCloseMemHandle(ptr)
             self._peer_base = [0] * self.world
+            self._peer_maps = [None] * self.world
         ex.barrier()  # every peer has synchronized and unmapped us: nothing can touch our memory now
         self._free_local_only()
         ex.barrier()
@@ -368,9 +468,12 @@ class SymmetricBuffer:
             if self._last_barrier:
                 runtime.eventDestroy(self._last_barrier)
                 self._last_barrier = 0
-            if self._base:
+            if self._own is not None:
+                self._own.release()
+                self._own = None
+            elif self._base:
                 runtime.free(self._base)
-                self._base = 0
+            self._base = 0
 
     def __enter__(self) -> "SymmetricBuffer":
         return self

@@ -1,5 +1,8 @@
-"""Symmetric memory over CUDA IPC on 2 and 4 GPUs: peer views, remote writes, barriers that order, teardown."""
+"""Symmetric memory on 2 and 4 GPUs (CUDA VMM and CUDA IPC): peer views, remote writes, barriers that
+order, teardown."""
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -86,6 +89,24 @@ def sym_alloc_free_cycles(comm, cycles):
     return grown
 
 
+def sym_with_alloc(comm, mode, fn, *args):
+    """fn(comm, *args) with symmetric buffers made the `mode` way (FP4CCL_SYMM_ALLOC), checked on one."""
+    old = os.environ.get("FP4CCL_SYMM_ALLOC")
+    os.environ["FP4CCL_SYMM_ALLOC"] = mode
+    try:
+        from fp4ccl.symmetric import symmetric_empty
+        probe = symmetric_empty(comm, (4096,), "uint8")
+        kind = probe.kind
+        probe.free()
+        assert kind == mode, f"FP4CCL_SYMM_ALLOC={mode} made a {kind} buffer"
+        return fn(comm, *args)
+    finally:
+        if old is None:
+            os.environ.pop("FP4CCL_SYMM_ALLOC", None)
+        else:
+            os.environ["FP4CCL_SYMM_ALLOC"] = old
+
+
 def sym_mismatch(comm):
     """Sizes that differ between ranks fail on every rank; the next good allocation works."""
     _setup(comm)
@@ -136,17 +157,22 @@ def sym_barrier_stress(comm, iters, use_barrier, mode=None):
     return int(bad.item())
 
 
+ALLOC = ["vmm", "ipc"]
+
+
 @pytest.mark.parametrize("nranks", [2, 4])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_symmetric_write_read(nranks, dtype, seed):
+@pytest.mark.parametrize("alloc", ALLOC)
+def test_symmetric_write_read(nranks, dtype, alloc, seed):
     need_gpus(nranks)
-    assert all(run_ranks(nranks, sym_write_read, seed, dtype, backend="nccl"))
+    assert all(run_ranks(nranks, sym_with_alloc, alloc, sym_write_read, seed, dtype, backend="nccl"))
 
 
 @pytest.mark.parametrize("nranks", [2, 4])
-def test_symmetric_alloc_free_1000_cycles(nranks):
+@pytest.mark.parametrize("alloc", ALLOC)
+def test_symmetric_alloc_free_1000_cycles(nranks, alloc):
     need_gpus(nranks)
-    run_ranks(nranks, sym_alloc_free_cycles, 1000, backend="nccl")
+    run_ranks(nranks, sym_with_alloc, alloc, sym_alloc_free_cycles, 1000, backend="nccl")
 
 
 @pytest.mark.parametrize("nranks", [2, 4])
