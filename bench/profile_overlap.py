@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--nk", type=int, default=8192, help="N = K")
     ap.add_argument("--variants", default="default=", help="NAME=ENV=V[;ENV=V],... fp4ccl settings to profile")
     ap.add_argument("--trace", default="", help="also write the chrome traces into this folder")
+    ap.add_argument("--all-ranks", action="store_true", help="print every rank's timeline (default rank 0's)")
     ap.add_argument("--loop", type=int, default=1, help="back-to-back calls per profiled step (steady state)")
     args = ap.parse_args()
 
@@ -102,11 +103,13 @@ def main() -> None:
                     fn()
                 torch.cuda.synchronize()
                 time.sleep(0.01)
-        if comm.rank == 0:
-            path = os.path.join(out_dir, f"profile_overlap_{i}.json")
-            prof.export_chrome_trace(path)
-            _print(f"{title}, M={args.m} N=K={args.nk}, {args.loop} calls, rank 0", _timeline(path, 5000.0))
-        comm._exchange.barrier()
+        path = os.path.join(out_dir, f"profile_overlap_{i}_rank{comm.rank}.json")
+        prof.export_chrome_trace(path)
+        for r in range(comm.size if args.all_ranks else 1):
+            if comm.rank == r:
+                _print(f"{title}, M={args.m} N=K={args.nk}, {args.loop} calls, rank {r}", _timeline(path, 5000.0))
+                sys.stdout.flush()
+            comm._exchange.barrier()
     comm.destroy()
     dist.destroy_process_group()
 
