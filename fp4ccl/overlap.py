@@ -698,6 +698,11 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
     side.wait_event(ready)
     if not fmt:
         _copy(mine, a2.data_ptr(), shard_bytes, side)
+        # The local matmul waits for this copy: beside it the copy ran 5-6x slower (92 against 16 us for
+        # 32 MiB, bench/RESULTS.md run 22), and every peer's first pull waits for it through the barrier.
+        copied = event()
+        copied.record(side)
+        main.wait_event(copied)
     ws.buf.barrier(side, var["barrier"])
     if len(copiers) > 1:
         go = event()
