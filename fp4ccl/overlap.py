@@ -304,10 +304,12 @@ def _n_streams() -> int:
 
 # Pieces each peer's shard is pulled (and multiplied) in: the matmul of the last piece is what the
 # pipeline cannot hide, so smaller pieces shorten the tail; too small and the launches cost more than
-# they hide. Measured (4 x H200, N = K = 8192 bf16, ms, 1/2/4/8 pieces): M = 1024 0.233/0.272/0.412/
-# 0.680, M = 4096 0.348/0.343/0.421/0.671, M = 8192 0.620/0.589/0.604/0.724, M = 16384 1.179/1.085/
-# 1.072/1.105. So by shard size: CHUNKS_BY_SHARD_BYTES lists (minimum shard bytes, pieces).
-CHUNKS_BY_SHARD_BYTES = ((64 << 20, 4), (16 << 20, 2))
+# they hide. Measured with VMM symmetric buffers (4 x H200, N = K = 8192 bf16, ms, 1/2/4 pieces,
+# bench/RESULTS.md run 22): M = 4096 (16 MiB shards) 0.288/0.298/0.465, M = 8192 0.488/0.473/0.547,
+# M = 16384 0.865/0.863/0.948; below M = 4096 every extra piece costs more launches than it hides. (With
+# IPC buffers, whose pulls were slower, 4 pieces had paid at M = 16384.) So by shard size:
+# CHUNKS_BY_SHARD_BYTES lists (minimum shard bytes, pieces).
+CHUNKS_BY_SHARD_BYTES = ((32 << 20, 2),)
 
 
 def _n_chunks() -> Optional[int]:

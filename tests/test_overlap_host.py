@@ -290,6 +290,7 @@ def test_split_covers_aligned():
 def test_pieces_per_shard_by_size_unless_forced():
     from fp4ccl.overlap import chunks_for
     assert chunks_for(1 << 20, None) == 1
-    assert chunks_for(16 << 20, None) == 2
-    assert chunks_for(64 << 20, None) == 4
+    assert chunks_for(16 << 20, None) == 1
+    assert chunks_for(32 << 20, None) == 2
+    assert chunks_for(64 << 20, None) == 2
     assert chunks_for(64 << 20, 1) == 1 and chunks_for(1 << 10, 8) == 8
