@@ -1,11 +1,12 @@
-"""Symmetric memory over CUDA IPC: the same-size buffer on every rank of a node, mapped into every peer.
+"""Symmetric memory: the same-size buffer on every rank of a node, mapped into every peer.
 
-`symmetric_empty(comm, shape, dtype)` is collective. Each rank cudaMallocs one allocation holding
-its data, a signal pad (one uint64 per rank) and a small table of the peers' pad addresses; IPC
-handles travel through the communicator's bootstrap exchange and every rank opens every peer's
-allocation. `buf.local` and `buf.peer(r)` are views (torch tensors when torch is importable,
-otherwise CuPy arrays) of this rank's and rank r's data; `buf.barrier(stream)` enqueues a
-device-side barrier through the signal pads (csrc/symm.cu).
+`symmetric_empty(comm, shape, dtype)` is collective. Each rank makes one allocation holding its data,
+a signal pad (one uint64 per rank) and a small table of the peers' pad addresses, and every rank maps
+every peer's allocation: by default through CUDA virtual memory management (`fp4ccl.vmm`: cuMemCreate,
+shared as a file descriptor over a Unix socket), else through cudaMalloc and CUDA IPC handles carried by
+the communicator's bootstrap exchange (`FP4CCL_SYMM_ALLOC`). `buf.local` and `buf.peer(r)` are views
+(torch tensors when torch is importable, otherwise CuPy arrays) of this rank's and rank r's data;
+`buf.barrier(stream)` enqueues a device-side barrier through the signal pads (csrc/symm.cu).
 
 Rules the code relies on:
 - allocation and `free()` are collective and must be called in the same order on every rank;

@@ -3,7 +3,8 @@ processes of the node as a POSIX file descriptor, and the descriptor passing its
 
 The alternative to cudaMalloc + cudaIpcGetMemHandle for symmetric buffers: on 4 x H200 a copy-engine
 pull from a peer's buffer kept its speed beside a matmul when the buffer came from torch's symmetric
-memory (made this way) and lost a third when it came from cudaMalloc / IPC (bench/RESULTS.md run 21).
+memory (made this way) and lost up to a third when it came from cudaMalloc / IPC (bench/RESULTS.md
+runs 21 and 22).
 
 Descriptors cross processes over abstract-namespace Unix datagram sockets with SCM_RIGHTS: every rank
 binds `\\0<prefix>-<rank>`, then sends its descriptor to every peer's address; datagrams queue at the
