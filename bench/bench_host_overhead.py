@@ -118,7 +118,7 @@ def cases(size: int):
     from fp4ccl import _arrays
     from fp4ccl.vcollectives import NcclVariable
     v = NcclVariable.__new__(NcclVariable)
-    v.backend, v.rank, v.size, v.workspace = NullBackend(), 0, size, None
+    v.backend, v.rank, v.size, v.workspace, v.comm = NullBackend(), 0, size, None, None  # comm: NCCL algorithms only
     # Uneven enough that every version of choose() picks the grouped form at this size.
     counts = [1 << 10] + [1] * (size - 1)
     send = _arrays.describe(np.ones(counts[0], np.float32))
