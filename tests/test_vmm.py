@@ -92,3 +92,50 @@ def test_no_driver_means_unsupported():
         assert vmm.supported(0) is False
     else:
         pytest.skip("this machine has a CUDA driver; tests/gpu/test_symmetric.py covers VMM there")
+
+
+class _Votes:
+    """An exchange whose peers answer with fixed votes (rank 0 is us)."""
+
+    def __init__(self, peers):
+        self.peers, self.calls = peers, 0
+
+    def all_gather_bytes(self, data):
+        self.calls += 1
+        return [bytes(data)] + list(self.peers)
+
+
+def _buffer(world, peers):
+    buf = symmetric.SymmetricBuffer.__new__(symmetric.SymmetricBuffer)
+    buf.world, buf.device, buf.rank = world, 0, 0
+
+    class Comm:
+        _exchange = _Votes(peers)
+    buf.comm = Comm
+    return buf
+
+
+def test_every_rank_must_support_vmm_for_it_to_be_used(monkeypatch):
+    monkeypatch.setattr(vmm, "supported", lambda device: True)
+    monkeypatch.delenv("FP4CCL_SYMM_ALLOC", raising=False)
+    buf = _buffer(3, [b"1:bbbb", b"1:cccc"])
+    assert buf._agree_on_vmm() is True and buf.kind == "vmm"
+    assert buf._fd_prefix.startswith("fp4ccl-symm-") and len(buf._fd_prefix) > len("fp4ccl-symm-")
+    # one rank without support: everyone falls back to IPC under auto ...
+    buf = _buffer(3, [b"1:bbbb", b"0:cccc"])
+    assert buf._agree_on_vmm() is False and buf.kind == "ipc"
+    # ... and raises everywhere, naming it, when VMM was asked for
+    monkeypatch.setenv("FP4CCL_SYMM_ALLOC", "vmm")
+    buf = _buffer(3, [b"1:bbbb", b"0:cccc"])
+    with pytest.raises(symmetric.SymmetricMemoryUnavailable, match=r"ranks \[2\] cannot export"):
+        buf._agree_on_vmm()
+
+
+def test_ipc_mode_and_one_rank_skip_the_vote(monkeypatch):
+    monkeypatch.setattr(vmm, "supported", lambda device: True)
+    monkeypatch.setenv("FP4CCL_SYMM_ALLOC", "ipc")
+    buf = _buffer(2, [b"1:bbbb"])
+    assert buf._agree_on_vmm() is False and buf.comm._exchange.calls == 0
+    monkeypatch.setenv("FP4CCL_SYMM_ALLOC", "auto")
+    buf = _buffer(1, [])
+    assert buf._agree_on_vmm() is False and buf.comm._exchange.calls == 0
