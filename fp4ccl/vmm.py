@@ -156,12 +156,7 @@ class Mapping:
         size = (max(nbytes, 1) + g - 1) // g * g
         handle = ctypes.c_uint64(0)
         _check("cuMemCreate", lib.cuMemCreate(ctypes.byref(handle), size, ctypes.byref(prop), 0))
-        try:
-            ptr = _map(device, handle.value, size)
-        except VmmError:
-            lib.cuMemRelease(handle.value)
-            raise
-        return cls(handle.value, ptr, size)
+        return cls._mapped(device, handle.value, size)
 
     @classmethod
     def import_fd(cls, device: int, fd: int, size: int) -> "Mapping":
@@ -170,12 +165,16 @@ class Mapping:
         handle = ctypes.c_uint64(0)
         _check("cuMemImportFromShareableHandle",
                lib.cuMemImportFromShareableHandle(ctypes.byref(handle), ctypes.c_void_p(fd), _POSIX_FD))
+        return cls._mapped(device, handle.value, size)
+
+    @classmethod
+    def _mapped(cls, device: int, handle: int, size: int) -> "Mapping":
+        """`handle` mapped for `device`; the handle is released if mapping fails."""
         try:
-            ptr = _map(device, handle.value, size)
+            return cls(handle, _map(device, handle, size), size)
         except VmmError:
-            lib.cuMemRelease(handle.value)
+            _driver().cuMemRelease(handle)
             raise
-        return cls(handle.value, ptr, size)
 
     def export_fd(self) -> int:
         """A new file descriptor for this allocation (the caller closes it)."""
