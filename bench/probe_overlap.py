@@ -61,13 +61,17 @@ def main() -> None:
     rt = runtime()
     peers = [(comm.rank + i) % comm.size for i in range(1, comm.size)]
 
-    def ce(streams, sources):
-        # The bytes split evenly over (stream, source) pairs: one copy per stream, source i % len(sources).
+    def ce(streams, peers_, push=False):
+        # The bytes split evenly over (stream, peer) pairs: one copy per stream, peer i % len(peers_).
+        # push: the other direction, this rank's copy engine writing into the peers' buffers (so each
+        # rank receives what its peers push).
         def go():
             piece = nbytes // len(streams)
             for i, s in enumerate(streams):
-                base = buf.ptr(sources[i % len(sources)])
-                rt.memcpyAsync(dst.data_ptr() + i * piece, base + i * piece, piece, rt.memcpyDefault, s.cuda_stream)
+                remote = buf.ptr(peers_[i % len(peers_)]) + i * piece
+                local = dst.data_ptr() + i * piece
+                d, src_ = (remote, local) if push else (local, remote)
+                rt.memcpyAsync(d, src_, piece, rt.memcpyDefault, s.cuda_stream)
         return go
 
     def sm_all_peers():
@@ -124,16 +128,6 @@ def main() -> None:
         launch = sm_peers(peers, blocks, 0)
         return lambda: launch(side[0])
 
-    def ce_push(streams, targets):
-        # The reverse direction: this rank's copy engine writes into the peers' buffers (piece i to
-        # target i % len(targets)), so each rank receives what its peers push.
-        def go():
-            piece = nbytes // len(streams)
-            for i, s in enumerate(streams):
-                base = buf.ptr(targets[i % len(targets)])
-                rt.memcpyAsync(base + i * piece, dst.data_ptr() + i * piece, piece, rt.memcpyDefault, s.cuda_stream)
-        return go
-
     extra = {}
     if args.torch_symm:
         import os
@@ -160,8 +154,8 @@ def main() -> None:
                  "ce 1 peer d2d kind": (ce_from(src, rt.memcpyDeviceToDevice), side[:1])}
 
     pulls = {**extra, "ce 1 peer": (ce(side[:1], [peer]), side[:1]),
-             "ce push 1 peer": (ce_push(side[:1], [peer]), side[:1]),
-             "ce push all": (ce_push(side[:len(peers)], peers), side[:len(peers)]), "ce 1 peer x4": (ce(side, [peer]), side),
+             "ce push 1 peer": (ce(side[:1], [peer], push=True), side[:1]),
+             "ce push all": (ce(side[:len(peers)], peers, push=True), side[:len(peers)]), "ce 1 peer x4": (ce(side, [peer]), side),
              "ce all peers": (ce(side[:len(peers)], peers), side[:len(peers)]),
              "sm all peers": (sm_all_peers(), side[:1]),
              "sm all x64": (sm_each(64), side[:1]), "sm all x128": (sm_each(128), side[:1]),

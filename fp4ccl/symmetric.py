@@ -191,10 +191,9 @@ def alloc_mode() -> str:
 
 
 def _fd_timeout() -> float:
-    """Seconds a rank waits for a peer's descriptor (FP4CCL_TIMEOUT, at most 600; a peer is at most
-    one host exchange behind, so this only bounds a crashed peer)."""
-    raw = os.environ.get("FP4CCL_TIMEOUT", "")
-    seconds = float(raw) if raw else 600.0
+    """Seconds a rank waits for a peer's descriptor: the barrier's timeout, at most 600 (a peer is at
+    most one host exchange behind, so this only bounds a crashed peer)."""
+    seconds = barrier_timeout_ns() / 1e9
     return min(seconds, 600.0) if seconds > 0 else 600.0
 
 
@@ -202,7 +201,6 @@ def _close_all(fds: List[int], fdx) -> None:
     for f in fds:
         if f >= 0:
             os.close(f)
-    fds[:] = [-1] * len(fds)
     if fdx is not None:
         fdx.close()
 
@@ -324,10 +322,11 @@ class SymmetricBuffer:
         handle = b""
         fd = -1
         fdx = None
+        if use_vmm:
+            from . import vmm
         try:
             with cupy.cuda.Device(self.device):
                 if use_vmm:
-                    from . import vmm
                     runtime.free(0)   # the device's primary context must be current for the driver calls
                     self._own = vmm.Mapping.create(self.device, self.alloc_bytes)
                     self._base = self._own.ptr
