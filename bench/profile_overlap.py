@@ -10,41 +10,13 @@ the chrome traces there. Variants: NAME=ENV=V[;ENV=V] settings of fp4ccl's pipel
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-def _timeline(trace_path: str, gap_us: float):
-    """GPU events of the last profiled step (events apart by more than gap_us start a new step):
-    [(stream, start, end, name)], times from the step's first event."""
-    with open(trace_path) as f:
-        events = json.load(f)["traceEvents"]
-    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    gpu.sort(key=lambda e: e["ts"])
-    calls, cur = [], []
-    for e in gpu:
-        if cur and e["ts"] - max(c["ts"] + c["dur"] for c in cur) > gap_us:
-            calls.append(cur)
-            cur = []
-        cur.append(e)
-    if cur:
-        calls.append(cur)
-    last = calls[-1] if calls else []
-    t0 = last[0]["ts"] if last else 0.0
-    return [(e.get("args", {}).get("stream", "?"), e["ts"] - t0, e["ts"] + e["dur"] - t0, e["name"]) for e in last]
-
-
-def _print(title: str, rows) -> None:
-    print(f"\n## {title}: {len(rows)} GPU events, span {max((r[2] for r in rows), default=0):.1f} us")
-    for stream, start, end, name in sorted(rows, key=lambda r: r[1]):
-        print(f"  stream {str(stream):>4} {start:9.1f} {end:9.1f} {end - start:8.1f}  {name[:90]}")
 
 
 def main() -> None:
@@ -63,6 +35,7 @@ def main() -> None:
     from fp4ccl.overlap import all_gather_matmul
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_overlap import _torch_group
+    from _profile import parse_variants, profile_ops, with_env
 
     comm = fp4ccl.init("nccl")
     torch.cuda.set_device(comm.device)
@@ -75,41 +48,11 @@ def main() -> None:
 
     ops = [("torch fused_all_gather_matmul",
             lambda: torch.ops.symm_mem.fused_all_gather_matmul(a, [b], 0, group_name))]
-    for item in filter(None, args.variants.split(",")):
-        name, _, rest = item.partition("=")
-        env = dict(kv.split("=", 1) for kv in filter(None, rest.split(";")))
+    for name, rest, env in parse_variants(args.variants):
         env["FP4CCL_OVERLAP"] = "pipelined"
-
-        def call(env=env):
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                return all_gather_matmul(comm, a, [b], 0)
-            finally:
-                for k, v in old.items():
-                    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        ops.append((f"fp4ccl {name} {rest}", call))
-
-    out_dir = args.trace or "/tmp"
-    for i, (title, fn) in enumerate(ops):
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        comm._exchange.barrier()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                comm._exchange.barrier()
-                for _ in range(args.loop):
-                    fn()
-                torch.cuda.synchronize()
-                time.sleep(0.01)
-        path = os.path.join(out_dir, f"profile_overlap_{i}_rank{comm.rank}.json")
-        prof.export_chrome_trace(path)
-        for r in range(comm.size if args.all_ranks else 1):
-            if comm.rank == r:
-                _print(f"{title}, M={args.m} N=K={args.nk}, {args.loop} calls, rank {r}", _timeline(path, 5000.0))
-                sys.stdout.flush()
-            comm._exchange.barrier()
+        ops.append((f"fp4ccl {name} {rest}", with_env(env, lambda: all_gather_matmul(comm, a, [b], 0))))
+    profile_ops(comm, ops, f"M={args.m} N=K={args.nk}", args.trace or "/tmp", args.loop, args.all_ranks,
+                prefix="profile_overlap")
     comm.destroy()
     dist.destroy_process_group()
 

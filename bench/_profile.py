@@ -1,0 +1,82 @@
+"""GPU timelines from torch.profiler, shared by the profile_* scripts: each profiled op's last call,
+stream by stream, in µs from that call's first GPU event."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def timeline(trace_path: str, gap_us: float):
+    """GPU events of the last profiled step (events apart by more than gap_us start a new step):
+    [(stream, start, end, name)], times from the step's first event."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    gpu.sort(key=lambda e: e["ts"])
+    calls, cur = [], []
+    for e in gpu:
+        if cur and e["ts"] - max(c["ts"] + c["dur"] for c in cur) > gap_us:
+            calls.append(cur)
+            cur = []
+        cur.append(e)
+    if cur:
+        calls.append(cur)
+    last = calls[-1] if calls else []
+    t0 = last[0]["ts"] if last else 0.0
+    return [(e.get("args", {}).get("stream", "?"), e["ts"] - t0, e["ts"] + e["dur"] - t0, e["name"]) for e in last]
+
+
+def print_timeline(title: str, rows) -> None:
+    print(f"\n## {title}: {len(rows)} GPU events, span {max((r[2] for r in rows), default=0):.1f} us")
+    for stream, start, end, name in sorted(rows, key=lambda r: r[1]):
+        print(f"  stream {str(stream):>4} {start:9.1f} {end:9.1f} {end - start:8.1f}  {name[:90]}")
+
+
+def with_env(env: dict, fn):
+    """fn run with os.environ updated by env, restored after."""
+    def call():
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return call
+
+
+def parse_variants(spec: str):
+    """'NAME=ENV=V[;ENV=V],...' -> [(name, settings text, {ENV: V})]."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, rest = item.partition("=")
+        out.append((name, rest, dict(kv.split("=", 1) for kv in filter(None, rest.split(";")))))
+    return out
+
+
+def profile_ops(comm, ops, label: str, out_dir: str, loop: int = 1, all_ranks: bool = False,
+                prefix: str = "profile") -> None:
+    """Warm each (title, fn) up, profile 3 steps of `loop` back-to-back calls on every rank, and print
+    rank 0's (or every rank's) last step."""
+    import torch
+    for i, (title, fn) in enumerate(ops):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        comm._exchange.barrier()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                comm._exchange.barrier()
+                for _ in range(loop):
+                    fn()
+                torch.cuda.synchronize()
+                time.sleep(0.01)
+        path = os.path.join(out_dir, f"{prefix}_{i}_rank{comm.rank}.json")
+        prof.export_chrome_trace(path)
+        for r in range(comm.size if all_ranks else 1):
+            if comm.rank == r:
+                print_timeline(f"{title}, {label}, {loop} calls, rank {r}", timeline(path, 5000.0))
+                sys.stdout.flush()
+            comm._exchange.barrier()

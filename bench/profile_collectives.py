@@ -1,0 +1,73 @@
+"""Where does an FP4 collective spend its time? GPU timelines of fp4ccl's NVFP4 reduce_scatterv and
+all_gatherv beside NCCL's bf16 reduce_scatter and all_gather of the same logical tensor.
+
+    python3 -m fp4ccl.launcher -n 4 bench/profile_collectives.py [--bytes 256M] [--ops rs,ag]
+        [--variants NAME=ENV=V[;ENV=V],...] [--loop N] [--all-ranks]
+
+--bytes is each rank's bf16 input of the reduce-scatter (its output of the gather), as in the
+sweep's logical column. Every rank runs each op; rank 0 (or every rank) prints one step's GPU work
+stream by stream (bench/_profile.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+K = 8192
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bytes", default="256M", help="each rank's logical bf16 tensor (suffix K/M/G)")
+    ap.add_argument("--ops", default="rs,ag", help="rs: reduce-scatter, ag: all-gather")
+    ap.add_argument("--variants", default="default=", help="NAME=ENV=V[;ENV=V],... fp4ccl settings to profile")
+    ap.add_argument("--trace", default="", help="also write the chrome traces into this folder")
+    ap.add_argument("--all-ranks", action="store_true", help="print every rank's timeline (default rank 0's)")
+    ap.add_argument("--loop", type=int, default=1, help="back-to-back calls per profiled step (steady state)")
+    args = ap.parse_args()
+
+    import torch
+    import fp4ccl
+    from fp4ccl.sweep import parse_size
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _profile import parse_variants, profile_ops, with_env
+
+    comm = fp4ccl.init("nccl")
+    torch.cuda.set_device(comm.device)
+    dev = torch.device("cuda", comm.device)
+    W = comm.size
+    rows = max(W, parse_size(args.bytes) // (2 * K) // W * W)
+    g = torch.Generator(device=dev).manual_seed(7 + comm.rank)
+    x = torch.randn(rows, K, device=dev, generator=g).bfloat16()         # the reduce-scatter's input
+    part = x[: rows // W].clone()                                        # the gather's input
+    rs_out = torch.empty(rows // W, K, device=dev, dtype=torch.bfloat16)
+    ag_out = torch.empty(rows, K, device=dev, dtype=torch.bfloat16)
+    sizes = [rows // W] * W
+
+    ops = []
+    for op in filter(None, args.ops.split(",")):
+        if op == "rs":
+            ops.append(("NCCL bf16 reduce_scatter", lambda: comm.reduce_scatter(x, out=rs_out)))
+            for name, rest, env in parse_variants(args.variants):
+                ops.append((f"fp4ccl NVFP4 reduce_scatterv {name} {rest}",
+                            with_env(env, lambda: comm.reduce_scatterv(x, sizes, out=rs_out, compress="nvfp4"))))
+        elif op == "ag":
+            ops.append(("NCCL bf16 all_gather", lambda: comm.all_gather(part, out=ag_out)))
+            for name, rest, env in parse_variants(args.variants):
+                ops.append((f"fp4ccl NVFP4 all_gatherv {name} {rest}",
+                            with_env(env, lambda: comm.all_gatherv(part, sizes, out=ag_out, compress="nvfp4"))))
+        else:
+            raise SystemExit(f"--ops: unknown op {op!r} (rs, ag)")
+    profile_ops(comm, ops, f"{rows} x {K} bf16 per rank", args.trace or "/tmp", args.loop, args.all_ranks,
+                prefix="profile_collectives")
+    comm.destroy()
+
+
+if __name__ == "__main__":
+    main()
