@@ -20,6 +20,7 @@ import socket
 import struct
 from typing import Dict, List, Optional
 
+from ._cuda import driver_function
 from ._log import get_logger
 
 log = get_logger(__name__)
@@ -61,32 +62,34 @@ class VmmError(RuntimeError):
         self.call, self.status = call, status
 
 
-_DRIVER: Dict[str, Optional[ctypes.CDLL]] = {}
+_SIGNATURES = {
+    "cuDeviceGetAttribute": lambda: [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int],
+    "cuMemGetAllocationGranularity": lambda: [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(_Prop), ctypes.c_int],
+    "cuMemCreate": lambda: [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t, ctypes.POINTER(_Prop), ctypes.c_uint64],
+    "cuMemAddressReserve": lambda: [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t, ctypes.c_size_t,
+                                    ctypes.c_uint64, ctypes.c_uint64],
+    "cuMemMap": lambda: [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64, ctypes.c_uint64],
+    "cuMemSetAccess": lambda: [ctypes.c_uint64, ctypes.c_size_t, ctypes.POINTER(_AccessDesc), ctypes.c_size_t],
+    "cuMemExportToShareableHandle": lambda: [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_uint64],
+    "cuMemImportFromShareableHandle": lambda: [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_int],
+    "cuMemUnmap": lambda: [ctypes.c_uint64, ctypes.c_size_t],
+    "cuMemAddressFree": lambda: [ctypes.c_uint64, ctypes.c_size_t],
+    "cuMemRelease": lambda: [ctypes.c_uint64],
+}
 
 
-def _driver() -> ctypes.CDLL:
-    lib = _DRIVER.get("lib")
-    if lib is None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        u64, sz, vp, cint = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
-        sigs = {
-            "cuDeviceGetAttribute": [ctypes.POINTER(cint), cint, cint],
-            "cuMemGetAllocationGranularity": [ctypes.POINTER(sz), ctypes.POINTER(_Prop), cint],
-            "cuMemCreate": [ctypes.POINTER(u64), sz, ctypes.POINTER(_Prop), u64],
-            "cuMemAddressReserve": [ctypes.POINTER(u64), sz, sz, u64, u64],
-            "cuMemMap": [u64, sz, sz, u64, u64],
-            "cuMemSetAccess": [u64, sz, ctypes.POINTER(_AccessDesc), sz],
-            "cuMemExportToShareableHandle": [vp, u64, cint, u64],
-            "cuMemImportFromShareableHandle": [ctypes.POINTER(u64), vp, cint],
-            "cuMemUnmap": [u64, sz],
-            "cuMemAddressFree": [u64, sz],
-            "cuMemRelease": [u64],
-        }
-        for name, args in sigs.items():
-            fn = getattr(lib, name)
-            fn.argtypes = args
-            fn.restype = cint
-        _DRIVER["lib"] = lib
+class _Driver:
+    """The VMM calls of libcuda as attributes (lib.cuMemCreate(...)), typed on first use."""
+
+    def __getattr__(self, name: str):
+        return driver_function(name, _SIGNATURES[name]())
+
+
+def _driver() -> _Driver:
+    """The driver's VMM calls; OSError / AttributeError where there is no driver or it lacks them."""
+    lib = _Driver()
+    for name in _SIGNATURES:
+        getattr(lib, name)
     return lib
 
 
