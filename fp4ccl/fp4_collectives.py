@@ -20,7 +20,7 @@ import numpy as np
 from . import _arrays, symm_collectives
 from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
-from .vcollectives import offsets
+from .vcollectives import offsets, split_count
 from .formats.tensor import BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, check_format, check_k, packed_layout
 
 GLOBAL_SCALES = ("per_rank", "shared")
@@ -60,7 +60,12 @@ def _workspace(comm, nbytes: int) -> int:
     if ws is None:
         from .vcollectives import Workspace
         ws = comm._extras["fp4_workspace"] = Workspace(comm.device)
-    return ws.get(max(nbytes, 1))
+    before = ws.nbytes
+    ptr = ws.get(max(nbytes, 1))
+    if ws.nbytes != before:
+        # Graphs of earlier symmetric-memory calls hold addresses in the buffer just freed.
+        symm_collectives.forget_graphs(comm)
+    return ptr
 
 
 def _check_input(comm, x, compress: str, what: str) -> Tuple[ArrayInfo, int, int]:
@@ -372,30 +377,38 @@ def _kernel_segment(chunk, K: int, fmt: str) -> Tuple[int, int, int, int, int]:
     return (count * K // bs, start * K // bs, seg, seg + layout.scale_off, seg + layout.gs_off if fmt == "nvfp4" else 0)
 
 
-def _split(n: int, parts: int) -> List[int]:
-    """n split into `parts` near-equal counts (larger ones first)."""
-    q, r = divmod(n, parts)
-    return [q + (1 if i < r else 0) for i in range(parts)]
+_HIGHEST_PRIORITY = -(1 << 20)
 
 
 class _SideStream:
     """A second stream per communicator and device, and events to fork and join it with the caller's."""
 
-    def __init__(self, device: int):
+    def __init__(self, device: int, high_priority: bool = False):
         import cupy
         with cupy.cuda.Device(device):
-            self._stream = cupy.cuda.Stream(non_blocking=True)
+            # CUDA clamps a priority outside the device's range to its nearest end: the highest here.
+            priority = _HIGHEST_PRIORITY if high_priority else None
+            self._stream = cupy.cuda.Stream(non_blocking=True, priority=priority)
             self._events = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(16)]
         self.ptr = int(self._stream.ptr)
         self._next = 0
 
     def order(self, waiter: int, signaller: int) -> None:
         """Work enqueued on `waiter` from now on runs after what `signaller` holds now."""
+        self.wait(waiter, self.mark(signaller))
+
+    def mark(self, signaller: int) -> int:
+        """An event for what `signaller` holds now (one of 16 reused in turn: wait on it soon)."""
         from cupy.cuda import runtime
         ev = self._events[self._next % len(self._events)].ptr
         self._next += 1
         runtime.eventRecord(ev, signaller)
-        runtime.streamWaitEvent(waiter, ev, 0)
+        return ev
+
+    def wait(self, waiter: int, event: int) -> None:
+        """Work enqueued on `waiter` from now on runs after `event` (from mark)."""
+        from cupy.cuda import runtime
+        runtime.streamWaitEvent(waiter, event, 0)
 
     def close(self) -> None:
         self._stream = None
@@ -418,7 +431,7 @@ class _GpuCodec:
         n, me = self.comm.size, self.comm.rank
         out_bytes = sum(rows) * K * oinfo.itemsize
         nchunks = 2 if n > 1 and out_bytes >= PIPELINE_FROM_BYTES else 1
-        parts = [_split(r, nchunks) for r in rows]                  # parts[rank][chunk]
+        parts = [split_count(r, nchunks) for r in rows]                  # parts[rank][chunk]
         starts = [offsets(p) for p in parts]                       # first row of each chunk, per rank
         lay = [[packed_layout(parts[r][c], K, fmt) for c in range(nchunks)] for r in range(n)]
         counts = [[lay[r][c].total_bytes for r in range(n)] for c in range(nchunks)]
@@ -565,11 +578,12 @@ class _GpuCodec:
         self.sum_dequantized(recv, mine, rows[me], K, fmt, n, oinfo)
 
     # -- steps -----------------------------------------------------------------------------------------
-    def _side(self) -> _SideStream:
-        key = ("fp4_side", self.device)
+    def _side(self, name: str = "side", high_priority: bool = False) -> _SideStream:
+        """The communicator's side stream `name` on this device (made on first use)."""
+        key = ("fp4_" + name, self.device)
         side = self.comm._extras.get(key)
         if side is None:
-            side = self.comm._extras[key] = _SideStream(self.device)
+            side = self.comm._extras[key] = _SideStream(self.device, high_priority)
         return side
 
     def buffers(self, send_bytes: int, recv_bytes: int, extra_f32: int = 0):

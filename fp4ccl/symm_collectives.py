@@ -26,6 +26,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from . import _cuda
 from ._cuda import runtime as _rt
 from ._log import get_logger
 
@@ -160,7 +161,9 @@ class Workspace:
         finally:
             graph = rt.streamEndCapture(s)
         try:
-            exe = rt.graphInstantiate(graph)
+            # node priorities kept: a barrier kernel captured from a high-priority side stream must
+            # still get an SM ahead of the quantize kernels that fill the GPU
+            exe = _cuda.instantiate_graph(graph)
         finally:
             rt.graphDestroy(graph)
         self._graphs[key] = exe
@@ -229,6 +232,13 @@ def _new_event(device: int) -> int:
     import cupy
     with cupy.cuda.Device(device):
         return _rt().eventCreateWithFlags(_rt().eventDisableTiming)
+
+
+def forget_graphs(comm) -> None:
+    """Drop the cached graphs of this communicator's calls (a buffer they point into was replaced)."""
+    ws = comm._extras.get(_EXTRAS_KEY)
+    if ws is not None:
+        ws._drop_graphs()
 
 
 def workspace(comm) -> Workspace:
@@ -370,9 +380,18 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr
 
 
 # Input size from which the FP4 reduce-scatter pipelines its pulls behind its quantization (env
-# FP4CCL_FP4_RS_PIPELINE=0/1 forces either way). Measured (4 x H200, bf16): pipelined 705 against 808 us
-# at 512 MiB and 1407 against 1552 at 1 GiB, but 249 against 242 at 128 MiB and slower below.
-RS_PIPELINE_FROM_BYTES = 256 << 20
+# FP4CCL_FP4_RS_PIPELINE=0/1 forces either way). Measured (4 x H200, bf16, bench/RESULTS.md run 26):
+# pipelined 88 against 91 us at 32 MiB, 118 against 133 at 64 MiB, 294 against 418 at 256 MiB.
+RS_PIPELINE_FROM_BYTES = 32 << 20
+
+
+def rs_pieces(chunk_bytes: int) -> int:
+    """Row pieces per chunk in the pipelined reduce-scatter, from the largest chunk's packed FP4 bytes
+    (the same on every rank: each piece is one barrier). Each piece is quantized, barriered, pulled
+    and summed on its own, so the first pull starts once a piece (not a chunk) is quantized and only
+    the last piece's sum follows the last pull; each piece costs a barrier and a copy's start. Measured
+    best (run 26): 1 piece of 4.5 MiB chunks, 2 of 9-36 MiB, 4 of 72 MiB."""
+    return 1 if chunk_bytes < (8 << 20) else 2 if chunk_bytes < (64 << 20) else 4
 
 
 def rs_pipelined(nbytes: int) -> bool:
@@ -389,65 +408,97 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     and sums, in rank order, the chunk every rank made for it, rounding once.
 
     Small inputs: quantize every chunk, one barrier, one fused decode-and-sum kernel reading the
-    peers' slots over NVLink. Large inputs (rs_pipelined) in n - 1 stages: at stage i every rank
-    quantizes its chunk for rank + i, a barrier on a side stream, and the copy engine pulls the chunk
-    from rank - i into a local staging area while the SMs quantize stage i + 1; the own chunk last,
-    then one local decode-and-sum. Stochastic rounding draws from the element index, so both give
-    the same bits.
+    peers' slots over NVLink. Large inputs (rs_pipelined) in n - 1 stages of rs_pieces() row pieces:
+    at stage i every rank quantizes its chunk for rank + i piece by piece, a barrier after each on a
+    high-priority stream, and the copy engine pulls that piece of the chunk from rank - i into a
+    local staging area while the SMs quantize the next piece; the own chunk last, then one local
+    decode-and-sum. Stochastic rounding draws from the element index, so both give the same bits.
+    Both forms are captured into a CUDA graph when the call repeats.
     """
     from .formats import kernels
     from .formats.tensor import BLOCK_SIZE, packed_layout
-    from .vcollectives import copy, offsets
+    from .vcollectives import copy, offsets, split_count
     comm = codec.comm
     me, n = comm.rank, comm.size
     bs = BLOCK_SIZE[fmt]
-    lays = [packed_layout(r, K, fmt) for r in rows]
-    region = offsets([lay.total_bytes for lay in lays])       # in every slot, the chunk for rank p at region[p]
     row_offs = offsets(rows)
-    mine = lays[me]
     pipelined = rs_pipelined(info.nbytes)
+    # pieces[q]: (first row in the chunk, rows, offset in the chunk's region, packed layout) of each row
+    # piece of the chunk for rank q. Each piece is a packed segment of its own, so a piece travels as
+    # one copy and is summed on its own; every rank splits a chunk the same way.
+    npieces = rs_pieces(packed_layout(max(rows), K, fmt).total_bytes) if pipelined else 1
+    pieces = []
+    for q in range(n):
+        counts = split_count(rows[q], npieces)
+        lay_q = [packed_layout(c, K, fmt) for c in counts]
+        pieces.append(list(zip(offsets(counts), counts, offsets([lay.total_bytes for lay in lay_q]), lay_q)))
+    size = [sum(piece[3].total_bytes for piece in pieces[q]) for q in range(n)]
+    region = offsets(size)            # in every slot, the chunk for rank q at region[q]
+    m = size[me]
 
     def prepare():
-        codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=(n - 1) * mine.total_bytes if pipelined else 0)
+        codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=(n - 1) * m if pipelined else 0)
 
-    def quantize(p, dst):
-        amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
-        codec.quantize(info, K, fmt, amax, [(row_offs[p], rows[p], dst + region[p], lays[p])],
+    def quantize(p, dst, amax, piece):
+        r0, nr, off, lay = piece
+        codec.quantize(info, K, fmt, amax, [(row_offs[p] + r0, nr, dst + region[p] + off, lay)],
                        rounding=rounding, seed=mix(seed, me, p))
 
-    def decode_sum(stream, sources):
-        if rows[me]:
-            kernels.dequantize_sum(comm.device, oinfo.ptr, oinfo.dtype, K, fmt, rows[me] * K // bs,
-                                   [(a, a + mine.scale_off, a + mine.gs_off if fmt == "nvfp4" else 0) for a in sources],
-                                   stream)
+    def quantize_chunk(p, dst):
+        amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
+        for piece in pieces[p]:
+            quantize(p, dst, amax, piece)
+
+    def decode_sum(stream, sources, piece):
+        """Rows of `piece` of this rank's result, from that piece of each chunk at `sources`."""
+        q0, nq, off, lay = piece
+        if nq:
+            kernels.dequantize_sum(comm.device, oinfo.ptr + q0 * K * oinfo.itemsize, oinfo.dtype, K, fmt, nq * K // bs,
+                                   [(a + off, a + off + lay.scale_off, a + off + lay.gs_off if fmt == "nvfp4" else 0)
+                                    for a in sources], stream)
 
     def enqueue(s, local, slots):
         codec.stream = s
         for p in ring(comm) + [me]:
-            quantize(p, local)
+            quantize_chunk(p, local)
         workspace(comm).barrier(s)
-        decode_sum(s, [slot + region[me] for slot in slots])
+        decode_sum(s, [slot + region[me] for slot in slots], pieces[me][0])
 
     def enqueue_pipelined(s, local, slots):
         codec.stream = s
-        side = codec._side()
+        # Barriers and pulls on streams of their own, so that barrier k + 1 completes while pull k
+        # runs (one stream for both put every barrier behind the previous pull: 20-30 us a stage).
+        # The barrier stream has the highest priority: its one-warp kernel must get an SM as soon as
+        # the quantize it waits for ends, ahead of the next quantize queued on `s`, which fills
+        # every SM. The pulls run on the copy engines and need no SM.
+        bar = codec._side("rs_barrier", high_priority=True)
+        pull = codec._side("rs_pull")
         ws = workspace(comm)
         staging = codec.staging
+        landed = []                        # per piece of the last stage's chunk: its pull's event
         for i, p in enumerate(ring(comm), 1):
-            quantize(p, local)
-            side.order(side.ptr, s)          # this stage's chunk is in our slot
-            ws.barrier(side.ptr)             # ... and in every rank's
+            amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
             src = (me - i) % n
-            copy(staging + (i - 1) * mine.total_bytes, slots[src] + region[me], mine.total_bytes, side.ptr)
-        quantize(me, local)
-        side.order(s, side.ptr)              # every pull landed
-        sources = [local + region[me] if c == me else staging + ((me - c) % n - 1) * mine.total_bytes
-                   for c in range(n)]
-        decode_sum(s, sources)
+            base, dst = slots[src] + region[me], staging + (i - 1) * m
+            for theirs, ours in zip(pieces[p], pieces[me]):
+                quantize(p, local, amax, theirs)
+                bar.order(bar.ptr, s)      # this piece is in our slot
+                ws.barrier(bar.ptr)        # ... and in every rank's
+                pull.order(pull.ptr, bar.ptr)
+                copy(dst + ours[2], base + ours[2], ours[3].total_bytes, pull.ptr)
+                if i == n - 1:
+                    landed.append(pull.mark(pull.ptr))
+        quantize_chunk(me, local)
+        bar.order(s, bar.ptr)
+        sources = [local + region[me] if c == me else staging + ((me - c) % n - 1) * m for c in range(n)]
+        # One pull stream: a piece of the last stage landed means that piece of every stage did, so
+        # each piece's sum starts while the next piece is still on the wire.
+        for piece, event in zip(pieces[me], landed):
+            pull.wait(s, event)
+            decode_sum(s, sources, piece)
+        pull.order(s, pull.ptr)
 
-    slot = sum(lay.total_bytes for lay in lays)
-    if pipelined:
-        workspace(comm).run(slot, codec.stream, None, enqueue_pipelined, prepare)
-    else:
-        key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed)
-        workspace(comm).run(slot, codec.stream, key, enqueue, prepare)
+    slot = sum(size)
+    key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed,
+           pipelined)
+    workspace(comm).run(slot, codec.stream, key, enqueue_pipelined if pipelined else enqueue, prepare)

@@ -355,6 +355,12 @@ class NcclVariable:
             copy(recv.ptr, result.ptr, recv.nbytes, stream)
 
 
+def split_count(n: int, parts: int) -> List[int]:
+    """n split into `parts` near-equal counts (larger ones first)."""
+    q, r = divmod(n, parts)
+    return [q + (1 if i < r else 0) for i in range(parts)]
+
+
 def offsets(counts: Sequence[int]) -> List[int]:
     """Where each part starts when parts of these lengths are laid end to end."""
     out, acc = [], 0

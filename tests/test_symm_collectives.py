@@ -92,6 +92,7 @@ class FakeBuffer:
 def fakes(monkeypatch):
     rt = FakeRuntime()
     monkeypatch.setattr(sc, "_rt", lambda: rt)
+    monkeypatch.setattr(sc._cuda, "instantiate_graph", rt.graphInstantiate)
     import fp4ccl.symmetric as symmetric
     monkeypatch.setattr(symmetric, "SymmetricBuffer", FakeBuffer)
     monkeypatch.setattr(sc, "_new_event", lambda device: 0xE0)
@@ -282,13 +283,20 @@ class In:
 
 
 class FakeSide:
-    ptr = 0x51DE
+    """A _SideStream that logs its marks and waits."""
 
-    def __init__(self):
-        self.orders = []
+    def __init__(self, ptr=0x51DE, high=False, log=None):
+        self.ptr, self.high, self.log = ptr, high, log if log is not None else []
 
     def order(self, waiter, signaller):
-        self.orders.append((waiter, signaller))
+        self.log.append(("wait", waiter, "bar" if signaller != 5 and signaller != self.ptr else signaller))
+
+    def mark(self, signaller):
+        self.log.append(("mark", signaller))
+        return sum(e[0] == "mark" for e in self.log)
+
+    def wait(self, waiter, event):
+        self.log.append(("wait", waiter, event))
 
 
 def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(fakes, monkeypatch):
@@ -317,33 +325,65 @@ def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(f
                          ((r + 1) << 32) + region[1] + mine.gs_off) for r in range(3)]
 
 
-def test_fp4_reduce_scatter_pipelined_pulls_each_stage_with_the_copy_engine(fakes, monkeypatch):
+def test_fp4_reduce_scatter_pipelined_pulls_and_sums_each_piece(fakes, monkeypatch):
     from fp4ccl import vcollectives
     from fp4ccl.formats import kernels
-    sums, log = [], []
-    monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: sums.append(a))
+    log = []
+    monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: log.append(("sum",) + a))
     monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
     monkeypatch.setenv("FP4CCL_FP4_RS_PIPELINE", "1")
+    monkeypatch.setattr(sc, "rs_pieces", lambda chunk_bytes: 2)
     comm = FakeComm(rank=0, size=3)
     codec = FakeCodec(comm)
-    side = FakeSide()
-    codec._side = lambda: side
+    sides = {}
+
+    def side(name="side", high_priority=False):
+        if name not in sides:
+            sides[name] = FakeSide(0x51DE + len(sides), high_priority, log)
+        return sides[name]
+    codec._side = side
     FakeBuffer.trace = log
     rows, K = [5, 3, 2], 32
-    lays = [packed_layout(r, K, "mxfp4") for r in rows]
-    region = [0, lays[0].total_bytes, lays[0].total_bytes + lays[1].total_bytes]
-    mine = lays[0].total_bytes
+    lay = {r: packed_layout(r, K, "mxfp4") for r in range(4)}
+    # each chunk in pieces, each piece a packed segment of its own: rank 0's 3 + 2 rows, rank 1's 2 + 1,
+    # rank 2's 1 + 1
+    size = [lay[3].total_bytes + lay[2].total_bytes, lay[2].total_bytes + lay[1].total_bytes, 2 * lay[1].total_bytes]
+    region = [0, size[0], size[0] + size[1]]
+    m = size[0]
     sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
-    assert ("reserve", "reduce_scatter", 2 * mine) in codec.log
-    # stage 1: the chunk for rank 1, pulled from rank 2 (= 0 - 1); stage 2: for rank 2, from rank 1
-    assert [e[2][0][0] for e in codec.log if e[0] == "quantize"] == [5, 8, 0]
-    assert log == [("barrier", side.ptr), ("copy", 0x5000, (3 << 32) + region[0], mine, side.ptr),
-                   ("barrier", side.ptr), ("copy", 0x5000 + mine, (2 << 32) + region[0], mine, side.ptr)]
-    assert side.orders == [(side.ptr, 5), (side.ptr, 5), (5, side.ptr)]
-    (dev, optr, odt, k, fmt, units, contribs, stream), = sums
-    assert stream == 5 and units == 5
-    # in rank order: our own chunk, then rank 1's (pulled at stage 2), then rank 2's (stage 1)
-    assert [c[0] for c in contribs] == [1 << 32, 0x5000 + mine, 0x5000]
+    bar, pull = sides["rs_barrier"], sides["rs_pull"]
+    assert bar.high and not pull.high
+    assert ("reserve", "reduce_scatter", 2 * m) in codec.log
+    # stage 1: the chunk for rank 1 (rows 5-7), stage 2: rank 2's (rows 8-9), piece by piece into its
+    # own segment; the own chunk (rows 0-4) last
+    quants = [e[2][0] for e in codec.log if e[0] == "quantize"]
+    assert quants == [(5, 2, (1 << 32) + region[1], lay[2]), (7, 1, (1 << 32) + region[1] + lay[2].total_bytes, lay[1]),
+                      (8, 1, (1 << 32) + region[2], lay[1]), (9, 1, (1 << 32) + region[2] + lay[1].total_bytes, lay[1]),
+                      (0, 3, 1 << 32, lay[3]), (3, 2, (1 << 32) + lay[3].total_bytes, lay[2])]
+    assert [e[1:] for e in codec.log if e[0] == "amax_rows"] == [(5, 3), (8, 2), (0, 5)]
+
+    def pulls(src, dst):
+        """Our chunk's two pieces from rank src's slot, each one copy after its barrier."""
+        base = (src + 1 << 32) + region[0]
+        return [("barrier", bar.ptr), ("wait", pull.ptr, "bar"), ("copy", dst, base, lay[3].total_bytes, pull.ptr),
+                ("barrier", bar.ptr), ("wait", pull.ptr, "bar"),
+                ("copy", dst + lay[3].total_bytes, base + lay[3].total_bytes, lay[2].total_bytes, pull.ptr)]
+    steps = [e for e in log if e[0] != "sum" and not (e[0] == "wait" and e[1] != pull.ptr)]
+    # stage 1 pulls from rank 2 (= 0 - 1), stage 2 from rank 1; the last stage's pieces are marked
+    assert steps[:6] == pulls(2, 0x5000)
+    assert steps[6:] == pulls(1, 0x5000 + m)[:3] + [("mark", pull.ptr)] + pulls(1, 0x5000 + m)[3:] + [("mark", pull.ptr)]
+    # each piece's sum waits for that piece of the last stage only, in rank order of the sources:
+    # our own chunk, then rank 1's (pulled at stage 2), then rank 2's (stage 1)
+    tail = log[log.index(("mark", pull.ptr)):]
+    sums = [e for e in log if e[0] == "sum"]
+    assert [(e[2], e[6]) for e in sums] == [(0x7000, 3), (0x7000 + 3 * K * 2, 2)]
+    assert [[c[0] for c in e[7]] for e in sums] == [[1 << 32, 0x5000 + m, 0x5000],
+                                                    [(1 << 32) + lay[3].total_bytes, 0x5000 + m + lay[3].total_bytes,
+                                                     0x5000 + lay[3].total_bytes]]
+    order = [e[0] if e[0] != "wait" else e[1:] for e in tail if e[0] in ("sum", "wait")]
+    marks = [e for e in log if e[0] == "mark"]
+    assert len(marks) == 2
+    assert order[-5:] == [(5, 1), "sum", (5, 2), "sum", (5, pull.ptr)]
     monkeypatch.setenv("FP4CCL_FP4_RS_PIPELINE", "2")
     with pytest.raises(ValueError, match="FP4CCL_FP4_RS_PIPELINE='2'"):
         sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
@@ -469,3 +509,10 @@ def test_small_quantize_bytes_rejects_a_bad_value(monkeypatch):
     monkeypatch.setenv("FP4CCL_SMALL_QUANTIZE_BYTES", "lots")
     with pytest.raises(ValueError, match="FP4CCL_SMALL_QUANTIZE_BYTES"):
         fc.small_quantize_bytes()
+
+
+
+def test_pipelined_reduce_scatter_splits_larger_chunks_into_more_pieces(monkeypatch):
+    assert [sc.rs_pieces(mib << 20) for mib in (0, 4, 8, 36, 63, 64, 72)] == [1, 1, 2, 2, 2, 4, 4]
+    monkeypatch.delenv("FP4CCL_FP4_RS_PIPELINE", raising=False)
+    assert not sc.rs_pipelined(sc.RS_PIPELINE_FROM_BYTES - 1) and sc.rs_pipelined(sc.RS_PIPELINE_FROM_BYTES)

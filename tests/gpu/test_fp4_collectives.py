@@ -86,6 +86,67 @@ def _pipelined_reduce_scatter(comm, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("nranks", [2, 4])
+def test_fp4_pipelined_reduce_scatter_graphs_and_workspace_growth(nranks, seed):
+    """The pipelined reduce-scatter called again and again replays a captured graph (three streams
+    forked and joined inside it) with right results; a larger call that grows the FP4 workspace drops
+    every cached graph, so the small call after it neither reads nor writes the freed buffer."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, check_pipelined_graphs_and_growth, seed, backend="nccl"))
+
+
+def check_pipelined_graphs_and_growth(comm, seed):
+    import os
+    import cupy
+    import numpy as np
+    import torch
+    from fp4_collective_checks import roundtrip, shard
+    from fp4ccl import symm_collectives
+    dev = f"cuda:{comm.device}"
+    K = 128
+
+    def call(sizes, step, out):
+        total, mine = sum(sizes), sizes[comm.rank]
+        off = sum(sizes[:comm.rank])
+        ys = [shard(seed, r, 500 + step, total, K, "float32") for r in range(comm.size)]
+        y = torch.from_numpy(ys[comm.rank]).to(dev)
+        comm.reduce_scatterv(y, sizes, out=out, compress="nvfp4")
+        torch.cuda.synchronize(comm.device)
+        want = np.sum([roundtrip(a[off:off + mine], "nvfp4") for a in ys], axis=0) if mine else np.zeros((0, K))
+        assert np.allclose(out.cpu().numpy(), want, rtol=1e-6, atol=1e-6), f"rank {comm.rank} step {step}"
+
+    small = [(5, 0, 3, 2)[r % 4] for r in range(comm.size)]
+    big = [64 * (r + 1) for r in range(comm.size)]
+    out_small = torch.empty((small[comm.rank], K), device=dev)
+    out_big = torch.empty((big[comm.rank], K), device=dev)
+    os.environ["FP4CCL_FP4_ALGO"] = os.environ["FP4CCL_ALGO"] = "symm"
+    os.environ["FP4CCL_FP4_RS_PIPELINE"] = "1"
+    try:
+        # The symmetric workspace made larger than any call below needs, so only the FP4 workspace grows.
+        wide = torch.ones((4096, K), device=dev)
+        comm.all_gatherv(wide, [4096] * comm.size)
+        for step in range(5):
+            call(small, step, out_small)
+        ws = symm_collectives.workspace(comm)
+        assert ws._graphs, f"rank {comm.rank}: the repeated pipelined call was never captured"
+        outgrown = comm._extras["fp4_workspace"].nbytes
+        call(big, 10, out_big)
+        assert comm._extras["fp4_workspace"].nbytes > outgrown, "the larger call should grow the FP4 workspace"
+        assert not ws._graphs, f"rank {comm.rank}: graphs into the outgrown FP4 workspace were kept"
+        # CuPy's pool hands the freed block to the next allocation of its size: it must stay untouched.
+        with cupy.cuda.Device(comm.device):
+            sentinel = cupy.full(outgrown // 4, 7.0, dtype=cupy.float32)
+        for step in range(20, 24):
+            call(small, step, out_small)
+        assert bool((sentinel == 7.0).all()), f"rank {comm.rank}: a call wrote into memory it no longer owns"
+    finally:
+        for var in ("FP4CCL_FP4_ALGO", "FP4CCL_ALGO", "FP4CCL_FP4_RS_PIPELINE"):
+            del os.environ[var]
+        symm_collectives.forget_graphs(comm)
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
 def test_symm_repeated_calls_replay_cuda_graphs(nranks, seed):
     """The same call with the same buffers again and again (fresh data each time): from the third call
     on, symm_collectives replays a captured CUDA graph; every result must still be right."""
@@ -109,6 +170,7 @@ def check_repeated_calls(comm, seed):
     g_plain = torch.empty((total, K), device=dev)
     rs_fp4 = torch.empty((mine, K), device=dev)
     rs_plain = torch.empty((mine, K), device=dev)
+    symm_collectives.forget_graphs(comm)   # the ranks' communicators outlive each test
     os.environ["FP4CCL_ALGO"] = "symm"
     try:
         for step in range(6):
