@@ -380,7 +380,7 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr
 
 
 # Input size from which the FP4 reduce-scatter pipelines its pulls behind its quantization (env
-# FP4CCL_FP4_RS_PIPELINE=0/1 forces either way). Measured (4 x H200, bf16, bench/RESULTS.md run 26):
+# FP4CCL_FP4_RS_PIPELINE=0/1 forces either way). Measured (4 x H200, bf16, bench/RESULTS.md runs 25-26):
 # pipelined 88 against 91 us at 32 MiB, 118 against 133 at 64 MiB, 294 against 418 at 256 MiB.
 RS_PIPELINE_FROM_BYTES = 32 << 20
 
@@ -390,7 +390,7 @@ def rs_pieces(chunk_bytes: int) -> int:
     (the same on every rank: each piece is one barrier). Each piece is quantized, barriered, pulled
     and summed on its own, so the first pull starts once a piece (not a chunk) is quantized and only
     the last piece's sum follows the last pull; each piece costs a barrier and a copy's start. Measured
-    best (run 26): 1 piece of 4.5 MiB chunks, 2 of 9-36 MiB, 4 of 72 MiB."""
+    best (bench/RESULTS.md run 26): 1 piece of 4.5 MiB chunks, 2 of 9-36 MiB, 4 of 72 MiB."""
     return 1 if chunk_bytes < (8 << 20) else 2 if chunk_bytes < (64 << 20) else 4
 
 
