@@ -34,17 +34,12 @@ def print_timeline(title: str, rows) -> None:
         print(f"  stream {str(stream):>4} {start:9.1f} {end:9.1f} {end - start:8.1f}  {name[:90]}")
 
 
-def with_env(env: dict, fn):
-    """fn run with os.environ updated by env, restored after."""
-    def call():
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    return call
+def add_arguments(ap) -> None:
+    """The options every profile script takes."""
+    ap.add_argument("--variants", default="default=", help="NAME=ENV=V[;ENV=V],... fp4ccl settings to profile")
+    ap.add_argument("--trace", default="", help="also write the chrome traces into this folder")
+    ap.add_argument("--all-ranks", action="store_true", help="print every rank's timeline (default rank 0's)")
+    ap.add_argument("--loop", type=int, default=1, help="back-to-back calls per profiled step (steady state)")
 
 
 def parse_variants(spec: str):

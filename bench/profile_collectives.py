@@ -23,20 +23,18 @@ K = 8192
 
 
 def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _profile import add_arguments, parse_variants, profile_ops
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bytes", default="256M", help="each rank's logical bf16 tensor (suffix K/M/G)")
     ap.add_argument("--ops", default="rs,ag", help="rs: reduce-scatter, ag: all-gather")
-    ap.add_argument("--variants", default="default=", help="NAME=ENV=V[;ENV=V],... fp4ccl settings to profile")
-    ap.add_argument("--trace", default="", help="also write the chrome traces into this folder")
-    ap.add_argument("--all-ranks", action="store_true", help="print every rank's timeline (default rank 0's)")
-    ap.add_argument("--loop", type=int, default=1, help="back-to-back calls per profiled step (steady state)")
+    add_arguments(ap)
     args = ap.parse_args()
 
     import torch
     import fp4ccl
     from fp4ccl.sweep import parse_size
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _profile import parse_variants, profile_ops, with_env
+    from bench_overlap import with_env
 
     comm = fp4ccl.init("nccl")
     torch.cuda.set_device(comm.device)

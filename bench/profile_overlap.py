@@ -20,22 +20,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _profile import add_arguments, parse_variants, profile_ops
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=8192)
     ap.add_argument("--nk", type=int, default=8192, help="N = K")
-    ap.add_argument("--variants", default="default=", help="NAME=ENV=V[;ENV=V],... fp4ccl settings to profile")
-    ap.add_argument("--trace", default="", help="also write the chrome traces into this folder")
-    ap.add_argument("--all-ranks", action="store_true", help="print every rank's timeline (default rank 0's)")
-    ap.add_argument("--loop", type=int, default=1, help="back-to-back calls per profiled step (steady state)")
+    add_arguments(ap)
     args = ap.parse_args()
 
     import torch
     import torch.distributed as dist
     import fp4ccl
     from fp4ccl.overlap import all_gather_matmul
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_overlap import _torch_group
-    from _profile import parse_variants, profile_ops, with_env
+    from bench_overlap import _torch_group, with_env
 
     comm = fp4ccl.init("nccl")
     torch.cuda.set_device(comm.device)
