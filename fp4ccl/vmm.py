@@ -18,7 +18,7 @@ import ctypes
 import os
 import socket
 import struct
-from typing import Dict, List, Optional
+from typing import List
 
 from ._cuda import driver_function
 from ._log import get_logger
@@ -63,18 +63,18 @@ class VmmError(RuntimeError):
 
 
 _SIGNATURES = {
-    "cuDeviceGetAttribute": lambda: [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int],
-    "cuMemGetAllocationGranularity": lambda: [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(_Prop), ctypes.c_int],
-    "cuMemCreate": lambda: [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t, ctypes.POINTER(_Prop), ctypes.c_uint64],
-    "cuMemAddressReserve": lambda: [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t, ctypes.c_size_t,
-                                    ctypes.c_uint64, ctypes.c_uint64],
-    "cuMemMap": lambda: [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64, ctypes.c_uint64],
-    "cuMemSetAccess": lambda: [ctypes.c_uint64, ctypes.c_size_t, ctypes.POINTER(_AccessDesc), ctypes.c_size_t],
-    "cuMemExportToShareableHandle": lambda: [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_uint64],
-    "cuMemImportFromShareableHandle": lambda: [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_int],
-    "cuMemUnmap": lambda: [ctypes.c_uint64, ctypes.c_size_t],
-    "cuMemAddressFree": lambda: [ctypes.c_uint64, ctypes.c_size_t],
-    "cuMemRelease": lambda: [ctypes.c_uint64],
+    "cuDeviceGetAttribute": [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int],
+    "cuMemGetAllocationGranularity": [ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(_Prop), ctypes.c_int],
+    "cuMemCreate": [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t, ctypes.POINTER(_Prop), ctypes.c_uint64],
+    "cuMemAddressReserve": [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64,
+                            ctypes.c_uint64],
+    "cuMemMap": [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64, ctypes.c_uint64],
+    "cuMemSetAccess": [ctypes.c_uint64, ctypes.c_size_t, ctypes.POINTER(_AccessDesc), ctypes.c_size_t],
+    "cuMemExportToShareableHandle": [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_uint64],
+    "cuMemImportFromShareableHandle": [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_int],
+    "cuMemUnmap": [ctypes.c_uint64, ctypes.c_size_t],
+    "cuMemAddressFree": [ctypes.c_uint64, ctypes.c_size_t],
+    "cuMemRelease": [ctypes.c_uint64],
 }
 
 
@@ -82,7 +82,7 @@ class _Driver:
     """The VMM calls of libcuda as attributes (lib.cuMemCreate(...)), typed on first use."""
 
     def __getattr__(self, name: str):
-        return driver_function(name, _SIGNATURES[name]())
+        return driver_function(name, _SIGNATURES[name])
 
 
 def _driver() -> _Driver:
