@@ -743,6 +743,20 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
 #ifndef FP4_DQB_EVICT_FIRST
 #define FP4_DQB_EVICT_FIRST 1
 #endif
+// A thread decodes whole FP4 blocks (one 8-byte data load, one scale load) instead of 16-byte output
+// chunks (fp32: four 2-byte data loads and four scale loads per block; 16-bit: two of 4 bytes each).
+// The count of small loads was what held NVFP4 to fp32 at ~85% of the copy: same call on one H200
+// (bench/RESULTS.md run 32), fp32 86.3/85.9/87.1 -> 89.6/87.8/88.5% at 64 MiB/256 MiB/1 GiB, bf16
+// 88.0/88.1/87.7 -> 87.3/89.3/89.6%. 0 restores the chunk loads. Needs the slice count
+// (FP4_DQB_SLICES_F32 / FP4_DQB_SLICES) to be a multiple of the chunks per block (4 / 2).
+#ifndef FP4_DQB_F32_BLOCK
+#define FP4_DQB_F32_BLOCK 1
+#endif
+#ifndef FP4_DQB_16_BLOCK
+#define FP4_DQB_16_BLOCK 1
+#endif
+template <bool B> struct DqbWord { typedef u32 T; };   // per-thread load: a chunk's nibbles
+template <> struct DqbWord<true> { typedef u64 T; };   // or a whole FP4 block's
 template <typename Out> __device__ __forceinline__ u32 load_chunk_nibbles(u64 data, u64 chunk) {
     if constexpr (Storer<Out>::PER_VEC == 8) return __ldg((const u32*)data + chunk);
     else return (u32)__ldg((const u16*)data + chunk);
@@ -774,6 +788,11 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
     constexpr int CPB = BS / E;           // chunks per FP4 block
     constexpr int U = sizeof(Out) == 4 ? FP4_DQB_SLICES_F32 : FP4_DQB_SLICES;
     constexpr u32 TILE = U * FP4_THREADS; // chunks per tile
+    // FP4_DQB_*_BLOCK: per slice, thread t decodes FP4 block t (CPB chunks) of UL = U / CPB block slices
+    constexpr bool BLK = NV && BS == 16 && (sizeof(Out) == 4 ? FP4_DQB_F32_BLOCK : FP4_DQB_16_BLOCK);
+    static_assert(!BLK || U % CPB == 0, "FP4_DQB_*_BLOCK needs the slice count to be a multiple of CPB");
+    constexpr int UL = BLK ? U / CPB : U;  // loads (chunks or blocks) per thread per step
+    typedef typename DqbWord<BLK>::T W;
     __shared__ __align__(128) uint4 tile[2][TILE];
     __shared__ float lut[16];
     fill_e2m1_lut(lut);
@@ -784,27 +803,33 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
     const u64 nch = seg.units * CPB;
     const u8* scale_in = (const u8*)seg.scale;
     uint4* dst = (uint4*)(out + seg.src * BS * (u64)(16 / E));
-    auto load_step = [&](u64 t0, u32* nib, u32* sb) {
+    auto load_scale = [&](u64 l) -> u32 {
+        return SWZ ? __ldg(scale_in + swizzle_offset((u32)(l / nbc), (u32)(l % nbc), ncols_pad)) : __ldg(scale_in + l);
+    };
+    auto load_step = [&](u64 t0, W* nib, u32* sb) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const u64 ch = t0 + (u64)u * FP4_THREADS + threadIdx.x;
-            if (ch < nch) {
-                nib[u] = load_chunk_nibbles<Out>(seg.data, ch);
-                const u64 l = ch / CPB;
-                sb[u] = SWZ ? __ldg(scale_in + swizzle_offset((u32)(l / nbc), (u32)(l % nbc), ncols_pad))
-                            : __ldg(scale_in + l);
+        for (int u = 0; u < UL; ++u) {
+            if constexpr (BLK) {
+                // block b = chunks 4b..4b+3 (2b, 2b+1): data bytes 8b..8b+7, 8-byte aligned like Packed<16>
+                const u64 b = t0 / CPB + (u64)u * FP4_THREADS + threadIdx.x;
+                if (b < seg.units) { nib[u] = __ldg((const u64*)seg.data + b); sb[u] = load_scale(b); }
+            } else {
+                const u64 ch = t0 + (u64)u * FP4_THREADS + threadIdx.x;
+                if (ch < nch) { nib[u] = load_chunk_nibbles<Out>(seg.data, ch); sb[u] = load_scale(ch / CPB); }
             }
         }
     };
     const u64 gstep = (u64)gridDim.x * TILE;
     u64 policy = 0;
     if (FP4_DQB_EVICT_FIRST) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    u32 nib[U], sb[U];
+    W nib[UL];
+    u32 sb[UL];
     if ((u64)blockIdx.x * TILE < nch) load_step((u64)blockIdx.x * TILE, nib, sb);
     u32 it = 0;
     for (u64 t0 = (u64)blockIdx.x * TILE; t0 < nch; t0 += gstep, ++it) {
         // the next step's loads are issued before this step's decode, barrier and store (FP4_DQ_PREFETCH)
-        u32 nibn[U], sbn[U];
+        W nibn[UL];
+        u32 sbn[UL];
         const bool more = t0 + gstep < nch;
         if (FP4_DQ_PREFETCH && more) load_step(t0 + gstep, nibn, sbn);
         uint4* buf = tile[it & 1u];
@@ -812,11 +837,26 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
         if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
         __syncthreads();
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const u64 ch = t0 + (u64)u * FP4_THREADS + threadIdx.x;
-            if (ch < nch) {
-                const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
-                buf[u * FP4_THREADS + threadIdx.x] = decode_chunk<Out>(nib[u], sc, lut);
+        for (int u = 0; u < UL; ++u) {
+            if constexpr (BLK) {
+                if (t0 / CPB + (u64)u * FP4_THREADS + threadIdx.x < seg.units) {
+                    const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
+                    uint4* blk = buf + (u * FP4_THREADS + threadIdx.x) * CPB;
+                    // A 16-byte shared store is served 8 threads (128 bytes) at a time: rotating the chunk
+                    // order by t / (8 / CPB) puts those 8 threads on 8 distinct 16-byte bank groups
+                    // (same order for all: 2 (fp32) or 4 (16-bit) of them would share each group).
+#pragma unroll
+                    for (int k = 0; k < CPB; ++k) {
+                        const u32 j = ((u32)k + threadIdx.x / (8u / CPB)) & (CPB - 1u);
+                        blk[j] = decode_chunk<Out>((u32)(nib[u] >> (j * (64u / CPB))), sc, lut);
+                    }
+                }
+            } else {
+                const u64 ch = t0 + (u64)u * FP4_THREADS + threadIdx.x;
+                if (ch < nch) {
+                    const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
+                    buf[u * FP4_THREADS + threadIdx.x] = decode_chunk<Out>(nib[u], sc, lut);
+                }
             }
         }
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // generic-proxy writes -> the bulk copy
@@ -835,7 +875,7 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
         if (more) {
             if (FP4_DQ_PREFETCH) {
 #pragma unroll
-                for (int u = 0; u < U; ++u) { nib[u] = nibn[u]; sb[u] = sbn[u]; }
+                for (int u = 0; u < UL; ++u) { nib[u] = nibn[u]; sb[u] = sbn[u]; }
             } else {
                 load_step(t0 + gstep, nib, sb);
             }
