@@ -20,7 +20,7 @@ if [ -n "${KV_SPECS:-}" ]; then
   cat "$OUT/kv/compare.txt" >> "$summary"; rm -rf "$OUT/kv"
 fi
 # TREES: runs in order, each "new" (this tree) or a folder under it, optionally with settings:
-# "oldtree new new:FP4CCL_FP4_RS_PIPELINE=1".
+# "oldtree new new:FP4CCL_FP4_RS_PIPELINE=1 new:FP4CCL_ALGO=ce,FP4CCL_CE_PIECES=1" (settings separated by commas).
 for spec in ${TREES:-new}; do
   tree=${spec%%:*}; settings=""; [ "$spec" != "$tree" ] && settings=${spec#*:}
   src=$root; [ "$tree" = new ] || src=$root/$tree
@@ -29,9 +29,9 @@ for spec in ${TREES:-new}; do
   # folder first on sys.path, which must find that tree's fp4ccl
   [ "$src" = "$root" ] || { rm -rf "$src/bench"; cp -r "$root/bench" "$src/bench"; }
   cd "$src"; export PYTHONPATH=$src
-  [ -n "${PROFILE_ARGS:-}" ] && env ${settings} timeout "${PROFILE_LIMIT:-90}" python3 -m fp4ccl.launcher -n "$ngpu" bench/profile_collectives.py ${PROFILE_ARGS:-} \
+  [ -n "${PROFILE_ARGS:-}" ] && env ${settings//,/ } timeout "${PROFILE_LIMIT:-90}" python3 -m fp4ccl.launcher -n "$ngpu" bench/profile_collectives.py ${PROFILE_ARGS:-} \
     > "$OUT/profile_$tag.log" 2>&1 && echo "profile $tag done" >> "$summary"
-  env ${settings} timeout "${SWEEP_LIMIT:-120}" python3 -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep ${SWEEP_ARGS:--b 32M -e 1G -f 2 -n 10 -w 3 -d bfloat16 --ops reduce_scatter,reduce_scatterv_nvfp4} \
+  env ${settings//,/ } timeout "${SWEEP_LIMIT:-120}" python3 -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep ${SWEEP_ARGS:--b 32M -e 1G -f 2 -n 10 -w 3 -d bfloat16 --ops reduce_scatter,reduce_scatterv_nvfp4} \
     > "$OUT/sweep_$tag.log" 2>&1
   echo "sweep $tag rc=$?" >> "$summary"
   grep -v "^\[rank[1-9]" "$OUT/sweep_$tag.log" | tail -n 25 >> "$summary"

@@ -377,44 +377,6 @@ def _kernel_segment(chunk, K: int, fmt: str) -> Tuple[int, int, int, int, int]:
     return (count * K // bs, start * K // bs, seg, seg + layout.scale_off, seg + layout.gs_off if fmt == "nvfp4" else 0)
 
 
-_HIGHEST_PRIORITY = -(1 << 20)
-
-
-class _SideStream:
-    """A second stream per communicator and device, and events to fork and join it with the caller's."""
-
-    def __init__(self, device: int, high_priority: bool = False):
-        import cupy
-        with cupy.cuda.Device(device):
-            # CUDA clamps a priority outside the device's range to its nearest end: the highest here.
-            priority = _HIGHEST_PRIORITY if high_priority else None
-            self._stream = cupy.cuda.Stream(non_blocking=True, priority=priority)
-            self._events = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(16)]
-        self.ptr = int(self._stream.ptr)
-        self._next = 0
-
-    def order(self, waiter: int, signaller: int) -> None:
-        """Work enqueued on `waiter` from now on runs after what `signaller` holds now."""
-        self.wait(waiter, self.mark(signaller))
-
-    def mark(self, signaller: int) -> int:
-        """An event for what `signaller` holds now (one of 16 reused in turn: wait on it soon)."""
-        from cupy.cuda import runtime
-        ev = self._events[self._next % len(self._events)].ptr
-        self._next += 1
-        runtime.eventRecord(ev, signaller)
-        return ev
-
-    def wait(self, waiter: int, event: int) -> None:
-        """Work enqueued on `waiter` from now on runs after `event` (from mark)."""
-        from cupy.cuda import runtime
-        runtime.streamWaitEvent(waiter, event, 0)
-
-    def close(self) -> None:
-        self._stream = None
-        self._events = []
-
-
 class _GpuCodec:
     """Workspace buffers and the CUDA kernels, on the caller's stream and (large calls) a side stream."""
 
@@ -578,13 +540,9 @@ class _GpuCodec:
         self.sum_dequantized(recv, mine, rows[me], K, fmt, n, oinfo)
 
     # -- steps -----------------------------------------------------------------------------------------
-    def _side(self, name: str = "side", high_priority: bool = False) -> _SideStream:
+    def _side(self, name: str = "side", high_priority: bool = False) -> "symm_collectives.SideStream":
         """The communicator's side stream `name` on this device (made on first use)."""
-        key = ("fp4_" + name, self.device)
-        side = self.comm._extras.get(key)
-        if side is None:
-            side = self.comm._extras[key] = _SideStream(self.device, high_priority)
-        return side
+        return symm_collectives.side_stream(self.comm, "fp4_" + name, high_priority)
 
     def buffers(self, send_bytes: int, recv_bytes: int, extra_f32: int = 0):
         # One workspace: [amax scalars | send | recv | fp32 accumulation area]

@@ -248,6 +248,53 @@ def workspace(comm) -> Workspace:
     return ws
 
 
+# -- side streams ----------------------------------------------------------------------------------------
+
+_HIGHEST_PRIORITY = -(1 << 20)
+
+
+class SideStream:
+    """A stream of the communicator's besides the caller's, and events to fork and join it with others."""
+
+    def __init__(self, device: int, high_priority: bool = False):
+        import cupy
+        with cupy.cuda.Device(device):
+            # CUDA clamps a priority outside the device's range to its nearest end: the highest here.
+            priority = _HIGHEST_PRIORITY if high_priority else None
+            self._stream = cupy.cuda.Stream(non_blocking=True, priority=priority)
+            self._events = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(16)]
+        self.ptr = int(self._stream.ptr)
+        self._next = 0
+
+    def order(self, waiter: int, signaller: int) -> None:
+        """Work enqueued on `waiter` from now on runs after what `signaller` holds now."""
+        self.wait(waiter, self.mark(signaller))
+
+    def mark(self, signaller: int) -> int:
+        """An event for what `signaller` holds now (one of 16 reused in turn: wait on it soon)."""
+        ev = self._events[self._next % len(self._events)].ptr
+        self._next += 1
+        _rt().eventRecord(ev, signaller)
+        return ev
+
+    def wait(self, waiter: int, event: int) -> None:
+        """Work enqueued on `waiter` from now on runs after `event` (from mark)."""
+        _rt().streamWaitEvent(waiter, event, 0)
+
+    def close(self) -> None:
+        self._stream = None
+        self._events = []
+
+
+def side_stream(comm, name: str, high_priority: bool = False) -> SideStream:
+    """The communicator's side stream `name` on its device (made on first use, closed by comm.destroy())."""
+    key = (name, comm.device)
+    side = comm._extras.get(key)
+    if side is None:
+        side = comm._extras[key] = SideStream(comm.device, high_priority)
+    return side
+
+
 # -- plain all_gatherv ---------------------------------------------------------------------------------
 
 def ring(comm) -> List[int]:
@@ -292,9 +339,8 @@ def reduce_scatterv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], d
                     stream: int) -> None:
     """This rank's rows of the sum: copy the whole input in, barrier, one kernel summing (in fp32, in
     rank order, rounded once) the rows meant for this rank from every rank's slot."""
-    from .symmetric import launch
     from .vcollectives import copy, offsets
-    me, n = comm.rank, comm.size
+    me = comm.rank
     total = sum(counts) * itemsize
     count = counts[me]
     off = offsets(counts)[me] * itemsize
@@ -302,21 +348,159 @@ def reduce_scatterv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], d
     def enqueue(s, local, slots):
         copy(local, send_ptr, total, s)
         workspace(comm).barrier(s)
-        if count:
-            table = np.zeros(1, _SOURCE_TABLE)
-            table["src"][0, :n] = [slot + off for slot in slots]
-            per_thread = 16 // itemsize
-            blocks = max(1, min(_resident_sum_blocks(comm.device), -(-count // (per_thread * _SUM_THREADS))))
-            launch(comm.device, SUM_KERNELS[dtype], (blocks,), (_SUM_THREADS,),
-                   (np.uint64(recv_ptr), table, np.int32(n), np.int64(count), np.float32(1.0)), s)
+        _sum_sources(comm.device, dtype, itemsize, recv_ptr, [slot + off for slot in slots], count, s)
 
     workspace(comm).run(total, stream, ("reduce_scatterv", send_ptr, recv_ptr, tuple(counts), dtype), enqueue)
+
+
+def _sum_sources(device: int, dtype: str, itemsize: int, out_ptr: int, sources: Sequence[int], count: int,
+                 stream: int) -> None:
+    """out[:count] = the sum of count elements at every source, in fp32 and in the order given, rounded once."""
+    if not count:
+        return
+    from .symmetric import launch
+    table = np.zeros(1, _SOURCE_TABLE)
+    table["src"][0, :len(sources)] = sources
+    per_thread = 16 // itemsize
+    blocks = max(1, min(_resident_sum_blocks(device), -(-count // (per_thread * _SUM_THREADS))))
+    launch(device, SUM_KERNELS[dtype], (blocks,), (_SUM_THREADS,),
+           (np.uint64(out_ptr), table, np.int32(len(sources)), np.int64(count), np.float32(1.0)), stream)
 
 
 @functools.lru_cache(maxsize=None)
 def _resident_sum_blocks(device: int) -> int:
     rt = _rt()
     return 8 * rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, device)
+
+
+# -- the copy-engine forms of the plain v-collectives ----------------------------------------------------
+
+def ce_pieces() -> int:
+    """Pieces per call of the copy-engine forms (FP4CCL_CE_PIECES, default 1; every rank must use the
+    same: each piece is one barrier). A piece is pulled (pushed) while the next is staged (summed).
+    Measured (bench/RESULTS.md run 30, 1 MiB-1 GiB): 2 or 4 pieces made the gather slower at every
+    size (3374 against 2888 us at 1 GiB with 2) and did not move the reduce-scatter."""
+    return _positive_env("FP4CCL_CE_PIECES", 1)
+
+
+def ce_streams() -> int:
+    """Copy streams of the copy-engine forms, the peers' copies of a piece spread over them
+    (FP4CCL_CE_STREAMS, default 1: one copy at a time, in ring order). Copies from (to) several
+    peers at once measured slower at every size from 16 MiB (run 30: 0.57-0.76x of NCCL's time
+    with 2 or 3 streams against 0.85-0.96x with one)."""
+    return _positive_env("FP4CCL_CE_STREAMS", 1)
+
+
+def _positive_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r} must be a positive integer")
+    return int(raw)
+
+
+def _stage(device: int, dst: int, src: int, nbytes: int, stream: int) -> None:
+    """A local copy with the SMs (FP4CCL_CE_STAGE=sm, the default) or the copy engine (ce), so that
+    staging the next piece does not queue on the copy engines behind the pulls."""
+    from .vcollectives import copy, launch_vcopy
+    if not nbytes:
+        return
+    how = os.environ.get("FP4CCL_CE_STAGE", "sm").strip().lower()
+    if how not in ("sm", "ce"):
+        raise ValueError(f"FP4CCL_CE_STAGE={how!r} must be 'sm' or 'ce'")
+    if how == "ce" or not launch_vcopy(device, [(dst, src, nbytes)], stream):
+        copy(dst, src, nbytes, stream)
+
+
+def _split(counts: Sequence[int], npieces: int) -> List[List[Tuple[int, int]]]:
+    """(first element, elements) of each piece of each rank's part; every rank splits alike."""
+    from .vcollectives import offsets, split_count
+    out = []
+    for c in counts:
+        parts = split_count(c, npieces)
+        out.append(list(zip(offsets(parts), parts)))
+    return out
+
+
+def _copy_streams(comm, n: int) -> List[SideStream]:
+    return [side_stream(comm, "ce_copy" if i == 0 else f"ce_copy{i}") for i in range(n)]
+
+
+def all_gatherv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], itemsize: int, stream: int) -> None:
+    """Rows of every rank into recv, pulled by the copy engine: this rank's rows go into its slot piece
+    by piece, each piece published by a barrier on a high-priority stream; the copy streams then pull
+    that piece of every peer's rows straight into recv (ring order) while the next piece is staged.
+    The own rows are copied from x last, beside the pulls. The copy engines need no SM and reach
+    ~340 GB/s from one peer's VMM memory (docs/OVERLAP.md), against 240-290 for SM loads."""
+    from .vcollectives import copy, offsets
+    me = comm.rank
+    offs = offsets(counts)
+    npieces, nstreams = ce_pieces(), ce_streams()
+    split = _split(counts, npieces)
+
+    def enqueue(s, local, slots):
+        bar = side_stream(comm, "ce_barrier", high_priority=True)
+        pulls = _copy_streams(comm, nstreams)
+        ws = workspace(comm)
+        for k in range(npieces):
+            first, n = split[me][k]
+            _stage(comm.device, local + first * itemsize, send_ptr + first * itemsize, n * itemsize, s)
+            bar.order(bar.ptr, s)       # this piece is in our slot
+            ws.barrier(bar.ptr)         # ... and in every rank's
+            for pull in pulls:
+                pull.order(pull.ptr, bar.ptr)
+            for i, p in enumerate(ring(comm)):
+                first, n = split[p][k]
+                copy(recv_ptr + (offs[p] + first) * itemsize, slots[p] + first * itemsize, n * itemsize,
+                      pulls[i % nstreams].ptr)
+        _stage(comm.device, recv_ptr + offs[me] * itemsize, send_ptr, counts[me] * itemsize, s)
+        bar.order(s, bar.ptr)
+        for pull in pulls:
+            pull.order(s, pull.ptr)
+
+    workspace(comm).run(max(counts) * itemsize, stream,
+                        ("all_gatherv_ce", send_ptr, recv_ptr, tuple(counts), itemsize, npieces, nstreams), enqueue)
+
+
+def reduce_scatterv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], dtype: str, itemsize: int,
+                       stream: int) -> None:
+    """This rank's rows of the sum, pushed by the copy engine: piece by piece, the copy streams write
+    the rows meant for each peer straight from x into that peer's slot (the region kept for this
+    rank, ring order), a barrier on a high-priority stream publishes the piece, and that piece of this
+    rank's result is summed (fp32, rank order, rounded once) from x's own rows and the peers' regions
+    of our slot while the next piece is on the wire. Nothing is staged: each byte crosses NVLink once."""
+    from .vcollectives import copy, offsets
+    me, n = comm.rank, comm.size
+    offs = offsets(counts)
+    npieces, nstreams = ce_pieces(), ce_streams()
+    split = _split(counts, npieces)
+
+    def enqueue(s, local, slots):
+        bar = side_stream(comm, "ce_barrier", high_priority=True)
+        pushes = _copy_streams(comm, nstreams)
+        ws = workspace(comm)
+        for push in pushes:
+            push.order(push.ptr, s)     # the previous call's sums have read our slot
+        for k in range(npieces):
+            for i, p in enumerate(ring(comm)):
+                first, m = split[p][k]
+                # rank p's slot holds one region of counts[p] elements per source rank
+                copy(slots[p] + (me * counts[p] + first) * itemsize, send_ptr + (offs[p] + first) * itemsize,
+                      m * itemsize, pushes[i % nstreams].ptr)
+            for push in pushes:
+                bar.order(bar.ptr, push.ptr)
+            ws.barrier(bar.ptr)
+            bar.order(s, bar.ptr)
+            first, m = split[me][k]
+            sources = [send_ptr + (offs[me] + first) * itemsize if r == me else local + (r * counts[me] + first) * itemsize
+                       for r in range(n)]
+            _sum_sources(comm.device, dtype, itemsize, recv_ptr + first * itemsize, sources, m, s)
+        for push in pushes:
+            push.order(s, push.ptr)
+
+    workspace(comm).run(max(counts) * n * itemsize, stream,
+                        ("reduce_scatterv_ce", send_ptr, recv_ptr, tuple(counts), dtype, npieces, nstreams), enqueue)
 
 
 # -- FP4 -------------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ Four ways to move rows that differ in number per rank, picked per call by `choos
 - "symm" (ranks of one node): copy the rows into a symmetric workspace, one device-side barrier, and
   one kernel pulling every peer's rows over NVLink (gather), or summing this rank's rows of every
   peer's input in fp32 (reduce-scatter of floats; fp4ccl/symm_collectives.py): no NCCL kernel at
-  all, so the latency of a few small launches.
+  all, so the latency of a few small launches;
+- "ce" (ranks of one node, larger calls): the same workspace, with the copy engines moving the bytes
+  in pieces (the gather pulls the peers' rows into the output, the reduce-scatter pushes each peer's
+  rows into its slot and sums them there), so no SM is spent on the wire.
 docs/VCOLLECTIVES.md gives the estimates behind the size thresholds below. FP4CCL_ALGO forces one;
 FP4CCL_DEBUG=INFO logs each choice.
 """
@@ -32,8 +35,9 @@ from ._log import get_logger
 log = get_logger("fp4ccl.vcollectives")
 _INFO = logging.INFO
 
-GATHER_ALGOS = ("native", "padded", "bcast", "p2p", "symm")
-SCATTER_ALGOS = ("native", "padded", "reduce", "symm")
+GATHER_ALGOS = ("native", "padded", "bcast", "p2p", "symm", "ce")
+SCATTER_ALGOS = ("native", "padded", "reduce", "symm", "ce")
+SYMM_ALGOS = ("symm", "ce")  # the algorithms that need symmetric memory
 
 # choose(), fitted to the per-algorithm sweeps of bench/RESULTS.md (run 4: 4 x H200, ranks alternating
 # 1.25x / 0.75x of the mean; totals are all ranks' bytes together):
@@ -52,9 +56,15 @@ REDUCE_FROM_BYTES = 64 << 20
 MAX_PADDING_RATIO = 1.25
 # Uneven totals below these go to "symm" where symmetric memory can serve the call (run 6 of
 # bench/RESULTS.md: gather 32-41 us up to 2 MiB against 37-63 for bcast; reduce-scatter 28-29 us up
-# to 2 MiB against 37-39 for reduce, 139 against 153-163 at 32 MiB, but 461 against 379 at 128 MiB).
+# to 2 MiB against 37-39 for reduce; run 30: 31 us at 4 MiB against 44 for "ce", but 77 at 16 MiB
+# against 69-75).
 SYMM_GATHER_BELOW_BYTES = 4 << 20
-SYMM_SCATTER_BELOW_BYTES = 64 << 20
+SYMM_SCATTER_BELOW_BYTES = 16 << 20
+# From those up to these, "ce" (run 30, in % of NCCL's even op: gather 0.95-0.97 at 4-16 MiB and
+# 0.92-0.94 at 64 MiB against 0.84-0.92 and 0.70 for p2p / bcast, but 0.89 at 256 MiB against 0.91
+# for bcast; reduce-scatter 0.95-0.96 at 64 MiB against 0.81 for reduce, 0.92 at 256 MiB against 0.95).
+CE_GATHER_BELOW_BYTES = 256 << 20
+CE_SCATTER_BELOW_BYTES = 256 << 20
 
 # The segmented-copy kernel (csrc/vcopy.cu): these mirror its #defines.
 VCOPY_SOURCE = "vcopy.cu"
@@ -78,17 +88,23 @@ def forced_algo() -> str:
     return os.environ.get("FP4CCL_ALGO", "").strip().lower()
 
 
-def _symm_below(kind: str) -> int:
-    return SYMM_GATHER_BELOW_BYTES if kind == "all_gatherv" else SYMM_SCATTER_BELOW_BYTES
+def _symm_algo(kind: str, total: int) -> str:
+    """The symmetric-memory algorithm for an uneven call of `total` bytes, or "" for none."""
+    gather = kind == "all_gatherv"
+    if total < (SYMM_GATHER_BELOW_BYTES if gather else SYMM_SCATTER_BELOW_BYTES):
+        return "symm"
+    if total < (CE_GATHER_BELOW_BYTES if gather else CE_SCATTER_BELOW_BYTES):
+        return "ce"
+    return ""
 
 
 def symm_candidate(kind: str, counts: Sequence[int], itemsize: int) -> bool:
-    """Whether choose() would take "symm" for this call where symmetric memory is usable (so the
-    caller checks usability, a collective step the first time, only when it matters)."""
+    """Whether choose() would take "symm" or "ce" for this call where symmetric memory is usable (so
+    the caller checks usability, a collective step the first time, only when it matters)."""
     forced = forced_algo()
     if forced:
-        return forced == "symm"
-    return counts.count(counts[0]) != len(counts) and sum(counts) * itemsize < _symm_below(kind)
+        return forced in SYMM_ALGOS
+    return counts.count(counts[0]) != len(counts) and bool(_symm_algo(kind, sum(counts) * itemsize))
 
 
 def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = False, symm_ok: bool = False) -> str:
@@ -97,7 +113,7 @@ def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = Fal
     Inside an open NCCL group the NCCL calls run only at the group's end, after any copy enqueued
     around them, so only the algorithms made of NCCL calls alone are allowed there. `symm_ok`: the
     communicator's ranks share a node and the stream is not being captured; a forced "symm" that
-    cannot run falls back to the automatic choice.
+    cannot run (as a forced "ce") falls back to the automatic choice.
     """
     gather = kind == "all_gatherv"
     even = counts.count(counts[0]) == len(counts)
@@ -110,14 +126,14 @@ def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = Fal
             raise ValueError(f"FP4CCL_ALGO={forced!r} is not valid for {kind}; choose one of {', '.join(allowed)}")
         if forced == "native" and not even:
             raise ValueError(f"FP4CCL_ALGO=native needs equal sizes, got {list(counts)}")
-        if forced != "symm" or symm_ok:
+        if forced not in SYMM_ALGOS or symm_ok:
             return forced
-        log.info("FP4CCL_ALGO=symm, but symmetric memory cannot serve this call: choosing by size")
+        log.info("FP4CCL_ALGO=%s, but symmetric memory cannot serve this call: choosing by size", forced)
     if even:
         return "native"
     total = sum(counts) * itemsize
-    if symm_ok and total < _symm_below(kind):
-        return "symm"
+    if symm_ok and _symm_algo(kind, total):
+        return _symm_algo(kind, total)
     padding = max(counts) * len(counts) * itemsize / total
     if gather:
         if total < BCAST_BELOW_BYTES or total >= BCAST_FROM_BYTES:
@@ -258,9 +274,10 @@ class NcclVariable:
         if algo == "native":
             be.all_gather(send, recv, stream)
             return
-        if algo == "symm":
+        if algo in SYMM_ALGOS:
             from . import symm_collectives
-            symm_collectives.all_gatherv(self.comm, send.ptr, recv.ptr, counts, send.itemsize, stream)
+            run = symm_collectives.all_gatherv if algo == "symm" else symm_collectives.all_gatherv_ce
+            run(self.comm, send.ptr, recv.ptr, counts, send.itemsize, stream)
             return
         rank = self.rank
         if algo == "bcast":
@@ -319,9 +336,10 @@ class NcclVariable:
         if algo == "native":
             be.reduce_scatter(send, recv, op, stream)
             return
-        if algo == "symm":
+        if algo in SYMM_ALGOS:
             from . import symm_collectives
-            symm_collectives.reduce_scatterv(self.comm, send.ptr, recv.ptr, counts, send.dtype, send.itemsize, stream)
+            run = symm_collectives.reduce_scatterv if algo == "symm" else symm_collectives.reduce_scatterv_ce
+            run(self.comm, send.ptr, recv.ptr, counts, send.dtype, send.itemsize, stream)
             return
         rank = self.rank
         if algo == "reduce":

@@ -516,3 +516,84 @@ def test_pipelined_reduce_scatter_splits_larger_chunks_into_more_pieces(monkeypa
     assert [sc.rs_pieces(mib << 20) for mib in (0, 4, 8, 36, 63, 64, 72)] == [1, 1, 2, 2, 2, 4, 4]
     monkeypatch.delenv("FP4CCL_FP4_RS_PIPELINE", raising=False)
     assert not sc.rs_pipelined(sc.RS_PIPELINE_FROM_BYTES - 1) and sc.rs_pipelined(sc.RS_PIPELINE_FROM_BYTES)
+
+
+@pytest.fixture
+def sides(monkeypatch):
+    """side_stream() replaced by FakeSides logging into one list, which the barriers log into too."""
+    log, made = [], {}
+
+    def side(comm, name, high_priority=False):
+        if name not in made:
+            made[name] = FakeSide(0x51DE + len(made), high_priority, log)
+        return made[name]
+    monkeypatch.setattr(sc, "side_stream", side)
+    FakeBuffer.trace = log
+    return log, made
+
+
+def test_ce_pieces_streams_and_staging_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FP4CCL_CE_PIECES", raising=False)
+    monkeypatch.delenv("FP4CCL_CE_STREAMS", raising=False)
+    assert sc.ce_pieces() == 1 and sc.ce_streams() == 1
+    monkeypatch.setenv("FP4CCL_CE_PIECES", " 3 ")
+    monkeypatch.setenv("FP4CCL_CE_STREAMS", "2")
+    assert sc.ce_pieces() == 3 and sc.ce_streams() == 2
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("FP4CCL_CE_PIECES", bad)
+        with pytest.raises(ValueError, match="FP4CCL_CE_PIECES"):
+            sc.ce_pieces()
+    monkeypatch.setenv("FP4CCL_CE_STAGE", "tma")
+    with pytest.raises(ValueError, match="FP4CCL_CE_STAGE='tma' must be 'sm' or 'ce'"):
+        sc._stage(0, 1, 2, 3, 4)
+
+
+def test_ce_all_gatherv_publishes_each_piece_then_pulls_it_from_every_peer(fakes, sides, monkeypatch):
+    from fp4ccl import vcollectives
+    log, made = sides
+    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
+    monkeypatch.setattr(vcollectives, "launch_vcopy", lambda dev, segs, st: log.append(("stage",) + segs[0] + (st,)) or True)
+    monkeypatch.setenv("FP4CCL_CE_PIECES", "2")
+    monkeypatch.delenv("FP4CCL_CE_STREAMS", raising=False)
+    monkeypatch.delenv("FP4CCL_CE_STAGE", raising=False)
+    comm = FakeComm(rank=1, size=3)
+    counts, isz = [3, 5, 0], 4      # pieces: rank 0 2+1, rank 1 3+2, rank 2 0+0 elements
+    sc.all_gatherv_ce(comm, 0x100, 0x900, counts, isz, 5)
+    bar, pull = made["ce_barrier"], made["ce_copy"]
+    assert bar.high and not pull.high
+    mine = 2 << 32                   # rank 1's slot; the peers' in ring order: rank 2, rank 0
+    # staged with the SMs (not queued on the copy engines behind the pulls), pulled by the copy engine
+    assert log == [
+        ("stage", mine, 0x100, 12, 5), ("wait", bar.ptr, 5), ("barrier", bar.ptr), ("wait", pull.ptr, "bar"),
+        ("copy", 0x900 + 32, 3 << 32, 0, pull.ptr), ("copy", 0x900, 1 << 32, 8, pull.ptr),
+        ("stage", mine + 12, 0x100 + 12, 8, 5), ("wait", bar.ptr, 5), ("barrier", bar.ptr), ("wait", pull.ptr, "bar"),
+        ("copy", 0x900 + 32, (3 << 32), 0, pull.ptr), ("copy", 0x900 + 8, (1 << 32) + 8, 4, pull.ptr),
+        ("stage", 0x900 + 12, 0x100, 20, 5),           # the own rows from x, beside the pulls
+        ("wait", 5, bar.ptr), ("wait", 5, pull.ptr)]    # both side streams joined back
+    assert FakeBuffer.live[0].nbytes >= 2 * 5 * isz
+
+
+def test_ce_reduce_scatterv_pushes_each_piece_then_sums_it(fakes, sides, monkeypatch):
+    from fp4ccl import vcollectives
+    log, made = sides
+    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
+    monkeypatch.setattr(sc, "_sum_sources", lambda dev, dt, isz, out, srcs, n, st: log.append(("sum", out, srcs, n, st)))
+    monkeypatch.setenv("FP4CCL_CE_PIECES", "2")
+    monkeypatch.setenv("FP4CCL_CE_STREAMS", "2")
+    comm = FakeComm(rank=0, size=3)
+    counts, isz = [3, 4, 1], 2       # x holds rows 0-2 for rank 0, 3-6 for rank 1, 7 for rank 2
+    sc.reduce_scatterv_ce(comm, 0x100, 0x900, counts, "bfloat16", isz, 5)
+    bar, p0, p1 = made["ce_barrier"], made["ce_copy"], made["ce_copy1"]
+    slot = [(r + 1) << 32 for r in range(3)]
+    # rank p's slot: one region of counts[p] elements per source; rank 0 writes region 0 of each peer,
+    # the two peers' pushes on the two copy streams
+    assert log == [
+        ("wait", p0.ptr, 5), ("wait", p1.ptr, 5),       # after the previous call's sums
+        ("copy", slot[1], 0x100 + 3 * isz, 2 * isz, p0.ptr), ("copy", slot[2], 0x100 + 7 * isz, isz, p1.ptr),
+        ("wait", bar.ptr, "bar"), ("wait", bar.ptr, "bar"), ("barrier", bar.ptr), ("wait", 5, bar.ptr),
+        ("sum", 0x900, [0x100, slot[0] + 3 * isz, slot[0] + 6 * isz], 2, 5),
+        ("copy", slot[1] + 2 * isz, 0x100 + 5 * isz, 2 * isz, p0.ptr), ("copy", slot[2] + isz, 0x100 + 8 * isz, 0, p1.ptr),
+        ("wait", bar.ptr, "bar"), ("wait", bar.ptr, "bar"), ("barrier", bar.ptr), ("wait", 5, bar.ptr),
+        ("sum", 0x900 + 2 * isz, [0x100 + 2 * isz, slot[0] + 5 * isz, slot[0] + 8 * isz], 1, 5),
+        ("wait", 5, p0.ptr), ("wait", 5, p1.ptr)]
+    assert FakeBuffer.live[0].nbytes >= 2 * 3 * 4 * isz

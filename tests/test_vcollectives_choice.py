@@ -132,23 +132,43 @@ def test_symm_is_taken_only_where_symmetric_memory_can_serve(monkeypatch):
     assert choose("all_gatherv", counts, 2, symm_ok=False) == "bcast"
     assert choose("all_gatherv", [4, 4], 2, symm_ok=True) == "native"  # even: ncclAllGather
     assert not vc.symm_candidate("all_gatherv", [4, 4], 2)
-    big = uneven(2 << 20)
-    assert not vc.symm_candidate("all_gatherv", big, 2) and choose("all_gatherv", big, 2, symm_ok=True) == "bcast"
-    # the reduce-scatter has its own threshold
+    # above "symm", the copy-engine form up to its own threshold, then NCCL's
+    monkeypatch.setattr(vc, "CE_GATHER_BELOW_BYTES", 8 << 20)
+    monkeypatch.setattr(vc, "CE_SCATTER_BELOW_BYTES", 64 << 10)
+    mid = uneven(2 << 20)
+    assert vc.symm_candidate("all_gatherv", mid, 2) and choose("all_gatherv", mid, 2, symm_ok=True) == "ce"
+    assert choose("all_gatherv", mid, 2, symm_ok=False) == "bcast"
+    big = uneven(8 << 20)
+    assert not vc.symm_candidate("all_gatherv", big, 2) and choose("all_gatherv", big, 2, symm_ok=True) == "p2p"
+    # the reduce-scatter has its own thresholds
     assert not vc.symm_candidate("reduce_scatterv", counts, 2)
     assert choose("reduce_scatterv", counts, 2, symm_ok=True) == "reduce"
     small = uneven(16 << 10)
     assert vc.symm_candidate("reduce_scatterv", small, 2)
     assert choose("reduce_scatterv", small, 2, symm_ok=True) == "symm"
+    assert choose("reduce_scatterv", uneven(32 << 10), 2, symm_ok=True) == "ce"
 
 
-def test_forced_symm_falls_back_to_the_size_rule_where_it_cannot_run(monkeypatch, caplog):
-    monkeypatch.setenv("FP4CCL_ALGO", "symm")
+def test_the_default_bands_of_the_symmetric_memory_algorithms():
+    """The bands fitted to bench/RESULTS.md run 30 (4 x H200, ranks at 1.25x / 0.75x of the mean)."""
+    def both(total):
+        c = uneven(total)
+        return choose("all_gatherv", c, 2, symm_ok=True), choose("reduce_scatterv", c, 2, symm_ok=True)
+    assert both(1 << 20) == ("symm", "symm")
+    assert both(4 << 20) == ("ce", "symm")
+    assert both(16 << 20) == ("ce", "ce")
+    assert both(128 << 20) == ("ce", "ce")
+    assert both(256 << 20) == ("bcast", "reduce")
+
+
+@pytest.mark.parametrize("forced", ["symm", "ce"])
+def test_forced_symm_falls_back_to_the_size_rule_where_it_cannot_run(forced, monkeypatch, caplog):
+    monkeypatch.setenv("FP4CCL_ALGO", forced)
     counts = uneven(64 << 10)
     assert vc.symm_candidate("all_gatherv", counts, 2) and vc.symm_candidate("reduce_scatterv", [4, 4], 2)
-    assert choose("all_gatherv", counts, 2, symm_ok=True) == "symm"
-    assert choose("all_gatherv", [4, 4], 2, symm_ok=True) == "symm"  # forced even for equal sizes
-    assert choose("reduce_scatterv", counts, 2, symm_ok=True) == "symm"
+    assert choose("all_gatherv", counts, 2, symm_ok=True) == forced
+    assert choose("all_gatherv", [4, 4], 2, symm_ok=True) == forced  # forced even for equal sizes
+    assert choose("reduce_scatterv", counts, 2, symm_ok=True) == forced
     with caplog.at_level("INFO", logger="fp4ccl.vcollectives"):
         assert choose("all_gatherv", counts, 2, symm_ok=False) == "bcast"
         assert choose("reduce_scatterv", counts, 2, symm_ok=False) == "reduce"

@@ -44,7 +44,7 @@ def test_nccl_p2p_groups_and_errors(name, nranks, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("algo", ["padded", "bcast", "p2p", "symm"])
+@pytest.mark.parametrize("algo", ["padded", "bcast", "p2p", "symm", "ce", "ce3"])
 def test_all_gatherv_each_algorithm(algo, seed):
     need_gpus(4)
     assert all(run_ranks(4, _with_algo, algo, "all_gatherv", seed, backend="nccl"))
@@ -55,24 +55,63 @@ def test_symm_v_collectives_at_two_ranks(seed):
     need_gpus(2)
     assert all(run_ranks(2, _with_algo, "symm", "all_gatherv", seed, backend="nccl"))
     assert all(run_ranks(2, _with_algo, "symm", "reduce_scatterv", seed, backend="nccl"))
+    assert all(run_ranks(2, _with_algo, "ce3", "all_gatherv", seed, backend="nccl"))
+    assert all(run_ranks(2, _with_algo, "ce3", "reduce_scatterv", seed, backend="nccl"))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("algo", ["padded", "reduce", "symm"])
+@pytest.mark.parametrize("algo", ["padded", "reduce", "symm", "ce", "ce3"])
 def test_reduce_scatterv_each_algorithm(algo, seed):
     need_gpus(4)
     assert all(run_ranks(4, _with_algo, algo, "reduce_scatterv", seed, backend="nccl"))
 
 
 def _with_algo(comm, algo, name, seed):
+    """A check under FP4CCL_ALGO=algo; "ce3" is "ce" in 3 pieces (FP4CCL_CE_PIECES), so that pieces of
+    uneven length, and empty ones, are exercised at the checks' small sizes."""
     import os
-    os.environ["FP4CCL_ALGO"] = algo
+    os.environ["FP4CCL_ALGO"] = "ce" if algo == "ce3" else algo
+    if algo == "ce3":
+        os.environ["FP4CCL_CE_PIECES"] = "3"
     try:
         if name == "all_gatherv":
-            return cc.check_all_gatherv(comm, seed, "torch", ["bfloat16", "float32", "int8"])
-        return cc.check_reduce_scatterv(comm, seed, "torch", ["bfloat16", "float32"], exact=False)
+            cc.check_all_gatherv(comm, seed, "torch", ["bfloat16", "float32", "int8"])
+        else:
+            cc.check_reduce_scatterv(comm, seed, "torch", ["bfloat16", "float32"], exact=False)
+        return _repeated_v_calls(comm, name, seed)
     finally:
-        del os.environ["FP4CCL_ALGO"]
+        os.environ.pop("FP4CCL_ALGO", None)
+        os.environ.pop("FP4CCL_CE_PIECES", None)
+
+
+def _repeated_v_calls(comm, name, seed):
+    """The same call on the same buffers four times with fresh inputs: the symmetric-memory algorithms
+    capture the second and replay their graph from the third (both workspace halves), which must
+    give the same results as running the steps."""
+    import numpy as np
+    import torch
+    dev = f"cuda:{comm.device}"
+    sizes = [(1000 + 37 * r) if r != 1 else 0 for r in range(comm.size)]
+    inner = 24
+    gather = name == "all_gatherv"
+    x = torch.empty((sizes[comm.rank] if gather else sum(sizes), inner), dtype=torch.bfloat16, device=dev)
+    out = torch.empty((sum(sizes) if gather else sizes[comm.rank], inner), dtype=torch.bfloat16, device=dev)
+    for step in range(4):
+        rows = sizes if gather else [sum(sizes)] * comm.size
+        xs = [torch.from_numpy(np.random.default_rng([seed, r, step]).integers(-8, 9, (rows[r], inner))
+                               .astype(np.float32)).to(torch.bfloat16) for r in range(comm.size)]
+        x.copy_(xs[comm.rank])
+        out.fill_(-77.0)
+        if gather:
+            comm.all_gatherv(x, sizes, out=out)
+            want = torch.cat(xs)
+        else:
+            comm.reduce_scatterv(x, sizes, out=out)
+            lo = sum(sizes[:comm.rank])
+            want = sum(xs[r].float() for r in range(comm.size))[lo:lo + sizes[comm.rank]].to(torch.bfloat16)
+        torch.cuda.synchronize(comm.device)
+        assert torch.equal(out.cpu(), want), f"rank {comm.rank}: {name} call {step} differs (seed {seed})"
+    return True
 
 
 @pytest.mark.gpu
@@ -119,8 +158,8 @@ def check_graph_capture(comm, seed):
     gathered = torch.empty((sum(sizes), 8), device=dev)
     scattered = torch.empty((sizes[comm.rank], 8), device=dev)
     import os
-    # A forced "symm" cannot run under capture: it must fall back to an NCCL algorithm, not hang.
-    for gather_algo, scatter_algo in (("padded", "padded"), ("bcast", "reduce"), ("symm", "symm")):
+    # A forced "symm" or "ce" cannot run under capture: it must fall back to an NCCL algorithm, not hang.
+    for gather_algo, scatter_algo in (("padded", "padded"), ("bcast", "reduce"), ("symm", "symm"), ("ce", "ce")):
         def ops():
             os.environ["FP4CCL_ALGO"] = gather_algo
             comm.all_gatherv(x, sizes, out=gathered)
@@ -250,5 +289,5 @@ def _every_band(comm, seed):
         want = comm.size * (comm.size + 1) / 2
         assert mine.shape == (sizes[comm.rank], 64) and bool((mine == want).all()), f"rank {comm.rank} total {total}"
     assert seen == [("bcast", "reduce"), ("p2p", "reduce"), ("p2p", "padded"), ("bcast", "reduce")], seen
-    assert symm == [("symm", "symm"), ("p2p", "symm"), ("p2p", "symm"), ("bcast", "reduce")], symm
+    assert symm == [("symm", "symm"), ("ce", "symm"), ("ce", "ce"), ("ce", "ce")], symm
     return True
