@@ -413,18 +413,22 @@ def _stage(device: int, dst: int, src: int, nbytes: int, stream: int) -> None:
         copy(dst, src, nbytes, stream)
 
 
-def _split(counts: Sequence[int], npieces: int) -> List[List[Tuple[int, int]]]:
-    """(first element, elements) of each piece of each rank's part; every rank splits alike."""
+def _ce_plan(counts: Sequence[int]) -> Tuple[List[int], int, int, List[List[Tuple[int, int]]]]:
+    """(each rank's first element, pieces, copy streams, (first element, elements) of each piece of each
+    rank's part) for a copy-engine call; every rank splits alike."""
     from .vcollectives import offsets, split_count
-    out = []
+    npieces = ce_pieces()
+    split = []
     for c in counts:
         parts = split_count(c, npieces)
-        out.append(list(zip(offsets(parts), parts)))
-    return out
+        split.append(list(zip(offsets(parts), parts)))
+    return offsets(counts), npieces, ce_streams(), split
 
 
-def _copy_streams(comm, n: int) -> List[SideStream]:
-    return [side_stream(comm, "ce_copy" if i == 0 else f"ce_copy{i}") for i in range(n)]
+def _ce_streams(comm, n: int) -> Tuple[SideStream, List[SideStream]]:
+    """The barrier stream (highest priority) and n copy streams of the copy-engine forms."""
+    return (side_stream(comm, "ce_barrier", high_priority=True),
+            [side_stream(comm, "ce_copy" if i == 0 else f"ce_copy{i}") for i in range(n)])
 
 
 def all_gatherv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], itemsize: int, stream: int) -> None:
@@ -433,15 +437,12 @@ def all_gatherv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], it
     that piece of every peer's rows straight into recv (ring order) while the next piece is staged.
     The own rows are copied from x last, beside the pulls. The copy engines need no SM and reach
     ~340 GB/s from one peer's VMM memory (docs/OVERLAP.md), against 240-290 for SM loads."""
-    from .vcollectives import copy, offsets
+    from .vcollectives import copy
     me = comm.rank
-    offs = offsets(counts)
-    npieces, nstreams = ce_pieces(), ce_streams()
-    split = _split(counts, npieces)
+    offs, npieces, nstreams, split = _ce_plan(counts)
 
     def enqueue(s, local, slots):
-        bar = side_stream(comm, "ce_barrier", high_priority=True)
-        pulls = _copy_streams(comm, nstreams)
+        bar, pulls = _ce_streams(comm, nstreams)
         ws = workspace(comm)
         for k in range(npieces):
             first, n = split[me][k]
@@ -470,15 +471,12 @@ def reduce_scatterv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int]
     rank, ring order), a barrier on a high-priority stream publishes the piece, and that piece of this
     rank's result is summed (fp32, rank order, rounded once) from x's own rows and the peers' regions
     of our slot while the next piece is on the wire. Nothing is staged: each byte crosses NVLink once."""
-    from .vcollectives import copy, offsets
+    from .vcollectives import copy
     me, n = comm.rank, comm.size
-    offs = offsets(counts)
-    npieces, nstreams = ce_pieces(), ce_streams()
-    split = _split(counts, npieces)
+    offs, npieces, nstreams, split = _ce_plan(counts)
 
     def enqueue(s, local, slots):
-        bar = side_stream(comm, "ce_barrier", high_priority=True)
-        pushes = _copy_streams(comm, nstreams)
+        bar, pushes = _ce_streams(comm, nstreams)
         ws = workspace(comm)
         for push in pushes:
             push.order(push.ptr, s)     # the previous call's sums have read our slot
