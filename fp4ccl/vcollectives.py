@@ -15,8 +15,8 @@ Four ways to move rows that differ in number per rank, picked per call by `choos
   peer's input in fp32 (reduce-scatter of floats; fp4ccl/symm_collectives.py): no NCCL kernel at
   all, so the latency of a few small launches;
 - "ce" (ranks of one node, larger calls): the same workspace, with the copy engines moving the bytes
-  in pieces (the gather pulls the peers' rows into the output, the reduce-scatter pushes each peer's
-  rows into its slot and sums them there), so no SM is spent on the wire.
+  (the gather pulls the peers' rows into the output, the reduce-scatter pushes each peer's rows into
+  its slot and sums them there), so no SM is spent on the wire.
 docs/VCOLLECTIVES.md gives the estimates behind the size thresholds below. FP4CCL_ALGO forces one;
 FP4CCL_DEBUG=INFO logs each choice.
 """
@@ -132,8 +132,9 @@ def choose(kind: str, counts: Sequence[int], itemsize: int, in_group: bool = Fal
     if even:
         return "native"
     total = sum(counts) * itemsize
-    if symm_ok and _symm_algo(kind, total):
-        return _symm_algo(kind, total)
+    symm_algo = _symm_algo(kind, total) if symm_ok else ""
+    if symm_algo:
+        return symm_algo
     padding = max(counts) * len(counts) * itemsize / total
     if gather:
         if total < BCAST_BELOW_BYTES or total >= BCAST_FROM_BYTES:
