@@ -12,7 +12,10 @@ left in L2:
   q-nv amax=    NVFP4 quantize, amax given                        bytes = in + data + scales
   amax          the amax kernel alone (max |x| into a device fp32)  bytes = in
   q-nv auto     NVFP4 quantize, amax computed on the device       bytes = 2 * in + data + scales
-                (fp4ccl.quantize: the amax kernel, then quantize)
+                (fp4ccl.quantize: the amax kernel writing per-block partial
+                maxima, then quantize taking their max)
+  q-nv auto0    the same with the amax in one zeroed word (memset,    bytes = 2 * in + data + scales
+                atomicMax, quantize): the form "auto" replaced
   q-nv amax*    NVFP4 quantize, amax given as a device scalar     bytes = in + data + scales
                 (the second launch of "auto" alone)
   q-mx          MXFP4 quantize                                    bytes = in + data + scales
@@ -278,6 +281,13 @@ def main(argv=None) -> int:
                 if fmt == "nvfp4":
                     fa = lambda i: fp4ccl.quantize(xs[i % 3], fmt, out=outs[i % 3])  # noqa: E731
                     results.append(("q-nv auto", time_it(fa, a.iters, a.warmup_iters), time_graph(fa, a.iters, a.warmup_iters),
+                                    2 * inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
+                    # the form "auto" replaced: a zeroed word (memset node), the amax kernel's atomicMax into
+                    # it, then quantize reading it; kept as the same-run baseline of the per-block partials
+                    def f0(i):
+                        fm(i)
+                        fp4ccl.quantize(xs[i % 3], fmt, amax=am[i % 3], out=outs[i % 3])
+                    results.append(("q-nv auto0", time_it(f0, a.iters, a.warmup_iters), time_graph(f0, a.iters, a.warmup_iters),
                                     2 * inb + qbytes, wrong_bytes(outs[0], xs[0], fmt, float(xs[0].abs().max()))))
                     # the quantize launch of "auto" alone: amax already on the device (read through a pointer)
                     fp = lambda i: fp4ccl.quantize(xs[i % 3], fmt, amax=am[i % 3], out=outs[i % 3])  # noqa: E731

@@ -307,11 +307,16 @@ __device__ __forceinline__ float block_max(float m) {
     return m;
 }
 
+// per_block == 0: *out = max(*out, the max over x), out zeroed by the caller. per_block != 0: out[b] =
+// the max over block b's share of x, for every block b of the grid: no zeroed word, so no memset node
+// before the pass, and quantize takes the max of the gridDim.x partials (quant_amax).
 template <typename In>
-__device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out) {
+__device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out, u32 per_block) {
     const float m = block_max(amax_thread<In>(x, nvec, (u64)blockIdx.x * blockDim.x + threadIdx.x,
                                               (u64)gridDim.x * blockDim.x));
-    if (threadIdx.x == 0 && m > 0.0f) atomicMax((int*)out, __float_as_int(m));
+    if (threadIdx.x != 0) return;
+    if (per_block) out[blockIdx.x] = m;
+    else if (m > 0.0f) atomicMax((int*)out, __float_as_int(m));
 }
 
 // ---------------------------------------------------------------- quantize
@@ -508,11 +513,26 @@ __device__ void quant_lanes_body(const uint4* __restrict__ x, u32 K, const Quant
     }
 }
 
+// The tensor amax for NVFP4 quantize: amax_val when amax_ptr is null, else the max of the amax_n fp32
+// values at amax_ptr (one device scalar, or the per-block partials of amax_body). Every thread of the
+// block must call it.
+__device__ __forceinline__ float quant_amax(const float* amax_ptr, u32 amax_n, float amax_val) {
+    if (!amax_ptr) return amax_val;
+    if (amax_n <= 1) return *amax_ptr;
+    float m = 0.0f;
+    for (u32 i = threadIdx.x; i < amax_n; i += blockDim.x) m = fmaxf(m, amax_ptr[i]);
+    __shared__ float total;
+    m = block_max(m);
+    if (threadIdx.x == 0) total = m;
+    __syncthreads();
+    return total;
+}
+
 template <typename In, int BS, bool NV, bool SWZ, bool SR>
-__device__ void quant_kernel(const uint4* __restrict__ x, u32 K, const float* amax_ptr, float amax_val,
+__device__ void quant_kernel(const uint4* __restrict__ x, u32 K, const float* amax_ptr, u32 amax_n, float amax_val,
                              u64 seed, u32 ncols_pad, const SegTable& t) {
     const Seg seg = pick_segment(t);
-    const QuantCtx c = quant_ctx<NV>(NV ? (amax_ptr ? *amax_ptr : amax_val) : 0.0f, seed, seg);
+    const QuantCtx c = quant_ctx<NV>(NV ? quant_amax(amax_ptr, amax_n, amax_val) : 0.0f, seed, seg);
     if constexpr (!NV && Loader<In>::PER_VEC == 4) quant_lanes_body<In, BS, NV, SWZ, SR, 2>(x, K, c, ncols_pad, seg);
     else quant_body<In, BS, NV, SWZ, SR>(x, K, c, ncols_pad, seg);
 }
@@ -1003,16 +1023,16 @@ __device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, c
 // Names: fp4_amax_<in>, fp4_quant_<fmt>_<in>_<layout>_<rounding>, fp4_dequant_<fmt>_<out>_<layout>;
 // <in>/<out> in {bf16, f16, f32}, <fmt> in {nv, mx}, <layout> in {lin, swz}, <rounding> in {rn, sr}.
 #define FP4_AMAX(NAME, IN) \
-    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_amax_##NAME(const uint4* x, u64 nvec, float* out) { \
-        amax_body<IN>(x, nvec, out); }
+    extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_amax_##NAME(const uint4* x, u64 nvec, float* out, u32 per_block) { \
+        amax_body<IN>(x, nvec, out, per_block); }
 FP4_AMAX(bf16, u16)
 FP4_AMAX(f16, Half)
 FP4_AMAX(f32, float)
 
 #define FP4_QUANT(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND( \
-        const uint4* x, u32 K, const float* amax_ptr, float amax_val, u64 seed, u32 ncols_pad, const SegTable t) { \
-        quant_kernel<IN, BS, NV, SWZ, SR>(x, K, amax_ptr, amax_val, seed, ncols_pad, t); }
+        const uint4* x, u32 K, const float* amax_ptr, u32 amax_n, float amax_val, u64 seed, u32 ncols_pad, \
+        const SegTable t) { quant_kernel<IN, BS, NV, SWZ, SR>(x, K, amax_ptr, amax_n, amax_val, seed, ncols_pad, t); }
 #define FP4_QUANT_ALL(FMT, BS, NV) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, rn, false) FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, sr, true) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, rn, false)  FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, sr, true) \

@@ -3,12 +3,14 @@ JIT loader's cache logic. The GPU paths are in tests/gpu/test_fp4_kernels.py."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
 import pytest
 
 import fp4ccl
@@ -256,6 +258,29 @@ def test_kernel_names_exist_in_the_source():
     # the by-value tables must fit the 4 KB kernel parameter space with the scalar arguments
     assert f"#define FP4_MAXSUM {kernels.MAXSUM}" in text and f"#define FP4_MAXSEG {kernels.MAXSEG}" in text
     assert kernels.SUM_DTYPE.itemsize == 3 * 8 * kernels.MAXSUM and kernels.SUM_DTYPE.itemsize + 32 <= 4096
+
+
+def _c_kind(param: str) -> str:
+    """The _SIGNATURES kind of one C parameter declaration of csrc/fp4.cu."""
+    decl = param.replace("__restrict__", "").replace("__grid_constant__", "").replace("const ", "").split()
+    if "*" in param:
+        return "u64"
+    return {"u64": "u64", "u32": "u32", "int": "i32", "float": "f32", "SegTable": "seg", "SumTable": "sum"}[decl[0]]
+
+
+@pytest.mark.parametrize("macro,kind", [("FP4_AMAX", "amax"), ("FP4_QUANT", "quant"), ("FP4_DEQUANT", "dequant"),
+                                        ("FP4_DQSUM", "dqsum"), ("FP4_QUANT_SMALL", "qsmall")])
+def test_launcher_signatures_match_the_kernels(macro, kind):
+    """The launchers pass arguments by position through cuLaunchKernel: a kernel parameter added in
+    csrc/fp4.cu but not in _SIGNATURES would shift every later argument, silently."""
+    from fp4ccl.formats import kernels
+    text = (REPO / "csrc" / "fp4.cu").read_text()
+    m = re.search(r"#define " + macro + r"\(.*?\)(.*?)\{", text, re.S)
+    assert m, f"no #define {macro}( in csrc/fp4.cu"
+    body = m.group(1).replace("\\\n", " ")
+    params = re.search(r"\w+##\w*\s*\((.*)\)\s*$", body, re.S) or re.search(r"\(([^()]*)\)\s*$", body, re.S)
+    kinds = tuple(_c_kind(p.strip()) for p in params.group(1).split(","))
+    assert kinds == kernels._SIGNATURES[kind], f"{macro}: C parameters {kinds} != _SIGNATURES[{kind!r}]"
 
 
 def test_fill_segments_writes_the_struct_layout_in_place():

@@ -58,8 +58,8 @@ SMALL_MIN_ARCH = 90  # thread-block clusters
 
 # argument kinds of each kernel family, in C order; "seg"/"sum" is the by-value table
 _SIGNATURES = {
-    "amax": ("u64", "u64", "u64"),
-    "quant": ("u64", "u32", "u64", "f32", "u64", "u32", "seg"),
+    "amax": ("u64", "u64", "u64", "u32"),
+    "quant": ("u64", "u32", "u64", "u32", "f32", "u64", "u32", "seg"),
     "dequant": ("u64", "u32", "u32", "seg"),
     "dqsum": ("u64", "u32", "u32", "u32", "sum"),
     "qsmall": ("u64", "u64", "u32", "seg"),
@@ -256,11 +256,32 @@ def amax(device: int, x_ptr: int, in_dtype: str, numel: int, out_ptr: int, strea
     """*out = max |x| over finite elements (fp32). numel * itemsize must be a multiple of 16 bytes."""
     memset(device, out_ptr, 0, 4, stream)
     nvec = numel * _ITEMSIZE[in_dtype] // 16
+    if nvec:
+        la = launcher(device, _AMAX_NAMES[in_dtype], "amax")
+        la(device, _amax_grid(la, nvec), 1, stream, x_ptr, nvec, out_ptr, 0)
+
+
+def amax_partials_count(device: int, in_dtype: str, numel: int) -> int:
+    """How many fp32 values amax_partials() writes for `numel` elements (0 for an empty x)."""
+    nvec = numel * _ITEMSIZE[in_dtype] // 16
+    return _amax_grid(launcher(device, _AMAX_NAMES[in_dtype], "amax"), nvec) if nvec else 0
+
+
+def amax_partials(device: int, x_ptr: int, in_dtype: str, numel: int, out_ptr: int, stream: int) -> int:
+    """out[0:n] = the max |x| over finite elements of n disjoint shares of x, n =
+    amax_partials_count(...), returned; their max is amax()'s result. Needs no zeroed word, so it is one
+    graph node where amax() is two; quantize(amax_ptr=out, amax_n=n) takes the max itself."""
+    nvec = numel * _ITEMSIZE[in_dtype] // 16
     if nvec == 0:
-        return
+        return 0
     la = launcher(device, _AMAX_NAMES[in_dtype], "amax")
-    gx = min(-(-nvec // THREADS), la.cap)
-    la(device, gx, 1, stream, x_ptr, nvec, out_ptr)
+    gx = _amax_grid(la, nvec)
+    la(device, gx, 1, stream, x_ptr, nvec, out_ptr, 1)
+    return gx
+
+
+def _amax_grid(la: "_Launch", nvec: int) -> int:
+    return min(-(-nvec // THREADS), la.cap)
 
 
 def _tables(segments: Sequence[Tuple[int, int, int, int, int]]):
@@ -298,13 +319,16 @@ def _grid(units: int, cap: int, nseg: int) -> int:
 
 def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout: str, rounding: str,
              seed: int, amax_ptr: int, amax_value: float, segments: Sequence[Tuple[int, int, int, int, int]],
-             ncols_pad: int, stream: int) -> None:
+             ncols_pad: int, stream: int, amax_n: int = 1) -> None:
     """Quantize FP4 blocks of x into each segment's (data, scale, gs) addresses.
 
     segments: (units, src_block, data_ptr, scale_ptr, gs_ptr): `units` FP4 blocks of x starting at block
     `src_block` (= row_start * K / block); gs_ptr 0 writes no global scale (MXFP4).
-    amax_ptr: device address of an fp32 amax (0: use amax_value). ncols_pad: swizzled layout only.
+    amax_ptr: device address of the NVFP4 amax as amax_n fp32 values whose max is taken (one scalar, or
+    amax_partials()'s output); 0: use amax_value. ncols_pad: swizzled layout only.
     """
+    if amax_ptr and amax_n < 1:
+        raise ValueError(f"amax_n={amax_n}: a device amax needs at least one value")
     la = launcher(device, _QUANT_NAMES[(format, in_dtype, layout, rounding)], "quant")
     seed &= 0xFFFFFFFFFFFFFFFF
     n = len(segments)
@@ -312,7 +336,7 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
         chunk = segments[i:i + MAXSEG] if n > MAXSEG else segments
         most = _fill_segments(la.table, chunk)
         la(device, _grid(most, la.cap, len(chunk)), len(chunk), stream,
-           x_ptr, K, amax_ptr, amax_value, seed, ncols_pad)
+           x_ptr, K, amax_ptr, amax_n, amax_value, seed, ncols_pad)
 
 
 @functools.lru_cache(maxsize=None)

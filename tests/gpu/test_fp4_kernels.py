@@ -159,6 +159,28 @@ def test_tensor_amax(rng, dtype):
         assert a.shape == () and to_host(a) == ref.amax(xh)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_amax_partials_cover_x_and_write_nothing_else(rng, dtype):
+    """The per-block maxima fp4ccl.quantize reads instead of a zeroed word: their max is the tensor
+    amax, each is finite and >= 0, and nothing past the count is written."""
+    import torch
+    from fp4ccl.formats import kernels
+    for rows, K in ((1, 16), (3, 48), (1000, 4096), (4096, 4096)):
+        xh = make_input(rng, rows, K, dtype, "adversarial")
+        x = to_device(xh, "torch")
+        n = kernels.amax_partials_count(x.device.index, dtype, x.numel())
+        assert n >= 1
+        out = torch.full((n + 8,), float("nan"), device=x.device)
+        got = kernels.amax_partials(x.device.index, x.data_ptr(), dtype, x.numel(), out.data_ptr(),
+                                    torch.cuda.current_stream().cuda_stream)
+        assert got == n
+        parts = out[:n].cpu().numpy()
+        assert np.isfinite(parts).all() and (parts >= 0).all()
+        assert np.float32(parts.max()) == ref.amax(xh), (rows, K)
+        assert torch.isnan(out[n:]).all(), "amax_partials wrote past its count"
+    assert kernels.amax_partials_count(0, dtype, 0) == 0
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("framework,dtype", CASES)
 def test_stochastic_rounding_bit_exact_and_replayable(rng, seed, fmt, framework, dtype):
