@@ -312,6 +312,12 @@ __device__ __forceinline__ float block_max(float m) {
 // before the pass, and quantize takes the max of the gridDim.x partials (quant_amax).
 template <typename In>
 __device__ void amax_body(const uint4* __restrict__ x, u64 nvec, float* out, u32 per_block) {
+#if __CUDA_ARCH__ >= 900
+    // A quantize launched after this pass with programmatic stream serialization may start its blocks
+    // as this grid's blocks retire (they wait in quant_amax for the partials): the tail of this pass
+    // and the launch of the next overlap.
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
     const float m = block_max(amax_thread<In>(x, nvec, (u64)blockIdx.x * blockDim.x + threadIdx.x,
                                               (u64)gridDim.x * blockDim.x));
     if (threadIdx.x != 0) return;
@@ -518,6 +524,11 @@ __device__ void quant_lanes_body(const uint4* __restrict__ x, u32 K, const Quant
 // block must call it.
 __device__ __forceinline__ float quant_amax(const float* amax_ptr, u32 amax_n, float amax_val) {
     if (!amax_ptr) return amax_val;
+#if __CUDA_ARCH__ >= 900
+    // Launched as a programmatic dependent of the amax pass, the block may run before that pass has
+    // finished: wait for it (and its writes) here. Without that launch attribute this returns at once.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     if (amax_n <= 1) return *amax_ptr;
     float m = 0.0f;
     for (u32 i = threadIdx.x; i < amax_n; i += blockDim.x) m = fmaxf(m, amax_ptr[i]);

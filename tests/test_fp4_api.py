@@ -283,6 +283,32 @@ def test_launcher_signatures_match_the_kernels(macro, kind):
     assert kinds == kernels._SIGNATURES[kind], f"{macro}: C parameters {kinds} != _SIGNATURES[{kind!r}]"
 
 
+def test_launch_config_structs_match_cuda_h(tmp_path):
+    """cuLaunchKernelEx reads CUlaunchConfig / CUlaunchAttribute from memory ctypes lays out: compare
+    sizes and offsets with the C compiler's, where cuda.h and a C compiler are here."""
+    import ctypes
+    import shutil
+    from fp4ccl.formats import kernels
+    cc = shutil.which("cc") or shutil.which("gcc")
+    heads = [p for p in ([os.environ.get("CUDA_HOME", "")] + sorted(Path("/usr/local").glob("cuda*"), reverse=True))
+             if p and (Path(p) / "include" / "cuda.h").exists()]
+    if not cc or not heads:
+        pytest.skip("no C compiler or no cuda.h (CUDA_HOME, /usr/local/cuda*) to compare against")
+    src = tmp_path / "sz.c"
+    src.write_text('#include <cuda.h>\n#include <stdio.h>\n#include <stddef.h>\nint main(void) {\n'
+                   'printf("%zu %zu %zu %zu %zu %zu %zu %d\\n", sizeof(CUlaunchAttribute), '
+                   'offsetof(CUlaunchAttribute, value), sizeof(CUlaunchConfig), offsetof(CUlaunchConfig, sharedMemBytes), '
+                   'offsetof(CUlaunchConfig, hStream), offsetof(CUlaunchConfig, attrs), offsetof(CUlaunchConfig, numAttrs), '
+                   '(int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);\nreturn 0;\n}\n')
+    exe = tmp_path / "sz"
+    subprocess.run([cc, f"-I{Path(heads[0]) / 'include'}", str(src), "-o", str(exe)], check=True)
+    got = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split()
+    A, C = kernels._LaunchAttribute, kernels._LaunchConfig
+    ours = [ctypes.sizeof(A), A.value.offset, ctypes.sizeof(C), C.shared.offset, C.stream.offset, C.attrs.offset,
+            C.nattrs.offset, kernels._PROGRAMMATIC_STREAM_SERIALIZATION]
+    assert [int(v) for v in got] == ours
+
+
 def test_fill_segments_writes_the_struct_layout_in_place():
     from fp4ccl.formats import kernels
     table = np.full(5 * kernels.MAXSEG, 7, dtype=np.uint64)

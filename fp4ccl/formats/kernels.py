@@ -106,12 +106,47 @@ def _cu_launch():
     return _driver
 
 
+# CUlaunchAttribute (an id, padding to 8 bytes, a 64-byte value union) and CUlaunchConfig of cuda.h
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("nattrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6     # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_driver_ex = None       # ctypes cuLaunchKernelEx, False when unavailable or disabled
+
+
+def _cu_launch_ex():
+    """cuLaunchKernelEx, for programmatic dependent launches; False where it is missing, where launches
+    go through CuPy, or where FP4CCL_PDL=0."""
+    global _driver_ex
+    if _driver_ex is None:
+        fn = False
+        if _cu_launch() and os.environ.get("FP4CCL_PDL", "1") != "0":
+            try:
+                fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+                # CUresult cuLaunchKernelEx(const CUlaunchConfig*, CUfunction, void** kernelParams, void** extra)
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            except (OSError, AttributeError) as exc:
+                _log.info("cuLaunchKernelEx unavailable (%s); no programmatic dependent launches", exc)
+                fn = False
+        _driver_ex = fn
+    return _driver_ex
+
+
 def set_launch_mode(mode: str) -> None:
     """'ctypes' (cuLaunchKernel through ctypes, the default where libcuda loads) or 'cupy' (CuPy's
     Function.__call__). For the bench and tests; FP4CCL_LAUNCH=cupy sets it from the environment."""
-    global _driver
+    global _driver, _driver_ex
     if mode not in ("ctypes", "cupy"):
         raise ValueError(f"mode: expected 'ctypes' or 'cupy', got {mode!r}")
+    _driver_ex = None
     if mode == "cupy":
         _driver = False
     else:
@@ -128,7 +163,7 @@ def launch_mode() -> str:
 class _Launch:
     """One kernel on one device, for one thread: its function, grid cap and a reusable argument block."""
 
-    __slots__ = ("fn", "fptr", "cap", "vals", "params", "table", "np_args", "np_table", "block")
+    __slots__ = ("fn", "fptr", "cap", "vals", "params", "table", "np_args", "np_table", "block", "config")
 
     def __init__(self, device: int, name: str, kind: str, fn=None, block: int = THREADS):
         own = fn is None
@@ -145,6 +180,26 @@ class _Launch:
             self.table = np.ctypeslib.as_array(self.vals[-1])       # a view: writes land in the ctypes block
             self.np_table = np.zeros(1, dtype=np.dtype([("t", "<u8", (_TABLES[sig[-1]],))]))
         self.np_args = [_NUMPY[k] for k in sig if k in _NUMPY]
+        self.config = None
+
+    def after_previous_kernel(self, device: int, gx: int, gy: int, stream: int, *scalars) -> None:
+        """Like a call, but as a programmatic dependent launch (sm_90+): the grid may start while the
+        kernel before it on the stream is finishing, so the kernel must wait (griddepcontrol.wait)
+        before it reads what that kernel wrote. A plain launch where that is unavailable."""
+        ex = _driver_ex if _driver_ex is not None else _cu_launch_ex()
+        if ex and _current_device() == device:
+            if self.config is None:
+                attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+                self.config = (_LaunchConfig(block=(ctypes.c_uint * 3)(self.block, 1, 1), nattrs=1), attr)
+                self.config[0].attrs = ctypes.pointer(attr)
+            cfg = self.config[0]
+            for i, v in enumerate(scalars):
+                self.vals[i].value = v
+            cfg.grid[0], cfg.grid[1], cfg.grid[2] = gx, gy, 1
+            cfg.stream = stream
+            if ex(ctypes.byref(cfg), self.fptr, self.params, None) == 0:
+                return
+        self(device, gx, gy, stream, *scalars)
 
     def __call__(self, device: int, gx: int, gy: int, stream: int, *scalars) -> None:
         vals = self.vals
@@ -335,8 +390,15 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
     for i in range(0, n, MAXSEG):
         chunk = segments[i:i + MAXSEG] if n > MAXSEG else segments
         most = _fill_segments(la.table, chunk)
-        la(device, _grid(most, la.cap, len(chunk)), len(chunk), stream,
+        # after amax_partials the first launch may overlap that pass's tail (it waits for the partials)
+        go = la.after_previous_kernel if amax_n > 1 and i == 0 and _sm90(device) else la
+        go(device, _grid(most, la.cap, len(chunk)), len(chunk), stream,
            x_ptr, K, amax_ptr, amax_n, amax_value, seed, ncols_pad)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(device: int) -> bool:
+    return jit._arch_of(device) >= 90
 
 
 @functools.lru_cache(maxsize=None)

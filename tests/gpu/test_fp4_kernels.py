@@ -329,6 +329,35 @@ def test_cuda_graph_capture(rng, amax_kind):
         assert_same_float_bits(to_host(y), ref.dequantize_2d(d, s, gs, "nvfp4", 2048, F32))
 
 
+@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "plain"])
+def test_quantize_waits_for_the_amax_pass(rng, monkeypatch, pdl):
+    """quantize may start as a programmatic dependent of the amax pass (sm_90+); it must still see every
+    partial maximum. The pass walks x from its end, so the largest |x|, at element 0, is in the last
+    share it finishes: a quantize that did not wait would read a stale partial and a wrong scale."""
+    import torch
+    from fp4ccl.formats import kernels
+    if not pdl:
+        monkeypatch.setattr(kernels, "_driver_ex", False)
+    elif kernels.launch_mode() == "ctypes" and torch.cuda.get_device_capability()[0] >= 9:
+        assert kernels._cu_launch_ex(), "cuLaunchKernelEx should be reachable on sm_90+"
+    rows, K = 2048, 4096
+    x = torch.empty(rows, K, dtype=torch.bfloat16, device="cuda")
+    out = fp4ccl.quantize(x.normal_())                    # warm-up outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fp4ccl.quantize(x, out=out)
+    for trial in range(4):
+        xh = make_input(rng, rows, K, "bfloat16", "random")
+        xh[0, 0] = ml_dtypes.bfloat16(1000.0 + trial)     # the tensor amax, read last by the pass
+        x.copy_(to_device(xh, "torch"))
+        if trial % 2:
+            g.replay()
+        else:
+            fp4ccl.quantize(x, out=out)
+        torch.cuda.synchronize()
+        check_against_reference(out, xh, "nvfp4", "linear")
+
+
 # ------------------------------------------------------------------------------ GPU-side validation
 def test_gpu_bad_input():
     import torch
