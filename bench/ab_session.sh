@@ -20,7 +20,7 @@ if [ -n "${KV_SPECS:-}" ]; then
   cat "$OUT/kv/compare.txt" >> "$summary"; rm -rf "$OUT/kv"
 fi
 # TREES: runs in order, each "new" (this tree) or a folder under it, optionally with settings:
-# "oldtree new new:FP4CCL_FP4_RS_PIPELINE=1 new:FP4CCL_ALGO=ce,FP4CCL_CE_PIECES=1" (settings separated by commas).
+# "oldtree new new:FP4CCL_FP4_RS_FORM=push new:FP4CCL_ALGO=ce,FP4CCL_CE_PIECES=1" (settings separated by commas).
 for spec in ${TREES:-new}; do
   tree=${spec%%:*}; settings=""; [ "$spec" != "$tree" ] && settings=${spec#*:}
   src=$root; [ "$tree" = new ] || src=$root/$tree

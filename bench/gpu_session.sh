@@ -54,11 +54,11 @@ for stage in "${stages[@]}"; do
       FP4CCL_FP4_ALGO=nccl timeout 120 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 8K -e 1G -f 4 -n 10 -w 3 \
         -d bfloat16 --ops all_gatherv_nvfp4,all_gatherv_nvfp4_raw,reduce_scatterv_nvfp4 >> "$OUT/algos.log" 2>&1
       note "algos fp4-nccl rc=$?"
-      for pl in 0 1; do  # the symmetric-memory FP4 reduce-scatter, pipelined or not
-        echo "===== FP4CCL_FP4_RS_PIPELINE=$pl" >> "$OUT/algos.log"
-        FP4CCL_FP4_RS_PIPELINE=$pl timeout 90 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 2M -e 1G -f 2 -n 10 -w 3 \
+      for form in steps pull push; do  # the symmetric-memory FP4 reduce-scatter's forms
+        echo "===== FP4CCL_FP4_RS_FORM=$form" >> "$OUT/algos.log"
+        FP4CCL_FP4_RS_FORM=$form timeout 90 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 2M -e 1G -f 2 -n 10 -w 3 \
           -d bfloat16 --ops reduce_scatterv_nvfp4 >> "$OUT/algos.log" 2>&1
-        note "algos rs-pipeline=$pl rc=$?"
+        note "algos rs-form=$form rc=$?"
       done
       grep -v "^\[rank[1-9]" "$OUT/algos.log" | grep -E "=====|fp4ccl \|" >> "$summary" ;;
     fp4bench)

@@ -24,7 +24,10 @@ from .vcollectives import offsets, split_count
 from .formats.tensor import BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, check_format, check_k, packed_layout
 
 GLOBAL_SCALES = ("per_rank", "shared")
-_AMAX_SLOTS = 64  # device amax scalars in the workspace, used in turn
+_AMAX_SLOTS = 64  # device amax slots in the workspace, used in turn
+# fp32 values per slot: a MAX-reduced scalar, or the per-block partial maxima of kernels.amax_partials
+# (one per block of its grid, which is capped to this)
+_AMAX_SLOT_VALUES = 1024
 _MAX_REDUCE_RANKS = MAXSUM  # contributions one fused dequantize_sum launch can take
 _ALIGN = 256
 
@@ -545,8 +548,8 @@ class _GpuCodec:
         return symm_collectives.side_stream(self.comm, "fp4_" + name, high_priority)
 
     def buffers(self, send_bytes: int, recv_bytes: int, extra_f32: int = 0):
-        # One workspace: [amax scalars | send | recv | fp32 accumulation area]
-        send_off = _round_up(_AMAX_SLOTS * 4)
+        # One workspace: [amax slots | send | recv | fp32 accumulation area]
+        send_off = _round_up(_AMAX_SLOTS * _AMAX_SLOT_VALUES * 4)
         recv_off = send_off + _round_up(send_bytes)
         extra_off = recv_off + _round_up(recv_bytes)
         base = _workspace(self.comm, extra_off + extra_f32 * 4)
@@ -562,27 +565,35 @@ class _GpuCodec:
             from .symmetric import _Cached
             turn = self.comm._extras["fp4_amax_next"] = _Cached(0)
         turn.value += 1
-        return self.base + 4 * (turn.value % _AMAX_SLOTS)
+        return self.base + 4 * _AMAX_SLOT_VALUES * (turn.value % _AMAX_SLOTS)
 
+    # An amax is handed to quantize() as (device address, how many fp32 values there to take the max
+    # of), or 0 for none (MXFP4) or an amax of 0 (no elements).
     def amax(self, info: ArrayInfo, fmt: str, shared: bool):
         if fmt != "nvfp4":
             return 0
+        if not shared:
+            return self._amax_partials(info.ptr, info.dtype, info.size, self.stream)
         from .formats import kernels
         slot = self._amax_slot()
         kernels.amax(self.device, info.ptr, info.dtype, info.size, slot, self.stream)
-        if shared:
-            scalar = ArrayInfo(None, info.framework, slot, (1,), "float32", self.device, True)
-            self.comm._backend.all_reduce(scalar, scalar, "max", self.stream)
-        return slot
+        scalar = ArrayInfo(None, info.framework, slot, (1,), "float32", self.device, True)
+        self.comm._backend.all_reduce(scalar, scalar, "max", self.stream)
+        return slot, 1
 
     def amax_rows(self, info, K, fmt, start, count, stream=None):
+        """The amax of rows [start, start + count)."""
         if fmt != "nvfp4":
             return 0
+        return self._amax_partials(info.ptr + start * K * info.itemsize, info.dtype, count * K,
+                                   self.stream if stream is None else stream)
+
+    def _amax_partials(self, ptr: int, dtype: str, numel: int, stream: int):
+        # per-block partial maxima: no zeroed word (memset node) before the pass
         from .formats import kernels
         slot = self._amax_slot()
-        kernels.amax(self.device, info.ptr + start * K * info.itemsize, info.dtype, count * K, slot,
-                     self.stream if stream is None else stream)
-        return slot
+        n = kernels.amax_partials(self.device, ptr, dtype, numel, slot, stream, limit=_AMAX_SLOT_VALUES)
+        return (slot, n) if n else 0
 
     def amax_and_quantize(self, info, K, fmt, shared, chunks):
         """quantize(chunks) with the amax of all of x (NVFP4; `shared`: MAX-reduced over the ranks).
@@ -597,18 +608,19 @@ class _GpuCodec:
                 return
         self.quantize(info, K, fmt, self.amax(info, fmt, shared), chunks)
 
-    def quantize(self, info, K, fmt, amax_ptr, chunks, rounding="nearest", seed=None, stream=None):
-        """chunks: (first row, rows, segment address, packed layout) each."""
+    def quantize(self, info, K, fmt, amax, chunks, rounding="nearest", seed=None, stream=None):
+        """chunks: (first row, rows, segment address, packed layout) each; amax: as amax() returns."""
         # An empty NVFP4 segment still launches one block, which writes its global scale (the
         # shared one, or 1 for an amax of 0), exactly as the reference does.
         segs = [_kernel_segment(c, K, fmt) for c in chunks if c[1] or fmt == "nvfp4"]
-        self._quantize_segs(info, K, fmt, amax_ptr, segs, rounding, seed, stream)
+        self._quantize_segs(info, K, fmt, amax, segs, rounding, seed, stream)
 
-    def _quantize_segs(self, info, K, fmt, amax_ptr, segs, rounding="nearest", seed=None, stream=None):
+    def _quantize_segs(self, info, K, fmt, amax, segs, rounding="nearest", seed=None, stream=None):
         if segs:
             from .formats import kernels
+            ptr, n = amax or (0, 0)
             kernels.quantize(self.device, info.ptr, info.dtype, K, fmt, "linear", rounding, seed or 0,
-                             amax_ptr or 0, 0.0, segs, 0, self.stream if stream is None else stream)
+                             ptr, 0.0, segs, 0, self.stream if stream is None else stream, n)
 
     def pack_tensor(self, q: FP4Tensor, buf: int, layout) -> None:
         from .formats import kernels

@@ -561,9 +561,11 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr
     workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, None, enqueue)
 
 
-# Input size from which the FP4 reduce-scatter pipelines its pulls behind its quantization (env
-# FP4CCL_FP4_RS_PIPELINE=0/1 forces either way). Measured (4 x H200, bf16, bench/RESULTS.md runs 25-26):
-# pipelined 88 against 91 us at 32 MiB, 118 against 133 at 64 MiB, 294 against 418 at 256 MiB.
+# The forms of the FP4 reduce-scatter over symmetric memory (fp4_reduce_scatter's doc), and the input
+# size from which each is the default; FP4CCL_FP4_RS_FORM forces one. Measured (4 x H200, bf16,
+# bench/RESULTS.md runs 25-26): pull 88 against 91 us (steps) at 32 MiB, 118 against 133 at 64 MiB,
+# 294 against 418 at 256 MiB.
+RS_FORMS = ("steps", "pull", "push")
 RS_PIPELINE_FROM_BYTES = 32 << 20
 
 
@@ -576,26 +578,31 @@ def rs_pieces(chunk_bytes: int) -> int:
     return 1 if chunk_bytes < (8 << 20) else 2 if chunk_bytes < (64 << 20) else 4
 
 
-def rs_pipelined(nbytes: int) -> bool:
-    raw = os.environ.get("FP4CCL_FP4_RS_PIPELINE", "").strip()
+def rs_form(nbytes: int) -> str:
+    """The FP4 reduce-scatter form for an input of `nbytes` (the same on every rank)."""
+    raw = os.environ.get("FP4CCL_FP4_RS_FORM", "").strip().lower()
     if raw:
-        if raw not in ("0", "1"):
-            raise ValueError(f"FP4CCL_FP4_RS_PIPELINE={raw!r} must be 0 or 1")
-        return raw == "1"
-    return nbytes >= RS_PIPELINE_FROM_BYTES
+        if raw not in RS_FORMS:
+            raise ValueError(f"FP4CCL_FP4_RS_FORM={raw!r} is not one of {', '.join(RS_FORMS)}")
+        return raw
+    return "pull" if nbytes >= RS_PIPELINE_FROM_BYTES else "steps"
 
 
 def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo, rounding: str, seed: int, mix) -> None:
-    """Each rank quantizes the chunk for each peer (its own amax) into its slot; this rank decodes
-    and sums, in rank order, the chunk every rank made for it, rounding once.
+    """Each rank quantizes the chunk for each peer (its own amax); this rank decodes and sums, in rank
+    order, the chunk every rank made for it, rounding once. Three forms (rs_form):
 
-    Small inputs: quantize every chunk, one barrier, one fused decode-and-sum kernel reading the
-    peers' slots over NVLink. Large inputs (rs_pipelined) in n - 1 stages of rs_pieces() row pieces:
-    at stage i every rank quantizes its chunk for rank + i piece by piece, a barrier after each on a
-    high-priority stream, and the copy engine pulls that piece of the chunk from rank - i into a
-    local staging area while the SMs quantize the next piece; the own chunk last, then one local
-    decode-and-sum. Stochastic rounding draws from the element index, so both give the same bits.
-    Both forms are captured into a CUDA graph when the call repeats.
+    steps: quantize every chunk into the own slot, one barrier, one fused decode-and-sum kernel reading
+    the peers' slots over NVLink.
+    pull: n - 1 stages of rs_pieces() row pieces: at stage i every rank quantizes its chunk for rank + i
+    piece by piece, a barrier after each on a high-priority stream, and the copy engine pulls that piece
+    of the chunk from rank - i into a local staging area while the SMs quantize the next piece; the own
+    chunk last, then one local decode-and-sum.
+    push: the quantize kernels store each peer's chunk straight into that peer's slot (a region per
+    source), so the NVLink writes ride on the quantize passes and no stage waits for a barrier; the
+    amax passes run ahead on a side stream. One barrier, then a local decode-and-sum.
+    Stochastic rounding draws from the element index, so all give the same bits. Every form is
+    captured into a CUDA graph when the call repeats.
     """
     from .formats import kernels
     from .formats.tensor import BLOCK_SIZE, packed_layout
@@ -604,32 +611,34 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     me, n = comm.rank, comm.size
     bs = BLOCK_SIZE[fmt]
     row_offs = offsets(rows)
-    pipelined = rs_pipelined(info.nbytes)
+    form = rs_form(info.nbytes)
     # pieces[q]: (first row in the chunk, rows, offset in the chunk's region, packed layout) of each row
     # piece of the chunk for rank q. Each piece is a packed segment of its own, so a piece travels as
     # one copy and is summed on its own; every rank splits a chunk the same way.
-    npieces = rs_pieces(packed_layout(max(rows), K, fmt).total_bytes) if pipelined else 1
+    npieces = rs_pieces(packed_layout(max(rows), K, fmt).total_bytes) if form == "pull" else 1
     pieces = []
     for q in range(n):
         counts = split_count(rows[q], npieces)
         lay_q = [packed_layout(c, K, fmt) for c in counts]
         pieces.append(list(zip(offsets(counts), counts, offsets([lay.total_bytes for lay in lay_q]), lay_q)))
     size = [sum(piece[3].total_bytes for piece in pieces[q]) for q in range(n)]
-    region = offsets(size)            # in every slot, the chunk for rank q at region[q]
+    region = offsets(size)            # steps, pull: in every slot, the chunk for rank q at region[q]
     m = size[me]
+    pipelined = form == "pull"
 
     def prepare():
         codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=(n - 1) * m if pipelined else 0)
 
-    def quantize(p, dst, amax, piece):
+    def quantize(p, chunk_addr, amax, piece):
+        """`piece` of the chunk for rank p into the chunk that starts at chunk_addr."""
         r0, nr, off, lay = piece
-        codec.quantize(info, K, fmt, amax, [(row_offs[p] + r0, nr, dst + region[p] + off, lay)],
+        codec.quantize(info, K, fmt, amax, [(row_offs[p] + r0, nr, chunk_addr + off, lay)],
                        rounding=rounding, seed=mix(seed, me, p))
 
     def quantize_chunk(p, dst):
         amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
         for piece in pieces[p]:
-            quantize(p, dst, amax, piece)
+            quantize(p, dst + region[p], amax, piece)
 
     def decode_sum(stream, sources, piece):
         """Rows of `piece` of this rank's result, from that piece of each chunk at `sources`."""
@@ -645,6 +654,21 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
             quantize_chunk(p, local)
         workspace(comm).barrier(s)
         decode_sum(s, [slot + region[me] for slot in slots], pieces[me][0])
+
+    def enqueue_push(s, local, slots):
+        # push: in rank q's slot, the chunk from rank c at c * size[q]
+        codec.stream = s
+        ahead = codec._side("rs_amax")
+        ahead.order(ahead.ptr, s)          # x is ready
+        order = ring(comm) + [me]
+        marks = []
+        for p in order:
+            marks.append((codec.amax_rows(info, K, fmt, row_offs[p], rows[p], ahead.ptr), ahead.mark(ahead.ptr)))
+        for p, (amax, done) in zip(order, marks):
+            ahead.wait(s, done)
+            quantize(p, slots[p] + me * size[p], amax, pieces[p][0])
+        workspace(comm).barrier(s)
+        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
 
     def enqueue_pipelined(s, local, slots):
         codec.stream = s
@@ -663,7 +687,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
             src = (me - i) % n
             base, dst = slots[src] + region[me], staging + (i - 1) * m
             for theirs, ours in zip(pieces[p], pieces[me]):
-                quantize(p, local, amax, theirs)
+                quantize(p, local + region[p], amax, theirs)
                 bar.order(bar.ptr, s)      # this piece is in our slot
                 ws.barrier(bar.ptr)        # ... and in every rank's
                 pull.order(pull.ptr, bar.ptr)
@@ -680,7 +704,8 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
             decode_sum(s, sources, piece)
         pull.order(s, pull.ptr)
 
-    slot = sum(size)
+    slot = n * max(size) if form == "push" else sum(size)
     key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed,
-           pipelined)
-    workspace(comm).run(slot, codec.stream, key, enqueue_pipelined if pipelined else enqueue, prepare)
+           form)
+    steps = {"steps": enqueue, "pull": enqueue_pipelined, "push": enqueue_push}[form]
+    workspace(comm).run(slot, codec.stream, key, steps, prepare)

@@ -243,9 +243,9 @@ class FakeCodec:
         self.log.append(("amax", shared))
         return 0xA0
 
-    def amax_rows(self, info, K, fmt, start, count):
+    def amax_rows(self, info, K, fmt, start, count, stream=None):
         assert self.comm._extras[sc._EXTRAS_KEY].calls > 0, "amax before the workspace ordered the stream"
-        self.log.append(("amax_rows", start, count))
+        self.log.append(("amax_rows", start, count) if stream is None else ("amax_rows", start, count, stream))
         return 0xA0 + start
 
     def quantize(self, info, K, fmt, amax, chunks, rounding="nearest", seed=None):
@@ -303,7 +303,7 @@ def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(f
     from fp4ccl.formats import kernels
     sums = []
     monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: sums.append(a))
-    monkeypatch.setenv("FP4CCL_FP4_RS_PIPELINE", "0")
+    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "steps")
     comm = FakeComm(rank=1, size=3)
     codec = FakeCodec(comm)
     rows, K = [2, 4, 0], 32
@@ -331,7 +331,7 @@ def test_fp4_reduce_scatter_pipelined_pulls_and_sums_each_piece(fakes, monkeypat
     log = []
     monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: log.append(("sum",) + a))
     monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
-    monkeypatch.setenv("FP4CCL_FP4_RS_PIPELINE", "1")
+    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "pull")
     monkeypatch.setattr(sc, "rs_pieces", lambda chunk_bytes: 2)
     comm = FakeComm(rank=0, size=3)
     codec = FakeCodec(comm)
@@ -384,9 +384,55 @@ def test_fp4_reduce_scatter_pipelined_pulls_and_sums_each_piece(fakes, monkeypat
     marks = [e for e in log if e[0] == "mark"]
     assert len(marks) == 2
     assert order[-5:] == [(5, 1), "sum", (5, 2), "sum", (5, pull.ptr)]
-    monkeypatch.setenv("FP4CCL_FP4_RS_PIPELINE", "2")
-    with pytest.raises(ValueError, match="FP4CCL_FP4_RS_PIPELINE='2'"):
+    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "ring")
+    with pytest.raises(ValueError, match="FP4CCL_FP4_RS_FORM='ring'"):
         sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
+
+
+def test_fp4_reduce_scatter_push_stores_each_chunk_into_its_peers_slot(fakes, monkeypatch):
+    from fp4ccl.formats import kernels
+    log = []
+    monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: log.append(("sum",) + a))
+    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "push")
+    comm = FakeComm(rank=1, size=3)
+    codec = FakeCodec(comm)
+    codec.log = log
+    sides = {}
+
+    def side(name="side", high_priority=False):
+        if name not in sides:
+            sides[name] = FakeSide(0x51DE + len(sides), high_priority, log)
+        return sides[name]
+    codec._side = side
+    FakeBuffer.trace = log
+    rows, K = [2, 4, 0], 32
+    lays = [packed_layout(r, K, "nvfp4") for r in rows]
+    M = max(lay.total_bytes for lay in lays)
+    sc.fp4_reduce_scatter(codec, In(), K, "nvfp4", rows, Out(), "nearest", 9, lambda s, me, p: (s, me, p))
+    ahead = sides["rs_amax"]
+    assert not ahead.high
+    assert FakeBuffer.live[0].nbytes >= 2 * 3 * M          # n regions of the largest chunk, two halves
+    # every amax runs ahead on the side stream (after x is ready), in ring order, then each quantize
+    # waits for its own amax only
+    assert log[:2] == [("reserve", "reduce_scatter", 0), ("wait", ahead.ptr, 5)]
+    assert [e for e in log if e[0] == "amax_rows"] == [("amax_rows", 6, 0, ahead.ptr), ("amax_rows", 0, 2, ahead.ptr),
+                                                       ("amax_rows", 2, 4, ahead.ptr)]
+    quants = [e for e in log if e[0] == "quantize"]
+    # rank p's chunk goes to rank p's slot, at the region of the source (this rank, 1): p's memory
+    # starts at (p + 1) << 32 and its regions are size[p] = lays[p].total_bytes apart
+    assert [q[2][0][:3] for q in quants] == [(6, 0, (3 << 32) + 1 * lays[2].total_bytes), (0, 2, (1 << 32) + lays[0].total_bytes),
+                                              (2, 4, (2 << 32) + lays[1].total_bytes)]
+    assert [q[1] for q in quants] == [0xA0 + 6, 0xA0, 0xA0 + 2] and [q[3] for q in quants] == [(9, 1, 2), (9, 1, 0), (9, 1, 1)]
+    waits = [i for i, e in enumerate(log) if e[0] == "wait" and e[1] == 5]
+    assert [log[i + 1][0] for i in waits] == ["quantize"] * 3
+    assert [log[i][2] for i in waits] == [1, 2, 3]           # the marks after each amax, in turn
+    # one barrier after the last quantize, then one local sum of the 3 sources' regions in rank order
+    assert [e[0] for e in log[log.index(quants[-1]):]] == ["quantize", "barrier", "sum"]
+    (_, dev, optr, odt, k, fmt, units, contribs, stream), = [e for e in log if e[0] == "sum"]
+    mine = lays[1]
+    assert (optr, units, stream) == (0x7000, 4 * K // 16, 5)
+    assert contribs == [((2 << 32) + c * mine.total_bytes, (2 << 32) + c * mine.total_bytes + mine.scale_off,
+                         (2 << 32) + c * mine.total_bytes + mine.gs_off) for c in range(3)]
 
 
 def test_plain_all_gatherv_copies_in_then_pulls_every_peer(fakes, monkeypatch):
@@ -514,8 +560,10 @@ def test_small_quantize_bytes_rejects_a_bad_value(monkeypatch):
 
 def test_pipelined_reduce_scatter_splits_larger_chunks_into_more_pieces(monkeypatch):
     assert [sc.rs_pieces(mib << 20) for mib in (0, 4, 8, 36, 63, 64, 72)] == [1, 1, 2, 2, 2, 4, 4]
-    monkeypatch.delenv("FP4CCL_FP4_RS_PIPELINE", raising=False)
-    assert not sc.rs_pipelined(sc.RS_PIPELINE_FROM_BYTES - 1) and sc.rs_pipelined(sc.RS_PIPELINE_FROM_BYTES)
+    monkeypatch.delenv("FP4CCL_FP4_RS_FORM", raising=False)
+    assert sc.rs_form(sc.RS_PIPELINE_FROM_BYTES - 1) == "steps" and sc.rs_form(sc.RS_PIPELINE_FROM_BYTES) == "pull"
+    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", " PUSH ")
+    assert sc.rs_form(1) == "push"
 
 
 @pytest.fixture

@@ -316,27 +316,29 @@ def amax(device: int, x_ptr: int, in_dtype: str, numel: int, out_ptr: int, strea
         la(device, _amax_grid(la, nvec), 1, stream, x_ptr, nvec, out_ptr, 0)
 
 
-def amax_partials_count(device: int, in_dtype: str, numel: int) -> int:
+def amax_partials_count(device: int, in_dtype: str, numel: int, limit: int = 0) -> int:
     """How many fp32 values amax_partials() writes for `numel` elements (0 for an empty x)."""
     nvec = numel * _ITEMSIZE[in_dtype] // 16
-    return _amax_grid(launcher(device, _AMAX_NAMES[in_dtype], "amax"), nvec) if nvec else 0
+    return _amax_grid(launcher(device, _AMAX_NAMES[in_dtype], "amax"), nvec, limit) if nvec else 0
 
 
-def amax_partials(device: int, x_ptr: int, in_dtype: str, numel: int, out_ptr: int, stream: int) -> int:
+def amax_partials(device: int, x_ptr: int, in_dtype: str, numel: int, out_ptr: int, stream: int,
+                  limit: int = 0) -> int:
     """out[0:n] = the max |x| over finite elements of n disjoint shares of x, n =
-    amax_partials_count(...), returned; their max is amax()'s result. Needs no zeroed word, so it is one
-    graph node where amax() is two; quantize(amax_ptr=out, amax_n=n) takes the max itself."""
+    amax_partials_count(...) (at most `limit` when given), returned; their max is amax()'s result. Needs
+    no zeroed word, so it is one graph node where amax() is two; quantize(amax_ptr=out, amax_n=n) takes
+    the max itself."""
     nvec = numel * _ITEMSIZE[in_dtype] // 16
     if nvec == 0:
         return 0
     la = launcher(device, _AMAX_NAMES[in_dtype], "amax")
-    gx = _amax_grid(la, nvec)
+    gx = _amax_grid(la, nvec, limit)
     la(device, gx, 1, stream, x_ptr, nvec, out_ptr, 1)
     return gx
 
 
-def _amax_grid(la: "_Launch", nvec: int) -> int:
-    return min(-(-nvec // THREADS), la.cap)
+def _amax_grid(la: "_Launch", nvec: int, limit: int = 0) -> int:
+    return min(-(-nvec // THREADS), la.cap, limit or la.cap)
 
 
 def _tables(segments: Sequence[Tuple[int, int, int, int, int]]):

@@ -65,36 +65,40 @@ def test_fp4_stochastic_rounding(path, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", ["pull", "push"])
 @pytest.mark.parametrize("nranks", [2, 4])
-def test_fp4_reduce_scatterv_pipelined(nranks, seed):
-    """The pipelined symmetric-memory reduce-scatter (a barrier and a copy-engine pull per stage on a
-    side stream while the next stage quantizes) on small inputs, forced by FP4CCL_FP4_RS_PIPELINE=1."""
+def test_fp4_reduce_scatterv_pipelined(nranks, form, seed):
+    """The symmetric-memory reduce-scatter's large-input forms on small inputs, forced by
+    FP4CCL_FP4_RS_FORM: pull (a barrier and a copy-engine pull per stage on a side stream while the
+    next stage quantizes) and push (quantize stores into the peers' slots, amax passes ahead on a side
+    stream)."""
     need_gpus(nranks)
-    assert all(run_ranks(nranks, _pipelined_reduce_scatter, seed, backend="nccl"))
+    assert all(run_ranks(nranks, _pipelined_reduce_scatter, seed, form, backend="nccl"))
 
 
-def _pipelined_reduce_scatter(comm, seed):
+def _pipelined_reduce_scatter(comm, seed, form):
     import os
-    os.environ["FP4CCL_FP4_RS_PIPELINE"] = "1"
+    os.environ["FP4CCL_FP4_RS_FORM"] = form
     try:
         for fmt, framework in (("nvfp4", "torch"), ("mxfp4", "cupy")):
             _on_path(comm, "symm", fc.check_fp4_reduce_scatterv, seed, framework, fmt)
         return _on_path(comm, "symm", fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4")
     finally:
-        del os.environ["FP4CCL_FP4_RS_PIPELINE"]
+        del os.environ["FP4CCL_FP4_RS_FORM"]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", ["pull", "push"])
 @pytest.mark.parametrize("nranks", [2, 4])
-def test_fp4_pipelined_reduce_scatter_graphs_and_workspace_growth(nranks, seed):
+def test_fp4_pipelined_reduce_scatter_graphs_and_workspace_growth(nranks, form, seed):
     """The pipelined reduce-scatter called again and again replays a captured graph (three streams
     forked and joined inside it) with right results; a larger call that grows the FP4 workspace drops
     every cached graph, so the small call after it neither reads nor writes the freed buffer."""
     need_gpus(nranks)
-    assert all(run_ranks(nranks, check_pipelined_graphs_and_growth, seed, backend="nccl"))
+    assert all(run_ranks(nranks, check_pipelined_graphs_and_growth, seed, form, backend="nccl"))
 
 
-def check_pipelined_graphs_and_growth(comm, seed):
+def check_pipelined_graphs_and_growth(comm, seed, form="pull"):
     import os
     import cupy
     import numpy as np
@@ -119,7 +123,7 @@ def check_pipelined_graphs_and_growth(comm, seed):
     out_small = torch.empty((small[comm.rank], K), device=dev)
     out_big = torch.empty((big[comm.rank], K), device=dev)
     os.environ["FP4CCL_FP4_ALGO"] = os.environ["FP4CCL_ALGO"] = "symm"
-    os.environ["FP4CCL_FP4_RS_PIPELINE"] = "1"
+    os.environ["FP4CCL_FP4_RS_FORM"] = form
     try:
         # The symmetric workspace made larger than any call below needs, so only the FP4 workspace grows.
         wide = torch.ones((4096, K), device=dev)
@@ -139,7 +143,7 @@ def check_pipelined_graphs_and_growth(comm, seed):
             call(small, step, out_small)
         assert bool((sentinel == 7.0).all()), f"rank {comm.rank}: a call wrote into memory it no longer owns"
     finally:
-        for var in ("FP4CCL_FP4_ALGO", "FP4CCL_ALGO", "FP4CCL_FP4_RS_PIPELINE"):
+        for var in ("FP4CCL_FP4_ALGO", "FP4CCL_ALGO", "FP4CCL_FP4_RS_FORM"):
             del os.environ[var]
         symm_collectives.forget_graphs(comm)
     return True
