@@ -565,7 +565,7 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr
 # size from which each is the default; FP4CCL_FP4_RS_FORM forces one. Measured (4 x H200, bf16,
 # bench/RESULTS.md runs 25-26): pull 88 against 91 us (steps) at 32 MiB, 118 against 133 at 64 MiB,
 # 294 against 418 at 256 MiB.
-RS_FORMS = ("steps", "pull", "push")
+RS_FORMS = ("steps", "pull", "store", "push")
 RS_PIPELINE_FROM_BYTES = 32 << 20
 
 
@@ -598,9 +598,12 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     piece by piece, a barrier after each on a high-priority stream, and the copy engine pulls that piece
     of the chunk from rank - i into a local staging area while the SMs quantize the next piece; the own
     chunk last, then one local decode-and-sum.
-    push: the quantize kernels store each peer's chunk straight into that peer's slot (a region per
+    store: the quantize kernels store each peer's chunk straight into that peer's slot (a region per
     source), so the NVLink writes ride on the quantize passes and no stage waits for a barrier; the
     amax passes run ahead on a side stream. One barrier, then a local decode-and-sum.
+    push: each peer's chunk is quantized into a local staging area and the copy engine pushes it into
+    that peer's slot (a region per source) while the SMs quantize the next; no barrier until the last
+    push, then one, and a local decode-and-sum.
     Stochastic rounding draws from the element index, so all give the same bits. Every form is
     captured into a CUDA graph when the call repeats.
     """
@@ -625,9 +628,13 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     region = offsets(size)            # steps, pull: in every slot, the chunk for rank q at region[q]
     m = size[me]
     pipelined = form == "pull"
+    # store, push: in rank q's slot, the chunk from rank c at c * size[q]; push stages the peers'
+    # chunks, in ring order, at stage[i]
+    stage = offsets([size[p] for p in ring(comm)])
+    staging = {"pull": (n - 1) * m, "push": sum(size) - m}.get(form, 0)
 
     def prepare():
-        codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=(n - 1) * m if pipelined else 0)
+        codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=staging)
 
     def quantize(p, chunk_addr, amax, piece):
         """`piece` of the chunk for rank p into the chunk that starts at chunk_addr."""
@@ -655,8 +662,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
         workspace(comm).barrier(s)
         decode_sum(s, [slot + region[me] for slot in slots], pieces[me][0])
 
-    def enqueue_push(s, local, slots):
-        # push: in rank q's slot, the chunk from rank c at c * size[q]
+    def enqueue_store(s, local, slots):
         codec.stream = s
         ahead = codec._side("rs_amax")
         ahead.order(ahead.ptr, s)          # x is ready
@@ -667,6 +673,19 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
         for p, (amax, done) in zip(order, marks):
             ahead.wait(s, done)
             quantize(p, slots[p] + me * size[p], amax, pieces[p][0])
+        workspace(comm).barrier(s)
+        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
+
+    def enqueue_push(s, local, slots):
+        codec.stream = s
+        push = codec._side("rs_push")
+        for i, p in enumerate(ring(comm)):
+            src = codec.staging + stage[i]
+            quantize(p, src, codec.amax_rows(info, K, fmt, row_offs[p], rows[p]), pieces[p][0])
+            push.order(push.ptr, s)        # this chunk is quantized
+            copy(slots[p] + me * size[p], src, size[p], push.ptr)
+        quantize(me, local + me * m, codec.amax_rows(info, K, fmt, row_offs[me], rows[me]), pieces[me][0])
+        push.order(s, push.ptr)            # every push has landed
         workspace(comm).barrier(s)
         decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
 
@@ -704,8 +723,8 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
             decode_sum(s, sources, piece)
         pull.order(s, pull.ptr)
 
-    slot = n * max(size) if form == "push" else sum(size)
+    slot = n * max(size) if form in ("store", "push") else sum(size)
     key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed,
            form)
-    steps = {"steps": enqueue, "pull": enqueue_pipelined, "push": enqueue_push}[form]
+    steps = {"steps": enqueue, "pull": enqueue_pipelined, "store": enqueue_store, "push": enqueue_push}[form]
     workspace(comm).run(slot, codec.stream, key, steps, prepare)

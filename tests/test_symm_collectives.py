@@ -389,11 +389,11 @@ def test_fp4_reduce_scatter_pipelined_pulls_and_sums_each_piece(fakes, monkeypat
         sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
 
 
-def test_fp4_reduce_scatter_push_stores_each_chunk_into_its_peers_slot(fakes, monkeypatch):
+def test_fp4_reduce_scatter_store_quantizes_each_chunk_into_its_peers_slot(fakes, monkeypatch):
     from fp4ccl.formats import kernels
     log = []
     monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: log.append(("sum",) + a))
-    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "push")
+    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "store")
     comm = FakeComm(rank=1, size=3)
     codec = FakeCodec(comm)
     codec.log = log
@@ -433,6 +433,44 @@ def test_fp4_reduce_scatter_push_stores_each_chunk_into_its_peers_slot(fakes, mo
     assert (optr, units, stream) == (0x7000, 4 * K // 16, 5)
     assert contribs == [((2 << 32) + c * mine.total_bytes, (2 << 32) + c * mine.total_bytes + mine.scale_off,
                          (2 << 32) + c * mine.total_bytes + mine.gs_off) for c in range(3)]
+
+
+def test_fp4_reduce_scatter_push_stages_each_chunk_and_copies_it_into_its_peers_slot(fakes, monkeypatch):
+    from fp4ccl import vcollectives
+    from fp4ccl.formats import kernels
+    log = []
+    monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: log.append(("sum",) + a))
+    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
+    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "push")
+    comm = FakeComm(rank=1, size=3)
+    codec = FakeCodec(comm)
+    codec.log = log
+    sides = {}
+
+    def side(name="side", high_priority=False):
+        if name not in sides:
+            sides[name] = FakeSide(0x51DE + len(sides), high_priority, log)
+        return sides[name]
+    codec._side = side
+    FakeBuffer.trace = log
+    rows, K = [2, 4, 1], 32
+    lays = [packed_layout(r, K, "mxfp4") for r in rows]
+    size = [lay.total_bytes for lay in lays]
+    sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
+    push = sides["rs_push"]
+    # staging for the two peers' chunks (ring order: rank 2, then rank 0)
+    assert ("reserve", "reduce_scatter", size[2] + size[0]) in log
+    steps = [e for e in log if e[0] in ("quantize", "copy", "barrier", "sum") or (e[0] == "wait" and e[2] in (5, push.ptr))]
+    assert steps == [
+        ("quantize", 0xA0 + 6, [(6, 1, 0x5000, lays[2])], 0), ("wait", push.ptr, 5),
+        ("copy", (3 << 32) + 1 * size[2], 0x5000, size[2], push.ptr),
+        ("quantize", 0xA0 + 0, [(0, 2, 0x5000 + size[2], lays[0])], 0), ("wait", push.ptr, 5),
+        ("copy", (1 << 32) + 1 * size[0], 0x5000 + size[2], size[0], push.ptr),
+        ("quantize", 0xA0 + 2, [(2, 4, (2 << 32) + 1 * size[1], lays[1])], 0),   # the own chunk, own region
+        ("wait", 5, push.ptr), ("barrier", 5),
+        ("sum",) + [e for e in log if e[0] == "sum"][0][1:]]
+    (_, dev, optr, odt, k, fmt, units, contribs, stream), = [e for e in log if e[0] == "sum"]
+    assert [c[0] for c in contribs] == [(2 << 32) + c * size[1] for c in range(3)]
 
 
 def test_plain_all_gatherv_copies_in_then_pulls_every_peer(fakes, monkeypatch):
@@ -564,6 +602,8 @@ def test_pipelined_reduce_scatter_splits_larger_chunks_into_more_pieces(monkeypa
     assert sc.rs_form(sc.RS_PIPELINE_FROM_BYTES - 1) == "steps" and sc.rs_form(sc.RS_PIPELINE_FROM_BYTES) == "pull"
     monkeypatch.setenv("FP4CCL_FP4_RS_FORM", " PUSH ")
     assert sc.rs_form(1) == "push"
+    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "store")
+    assert sc.rs_form(1) == "store"
 
 
 @pytest.fixture
