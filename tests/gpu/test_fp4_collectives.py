@@ -124,6 +124,11 @@ def check_pipelined_graphs_and_growth(comm, seed, form="pull"):
     out_big = torch.empty((big[comm.rank], K), device=dev)
     os.environ["FP4CCL_FP4_ALGO"] = os.environ["FP4CCL_ALGO"] = "symm"
     os.environ["FP4CCL_FP4_RS_FORM"] = form
+    # The communicators outlive a test: start from no FP4 workspace, so that `big` below must grow it
+    # whatever the tests before this one left.
+    torch.cuda.synchronize(comm.device)
+    symm_collectives.forget_graphs(comm)
+    comm._extras.pop("fp4_workspace", None)
     try:
         # The symmetric workspace made larger than any call below needs, so only the FP4 workspace grows.
         wide = torch.ones((4096, K), device=dev)
