@@ -562,15 +562,16 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr
 
 
 # The forms of the FP4 reduce-scatter over symmetric memory (fp4_reduce_scatter's doc) and the input
-# sizes from which store and push are the default (steps below); FP4CCL_FP4_RS_FORM forces one.
+# size from which push is the default (store below); FP4CCL_FP4_RS_FORM forces one.
 # Measured side by side (4 x H200, bf16 in, speedup over NCCL's bf16 reduce_scatter, bench/RESULTS.md
 # run 40) at 8 / 16 / 32 / 64 / 128 / 256 / 512 MiB / 1 GiB:
 #   steps 0.56 0.91 1.28 1.55 1.62 1.63 1.65 1.61
 #   pull  0.73 0.89 1.22 1.66 2.00 2.27 2.44 2.61   (FP4CCL_PDL=0; with the dependent launches 0.45-2.55)
 #   store 0.88 1.17 1.49 1.84 1.90 1.92 1.93 1.88
 #   push  0.60 0.92 1.44 2.05 2.28 2.40 2.51 2.56
+# and from 8 KiB to 2 MiB (run 41, one call, sweeps one after the other) store took 50-53 us per call
+# where steps took 62-87.
 RS_FORMS = ("steps", "pull", "store", "push")
-RS_STORE_FROM_BYTES = 8 << 20
 RS_PUSH_FROM_BYTES = 64 << 20
 
 
@@ -590,7 +591,7 @@ def rs_form(nbytes: int) -> str:
         if raw not in RS_FORMS:
             raise ValueError(f"FP4CCL_FP4_RS_FORM={raw!r} is not one of {', '.join(RS_FORMS)}")
         return raw
-    return "push" if nbytes >= RS_PUSH_FROM_BYTES else "store" if nbytes >= RS_STORE_FROM_BYTES else "steps"
+    return "push" if nbytes >= RS_PUSH_FROM_BYTES else "store"
 
 
 def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo, rounding: str, seed: int, mix) -> None:

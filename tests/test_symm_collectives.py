@@ -599,8 +599,8 @@ def test_small_quantize_bytes_rejects_a_bad_value(monkeypatch):
 def test_pipelined_reduce_scatter_splits_larger_chunks_into_more_pieces(monkeypatch):
     assert [sc.rs_pieces(mib << 20) for mib in (0, 4, 8, 36, 63, 64, 72)] == [1, 1, 2, 2, 2, 4, 4]
     monkeypatch.delenv("FP4CCL_FP4_RS_FORM", raising=False)
-    assert [sc.rs_form(b) for b in (sc.RS_STORE_FROM_BYTES - 1, sc.RS_STORE_FROM_BYTES, sc.RS_PUSH_FROM_BYTES - 1,
-                                    sc.RS_PUSH_FROM_BYTES, 1 << 40)] == ["steps", "store", "store", "push", "push"]
+    assert [sc.rs_form(b) for b in (0, 8192, sc.RS_PUSH_FROM_BYTES - 1, sc.RS_PUSH_FROM_BYTES, 1 << 40)] == \
+        ["store", "store", "store", "push", "push"]
     monkeypatch.setenv("FP4CCL_FP4_RS_FORM", " PUSH ")
     assert sc.rs_form(1) == "push"
     monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "store")
