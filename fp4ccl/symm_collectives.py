@@ -633,7 +633,6 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     size = [sum(piece[3].total_bytes for piece in pieces[q]) for q in range(n)]
     region = offsets(size)            # steps, pull: in every slot, the chunk for rank q at region[q]
     m = size[me]
-    pipelined = form == "pull"
     # store, push: in rank q's slot, the chunk from rank c at c * size[q]; push stages the peers'
     # chunks, in ring order, at stage[i]
     stage = offsets([size[p] for p in ring(comm)])

@@ -299,6 +299,18 @@ class FakeSide:
         self.log.append(("wait", waiter, event))
 
 
+def fake_sides(codec, log):
+    """codec._side() replaced by FakeSides logging into `log`; returns them by name as made."""
+    sides = {}
+
+    def side(name="side", high_priority=False):
+        if name not in sides:
+            sides[name] = FakeSide(0x51DE + len(sides), high_priority, log)
+        return sides[name]
+    codec._side = side
+    return sides
+
+
 def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(fakes, monkeypatch):
     from fp4ccl.formats import kernels
     sums = []
@@ -335,13 +347,7 @@ def test_fp4_reduce_scatter_pipelined_pulls_and_sums_each_piece(fakes, monkeypat
     monkeypatch.setattr(sc, "rs_pieces", lambda chunk_bytes: 2)
     comm = FakeComm(rank=0, size=3)
     codec = FakeCodec(comm)
-    sides = {}
-
-    def side(name="side", high_priority=False):
-        if name not in sides:
-            sides[name] = FakeSide(0x51DE + len(sides), high_priority, log)
-        return sides[name]
-    codec._side = side
+    sides = fake_sides(codec, log)
     FakeBuffer.trace = log
     rows, K = [5, 3, 2], 32
     lay = {r: packed_layout(r, K, "mxfp4") for r in range(4)}
@@ -397,13 +403,7 @@ def test_fp4_reduce_scatter_store_quantizes_each_chunk_into_its_peers_slot(fakes
     comm = FakeComm(rank=1, size=3)
     codec = FakeCodec(comm)
     codec.log = log
-    sides = {}
-
-    def side(name="side", high_priority=False):
-        if name not in sides:
-            sides[name] = FakeSide(0x51DE + len(sides), high_priority, log)
-        return sides[name]
-    codec._side = side
+    sides = fake_sides(codec, log)
     FakeBuffer.trace = log
     rows, K = [2, 4, 0], 32
     lays = [packed_layout(r, K, "nvfp4") for r in rows]
@@ -445,13 +445,7 @@ def test_fp4_reduce_scatter_push_stages_each_chunk_and_copies_it_into_its_peers_
     comm = FakeComm(rank=1, size=3)
     codec = FakeCodec(comm)
     codec.log = log
-    sides = {}
-
-    def side(name="side", high_priority=False):
-        if name not in sides:
-            sides[name] = FakeSide(0x51DE + len(sides), high_priority, log)
-        return sides[name]
-    codec._side = side
+    sides = fake_sides(codec, log)
     FakeBuffer.trace = log
     rows, K = [2, 4, 1], 32
     lays = [packed_layout(r, K, "mxfp4") for r in rows]
