@@ -239,6 +239,7 @@ def _agree(comm, st: _State, what: str, signature: Optional[dict], bad: Optional
 
 
 _ENV_KEYS = ("FP4CCL_OVERLAP", "FP4CCL_OVERLAP_MIN_BYTES", "FP4CCL_OVERLAP_STREAMS", "FP4CCL_OVERLAP_CHUNKS",
+             "FP4CCL_OVERLAP_DECODE",
              "FP4CCL_SYMM_BARRIER", "FP4CCL_CHECK")
 
 
@@ -330,10 +331,24 @@ def chunks_for(shard_bytes: int, forced: Optional[int]) -> int:
     return next((n for least, n in CHUNKS_BY_SHARD_BYTES if shard_bytes >= least), 1)
 
 
+DECODE_MODES = ("side", "inline")
+
+
+def _decode_mode() -> str:
+    """FP4CCL_OVERLAP_DECODE: where all_gather_matmul decodes a pulled FP4 shard. `side` (default): on a
+    high-priority stream of its own as soon as the shard lands, which then waits for the running
+    matmul to leave the SMs; `inline`: on the caller's stream right before that shard's matmul, with
+    the whole GPU to itself."""
+    raw = os.environ.get("FP4CCL_OVERLAP_DECODE", "").strip().lower() or "side"
+    if raw not in DECODE_MODES:
+        raise ValueError(f"FP4CCL_OVERLAP_DECODE={raw!r} is not one of {', '.join(DECODE_MODES)}")
+    return raw
+
+
 def _variant() -> dict:
     """The pipelined path's settings; part of the agreed signature, so every rank uses the same."""
     from .symmetric import barrier_mode
-    return {"streams": _n_streams(), "barrier": barrier_mode(), "chunks": _n_chunks()}
+    return {"streams": _n_streams(), "barrier": barrier_mode(), "chunks": _n_chunks(), "decode": _decode_mode()}
 
 
 def _min_bytes(what: str) -> int:
@@ -676,7 +691,8 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
     ws.ensure(wire_bytes)
     copiers = ws.streams(var["streams"])
     side = copiers[0]
-    decode = ws.decoder() if fmt else None
+    inline = var.get("decode") == "inline"
+    decode = ws.decoder() if fmt and not inline else None
     ws.begin(main, copiers + ([decode] if decode is not None else []))
     off = ws.slot()
     events = iter(range(1 << 30))
@@ -717,8 +733,10 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
         stage = torch.empty((W - 1) * wire_bytes, dtype=torch.uint8, device=a2.device)
         if ksplit:
             tmp = torch.empty((R, k), dtype=a2.dtype, device=a2.device)
-    # arrived[i - 1]: (first row, rows, events) of each piece of peer r + i's shard, in pull order.
+    # arrived[i - 1]: (first row, rows, events) of each piece of peer r + i's shard, in pull order;
+    # decoders[i - 1]: for an inline FP4 decode, the call that decodes that shard on a given stream.
     arrived: List[List[Tuple[int, int, List[Any]]]] = []
+    decoders: List[Any] = []
     chunks = 1 if fmt else min(chunks_for(shard_bytes, var["chunks"]), max(R, 1))
     rows_per_piece = _split(R, chunks, 1) or [(0, 0)]
     for i in range(1, W):
@@ -748,20 +766,25 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
                 e.record(s)
                 landed.append(e)
             landed_pieces.append((r0, nr, landed))
+        decoders.append(None)
         if fmt:
-            # A stream of its own, so a decode waiting for SMs never holds back the next pull.
-            for e in landed_pieces[0][2]:
-                decode.wait_event(e)
-            seg = (i - 1) * wire_bytes
-            if ksplit:
-                formats.dequantize_packed(stage, [(0, R, seg)], k, fmt, tmp, stream=decode)
-                with torch.cuda.stream(decode):
-                    dest(p).copy_(tmp)
+            def decode_shard(stream, p=p, seg=(i - 1) * wire_bytes):
+                if ksplit:
+                    formats.dequantize_packed(stage, [(0, R, seg)], k, fmt, tmp, stream=stream)
+                    with torch.cuda.stream(stream):
+                        dest(p).copy_(tmp)
+                else:
+                    formats.dequantize_packed(stage, [(p * R, R, seg)], k, fmt, a_full2, stream=stream)
+            if inline:
+                decoders[-1] = decode_shard
             else:
-                formats.dequantize_packed(stage, [(p * R, R, seg)], k, fmt, a_full2, stream=decode)
-            e = event()
-            e.record(decode)
-            landed_pieces = [(0, R, [e])]
+                # A stream of its own, so a decode waiting for SMs never holds back the next pull.
+                for e in landed_pieces[0][2]:
+                    decode.wait_event(e)
+                decode_shard(decode)
+                e = event()
+                e.record(decode)
+                landed_pieces = [(0, R, [e])]
         arrived.append(landed_pieces)
     if spec.return_a:
         last = copiers[-1]
@@ -810,6 +833,8 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
         for r0, nr, landed in arrived[i - 1]:
             for e in landed:
                 main.wait_event(e)
+            if decoders[i - 1] is not None:
+                decoders[i - 1](main)
             consume(p, dest(p), False, r0, r0 + nr)
     for e in finished:
         main.wait_event(e)

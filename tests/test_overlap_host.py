@@ -268,6 +268,14 @@ def test_fast_key_only_for_checked_torch_calls(monkeypatch):
     with pytest.raises(ValueError, match="FP4CCL_OVERLAP_CHUNKS='17' must be between 1 and 16"):
         overlap._variant()
     monkeypatch.delenv("FP4CCL_OVERLAP_CHUNKS")
+    plain = overlap._fast_key(Comm(), args, a, [b], None)
+    monkeypatch.setenv("FP4CCL_OVERLAP_DECODE", "Inline")
+    assert overlap._variant()["decode"] == "inline" and overlap._fast_key(Comm(), args, a, [b], None) != plain
+    monkeypatch.setenv("FP4CCL_OVERLAP_DECODE", "late")
+    with pytest.raises(ValueError, match="FP4CCL_OVERLAP_DECODE='late' is not one of side, inline"):
+        overlap._variant()
+    monkeypatch.delenv("FP4CCL_OVERLAP_DECODE")
+    assert overlap._variant()["decode"] == "side"
     monkeypatch.setenv("FP4CCL_CHECK", "1")
     assert overlap._fast_key(Comm(), args, a, [b], None) is None
     Comm.backend = "host"
