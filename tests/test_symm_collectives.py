@@ -311,6 +311,19 @@ def fake_sides(codec, log):
     return sides
 
 
+def rs_form_setup(monkeypatch, form):
+    """A rank-1-of-3 FakeCodec for fp4_reduce_scatter forced to `form`, logging the sums, its side
+    streams and the barriers into one list: (codec, sides, log)."""
+    from fp4ccl.formats import kernels
+    log = []
+    monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: log.append(("sum",) + a))
+    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", form)
+    codec = FakeCodec(FakeComm(rank=1, size=3))
+    codec.log = log
+    FakeBuffer.trace = log
+    return codec, fake_sides(codec, log), log
+
+
 def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(fakes, monkeypatch):
     from fp4ccl.formats import kernels
     sums = []
@@ -396,15 +409,7 @@ def test_fp4_reduce_scatter_pipelined_pulls_and_sums_each_piece(fakes, monkeypat
 
 
 def test_fp4_reduce_scatter_store_quantizes_each_chunk_into_its_peers_slot(fakes, monkeypatch):
-    from fp4ccl.formats import kernels
-    log = []
-    monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: log.append(("sum",) + a))
-    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "store")
-    comm = FakeComm(rank=1, size=3)
-    codec = FakeCodec(comm)
-    codec.log = log
-    sides = fake_sides(codec, log)
-    FakeBuffer.trace = log
+    codec, sides, log = rs_form_setup(monkeypatch, "store")
     rows, K = [2, 4, 0], 32
     lays = [packed_layout(r, K, "nvfp4") for r in rows]
     M = max(lay.total_bytes for lay in lays)
@@ -437,16 +442,8 @@ def test_fp4_reduce_scatter_store_quantizes_each_chunk_into_its_peers_slot(fakes
 
 def test_fp4_reduce_scatter_push_stages_each_chunk_and_copies_it_into_its_peers_slot(fakes, monkeypatch):
     from fp4ccl import vcollectives
-    from fp4ccl.formats import kernels
-    log = []
-    monkeypatch.setattr(kernels, "dequantize_sum", lambda *a: log.append(("sum",) + a))
+    codec, sides, log = rs_form_setup(monkeypatch, "push")
     monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
-    monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "push")
-    comm = FakeComm(rank=1, size=3)
-    codec = FakeCodec(comm)
-    codec.log = log
-    sides = fake_sides(codec, log)
-    FakeBuffer.trace = log
     rows, K = [2, 4, 1], 32
     lays = [packed_layout(r, K, "mxfp4") for r in rows]
     size = [lay.total_bytes for lay in lays]
