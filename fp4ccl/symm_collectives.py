@@ -740,8 +740,13 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     def enqueue_push(s, local, slots):
         codec.stream = s
         push = codec._side("rs_push")
+        # Flags on a stream of their own: a flag write waits for its copy to complete, and on the push
+        # stream it held back the next copy by 3-6 us (bench/RESULTS.md run 44).
+        flagger = codec._side("rs_flag")
         ws = workspace(comm)
         half = ws.half_of(local)
+        if os.environ.get("FP4CCL_FP4_RS_SYNC", "start") == "start":
+            ws.barrier(s)
         amax = {}
         for k in range(npieces):
             for i, p in enumerate(ring(comm)):
@@ -753,7 +758,8 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
                 push.order(push.ptr, s)    # this piece is quantized
                 if lay.total_bytes:
                     copy(slots[p] + me * size[p] + off, src + off, lay.total_bytes, push.ptr)
-                ws.set_flag(push.ptr, ws.flag(p, half, me, k))
+                flagger.order(flagger.ptr, push.ptr)
+                ws.set_flag(flagger.ptr, ws.flag(p, half, me, k))
         own = codec.amax_rows(info, K, fmt, row_offs[me], rows[me])
         for piece in pieces[me]:
             quantize(me, local + me * m, own, piece)
@@ -763,6 +769,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
             ws.wait_flags(s, half, k)
             decode_sum(s, [local + c * m for c in range(n)], piece)
         push.order(s, push.ptr)
+        flagger.order(s, flagger.ptr)
 
     def enqueue_pipelined(s, local, slots):
         codec.stream = s

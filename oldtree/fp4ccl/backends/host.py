@@ -1,0 +1,368 @@
+"""The host (CPU) backend: the Communicator's API on numpy arrays and CPU torch tensors.
+
+Every collective is built from two data-plane primitives, a variable-size all-gather and a
+variable-size all-to-all of bytes, plus point-to-point send/recv. Reductions run in numpy in rank
+order, so every rank computes the identical result. Two transports carry the bytes:
+- `MpiTransport` when the job's exchange is MPI (mpi4py buffer calls);
+- `BlobTransport` otherwise: files in /dev/shm when every rank shares the host, or values in the
+  TCP store across hosts. A blob is published under a name every rank can derive, so readers never
+  need a separate handshake; one barrier per collective tells the writer its blob may go.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import tempfile
+import time
+import uuid
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .._arrays import ArrayInfo, host_view, numpy_dtype
+from ..bootstrap.exchange import Exchange, MPIExchange, StoreExchange
+
+_U8 = np.dtype(np.uint8)
+# From this size all_reduce splits into reduce-scatter + all-gather (two exchanges, 1/n the arithmetic).
+SPLIT_ALL_REDUCE_BYTES = 1 << 20
+
+
+def _as_bytes(a: np.ndarray) -> np.ndarray:
+    """A flat uint8 view of a contiguous array (copies only if it is not contiguous)."""
+    return np.ascontiguousarray(a).reshape(-1).view(_U8)
+
+
+class MpiTransport:
+    """Data plane over mpi4py buffer calls."""
+
+    def __init__(self, mpi_comm):
+        self.comm = mpi_comm
+        self._pending = []  # (request, buffer kept alive until the send completes)
+
+    def all_gatherv(self, data: np.ndarray) -> List[np.ndarray]:
+        from mpi4py import MPI
+        size = self.comm.Get_size()
+        counts = np.zeros(size, dtype=np.int64)
+        self.comm.Allgather(np.array([data.size], dtype=np.int64), counts)
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        out = np.empty(int(counts.sum()), dtype=_U8)
+        self.comm.Allgatherv(data, [out, counts.tolist(), displs.tolist(), MPI.BYTE])
+        return [out[d:d + c] for d, c in zip(displs, counts)]
+
+    def alltoallv(self, parts: Sequence[np.ndarray]) -> List[np.ndarray]:
+        from mpi4py import MPI
+        size = self.comm.Get_size()
+        scounts = np.array([p.size for p in parts], dtype=np.int64)
+        rcounts = np.zeros(size, dtype=np.int64)
+        self.comm.Alltoall(scounts, rcounts)
+        sdispl = np.concatenate([[0], np.cumsum(scounts)[:-1]]).astype(np.int64)
+        rdispl = np.concatenate([[0], np.cumsum(rcounts)[:-1]]).astype(np.int64)
+        send = np.concatenate(parts) if parts else np.empty(0, _U8)
+        out = np.empty(int(rcounts.sum()), dtype=_U8)
+        self.comm.Alltoallv([send, scounts.tolist(), sdispl.tolist(), MPI.BYTE],
+                            [out, rcounts.tolist(), rdispl.tolist(), MPI.BYTE])
+        return [out[d:d + c] for d, c in zip(rdispl, rcounts)]
+
+    def send(self, data: np.ndarray, peer: int) -> None:
+        # Buffered and non-blocking, like a stream-ordered ncclSend: a ring of sends then
+        # receives must not deadlock on MPI's rendezvous protocol.
+        buf = data.copy()
+        self._pending.append((self.comm.Isend(buf, dest=peer, tag=7), buf))
+
+    def recv(self, nbytes: int, peer: int) -> np.ndarray:
+        from mpi4py import MPI
+        out = np.empty(nbytes, dtype=_U8)
+        status = MPI.Status()
+        self.comm.Recv(out, source=peer, tag=7, status=status)
+        got = status.Get_count(MPI.BYTE)
+        if got != nbytes:
+            raise ValueError(f"recv from rank {peer}: expected {nbytes} bytes, the peer sent {got}")
+        return out
+
+    def flush(self) -> None:
+        for req, _ in self._pending:
+            req.Wait()
+        self._pending.clear()
+
+    def barrier(self) -> None:
+        self.flush()
+        self.comm.Barrier()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class ShmBlobs:
+    """Blobs as files in /dev/shm (same host): written under a temporary name, then renamed into place."""
+
+    def __init__(self, job: str, directory: Optional[str] = None):
+        base = directory or os.environ.get("FP4CCL_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        self.prefix = os.path.join(base, f"fp4ccl-{job}-")
+        self.timeout = float(os.environ.get("FP4CCL_TIMEOUT") or 0) or 600.0
+        self._mine = set()
+
+    def put(self, name: str, data: np.ndarray) -> None:
+        path = self.prefix + name
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data))
+        os.rename(tmp, path)
+        self._mine.add(path)
+
+    def get(self, name: str) -> np.ndarray:
+        path = self.prefix + name
+        deadline = time.monotonic() + self.timeout
+        pause = 2e-5
+        while True:
+            try:
+                with open(path, "rb") as f:
+                    return np.frombuffer(f.read(), dtype=_U8)
+            except FileNotFoundError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"host backend: no data at {path} after {self.timeout:.0f} s "
+                                       f"(a peer is missing or ranks called different collectives)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 2e-3)
+
+    def delete(self, name: str) -> None:
+        path = self.prefix + name
+        self._mine.discard(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        for path in list(self._mine):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._mine.clear()
+
+
+class StoreBlobs:
+    """Blobs as values in the TCP store (ranks on different hosts); `get` blocks until the value is set."""
+
+    def __init__(self, store, job: str):
+        self.store = store
+        self.prefix = f"fp4ccl-host/{job}/"
+
+    def put(self, name: str, data: np.ndarray) -> None:
+        self.store.set(self.prefix + name, data.tobytes())
+
+    def get(self, name: str) -> np.ndarray:
+        return np.frombuffer(self.store.get(self.prefix + name), dtype=_U8)
+
+    def delete(self, name: str) -> None:
+        self.store.delete(self.prefix + name)
+
+    def close(self) -> None:
+        pass
+
+
+class BlobTransport:
+    """Data plane over named blobs; collectives advance a shared sequence number in step."""
+
+    def __init__(self, exchange: Exchange, blobs):
+        self.exchange = exchange
+        self.blobs = blobs
+        self.rank, self.size = exchange.rank, exchange.size
+        self._seq = 0
+        self._sent = {}
+        self._received = {}
+
+    def _round(self, publish: dict) -> tuple:
+        self._seq += 1
+        names = []
+        for dst, data in publish.items():
+            name = f"c{self._seq}.{self.rank}.{dst}"
+            self.blobs.put(name, data)
+            names.append(name)
+        return self._seq, names
+
+    def _release(self, names: List[str]) -> None:
+        self.exchange.barrier()  # every reader is done: our blobs may go
+        for name in names:
+            self.blobs.delete(name)
+
+    def all_gatherv(self, data: np.ndarray) -> List[np.ndarray]:
+        seq, names = self._round({"all": data})
+        parts = [data if r == self.rank else self.blobs.get(f"c{seq}.{r}.all") for r in range(self.size)]
+        self._release(names)
+        return parts
+
+    def alltoallv(self, parts: Sequence[np.ndarray]) -> List[np.ndarray]:
+        seq, names = self._round({d: p for d, p in enumerate(parts) if d != self.rank})
+        got = [parts[s] if s == self.rank else self.blobs.get(f"c{seq}.{s}.{self.rank}") for s in range(self.size)]
+        self._release(names)
+        return got
+
+    def send(self, data: np.ndarray, peer: int) -> None:
+        n = self._sent.get(peer, 0)
+        self._sent[peer] = n + 1
+        self.blobs.put(f"p{self.rank}.{peer}.{n}", data)
+
+    def recv(self, nbytes: int, peer: int) -> np.ndarray:
+        n = self._received.get(peer, 0)
+        self._received[peer] = n + 1
+        name = f"p{peer}.{self.rank}.{n}"
+        data = self.blobs.get(name)
+        self.blobs.delete(name)  # the receiver owns a point-to-point blob once read
+        if data.size != nbytes:
+            raise ValueError(f"recv from rank {peer}: expected {nbytes} bytes, the peer sent {data.size}")
+        return data
+
+    def barrier(self) -> None:
+        self.exchange.barrier()
+
+    def close(self) -> None:
+        self.blobs.close()
+
+
+def make_transport(exchange: Exchange):
+    """Pick the host data plane for this exchange: MPI, shared memory on one host, or the store."""
+    if isinstance(exchange, MPIExchange):
+        return MpiTransport(exchange.comm)
+    job = exchange.broadcast_bytes(uuid.uuid4().hex.encode() if exchange.rank == 0 else None, 0).decode()
+    hosts = set(exchange.all_gather_bytes(socket.gethostname().encode()))
+    if len(hosts) == 1:
+        return BlobTransport(exchange, ShmBlobs(job))
+    if isinstance(exchange, StoreExchange):
+        return BlobTransport(exchange, StoreBlobs(exchange.store, job))
+    raise RuntimeError("the host backend across several hosts needs MPI (mpirun/srun with mpi4py) or fp4ccl-run's store")
+
+
+def _reduce(arrays: Sequence[np.ndarray], op: str, size: int) -> np.ndarray:
+    ufunc = {"sum": np.add, "avg": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}[op]
+    out = functools.reduce(ufunc, arrays)
+    if op == "avg":
+        out = (out / np.asarray(size, dtype=out.dtype)).astype(out.dtype)
+    return out
+
+
+class HostBackend:
+    """Collectives on host memory; calls are synchronous (they return once the result is in place)."""
+
+    name = "host"
+
+    def __init__(self, exchange: Exchange, transport=None):
+        self.exchange = exchange
+        self.rank, self.size = exchange.rank, exchange.size
+        self.transport = transport if transport is not None else (
+            _SelfTransport() if exchange.size == 1 else make_transport(exchange))
+
+    def _typed(self, raw: np.ndarray, info: ArrayInfo, shape=None) -> np.ndarray:
+        return raw.view(numpy_dtype(info.dtype)).reshape(shape if shape is not None else (-1,))
+
+    def all_reduce(self, send: ArrayInfo, recv: ArrayInfo, op: str, stream=0) -> None:
+        if send.nbytes < SPLIT_ALL_REDUCE_BYTES or self.size == 1:
+            parts = self.transport.all_gatherv(_as_bytes(host_view(send)))
+            host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in parts], op, self.size)
+            return
+        # Large arrays: each rank reduces one slice (same rank order per element, so the result is
+        # bit-identical), then the slices are gathered; n times less arithmetic per rank.
+        flat = host_view(send).reshape(-1)
+        cuts = [len(c) for c in np.array_split(np.arange(flat.size), self.size)]
+        bounds = np.cumsum(cuts)[:-1]
+        got = self.transport.alltoallv([_as_bytes(c) for c in np.split(flat, bounds)])
+        mine = _reduce([self._typed(p, send) for p in got], op, self.size)
+        slices = self.transport.all_gatherv(_as_bytes(mine))
+        np.concatenate(slices, out=host_view(recv).reshape(-1).view(_U8))
+
+    def broadcast(self, send: ArrayInfo, recv: ArrayInfo, root: int, stream=0) -> None:
+        mine = _as_bytes(host_view(send)) if self.rank == root else np.empty(0, _U8)
+        parts = self.transport.all_gatherv(mine)
+        if self.rank != root or recv.ptr != send.ptr:
+            host_view(recv).reshape(-1).view(_U8)[...] = parts[root]
+
+    def reduce(self, send: ArrayInfo, recv: Optional[ArrayInfo], op: str, root: int, stream=0) -> None:
+        empty = np.empty(0, _U8)
+        parts = [empty] * self.size
+        parts[root] = _as_bytes(host_view(send))
+        got = self.transport.alltoallv(parts)
+        if self.rank == root:
+            host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
+
+    def all_gather(self, send: ArrayInfo, recv: ArrayInfo, stream=0) -> None:
+        parts = self.transport.all_gatherv(_as_bytes(host_view(send)))
+        flat = host_view(recv).reshape(-1).view(_U8)
+        offset = 0
+        for p in parts:
+            flat[offset:offset + p.size] = p
+            offset += p.size
+
+    def reduce_scatter(self, send: ArrayInfo, recv: ArrayInfo, op: str, stream=0) -> None:
+        chunks = np.split(_as_bytes(host_view(send)), self.size)
+        got = self.transport.alltoallv(chunks)
+        host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
+
+    def all_to_all(self, send: ArrayInfo, recv: ArrayInfo, stream=0) -> None:
+        got = self.transport.alltoallv(np.split(_as_bytes(host_view(send)), self.size))
+        np.concatenate(got, out=host_view(recv).reshape(-1).view(_U8))
+
+    def all_gatherv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], stream=0) -> None:
+        self.all_gather(send, recv, stream)  # the gather already concatenates parts of any size
+
+    def reduce_scatterv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], op: str, stream=0) -> None:
+        cuts = np.cumsum(counts)[:-1] * send.itemsize
+        got = self.transport.alltoallv(np.split(_as_bytes(host_view(send)), cuts))
+        host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
+
+    def all_gatherv_bytes(self, data: np.ndarray) -> List[np.ndarray]:
+        return self.transport.all_gatherv(data)
+
+    def alltoallv_bytes(self, parts: Sequence[np.ndarray]) -> List[np.ndarray]:
+        return self.transport.alltoallv(list(parts))
+
+    def send(self, buf: ArrayInfo, peer: int, stream=0) -> None:
+        self.transport.send(_as_bytes(host_view(buf)), peer)
+
+    def recv(self, buf: ArrayInfo, peer: int, stream=0) -> None:
+        host_view(buf).reshape(-1).view(_U8)[...] = self.transport.recv(buf.nbytes, peer)
+
+    def group_start(self) -> None:
+        pass  # host calls complete in program order and sends never block, so a group needs no batching
+
+    def group_end(self) -> None:
+        pass
+
+    def barrier(self, stream=0) -> None:
+        self.transport.barrier()
+
+    def destroy(self) -> None:
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.close()
+
+
+class _SelfTransport:
+    """The data plane of a one-rank job, where a send can only go to oneself."""
+
+    def __init__(self):
+        self._queue = []
+
+    def all_gatherv(self, data):
+        return [data]
+
+    def alltoallv(self, parts):
+        return list(parts)
+
+    def send(self, data, peer):
+        self._queue.append(data.copy())
+
+    def recv(self, nbytes, peer):
+        if not self._queue:
+            raise RuntimeError("recv from rank 0 in a 1-rank job with no matching send before it")
+        data = self._queue.pop(0)
+        if data.size != nbytes:
+            raise ValueError(f"recv from rank 0: expected {nbytes} bytes, the send had {data.size}")
+        return data
+
+    def barrier(self):
+        pass
+
+    def close(self):
+        self._queue.clear()

@@ -1,0 +1,498 @@
+"""The Communicator: argument checking, output allocation and dispatch to a backend (NCCL or host)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from . import _arrays
+from ._arrays import ArrayInfo
+from ._log import get_logger
+from .bootstrap.env import RankInfo, discover
+from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
+                                 TorchStoreAdapter, pack_ints, unpack_ints)
+from .errors import CommClosedError
+
+OPS = ("sum", "prod", "max", "min", "avg")
+_INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+log = get_logger("fp4ccl.communicator")
+
+
+def check_consistency() -> bool:
+    """FP4CCL_CHECK=1 makes v-collectives compare sizes across ranks first (a host round trip each)."""
+    return os.environ.get("FP4CCL_CHECK", "0") not in ("", "0")
+
+
+def _is_fp4(x) -> bool:
+    return type(x).__name__ == "FP4Tensor" and type(x).__module__.startswith("fp4ccl.")
+
+
+class Communicator:
+    """A group of ranks that run collectives together; build one with `fp4ccl.init()`."""
+
+    def __init__(self, backend, exchange: Exchange, *, local_rank: int = 0, local_size: int = 1,
+                 device: Optional[int] = None, launcher: str = "single"):
+        self._backend = backend
+        # A backend's name never changes; the per-call checks branch on it without a property call.
+        self._host = backend.name == "host"
+        self._exchange = exchange
+        self._rank = exchange.rank
+        self._size = exchange.size
+        self._local_rank = local_rank
+        self._local_size = local_size
+        self._device = device
+        self._launcher = launcher
+        # The device inputs must be on (None: host memory); -1 matches nothing, for a GPU backend
+        # built without a device, so every array is refused there as before.
+        self._home = None if self._host else (device if device is not None else -1)
+        self._closed: Optional[str] = None
+        self._extras = {}  # per-communicator caches owned by other modules (symmetric workspaces, ...)
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_mpi(cls, mpi_comm=None, backend: Optional[str] = None, device: Optional[int] = None) -> "Communicator":
+        """Build a communicator over the ranks of an mpi4py communicator (collective over it)."""
+        if mpi_comm is None:
+            from mpi4py import MPI
+            mpi_comm = MPI.COMM_WORLD
+        exchange = MPIExchange(mpi_comm)
+        local = mpi_comm.Split_type(_mpi_shared_type(), key=exchange.rank)
+        try:
+            local_rank, local_size = local.Get_rank(), local.Get_size()
+        finally:
+            local.Free()
+        return _build(exchange, backend, device, local_rank, local_size, "mpi")
+
+    @classmethod
+    def from_torch(cls, group=None, backend: Optional[str] = None, device: Optional[int] = None) -> "Communicator":
+        """Build a communicator over a torch.distributed ProcessGroup (collective over the group)."""
+        exchange = TorchGroupExchange(group)
+        env = discover()
+        local_rank = env.local_rank if env.size == exchange.size else exchange.rank
+        local_size = env.local_size if env.size == exchange.size else exchange.size
+        return _build(exchange, backend, device, local_rank, local_size, "torch")
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def local_rank(self) -> int:
+        return self._local_rank
+
+    @property
+    def local_size(self) -> int:
+        return self._local_size
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def device(self) -> Optional[int]:
+        """The CUDA device ordinal this rank uses (None on the host backend)."""
+        return self._device
+
+    def __repr__(self) -> str:
+        state = f", closed by {self._closed}" if self._closed else ""
+        where = f", device=cuda:{self._device}" if self._device is not None else ""
+        return f"<fp4ccl.Communicator rank={self._rank} size={self._size} backend={self.backend}{where}{state}>"
+
+    # -- checks -------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CommClosedError(f"this communicator was closed by {self._closed}(); create a new one with fp4ccl.init()")
+
+    def _input(self, x: Any, name: str = "x") -> ArrayInfo:
+        if self._closed:
+            self._check_open()
+        info = _arrays.describe(x, name)
+        if not info.contiguous:
+            raise ValueError(f"{name} must be contiguous (call .contiguous() / ascontiguousarray first)")
+        dev = info.device
+        if dev != self._home:  # the common case (on the right device, or host on host) skips all three
+            if self._host:
+                raise TypeError(f"{name} is on {info.where()}, but this communicator's backend is 'host' (CPU arrays only)")
+            if dev is None:
+                raise TypeError(f"{name} is on cpu, but this communicator's backend is '{self.backend}' on cuda:{self._device}")
+            raise ValueError(f"{name} is on cuda:{dev}, but this communicator uses cuda:{self._device}")
+        return info
+
+    def _output(self, like: ArrayInfo, shape: Sequence[int], out: Any, name: str = "out"):
+        if type(shape) is not tuple:
+            shape = tuple(int(s) for s in shape)
+        if out is None:
+            return _arrays.new(like, shape)
+        info = self._input(out, name)
+        if info.framework != like.framework:
+            raise TypeError(f"{name} is a {info.framework} array but the input is a {like.framework} array")
+        if info.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {info.dtype}, expected {like.dtype} (the input's)")
+        if info.shape != shape:
+            raise ValueError(f"{name} has shape {info.shape}, expected {shape}")
+        return out, info
+
+    def _stream(self, info: ArrayInfo, stream: Any) -> int:
+        return _arrays.current_stream(info, stream) if info.device is not None else 0
+
+    def _check_root(self, root: int, name: str = "root") -> int:
+        if not isinstance(root, int) or isinstance(root, bool) or not 0 <= root < self._size:
+            raise ValueError(f"{name}={root!r} is out of range for a communicator of size {self._size}")
+        return root
+
+    @staticmethod
+    def _check_op(op: str, info: ArrayInfo) -> str:
+        if op not in OPS:
+            raise ValueError(f"op={op!r} is not one of {', '.join(OPS)}")
+        if info.dtype == "bool":
+            raise TypeError("bool arrays cannot be reduced; use uint8")
+        if op == "avg" and info.dtype in _INT_DTYPES:
+            raise TypeError(f"op='avg' needs a floating dtype, got {info.dtype}")
+        return op
+
+    def _split_rows(self, info: ArrayInfo, what: str) -> tuple:
+        if not info.shape:
+            raise ValueError(f"{what} needs an array with at least one dimension, got a 0-d array")
+        if info.shape[0] % self._size:
+            raise ValueError(f"{what}: x.shape[0]={info.shape[0]} is not divisible by the world size {self._size}"
+                             f"{'; use reduce_scatterv for uneven splits' if what == 'reduce_scatter' else ''}")
+        return (info.shape[0] // self._size,) + info.shape[1:]
+
+    # -- collectives --------------------------------------------------------------------------------
+    def all_reduce(self, x, op: str = "sum", *, out=None, stream=None):
+        """Reduce x over all ranks; every rank gets the result (collective). `out=x` works in place."""
+        info = self._input(x)
+        self._check_op(op, info)
+        out, oinfo = self._output(info, info.shape, out)
+        self._backend.all_reduce(info, oinfo, op, self._stream(info, stream))
+        return out
+
+    def broadcast(self, x, root: int = 0, *, out=None, stream=None):
+        """Root's x to every rank (collective); other ranks' x gives shape and dtype. `out=x` works in place."""
+        info = self._input(x)
+        self._check_root(root)
+        out, oinfo = self._output(info, info.shape, out)
+        self._backend.broadcast(info, oinfo, root, self._stream(info, stream))
+        return out
+
+    def reduce(self, x, root: int = 0, op: str = "sum", *, out=None, stream=None):
+        """Reduce x over all ranks onto root (collective); returns the result on root, None elsewhere."""
+        info = self._input(x)
+        self._check_root(root)
+        self._check_op(op, info)
+        oinfo = None
+        if self._rank == root:
+            out, oinfo = self._output(info, info.shape, out)
+        self._backend.reduce(info, oinfo, op, root, self._stream(info, stream))
+        return out if self._rank == root else None
+
+    def all_gather(self, x, *, out=None, stream=None):
+        """Concatenate every rank's x along dim 0, in rank order (collective); a 0-d x gives shape (size,)."""
+        info = self._input(x)
+        shape = (self._size * info.shape[0],) + info.shape[1:] if info.shape else (self._size,)
+        out, oinfo = self._output(info, shape, out)
+        self._backend.all_gather(info, oinfo, self._stream(info, stream))
+        return out
+
+    def reduce_scatter(self, x, op: str = "sum", *, out=None, stream=None):
+        """Reduce x over all ranks; rank r gets the r-th of `size` equal parts along dim 0 (collective)."""
+        info = self._input(x)
+        self._check_op(op, info)
+        out, oinfo = self._output(info, self._split_rows(info, "reduce_scatter"), out)
+        self._backend.reduce_scatter(info, oinfo, op, self._stream(info, stream))
+        return out
+
+    def all_to_all(self, x, *, out=None, stream=None):
+        """Split x into `size` equal parts along dim 0; part j goes to rank j, received in rank order (collective)."""
+        info = self._input(x)
+        self._split_rows(info, "all_to_all")
+        out, oinfo = self._output(info, info.shape, out)
+        self._backend.all_to_all(info, oinfo, self._stream(info, stream))
+        return out
+
+    def _sizes(self, sizes, local_rows: int, what: str) -> list:
+        """Validate per-rank row counts; None exchanges each rank's local_rows first (a host round trip)."""
+        if sizes is None:
+            sizes = [unpack_ints(b)[0] for b in self._exchange.all_gather_bytes(pack_ints(local_rows))]
+        try:
+            sizes = [operator.index(s) for s in sizes]
+        except TypeError:
+            raise TypeError(f"{what}: sizes must be a sequence of integers, got {sizes!r}") from None
+        if len(sizes) != self._size:
+            raise ValueError(f"{what}: sizes has {len(sizes)} entries but the world size is {self._size}")
+        if any(s < 0 for s in sizes):
+            raise ValueError(f"{what}: sizes must be >= 0, got {sizes}")
+        if check_consistency():
+            views = self._exchange.all_gather_bytes(pack_ints(*sizes))
+            if len(set(views)) > 1:
+                detail = "; ".join(f"rank {r}: {list(unpack_ints(v))}" for r, v in enumerate(views))
+                raise ValueError(f"{what}: ranks passed different sizes ({detail})")
+        return sizes
+
+    def all_gatherv(self, x, sizes=None, *, out=None, stream=None, compress=None, global_scale="per_rank",
+                    dequantize=True):
+        """Concatenate along dim 0 rows that differ in number per rank (collective).
+
+        sizes: rows contributed by each rank (0 allowed); None exchanges them first, which syncs the
+        host and so cannot be captured in a CUDA graph. compress="nvfp4"|"mxfp4" moves the rows as FP4
+        (see fp4ccl.fp4_collectives); an FP4Tensor x is gathered as it is.
+        """
+        if compress is not None or _is_fp4(x):
+            from . import fp4_collectives
+            return fp4_collectives.all_gatherv(self, x, sizes, out=out, stream=stream, compress=compress,
+                                               global_scale=global_scale, dequantize=dequantize)
+        info = self._input(x)
+        if not info.shape:
+            raise ValueError("all_gatherv needs an array with at least one dimension, got a 0-d array")
+        sizes = self._sizes(sizes, info.shape[0], "all_gatherv")
+        if sizes[self._rank] != info.shape[0]:
+            raise ValueError(f"all_gatherv: x has {info.shape[0]} rows but sizes[{self._rank}]={sizes[self._rank]}")
+        out, oinfo = self._output(info, (sum(sizes),) + info.shape[1:], out)
+        row = math.prod(info.shape[1:])
+        self._v.all_gatherv(info, oinfo, [s * row for s in sizes], self._stream(info, stream))
+        return out
+
+    def reduce_scatterv(self, x, sizes, op: str = "sum", *, out=None, stream=None, compress=None,
+                        rounding="nearest", seed=None):
+        """Reduce x over all ranks; rank s gets rows [off_s, off_s + sizes[s]) of the result (collective).
+
+        compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
+        them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives).
+        """
+        if compress is not None:
+            from . import fp4_collectives
+            return fp4_collectives.reduce_scatterv(self, x, sizes, op, out=out, stream=stream, compress=compress,
+                                                   rounding=rounding, seed=seed)
+        info = self._input(x)
+        self._check_op(op, info)
+        if not info.shape:
+            raise ValueError("reduce_scatterv needs an array with at least one dimension, got a 0-d array")
+        if sizes is None:
+            raise TypeError("reduce_scatterv: sizes (rows per rank) is required; use reduce_scatter for equal parts")
+        sizes = self._sizes(sizes, 0, "reduce_scatterv")
+        if sum(sizes) != info.shape[0]:
+            raise ValueError(f"reduce_scatterv: x has {info.shape[0]} rows but sizes add up to {sum(sizes)}")
+        out, oinfo = self._output(info, (sizes[self._rank],) + info.shape[1:], out)
+        row = math.prod(info.shape[1:])
+        self._v.reduce_scatterv(info, oinfo, [s * row for s in sizes], op, self._stream(info, stream))
+        return out
+
+    @property
+    def _v(self):
+        """The variable-size collectives: the host backend's own, or NCCL algorithms over its primitives."""
+        v = self._extras.get("_v")
+        if v is None:
+            if self.backend == "host":
+                v = self._backend
+            else:
+                from .vcollectives import NcclVariable
+                v = NcclVariable(self._backend, self._rank, self._size, comm=self)
+            self._extras["_v"] = v
+        return v
+
+    # -- symmetric memory and overlapped matmuls (fp4ccl.symmetric, fp4ccl.overlap) -----------------
+    def symmetric_empty(self, shape, dtype="uint8"):
+        """Allocate a buffer of the same size on every rank of the node, mapped into each peer (collective)."""
+        self._check_open()
+        from .symmetric import symmetric_empty
+        return symmetric_empty(self, shape, dtype)
+
+    def all_gather_matmul(self, a_shard, bs, gather_dim: int = 0, **kwargs):
+        """(a_full or None, [a_full @ b for b in bs]) with the gather overlapped with the matmuls (collective)."""
+        self._check_open()
+        from .overlap import all_gather_matmul
+        return all_gather_matmul(self, a_shard, bs, gather_dim, **kwargs)
+
+    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum"):
+        """The reduce-scatter of a @ b along scatter_dim, overlapped with the matmul (collective)."""
+        self._check_open()
+        from .overlap import matmul_reduce_scatter
+        return matmul_reduce_scatter(self, a, b, scatter_dim, op)
+
+    def send(self, x, peer: int, *, stream=None) -> None:
+        """Send x to rank `peer` (point-to-point; pair it with a recv there, or put both in a group)."""
+        info = self._input(x)
+        self._check_root(peer, "peer")
+        self._backend.send(info, peer, self._stream(info, stream))
+
+    def recv(self, x, peer: int, *, stream=None):
+        """Receive into x from rank `peer` (point-to-point); returns x."""
+        info = self._input(x)
+        self._check_root(peer, "peer")
+        self._backend.recv(info, peer, self._stream(info, stream))
+        return x
+
+    def barrier(self, *, stream=None) -> None:
+        """Block until every rank has called barrier (collective; syncs the host)."""
+        self._check_open()
+        self._backend.barrier(_arrays.stream_handle(stream) if stream is not None else self._default_stream())
+
+    def _default_stream(self) -> int:
+        if self._device is None:
+            return 0
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            return int(torch.cuda.current_stream(self._device).cuda_stream)
+        import cupy
+        return int(cupy.cuda.get_current_stream().ptr)
+
+    @contextlib.contextmanager
+    def group(self):
+        """Batch the calls made inside the block into one NCCL group (a context manager)."""
+        self._check_open()
+        self._backend.group_start()
+        try:
+            yield self
+        finally:
+            self._backend.group_end()
+
+    # -- teardown -----------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Release the communicator after pending work completes (collective); later calls raise."""
+        if self._closed:
+            return
+        for cleanup in list(self._extras.values()):
+            close = getattr(cleanup, "close", None)
+            if close is not None:
+                close()
+        self._extras.clear()
+        self._closed = "destroy"
+        self._backend.destroy()
+
+    def abort(self) -> None:
+        """Tear the communicator down now, abandoning pending work (local; use after an error or hang)."""
+        if self._closed == "abort":
+            return
+        self._closed = "abort"
+        self._backend.abort()
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.destroy()
+        else:
+            self.abort()
+
+
+# -- init -------------------------------------------------------------------------------------------
+
+def init(backend: Optional[str] = None, *, device: Optional[int] = None) -> Communicator:
+    """Create the world communicator from the launcher's environment (collective over the job).
+
+    backend: "nccl", "host", or None (also FP4CCL_BACKEND): NCCL when CUDA GPUs and NCCL are usable,
+    otherwise host. device: the CUDA ordinal; default local_rank.
+    """
+    info = discover()
+    exchange = default_exchange(info)
+    return _build(exchange, backend, device, info.local_rank, info.local_size, info.launcher)
+
+
+def default_exchange(info: RankInfo) -> Exchange:
+    """The bootstrap exchange for the launcher that started this job."""
+    timeout = float(os.environ.get("FP4CCL_TIMEOUT") or 0) or None
+    if info.store:
+        from .bootstrap.store import StoreClient
+        client = StoreClient(info.store, info.token)
+        return StoreExchange(client, info.rank, info.size, prefix=f"fp4ccl/{info.job_id}/world", timeout=timeout)
+    if info.size == 1:
+        return SingleExchange()
+    if info.started_by_mpi or info.launcher == "slurm":
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise RuntimeError(f"this job was started by {info.launcher}, which needs mpi4py for the bootstrap "
+                               f"(pip install 'fp4ccl[mpi]'), or start it with fp4ccl-run") from None
+        return MPIExchange(MPI.COMM_WORLD)
+    if info.launcher == "torchrun":
+        return _torchrun_exchange(info, timeout)
+    raise RuntimeError(f"cannot bootstrap a {info.size}-rank job started by {info.launcher}")
+
+
+def _torchrun_exchange(info: RankInfo, timeout: Optional[float]) -> Exchange:
+    import datetime
+
+    import torch.distributed as dist
+    addr = os.environ.get("MASTER_ADDR")
+    port = os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        raise RuntimeError("RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not: start the job with "
+                           "torchrun or fp4ccl-run, or set them")
+    # torchrun's agent already serves a store there; without an agent, rank 0 hosts one.
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(addr, int(port), info.size, is_master=(not agent and info.rank == 0),
+                          timeout=datetime.timedelta(seconds=timeout or 300), wait_for_workers=False)
+    return StoreExchange(TorchStoreAdapter(store), info.rank, info.size,
+                         prefix=f"fp4ccl/{info.job_id}/world", timeout=None)
+
+
+def _mpi_shared_type():
+    from mpi4py import MPI
+    return MPI.COMM_TYPE_SHARED
+
+
+def gpus_usable() -> int:
+    """Number of CUDA devices usable through CuPy with NCCL loadable; 0 when either is missing."""
+    try:
+        import cupy
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+    if count == 0:
+        return 0
+    try:
+        from . import nccl
+        nccl.load()
+    except Exception as err:  # noqa: BLE001 - any failure to load means "no NCCL here"
+        log.info("GPUs present but NCCL unusable (%s); falling back to the host backend", err)
+        return 0
+    return count
+
+
+def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], local_rank: int,
+           local_size: int, launcher: str) -> Communicator:
+    requested = (backend or os.environ.get("FP4CCL_BACKEND") or "auto").lower()
+    if requested not in ("auto", "nccl", "host"):
+        raise ValueError(f"backend={requested!r} is not one of 'nccl', 'host' (or None for automatic)")
+    ngpu = gpus_usable() if requested != "host" else 0
+    chosen = requested if requested != "auto" else ("nccl" if ngpu else "host")
+    if chosen == "nccl" and ngpu == 0:
+        raise RuntimeError("backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here "
+                           "(FP4CCL_DEBUG=INFO says why; set FP4CCL_NCCL_LIBRARY to point at libnccl.so.2)")
+    # Ranks must agree, or the first collective would hang: fail everywhere instead.
+    choices = [c.decode() for c in exchange.all_gather_bytes(chosen.encode())]
+    if len(set(choices)) > 1:
+        detail = ", ".join(f"rank {r}: {c}" for r, c in enumerate(choices))
+        raise RuntimeError(f"ranks chose different backends ({detail}); set FP4CCL_BACKEND on every rank")
+    log.info("rank %d/%d backend=%s launcher=%s", exchange.rank, exchange.size, chosen, launcher)
+    if chosen == "host":
+        from .backends.host import HostBackend
+        return Communicator(HostBackend(exchange), exchange, local_rank=local_rank, local_size=local_size,
+                            device=None, launcher=launcher)
+    if device is None:
+        device = local_rank
+    if not 0 <= device < ngpu:
+        raise ValueError(f"device={device} (local rank {local_rank}) but only {ngpu} CUDA device(s) are visible; "
+                         f"run at most {ngpu} ranks per node, and do not hide GPUs with CUDA_VISIBLE_DEVICES")
+    _make_current(device)
+    from .backends.nccl import NcclBackend
+    return Communicator(NcclBackend(exchange, exchange.rank, exchange.size, device), exchange,
+                        local_rank=local_rank, local_size=local_size, device=device, launcher=launcher)
+
+
+def _make_current(device: int) -> None:
+    """Make `device` current for CuPy and, if the program uses it, torch, so new arrays land on it."""
+    import cupy
+    cupy.cuda.Device(device).use()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.cuda.set_device(device)

@@ -1,0 +1,31 @@
+"""Exception types raised by fp4ccl."""
+from __future__ import annotations
+
+
+class Fp4cclError(RuntimeError):
+    """Base class for fp4ccl runtime failures (not for bad arguments: those are TypeError/ValueError)."""
+
+
+class NcclError(Fp4cclError):
+    """A failed NCCL call: carries NCCL's status code, its enum name, NCCL's text and its last error."""
+
+    def __init__(self, status: int, name: str, text: str, last_error: str = "", call: str = ""):
+        self.status = status
+        self.name = name
+        self.text = text
+        self.last_error = last_error
+        self.call = call
+        where = f"{call}: " if call else ""
+        detail = f" ({last_error})" if last_error and last_error != text else ""
+        super().__init__(f"{where}{name} ({status}): {text}{detail}")
+
+    def __reduce__(self):
+        return (type(self), (self.status, self.name, self.text, self.last_error, self.call))
+
+
+class CommTimeoutError(Fp4cclError):
+    """A collective did not finish in time; the communicator was aborted."""
+
+
+class CommClosedError(Fp4cclError):
+    """The communicator was destroyed or aborted and cannot be used any more."""

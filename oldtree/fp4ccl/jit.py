@@ -1,0 +1,189 @@
+"""Run-time compilation of `csrc/*.cu` through NVRTC (via CuPy), with a disk cache.
+
+A compiled module is cached under `FP4CCL_CACHE_DIR` (default `~/.cache/fp4ccl`) keyed by the fp4ccl
+version, the target architecture, the NVRTC version, the compile options and a hash of every source
+in csrc/ (a change to an included .cuh must invalidate too). Writers take an fcntl lock and publish
+with write-to-temp + os.replace, so concurrent ranks on one node compile once and never read a torn
+file. Nothing here runs at import time: CuPy is imported on first use.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Dict, Tuple
+
+from ._log import get_logger
+
+_log = get_logger("fp4ccl.jit")
+
+# No fast-math: the kernels must round exactly like the numpy reference (IEEE division, no FTZ).
+OPTIONS = ("-std=c++17", "--fmad=false", "-default-device")
+SOURCE_SUFFIXES = (".cu", ".cuh")
+
+_lock = threading.Lock()
+_modules: Dict[Tuple[str, int], object] = {}
+
+
+def csrc_dir() -> Path:
+    """Where the CUDA sources are: the installed package `fp4ccl._csrc`, else `<repo>/csrc`."""
+    try:
+        spec = importlib.util.find_spec("fp4ccl._csrc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        for loc in spec.submodule_search_locations or ():
+            if (Path(loc) / "fp4.cu").is_file():
+                return Path(loc)
+    repo = Path(__file__).resolve().parent.parent / "csrc"
+    if (repo / "fp4.cu").is_file():
+        return repo
+    raise FileNotFoundError(
+        "fp4ccl's CUDA sources were not found: neither the installed package fp4ccl._csrc nor "
+        f"{repo} holds fp4.cu (a broken install? reinstall fp4ccl)")
+
+
+def source_files() -> Dict[str, str]:
+    """Every .cu/.cuh in csrc/, name -> text."""
+    d = csrc_dir()
+    return {p.name: p.read_text() for p in sorted(d.iterdir()) if p.suffix in SOURCE_SUFFIXES}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FP4CCL_CACHE_DIR") or Path.home() / ".cache" / "fp4ccl")
+
+
+def _nvrtc():
+    from cupy_backends.cuda.libs import nvrtc
+    return nvrtc
+
+
+def choose_target(arch: int, supported: Tuple[int, ...]) -> Tuple[str, int]:
+    """("cubin", arch) when NVRTC knows the device's arch, else ("ptx", best older arch) for the
+    driver to JIT (a GPU newer than the NVRTC in use)."""
+    if arch in supported:
+        return "cubin", arch
+    older = [a for a in supported if a <= arch]
+    if not older:
+        raise RuntimeError(f"NVRTC supports {supported}, nothing at or below the device's sm_{arch}")
+    return "ptx", max(older)
+
+
+def cache_key(name: str, arch: int, kind: str, nvrtc_version: Tuple[int, int], sources: Dict[str, str]) -> str:
+    from . import __version__
+    h = hashlib.sha256()
+    for part in (__version__, name, str(arch), kind, ".".join(map(str, nvrtc_version)), " ".join(OPTIONS)):
+        h.update(part.encode())
+        h.update(b"\0")
+    for fname, text in sorted(sources.items()):
+        h.update(fname.encode())
+        h.update(b"\0")
+        h.update(text.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:40]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def compile_source(name: str, arch: int, kind: str = "cubin") -> bytes:
+    """Compile csrc/<name> with NVRTC for sm_<arch>; returns a cubin or PTX. No caching."""
+    nvrtc = _nvrtc()
+    sources = source_files()
+    if name not in sources:
+        raise FileNotFoundError(f"no CUDA source {name!r} in {csrc_dir()}")
+    # CuPy's binding hands these to nvrtcCreateProgram as C strings: bytes, not str
+    headers = tuple(t.encode() for n, t in sources.items() if n.endswith(".cuh"))
+    include_names = tuple(n.encode() for n in sources if n.endswith(".cuh"))
+    prog = nvrtc.createProgram(sources[name], name, headers, include_names)
+    try:
+        arch_opt = f"--gpu-architecture={'sm' if kind == 'cubin' else 'compute'}_{arch}"
+        try:
+            nvrtc.compileProgram(prog, OPTIONS + (arch_opt,))
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise RuntimeError(f"NVRTC failed to compile {name} for sm_{arch}:\n{log}") from exc
+        return nvrtc.getCUBIN(prog) if kind == "cubin" else nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def compiled_binary(name: str, arch: int) -> bytes:
+    """The cubin (or PTX) for csrc/<name> on sm_<arch>, from the disk cache or compiled into it."""
+    nvrtc = _nvrtc()
+    kind, target = choose_target(arch, tuple(nvrtc.getSupportedArchs()))
+    sources = source_files()
+    key = cache_key(name, target, kind, tuple(nvrtc.getVersion()), sources)
+    d = cache_dir()
+    path = d / f"{Path(name).stem}-sm{target}-{key}.{kind}"
+    if path.is_file():
+        return path.read_bytes()
+    with _file_lock(d / ".lock"):
+        if path.is_file():  # another process compiled it while we waited
+            return path.read_bytes()
+        _log.info("compiling %s for sm_%d (%s) into %s", name, target, kind, path)
+        binary = compile_source(name, target, kind)
+        _atomic_write(path, binary)
+        return binary
+
+
+def load_module(name: str, device: int):
+    """The loaded CUDA module (cupy.cuda.function.Module) for csrc/<name> on CUDA device `device`."""
+    key = (name, device)
+    mod = _modules.get(key)
+    if mod is not None:
+        return mod
+    with _lock:
+        mod = _modules.get(key)
+        if mod is None:
+            import cupy
+            from cupy.cuda import function
+            with cupy.cuda.Device(device):
+                binary = compiled_binary(name, _arch_of(device))
+                mod = function.Module()
+                mod.load(binary)
+            _modules[key] = mod
+    return mod
+
+
+def clear_memory_cache() -> None:
+    """Forget loaded modules (tests); the disk cache stays."""
+    with _lock:
+        _modules.clear()
+
+
+def _arch_of(device: int) -> int:
+    import cupy
+    cc = cupy.cuda.Device(device).compute_capability  # e.g. "90", "100"
+    return int(cc)
+
+
+__all__ = ["csrc_dir", "source_files", "cache_dir", "cache_key", "choose_target", "compile_source",
+           "compiled_binary", "load_module", "clear_memory_cache", "OPTIONS"]

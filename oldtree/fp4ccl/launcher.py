@@ -1,0 +1,618 @@
+"""fp4ccl-run: start one process per rank, host the TCP store, prefix output, and stop everything on failure."""
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import errno
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from fp4ccl.bootstrap.store import StoreClient, StoreServer, format_address
+
+PROG = "fp4ccl-run"
+_KEY = "fp4ccl/launcher/"
+_TAIL_LINES = 20
+# How often a launcher of a multi-node job looks for a failure published by another node.
+_REMOTE_POLL_S = 0.5
+# Node 0 declares a node lost when its heartbeat counter has not moved for this long (a SIGKILLed launcher).
+_HEARTBEAT_TIMEOUT_S = float(os.environ.get("FP4CCL_HEARTBEAT_TIMEOUT", 30.0))
+
+USAGE = (f"{PROG} [-n NPROC_PER_NODE] [--nnodes N --node-rank R --master-addr HOST --master-port P] "
+         "[--log-dir DIR] [--ranks-filter 0,2] [--timeout SECONDS] [--grace-period SECONDS] "
+         "[--rdzv-timeout SECONDS] (script.py | -m module) [args...]")
+
+
+class LaunchError(Exception):
+    """A problem reported as one line before (or instead of) running the job."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors on a single line."""
+
+    def error(self, message):
+        sys.stderr.write(f"{PROG}: error: {message} (see {PROG} --help)\n")
+        sys.exit(2)
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog=PROG, usage=USAGE, allow_abbrev=False,
+                description="Run a Python script (or -m module) as one process per rank, fp4ccl-style.",
+                epilog="See docs/LAUNCHER.md for the environment each rank gets and the exit codes.")
+    p.add_argument("-n", "--nproc-per-node", type=int, default=None,
+                   help="ranks on this node (default: visible GPUs, or 4 without GPUs)")
+    p.add_argument("--nnodes", type=int, default=1, help="number of nodes (launchers) in the job")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
+    p.add_argument("--master-addr", default="127.0.0.1", help="host of node 0, where the store runs")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="store port on node 0 (default: a free port on one node, 29500 on several)")
+    p.add_argument("--log-dir", default=None, help="also write DIR/rank<N>.out and DIR/rank<N>.err")
+    p.add_argument("--ranks-filter", default=None, help="show output of these global ranks only, e.g. 0,2")
+    p.add_argument("--timeout", type=float, default=None, help="stop the job after this many seconds")
+    p.add_argument("--grace-period", type=float, default=float(os.environ.get("FP4CCL_KILL_GRACE", 5.0)),
+                   help="seconds between SIGTERM and SIGKILL when stopping ranks (default 5, FP4CCL_KILL_GRACE)")
+    p.add_argument("--rdzv-timeout", type=float, default=float(os.environ.get("FP4CCL_RDZV_TIMEOUT", 300.0)),
+                   help="seconds to wait for every node to join (default 300, FP4CCL_RDZV_TIMEOUT)")
+    p.add_argument("-m", dest="module", default=None, help="run a module, like python -m")
+    return p
+
+
+# Launcher options that consume the following word; used to find where the user's program starts.
+_VALUE_FLAGS = {"-n", "--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port",
+                "--log-dir", "--ranks-filter", "--timeout", "--grace-period", "--rdzv-timeout"}
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split argv into the launcher's own options and the program (script or -m module) with its args."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return argv[:i], argv[i + 1:]
+        if a == "-m":
+            return argv[:i + 2], argv[i + 2:]
+        if a.startswith("-m") and not a.startswith("--"):  # -mpkg.mod
+            return argv[:i + 1], argv[i + 1:]
+        if a in _VALUE_FLAGS:
+            i += 2
+            continue
+        if a.startswith("-") and a != "-":
+            i += 1
+            continue
+        return argv[:i], argv[i:]
+    return argv, []
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process can see, counted without initialising CUDA (0 when there are none)."""
+    physical = 0
+    try:
+        physical = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        pass
+    if physical == 0:
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+            physical = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is None or physical == 0:
+        return physical
+    listed = 0
+    # CUDA stops enumerating at the first invalid entry, so do we.
+    for item in cvd.split(","):
+        item = item.strip()
+        if not item or item.startswith("-"):
+            break
+        listed += 1
+    return min(listed, physical)
+
+
+def _parse_ranks(text: str) -> set[int]:
+    try:
+        ranks = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        raise LaunchError(f"--ranks-filter must be comma-separated rank numbers, got {text!r}") from None
+    if not ranks or min(ranks) < 0:
+        raise LaunchError(f"--ranks-filter must list ranks >= 0, got {text!r}")
+    return ranks
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _describe_code(code: int) -> str:
+    return f"killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def _pdeathsig_setup():
+    """Return a preexec_fn making children die with the launcher even if it is SIGKILLed (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def setup():
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+class _Rank:
+    """One child process, its output pumps and the tail of its stderr."""
+
+    def __init__(self, rank: int, local_rank: int, proc: subprocess.Popen, log_dir: str | None,
+                 show: bool, out_lock: threading.Lock):
+        self.rank = rank
+        self.local_rank = local_rank
+        self.proc = proc
+        self.pid = proc.pid
+        self.code: int | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self.pumps = []
+        for pipe, target, name in ((proc.stdout, sys.stdout, "out"), (proc.stderr, sys.stderr, "err")):
+            log = open(os.path.join(log_dir, f"rank{rank}.{name}"), "wb") if log_dir else None
+            t = threading.Thread(target=self._pump, args=(pipe, target if show else None, log, name == "err",
+                                                          out_lock), name=f"rank{rank}-{name}", daemon=True)
+            t.start()
+            self.pumps.append(t)
+
+    def _pump(self, pipe, target, log, keep_tail: bool, out_lock: threading.Lock) -> None:
+        prefix = f"[rank{self.rank}]: "
+        try:
+            for raw in iter(pipe.readline, b""):
+                if log is not None:
+                    log.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                    log.flush()
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if keep_tail:
+                    self.tail.append(line)
+                if target is not None:
+                    with out_lock:
+                        try:
+                            target.write(prefix + line + "\n")
+                            target.flush()
+                        except (OSError, ValueError):  # our own stdout went away; keep draining the child
+                            target = None
+        finally:
+            pipe.close()
+            if log is not None:
+                log.close()
+
+    def poll(self) -> int | None:
+        if self.code is None:
+            self.code = self.proc.poll()
+        return self.code
+
+    def signal_group(self, signum: int) -> None:
+        # The rank leads its own process group (start_new_session), so this reaches its whole tree.
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Launcher:
+    """One node's share of a job: rendezvous, spawn, watch, tear down, report."""
+
+    def __init__(self, args: argparse.Namespace, program: list[str]):
+        self.args = args
+        self.program = program
+        self.host = socket.gethostname()
+        self.ranks: list[_Rank] = []
+        self.server: StoreServer | None = None
+        self.client: StoreClient | None = None
+        self.signals: list[int] = []
+        self.out_lock = threading.Lock()
+
+    # ---- signals -------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+
+    def _install_signal_handlers(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, self._on_signal)
+
+    def _interrupted(self) -> None:
+        if self.signals:
+            raise _Interrupted(self.signals[0])
+
+    # ---- rendezvous ----------------------------------------------------------------------------
+    def rendezvous(self) -> dict:
+        """Join the job through the store on node 0; return this node's rank offset, world size, job id."""
+        a = self.args
+        multi = a.nnodes > 1
+        token = os.environ.get("FP4CCL_TOKEN", "")
+        if multi and not token:
+            raise LaunchError("a multi-node job needs the same FP4CCL_TOKEN exported on every node, e.g. "
+                              "export FP4CCL_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(16))')")
+        token = token or secrets.token_hex(16)
+        port = a.master_port if a.master_port is not None else (29500 if multi else 0)
+        address = None
+        if a.node_rank == 0:
+            self.server = self._host_store(a.master_addr, port, token)
+            address = format_address(a.master_addr, self.server.port)
+        else:
+            address = format_address(a.master_addr, port)
+        try:
+            self.client = StoreClient(address, token, timeout=a.rdzv_timeout)
+        except PermissionError as e:
+            raise LaunchError(str(e)) from None
+        except (TimeoutError, ConnectionError) as e:
+            raise LaunchError(f"rendezvous failed: node {a.node_rank} could not reach node 0's store: {e}") from None
+        c = self.client
+        if a.node_rank == 0:
+            torch_port = self._free_port(self.server.host)
+            c.set(_KEY + "job", json.dumps({"job_id": secrets.token_hex(6), "torch_port": torch_port,
+                                            "nnodes": a.nnodes}).encode())
+        claims = c.add(_KEY + f"node/{a.node_rank}/claims", 1)
+        if claims != 1:
+            raise LaunchError(f"node rank {a.node_rank} already joined this job at {address}; "
+                              "give each node a distinct --node-rank")
+        c.set(_KEY + f"node/{a.node_rank}", json.dumps({"host": self.host, "pid": os.getpid(),
+                                                        "nproc": a.nproc_per_node}).encode())
+        job = json.loads(self._rdzv_get([_KEY + "job"], address)[0])
+        if job["nnodes"] != a.nnodes:
+            raise LaunchError(f"node 0 started a job of --nnodes {job['nnodes']}, this node says {a.nnodes}")
+        nodes = [json.loads(v) for v in self._rdzv_get([_KEY + f"node/{i}" for i in range(a.nnodes)], address)]
+        offset = sum(n["nproc"] for n in nodes[:a.node_rank])
+        return {"address": address, "token": token, "job_id": job["job_id"], "torch_port": job["torch_port"],
+                "offset": offset, "world": sum(n["nproc"] for n in nodes), "nodes": nodes}
+
+    def _host_store(self, host: str, port: int, token: str) -> StoreServer:
+        try:
+            return StoreServer(host=host, port=port, token=token)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise LaunchError(f"cannot host the store on {format_address(host, port)}: port {port} is in use "
+                                  "(pick another --master-port)") from None
+            if e.errno == errno.EADDRNOTAVAIL and self.args.nnodes > 1:
+                # --master-addr may name a NAT or load-balancer address this host cannot bind: listen everywhere.
+                return self._host_store("0.0.0.0", port, token)
+            raise LaunchError(f"cannot host the store on {format_address(host, port)}: {e.strerror or e}") from None
+
+    @staticmethod
+    def _free_port(host: str) -> int:
+        """A currently free port for code that starts its own torch store on MASTER_PORT."""
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+
+    def _rdzv_get(self, keys: list[str], address: str) -> list[bytes]:
+        # Wait in short slices so a signal (Ctrl-C) during rendezvous is honoured promptly.
+        deadline = time.monotonic() + self.args.rdzv_timeout
+        while True:
+            self._interrupted()
+            left = deadline - time.monotonic()
+            try:
+                self.client.wait(keys, timeout=max(0.0, min(0.25, left)))
+                return [self.client.get(k) for k in keys]
+            except TimeoutError:
+                if left <= 0.25:
+                    missing = [k.rsplit("/", 1)[1] for k in keys if not self.client.check(k)]
+                    what = (f"node(s) {', '.join(missing)} never joined" if keys[0] != _KEY + "job"
+                            else "node 0 never published the job")
+                    raise LaunchError(f"rendezvous timed out after {self.args.rdzv_timeout:g} s: {what} "
+                                      f"(store {address}, --nnodes {self.args.nnodes})") from None
+            except ConnectionError as e:
+                raise LaunchError(f"rendezvous failed: {e}") from None
+
+    # ---- spawning ------------------------------------------------------------------------------
+    def _child_env(self, info: dict, rank: int, local_rank: int) -> dict:
+        env = dict(os.environ)
+        a = self.args
+        env.update({
+            "FP4CCL_RANK": str(rank), "FP4CCL_WORLD_SIZE": str(info["world"]),
+            "FP4CCL_LOCAL_RANK": str(local_rank), "FP4CCL_LOCAL_SIZE": str(a.nproc_per_node),
+            "FP4CCL_NODE_RANK": str(a.node_rank), "FP4CCL_STORE": info["address"],
+            "FP4CCL_TOKEN": info["token"], "FP4CCL_JOB_ID": info["job_id"],
+            "PYTHONUNBUFFERED": "1",
+        })
+        # For code written for torchrun; MASTER_PORT is not the store's port, since torch binds its own store there.
+        for k, v in (("RANK", rank), ("WORLD_SIZE", info["world"]), ("LOCAL_RANK", local_rank),
+                     ("LOCAL_WORLD_SIZE", a.nproc_per_node), ("MASTER_ADDR", a.master_addr),
+                     ("MASTER_PORT", info["torch_port"])):
+            env.setdefault(k, str(v))
+        return env
+
+    def spawn(self, info: dict, show: set[int] | None) -> None:
+        a = self.args
+        if a.module:
+            cmd = [sys.executable, "-u", "-m", a.module, *self.program]
+        else:
+            cmd = [sys.executable, "-u", *self.program]
+        if a.log_dir:
+            os.makedirs(a.log_dir, exist_ok=True)
+        preexec = _pdeathsig_setup()
+        for local in range(a.nproc_per_node):
+            rank = info["offset"] + local
+            proc = subprocess.Popen(cmd, env=self._child_env(info, rank, local), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                    preexec_fn=preexec)
+            self.ranks.append(_Rank(rank, local, proc, a.log_dir, show is None or rank in show, self.out_lock))
+
+    # ---- watching and stopping -----------------------------------------------------------------
+    def watch(self, info: dict) -> dict:
+        """Poll ranks until all finish or something ends the job; return what ended it."""
+        a = self.args
+        multi = a.nnodes > 1
+        deadline = None if a.timeout is None else time.monotonic() + a.timeout
+        next_remote = 0.0
+        done_published = False
+        beats = {i: (None, time.monotonic()) for i in range(1, a.nnodes)}  # node -> (last counter, seen at)
+        while True:
+            for r in self.ranks:
+                if r.code is None and r.poll() is not None and r.code != 0:
+                    self._publish_failure(r)
+                    return {"kind": "rank", "rank": r}
+            if self.signals:
+                return {"kind": "signal", "signum": self.signals[0]}
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return {"kind": "timeout"}
+            local_done = all(r.code is not None for r in self.ranks)
+            if not multi and local_done:
+                return {"kind": "ok"}
+            if multi and now >= next_remote:
+                next_remote = now + _REMOTE_POLL_S
+                try:
+                    self.client.add(_KEY + f"heartbeat/{a.node_rank}", 1)
+                    if a.node_rank == 0:
+                        lost = self._silent_node(beats, now)
+                        if lost is not None:
+                            return {"kind": "lost", "error": lost[1], "node": lost[0]}
+                    if local_done and not done_published:
+                        self.client.set(_KEY + f"done/{a.node_rank}", b"0")
+                        done_published = True
+                    if self.client.check(_KEY + "failure"):
+                        return {"kind": "remote", "failure": json.loads(self.client.get(_KEY + "failure"))}
+                    if local_done and (a.node_rank != 0 or all(
+                            self.client.check(_KEY + f"done/{i}") for i in range(1, a.nnodes))):
+                        return {"kind": "ok"}
+                except (ConnectionError, TimeoutError) as e:
+                    if local_done:  # our part is finished; node 0 closing its store afterwards is normal
+                        return {"kind": "ok"}
+                    return {"kind": "lost", "error": f"lost contact with the job's store: {e}"}
+            time.sleep(0.02)
+
+    def _silent_node(self, beats: dict, now: float) -> tuple[int, str] | None:
+        """On node 0: a node that has neither finished nor heartbeat within the timeout, described."""
+        for node, (last, seen) in beats.items():
+            if self.client.check(_KEY + f"done/{node}"):
+                continue
+            count = self.client.add(_KEY + f"heartbeat/{node}", 0)
+            if count != last:
+                beats[node] = (count, now)
+            elif now - seen > _HEARTBEAT_TIMEOUT_S:
+                return node, (f"node {node} has not been heard from for {_HEARTBEAT_TIMEOUT_S:g} s "
+                              "(its launcher died?); FP4CCL_HEARTBEAT_TIMEOUT sets this limit")
+        return None
+
+    def _publish_failure(self, r: _Rank) -> None:
+        if self.args.nnodes == 1 or self.client is None:
+            return
+        try:
+            if self.client.add(_KEY + "failure/claims", 1) == 1:
+                self.client.set(_KEY + "failure", json.dumps({
+                    "rank": r.rank, "node": self.args.node_rank, "host": self.host, "pid": r.pid,
+                    "code": r.code}).encode())
+        except (ConnectionError, TimeoutError):
+            pass
+
+    def stop_all(self, first_signal: int = signal.SIGTERM) -> list[_Rank]:
+        """Signal every live rank, escalate to SIGKILL after the grace period; return the ranks we stopped."""
+        live = [r for r in self.ranks if r.poll() is None]
+        for r in live:
+            r.signal_group(first_signal)
+        deadline = time.monotonic() + self.args.grace_period
+        seen_signals = len(self.signals)
+        while any(r.poll() is None for r in live) and time.monotonic() < deadline:
+            if len(self.signals) > seen_signals:  # a second Ctrl-C: stop waiting politely
+                break
+            time.sleep(0.02)
+        for r in live:
+            if r.poll() is None:
+                r.signal_group(signal.SIGKILL)
+        for r in live:
+            r.code = r.proc.wait()
+        return live
+
+    def reap(self) -> None:
+        """Kill what is left in each rank's process group (daemons, grandchildren) and drain the pipes."""
+        for r in self.ranks:
+            if r.poll() is None:
+                r.signal_group(signal.SIGKILL)
+                r.code = r.proc.wait()
+            r.signal_group(signal.SIGKILL)
+        end = time.monotonic() + 2.0
+        for r in self.ranks:
+            for t in r.pumps:
+                t.join(max(0.0, end - time.monotonic()))
+
+    # ---- reporting -----------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        with self.out_lock:
+            for line in text.splitlines():
+                sys.stderr.write(f"{PROG}: {line}\n")
+            sys.stderr.flush()
+
+    def report(self, ended: dict, stopped: list[_Rank]) -> int:
+        """Print the root-cause report and return the launcher's exit status."""
+        a = self.args
+        kind = ended["kind"]
+        stopped_txt = ""
+        if stopped:
+            stopped_txt = "ranks stopped by the launcher: " + ", ".join(
+                f"{r.rank} ({_describe_code(r.code)})" for r in stopped)
+        if kind == "rank":
+            r = ended["rank"]
+            status = _exit_status(r.code)
+            lines = [f"job failed: rank {r.rank} {_describe_code(r.code)}",
+                     f"root cause: rank {r.rank} (node {a.node_rank}, local rank {r.local_rank}) on host "
+                     f"{self.host}, pid {r.pid}: {_describe_code(r.code)}"]
+            lines += self._tail_lines(r)
+        elif kind == "signal":
+            status = 128 + ended["signum"]
+            lines = [f"job interrupted: the launcher received {_signal_name(ended['signum'])}"
+                     + (" and passed it to every rank" if self.ranks else " before any rank started")]
+        elif kind == "timeout":
+            status = 124
+            lines = [f"job failed: timeout after {a.timeout:g} s (--timeout); ranks still running were stopped"]
+            for r in stopped:
+                lines += self._tail_lines(r, 5)
+        elif kind == "remote":
+            f = ended["failure"]
+            status = _exit_status(f["code"])
+            if f["rank"] < 0:
+                lines = [f"job stopped by node {f['node']} (host {f['host']}): {f['why']}; see that node's report"]
+            else:
+                lines = [f"job failed on another node: rank {f['rank']} (node {f['node']}) on host {f['host']}, "
+                         f"pid {f['pid']}: {_describe_code(f['code'])}; see that node's report"]
+        elif kind == "lost":
+            status = 1
+            lines = [f"job failed: {ended['error']}"]
+        else:
+            return 0
+        if stopped_txt:
+            lines.append(stopped_txt)
+        lines.append(f"exit code {status}")
+        self._say("\n".join(lines))
+        return status
+
+    @staticmethod
+    def _tail_lines(r: _Rank, n: int = _TAIL_LINES) -> list[str]:
+        tail = list(r.tail)[-n:]
+        if not tail:
+            return [f"rank {r.rank} wrote nothing to stderr"]
+        return [f"last {len(tail)} line(s) of rank {r.rank}'s stderr:"] + [f"  | {t}" for t in tail]
+
+    # ---- the whole run -------------------------------------------------------------------------
+    def run(self, show: set[int] | None) -> int:
+        self._install_signal_handlers()
+        stopped: list[_Rank] = []
+        ended = {"kind": "ok"}
+        try:
+            info = self.rendezvous()
+            if show is not None and max(show) >= info["world"]:
+                raise LaunchError(f"--ranks-filter names rank {max(show)}, but the job has {info['world']} ranks")
+            self._interrupted()
+            self.spawn(info, show)
+            ended = self.watch(info)
+            if ended["kind"] != "ok":
+                first = ended["signum"] if ended["kind"] == "signal" else signal.SIGTERM
+                stopped = self.stop_all(first)
+                if ended["kind"] == "rank":
+                    stopped = [r for r in stopped if r is not ended["rank"]]
+        except _Interrupted as e:
+            ended = {"kind": "signal", "signum": e.signum}
+            stopped = self.stop_all(e.signum)
+        finally:
+            self.reap()
+            self._finish_multinode(ended)
+        return self.report(ended, stopped)
+
+    def _finish_multinode(self, ended: dict) -> None:
+        a = self.args
+        if self.client is None or not self.ranks:
+            # Nothing ran here (bad input, rendezvous failure): publishing "done" would mislead the other nodes.
+            if self.client is not None:
+                self.client.close()
+            if self.server is not None:
+                self.server.close()
+            return
+        if a.nnodes > 1:
+            try:
+                if ended["kind"] in ("signal", "timeout", "lost"):
+                    # These end the whole job, not just this node's ranks: tell the other nodes.
+                    if self.client.add(_KEY + "failure/claims", 1) == 1:
+                        if ended["kind"] == "signal":
+                            why, code = f"its launcher received {_signal_name(ended['signum'])}", -ended["signum"]
+                        elif ended["kind"] == "timeout":
+                            why, code = f"it timed out after {a.timeout:g} s", 124
+                        else:
+                            why, code = ended["error"], 1
+                        self.client.set(_KEY + "failure", json.dumps({
+                            "rank": -1, "node": a.node_rank, "host": self.host, "pid": os.getpid(), "why": why,
+                            "code": code}).encode())
+                self.client.set(_KEY + f"done/{a.node_rank}", b"1" if ended["kind"] != "ok" else b"0")
+            except (ConnectionError, TimeoutError):
+                pass
+            if self.server is not None and ended["kind"] not in ("ok",) and self.ranks:
+                # Keep the store up long enough for the other nodes to see the failure and stop.
+                end = time.monotonic() + self.args.grace_period + 5 * _REMOTE_POLL_S + 2.0
+                keys = [_KEY + f"done/{i}" for i in range(1, a.nnodes) if i != ended.get("node")]
+                while time.monotonic() < end and not self.signals[1:]:
+                    try:
+                        if all(self.client.check(k) for k in keys):
+                            break
+                    except (ConnectionError, TimeoutError):
+                        break
+                    time.sleep(0.05)
+        self.client.close()
+        if self.server is not None:
+            self.server.close()
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of fp4ccl-run; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, program = _split_argv(argv)
+    args = _parser().parse_args(own)
+    try:
+        if args.module is None and not program:
+            raise LaunchError("no program given: pass script.py or -m module")
+        if args.module is None and not os.path.isfile(program[0]):
+            raise LaunchError(f"script not found: {program[0]}")
+        if args.nproc_per_node is None:
+            args.nproc_per_node = visible_gpu_count() or 4
+        if args.nproc_per_node < 1:
+            raise LaunchError(f"-n/--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+        if args.nnodes < 1:
+            raise LaunchError(f"--nnodes must be at least 1, got {args.nnodes}")
+        if not 0 <= args.node_rank < args.nnodes:
+            raise LaunchError(f"--node-rank must be in [0, {args.nnodes - 1}], got {args.node_rank}")
+        if args.master_port is not None and not 0 <= args.master_port <= 65535:
+            raise LaunchError(f"--master-port must be in [0, 65535], got {args.master_port}")
+        if args.nnodes > 1 and args.master_port == 0:
+            raise LaunchError("--master-port 0 cannot work on several nodes: the others need to know the port")
+        for flag in ("timeout", "grace_period", "rdzv_timeout"):
+            v = getattr(args, flag)
+            if v is not None and not v > 0 and not (flag == "grace_period" and v == 0):
+                raise LaunchError(f"--{flag.replace('_', '-')} must be positive, got {v:g}")
+        show = _parse_ranks(args.ranks_filter) if args.ranks_filter else None
+        return Launcher(args, program).run(show)
+    except LaunchError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,735 @@
+"""Variable-size and FP4 collectives over symmetric memory, for communicators that fit on one node.
+
+Every rank writes its contribution (FP4-encoded, or its plain rows) into its own slot of a symmetric
+workspace, one device-side barrier publishes all slots, and each rank pulls what it needs straight
+from its peers' slots over NVLink. Where the result is decoded, the pull and the decode are one
+kernel: the FP4 bytes cross NVLink once and are never staged in local memory, and there is no NCCL
+kernel competing with the decode for SMs. That is what lets an FP4 gather run at the speed its byte
+count promises (docs/VCOLLECTIVES.md has the figures).
+
+The workspace is double-buffered: call i writes half i % 2. A rank overwrites a half only after the
+barrier of the next call, which every peer reaches after its reads of that half (stream order, and
+an event joins calls made on different streams), so one barrier per call is enough.
+
+Not used, and the NCCL algorithms run instead, when: the communicator spans hosts or has one rank,
+the caller's stream is being captured into a CUDA graph (the caller's graph would freeze one workspace
+half, and its replays could overwrite that half while a peer still reads it), or FP4CCL_FP4_ALGO /
+FP4CCL_ALGO ask for an NCCL algorithm. Every rank
+must make the same choice, so capture (like every collective) has to be the same on every rank.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections import OrderedDict
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from . import _cuda
+from ._cuda import runtime as _rt
+from ._log import get_logger
+
+log = get_logger("fp4ccl.symm_collectives")
+
+FP4_ALGOS = ("symm", "nccl")
+_ALIGN = 256
+_GROWTH = 1.5          # a grown workspace takes at least this factor more, so growing stays rare
+_EXTRAS_KEY = "fp4ccl.symm_workspace"
+
+
+def _round_up(n: int, m: int = _ALIGN) -> int:
+    return (n + m - 1) // m * m
+
+
+def capturing(stream: int) -> bool:
+    """Whether `stream` is being captured into a CUDA graph."""
+    try:
+        return bool(_rt().streamIsCapturing(stream))
+    except Exception:  # noqa: BLE001 - the legacy stream while another stream captures reports an error
+        return True
+
+
+def usable(comm, stream: int) -> bool:
+    """Whether the symmetric-memory algorithms can serve this call (see the module doc); collective
+    the first time on a communicator (the node check)."""
+    if comm.size < 2 or comm.device is None or capturing(stream):
+        return False
+    from .symmetric import same_node
+    return same_node(comm)
+
+
+def fp4_algo(comm, stream: int) -> str:
+    """'symm' or 'nccl' for an FP4 collective: FP4CCL_FP4_ALGO if set, else symm wherever usable.
+    A forced 'symm' that cannot run (another host, graph capture) runs 'nccl' and says so at INFO."""
+    forced = os.environ.get("FP4CCL_FP4_ALGO", "").strip().lower()
+    if forced and forced not in FP4_ALGOS:
+        raise ValueError(f"FP4CCL_FP4_ALGO={forced!r} is not one of {', '.join(FP4_ALGOS)}")
+    if forced == "nccl":
+        return "nccl"
+    if usable(comm, stream):
+        return "symm"
+    if forced == "symm":
+        log.info("FP4CCL_FP4_ALGO=symm, but symmetric memory cannot serve this call "
+                 "(one rank, several hosts, or graph capture): NCCL instead")
+    return "nccl"
+
+
+# A call that comes again (same buffers, sizes and stream) replays a CUDA graph of its steps: one graph
+# launch instead of a handful of API calls, which is what a small call's time is made of, and no host
+# gaps between the steps of a large one. FP4CCL_SYMM_GRAPHS=0 turns it off.
+_GRAPH_CACHE = 64       # graphs kept per communicator (least recently used dropped)
+_SEEN_CACHE = 256       # call keys remembered, to capture only calls that repeat
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get("FP4CCL_SYMM_GRAPHS", "1").strip() not in ("0", "false", "off", "no")
+
+
+class Workspace:
+    """The per-communicator symmetric workspace: two halves of `slot` bytes on every rank, and the
+    cache of CUDA graphs of repeated calls (invalidated when the workspace grows)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.buf = None
+        self.slot = 0
+        self.calls = 0
+        self._done = 0        # cudaEvent_t: the end of the previous call, whatever its stream
+        self._last_stream = None
+        self._graphs: "OrderedDict[tuple, int]" = OrderedDict()   # key -> cudaGraphExec_t
+        self._seen: "OrderedDict[tuple, None]" = OrderedDict()
+        self._capture_stream = None
+        self._addrs = [None, None]   # per half: (this rank's slot address, every rank's), set at growth
+
+    def run(self, slot_bytes: int, stream: int, key, enqueue, prepare=None) -> None:
+        """One call: `enqueue(stream, local, slots)` enqueues its steps for a workspace half (this
+        rank's slot address, every rank's). Run directly, or through a cached CUDA graph when `key`
+        (everything the steps depend on besides the half and the stream; None: never cache) repeats.
+        `prepare()` runs first unless a graph is replayed (sizing other workspaces, say).
+        slot_bytes must be the same on every rank (derive it from sizes, never from local data)."""
+        local, slots, half = self._acquire(slot_bytes, stream)
+        full = key + (half, stream) if key is not None and graphs_enabled() else None
+        graph = self._graphs.get(full) if full is not None else None
+        if graph is not None:
+            self._graphs.move_to_end(full)
+        else:
+            if prepare is not None:
+                prepare()
+            if full in self._seen:
+                graph = self._capture(full, lambda s: enqueue(s, local, slots))
+            elif full is not None:
+                self._seen[full] = None
+                if len(self._seen) > _SEEN_CACHE:
+                    self._seen.popitem(last=False)
+        if graph is not None:
+            _rt().graphLaunch(graph, stream)
+        else:
+            enqueue(stream, local, slots)
+        _rt().eventRecord(self._done, stream)
+
+    def barrier(self, stream: int) -> None:
+        # The epoch lives on the device, so the same barrier works eagerly and inside a graph. A
+        # rank that skips a call makes its peers' barrier trap after FP4CCL_TIMEOUT (600 s unset).
+        self.buf.barrier(stream, mode="device")
+
+    def _acquire(self, slot_bytes: int, stream: int) -> Tuple[int, List[int], int]:
+        need = _round_up(max(slot_bytes, 1))
+        if need > self.slot:
+            self._grow(max(need, _round_up(int(self.slot * _GROWTH))))
+        if stream != self._last_stream:  # on the same stream, stream order already does it
+            _rt().streamWaitEvent(stream, self._done, 0)
+            self._last_stream = stream
+        half = self.calls % 2
+        self.calls += 1
+        addrs = self._addrs[half]
+        if addrs is None:
+            off = half * self.slot
+            buf = self.buf
+            addrs = self._addrs[half] = (buf.ptr() + off, [buf.ptr(r) + off for r in range(self.comm.size)])
+        return addrs[0], addrs[1], half
+
+    def _capture(self, key: tuple, enqueue) -> int:
+        rt = _rt()
+        if self._capture_stream is None:
+            self._capture_stream = _new_stream(self.comm.device)
+        s = self._capture_stream
+        # Relaxed: other threads may allocate meanwhile; nothing in the steps allocates or syncs.
+        rt.streamBeginCapture(s, rt.streamCaptureModeRelaxed)
+        try:
+            enqueue(s)
+        finally:
+            graph = rt.streamEndCapture(s)
+        try:
+            # node priorities kept: a barrier kernel captured from a high-priority side stream must
+            # still get an SM ahead of the quantize kernels that fill the GPU
+            exe = _cuda.instantiate_graph(graph)
+        finally:
+            rt.graphDestroy(graph)
+        self._graphs[key] = exe
+        if len(self._graphs) > _GRAPH_CACHE:
+            _, old = self._graphs.popitem(last=False)
+            rt.graphExecDestroy(old)
+        return exe
+
+    def _drop_graphs(self) -> None:
+        rt = _rt()
+        for exe in self._graphs.values():
+            try:
+                rt.graphExecDestroy(exe)
+            except Exception:  # noqa: BLE001 - the context may already be gone at teardown
+                pass
+        self._graphs.clear()
+        self._seen.clear()
+
+    def _grow(self, slot: int) -> None:
+        from .symmetric import SymmetricBuffer
+        if self.buf is not None:
+            self._drop_graphs()  # they point into the old buffer
+            self.buf.free()  # collective: every rank grows at the same call (slot sizes agree)
+            self.buf = None
+        log.info("symmetric workspace: 2 x %d bytes on cuda:%d", slot, self.comm.device)
+        self.buf = SymmetricBuffer.allocate(self.comm, (2 * slot,), "uint8")
+        self.slot = slot
+        self._addrs = [None, None]
+        self._last_stream = None
+        if not self._done:
+            self._done = _new_event(self.comm.device)
+
+    def close(self) -> None:
+        # comm.destroy() frees the buffer itself (collectively, with the other symmetric buffers).
+        self._drop_graphs()
+        if self._done:
+            try:
+                _rt().eventDestroy(self._done)
+            except Exception:  # noqa: BLE001 - the context may already be gone at teardown
+                pass
+            self._done = 0
+        self._capture_stream = None
+        self.buf = None
+        self._addrs = [None, None]
+
+
+def _new_stream(device: int):
+    """A non-blocking stream of our own on `device` (a CuPy Stream; int() of .ptr is the handle)."""
+    import cupy
+    with cupy.cuda.Device(device):
+        stream = cupy.cuda.Stream(non_blocking=True)
+    return _OwnedStream(stream)
+
+
+class _OwnedStream(int):
+    """A stream handle that keeps its CuPy Stream alive."""
+
+    def __new__(cls, stream):
+        self = super().__new__(cls, int(stream.ptr))
+        self.stream = stream
+        return self
+
+
+def _new_event(device: int) -> int:
+    """A timing-free event on `device`. Never recorded, so the first wait on it is a no-op."""
+    import cupy
+    with cupy.cuda.Device(device):
+        return _rt().eventCreateWithFlags(_rt().eventDisableTiming)
+
+
+def forget_graphs(comm) -> None:
+    """Drop the cached graphs of this communicator's calls (a buffer they point into was replaced)."""
+    ws = comm._extras.get(_EXTRAS_KEY)
+    if ws is not None:
+        ws._drop_graphs()
+
+
+def workspace(comm) -> Workspace:
+    ws = comm._extras.get(_EXTRAS_KEY)
+    if ws is None:
+        ws = comm._extras[_EXTRAS_KEY] = Workspace(comm)
+    return ws
+
+
+# -- side streams ----------------------------------------------------------------------------------------
+
+_HIGHEST_PRIORITY = -(1 << 20)
+
+
+class SideStream:
+    """A stream of the communicator's besides the caller's, and events to fork and join it with others."""
+
+    def __init__(self, device: int, high_priority: bool = False):
+        import cupy
+        with cupy.cuda.Device(device):
+            # CUDA clamps a priority outside the device's range to its nearest end: the highest here.
+            priority = _HIGHEST_PRIORITY if high_priority else None
+            self._stream = cupy.cuda.Stream(non_blocking=True, priority=priority)
+            self._events = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(16)]
+        self.ptr = int(self._stream.ptr)
+        self._next = 0
+
+    def order(self, waiter: int, signaller: int) -> None:
+        """Work enqueued on `waiter` from now on runs after what `signaller` holds now."""
+        self.wait(waiter, self.mark(signaller))
+
+    def mark(self, signaller: int) -> int:
+        """An event for what `signaller` holds now (one of 16 reused in turn: wait on it soon)."""
+        ev = self._events[self._next % len(self._events)].ptr
+        self._next += 1
+        _rt().eventRecord(ev, signaller)
+        return ev
+
+    def wait(self, waiter: int, event: int) -> None:
+        """Work enqueued on `waiter` from now on runs after `event` (from mark)."""
+        _rt().streamWaitEvent(waiter, event, 0)
+
+    def close(self) -> None:
+        self._stream = None
+        self._events = []
+
+
+def side_stream(comm, name: str, high_priority: bool = False) -> SideStream:
+    """The communicator's side stream `name` on its device (made on first use, closed by comm.destroy())."""
+    key = (name, comm.device)
+    side = comm._extras.get(key)
+    if side is None:
+        side = comm._extras[key] = SideStream(comm.device, high_priority)
+    return side
+
+
+# -- plain all_gatherv ---------------------------------------------------------------------------------
+
+def ring(comm) -> List[int]:
+    """The peers in ring order from this rank: rank+1, rank+2, ... Steps that each touch one peer go
+    in this order, so that at every step each rank deals with a different peer."""
+    return [(comm.rank + i) % comm.size for i in range(1, comm.size)]
+
+
+def all_gatherv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], itemsize: int, stream: int) -> None:
+    """Rows of every rank into recv: copy in, barrier, one segmented-copy launch pulling every peer's
+    rows (the own rows straight from x). Copy-engine pulls, peer after peer in ring order, measured
+    slower from 8 MiB on (bench/RESULTS.md run 6)."""
+    from .vcollectives import copy, copy_segments, offsets
+    me = comm.rank
+    offs = offsets(counts)
+
+    def enqueue(s, local, slots):
+        copy(local, send_ptr, counts[me] * itemsize, s)
+        workspace(comm).barrier(s)
+        copy_segments(comm.device, [(recv_ptr + offs[r] * itemsize, send_ptr if r == me else slots[r],
+                                     counts[r] * itemsize) for r in range(comm.size)], s)
+
+    workspace(comm).run(max(counts) * itemsize, stream, ("all_gatherv", send_ptr, recv_ptr, tuple(counts), itemsize),
+                        enqueue)
+
+
+# -- plain reduce_scatterv -------------------------------------------------------------------------------
+
+MAX_SOURCES = 8  # FP4CCL_MAX_SOURCES in csrc/symm.cu: ranks one summing launch reads
+SUM_KERNELS = {"bfloat16": "fp4ccl_sum_sources_bf16", "float16": "fp4ccl_sum_sources_f16",
+               "float32": "fp4ccl_sum_sources_f32"}
+_SOURCE_TABLE = np.dtype([("src", "<u8", (MAX_SOURCES,))])
+_SUM_THREADS = 256
+
+
+def can_reduce_scatter(comm, dtype: str, op: str) -> bool:
+    """Whether reduce_scatterv(..., algo 'symm') supports this call: sums of float types, <= 8 ranks."""
+    return op == "sum" and dtype in SUM_KERNELS and comm.size <= MAX_SOURCES
+
+
+def reduce_scatterv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], dtype: str, itemsize: int,
+                    stream: int) -> None:
+    """This rank's rows of the sum: copy the whole input in, barrier, one kernel summing (in fp32, in
+    rank order, rounded once) the rows meant for this rank from every rank's slot."""
+    from .vcollectives import copy, offsets
+    me = comm.rank
+    total = sum(counts) * itemsize
+    count = counts[me]
+    off = offsets(counts)[me] * itemsize
+
+    def enqueue(s, local, slots):
+        copy(local, send_ptr, total, s)
+        workspace(comm).barrier(s)
+        _sum_sources(comm.device, dtype, itemsize, recv_ptr, [slot + off for slot in slots], count, s)
+
+    workspace(comm).run(total, stream, ("reduce_scatterv", send_ptr, recv_ptr, tuple(counts), dtype), enqueue)
+
+
+def _sum_sources(device: int, dtype: str, itemsize: int, out_ptr: int, sources: Sequence[int], count: int,
+                 stream: int) -> None:
+    """out[:count] = the sum of count elements at every source, in fp32 and in the order given, rounded once."""
+    if not count:
+        return
+    from .symmetric import launch
+    table = np.zeros(1, _SOURCE_TABLE)
+    table["src"][0, :len(sources)] = sources
+    per_thread = 16 // itemsize
+    blocks = max(1, min(_resident_sum_blocks(device), -(-count // (per_thread * _SUM_THREADS))))
+    launch(device, SUM_KERNELS[dtype], (blocks,), (_SUM_THREADS,),
+           (np.uint64(out_ptr), table, np.int32(len(sources)), np.int64(count), np.float32(1.0)), stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_sum_blocks(device: int) -> int:
+    rt = _rt()
+    return 8 * rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, device)
+
+
+# -- the copy-engine forms of the plain v-collectives ----------------------------------------------------
+
+def ce_pieces() -> int:
+    """Pieces per call of the copy-engine forms (FP4CCL_CE_PIECES, default 1; every rank must use the
+    same: each piece is one barrier). A piece is pulled (pushed) while the next is staged (summed).
+    Measured (bench/RESULTS.md run 30, 1 MiB-1 GiB): 2 or 4 pieces made the gather slower at every
+    size (3374 against 2888 us at 1 GiB with 2) and did not move the reduce-scatter."""
+    return _positive_env("FP4CCL_CE_PIECES", 1)
+
+
+def ce_streams() -> int:
+    """Copy streams of the copy-engine forms, the peers' copies of a piece spread over them
+    (FP4CCL_CE_STREAMS, default 1: one copy at a time, in ring order). Copies from (to) several
+    peers at once measured slower at every size from 16 MiB (run 30: 0.57-0.76x of NCCL's time
+    with 2 or 3 streams against 0.85-0.96x with one)."""
+    return _positive_env("FP4CCL_CE_STREAMS", 1)
+
+
+def _positive_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r} must be a positive integer")
+    return int(raw)
+
+
+def _stage(device: int, dst: int, src: int, nbytes: int, stream: int) -> None:
+    """A local copy with the SMs (FP4CCL_CE_STAGE=sm, the default) or the copy engine (ce), so that
+    staging the next piece does not queue on the copy engines behind the pulls."""
+    from .vcollectives import copy, launch_vcopy
+    if not nbytes:
+        return
+    how = os.environ.get("FP4CCL_CE_STAGE", "sm").strip().lower()
+    if how not in ("sm", "ce"):
+        raise ValueError(f"FP4CCL_CE_STAGE={how!r} must be 'sm' or 'ce'")
+    if how == "ce" or not launch_vcopy(device, [(dst, src, nbytes)], stream):
+        copy(dst, src, nbytes, stream)
+
+
+def _ce_plan(counts: Sequence[int]) -> Tuple[List[int], int, int, List[List[Tuple[int, int]]]]:
+    """(each rank's first element, pieces, copy streams, (first element, elements) of each piece of each
+    rank's part) for a copy-engine call; every rank splits alike."""
+    from .vcollectives import offsets, split_count
+    npieces = ce_pieces()
+    split = []
+    for c in counts:
+        parts = split_count(c, npieces)
+        split.append(list(zip(offsets(parts), parts)))
+    return offsets(counts), npieces, ce_streams(), split
+
+
+def _ce_streams(comm, n: int) -> Tuple[SideStream, List[SideStream]]:
+    """The barrier stream (highest priority) and n copy streams of the copy-engine forms."""
+    return (side_stream(comm, "ce_barrier", high_priority=True),
+            [side_stream(comm, "ce_copy" if i == 0 else f"ce_copy{i}") for i in range(n)])
+
+
+def all_gatherv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], itemsize: int, stream: int) -> None:
+    """Rows of every rank into recv, pulled by the copy engine: this rank's rows go into its slot piece
+    by piece, each piece published by a barrier on a high-priority stream; the copy streams then pull
+    that piece of every peer's rows straight into recv (ring order) while the next piece is staged.
+    The own rows are copied from x last, beside the pulls. The copy engines need no SM and reach
+    ~340 GB/s from one peer's VMM memory (docs/OVERLAP.md), against 240-290 for SM loads."""
+    from .vcollectives import copy
+    me = comm.rank
+    offs, npieces, nstreams, split = _ce_plan(counts)
+
+    def enqueue(s, local, slots):
+        bar, pulls = _ce_streams(comm, nstreams)
+        ws = workspace(comm)
+        for k in range(npieces):
+            first, n = split[me][k]
+            _stage(comm.device, local + first * itemsize, send_ptr + first * itemsize, n * itemsize, s)
+            bar.order(bar.ptr, s)       # this piece is in our slot
+            ws.barrier(bar.ptr)         # ... and in every rank's
+            for pull in pulls:
+                pull.order(pull.ptr, bar.ptr)
+            for i, p in enumerate(ring(comm)):
+                first, n = split[p][k]
+                copy(recv_ptr + (offs[p] + first) * itemsize, slots[p] + first * itemsize, n * itemsize,
+                      pulls[i % nstreams].ptr)
+        _stage(comm.device, recv_ptr + offs[me] * itemsize, send_ptr, counts[me] * itemsize, s)
+        bar.order(s, bar.ptr)
+        for pull in pulls:
+            pull.order(s, pull.ptr)
+
+    workspace(comm).run(max(counts) * itemsize, stream,
+                        ("all_gatherv_ce", send_ptr, recv_ptr, tuple(counts), itemsize, npieces, nstreams), enqueue)
+
+
+def reduce_scatterv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], dtype: str, itemsize: int,
+                       stream: int) -> None:
+    """This rank's rows of the sum, pushed by the copy engine: piece by piece, the copy streams write
+    the rows meant for each peer straight from x into that peer's slot (the region kept for this
+    rank, ring order), a barrier on a high-priority stream publishes the piece, and that piece of this
+    rank's result is summed (fp32, rank order, rounded once) from x's own rows and the peers' regions
+    of our slot while the next piece is on the wire. Nothing is staged: each byte crosses NVLink once."""
+    from .vcollectives import copy
+    me, n = comm.rank, comm.size
+    offs, npieces, nstreams, split = _ce_plan(counts)
+
+    def enqueue(s, local, slots):
+        bar, pushes = _ce_streams(comm, nstreams)
+        ws = workspace(comm)
+        for push in pushes:
+            push.order(push.ptr, s)     # the previous call's sums have read our slot
+        for k in range(npieces):
+            for i, p in enumerate(ring(comm)):
+                first, m = split[p][k]
+                # rank p's slot holds one region of counts[p] elements per source rank
+                copy(slots[p] + (me * counts[p] + first) * itemsize, send_ptr + (offs[p] + first) * itemsize,
+                      m * itemsize, pushes[i % nstreams].ptr)
+            for push in pushes:
+                bar.order(bar.ptr, push.ptr)
+            ws.barrier(bar.ptr)
+            bar.order(s, bar.ptr)
+            first, m = split[me][k]
+            sources = [send_ptr + (offs[me] + first) * itemsize if r == me else local + (r * counts[me] + first) * itemsize
+                       for r in range(n)]
+            _sum_sources(comm.device, dtype, itemsize, recv_ptr + first * itemsize, sources, m, s)
+        for push in pushes:
+            push.order(s, push.ptr)
+
+    workspace(comm).run(max(counts) * n * itemsize, stream,
+                        ("reduce_scatterv_ce", send_ptr, recv_ptr, tuple(counts), dtype, npieces, nstreams), enqueue)
+
+
+# -- FP4 -------------------------------------------------------------------------------------------------
+
+def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Sequence[int], oinfo) -> None:
+    """Quantize into this rank's slot; barrier; one decode launch over every rank's slot, the peers'
+    read straight over NVLink. (Decoding the own rows before the barrier and each peer in turn with
+    the whole grid measured slower: 163 against 146 us at 128 MiB, 515 against 470 at 512 MiB.)"""
+    from .formats.tensor import packed_layout
+    from .vcollectives import offsets
+    comm = codec.comm
+    me = comm.rank
+    rows = tuple(rows)
+
+    def enqueue(s, local, slots):
+        lays = [packed_layout(r, K, fmt) for r in rows]
+        out_rows = offsets(rows)
+        codec.stream = s
+        codec.amax_and_quantize(info, K, fmt, shared, [(0, rows[me], local, lays[me])])
+        workspace(comm).barrier(s)
+        codec.dequantize([(out_rows[r], rows[r], slots[r], lays[r]) for r in range(comm.size)], K, fmt, oinfo)
+
+    key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, rows, K, fmt, shared)
+    workspace(comm).run(_largest_packed(rows, K, fmt), codec.stream, key, enqueue,
+                        prepare=lambda: codec.reserve_nccl_gather(K, fmt, rows, oinfo))
+
+
+@functools.lru_cache(maxsize=256)
+def _largest_packed(rows: Tuple[int, ...], K: int, fmt: str) -> int:
+    """Bytes of the largest rank's packed FP4 segment: the slot size of an FP4 gather."""
+    from .formats.tensor import packed_layout
+    return max(packed_layout(r, K, fmt).total_bytes for r in rows)
+
+
+def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr: int, sptr: int, gptr: int) -> None:
+    """Gather packed FP4 segments into separate data / scales / global-scale arrays: `fill_slot(addr,
+    layout)` writes this rank's segment (on codec.stream); after the barrier one segmented-copy launch
+    pulls every rank's parts. (Copy-engine pulls, peer after peer, measured slower: 184 against
+    154 us at 128 MiB, 632 against 470 at 512 MiB.)"""
+    from .formats.tensor import BLOCK_SIZE, packed_layout
+    from .vcollectives import copy_segments, offsets
+    comm = codec.comm
+    bs = BLOCK_SIZE[fmt]
+    lays = [packed_layout(r, K, fmt) for r in rows]
+    first = offsets(rows)
+
+    def enqueue(s, local, slots):
+        codec.stream = s
+        fill_slot(local, lays[comm.rank])
+        workspace(comm).barrier(s)
+        segs = []
+        for r, (a, n, lay) in enumerate(zip(first, rows, lays)):
+            segs.append((dptr + a * K // 2, slots[r], n * K // 2))
+            segs.append((sptr + a * K // bs, slots[r] + lay.scale_off, n * K // bs))
+            if gptr:
+                segs.append((gptr + 4 * r, slots[r] + lay.gs_off, 4))
+        copy_segments(comm.device, segs, s)
+
+    # The result arrays are new on every call, so a graph of this call would never be replayed.
+    workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, None, enqueue)
+
+
+# The forms of the FP4 reduce-scatter over symmetric memory (fp4_reduce_scatter's doc) and the input
+# size from which push is the default (store below); FP4CCL_FP4_RS_FORM forces one.
+# Measured side by side (4 x H200, bf16 in, speedup over NCCL's bf16 reduce_scatter, bench/RESULTS.md
+# run 40) at 8 / 16 / 32 / 64 / 128 / 256 / 512 MiB / 1 GiB:
+#   steps 0.56 0.91 1.28 1.55 1.62 1.63 1.65 1.61
+#   pull  0.73 0.89 1.22 1.66 2.00 2.27 2.44 2.61   (FP4CCL_PDL=0; with the dependent launches 0.45-2.55)
+#   store 0.88 1.17 1.49 1.84 1.90 1.92 1.93 1.88
+#   push  0.60 0.92 1.44 2.05 2.28 2.40 2.51 2.56
+# and from 8 KiB to 2 MiB (run 41, one call, sweeps one after the other) store took 50-53 us per call
+# where steps took 62-87.
+RS_FORMS = ("steps", "pull", "store", "push")
+RS_PUSH_FROM_BYTES = 64 << 20
+
+
+def rs_pieces(chunk_bytes: int) -> int:
+    """Row pieces per chunk in the pipelined reduce-scatter, from the largest chunk's packed FP4 bytes
+    (the same on every rank: each piece is one barrier). Each piece is quantized, barriered, pulled
+    and summed on its own, so the first pull starts once a piece (not a chunk) is quantized and only
+    the last piece's sum follows the last pull; each piece costs a barrier and a copy's start. Measured
+    best (bench/RESULTS.md run 26): 1 piece of 4.5 MiB chunks, 2 of 9-36 MiB, 4 of 72 MiB."""
+    return 1 if chunk_bytes < (8 << 20) else 2 if chunk_bytes < (64 << 20) else 4
+
+
+def rs_form(nbytes: int) -> str:
+    """The FP4 reduce-scatter form for an input of `nbytes` (the same on every rank)."""
+    raw = os.environ.get("FP4CCL_FP4_RS_FORM", "").strip().lower()
+    if raw:
+        if raw not in RS_FORMS:
+            raise ValueError(f"FP4CCL_FP4_RS_FORM={raw!r} is not one of {', '.join(RS_FORMS)}")
+        return raw
+    return "push" if nbytes >= RS_PUSH_FROM_BYTES else "store"
+
+
+def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo, rounding: str, seed: int, mix) -> None:
+    """Each rank quantizes the chunk for each peer (its own amax); this rank decodes and sums, in rank
+    order, the chunk every rank made for it, rounding once. Three forms (rs_form):
+
+    steps: quantize every chunk into the own slot, one barrier, one fused decode-and-sum kernel reading
+    the peers' slots over NVLink.
+    pull: n - 1 stages of rs_pieces() row pieces: at stage i every rank quantizes its chunk for rank + i
+    piece by piece, a barrier after each on a high-priority stream, and the copy engine pulls that piece
+    of the chunk from rank - i into a local staging area while the SMs quantize the next piece; the own
+    chunk last, then one local decode-and-sum.
+    store: the quantize kernels store each peer's chunk straight into that peer's slot (a region per
+    source), so the NVLink writes ride on the quantize passes and no stage waits for a barrier; the
+    amax passes run ahead on a side stream. One barrier, then a local decode-and-sum.
+    push: each peer's chunk is quantized into a local staging area and the copy engine pushes it into
+    that peer's slot (a region per source) while the SMs quantize the next; no barrier until the last
+    push, then one, and a local decode-and-sum.
+    Stochastic rounding draws from the element index, so all give the same bits. Every form is
+    captured into a CUDA graph when the call repeats.
+    """
+    from .formats import kernels
+    from .formats.tensor import BLOCK_SIZE, packed_layout
+    from .vcollectives import copy, offsets, split_count
+    comm = codec.comm
+    me, n = comm.rank, comm.size
+    bs = BLOCK_SIZE[fmt]
+    row_offs = offsets(rows)
+    form = rs_form(info.nbytes)
+    # pieces[q]: (first row in the chunk, rows, offset in the chunk's region, packed layout) of each row
+    # piece of the chunk for rank q. Each piece is a packed segment of its own, so a piece travels as
+    # one copy and is summed on its own; every rank splits a chunk the same way.
+    npieces = rs_pieces(packed_layout(max(rows), K, fmt).total_bytes) if form == "pull" else 1
+    pieces = []
+    for q in range(n):
+        counts = split_count(rows[q], npieces)
+        lay_q = [packed_layout(c, K, fmt) for c in counts]
+        pieces.append(list(zip(offsets(counts), counts, offsets([lay.total_bytes for lay in lay_q]), lay_q)))
+    size = [sum(piece[3].total_bytes for piece in pieces[q]) for q in range(n)]
+    region = offsets(size)            # steps, pull: in every slot, the chunk for rank q at region[q]
+    m = size[me]
+    # store, push: in rank q's slot, the chunk from rank c at c * size[q]; push stages the peers'
+    # chunks, in ring order, at stage[i]
+    stage = offsets([size[p] for p in ring(comm)])
+    staging = {"pull": (n - 1) * m, "push": sum(size) - m}.get(form, 0)
+
+    def prepare():
+        codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=staging)
+
+    def quantize(p, chunk_addr, amax, piece):
+        """`piece` of the chunk for rank p into the chunk that starts at chunk_addr."""
+        r0, nr, off, lay = piece
+        codec.quantize(info, K, fmt, amax, [(row_offs[p] + r0, nr, chunk_addr + off, lay)],
+                       rounding=rounding, seed=mix(seed, me, p))
+
+    def quantize_chunk(p, dst):
+        amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
+        for piece in pieces[p]:
+            quantize(p, dst + region[p], amax, piece)
+
+    def decode_sum(stream, sources, piece):
+        """Rows of `piece` of this rank's result, from that piece of each chunk at `sources`."""
+        q0, nq, off, lay = piece
+        if nq:
+            kernels.dequantize_sum(comm.device, oinfo.ptr + q0 * K * oinfo.itemsize, oinfo.dtype, K, fmt, nq * K // bs,
+                                   [(a + off, a + off + lay.scale_off, a + off + lay.gs_off if fmt == "nvfp4" else 0)
+                                    for a in sources], stream)
+
+    def enqueue(s, local, slots):
+        codec.stream = s
+        for p in ring(comm) + [me]:
+            quantize_chunk(p, local)
+        workspace(comm).barrier(s)
+        decode_sum(s, [slot + region[me] for slot in slots], pieces[me][0])
+
+    def enqueue_store(s, local, slots):
+        codec.stream = s
+        ahead = codec._side("rs_amax")
+        ahead.order(ahead.ptr, s)          # x is ready
+        order = ring(comm) + [me]
+        marks = []
+        for p in order:
+            marks.append((codec.amax_rows(info, K, fmt, row_offs[p], rows[p], ahead.ptr), ahead.mark(ahead.ptr)))
+        for p, (amax, done) in zip(order, marks):
+            ahead.wait(s, done)
+            quantize(p, slots[p] + me * size[p], amax, pieces[p][0])
+        workspace(comm).barrier(s)
+        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
+
+    def enqueue_push(s, local, slots):
+        codec.stream = s
+        push = codec._side("rs_push")
+        for i, p in enumerate(ring(comm)):
+            src = codec.staging + stage[i]
+            quantize(p, src, codec.amax_rows(info, K, fmt, row_offs[p], rows[p]), pieces[p][0])
+            push.order(push.ptr, s)        # this chunk is quantized
+            copy(slots[p] + me * size[p], src, size[p], push.ptr)
+        quantize(me, local + me * m, codec.amax_rows(info, K, fmt, row_offs[me], rows[me]), pieces[me][0])
+        push.order(s, push.ptr)            # every push has landed
+        workspace(comm).barrier(s)
+        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
+
+    def enqueue_pipelined(s, local, slots):
+        codec.stream = s
+        # Barriers and pulls on streams of their own, so that barrier k + 1 completes while pull k
+        # runs (one stream for both put every barrier behind the previous pull: 20-30 us a stage).
+        # The barrier stream has the highest priority: its one-warp kernel must get an SM as soon as
+        # the quantize it waits for ends, ahead of the next quantize queued on `s`, which fills
+        # every SM. The pulls run on the copy engines and need no SM.
+        bar = codec._side("rs_barrier", high_priority=True)
+        pull = codec._side("rs_pull")
+        ws = workspace(comm)
+        staging = codec.staging
+        landed = []                        # per piece of the last stage's chunk: its pull's event
+        for i, p in enumerate(ring(comm), 1):
+            amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
+            src = (me - i) % n
+            base, dst = slots[src] + region[me], staging + (i - 1) * m
+            for theirs, ours in zip(pieces[p], pieces[me]):
+                quantize(p, local + region[p], amax, theirs)
+                bar.order(bar.ptr, s)      # this piece is in our slot
+                ws.barrier(bar.ptr)        # ... and in every rank's
+                pull.order(pull.ptr, bar.ptr)
+                copy(dst + ours[2], base + ours[2], ours[3].total_bytes, pull.ptr)
+                if i == n - 1:
+                    landed.append(pull.mark(pull.ptr))
+        quantize_chunk(me, local)
+        bar.order(s, bar.ptr)
+        sources = [local + region[me] if c == me else staging + ((me - c) % n - 1) * m for c in range(n)]
+        # One pull stream: a piece of the last stage landed means that piece of every stage did, so
+        # each piece's sum starts while the next piece is still on the wire.
+        for piece, event in zip(pieces[me], landed):
+            pull.wait(s, event)
+            decode_sum(s, sources, piece)
+        pull.order(s, pull.ptr)
+
+    slot = n * max(size) if form in ("store", "push") else sum(size)
+    key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed,
+           form)
+    steps = {"steps": enqueue, "pull": enqueue_pipelined, "store": enqueue_store, "push": enqueue_push}[form]
+    workspace(comm).run(slot, codec.stream, key, steps, prepare)
