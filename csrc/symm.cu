@@ -83,37 +83,6 @@ extern "C" __global__ void fp4ccl_symm_barrier_dev(const u64* __restrict__ pads,
     if (threadIdx.x == 0) *counter = epoch;
 }
 
-// Flags of the signalled FP4 reduce-scatter (fp4ccl/symm_collectives.py, the push form): after its
-// copy into a peer's buffer a sender sets that copy's flag, in the peer's memory, to 1; the receiver
-// waits for the flags of every peer and sets them back to 0. The next write of the same flag comes
-// two calls later, after a cross-rank wait that follows this reset, so there is no epoch to count
-// and the same kernels work eagerly and inside a CUDA graph.
-
-// Where the driver has no 64-bit stream memory operations: the flag write as a one-thread kernel.
-extern "C" __global__ void fp4ccl_symm_flag_set(u64* flag) {
-    __threadfence_system();   // the stream's earlier copies into the peer are visible before the flag
-    st_release_sys(flag, 1ull);
-}
-
-// Thread `src` waits for flags[src * stride] == 1 (every rank but this one), then clears it.
-extern "C" __global__ void fp4ccl_symm_flags_wait(u64* flags, int stride, int rank, int world, u64 timeout_ns) {
-    const int src = threadIdx.x;
-    if (src >= world || src == rank) return;
-    u64* flag = flags + (long long)src * stride;
-    const u64 start = timeout_ns ? global_timer_ns() : 0;
-    unsigned int backoff = 32;
-    while (ld_acquire_sys(flag) != 1ull) {
-        __nanosleep(backoff);
-        if (backoff < 256) backoff <<= 1;
-        if (timeout_ns && global_timer_ns() - start > timeout_ns) {
-            printf("fp4ccl: rank %d timed out waiting for rank %d's data (flag %llu); a rank skipped or "
-                   "reordered a collective call\n", rank, src, ld_acquire_sys(flag));
-            __trap();
-        }
-    }
-    *reinterpret_cast<volatile u64*>(flag) = 0ull;
-}
-
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 __device__ __forceinline__ u16 f32_to_bf16(float f) {

@@ -128,32 +128,6 @@ class Workspace:
             enqueue(stream, local, slots)
         _rt().eventRecord(self._done, stream)
 
-    def half_of(self, local: int) -> int:
-        """The half (0 or 1) whose slot on this rank starts at `local`."""
-        return (local - self.buf.ptr()) // self.slot
-
-    def flag(self, rank: int, half: int, source: int, piece: int) -> int:
-        """Address, on `rank`, of the flag that `source` sets once piece `piece` of its copy into
-        rank's slot of `half` landed (the push-form reduce-scatter's per-piece signals)."""
-        return self.buf.flags_ptr(rank) + 8 * ((half * self.comm.size + source) * RS_MAX_PIECES + piece)
-
-    def set_flag(self, stream: int, addr: int) -> None:
-        """Enqueue: after the stream's earlier work (its copies into that peer included), flag = 1."""
-        from .symmetric import _CU_STREAM_WRITE_VALUE_DEFAULT, _memops, fast_launcher
-        ops = _memops(self.comm.device) if signal_mode() == "memop" else None
-        # a front-end write (no SM: the quantize kernels hold every SM), with a fence before it
-        if ops is None or ops.write(stream, addr, 1, _CU_STREAM_WRITE_VALUE_DEFAULT) != 0:
-            dev = self.comm.device
-            fast_launcher(dev, "fp4ccl_symm_flag_set", "symm_flag_set", 32)(dev, 1, 1, stream, addr)
-
-    def wait_flags(self, stream: int, half: int, piece: int) -> None:
-        """Enqueue: wait until every peer set its flag of `piece` in this rank's `half`, and clear them."""
-        from .symmetric import barrier_timeout_ns, fast_launcher, _round_up_warp
-        dev, n = self.comm.device, self.comm.size
-        la = fast_launcher(dev, "fp4ccl_symm_flags_wait", "symm_flags_wait", _round_up_warp(n))
-        la(dev, 1, 1, stream, self.flag(self.comm.rank, half, 0, piece), RS_MAX_PIECES, self.comm.rank, n,
-           barrier_timeout_ns())
-
     def barrier(self, stream: int) -> None:
         # The epoch lives on the device, so the same barrier works eagerly and inside a graph. A
         # rank that skips a call makes its peers' barrier trap after FP4CCL_TIMEOUT (600 s unset).
@@ -215,7 +189,7 @@ class Workspace:
             self.buf.free()  # collective: every rank grows at the same call (slot sizes agree)
             self.buf = None
         log.info("symmetric workspace: 2 x %d bytes on cuda:%d", slot, self.comm.device)
-        self.buf = SymmetricBuffer.allocate(self.comm, (2 * slot,), "uint8", flags=2 * self.comm.size * RS_MAX_PIECES)
+        self.buf = SymmetricBuffer.allocate(self.comm, (2 * slot,), "uint8")
         self.slot = slot
         self._addrs = [None, None]
         self._last_stream = None
@@ -610,33 +584,6 @@ def rs_pieces(chunk_bytes: int) -> int:
     return 1 if chunk_bytes < (8 << 20) else 2 if chunk_bytes < (64 << 20) else 4
 
 
-RS_MAX_PIECES = 8      # flag words per (half, source) in the workspace: the push form's most pieces
-
-
-def rs_push_pieces(chunk_bytes: int) -> int:
-    """Row pieces per chunk in the push form, from the largest chunk's packed FP4 bytes (the same on
-    every rank), or FP4CCL_FP4_RS_PIECES. Each piece is pushed and flagged on its own, so the first push
-    starts once a piece is quantized and only the last piece's decode-and-sum follows the last push."""
-    raw = os.environ.get("FP4CCL_FP4_RS_PIECES", "").strip()
-    if raw:
-        if not raw.isdigit() or not 1 <= int(raw) <= RS_MAX_PIECES:
-            raise ValueError(f"FP4CCL_FP4_RS_PIECES={raw!r} is not an integer from 1 to {RS_MAX_PIECES}")
-        return int(raw)
-    return 2 if chunk_bytes < (16 << 20) else 4
-
-
-SIGNAL_MODES = ("memop", "kernel")
-
-
-def signal_mode() -> str:
-    """FP4CCL_FP4_RS_SIGNAL: how the push form sets a peer's flag. 'memop' (default): a stream memory
-    operation, run by the stream's front end with no SM; 'kernel': a one-thread kernel."""
-    mode = os.environ.get("FP4CCL_FP4_RS_SIGNAL", "").strip().lower() or "memop"
-    if mode not in SIGNAL_MODES:
-        raise ValueError(f"FP4CCL_FP4_RS_SIGNAL={mode!r} is not one of {', '.join(SIGNAL_MODES)}")
-    return mode
-
-
 def rs_form(nbytes: int) -> str:
     """The FP4 reduce-scatter form for an input of `nbytes` (the same on every rank)."""
     raw = os.environ.get("FP4CCL_FP4_RS_FORM", "").strip().lower()
@@ -660,11 +607,9 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     store: the quantize kernels store each peer's chunk straight into that peer's slot (a region per
     source), so the NVLink writes ride on the quantize passes and no stage waits for a barrier; the
     amax passes run ahead on a side stream. One barrier, then a local decode-and-sum.
-    push: each peer's chunk, in rs_push_pieces() row pieces, is quantized into a local staging area and
-    the copy engine pushes each piece into that peer's slot (a region per source) while the SMs
-    quantize the next, then sets a flag in the peer's memory; no barrier: this rank sums piece k of
-    its result once every peer's flag of piece k is set (and clears them), while later pieces are
-    still on the wire.
+    push: each peer's chunk is quantized into a local staging area and the copy engine pushes it into
+    that peer's slot (a region per source) while the SMs quantize the next; no barrier until the last
+    push, then one, and a local decode-and-sum.
     Stochastic rounding draws from the element index, so all give the same bits. Every form is
     captured into a CUDA graph when the call repeats.
     """
@@ -679,8 +624,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     # pieces[q]: (first row in the chunk, rows, offset in the chunk's region, packed layout) of each row
     # piece of the chunk for rank q. Each piece is a packed segment of its own, so a piece travels as
     # one copy and is summed on its own; every rank splits a chunk the same way.
-    largest = packed_layout(max(rows), K, fmt).total_bytes
-    npieces = rs_pieces(largest) if form == "pull" else rs_push_pieces(largest) if form == "push" else 1
+    npieces = rs_pieces(packed_layout(max(rows), K, fmt).total_bytes) if form == "pull" else 1
     pieces = []
     for q in range(n):
         counts = split_count(rows[q], npieces)
@@ -740,36 +684,15 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     def enqueue_push(s, local, slots):
         codec.stream = s
         push = codec._side("rs_push")
-        # Flags on a stream of their own: a flag write waits for its copy to complete, and on the push
-        # stream it held back the next copy by 3-6 us (bench/RESULTS.md run 44).
-        flagger = codec._side("rs_flag")
-        ws = workspace(comm)
-        half = ws.half_of(local)
-        if os.environ.get("FP4CCL_FP4_RS_SYNC", "start") == "start":
-            ws.barrier(s)
-        amax = {}
-        for k in range(npieces):
-            for i, p in enumerate(ring(comm)):
-                if k == 0:
-                    amax[p] = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
-                _, _, off, lay = pieces[p][k]
-                src = codec.staging + stage[i]
-                quantize(p, src, amax[p], pieces[p][k])
-                push.order(push.ptr, s)    # this piece is quantized
-                if lay.total_bytes:
-                    copy(slots[p] + me * size[p] + off, src + off, lay.total_bytes, push.ptr)
-                flagger.order(flagger.ptr, push.ptr)
-                ws.set_flag(flagger.ptr, ws.flag(p, half, me, k))
-        own = codec.amax_rows(info, K, fmt, row_offs[me], rows[me])
-        for piece in pieces[me]:
-            quantize(me, local + me * m, own, piece)
-        # Piece k of the result is summed once every peer's piece k has landed, while later pieces
-        # are still on the wire.
-        for k, piece in enumerate(pieces[me]):
-            ws.wait_flags(s, half, k)
-            decode_sum(s, [local + c * m for c in range(n)], piece)
-        push.order(s, push.ptr)
-        flagger.order(s, flagger.ptr)
+        for i, p in enumerate(ring(comm)):
+            src = codec.staging + stage[i]
+            quantize(p, src, codec.amax_rows(info, K, fmt, row_offs[p], rows[p]), pieces[p][0])
+            push.order(push.ptr, s)        # this chunk is quantized
+            copy(slots[p] + me * size[p], src, size[p], push.ptr)
+        quantize(me, local + me * m, codec.amax_rows(info, K, fmt, row_offs[me], rows[me]), pieces[me][0])
+        push.order(s, push.ptr)            # every push has landed
+        workspace(comm).barrier(s)
+        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
 
     def enqueue_pipelined(s, local, slots):
         codec.stream = s
@@ -807,6 +730,6 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
 
     slot = n * max(size) if form in ("store", "push") else sum(size)
     key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed,
-           form, npieces, signal_mode() if form == "push" else None)
+           form)
     steps = {"steps": enqueue, "pull": enqueue_pipelined, "store": enqueue_store, "push": enqueue_push}[form]
     workspace(comm).run(slot, codec.stream, key, steps, prepare)

@@ -274,7 +274,7 @@ def _registry(comm) -> Optional[_Registry]:
 class SymmetricBuffer:
     """One same-size device buffer per rank, each mapped into every rank of the node (see module doc)."""
 
-    def __init__(self, comm, shape: Tuple[int, ...], dtype: str, flags: int = 0):
+    def __init__(self, comm, shape: Tuple[int, ...], dtype: str):
         self.comm = comm
         self.shape = shape
         self.dtype = dtype
@@ -285,9 +285,7 @@ class SymmetricBuffer:
         self.pad_offset = _align(max(self.nbytes, 1))
         self.table_offset = self.pad_offset + _align(8 * self.world)
         self.counter_offset = self.table_offset + _align(8 * self.world)  # the 'device' barrier's epoch
-        self.flags_offset = self.counter_offset + _ALIGN
-        self.flags = flags                                                 # u64 words, zeroed at allocation
-        self.alloc_bytes = self.flags_offset + _align(8 * flags) if flags else self.flags_offset
+        self.alloc_bytes = self.counter_offset + _ALIGN
         self._base = 0
         self._peer_base: List[int] = [0] * self.world
         self._views: Dict[int, Any] = {}
@@ -302,7 +300,7 @@ class SymmetricBuffer:
 
     # -- collective lifecycle -----------------------------------------------------------------------
     @classmethod
-    def allocate(cls, comm, shape, dtype, flags: int = 0) -> "SymmetricBuffer":
+    def allocate(cls, comm, shape, dtype) -> "SymmetricBuffer":
         check_open = getattr(comm, "_check_open", None)
         if check_open is not None:
             check_open()
@@ -311,7 +309,7 @@ class SymmetricBuffer:
                 f"symmetric memory needs CUDA devices; this communicator's backend is '{comm.backend}'")
         shape = _normalize_shape(shape)
         dtype = _arrays.dtype_name(dtype)
-        self = cls(comm, shape, dtype, flags)
+        self = cls(comm, shape, dtype)
         self._allocate()
         return self
 
@@ -507,13 +505,6 @@ class SymmetricBuffer:
         self._check()
         return self._peer_base[self.rank if rank is None else self._rank_index(rank)] + self.pad_offset
 
-    def flags_ptr(self, rank: Optional[int] = None) -> int:
-        """Address of rank's flag words (`flags` u64 words given at allocation, zeroed then), as mapped here."""
-        self._check()
-        if not self.flags:
-            raise ValueError("this symmetric buffer was allocated without flag words (flags=0)")
-        return self._peer_base[self.rank if rank is None else self._rank_index(rank)] + self.flags_offset
-
     def _rank_index(self, rank: int) -> int:
         if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.world:
             raise ValueError(f"rank={rank!r} is out of range for a communicator of size {self.world}")
@@ -558,8 +549,13 @@ class SymmetricBuffer:
         mode = mode or barrier_mode()
         if mode == "device":
             if self.world > 1:
+                # through the ctypes launcher: the CuPy call with numpy arguments cost ~8 us of host time,
+                # most of a small symmetric-memory collective's own
+                from .formats import kernels as fp4_kernels
                 dev = self.device
-                la = fast_launcher(dev, "fp4ccl_symm_barrier_dev", "symm_barrier_dev", _round_up_warp(self.world))
+                la = fp4_kernels.launcher(dev, "fp4ccl_symm_barrier_dev", "symm_barrier_dev",
+                                          lambda: kernels(dev).get_function("fp4ccl_symm_barrier_dev"),
+                                          _round_up_warp(self.world))
                 la(dev, 1, 1, handle, self._base + self.table_offset, self.rank, self.world,
                    self._base + self.counter_offset, barrier_timeout_ns())
             return
@@ -599,14 +595,6 @@ class SymmetricBuffer:
             if rc:
                 raise Fp4cclError(f"cuStreamWaitValue64 failed (CUresult {rc})")
         return True
-
-
-def fast_launcher(device: int, name: str, kind: str, block: int):
-    """The ctypes launcher of csrc/symm.cu's kernel `name` (formats.kernels.launcher; `kind` names its
-    signature there): a CuPy call with numpy arguments costs ~8 us of host time, most of a small
-    symmetric-memory collective's own."""
-    from .formats import kernels as fp4_kernels
-    return fp4_kernels.launcher(device, name, kind, lambda: kernels(device).get_function(name), block)
 
 
 def _round_up_warp(n: int) -> int:

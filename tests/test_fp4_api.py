@@ -283,19 +283,6 @@ def test_launcher_signatures_match_the_kernels(macro, kind):
     assert kinds == kernels._SIGNATURES[kind], f"{macro}: C parameters {kinds} != _SIGNATURES[{kind!r}]"
 
 
-@pytest.mark.parametrize("name,kind", [("fp4ccl_symm_barrier_dev", "symm_barrier_dev"),
-                                       ("fp4ccl_symm_flag_set", "symm_flag_set"),
-                                       ("fp4ccl_symm_flags_wait", "symm_flags_wait")])
-def test_symm_launcher_signatures_match_the_kernels(name, kind):
-    """The same for the kernels of csrc/symm.cu launched through formats.kernels.launcher."""
-    from fp4ccl.formats import kernels
-    text = (REPO / "csrc" / "symm.cu").read_text()
-    m = re.search(r'extern "C" __global__ void ' + name + r"\(([^()]*)\)", text)
-    assert m, f"no kernel {name} in csrc/symm.cu"
-    kinds = tuple(_c_kind(p.strip()) for p in m.group(1).split(","))
-    assert kinds == kernels._SIGNATURES[kind], f"{name}: C parameters {kinds} != _SIGNATURES[{kind!r}]"
-
-
 def test_launch_config_structs_match_cuda_h(tmp_path):
     """cuLaunchKernelEx reads CUlaunchConfig / CUlaunchAttribute from memory ctypes lays out: compare
     sizes and offsets with the C compiler's, where cuda.h and a C compiler are here."""

@@ -58,9 +58,6 @@ class FakeRuntime:
         self.calls.append(("launch", exe, stream))
 
 
-FLAGS_AT = 0xF000000   # where FakeBuffer's flag words start in each rank's memory
-
-
 class FakeBuffer:
     """A SymmetricBuffer stand-in: rank r's memory starts at (r + 1) << 32."""
 
@@ -71,15 +68,9 @@ class FakeBuffer:
         FakeBuffer.live.append(self)
 
     @classmethod
-    def allocate(cls, comm, shape, dtype, flags=0):
+    def allocate(cls, comm, shape, dtype):
         assert dtype == "uint8" and len(shape) == 1
-        buf = cls(comm, shape[0])
-        buf.flags = flags
-        return buf
-
-    def flags_ptr(self, rank=None):
-        assert self.flags
-        return self.ptr(rank) + FLAGS_AT
+        return cls(comm, shape[0])
 
     def ptr(self, rank=None):
         r = self.comm.rank if rank is None else rank
@@ -449,86 +440,28 @@ def test_fp4_reduce_scatter_store_quantizes_each_chunk_into_its_peers_slot(fakes
                          (2 << 32) + c * mine.total_bytes + mine.gs_off) for c in range(3)]
 
 
-def _fake_flag_ops(monkeypatch, log):
-    """Stream memory operations and symm.cu launches that log ("flag", address, stream) and
-    ("launch", kernel, stream, args)."""
-    import fp4ccl.symmetric as symmetric
-
-    class Ops:
-        def write(self, stream, addr, value, flags):
-            assert value == 1 and flags == symmetric._CU_STREAM_WRITE_VALUE_DEFAULT
-            log.append(("flag", addr, stream))
-            return 0
-
-    def launcher(device, name, kind, block):
-        assert kernels._SIGNATURES[kind] and block >= 32
-        return lambda dev, gx, gy, stream, *args: log.append(("launch", name, stream, args))
-    from fp4ccl.formats import kernels
-    monkeypatch.setattr(symmetric, "_memops", lambda device: Ops())
-    monkeypatch.setattr(symmetric, "fast_launcher", launcher)
-
-
-def test_fp4_reduce_scatter_push_stages_pushes_and_flags_each_piece(fakes, monkeypatch):
+def test_fp4_reduce_scatter_push_stages_each_chunk_and_copies_it_into_its_peers_slot(fakes, monkeypatch):
     from fp4ccl import vcollectives
     codec, sides, log = rs_form_setup(monkeypatch, "push")
     monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
-    monkeypatch.setenv("FP4CCL_FP4_RS_PIECES", "2")
-    monkeypatch.setenv("FP4CCL_TIMEOUT", "7")
-    _fake_flag_ops(monkeypatch, log)
     rows, K = [2, 4, 1], 32
-    split = {2: [1, 1], 4: [2, 2], 1: [1, 0]}
-    lay = {r: packed_layout(r, K, "mxfp4") for r in (0, 1, 2)}
-    size = [sum(lay[c].total_bytes for c in split[r]) for r in rows]
+    lays = [packed_layout(r, K, "mxfp4") for r in rows]
+    size = [lay.total_bytes for lay in lays]
     sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
     push = sides["rs_push"]
-    assert ("reserve", "reduce_scatter", size[2] + size[0]) in log   # staging: ring order, rank 2 then rank 0
-    flag = lambda r, piece: ((r + 1) << 32) + FLAGS_AT + 8 * ((0 * 3 + 1) * sc.RS_MAX_PIECES + piece)  # noqa: E731
-    steps = [e for e in log if e[0] in ("quantize", "copy", "flag", "launch", "sum") or (e[0] == "wait" and e[2] in (5, push.ptr))]
-    stage0 = 0x5000 + size[2]     # rank 0's chunk is staged after rank 2's
-
-    def piece(p, first, n, staged, off):
-        """Quantize rows [first, first + n) for rank p (its chunk's amax) into staging at `off`, push
-        them into p's region for this rank (rank 1) unless empty, set p's flag of the piece."""
-        nbytes = lay[n].total_bytes
-        return [("quantize", {2: 0xA0 + 6, 0: 0xA0}[p], [(first, n, staged + off, lay[n])], 0), ("wait", push.ptr, 5)] + \
-            ([("copy", ((p + 1) << 32) + 1 * size[p] + off, staged + off, nbytes, push.ptr)] if nbytes else []) + \
-            [("flag", flag(p, 0 if off == 0 else 1), push.ptr)]
-    # piece 0 of each peer's chunk in ring order, then piece 1 (rank 2 has no second row: nothing
-    # to copy, but its flag is still set)
-    expect = (piece(2, 6, 1, 0x5000, 0) + piece(0, 0, 1, stage0, 0) +
-              piece(2, 7, 0, 0x5000, lay[1].total_bytes) + piece(0, 1, 1, stage0, lay[1].total_bytes))
-    assert steps[:len(expect)] == expect
-    flags = [e for e in log if e[0] == "flag"]
-    assert flags == [("flag", flag(2, 0), push.ptr), ("flag", flag(0, 0), push.ptr),
-                     ("flag", flag(2, 1), push.ptr), ("flag", flag(0, 1), push.ptr)]
-    copies = [e for e in log if e[0] == "copy"]
-    assert copies[-1] == ("copy", (1 << 32) + size[0] + lay[1].total_bytes, stage0 + lay[1].total_bytes,
-                          lay[1].total_bytes, push.ptr)
-    # the own chunk (rows 2-5) in two pieces into the own region, then per piece: wait for the
-    # peers' flags of that piece (and clear them), sum it
-    own = [e for e in log if e[0] == "quantize"][-2:]
-    assert [e[2][0] for e in own] == [(2, 2, (2 << 32) + size[1], lay[2]),
-                                      (4, 2, (2 << 32) + size[1] + lay[2].total_bytes, lay[2])]
-    tail = [e for e in steps[steps.index(("quantize",) + own[-1][1:]) + 1:]]
-    mine = lambda piece: ((2 << 32) + FLAGS_AT + 8 * (0 * 3 * sc.RS_MAX_PIECES + piece))  # noqa: E731
-    assert [e[:4] if e[0] == "launch" else e[0] for e in tail] == [
-        ("launch", "fp4ccl_symm_flags_wait", 5, (mine(0), sc.RS_MAX_PIECES, 1, 3, 7 * 10 ** 9)), "sum",
-        ("launch", "fp4ccl_symm_flags_wait", 5, (mine(1), sc.RS_MAX_PIECES, 1, 3, 7 * 10 ** 9)), "sum", "wait"]
-    sums = [e for e in log if e[0] == "sum"]
-    assert [(e[2], e[6]) for e in sums] == [(0x7000, 2 * K // 32), (0x7000 + 2 * K * 2, 2 * K // 32)]
-    assert [c[0] for c in sums[1][7]] == [(2 << 32) + c * size[1] + lay[2].total_bytes for c in range(3)]
-    assert not [e for e in log if e[0] == "barrier"]
-    # the next call uses the other half, and its flags; with FP4CCL_FP4_RS_SIGNAL=kernel a flag is a
-    # one-thread kernel on the push stream
-    monkeypatch.setenv("FP4CCL_FP4_RS_SIGNAL", "kernel")
-    del log[:]
-    sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
-    sets = [e for e in log if e[0] == "launch" and e[1] == "fp4ccl_symm_flag_set"]
-    assert [e[2:] for e in sets][0] == (push.ptr, (flag(2, 0) + 8 * 3 * sc.RS_MAX_PIECES,))
-    assert len(sets) == 4 and not [e for e in log if e[0] == "flag"]
-    monkeypatch.setenv("FP4CCL_FP4_RS_PIECES", "9")
-    with pytest.raises(ValueError, match="FP4CCL_FP4_RS_PIECES='9'"):
-        sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
+    # staging for the two peers' chunks (ring order: rank 2, then rank 0)
+    assert ("reserve", "reduce_scatter", size[2] + size[0]) in log
+    steps = [e for e in log if e[0] in ("quantize", "copy", "barrier", "sum") or (e[0] == "wait" and e[2] in (5, push.ptr))]
+    assert steps == [
+        ("quantize", 0xA0 + 6, [(6, 1, 0x5000, lays[2])], 0), ("wait", push.ptr, 5),
+        ("copy", (3 << 32) + 1 * size[2], 0x5000, size[2], push.ptr),
+        ("quantize", 0xA0 + 0, [(0, 2, 0x5000 + size[2], lays[0])], 0), ("wait", push.ptr, 5),
+        ("copy", (1 << 32) + 1 * size[0], 0x5000 + size[2], size[0], push.ptr),
+        ("quantize", 0xA0 + 2, [(2, 4, (2 << 32) + 1 * size[1], lays[1])], 0),   # the own chunk, own region
+        ("wait", 5, push.ptr), ("barrier", 5),
+        ("sum",) + [e for e in log if e[0] == "sum"][0][1:]]
+    (_, dev, optr, odt, k, fmt, units, contribs, stream), = [e for e in log if e[0] == "sum"]
+    assert [c[0] for c in contribs] == [(2 << 32) + c * size[1] for c in range(3)]
 
 
 def test_plain_all_gatherv_copies_in_then_pulls_every_peer(fakes, monkeypatch):

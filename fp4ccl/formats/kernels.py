@@ -65,8 +65,6 @@ _SIGNATURES = {
     "qsmall": ("u64", "u64", "u32", "seg"),
     # kernels of other modules launched through launcher() (csrc/symm.cu, csrc/vcopy.cu)
     "symm_barrier_dev": ("u64", "i32", "i32", "u64", "u64"),
-    "symm_flag_set": ("u64",),
-    "symm_flags_wait": ("u64", "i32", "i32", "i32", "u64"),
     "vcopy": ("vtab",),
 }
 VCOPY_MAXSEG = 128   # VCOPY_MAXSEG in csrc/vcopy.cu: segments per launch (src, dst, nbytes arrays)
