@@ -64,8 +64,32 @@ def test_fp4_stochastic_rounding(path, seed):
     assert all(run_ranks(2, _on_path, path, fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4", backend="nccl"))
 
 
+# The reduce-scatter's forms, by FP4CCL_FP4_RS_FORM.
+RS_FORMS = {form: {"FP4CCL_FP4_RS_FORM": form} for form in ("pull", "store", "push")}
+
+
+class _env:
+    """Set environment variables for a block, then restore them."""
+
+    def __init__(self, values):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        import os
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        import os
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["pull", "store", "push"])
+@pytest.mark.parametrize("form", list(RS_FORMS))
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_reduce_scatterv_pipelined(nranks, form, seed):
     """The symmetric-memory reduce-scatter's large-input forms on small inputs, forced by
@@ -77,14 +101,49 @@ def test_fp4_reduce_scatterv_pipelined(nranks, form, seed):
 
 
 def _pipelined_reduce_scatter(comm, seed, form):
-    import os
-    os.environ["FP4CCL_FP4_RS_FORM"] = form
-    try:
+    with _env(RS_FORMS[form]):
         for fmt, framework in (("nvfp4", "torch"), ("mxfp4", "cupy")):
             _on_path(comm, "symm", fc.check_fp4_reduce_scatterv, seed, framework, fmt)
         return _on_path(comm, "symm", fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4")
-    finally:
-        del os.environ["FP4CCL_FP4_RS_FORM"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["store", "push"])
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_fp4_reduce_scatter_forms_interleaved_with_other_collectives(nranks, form, seed):
+    """The forms that write into their peers' slots with one barrier per call: many calls back to
+    back (eager and replayed from graphs), mixed with plain symmetric-memory gathers on the same
+    workspace halves and with reduce-scatters of other sizes, stay right on every rank."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _rs_interleaved, seed, form, backend="nccl"))
+
+
+def _rs_interleaved(comm, seed, form):
+    import numpy as np
+    import torch
+    from fp4_collective_checks import roundtrip, shard
+    dev = f"cuda:{comm.device}"
+    K = 64
+    shapes = [[(7, 0, 3, 5)[r % 4] for r in range(comm.size)], [16 * (r + 1) for r in range(comm.size)]]
+    outs = [torch.empty((s[comm.rank], K), device=dev) for s in shapes]
+    with _env({**RS_FORMS[form], "FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
+        for step in range(40):
+            which = step % 3 % 2      # small, big, small, small, big, small, ...
+            sizes = shapes[which]
+            total, mine = sum(sizes), sizes[comm.rank]
+            off = sum(sizes[:comm.rank])
+            ys = [shard(seed, r, 900 + step, total, K, "float32") for r in range(comm.size)]
+            outs[which].fill_(float("nan"))
+            comm.reduce_scatterv(torch.from_numpy(ys[comm.rank]).to(dev), sizes, out=outs[which], compress="nvfp4")
+            if step % 4 == 1:
+                g = torch.full((3, K), float(comm.rank), device=dev)
+                got = comm.all_gatherv(g, [3] * comm.size)
+                want_g = np.repeat(np.arange(comm.size, dtype=np.float32), 3)[:, None] * np.ones((1, K), np.float32)
+                assert np.array_equal(got.cpu().numpy(), want_g), f"rank {comm.rank} step {step}: gather"
+            torch.cuda.synchronize(comm.device)
+            want = np.sum([roundtrip(a[off:off + mine], "nvfp4") for a in ys], axis=0) if mine else np.zeros((0, K))
+            assert np.allclose(outs[which].cpu().numpy(), want, rtol=1e-6, atol=1e-6), f"rank {comm.rank} step {step}"
+    return True
 
 
 @pytest.mark.gpu
@@ -123,7 +182,8 @@ def check_pipelined_graphs_and_growth(comm, seed, form="pull"):
     out_small = torch.empty((small[comm.rank], K), device=dev)
     out_big = torch.empty((big[comm.rank], K), device=dev)
     os.environ["FP4CCL_FP4_ALGO"] = os.environ["FP4CCL_ALGO"] = "symm"
-    os.environ["FP4CCL_FP4_RS_FORM"] = form
+    forced = _env(RS_FORMS[form])
+    forced.__enter__()
     # The communicators outlive a test: start from no FP4 workspace, so that `big` below must grow it
     # whatever the tests before this one left.
     torch.cuda.synchronize(comm.device)
@@ -148,8 +208,9 @@ def check_pipelined_graphs_and_growth(comm, seed, form="pull"):
             call(small, step, out_small)
         assert bool((sentinel == 7.0).all()), f"rank {comm.rank}: a call wrote into memory it no longer owns"
     finally:
-        for var in ("FP4CCL_FP4_ALGO", "FP4CCL_ALGO", "FP4CCL_FP4_RS_FORM"):
+        for var in ("FP4CCL_FP4_ALGO", "FP4CCL_ALGO"):
             del os.environ[var]
+        forced.__exit__()
         symm_collectives.forget_graphs(comm)
     return True
 
