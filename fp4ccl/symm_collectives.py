@@ -441,10 +441,7 @@ def all_gatherv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], it
     me = comm.rank
     offs, npieces, nstreams, split = _ce_plan(counts)
 
-    share = float(os.environ.get("FP4CCL_CE_SM_SHARE", "0"))
-
     def enqueue(s, local, slots):
-        from .vcollectives import launch_vcopy
         bar, pulls = _ce_streams(comm, nstreams)
         ws = workspace(comm)
         for k in range(npieces):
@@ -454,27 +451,17 @@ def all_gatherv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], it
             ws.barrier(bar.ptr)         # ... and in every rank's
             for pull in pulls:
                 pull.order(pull.ptr, bar.ptr)
-            by_sm = []
             for i, p in enumerate(ring(comm)):
                 first, n = split[p][k]
-                n_ce = n - (int(n * share) * itemsize // 256 * 256) // itemsize
-                copy(recv_ptr + (offs[p] + first) * itemsize, slots[p] + first * itemsize, n_ce * itemsize,
+                copy(recv_ptr + (offs[p] + first) * itemsize, slots[p] + first * itemsize, n * itemsize,
                       pulls[i % nstreams].ptr)
-                if n > n_ce:
-                    by_sm.append((recv_ptr + (offs[p] + first + n_ce) * itemsize, slots[p] + (first + n_ce) * itemsize,
-                                  (n - n_ce) * itemsize))
-            if by_sm:
-                bar.order(s, bar.ptr)
-                if not launch_vcopy(comm.device, by_sm, s):
-                    for d, src, nb in by_sm:
-                        copy(d, src, nb, s)
         _stage(comm.device, recv_ptr + offs[me] * itemsize, send_ptr, counts[me] * itemsize, s)
         bar.order(s, bar.ptr)
         for pull in pulls:
             pull.order(s, pull.ptr)
 
     workspace(comm).run(max(counts) * itemsize, stream,
-                        ("all_gatherv_ce", send_ptr, recv_ptr, tuple(counts), itemsize, npieces, nstreams, share), enqueue)
+                        ("all_gatherv_ce", send_ptr, recv_ptr, tuple(counts), itemsize, npieces, nstreams), enqueue)
 
 
 def reduce_scatterv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], dtype: str, itemsize: int,
