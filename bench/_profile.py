@@ -34,6 +34,15 @@ def print_timeline(title: str, rows) -> None:
         print(f"  stream {str(stream):>4} {start:9.1f} {end:9.1f} {end - start:8.1f}  {name[:90]}")
 
 
+def start_nccl_comm():
+    """This rank's fp4ccl communicator on NCCL with its GPU made current: (comm, torch device)."""
+    import torch
+    import fp4ccl
+    comm = fp4ccl.init("nccl")
+    torch.cuda.set_device(comm.device)
+    return comm, torch.device("cuda", comm.device)
+
+
 def add_arguments(ap) -> None:
     """The options every profile script takes."""
     ap.add_argument("--variants", default="default=", help="NAME=ENV=V[;ENV=V],... fp4ccl settings to profile")

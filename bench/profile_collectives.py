@@ -24,7 +24,7 @@ K = 8192
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _profile import add_arguments, parse_variants, profile_ops
+    from _profile import add_arguments, parse_variants, profile_ops, start_nccl_comm
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bytes", default="256M", help="each rank's logical bf16 tensor (suffix K/M/G)")
     ap.add_argument("--ops", default="rs,ag", help="rs: reduce-scatter, ag: all-gather")
@@ -32,13 +32,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    import fp4ccl
     from fp4ccl.sweep import parse_size
     from bench_overlap import with_env
 
-    comm = fp4ccl.init("nccl")
-    torch.cuda.set_device(comm.device)
-    dev = torch.device("cuda", comm.device)
+    comm, dev = start_nccl_comm()
     W = comm.size
     rows = max(W, parse_size(args.bytes) // (2 * K) // W * W)
     g = torch.Generator(device=dev).manual_seed(7 + comm.rank)

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _profile import add_arguments, parse_variants, profile_ops
+    from _profile import add_arguments, parse_variants, profile_ops, start_nccl_comm
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=8192)
     ap.add_argument("--nk", type=int, default=8192, help="N = K")
@@ -30,13 +30,10 @@ def main() -> None:
 
     import torch
     import torch.distributed as dist
-    import fp4ccl
     from fp4ccl.overlap import all_gather_matmul
     from bench_overlap import _torch_group, with_env
 
-    comm = fp4ccl.init("nccl")
-    torch.cuda.set_device(comm.device)
-    dev = torch.device("cuda", comm.device)
+    comm, dev = start_nccl_comm()
     W = comm.size
     group_name = _torch_group(comm, torch)
     g = torch.Generator(device=dev).manual_seed(99 + comm.rank)
