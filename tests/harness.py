@@ -8,6 +8,7 @@ process start-up once. `fn` must be a module-level function (it is pickled by re
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing as mp
 import os
 import secrets
@@ -15,6 +16,22 @@ import traceback
 from typing import Any, Callable, Dict, List, Tuple
 
 DEFAULT_TIMEOUT = float(os.environ.get("FP4CCL_TEST_TIMEOUT", "120"))
+
+
+@contextlib.contextmanager
+def env(values: Dict[str, str]):
+    """Set environment variables in this process (a rank's, inside a rank function) for a block, then
+    restore each to what it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class RankFailure(AssertionError):

@@ -5,7 +5,7 @@ import pytest
 
 import fp4_collective_checks as fc
 from conftest import need_gpus
-from harness import run_ranks
+from harness import env, run_ranks
 
 
 # Each check runs on both transports: "symm" (symmetric memory, the default on one node) and "nccl";
@@ -15,15 +15,9 @@ PATHS = ["symm", "symm-steps", "nccl"]
 
 
 def _on_path(comm, path, check, *args):
-    import os
-    os.environ["FP4CCL_FP4_ALGO"] = path.split("-")[0]
-    if path.endswith("-steps"):
-        os.environ["FP4CCL_SMALL_QUANTIZE_BYTES"] = "0"
-    try:
+    steps = {"FP4CCL_SMALL_QUANTIZE_BYTES": "0"} if path.endswith("-steps") else {}
+    with env({"FP4CCL_FP4_ALGO": path.split("-")[0], **steps}):
         return check(comm, *args)
-    finally:
-        del os.environ["FP4CCL_FP4_ALGO"]
-        os.environ.pop("FP4CCL_SMALL_QUANTIZE_BYTES", None)
 
 
 @pytest.mark.gpu
@@ -64,32 +58,8 @@ def test_fp4_stochastic_rounding(path, seed):
     assert all(run_ranks(2, _on_path, path, fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4", backend="nccl"))
 
 
-# The reduce-scatter's forms, by FP4CCL_FP4_RS_FORM.
-RS_FORMS = {form: {"FP4CCL_FP4_RS_FORM": form} for form in ("pull", "store", "push")}
-
-
-class _env:
-    """Set environment variables for a block, then restore them."""
-
-    def __init__(self, values):
-        self.values, self.saved = values, {}
-
-    def __enter__(self):
-        import os
-        self.saved = {k: os.environ.get(k) for k in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc):
-        import os
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", list(RS_FORMS))
+@pytest.mark.parametrize("form", ["pull", "store", "push"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_reduce_scatterv_pipelined(nranks, form, seed):
     """The symmetric-memory reduce-scatter's large-input forms on small inputs, forced by
@@ -101,7 +71,7 @@ def test_fp4_reduce_scatterv_pipelined(nranks, form, seed):
 
 
 def _pipelined_reduce_scatter(comm, seed, form):
-    with _env(RS_FORMS[form]):
+    with env({"FP4CCL_FP4_RS_FORM": form}):
         for fmt, framework in (("nvfp4", "torch"), ("mxfp4", "cupy")):
             _on_path(comm, "symm", fc.check_fp4_reduce_scatterv, seed, framework, fmt)
         return _on_path(comm, "symm", fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4")
@@ -126,7 +96,7 @@ def _rs_interleaved(comm, seed, form):
     K = 64
     shapes = [[(7, 0, 3, 5)[r % 4] for r in range(comm.size)], [16 * (r + 1) for r in range(comm.size)]]
     outs = [torch.empty((s[comm.rank], K), device=dev) for s in shapes]
-    with _env({**RS_FORMS[form], "FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
+    with env({"FP4CCL_FP4_RS_FORM": form, "FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
         for step in range(40):
             which = step % 3 % 2      # small, big, small, small, big, small, ...
             sizes = shapes[which]
@@ -158,7 +128,6 @@ def test_fp4_pipelined_reduce_scatter_graphs_and_workspace_growth(nranks, form, 
 
 
 def check_pipelined_graphs_and_growth(comm, seed, form="pull"):
-    import os
     import cupy
     import numpy as np
     import torch
@@ -181,37 +150,32 @@ def check_pipelined_graphs_and_growth(comm, seed, form="pull"):
     big = [1024 * (r + 1) for r in range(comm.size)]   # past the amax slots at the FP4 workspace's start
     out_small = torch.empty((small[comm.rank], K), device=dev)
     out_big = torch.empty((big[comm.rank], K), device=dev)
-    os.environ["FP4CCL_FP4_ALGO"] = os.environ["FP4CCL_ALGO"] = "symm"
-    forced = _env(RS_FORMS[form])
-    forced.__enter__()
-    # The communicators outlive a test: start from no FP4 workspace, so that `big` below must grow it
-    # whatever the tests before this one left.
-    torch.cuda.synchronize(comm.device)
-    symm_collectives.forget_graphs(comm)
-    comm._extras.pop("fp4_workspace", None)
-    try:
-        # The symmetric workspace made larger than any call below needs, so only the FP4 workspace grows.
-        wide = torch.ones((4096, K), device=dev)
-        comm.all_gatherv(wide, [4096] * comm.size)
-        for step in range(5):
-            call(small, step, out_small)
-        ws = symm_collectives.workspace(comm)
-        assert ws._graphs, f"rank {comm.rank}: the repeated pipelined call was never captured"
-        outgrown = comm._extras["fp4_workspace"].nbytes
-        call(big, 10, out_big)
-        assert comm._extras["fp4_workspace"].nbytes > outgrown, "the larger call should grow the FP4 workspace"
-        assert not ws._graphs, f"rank {comm.rank}: graphs into the outgrown FP4 workspace were kept"
-        # CuPy's pool hands the freed block to the next allocation of its size: it must stay untouched.
-        with cupy.cuda.Device(comm.device):
-            sentinel = cupy.full(outgrown // 4, 7.0, dtype=cupy.float32)
-        for step in range(20, 24):
-            call(small, step, out_small)
-        assert bool((sentinel == 7.0).all()), f"rank {comm.rank}: a call wrote into memory it no longer owns"
-    finally:
-        for var in ("FP4CCL_FP4_ALGO", "FP4CCL_ALGO"):
-            del os.environ[var]
-        forced.__exit__()
+    with env({"FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm", "FP4CCL_FP4_RS_FORM": form}):
+        # The communicators outlive a test: start from no FP4 workspace, so that `big` below must grow it
+        # whatever the tests before this one left.
+        torch.cuda.synchronize(comm.device)
         symm_collectives.forget_graphs(comm)
+        comm._extras.pop("fp4_workspace", None)
+        try:
+            # The symmetric workspace made larger than any call below needs, so only the FP4 workspace grows.
+            wide = torch.ones((4096, K), device=dev)
+            comm.all_gatherv(wide, [4096] * comm.size)
+            for step in range(5):
+                call(small, step, out_small)
+            ws = symm_collectives.workspace(comm)
+            assert ws._graphs, f"rank {comm.rank}: the repeated pipelined call was never captured"
+            outgrown = comm._extras["fp4_workspace"].nbytes
+            call(big, 10, out_big)
+            assert comm._extras["fp4_workspace"].nbytes > outgrown, "the larger call should grow the FP4 workspace"
+            assert not ws._graphs, f"rank {comm.rank}: graphs into the outgrown FP4 workspace were kept"
+            # CuPy's pool hands the freed block to the next allocation of its size: it must stay untouched.
+            with cupy.cuda.Device(comm.device):
+                sentinel = cupy.full(outgrown // 4, 7.0, dtype=cupy.float32)
+            for step in range(20, 24):
+                call(small, step, out_small)
+            assert bool((sentinel == 7.0).all()), f"rank {comm.rank}: a call wrote into memory it no longer owns"
+        finally:
+            symm_collectives.forget_graphs(comm)
     return True
 
 

@@ -8,13 +8,11 @@ Each check runs several calls with fresh inputs so both workspace slots and the 
 """
 from __future__ import annotations
 
-import contextlib
-import os
 
 import pytest
 
 from conftest import need_gpus
-from harness import run_ranks
+from harness import env, run_ranks
 
 pytestmark = pytest.mark.gpu
 TOL = {"bfloat16": 1e-2, "float16": 5e-3, "float32": 1e-3}
@@ -26,17 +24,8 @@ def _setup(comm):
     return torch
 
 
-@contextlib.contextmanager
 def _path(path):
-    old = os.environ.get("FP4CCL_OVERLAP")
-    os.environ["FP4CCL_OVERLAP"] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FP4CCL_OVERLAP", None)
-        else:
-            os.environ["FP4CCL_OVERLAP"] = old
+    return env({"FP4CCL_OVERLAP": path})
 
 
 def _randn(torch, g, shape, dtype):
@@ -160,10 +149,8 @@ def ov_variant(comm, seed, barrier, streams, chunks=1):
     """Every pipelined form under one barrier mode, copy-stream count (3 streams split unevenly) and
     number of pieces per pulled shard (3 split 250 rows unevenly)."""
     _setup(comm)
-    os.environ["FP4CCL_SYMM_BARRIER"] = barrier
-    os.environ["FP4CCL_OVERLAP_STREAMS"] = str(streams)
-    os.environ["FP4CCL_OVERLAP_CHUNKS"] = str(chunks)
-    try:
+    with env({"FP4CCL_SYMM_BARRIER": barrier, "FP4CCL_OVERLAP_STREAMS": str(streams),
+              "FP4CCL_OVERLAP_CHUNKS": str(chunks)}):
         n = ov_ag(comm, seed, "bfloat16", (250, 512), 0, False, "pipelined")
         n += ov_ag(comm, seed + 1, "bfloat16", (250, 512), 1, False, "pipelined")
         n += ov_ag(comm, seed + 2, "bfloat16", (96, 256), 0, True, "pipelined", calls=1)
@@ -172,10 +159,6 @@ def ov_variant(comm, seed, barrier, streams, chunks=1):
         n += ov_ag_fp4(comm, seed + 4, "nvfp4", 1, "pipelined")
         n += ov_rs(comm, seed + 5, "bfloat16", (500 * comm.size, 256 * comm.size), 384, 0, "sum", "pipelined")
         n += ov_rs(comm, seed + 6, "bfloat16", (504, 256 * comm.size), 96 * comm.size, 1, "avg", "pipelined")
-    finally:
-        os.environ.pop("FP4CCL_SYMM_BARRIER", None)
-        os.environ.pop("FP4CCL_OVERLAP_STREAMS", None)
-        os.environ.pop("FP4CCL_OVERLAP_CHUNKS", None)
     return n
 
 
