@@ -59,6 +59,18 @@ def main() -> None:
             comm.all_gatherv(xs, uneven, out=o)
         return go
 
+    from fp4ccl import _arrays, symm_collectives as symm
+    info = _arrays.describe(x)
+    # Host-only pieces of a call's Python (nothing enqueued): where a replayed call's host time goes.
+    host_steps = {
+        "h: describe x": lambda: _arrays.describe(x),
+        "h: comm._input": lambda: comm._input(x),
+        "h: current stream": lambda: _arrays.current_stream(info, None),
+        "h: comm._sizes": lambda: comm._sizes(sizes, args.rows, "all_gatherv"),
+        "h: comm._output": lambda: comm._output(info, tuple(out.shape), out),
+        "h: fp4_algo": lambda: symm.fp4_algo(comm, sh),
+        "h: torch.empty": lambda: torch.empty(args.rows * comm.size, 1024, device=dev, dtype=torch.bfloat16),
+    }
     steps = {
         "barrier memop": lambda: buf.barrier(stream, mode="memop"),
         "barrier kernel": lambda: buf.barrier(stream, mode="kernel"),
@@ -95,6 +107,7 @@ def main() -> None:
         rt.graphLaunch(by_half[ws.calls % 2], sh)
         ws.calls += 1
     steps["fp4 gather graph"] = replay
+    steps.update(host_steps)
     rows = []
     for name, step in steps.items():
         for _ in range(5):

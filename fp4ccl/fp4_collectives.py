@@ -139,7 +139,7 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream):
     if info.device is not None and symm_collectives.fp4_algo(comm, codec.stream) == "symm":
         codec.reserve_nccl_gather(K, q.format, rows)
         return codec.pull_gathered(rows, K, q.format, info, shape, row_offsets, q.dtype,
-                                   lambda addr, lay: codec.pack_tensor(q, addr, lay))
+                                   lambda addr, lay: codec.pack_tensor(q, addr, lay), codec.tensor_key(q))
     send, recv = codec.buffers(counts[comm.rank], sum(counts))
     codec.pack_tensor(q, send, layouts[comm.rank])
     codec.gather(send, recv, counts)
@@ -462,7 +462,8 @@ class _GpuCodec:
 
             def fill(addr, lay):
                 self.amax_and_quantize(info, K, fmt, shared, [(0, rows[me], addr, lay)])
-            return self.pull_gathered(rows, K, fmt, info, shape, row_offsets, info.dtype, fill)
+            return self.pull_gathered(rows, K, fmt, info, shape, row_offsets, info.dtype, fill,
+                                      ("x", info.ptr, info.dtype, shared))
         if len(set(rows)) > 1:
             return self._gather_fp4_packed(info, K, fmt, shared, rows, shape, row_offsets)
         # Equal sizes: quantize straight into this rank's slice of the result and gather data, scales
@@ -622,6 +623,12 @@ class _GpuCodec:
             kernels.quantize(self.device, info.ptr, info.dtype, K, fmt, "linear", rounding, seed or 0,
                              ptr, 0.0, segs, 0, self.stream if stream is None else stream, n)
 
+    @staticmethod
+    def tensor_key(q: FP4Tensor) -> tuple:
+        """What pack_tensor reads from q, as a graph key."""
+        g = _arrays.describe(q.global_scale, "q.global_scale").ptr if q.format == "nvfp4" else 0
+        return ("q", _arrays.describe(q.data, "q.data").ptr, _arrays.describe(q.scales, "q.scales").ptr, g)
+
     def pack_tensor(self, q: FP4Tensor, buf: int, layout) -> None:
         from .formats import kernels
         d = _arrays.describe(q.data, "q.data")
@@ -671,10 +678,11 @@ class _GpuCodec:
         ptrs = (_arrays.describe(data).ptr, _arrays.describe(scales).ptr, _arrays.describe(gs).ptr if gs is not None else 0)
         return (data, scales, gs), ptrs
 
-    def pull_gathered(self, rows, K, fmt, info, shape, row_offsets, dtype, fill_slot):
-        """The symmetric-memory gather of packed FP4 segments (fill_slot writes this rank's)."""
+    def pull_gathered(self, rows, K, fmt, info, shape, row_offsets, dtype, fill_slot, source):
+        """The symmetric-memory gather of packed FP4 segments (fill_slot writes this rank's from what
+        the tuple `source` names)."""
         arrays, ptrs = self._gathered_arrays(info, shape, K, fmt, len(rows))
-        symm_collectives.fp4_gather_raw(self, rows, K, fmt, fill_slot, *ptrs)
+        symm_collectives.fp4_gather_raw(self, rows, K, fmt, fill_slot, source, *ptrs)
         return GatheredFP4Tensor(*arrays, fmt, tuple(shape), "linear", dtype, row_offsets)
 
     def unpack_gathered(self, recv, offs, layouts, rows, K, fmt, info, shape, row_offsets, dtype=None):

@@ -533,11 +533,13 @@ def _largest_packed(rows: Tuple[int, ...], K: int, fmt: str) -> int:
     return max(packed_layout(r, K, fmt).total_bytes for r in rows)
 
 
-def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr: int, sptr: int, gptr: int) -> None:
+def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, source: tuple,
+                   dptr: int, sptr: int, gptr: int) -> None:
     """Gather packed FP4 segments into separate data / scales / global-scale arrays: `fill_slot(addr,
-    layout)` writes this rank's segment (on codec.stream); after the barrier one segmented-copy launch
-    pulls every rank's parts. (Copy-engine pulls, peer after peer, measured slower: 184 against
-    154 us at 128 MiB, 632 against 470 at 512 MiB.)"""
+    layout)` writes this rank's segment (on codec.stream) from what `source` names (the addresses and
+    settings it reads: part of the graph key); after the barrier one segmented-copy launch pulls every
+    rank's parts. (Copy-engine pulls, peer after peer, measured slower: 184 against 154 us at 128 MiB,
+    632 against 470 at 512 MiB.)"""
     from .formats.tensor import BLOCK_SIZE, packed_layout
     from .vcollectives import copy_segments, offsets
     comm = codec.comm
@@ -557,8 +559,11 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, dptr
                 segs.append((gptr + 4 * r, slots[r] + lay.gs_off, 4))
         copy_segments(comm.device, segs, s)
 
-    # The result arrays are new on every call, so a graph of this call would never be replayed.
-    workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, None, enqueue)
+    # The result arrays are new on every call, but a caching allocator hands the same addresses back
+    # when the caller drops each result before the next one (or keeps one at a time): those calls
+    # repeat their key and replay its graph. Results that are all kept just never repeat one.
+    key = ("fp4_gather_raw",) + source + (tuple(rows), K, fmt, dptr, sptr, gptr)
+    workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, key, enqueue)
 
 
 # The forms of the FP4 reduce-scatter over symmetric memory (fp4_reduce_scatter's doc) and the input
