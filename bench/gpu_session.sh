@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, the mpirun variant, and the benches, each logged under $OUT.
 # Usage: bash bench/gpu_session.sh [stage ...]   stages: info tests mpi sweep vsweep algos fp4bench overlap probe
-# probeov latency (default: all but probe, probeov and latency). OVERLAP_ARGS / PROBE_ARGS: extra arguments for
-# bench_overlap.py / probe_overlap.py; GPU_TESTS: the test files.
+# probeov latency (default: all but probe, probeov and latency). OVERLAP_ARGS / PROBE_ARGS / LATENCY_ARGS: extra
+# arguments for bench_overlap.py / probe_overlap.py / probe_latency.py; GPU_TESTS: the test files.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -77,7 +77,7 @@ for stage in "${stages[@]}"; do
       timeout 120 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_overlap.py ${PROBE_ARGS:-} > "$OUT/probeov.log" 2>&1
       note "probe overlap rc=$?"; grep -v "^\[rank[1-9]" "$OUT/probeov.log" | grep -v "^fp4ccl-run" | tail -n 40 >> "$summary" ;;
     latency)
-      timeout 75 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_latency.py > "$OUT/latency.log" 2>&1
+      timeout 75 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_latency.py ${LATENCY_ARGS:-} > "$OUT/latency.log" 2>&1
       note "probe latency rc=$?"; grep -v "^\[rank[1-9]" "$OUT/latency.log" | grep -v "^fp4ccl-run" | tail -n 24 >> "$summary" ;;
     *) note "unknown stage $stage" ;;
   esac

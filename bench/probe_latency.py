@@ -49,6 +49,13 @@ def main() -> None:
             comm.all_gatherv(x, sizes, out=out, compress="nvfp4")
         return go
 
+    held = {}
+
+    def raw_gather():
+        # as the sweep does: the previous result stays alive until the call returns
+        os.environ["FP4CCL_FP4_ALGO"] = "symm"
+        held["q"] = comm.all_gatherv(x, sizes, compress="nvfp4", dequantize=False)
+
     def v_gather(algo):
         uneven = [args.rows + (1 if r % 2 else -1) for r in range(comm.size)]
         xs = torch.randn(uneven[comm.rank], 1024, device=dev, dtype=torch.bfloat16)
@@ -85,6 +92,7 @@ def main() -> None:
         "nccl all_gather": lambda: comm.all_gather(x, out=out),
         "fp4 gather symm": fp4_gather("symm"),
         "fp4 gather nccl": fp4_gather("nccl"),
+        "fp4 raw gather symm": raw_gather,
         "v gather bcast": v_gather("bcast"),
         "v gather symm": v_gather("symm"),
     }
@@ -128,17 +136,20 @@ def main() -> None:
         import cProfile
         import io
         import pstats
-        prof = cProfile.Profile()
-        go = fp4_gather("symm")
-        prof.enable()
-        for _ in range(args.calls):
-            go()
-        prof.disable()
-        torch.cuda.synchronize()
+        for name, go in (("dequantized", fp4_gather("symm")), ("raw", raw_gather)):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.calls):
+                go()
+            prof.disable()
+            torch.cuda.synchronize()
+            if comm.rank == 0:
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+                print(f"## cProfile: {args.calls} symmetric-memory FP4 gathers, {name}\n{text.getvalue()}")
         if comm.rank == 0:
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-            print(text.getvalue())
+            keys = [k[0] for k in symm_collectives.workspace(comm)._graphs]
+            print(f"## cached graphs by call: { {k: keys.count(k) for k in set(keys)} }")
     os.environ.pop("FP4CCL_FP4_ALGO", None)
     os.environ.pop("FP4CCL_ALGO", None)
     flat = np.array(rows, dtype=np.float64)

@@ -78,7 +78,7 @@ def ov_ag_growing(comm, seed):
     return n
 
 
-def ov_ag_fp4(comm, seed, fmt, gather_dim, path):
+def ov_ag_fp4(comm, seed, fmt, gather_dim, path, rhs=False):
     torch = _setup(comm)
     from fp4ccl import formats
     from fp4ccl.overlap import all_gather_matmul
@@ -89,12 +89,13 @@ def ov_ag_fp4(comm, seed, fmt, gather_dim, path):
         deq = [s if p == r else formats.dequantize(formats.quantize(s, fmt), torch.bfloat16)
                for p, s in enumerate(shards)]
         a_ref = torch.cat(deq, dim=gather_dim)
-        b = _randn(torch, g, (a_ref.shape[1], 192), torch.bfloat16)
+        b = _randn(torch, g, (64, a_ref.shape[1]) if rhs else (a_ref.shape[1], 192), torch.bfloat16)
         with _path(path):
-            got_a, (out,) = all_gather_matmul(comm, shards[r], [b], gather_dim, compress=fmt)
+            got_a, (out,) = all_gather_matmul(comm, shards[r], [b], gather_dim, compress=fmt, gathered_rhs=rhs)
         torch.cuda.synchronize()
         assert torch.equal(got_a, a_ref), "a_full differs from the dequantized shards"
-        err = _relerr(torch, out, a_ref.double() @ b.double())
+        want = b.double() @ a_ref.double().T if rhs else a_ref.double() @ b.double()
+        err = _relerr(torch, out, want)
         assert err < TOL["bfloat16"], f"rel err {err:.2e}"
         if W > 1:
             exact = torch.cat(shards, dim=gather_dim)
@@ -234,6 +235,25 @@ def test_all_gather_matmul_workspace_grows(nranks, seed):
 def test_all_gather_matmul_fp4(nranks, fmt, gather_dim, path, seed):
     need_gpus(nranks)
     assert all(run_ranks(nranks, ov_ag_fp4, seed, fmt, gather_dim, path, backend="nccl"))
+
+
+def ov_fp4_decode(comm, seed, decode):
+    """Every FP4 all_gather_matmul form under one FP4CCL_OVERLAP_DECODE mode."""
+    with env({"FP4CCL_OVERLAP_DECODE": decode}):
+        n = ov_ag_fp4(comm, seed, "nvfp4", 0, "pipelined")
+        n += ov_ag_fp4(comm, seed + 1, "mxfp4", 1, "pipelined")
+        n += ov_ag_fp4(comm, seed + 2, "nvfp4", 0, "pipelined", rhs=True)
+        n += ov_ag_fp4(comm, seed + 3, "nvfp4", 1, "pipelined", rhs=True)
+    return n
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("decode", ["side", "inline", "batch"])
+def test_all_gather_matmul_fp4_decode_modes(nranks, decode, seed):
+    """Where the pulled FP4 shards are decoded (for batch: the own rank's block first, in the middle
+    or last, so the peers' rows are one run or two) changes nothing in the result."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_fp4_decode, seed, decode, backend="nccl"))
 
 
 @pytest.mark.parametrize("nranks", NRANKS)
