@@ -245,6 +245,17 @@ class Communicator:
         host and so cannot be captured in a CUDA graph. compress="nvfp4"|"mxfp4" moves the rows as FP4
         (see fp4ccl.fp4_collectives); an FP4Tensor x is gathered as it is.
         """
+        if out is not None and self._extras:
+            from . import symm_repeat
+            key = symm_repeat.call_key(self, ("all_gatherv", compress, global_scale, dequantize), x, out, sizes, stream)
+            if key is not None:
+                if symm_repeat.replay(self, key):
+                    return out
+                return symm_repeat.run(self, key, self._all_gatherv, x, sizes, out, stream, compress, global_scale,
+                                       dequantize)
+        return self._all_gatherv(x, sizes, out, stream, compress, global_scale, dequantize)
+
+    def _all_gatherv(self, x, sizes, out, stream, compress, global_scale, dequantize):
         if compress is not None or _is_fp4(x):
             from . import fp4_collectives
             return fp4_collectives.all_gatherv(self, x, sizes, out=out, stream=stream, compress=compress,
@@ -267,6 +278,17 @@ class Communicator:
         compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
         them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives).
         """
+        if out is not None and compress is None and self._extras:
+            from . import symm_repeat
+            key = symm_repeat.call_key(self, ("reduce_scatterv", op), x, out, sizes, stream)
+            if key is not None:
+                if symm_repeat.replay(self, key):
+                    return out
+                return symm_repeat.run(self, key, self._reduce_scatterv, x, sizes, op, out, stream, None, rounding,
+                                       seed)
+        return self._reduce_scatterv(x, sizes, op, out, stream, compress, rounding, seed)
+
+    def _reduce_scatterv(self, x, sizes, op, out, stream, compress, rounding, seed):
         if compress is not None:
             from . import fp4_collectives
             return fp4_collectives.reduce_scatterv(self, x, sizes, op, out=out, stream=stream, compress=compress,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import OrderedDict
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -101,6 +101,8 @@ class Workspace:
         self._seen: "OrderedDict[tuple, None]" = OrderedDict()
         self._capture_stream = None
         self._addrs = [None, None]   # per half: (this rank's slot address, every rank's), set at growth
+        from .symm_repeat import RepeatedCalls
+        self.repeats = RepeatedCalls()
 
     def run(self, slot_bytes: int, stream: int, key, enqueue, prepare=None) -> None:
         """One call: `enqueue(stream, local, slots)` enqueues its steps for a workspace half (this
@@ -127,6 +129,22 @@ class Workspace:
         else:
             enqueue(stream, local, slots)
         _rt().eventRecord(self._done, stream)
+        self.repeats.note_run(key, slot_bytes, graph is not None)
+
+    def replay(self, key: tuple, slot_bytes: int, stream: int) -> bool:
+        """run() for a call known to be served by a graph: launch it if the half this call gets has
+        one (captured, and not dropped since); False, with nothing done, otherwise."""
+        if _round_up(max(slot_bytes, 1)) > self.slot:   # (FP4CCL_SYMM_GRAPHS is in the call's key)
+            return False
+        full = key + (self.calls % 2, stream)
+        graph = self._graphs.get(full)
+        if graph is None:
+            return False
+        self._acquire(slot_bytes, stream)   # takes that half
+        self._graphs.move_to_end(full)
+        _rt().graphLaunch(graph, stream)
+        _rt().eventRecord(self._done, stream)
+        return True
 
     def barrier(self, stream: int) -> None:
         # The epoch lives on the device, so the same barrier works eagerly and inside a graph. A
@@ -181,6 +199,7 @@ class Workspace:
                 pass
         self._graphs.clear()
         self._seen.clear()
+        self.repeats.clear()
 
     def _grow(self, slot: int) -> None:
         from .symmetric import SymmetricBuffer
@@ -239,6 +258,11 @@ def forget_graphs(comm) -> None:
     ws = comm._extras.get(_EXTRAS_KEY)
     if ws is not None:
         ws._drop_graphs()
+
+
+def existing_workspace(comm) -> Optional[Workspace]:
+    """The communicator's workspace if a symmetric-memory call has made one."""
+    return comm._extras.get(_EXTRAS_KEY)
 
 
 def workspace(comm) -> Workspace:

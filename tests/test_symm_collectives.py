@@ -514,7 +514,8 @@ def test_fp4_gather_raw_fills_its_slot_then_pulls_every_part_in_one_launch(fakes
     codec = FakeCodec(comm)
     rows, K = [3, 5], 64
     filled = []
-    sc.fp4_gather_raw(codec, rows, K, "nvfp4", lambda addr, lay: filled.append((addr, lay, codec.stream)),
+    source = ("x", 0xA000, "bfloat16", False)
+    sc.fp4_gather_raw(codec, rows, K, "nvfp4", lambda addr, lay: filled.append((addr, lay, codec.stream)), source,
                       0xD000, 0x5000, 0x6000)
     lays = [packed_layout(r, K, "nvfp4") for r in rows]
     assert filled == [(2 << 32, lays[1], 5)]  # our slot, on the caller's stream, before the barrier
@@ -523,7 +524,11 @@ def test_fp4_gather_raw_fills_its_slot_then_pulls_every_part_in_one_launch(fakes
         (0xD000, base[0], 3 * 32), (0x5000, base[0] + lays[0].scale_off, 3 * 4), (0x6000, base[0] + lays[0].gs_off, 4),
         (0xD000 + 3 * 32, base[1], 5 * 32), (0x5000 + 3 * 4, base[1] + lays[1].scale_off, 5 * 4),
         (0x6000 + 4, base[1] + lays[1].gs_off, 4)], 5)]
-    assert not sc.workspace(comm)._seen  # new result arrays every call: never remembered for a graph
+    # Remembered by its source and result addresses: a call whose results come back at the same
+    # addresses (a caching allocator, the previous result dropped) repeats the key and gets a graph.
+    seen = list(sc.workspace(comm)._seen)
+    assert len(seen) == 1 and seen[0][0] == "fp4_gather_raw" and seen[0][1:5] == source
+    assert (0xD000, 0x5000, 0x6000) == seen[0][-5:-2]
 
 
 # -- the one-launch small NVFP4 quantize: when the GPU codec picks it --------------------------------------

@@ -244,9 +244,19 @@ def check_repeated_calls(comm, seed):
         del os.environ["FP4CCL_ALGO"]
     # Six calls per step alternate the two halves, so each call always meets the same half: one graph
     # each, and at least one for each raw gather (if the allocator moves its results they get more).
-    keys = [k[0] for k in symm_collectives.workspace(comm)._graphs]
+    ws = symm_collectives.workspace(comm)
+    keys = [k[0] for k in ws._graphs]
     raw = keys.count("fp4_gather_raw")
     assert raw >= 2 and len(keys) - raw == 4, f"rank {comm.rank}: one graph per call expected, got {keys}"
+    # The gathers and the plain reduce-scatter (out= and sizes given) were recorded for symm_repeat's
+    # fast path, which served them from then on; a changed setting must send a call down the full path.
+    assert len(ws.repeats.known) == 3, f"rank {comm.rank}: {list(ws.repeats.known)}"
+    before = ws.calls
+    with env({"FP4CCL_FP4_ALGO": "nccl"}):
+        comm.all_gatherv(x, sizes, out=g_fp4, compress="nvfp4")
+    torch.cuda.synchronize(comm.device)
+    assert ws.calls == before, f"rank {comm.rank}: FP4CCL_FP4_ALGO=nccl still replayed the symmetric-memory graph"
+    assert np.array_equal(g_fp4.cpu().numpy(), np.concatenate([roundtrip(a, "nvfp4") for a in xs]))
     return True
 
 

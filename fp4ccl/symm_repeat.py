@@ -1,0 +1,141 @@
+"""Repeated symmetric-memory calls, straight to their CUDA graph.
+
+A small v-collective or FP4 gather over symmetric memory replays a cached graph once it repeats
+(symm_collectives.Workspace.run), so its GPU work is one launch; what is left is the host's Python:
+describing the arrays, validating sizes and options, choosing the algorithm. None of that can come
+out differently for a call that matches, object for object, one already served by a graph: the same
+torch tensors (address, shape, dtype, strides, device), the same sizes and options, the same stream
+and the same FP4CCL_* settings. Such a call skips it and launches the graph at once.
+
+Only calls with an `out` tensor and explicit `sizes` take this path (a new output, or sizes to
+exchange, means work on every call), never inside `comm.group()` or while the stream is being
+captured, and only calls whose whole GPU work is the one graph (the communicator records a call
+here only when exactly one workspace run served it, from a graph).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import OrderedDict
+from typing import Optional, Tuple
+
+from . import symm_collectives
+from ._log import get_logger
+
+log = get_logger("fp4ccl.symm_repeat")
+
+# Every setting the dispatch of these calls reads: a call may skip it only while none has changed.
+_ENV = tuple(k.encode() for k in (
+    "FP4CCL_ALGO", "FP4CCL_FP4_ALGO", "FP4CCL_SYMM_GRAPHS", "FP4CCL_CHECK", "FP4CCL_SMALL_QUANTIZE_BYTES",
+    "FP4CCL_PDL", "FP4CCL_LAUNCH", "FP4CCL_CE_PIECES", "FP4CCL_CE_STREAMS", "FP4CCL_CE_STAGE",
+    "FP4CCL_TIMEOUT"))
+_KNOWN = 256   # calls remembered per communicator (least recently used dropped)
+
+
+def _environ_bytes():
+    """os.environ's own bytes-keyed table (POSIX CPython): reading it is ~30x cheaper than
+    os.environ.get, which encodes and decodes on every call. None elsewhere: no fast path there."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict) and all(type(k) is bytes for k in list(data)[:1]):
+        return data
+    return None
+
+
+_ENVIRON = _environ_bytes()
+
+
+def call_key(comm, op: tuple, x, out, sizes, stream) -> Optional[tuple]:
+    """What a call's checks and dispatch depend on, or None where it cannot take the fast path."""
+    torch = sys.modules.get("torch")
+    if (torch is None or _ENVIRON is None or sizes is None or type(x) is not torch.Tensor
+            or type(out) is not torch.Tensor or symm_collectives.existing_workspace(comm) is None):
+        return None   # (no workspace: this communicator has made no symmetric-memory call yet)
+    if getattr(comm._backend, "_depth", 0) or log.isEnabledFor(logging.INFO):
+        return None   # grouped calls never use symmetric memory; INFO logs each call's choice
+    if not all(v is None or type(v) in (str, bool) for v in op):
+        return None   # options of other types (some unhashable): the full path checks them
+    try:
+        sizes = tuple(sizes)
+    except TypeError:
+        return None
+    if not all(type(s) is int for s in sizes):
+        return None   # numpy integers and the like: the full path checks and converts them
+    dev = x.device
+    if dev.type != "cuda":
+        return None
+    from . import _arrays
+    if stream is None:
+        handle = (_arrays._torch_stream or _arrays._resolve_torch_stream())(dev.index)
+    elif type(stream) is int:
+        handle = stream
+    else:
+        return None
+    return (op, x.data_ptr(), x.shape, x.dtype, x.stride(), dev, out.data_ptr(), out.shape, out.dtype,
+            out.stride(), out.device, sizes, handle, tuple(_ENVIRON.get(k) for k in _ENV))
+
+
+class RepeatedCalls:
+    """The calls of one communicator served by one graph each: call key -> (workspace key, slot bytes)."""
+
+    def __init__(self):
+        self.known: "OrderedDict[tuple, Tuple[tuple, int]]" = OrderedDict()
+        self._key = None
+        self._runs = 0
+        self._served = None
+
+    def begin(self, key: tuple) -> None:
+        """A call with this key takes the full path now; see what serves it."""
+        self._key, self._runs, self._served = key, 0, None
+
+    def note_run(self, workspace_key: Optional[tuple], slot_bytes: int, from_graph: bool) -> None:
+        """Workspace.run's report of one run (of whatever call is in progress)."""
+        if self._key is not None:
+            self._runs += 1
+            self._served = (workspace_key, slot_bytes) if from_graph and workspace_key is not None else None
+
+    def end(self) -> None:
+        """The call finished without an error: remember it if one graph was all of its GPU work."""
+        if self._key is not None and self._runs == 1 and self._served is not None:
+            self.known[self._key] = self._served
+            self.known.move_to_end(self._key)
+            if len(self.known) > _KNOWN:
+                self.known.popitem(last=False)
+        self._key, self._served = None, None
+
+    def abandon(self) -> None:
+        self._key, self._served = None, None
+
+    def clear(self) -> None:
+        self.known.clear()
+        self.abandon()
+
+
+def replay(comm, key: tuple) -> bool:
+    """Launch the graph of a known call with this key; False (nothing done) where the full path must run."""
+    ws = symm_collectives.existing_workspace(comm)
+    if ws is None:
+        return False
+    hit = ws.repeats.known.get(key)
+    if hit is None:
+        return False
+    stream = key[12]
+    if symm_collectives.capturing(stream):
+        return False
+    return ws.replay(hit[0], hit[1], stream)
+
+
+def run(comm, key: Optional[tuple], full_path, *args, **kwargs):
+    """full_path(*args, **kwargs), recorded under `key` when one graph served it."""
+    ws = symm_collectives.existing_workspace(comm) if key is not None else None
+    if ws is None:
+        return full_path(*args, **kwargs)
+    repeats = ws.repeats
+    repeats.begin(key)
+    try:
+        result = full_path(*args, **kwargs)
+    except BaseException:
+        repeats.abandon()
+        raise
+    repeats.end()
+    return result

@@ -1,0 +1,120 @@
+"""fp4ccl.symm_repeat without a GPU: which calls may skip straight to their graph, what gets recorded,
+and when a replay must decline (over the fakes of test_symm_collectives). The whole path, with real
+calls, runs in tests/gpu/test_fp4_collectives.py (check_repeated_calls)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from fp4ccl import symm_collectives as sc
+from fp4ccl import symm_repeat
+from test_symm_collectives import FakeComm, fakes  # noqa: F401 - the fixture
+
+torch = pytest.importorskip("torch")
+
+
+class FakeBackend:
+    _depth = 0
+
+
+def _comm(with_workspace=True):
+    comm = FakeComm(rank=1, size=4)
+    comm._backend = FakeBackend()
+    if with_workspace:
+        sc.workspace(comm)
+    return comm
+
+
+@pytest.fixture
+def cuda_tensors(monkeypatch):
+    """CPU tensors that report a CUDA device (call_key wants real torch.Tensors on a GPU), and a fixed
+    current stream (handle 5)."""
+    from fp4ccl import _arrays
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda", 0)))
+    monkeypatch.setattr(_arrays, "_torch_stream", lambda device: 5)
+    return torch.empty(4, 8), torch.empty(16, 8)
+
+
+def test_call_key_names_everything_the_checks_read(cuda_tensors, monkeypatch):
+    x, out = cuda_tensors
+    comm = _comm()
+    key = symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4, 4, 4, 4], None)
+    assert key is not None and key == symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True),
+                                                           x, out, (4, 4, 4, 4), None)
+    assert key[12] == 5   # the current stream
+    others = [
+        symm_repeat.call_key(comm, ("all_gatherv", "mxfp4", "per_rank", True), x, out, [4] * 4, None),
+        symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x[:2], out, [4] * 4, None),
+        symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out.view(8, 16), [4] * 4, None),
+        symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4, 4, 8, 0], None),
+        symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4] * 4, 7),
+    ]
+    assert None not in others and len({key, *others}) == 6
+    monkeypatch.setenv("FP4CCL_FP4_ALGO", "nccl")   # a setting the dispatch reads changes the key
+    assert symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4] * 4, None) != key
+
+
+def test_calls_that_must_take_the_full_path_get_no_key(cuda_tensors, caplog):
+    x, out = cuda_tensors
+    op = ("all_gatherv", None, "per_rank", True)
+    comm = _comm()
+    assert symm_repeat.call_key(_comm(with_workspace=False), op, x, out, [4] * 4, None) is None
+    assert symm_repeat.call_key(comm, op, x, out, None, None) is None              # sizes to exchange
+    assert symm_repeat.call_key(comm, op, x, out, [np.int64(4)] * 4, None) is None
+    assert symm_repeat.call_key(comm, op, x.numpy(), out, [4] * 4, None) is None   # not a torch tensor
+    assert symm_repeat.call_key(comm, ("all_gatherv", ["nvfp4"], "per_rank", True), x, out, [4] * 4, None) is None
+    assert symm_repeat.call_key(comm, op, x, out, [4] * 4, object()) is None       # a stream object
+    comm._backend._depth = 1                                                      # inside comm.group()
+    assert symm_repeat.call_key(comm, op, x, out, [4] * 4, None) is None
+    comm._backend._depth = 0
+    with caplog.at_level(logging.INFO, logger="fp4ccl.symm_repeat"):            # every choice is logged
+        assert symm_repeat.call_key(comm, op, x, out, [4] * 4, None) is None
+
+
+def test_a_call_is_recorded_only_when_one_graph_served_it(fakes):  # noqa: F811
+    comm = _comm()
+    ws = sc.workspace(comm)
+
+    def call(n_runs, key="call"):
+        def full_path():
+            for _ in range(n_runs):
+                ws.run(1024, 5, ("op",), lambda s, local, slots: None)
+            return "result"
+        return symm_repeat.run(comm, (key,), full_path)
+
+    # calls 1 and 2 (one per half) are seen, 3 and 4 captured: the first graph run records the call
+    assert [call(1) for _ in range(3)] == ["result"] * 3
+    assert ws.repeats.known == {("call",): (("op",), 1024)}
+    call(2, "twice")   # two runs in one call: the graph of one of them is not the whole call
+    call(0, "none")    # served by NCCL, say
+    assert set(ws.repeats.known) == {("call",)}
+
+    def failing():
+        ws.run(1024, 5, ("op",), lambda s, local, slots: None)
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        symm_repeat.run(comm, ("failing",), failing)
+    assert set(ws.repeats.known) == {("call",)}
+
+
+def test_replay_launches_the_graph_of_the_half_the_call_gets_or_declines(fakes):  # noqa: F811
+    comm = _comm()
+    ws = sc.workspace(comm)
+    for _ in range(4):   # both halves captured
+        ws.run(1024, 5, ("op",), lambda s, local, slots: None)
+    key = ("call",) + (None,) * 11 + (5, ())
+    assert not symm_repeat.replay(comm, key)      # not known yet
+    ws.repeats.known[key] = (("op",), 1024)
+    before = ws.calls
+    fakes.calls.clear()
+    assert symm_repeat.replay(comm, key)
+    assert ws.calls == before + 1 and [c[0] for c in fakes.calls] == ["launch", "record"]
+    assert not symm_repeat.replay(comm, key[:12] + (99,) + key[13:])   # that stream is being captured
+    ws.repeats.known[key] = (("op",), 1 << 30)                         # more than the workspace holds
+    assert not symm_repeat.replay(comm, key)
+    ws.repeats.known[key] = (("other op",), 1024)                      # no graph for it
+    assert not symm_repeat.replay(comm, key) and ws.calls == before + 1
+    sc.forget_graphs(comm)
+    assert not ws.repeats.known
