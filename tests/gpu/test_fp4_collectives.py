@@ -252,7 +252,8 @@ def check_repeated_calls(comm, seed):
     # fast path, which served them from then on; a changed setting must send a call down the full path.
     assert len(ws.repeats.known) == 3, f"rank {comm.rank}: {list(ws.repeats.known)}"
     before = ws.calls
-    with env({"FP4CCL_FP4_ALGO": "nccl"}):
+    # (its byte gather takes an NCCL algorithm too: by size it would be the symmetric-memory one)
+    with env({"FP4CCL_FP4_ALGO": "nccl", "FP4CCL_ALGO": "bcast"}):
         comm.all_gatherv(x, sizes, out=g_fp4, compress="nvfp4")
     torch.cuda.synchronize(comm.device)
     assert ws.calls == before, f"rank {comm.rank}: FP4CCL_FP4_ALGO=nccl still replayed the symmetric-memory graph"
