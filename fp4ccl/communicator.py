@@ -251,8 +251,9 @@ class Communicator:
             if key is not None:
                 if symm_repeat.replay(self, key):
                     return out
-                return symm_repeat.run(self, key, self._all_gatherv, x, sizes, out, stream, compress, global_scale,
-                                       dequantize)
+                serves = ("fp4_gather",) if compress is not None else ("all_gatherv", "all_gatherv_ce")
+                return symm_repeat.run(self, key, serves, self._all_gatherv, x, sizes, out, stream, compress,
+                                       global_scale, dequantize)
         return self._all_gatherv(x, sizes, out, stream, compress, global_scale, dequantize)
 
     def _all_gatherv(self, x, sizes, out, stream, compress, global_scale, dequantize):
@@ -284,8 +285,8 @@ class Communicator:
             if key is not None:
                 if symm_repeat.replay(self, key):
                     return out
-                return symm_repeat.run(self, key, self._reduce_scatterv, x, sizes, op, out, stream, None, rounding,
-                                       seed)
+                return symm_repeat.run(self, key, ("reduce_scatterv", "reduce_scatterv_ce"), self._reduce_scatterv,
+                                       x, sizes, op, out, stream, None, rounding, seed)
         return self._reduce_scatterv(x, sizes, op, out, stream, compress, rounding, seed)
 
     def _reduce_scatterv(self, x, sizes, op, out, stream, compress, rounding, seed):

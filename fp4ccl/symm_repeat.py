@@ -81,18 +81,23 @@ class RepeatedCalls:
     def __init__(self):
         self.known: "OrderedDict[tuple, Tuple[tuple, int]]" = OrderedDict()
         self._key = None
+        self._serves: Tuple[str, ...] = ()
         self._runs = 0
         self._served = None
 
-    def begin(self, key: tuple) -> None:
-        """A call with this key takes the full path now; see what serves it."""
-        self._key, self._runs, self._served = key, 0, None
+    def begin(self, key: tuple, serves: Tuple[str, ...]) -> None:
+        """A call with this key takes the full path now; see whether a run of one of the `serves`
+        kinds (workspace keys' first item) is all it does. (Another kind would be a step of a
+        different path: the FP4 gather over NCCL gathers its bytes with a symmetric-memory run of
+        the plain gather, between kernels of its own that a replay would skip.)"""
+        self._key, self._serves, self._runs, self._served = key, serves, 0, None
 
     def note_run(self, workspace_key: Optional[tuple], slot_bytes: int, from_graph: bool) -> None:
         """Workspace.run's report of one run (of whatever call is in progress)."""
         if self._key is not None:
             self._runs += 1
-            self._served = (workspace_key, slot_bytes) if from_graph and workspace_key is not None else None
+            whole = from_graph and workspace_key is not None and workspace_key[0] in self._serves
+            self._served = (workspace_key, slot_bytes) if whole else None
 
     def end(self) -> None:
         """The call finished without an error: remember it if one graph was all of its GPU work."""
@@ -125,13 +130,13 @@ def replay(comm, key: tuple) -> bool:
     return ws.replay(hit[0], hit[1], stream)
 
 
-def run(comm, key: Optional[tuple], full_path, *args, **kwargs):
-    """full_path(*args, **kwargs), recorded under `key` when one graph served it."""
+def run(comm, key: Optional[tuple], serves: Tuple[str, ...], full_path, *args, **kwargs):
+    """full_path(*args, **kwargs), recorded under `key` when one graph of a `serves` kind was all of it."""
     ws = symm_collectives.existing_workspace(comm) if key is not None else None
     if ws is None:
         return full_path(*args, **kwargs)
     repeats = ws.repeats
-    repeats.begin(key)
+    repeats.begin(key, serves)
     try:
         result = full_path(*args, **kwargs)
     except BaseException:

@@ -77,25 +77,27 @@ def test_a_call_is_recorded_only_when_one_graph_served_it(fakes):  # noqa: F811
     comm = _comm()
     ws = sc.workspace(comm)
 
-    def call(n_runs, key="call"):
+    def call(n_runs, key="call", kind="op"):
         def full_path():
             for _ in range(n_runs):
-                ws.run(1024, 5, ("op",), lambda s, local, slots: None)
+                ws.run(1024, 5, (kind,), lambda s, local, slots: None)
             return "result"
-        return symm_repeat.run(comm, (key,), full_path)
+        return symm_repeat.run(comm, (key,), ("op", "other op"), full_path)
 
     # calls 1 and 2 (one per half) are seen, 3 and 4 captured: the first graph run records the call
     assert [call(1) for _ in range(3)] == ["result"] * 3
     assert ws.repeats.known == {("call",): (("op",), 1024)}
     call(2, "twice")   # two runs in one call: the graph of one of them is not the whole call
     call(0, "none")    # served by NCCL, say
+    for _ in range(4):
+        call(1, "step", kind="a step")   # a run of another kind: a step of some other path
     assert set(ws.repeats.known) == {("call",)}
 
     def failing():
         ws.run(1024, 5, ("op",), lambda s, local, slots: None)
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError):
-        symm_repeat.run(comm, ("failing",), failing)
+        symm_repeat.run(comm, ("failing",), ("op",), failing)
     assert set(ws.repeats.known) == {("call",)}
 
 

@@ -258,6 +258,16 @@ def check_repeated_calls(comm, seed):
     torch.cuda.synchronize(comm.device)
     assert ws.calls == before, f"rank {comm.rank}: FP4CCL_FP4_ALGO=nccl still replayed the symmetric-memory graph"
     assert np.array_equal(g_fp4.cpu().numpy(), np.concatenate([roundtrip(a, "nvfp4") for a in xs]))
+    # Over NCCL the FP4 gather's byte gather is a (replayed) symmetric-memory run of the plain gather,
+    # between quantize and decode kernels of its own: never a call to replay as a whole.
+    with env({"FP4CCL_FP4_ALGO": "nccl"}):
+        for step in range(5):
+            xs = [shard(seed, r, 500 + step, sizes[r], K, "float32") for r in range(comm.size)]
+            x.copy_(torch.from_numpy(xs[comm.rank]))
+            comm.all_gatherv(x, sizes, out=g_fp4, compress="nvfp4")
+            torch.cuda.synchronize(comm.device)
+            assert np.array_equal(g_fp4.cpu().numpy(), np.concatenate([roundtrip(a, "nvfp4") for a in xs])), \
+                f"rank {comm.rank}: FP4 gather over NCCL, step {step}"
     return True
 
 
