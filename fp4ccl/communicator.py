@@ -245,16 +245,13 @@ class Communicator:
         host and so cannot be captured in a CUDA graph. compress="nvfp4"|"mxfp4" moves the rows as FP4
         (see fp4ccl.fp4_collectives); an FP4Tensor x is gathered as it is.
         """
+        args = (x, sizes, out, stream, compress, global_scale, dequantize)
         if out is not None and self._extras:
             from . import symm_repeat
-            key = symm_repeat.call_key(self, ("all_gatherv", compress, global_scale, dequantize), x, out, sizes, stream)
-            if key is not None:
-                if symm_repeat.replay(self, key):
-                    return out
-                serves = ("fp4_gather",) if compress is not None else ("all_gatherv", "all_gatherv_ce")
-                return symm_repeat.run(self, key, serves, self._all_gatherv, x, sizes, out, stream, compress,
-                                       global_scale, dequantize)
-        return self._all_gatherv(x, sizes, out, stream, compress, global_scale, dequantize)
+            serves = ("fp4_gather",) if compress is not None else ("all_gatherv", "all_gatherv_ce")
+            return symm_repeat.dispatch(self, ("all_gatherv", compress, global_scale, dequantize), serves, x, out,
+                                        sizes, stream, self._all_gatherv, *args)
+        return self._all_gatherv(*args)
 
     def _all_gatherv(self, x, sizes, out, stream, compress, global_scale, dequantize):
         if compress is not None or _is_fp4(x):
@@ -279,15 +276,12 @@ class Communicator:
         compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
         them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives).
         """
+        args = (x, sizes, op, out, stream, compress, rounding, seed)
         if out is not None and compress is None and self._extras:
             from . import symm_repeat
-            key = symm_repeat.call_key(self, ("reduce_scatterv", op), x, out, sizes, stream)
-            if key is not None:
-                if symm_repeat.replay(self, key):
-                    return out
-                return symm_repeat.run(self, key, ("reduce_scatterv", "reduce_scatterv_ce"), self._reduce_scatterv,
-                                       x, sizes, op, out, stream, None, rounding, seed)
-        return self._reduce_scatterv(x, sizes, op, out, stream, compress, rounding, seed)
+            return symm_repeat.dispatch(self, ("reduce_scatterv", op), ("reduce_scatterv", "reduce_scatterv_ce"), x,
+                                        out, sizes, stream, self._reduce_scatterv, *args)
+        return self._reduce_scatterv(*args)
 
     def _reduce_scatterv(self, x, sizes, op, out, stream, compress, rounding, seed):
         if compress is not None:

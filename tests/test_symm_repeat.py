@@ -120,3 +120,20 @@ def test_replay_launches_the_graph_of_the_half_the_call_gets_or_declines(fakes):
     assert not symm_repeat.replay(comm, key) and ws.calls == before + 1
     sc.forget_graphs(comm)
     assert not ws.repeats.known
+
+
+def test_dispatch_runs_the_full_path_until_one_graph_serves_the_call_then_replays_it(fakes, cuda_tensors):  # noqa: F811
+    x, out = cuda_tensors
+    comm = _comm()
+    ws = sc.workspace(comm)
+    ran = []
+
+    def full_path(tag):
+        ran.append(tag)
+        ws.run(1024, 5, ("op",), lambda s, local, slots: None)
+        return "full"
+
+    got = [symm_repeat.dispatch(comm, ("op",), ("op",), x, out, [4] * 4, None, full_path, i) for i in range(6)]
+    # calls 0-1 seen, 2-3 captured (recorded), 4 and 5 replayed straight (one graph per half)
+    assert got[:4] == ["full"] * 4 and got[4] is out and got[5] is out and ran == [0, 1, 2, 3]
+    assert symm_repeat.dispatch(comm, ("op",), ("op",), x.numpy(), out, [4] * 4, None, full_path, "np") == "full"
