@@ -755,6 +755,15 @@ def uneven_rows(total: int, n: int) -> List[int]:
     return sizes
 
 
+def uneven_busbw_factor(n: int) -> float:
+    """busbw / algbw of a v-collective over uneven_rows: the share of the total that crosses the
+    busiest rank's link whatever the algorithm (total minus the smallest share: the rank with the
+    fewest rows must receive all the others' in a gather, and send its contribution to all the others'
+    in a reduce-scatter). Even sizes give nccl-tests' (n-1)/n; the sweep's split gives 13/16 at 4 ranks."""
+    sizes = uneven_rows(1 << 20, n)
+    return (sum(sizes) - min(sizes)) / sum(sizes)
+
+
 class _Fp4ccOnly(SweepOp):
     impls = ("fp4ccl",)
 
@@ -770,7 +779,7 @@ class _UnevenOp(_Fp4ccOnly):
     uneven = "send_count"
 
     def busbw_factor(self, n):
-        return (n - 1) / n
+        return uneven_busbw_factor(n)
 
     def sizing(self, nbytes, itemsize, n):
         per = nbytes // itemsize // n

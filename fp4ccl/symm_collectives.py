@@ -557,36 +557,70 @@ def _largest_packed(rows: Tuple[int, ...], K: int, fmt: str) -> int:
     return max(packed_layout(r, K, fmt).total_bytes for r in rows)
 
 
+def raw_pull(segment_bytes: int) -> str:
+    """How the raw FP4 gather moves the peers' data when the largest rank's packed segment has
+    `segment_bytes` (the same on every rank): `ce` from RAW_CE_FROM_BYTES, where the copy engine pulls
+    each peer's FP4 data, peer after peer, while one SM launch copies every rank's block scales and
+    global scale and the own data; `sm` below, one SM launch copying every part of every rank (a copy
+    engine's start costs more than the SMs' slower loads save on small segments).
+    FP4CCL_FP4_RAW_PULL=ce|sm forces one; every rank must agree."""
+    how = os.environ.get("FP4CCL_FP4_RAW_PULL", "").strip().lower()
+    if not how:
+        return "ce" if segment_bytes >= RAW_CE_FROM_BYTES else "sm"
+    if how not in RAW_PULLS:
+        raise ValueError(f"FP4CCL_FP4_RAW_PULL={how!r} is not one of {', '.join(RAW_PULLS)}")
+    return how
+
+
+RAW_PULLS = ("ce", "sm")
+RAW_CE_FROM_BYTES = 4 << 20
+
+
 def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, source: tuple,
                    dptr: int, sptr: int, gptr: int) -> None:
     """Gather packed FP4 segments into separate data / scales / global-scale arrays: `fill_slot(addr,
     layout)` writes this rank's segment (on codec.stream) from what `source` names (the addresses and
-    settings it reads: part of the graph key); after the barrier one segmented-copy launch pulls every
-    rank's parts. (Copy-engine pulls, peer after peer, measured slower: 184 against 154 us at 128 MiB,
-    632 against 470 at 512 MiB.)"""
+    settings it reads: part of the graph key); after the barrier the parts are copied as raw_pull()
+    says. (Copy-engine pulls of data and scales alike, peer after peer, measured slower than one SM
+    launch on CUDA-IPC buffers: 184 against 154 us at 128 MiB, 632 against 470 at 512 MiB, run 8; the
+    VMM buffers of today give a copy-engine copy ~340 GB/s against 240-290 for SM loads.)"""
     from .formats.tensor import BLOCK_SIZE, packed_layout
-    from .vcollectives import copy_segments, offsets
+    from .vcollectives import copy, copy_segments, offsets
     comm = codec.comm
+    me = comm.rank
     bs = BLOCK_SIZE[fmt]
     lays = [packed_layout(r, K, fmt) for r in rows]
     first = offsets(rows)
+    how = raw_pull(max(lay.total_bytes for lay in lays))
+
+    def data(r, slots):
+        return (dptr + first[r] * K // 2, slots[r], rows[r] * K // 2)
 
     def enqueue(s, local, slots):
         codec.stream = s
-        fill_slot(local, lays[comm.rank])
+        fill_slot(local, lays[me])
         workspace(comm).barrier(s)
         segs = []
-        for r, (a, n, lay) in enumerate(zip(first, rows, lays)):
-            segs.append((dptr + a * K // 2, slots[r], n * K // 2))
-            segs.append((sptr + a * K // bs, slots[r] + lay.scale_off, n * K // bs))
+        if how == "ce":
+            pull = side_stream(comm, "ce_copy")
+            pull.order(pull.ptr, s)
+            for p in ring(comm):
+                copy(*data(p, slots), pull.ptr)
+            segs.append(data(me, slots))
+        else:
+            segs += [data(r, slots) for r in range(comm.size)]
+        for r in range(comm.size):
+            segs.append((sptr + first[r] * K // bs, slots[r] + lays[r].scale_off, rows[r] * K // bs))
             if gptr:
-                segs.append((gptr + 4 * r, slots[r] + lay.gs_off, 4))
+                segs.append((gptr + 4 * r, slots[r] + lays[r].gs_off, 4))
         copy_segments(comm.device, segs, s)
+        if how == "ce":
+            pull.order(s, pull.ptr)
 
     # The result arrays are new on every call, but a caching allocator hands the same addresses back
     # when the caller drops each result before the next one (or keeps one at a time): those calls
     # repeat their key and replay its graph. Results that are all kept just never repeat one.
-    key = ("fp4_gather_raw",) + source + (tuple(rows), K, fmt, dptr, sptr, gptr)
+    key = ("fp4_gather_raw",) + source + (tuple(rows), K, fmt, dptr, sptr, gptr, how)
     workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, key, enqueue)
 
 
@@ -602,6 +636,13 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, sour
 # where steps took 62-87.
 RS_FORMS = ("steps", "pull", "store", "push")
 RS_PUSH_FROM_BYTES = 64 << 20
+
+
+def rs_push_streams() -> int:
+    """Copy streams of the push form (FP4CCL_FP4_RS_PUSH_STREAMS, default 1): with n, the pushes to
+    the peers go round-robin over n streams, so a push starts as soon as its chunk is quantized
+    instead of after the previous push."""
+    return _positive_env("FP4CCL_FP4_RS_PUSH_STREAMS", 1)
 
 
 def rs_pieces(chunk_bytes: int) -> int:
@@ -666,6 +707,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     # chunks, in ring order, at stage[i]
     stage = offsets([size[p] for p in ring(comm)])
     staging = {"pull": (n - 1) * m, "push": sum(size) - m}.get(form, 0)
+    push_streams = rs_push_streams() if form == "push" else 1
 
     def prepare():
         codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=staging)
@@ -712,14 +754,16 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
 
     def enqueue_push(s, local, slots):
         codec.stream = s
-        push = codec._side("rs_push")
+        pushes = [codec._side("rs_push" if k == 0 else f"rs_push{k}") for k in range(push_streams)]
         for i, p in enumerate(ring(comm)):
             src = codec.staging + stage[i]
             quantize(p, src, codec.amax_rows(info, K, fmt, row_offs[p], rows[p]), pieces[p][0])
+            push = pushes[i % push_streams]
             push.order(push.ptr, s)        # this chunk is quantized
             copy(slots[p] + me * size[p], src, size[p], push.ptr)
         quantize(me, local + me * m, codec.amax_rows(info, K, fmt, row_offs[me], rows[me]), pieces[me][0])
-        push.order(s, push.ptr)            # every push has landed
+        for push in pushes:
+            push.order(s, push.ptr)        # every push has landed
         workspace(comm).barrier(s)
         decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
 
@@ -759,6 +803,6 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
 
     slot = n * max(size) if form in ("store", "push") else sum(size)
     key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed,
-           form)
+           form, push_streams)
     steps = {"steps": enqueue, "pull": enqueue_pipelined, "store": enqueue_store, "push": enqueue_push}[form]
     workspace(comm).run(slot, codec.stream, key, steps, prepare)

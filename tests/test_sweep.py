@@ -64,6 +64,15 @@ def test_size_steps():
     assert sweep.size_steps(1000, 1000, 4, None) == [1000]
 
 
+@pytest.mark.parametrize("n,factor", [(1, 0.0), (2, 5 / 8), (3, 3 / 4), (4, 13 / 16), (8, 29 / 32)])
+def test_uneven_busbw_factor(n, factor):
+    # the split alternates 1.25x and 0.75x of the mean: the busiest rank moves the total less 0.75 means
+    assert sweep.uneven_busbw_factor(n) == pytest.approx(factor)
+    assert sweep.uneven_busbw_factor(n) >= (n - 1) / n   # never below the even op's share
+    for op in ("all_gatherv", "reduce_scatterv"):
+        assert sweep.OPS[op].busbw_factor(n) == pytest.approx(factor)
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["-b", "2X"], "-b/--minbytes"),
@@ -155,7 +164,10 @@ def test_sweep_launcher_all_ops(n, tmp_path):
     for j, t in zip(doc["rows"], rows):
         assert (j["size"], j["count"], j["impl"], j["root"], j["wrong"]) == (t["size"], t["count"], t["impl"],
                                                                              t["root"], t["wrong"])
-        factor = {"all_reduce": 2 * (n - 1) / n, "broadcast": 1, "reduce": 1}.get(j["op"], (n - 1) / n)
+        split = sweep.uneven_rows(1 << 20, n)   # the v-collectives' busiest rank moves all but the least
+        factor = {"all_reduce": 2 * (n - 1) / n, "broadcast": 1, "reduce": 1,
+                  "all_gatherv": 1 - min(split) / sum(split), "reduce_scatterv": 1 - min(split) / sum(split),
+                  }.get(j["op"], (n - 1) / n)
         assert j["busbw"] == pytest.approx(j["algbw"] * factor)
         assert j["algbw"] == pytest.approx(j["size"] / j["time_us"] / 1e3)
     assert "# Wrong elements : 0 OK" in p.stdout

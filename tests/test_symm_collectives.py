@@ -464,6 +464,27 @@ def test_fp4_reduce_scatter_push_stages_each_chunk_and_copies_it_into_its_peers_
     assert [c[0] for c in contribs] == [(2 << 32) + c * size[1] for c in range(3)]
 
 
+def test_fp4_reduce_scatter_push_over_several_copy_streams(fakes, monkeypatch):
+    from fp4ccl import vcollectives
+    codec, sides, log = rs_form_setup(monkeypatch, "push")
+    monkeypatch.setenv("FP4CCL_FP4_RS_PUSH_STREAMS", "2")
+    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
+    rows, K = [2, 4, 1], 32
+    sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
+    a, b = sides["rs_push"], sides["rs_push1"]
+    # each push on its own stream, after its own chunk's quantize; the caller's stream waits for both
+    # before the barrier
+    assert [e[4] for e in log if e[0] == "copy"] == [a.ptr, b.ptr]
+    assert [e[:2] for e in log if e[0] == "wait"] == [("wait", a.ptr), ("wait", b.ptr), ("wait", 5), ("wait", 5)]
+    tail = [e[0] for e in log[log.index([e for e in log if e[0] == "copy"][-1]):]]
+    assert tail == ["copy", "amax_rows", "quantize", "wait", "wait", "barrier", "sum"]
+    assert sc.workspace(codec.comm)._seen and list(sc.workspace(codec.comm)._seen)[0][-3] == 2
+    for bad in ("0", "x"):
+        monkeypatch.setenv("FP4CCL_FP4_RS_PUSH_STREAMS", bad)
+        with pytest.raises(ValueError, match="FP4CCL_FP4_RS_PUSH_STREAMS"):
+            sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
+
+
 def test_plain_all_gatherv_copies_in_then_pulls_every_peer(fakes, monkeypatch):
     from fp4ccl import vcollectives
     log = []
@@ -520,15 +541,52 @@ def test_fp4_gather_raw_fills_its_slot_then_pulls_every_part_in_one_launch(fakes
     lays = [packed_layout(r, K, "nvfp4") for r in rows]
     assert filled == [(2 << 32, lays[1], 5)]  # our slot, on the caller's stream, before the barrier
     base = [1 << 32, 2 << 32]
+    # (segments this small stay on the SMs: RAW_CE_FROM_BYTES) every rank's data, then its scales
     assert log == [("barrier", 5), ("segments", [
-        (0xD000, base[0], 3 * 32), (0x5000, base[0] + lays[0].scale_off, 3 * 4), (0x6000, base[0] + lays[0].gs_off, 4),
-        (0xD000 + 3 * 32, base[1], 5 * 32), (0x5000 + 3 * 4, base[1] + lays[1].scale_off, 5 * 4),
-        (0x6000 + 4, base[1] + lays[1].gs_off, 4)], 5)]
+        (0xD000, base[0], 3 * 32), (0xD000 + 3 * 32, base[1], 5 * 32),
+        (0x5000, base[0] + lays[0].scale_off, 3 * 4), (0x6000, base[0] + lays[0].gs_off, 4),
+        (0x5000 + 3 * 4, base[1] + lays[1].scale_off, 5 * 4), (0x6000 + 4, base[1] + lays[1].gs_off, 4)], 5)]
     # Remembered by its source and result addresses: a call whose results come back at the same
     # addresses (a caching allocator, the previous result dropped) repeats the key and gets a graph.
     seen = list(sc.workspace(comm)._seen)
     assert len(seen) == 1 and seen[0][0] == "fp4_gather_raw" and seen[0][1:5] == source
-    assert (0xD000, 0x5000, 0x6000) == seen[0][-5:-2]
+    assert (0xD000, 0x5000, 0x6000, "sm") == seen[0][-6:-2]
+
+
+def test_fp4_gather_raw_pulls_the_peers_data_with_the_copy_engine(fakes, sides, monkeypatch):
+    from fp4ccl import vcollectives
+    log, made = sides
+    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
+    monkeypatch.setattr(vcollectives, "copy_segments", lambda dev, segs, st: log.append(("segments", segs, st)))
+    monkeypatch.setenv("FP4CCL_FP4_RAW_PULL", "ce")
+    comm = FakeComm(rank=1, size=3)
+    codec = FakeCodec(comm)
+    rows, K = [3, 5, 0], 64
+    sc.fp4_gather_raw(codec, rows, K, "mxfp4", lambda addr, lay: log.append(("fill", addr)), ("x",), 0xD000, 0x5000, 0)
+    lays = [packed_layout(r, K, "mxfp4") for r in rows]
+    base = [1 << 32, 2 << 32, 3 << 32]
+    pull = made["ce_copy"]
+    # after the barrier the copy engine pulls the peers' data in ring order (rank 2's is empty) while
+    # one SM launch on the caller's stream copies the own data and every rank's scales (no global
+    # scales: MXFP4); then the caller's stream waits for the pulls
+    assert log == [("fill", base[1]), ("barrier", 5), ("wait", pull.ptr, 5),
+                   ("copy", 0xD000 + 8 * 32, base[2], 0, pull.ptr), ("copy", 0xD000, base[0], 3 * 32, pull.ptr),
+                   ("segments", [(0xD000 + 3 * 32, base[1], 5 * 32),
+                                 (0x5000, base[0] + lays[0].scale_off, 3 * 2),
+                                 (0x5000 + 3 * 2, base[1] + lays[1].scale_off, 5 * 2),
+                                 (0x5000 + 8 * 2, base[2] + lays[2].scale_off, 0)], 5),
+                   ("wait", 5, pull.ptr)]
+    assert list(sc.workspace(comm)._seen)[0][-3] == "ce"
+
+
+def test_raw_pull_by_segment_size_and_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FP4CCL_FP4_RAW_PULL", raising=False)
+    assert [sc.raw_pull(b) for b in (0, sc.RAW_CE_FROM_BYTES - 1, sc.RAW_CE_FROM_BYTES)] == ["sm", "sm", "ce"]
+    monkeypatch.setenv("FP4CCL_FP4_RAW_PULL", " SM ")
+    assert sc.raw_pull(1 << 40) == "sm"
+    monkeypatch.setenv("FP4CCL_FP4_RAW_PULL", "tma")
+    with pytest.raises(ValueError, match="FP4CCL_FP4_RAW_PULL='tma'"):
+        sc.raw_pull(1)
 
 
 # -- the one-launch small NVFP4 quantize: when the GPU codec picks it --------------------------------------

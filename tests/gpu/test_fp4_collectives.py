@@ -14,10 +14,21 @@ from harness import env, run_ranks
 PATHS = ["symm", "symm-steps", "nccl"]
 
 
+# "symm-cepull": symm with the raw gathers' data pulled by the copy engine (FP4CCL_FP4_RAW_PULL=ce; by
+# default only segments from 4 MiB are) instead of copied by the SMs.
+VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0"}, "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"}}
+
+
 def _on_path(comm, path, check, *args):
-    steps = {"FP4CCL_SMALL_QUANTIZE_BYTES": "0"} if path.endswith("-steps") else {}
-    with env({"FP4CCL_FP4_ALGO": path.split("-")[0], **steps}):
+    algo, _, variant = path.partition("-")
+    with env({"FP4CCL_FP4_ALGO": algo, **VARIANTS.get(variant, {})}):
         return check(comm, *args)
+
+
+def _rs_form_env(form):
+    """FP4CCL_* settings of a reduce-scatter form; "push:3" is the push form over 3 copy streams."""
+    name, _, streams = form.partition(":")
+    return {"FP4CCL_FP4_RS_FORM": name, **({"FP4CCL_FP4_RS_PUSH_STREAMS": streams} if streams else {})}
 
 
 @pytest.mark.gpu
@@ -33,7 +44,18 @@ def test_fp4_all_gatherv_bit_exact(fmt, global_scale, framework, nranks, path, s
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank")])
+def test_fp4_raw_gather_ce_pull(fmt, global_scale, nranks, seed):
+    """The raw gathers with the peers' data pulled by the copy engine (FP4CCL_FP4_RAW_PULL=ce), their
+    scales and the own rows copied by the SMs beside it."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _on_path, "symm-cepull", fc.check_fp4_all_gatherv, seed, "torch", fmt, global_scale,
+                         backend="nccl"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS + ["symm-cepull"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_fp4_gather_of_an_fp4tensor(fmt, path, seed):
     need_gpus(4)
@@ -59,7 +81,7 @@ def test_fp4_stochastic_rounding(path, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["pull", "store", "push"])
+@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_reduce_scatterv_pipelined(nranks, form, seed):
     """The symmetric-memory reduce-scatter's large-input forms on small inputs, forced by
@@ -71,14 +93,14 @@ def test_fp4_reduce_scatterv_pipelined(nranks, form, seed):
 
 
 def _pipelined_reduce_scatter(comm, seed, form):
-    with env({"FP4CCL_FP4_RS_FORM": form}):
+    with env(_rs_form_env(form)):
         for fmt, framework in (("nvfp4", "torch"), ("mxfp4", "cupy")):
             _on_path(comm, "symm", fc.check_fp4_reduce_scatterv, seed, framework, fmt)
         return _on_path(comm, "symm", fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["store", "push"])
+@pytest.mark.parametrize("form", ["store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_reduce_scatter_forms_interleaved_with_other_collectives(nranks, form, seed):
     """The forms that write into their peers' slots with one barrier per call: many calls back to
@@ -96,7 +118,7 @@ def _rs_interleaved(comm, seed, form):
     K = 64
     shapes = [[(7, 0, 3, 5)[r % 4] for r in range(comm.size)], [16 * (r + 1) for r in range(comm.size)]]
     outs = [torch.empty((s[comm.rank], K), device=dev) for s in shapes]
-    with env({"FP4CCL_FP4_RS_FORM": form, "FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
+    with env({**_rs_form_env(form), "FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
         for step in range(40):
             which = step % 3 % 2      # small, big, small, small, big, small, ...
             sizes = shapes[which]
@@ -117,7 +139,7 @@ def _rs_interleaved(comm, seed, form):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["pull", "store", "push"])
+@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_pipelined_reduce_scatter_graphs_and_workspace_growth(nranks, form, seed):
     """The pipelined reduce-scatter called again and again replays a captured graph (three streams
@@ -150,7 +172,7 @@ def check_pipelined_graphs_and_growth(comm, seed, form="pull"):
     big = [1024 * (r + 1) for r in range(comm.size)]   # past the amax slots at the FP4 workspace's start
     out_small = torch.empty((small[comm.rank], K), device=dev)
     out_big = torch.empty((big[comm.rank], K), device=dev)
-    with env({"FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm", "FP4CCL_FP4_RS_FORM": form}):
+    with env({"FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm", **_rs_form_env(form)}):
         # The communicators outlive a test: start from no FP4 workspace, so that `big` below must grow it
         # whatever the tests before this one left.
         torch.cuda.synchronize(comm.device)
