@@ -243,12 +243,15 @@ class Communicator:
 
         sizes: rows contributed by each rank (0 allowed); None exchanges them first, which syncs the
         host and so cannot be captured in a CUDA graph. compress="nvfp4"|"mxfp4" moves the rows as FP4
-        (see fp4ccl.fp4_collectives); an FP4Tensor x is gathered as it is.
+        (see fp4ccl.fp4_collectives); an FP4Tensor x is gathered as it is. out: an array for the rows,
+        or, where the result is FP4 (dequantize=False, or an FP4Tensor x), an earlier such result to
+        gather into.
         """
         args = (x, sizes, out, stream, compress, global_scale, dequantize)
         if out is not None and self._extras:
             from . import symm_repeat
-            serves = ("fp4_gather",) if compress is not None else ("all_gatherv", "all_gatherv_ce")
+            serves = (("all_gatherv", "all_gatherv_ce") if compress is None else
+                      ("fp4_gather",) if dequantize else ("fp4_gather_raw",))
             return symm_repeat.dispatch(self, ("all_gatherv", compress, global_scale, dequantize), serves, x, out,
                                         sizes, stream, self._all_gatherv, *args)
         return self._all_gatherv(*args)

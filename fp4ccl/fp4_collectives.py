@@ -53,6 +53,20 @@ def _round_up(n: int, m: int = _ALIGN) -> int:
 
 
 
+def _gathered_arrays(result, like: ArrayInfo, shape, K: int, fmt: str, nranks: int):
+    """(data, scales, per-rank global scales or None) of a gathered FP4 tensor: `result`'s (out=,
+    checked by _check_gathered_out) or new ones like `like`, and their addresses."""
+    if result is not None:
+        data, scales, gs = result.data, result.scales, result.global_scale
+    else:
+        lead = tuple(shape[:-1])
+        data = _arrays.empty(like, lead + (K // 2,), "uint8")
+        scales = _arrays.empty(like, lead + (K // BLOCK_SIZE[fmt],), "uint8")
+        gs = _arrays.empty(like, (nranks,), "float32") if fmt == "nvfp4" else None
+    ptrs = (_arrays.describe(data).ptr, _arrays.describe(scales).ptr, _arrays.describe(gs).ptr if gs is not None else 0)
+    return (data, scales, gs), ptrs
+
+
 def _bytes_info(like: ArrayInfo, ptr: int, nbytes: int) -> ArrayInfo:
     """A flat uint8 view at `ptr` on like's device (for the byte-level v-collectives)."""
     return ArrayInfo(None, like.framework, ptr, (nbytes,), "uint8", like.device, True)
@@ -92,7 +106,7 @@ def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_
     if isinstance(x, FP4Tensor):
         if compress is not None and compress != x.format:
             raise ValueError(f"compress={compress!r} but x is already an {x.format} FP4Tensor")
-        return _gather_fp4tensor(comm, x, sizes, stream)
+        return _gather_fp4tensor(comm, x, sizes, stream, out)
     if compress not in FORMATS:
         raise ValueError(f"compress={compress!r} is not one of {', '.join(FORMATS)}")
     if global_scale not in GLOBAL_SCALES:
@@ -103,23 +117,52 @@ def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_
         raise ValueError(f"all_gatherv: x has {info.shape[0]} rows but sizes[{comm.rank}]={sizes[comm.rank]}")
     rows = [s * inner for s in sizes]
     shape = (sum(sizes),) + info.shape[1:]
+    row_offsets = tuple(offsets(sizes)) + (sum(sizes),)
     if dequantize:
         out, oinfo = comm._output(info, shape, out)
     elif out is not None:
-        raise ValueError("out= is only for dequantize=True; with dequantize=False the result is a new FP4Tensor")
+        if global_scale == "shared" and compress == "nvfp4":
+            raise ValueError("out= with dequantize=False takes per-rank global scales only, not global_scale='shared'")
+        _check_gathered_out(comm, out, compress, shape, row_offsets, info.dtype)
     codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
     shared = global_scale == "shared"
     if dequantize:
         codec.gather_dequantize(info, K, compress, shared, rows, oinfo)
         return out
-    row_offsets = tuple(offsets(sizes)) + (sum(sizes),)
+    codec.result = out
     gathered = codec.gather_fp4(info, K, compress, shared, rows, shape, row_offsets)
+    if out is not None:
+        return out
     if shared and gathered.global_scale is not None:
         gathered.global_scale = gathered.global_scale[0]  # every rank quantized with the same one
     return gathered
 
 
-def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream):
+def _check_gathered_out(comm, out, fmt: str, shape: tuple, row_offsets: tuple, dtype: str) -> None:
+    """out= of a gather that returns FP4: a GatheredFP4Tensor exactly like the one it would return
+    (an earlier result of the same call, say), on this rank's device, its arrays contiguous."""
+    if not isinstance(out, GatheredFP4Tensor):
+        raise TypeError(f"out= of an FP4 gather with dequantize=False must be a GatheredFP4Tensor (an earlier "
+                        f"result of the same gather), not {type(out).__name__}")
+    want = (fmt, shape, row_offsets, "linear", dtype)
+    got = (out.format, tuple(out.shape), tuple(out.row_offsets), out.scale_layout, out.dtype)
+    if got != want:
+        raise ValueError("out is not the FP4 tensor this gather returns: (format, shape, row_offsets, scale layout, "
+                         f"dtype) are {got}, expected {want}")
+    K = shape[-1]
+    lead = shape[:-1]
+    parts = [("out.data", out.data, lead + (K // 2,), "uint8"),
+             ("out.scales", out.scales, lead + (K // BLOCK_SIZE[fmt],), "uint8")]
+    if fmt == "nvfp4":
+        parts.append(("out.global_scale", out.global_scale, (comm.size,), "float32"))
+    for name, arr, pshape, pdtype in parts:
+        info = comm._input(arr, name)
+        if info.shape != pshape or info.dtype != pdtype or not info.contiguous:
+            raise ValueError(f"{name} is {info.dtype}{list(info.shape)}{'' if info.contiguous else ', not contiguous'};"
+                             f" expected a contiguous {pdtype}{list(pshape)}")
+
+
+def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream, out=None):
     if q.scale_layout != "linear":
         raise ValueError("all_gatherv of an FP4Tensor needs linear scales (swizzled padding cannot be concatenated)")
     if isinstance(q, GatheredFP4Tensor):
@@ -133,18 +176,23 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream):
     rows = [s * inner for s in sizes]
     layouts = [packed_layout(r, K, q.format) for r in rows]
     counts = [lay.total_bytes for lay in layouts]
-    codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
     shape = (sum(sizes),) + tuple(q.shape[1:])
     row_offsets = tuple(offsets(sizes)) + (sum(sizes),)
+    if out is not None:
+        _check_gathered_out(comm, out, q.format, shape, row_offsets, q.dtype)
+    codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
+    codec.result = out
     if info.device is not None and symm_collectives.fp4_algo(comm, codec.stream) == "symm":
         codec.reserve_nccl_gather(K, q.format, rows)
-        return codec.pull_gathered(rows, K, q.format, info, shape, row_offsets, q.dtype,
-                                   lambda addr, lay: codec.pack_tensor(q, addr, lay), codec.tensor_key(q))
-    send, recv = codec.buffers(counts[comm.rank], sum(counts))
-    codec.pack_tensor(q, send, layouts[comm.rank])
-    codec.gather(send, recv, counts)
-    return codec.unpack_gathered(recv, offsets(counts), layouts, rows, K, q.format, info, shape,
-                                 row_offsets, dtype=q.dtype)
+        gathered = codec.pull_gathered(rows, K, q.format, info, shape, row_offsets, q.dtype,
+                                       lambda addr, lay: codec.pack_tensor(q, addr, lay), codec.tensor_key(q))
+    else:
+        send, recv = codec.buffers(counts[comm.rank], sum(counts))
+        codec.pack_tensor(q, send, layouts[comm.rank])
+        codec.gather(send, recv, counts)
+        gathered = codec.unpack_gathered(recv, offsets(counts), layouts, rows, K, q.format, info, shape,
+                                         row_offsets, dtype=q.dtype)
+    return gathered if out is None else out
 
 
 def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=None):
@@ -235,6 +283,7 @@ class _HostCodec:
 
     def __init__(self, comm):
         self.comm = comm
+        self.result = None   # a GatheredFP4Tensor to gather into (out=) instead of new arrays
 
     def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
         send, recv, layouts, offs = self._gather_packed(info, K, fmt, shared, rows)
@@ -322,20 +371,19 @@ class _HostCodec:
     def unpack_gathered(self, recv, offs, layouts, rows, K, fmt, info, shape, row_offsets, dtype=None):
         from .formats import reference
         bs = BLOCK_SIZE[fmt]
-        total = sum(rows)
-        data = np.empty((total, K // 2), np.uint8)
-        scales = np.empty((total, K // bs), np.uint8)
-        gs = np.empty(len(rows), np.float32) if fmt == "nvfp4" else None
+        numpy_like = _arrays.describe(np.empty(0, np.uint8))   # new results are numpy, whatever the input
+        (data, scales, gs), _ = _gathered_arrays(self.result, numpy_like, shape, K, fmt, len(rows))
+        data2, scales2 = _arrays.host_view(_arrays.describe(data)), _arrays.host_view(_arrays.describe(scales))
+        data2, scales2 = data2.reshape(-1, K // 2), scales2.reshape(-1, K // bs)
+        gs2 = _arrays.host_view(_arrays.describe(gs)) if gs is not None else None
         for r, (off, n) in enumerate(zip(offs, rows)):
             d, s, g = reference.read_packed(recv, n, K, fmt, off)
             a = sum(rows[:r])
-            data[a:a + n] = d
-            scales[a:a + n] = s
-            if gs is not None:
-                gs[r] = g
-        lead = shape[:-1]
-        return GatheredFP4Tensor(data.reshape(lead + (K // 2,)), scales.reshape(lead + (K // bs,)), gs, fmt,
-                                 tuple(shape), "linear", dtype or info.dtype, row_offsets)
+            data2[a:a + n] = d
+            scales2[a:a + n] = s
+            if gs2 is not None:
+                gs2[r] = g
+        return GatheredFP4Tensor(data, scales, gs, fmt, tuple(shape), "linear", dtype or info.dtype, row_offsets)
 
     def sum_dequantized(self, recv, layout, rows, K, fmt, size, oinfo):
         from .formats import reference
@@ -388,6 +436,7 @@ class _GpuCodec:
         self.like = like
         self.device = like.device
         self.stream = _arrays.current_stream(like, stream)
+        self.result = None   # a GatheredFP4Tensor to gather into (out=) instead of new arrays
 
     # -- whole operations ----------------------------------------------------------------------------
     def _gather_plan(self, K, fmt, rows, oinfo):
@@ -470,10 +519,7 @@ class _GpuCodec:
         # and global scales in place, in one NCCL group: nothing to unpack afterwards.
         n, me, r = self.comm.size, self.comm.rank, rows[0]
         bs = BLOCK_SIZE[fmt]
-        lead = shape[:-1]
-        data = _arrays.empty(info, lead + (K // 2,), "uint8")
-        scales = _arrays.empty(info, lead + (K // bs,), "uint8")
-        gs = _arrays.empty(info, (n,), "float32") if fmt == "nvfp4" else None
+        (data, scales, gs), _ = _gathered_arrays(self.result, info, shape, K, fmt, n)
         d, sc = _arrays.describe(data), _arrays.describe(scales)
         g = _arrays.describe(gs) if gs is not None else None
         self.buffers(0, 0)
@@ -668,27 +714,17 @@ class _GpuCodec:
             kernels.dequantize(self.device, oinfo.ptr, oinfo.dtype, K, fmt, "linear", segs, 0,
                                self.stream if stream is None else stream)
 
-    @staticmethod
-    def _gathered_arrays(info, shape, K, fmt, nranks):
-        """Empty (data, scales, per-rank global scales or None) for a gathered FP4 tensor, and their addresses."""
-        lead = shape[:-1]
-        data = _arrays.empty(info, lead + (K // 2,), "uint8")
-        scales = _arrays.empty(info, lead + (K // BLOCK_SIZE[fmt],), "uint8")
-        gs = _arrays.empty(info, (nranks,), "float32") if fmt == "nvfp4" else None
-        ptrs = (_arrays.describe(data).ptr, _arrays.describe(scales).ptr, _arrays.describe(gs).ptr if gs is not None else 0)
-        return (data, scales, gs), ptrs
-
     def pull_gathered(self, rows, K, fmt, info, shape, row_offsets, dtype, fill_slot, source):
         """The symmetric-memory gather of packed FP4 segments (fill_slot writes this rank's from what
         the tuple `source` names)."""
-        arrays, ptrs = self._gathered_arrays(info, shape, K, fmt, len(rows))
+        arrays, ptrs = _gathered_arrays(self.result, info, shape, K, fmt, len(rows))
         symm_collectives.fp4_gather_raw(self, rows, K, fmt, fill_slot, source, *ptrs)
         return GatheredFP4Tensor(*arrays, fmt, tuple(shape), "linear", dtype, row_offsets)
 
     def unpack_gathered(self, recv, offs, layouts, rows, K, fmt, info, shape, row_offsets, dtype=None):
         from .formats import kernels
         bs = BLOCK_SIZE[fmt]
-        (data, scales, gs), (dptr, sptr, gptr) = self._gathered_arrays(info, shape, K, fmt, len(rows))
+        (data, scales, gs), (dptr, sptr, gptr) = _gathered_arrays(self.result, info, shape, K, fmt, len(rows))
         a = 0
         for r, (off, n, lay) in enumerate(zip(offs, rows, layouts)):
             kernels.memcpy(self.device, dptr + a * K // 2, recv + off, n * K // 2, self.stream)

@@ -892,8 +892,8 @@ class AllGatherVFp4(_Fp4Op):
         if self.dequantize:
             return lambda: comm.all_gatherv(s, sizes, out=r, compress=self.fmt)
 
-        def gather_fp4():
-            case.extra["q"] = comm.all_gatherv(s, sizes, compress=self.fmt, dequantize=False)
+        def gather_fp4():   # into the previous result from the second call on, as a decode loop would
+            case.extra["q"] = comm.all_gatherv(s, sizes, compress=self.fmt, dequantize=False, out=case.extra.get("q"))
         return gather_fp4
 
     def output(self, case):

@@ -707,7 +707,8 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     # chunks, in ring order, at stage[i]
     stage = offsets([size[p] for p in ring(comm)])
     staging = {"pull": (n - 1) * m, "push": sum(size) - m}.get(form, 0)
-    push_streams = rs_push_streams() if form == "push" else 1
+    # (a stream with no push to make would be joined without being forked: no more than the peers)
+    push_streams = max(1, min(rs_push_streams(), n - 1)) if form == "push" else 1
 
     def prepare():
         codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=staging)

@@ -49,8 +49,14 @@ def call_key(comm, op: tuple, x, out, sizes, stream) -> Optional[tuple]:
     """What a call's checks and dispatch depend on, or None where it cannot take the fast path."""
     torch = sys.modules.get("torch")
     if (torch is None or _ENVIRON is None or sizes is None or type(x) is not torch.Tensor
-            or type(out) is not torch.Tensor or symm_collectives.existing_workspace(comm) is None):
+            or symm_collectives.existing_workspace(comm) is None):
         return None   # (no workspace: this communicator has made no symmetric-memory call yet)
+    if type(out) is torch.Tensor:
+        out_key = _tensor_key(out)
+    else:
+        out_key = _fp4_out_key(out, torch)
+        if out_key is None:
+            return None
     if getattr(comm._backend, "_depth", 0) or log.isEnabledFor(logging.INFO):
         return None   # grouped calls never use symmetric memory; INFO logs each call's choice
     if not all(v is None or type(v) in (str, bool) for v in op):
@@ -71,8 +77,27 @@ def call_key(comm, op: tuple, x, out, sizes, stream) -> Optional[tuple]:
         handle = stream
     else:
         return None
-    return (op, x.data_ptr(), x.shape, x.dtype, x.stride(), dev, out.data_ptr(), out.shape, out.dtype,
-            out.stride(), out.device, sizes, handle, tuple(_ENVIRON.get(k) for k in _ENV))
+    return (op, _tensor_key(x), out_key, sizes, handle, tuple(_ENVIRON.get(k) for k in _ENV))
+
+
+STREAM_AT = 4   # where call_key puts the stream
+
+
+def _tensor_key(t) -> tuple:
+    return (t.data_ptr(), t.shape, t.dtype, t.stride(), t.device)
+
+
+def _fp4_out_key(out, torch) -> Optional[tuple]:
+    """The key of a gathered FP4 tensor given as out= (of a gather that returns FP4): everything its
+    check reads; None for anything else (or arrays other than torch tensors)."""
+    from .fp4_collectives import GatheredFP4Tensor
+    if type(out) is not GatheredFP4Tensor:
+        return None
+    parts = (out.data, out.scales) if out.global_scale is None else (out.data, out.scales, out.global_scale)
+    if not all(type(a) is torch.Tensor for a in parts):
+        return None
+    return ((out.format, tuple(out.shape), out.scale_layout, out.dtype, tuple(out.row_offsets))
+            + tuple(_tensor_key(a) for a in parts))
 
 
 class RepeatedCalls:
@@ -124,7 +149,7 @@ def replay(comm, key: tuple) -> bool:
     hit = ws.repeats.known.get(key)
     if hit is None:
         return False
-    stream = key[12]
+    stream = key[STREAM_AT]
     if symm_collectives.capturing(stream):
         return False
     return ws.replay(hit[0], hit[1], stream)

@@ -65,7 +65,50 @@ def check_fp4_all_gatherv(comm, seed, framework, fmt, global_scale, dtypes=DTYPE
         assert tuple(q.shape) == shape and q.row_offsets == tuple(np.cumsum([0] + sizes)), what
         if global_scale == "shared" and fmt == "nvfp4":
             assert np.ndim(to_numpy(q.global_scale, "float32")) == 0, what + " (one shared global scale)"
+        elif case % 2:
+            # out=: fresh rows gathered into the earlier result's arrays
+            fresh = [shard(seed, r, 1000 + case, sizes[r], K, dtype) for r in range(comm.size)]
+            arrays = (q.data, q.scales, q.global_scale)
+            res = comm.all_gatherv(to_framework(fresh[comm.rank], framework, comm.device), sizes, out=q, compress=fmt,
+                                   dequantize=False)
+            again = q.dequantize()
+            _sync(comm)
+            assert res is q and (q.data, q.scales, q.global_scale) == arrays, what + " (out= returns out itself)"
+            want = np.concatenate([roundtrip(s, fmt) if len(s) else s for s in fresh])
+            assert np.array_equal(to_numpy(again, dtype).view(np.uint8), want.view(np.uint8)), what + " (out=)"
     return case
+
+
+def check_fp4_gather_out_errors(comm, seed, framework):
+    """A bad out= for an FP4 gather that returns FP4 raises before anything moves; a good call after it
+    works."""
+    import pytest
+    import fp4ccl
+    K, sizes = 32, [2] * comm.size
+    x = to_framework(shard(seed, comm.rank, 5, 2, K, "float32"), framework, comm.device)
+    q = comm.all_gatherv(x, sizes, compress="nvfp4", dequantize=False)
+    mx = comm.all_gatherv(x, sizes, compress="mxfp4", dequantize=False)
+    _, plain = sentinel_out(comm, framework, (sum(sizes), K), "float32")
+    bad = [
+        (dict(out=plain), TypeError, "GatheredFP4Tensor"),
+        (dict(out=mx), ValueError, "not the FP4 tensor this gather returns"),
+        (dict(out=q, global_scale="shared"), ValueError, "global_scale='shared'"),
+    ]
+    for kwargs, exc, words in bad:
+        with pytest.raises(exc, match=words):
+            comm.all_gatherv(x, sizes, compress="nvfp4", dequantize=False, **kwargs)
+    with pytest.raises(ValueError, match="not the FP4 tensor"):   # other sizes: other row offsets
+        comm.all_gatherv(x[:1], [1] * comm.size, compress="nvfp4", dequantize=False, out=q)
+    shard_q = fp4ccl.quantize(x, "nvfp4")
+    with pytest.raises(ValueError, match="not the FP4 tensor"):   # an FP4Tensor's gather keeps its dtype
+        comm.all_gatherv(shard_q, sizes, out=comm.all_gatherv(to_framework(
+            shard(seed, comm.rank, 6, 2, K, "float16"), framework, comm.device), sizes, compress="nvfp4",
+            dequantize=False))
+    assert comm.all_gatherv(shard_q, sizes, out=q) is q
+    _sync(comm)
+    want = np.concatenate([roundtrip(shard(seed, r, 5, 2, K, "float32"), "nvfp4") for r in range(comm.size)])
+    assert np.array_equal(to_numpy(q.dequantize(), "float32"), want), f"rank {comm.rank}: the good call after"
+    return True
 
 
 def check_fp4_gather_tensor_as_is(comm, seed, framework, fmt):

@@ -31,3 +31,8 @@ def test_fp4_stochastic_rounding_is_unbiased_and_replays(seed):
 @pytest.mark.parametrize("nranks", [1, 2])
 def test_fp4_bad_input(nranks, seed):
     assert all(run_ranks(nranks, fc.check_fp4_bad_input, seed, "numpy"))
+
+
+@pytest.mark.parametrize("nranks", [1, 3])
+def test_fp4_gather_into_a_bad_out(nranks, seed):
+    assert all(run_ranks(nranks, fc.check_fp4_gather_out_errors, seed, "numpy"))

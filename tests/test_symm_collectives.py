@@ -479,6 +479,12 @@ def test_fp4_reduce_scatter_push_over_several_copy_streams(fakes, monkeypatch):
     tail = [e[0] for e in log[log.index([e for e in log if e[0] == "copy"][-1]):]]
     assert tail == ["copy", "amax_rows", "quantize", "wait", "wait", "barrier", "sum"]
     assert sc.workspace(codec.comm)._seen and list(sc.workspace(codec.comm)._seen)[0][-3] == 2
+    # more streams than peers: one per peer, each forked before it is joined
+    log.clear()
+    sides.clear()
+    monkeypatch.setenv("FP4CCL_FP4_RS_PUSH_STREAMS", "5")
+    sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
+    assert sorted(sides) == ["rs_push", "rs_push1"]
     for bad in ("0", "x"):
         monkeypatch.setenv("FP4CCL_FP4_RS_PUSH_STREAMS", bad)
         with pytest.raises(ValueError, match="FP4CCL_FP4_RS_PUSH_STREAMS"):

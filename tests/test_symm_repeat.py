@@ -43,7 +43,7 @@ def test_call_key_names_everything_the_checks_read(cuda_tensors, monkeypatch):
     key = symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4, 4, 4, 4], None)
     assert key is not None and key == symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True),
                                                            x, out, (4, 4, 4, 4), None)
-    assert key[12] == 5   # the current stream
+    assert key[symm_repeat.STREAM_AT] == 5   # the current stream
     others = [
         symm_repeat.call_key(comm, ("all_gatherv", "mxfp4", "per_rank", True), x, out, [4] * 4, None),
         symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x[:2], out, [4] * 4, None),
@@ -54,6 +54,32 @@ def test_call_key_names_everything_the_checks_read(cuda_tensors, monkeypatch):
     assert None not in others and len({key, *others}) == 6
     monkeypatch.setenv("FP4CCL_FP4_ALGO", "nccl")   # a setting the dispatch reads changes the key
     assert symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4] * 4, None) != key
+
+
+def test_a_gathered_fp4_tensor_as_out_is_keyed_by_its_arrays_and_fields(cuda_tensors):
+    from fp4ccl.fp4_collectives import GatheredFP4Tensor
+    x, _ = cuda_tensors
+    comm = _comm()
+    op = ("all_gatherv", "nvfp4", "per_rank", False)
+
+    def gathered(**changes):
+        fields = dict(data=torch.empty(16, 4, dtype=torch.uint8), scales=torch.empty(16, 1, dtype=torch.uint8),
+                      global_scale=torch.empty(4), format="nvfp4", shape=(16, 8), scale_layout="linear",
+                      dtype="float32", row_offsets=(0, 4, 8, 12, 16))
+        fields.update(changes)
+        return GatheredFP4Tensor(**fields)
+
+    q = gathered()
+    key = symm_repeat.call_key(comm, op, x, q, [4] * 4, None)
+    assert key is not None and key == symm_repeat.call_key(comm, op, x, q, [4] * 4, None)
+    others = [gathered(data=q.data, scales=q.scales, global_scale=q.global_scale, **change) for change in
+              (dict(dtype="bfloat16"), dict(row_offsets=(0, 2, 8, 12, 16)), dict(shape=[16, 8, 1]))]
+    others.append(gathered(data=q.data.view(8, 8), scales=q.scales, global_scale=q.global_scale))
+    others.append(gathered(data=q.data, scales=q.scales, global_scale=None, format="mxfp4"))
+    keys = [symm_repeat.call_key(comm, op, x, o, [4] * 4, None) for o in others]
+    assert None not in keys and len({key, *keys}) == 6
+    assert symm_repeat.call_key(comm, op, x, gathered(data=q.data.numpy()), [4] * 4, None) is None
+    assert symm_repeat.call_key(comm, op, x, object(), [4] * 4, None) is None
 
 
 def test_calls_that_must_take_the_full_path_get_no_key(cuda_tensors, caplog):
@@ -106,14 +132,15 @@ def test_replay_launches_the_graph_of_the_half_the_call_gets_or_declines(fakes):
     ws = sc.workspace(comm)
     for _ in range(4):   # both halves captured
         ws.run(1024, 5, ("op",), lambda s, local, slots: None)
-    key = ("call",) + (None,) * 11 + (5, ())
+    key = ("call", None, None, None, 5, ())
+    assert key[symm_repeat.STREAM_AT] == 5
     assert not symm_repeat.replay(comm, key)      # not known yet
     ws.repeats.known[key] = (("op",), 1024)
     before = ws.calls
     fakes.calls.clear()
     assert symm_repeat.replay(comm, key)
     assert ws.calls == before + 1 and [c[0] for c in fakes.calls] == ["launch", "record"]
-    assert not symm_repeat.replay(comm, key[:12] + (99,) + key[13:])   # that stream is being captured
+    assert not symm_repeat.replay(comm, key[:4] + (99,) + key[5:])   # that stream is being captured
     ws.repeats.known[key] = (("op",), 1 << 30)                         # more than the workspace holds
     assert not symm_repeat.replay(comm, key)
     ws.repeats.known[key] = (("other op",), 1024)                      # no graph for it

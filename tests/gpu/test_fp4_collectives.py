@@ -55,6 +55,15 @@ def test_fp4_raw_gather_ce_pull(fmt, global_scale, nranks, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+def test_fp4_gather_into_a_bad_out(framework, path, seed):
+    need_gpus(2)
+    pytest.importorskip(framework)
+    assert all(run_ranks(2, _on_path, path, fc.check_fp4_gather_out_errors, seed, framework, backend="nccl"))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("path", PATHS + ["symm-cepull"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_fp4_gather_of_an_fp4tensor(fmt, path, seed):
@@ -235,6 +244,9 @@ def check_repeated_calls(comm, seed):
     symm_collectives.forget_graphs(comm)   # the ranks' communicators outlive each test
     os.environ["FP4CCL_ALGO"] = "symm"
     try:
+        # FP4 results to gather into (out=): two calls, so each call of the loop keeps meeting one half
+        raw_out = comm.all_gatherv(x, sizes, compress="nvfp4", dequantize=False)
+        as_is_out = comm.all_gatherv(q_in, sizes)
         for step in range(6):
             xs = [shard(seed, r, 300 + step, sizes[r], K, "float32") for r in range(comm.size)]
             ys = [shard(seed, r, 400 + step, total, K, "float32") for r in range(comm.size)]
@@ -248,9 +260,13 @@ def check_repeated_calls(comm, seed):
             fp4ccl.quantize(neg, "nvfp4", out=q_in)
             raw = comm.all_gatherv(x, sizes, compress="nvfp4", dequantize=False)
             as_is = comm.all_gatherv(q_in, sizes)
+            assert comm.all_gatherv(x, sizes, compress="nvfp4", dequantize=False, out=raw_out) is raw_out
+            assert comm.all_gatherv(q_in, sizes, out=as_is_out) is as_is_out
             torch.cuda.synchronize(comm.device)
             what = f"rank {comm.rank} step {step}"
-            for got, scale, name in ((raw, 1.0, "raw gather"), (as_is, -2.0, "gather of an FP4Tensor")):
+            for got, scale, name in ((raw, 1.0, "raw gather"), (as_is, -2.0, "gather of an FP4Tensor"),
+                                     (raw_out, 1.0, "raw gather into out"),
+                                     (as_is_out, -2.0, "gather of an FP4Tensor into out")):
                 want = [reference.quantize_2d(a * np.float32(scale), "nvfp4") for a in xs]
                 assert np.array_equal(got.data.cpu().numpy(), np.concatenate([w[0] for w in want])), f"{what} {name} data"
                 assert np.array_equal(got.scales.cpu().numpy(), np.concatenate([w[1] for w in want])), f"{what} {name} scales"
@@ -264,15 +280,17 @@ def check_repeated_calls(comm, seed):
             assert np.allclose(rs_plain.cpu().numpy(), want, rtol=1e-6, atol=1e-6), what
     finally:
         del os.environ["FP4CCL_ALGO"]
-    # Six calls per step alternate the two halves, so each call always meets the same half: one graph
+    # Eight calls per step alternate the two halves, so each call always meets the same half: one graph
     # each, and at least one for each raw gather (if the allocator moves its results they get more).
     ws = symm_collectives.workspace(comm)
     keys = [k[0] for k in ws._graphs]
     raw = keys.count("fp4_gather_raw")
-    assert raw >= 2 and len(keys) - raw == 4, f"rank {comm.rank}: one graph per call expected, got {keys}"
-    # The gathers and the plain reduce-scatter (out= and sizes given) were recorded for symm_repeat's
-    # fast path, which served them from then on; a changed setting must send a call down the full path.
-    assert len(ws.repeats.known) == 3, f"rank {comm.rank}: {list(ws.repeats.known)}"
+    assert raw >= 4 and len(keys) - raw == 4, f"rank {comm.rank}: one graph per call expected, got {keys}"
+    # The gathers of a tensor and the plain reduce-scatter (out= and sizes given) were recorded for
+    # symm_repeat's fast path, which served them from then on; a changed setting must send a call down
+    # the full path.
+    assert len(ws.repeats.known) == 4, f"rank {comm.rank}: {list(ws.repeats.known)}"
+    assert sum(1 for k in ws.repeats.known if k[0][3] is False) == 1, "the raw gather into out= was not recorded"
     before = ws.calls
     # (its byte gather takes an NCCL algorithm too: by size it would be the symmetric-memory one)
     with env({"FP4CCL_FP4_ALGO": "nccl", "FP4CCL_ALGO": "bcast"}):
