@@ -563,7 +563,10 @@ def raw_pull(segment_bytes: int) -> str:
     each peer's FP4 data, peer after peer, while one SM launch copies every rank's block scales and
     global scale and the own data; `sm` below, one SM launch copying every part of every rank (a copy
     engine's start costs more than the SMs' slower loads save on small segments).
-    FP4CCL_FP4_RAW_PULL=ce|sm forces one; every rank must agree."""
+    FP4CCL_FP4_RAW_PULL=ce|sm forces one; every rank must agree. Measured (4 x H200, bench/RESULTS.md
+    run 58, speedup over NCCL's bf16 all_gather at 64 MiB / 128 MiB / 256 MiB / 512 MiB / 1 GiB
+    logical, segments of 4.5 / 9 / 18 / 36 / 72 MiB): ce 2.42 2.78 2.81 2.97 3.06, sm 2.63 2.71 2.80
+    2.84 2.83."""
     how = os.environ.get("FP4CCL_FP4_RAW_PULL", "").strip().lower()
     if not how:
         return "ce" if segment_bytes >= RAW_CE_FROM_BYTES else "sm"
@@ -573,7 +576,7 @@ def raw_pull(segment_bytes: int) -> str:
 
 
 RAW_PULLS = ("ce", "sm")
-RAW_CE_FROM_BYTES = 4 << 20
+RAW_CE_FROM_BYTES = 8 << 20
 
 
 def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, source: tuple,
@@ -641,7 +644,10 @@ RS_PUSH_FROM_BYTES = 64 << 20
 def rs_push_streams() -> int:
     """Copy streams of the push form (FP4CCL_FP4_RS_PUSH_STREAMS, default 1): with n, the pushes to
     the peers go round-robin over n streams, so a push starts as soon as its chunk is quantized
-    instead of after the previous push."""
+    instead of after the previous push. Measured slower (bench/RESULTS.md run 58, 4 x H200, speedup
+    over NCCL's bf16 reduce_scatter at 64 MiB / 128 MiB / 512 MiB): 1 stream 2.03 2.28 2.52, 2 streams
+    1.91 2.17 2.48, 3 streams 1.65 2.15 2.47: pushes side by side share the sender's links and each
+    lands later."""
     return _positive_env("FP4CCL_FP4_RS_PUSH_STREAMS", 1)
 
 

@@ -15,7 +15,7 @@ PATHS = ["symm", "symm-steps", "nccl"]
 
 
 # "symm-cepull": symm with the raw gathers' data pulled by the copy engine (FP4CCL_FP4_RAW_PULL=ce; by
-# default only segments from 4 MiB are) instead of copied by the SMs.
+# default only segments from 8 MiB are) instead of copied by the SMs.
 VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0"}, "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"}}
 
 
