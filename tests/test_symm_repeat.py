@@ -53,7 +53,10 @@ def test_call_key_names_everything_the_checks_read(cuda_tensors, monkeypatch):
     ]
     assert None not in others and len({key, *others}) == 6
     monkeypatch.setenv("FP4CCL_FP4_ALGO", "nccl")   # a setting the dispatch reads changes the key
-    assert symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4] * 4, None) != key
+    changed = symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4] * 4, None)
+    assert changed != key
+    monkeypatch.setenv("FP4CCL_FP4_RAW_PULL", "sm")  # (how a raw gather into out= moves its data)
+    assert symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4] * 4, None) != changed
 
 
 def test_a_gathered_fp4_tensor_as_out_is_keyed_by_its_arrays_and_fields(cuda_tensors):
