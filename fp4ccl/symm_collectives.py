@@ -594,7 +594,8 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, sour
     bs = BLOCK_SIZE[fmt]
     lays = [packed_layout(r, K, fmt) for r in rows]
     first = offsets(rows)
-    how = raw_pull(max(lay.total_bytes for lay in lays))
+    slot_bytes = _largest_packed(tuple(rows), K, fmt)
+    how = raw_pull(slot_bytes)
 
     def data(r, slots):
         return (dptr + first[r] * K // 2, slots[r], rows[r] * K // 2)
@@ -624,7 +625,7 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, sour
     # when the caller drops each result before the next one (or keeps one at a time): those calls
     # repeat their key and replay its graph. Results that are all kept just never repeat one.
     key = ("fp4_gather_raw",) + source + (tuple(rows), K, fmt, dptr, sptr, gptr, how)
-    workspace(comm).run(max(lay.total_bytes for lay in lays), codec.stream, key, enqueue)
+    workspace(comm).run(slot_bytes, codec.stream, key, enqueue)
 
 
 # The forms of the FP4 reduce-scatter over symmetric memory (fp4_reduce_scatter's doc) and the input
