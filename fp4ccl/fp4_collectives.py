@@ -512,7 +512,7 @@ class _GpuCodec:
             def fill(addr, lay):
                 self.amax_and_quantize(info, K, fmt, shared, [(0, rows[me], addr, lay)])
             return self.pull_gathered(rows, K, fmt, info, shape, row_offsets, info.dtype, fill,
-                                      ("x", info.ptr, info.dtype, shared), x=(info, shared))
+                                      ("x", info.ptr, info.dtype, shared))
         if len(set(rows)) > 1:
             return self._gather_fp4_packed(info, K, fmt, shared, rows, shape, row_offsets)
         # Equal sizes: quantize straight into this rank's slice of the result and gather data, scales
@@ -662,15 +662,6 @@ class _GpuCodec:
         segs = [_kernel_segment(c, K, fmt) for c in chunks if c[1] or fmt == "nvfp4"]
         self._quantize_segs(info, K, fmt, amax, segs, rounding, seed, stream)
 
-    def quantize_rows(self, info, K, fmt, amax, first, count, seg, layout):
-        """Rows [first, first + count) of x into their places in the packed segment at `seg`, laid
-        out (`layout`) for all of x's rows; the global scale too (NVFP4, even for no rows)."""
-        bs = BLOCK_SIZE[fmt]
-        if count or fmt == "nvfp4":
-            self._quantize_segs(info, K, fmt, amax, [(count * K // bs, first * K // bs, seg + first * K // 2,
-                                                      seg + layout.scale_off + first * K // bs,
-                                                      seg + layout.gs_off if fmt == "nvfp4" else 0)])
-
     def _quantize_segs(self, info, K, fmt, amax, segs, rounding="nearest", seed=None, stream=None):
         if segs:
             from .formats import kernels
@@ -723,11 +714,11 @@ class _GpuCodec:
             kernels.dequantize(self.device, oinfo.ptr, oinfo.dtype, K, fmt, "linear", segs, 0,
                                self.stream if stream is None else stream)
 
-    def pull_gathered(self, rows, K, fmt, info, shape, row_offsets, dtype, fill_slot, source, x=None):
+    def pull_gathered(self, rows, K, fmt, info, shape, row_offsets, dtype, fill_slot, source):
         """The symmetric-memory gather of packed FP4 segments (fill_slot writes this rank's from what
-        the tuple `source` names; x: as symm_collectives.fp4_gather_raw takes it)."""
+        the tuple `source` names)."""
         arrays, ptrs = _gathered_arrays(self.result, info, shape, K, fmt, len(rows))
-        symm_collectives.fp4_gather_raw(self, rows, K, fmt, fill_slot, source, *ptrs, x=x)
+        symm_collectives.fp4_gather_raw(self, rows, K, fmt, fill_slot, source, *ptrs)
         return GatheredFP4Tensor(*arrays, fmt, tuple(shape), "linear", dtype, row_offsets)
 
     def unpack_gathered(self, recv, offs, layouts, rows, K, fmt, info, shape, row_offsets, dtype=None):

@@ -579,29 +579,16 @@ RAW_PULLS = ("ce", "sm")
 RAW_CE_FROM_BYTES = 8 << 20
 
 
-def raw_pieces(segment_bytes: int, how: str) -> int:
-    """Row pieces in which the raw FP4 gather quantizes this rank's segment when its peers' data is
-    pulled by the copy engine (`how` = raw_pull()'s answer): each piece is quantized, barriered and
-    pulled on its own, so the first pulls start once a piece (not the whole segment) is quantized
-    and the quantize of every later piece runs beside the pulls of the one before. Each piece costs
-    a barrier and a copy's start per peer. FP4CCL_FP4_RAW_PIECES=n forces n; every rank must agree.
-    From a segment of `segment_bytes` (the largest rank's, the same on every rank)."""
-    n = _positive_env("FP4CCL_FP4_RAW_PIECES", 1)
-    return n if how == "ce" else 1
-
-
 def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, source: tuple,
-                   dptr: int, sptr: int, gptr: int, x=None) -> None:
+                   dptr: int, sptr: int, gptr: int) -> None:
     """Gather packed FP4 segments into separate data / scales / global-scale arrays: `fill_slot(addr,
     layout)` writes this rank's segment (on codec.stream) from what `source` names (the addresses and
     settings it reads: part of the graph key); after the barrier the parts are copied as raw_pull()
-    says. `x` = (ArrayInfo, shared) when the segment is quantized from x (fill_slot then being
-    amax_and_quantize): the copy-engine form may then fill and pull it in row pieces (raw_pieces).
-    (Copy-engine pulls of data and scales alike, peer after peer, measured slower than one SM
+    says. (Copy-engine pulls of data and scales alike, peer after peer, measured slower than one SM
     launch on CUDA-IPC buffers: 184 against 154 us at 128 MiB, 632 against 470 at 512 MiB, run 8; the
     VMM buffers of today give a copy-engine copy ~340 GB/s against 240-290 for SM loads.)"""
     from .formats.tensor import BLOCK_SIZE, packed_layout
-    from .vcollectives import copy, copy_segments, offsets, split_count
+    from .vcollectives import copy, copy_segments, offsets
     comm = codec.comm
     me = comm.rank
     bs = BLOCK_SIZE[fmt]
@@ -609,59 +596,35 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, sour
     first = offsets(rows)
     slot_bytes = _largest_packed(tuple(rows), K, fmt)
     how = raw_pull(slot_bytes)
-    npieces = raw_pieces(slot_bytes, how) if x is not None else 1
-    # piece_rows[r]: (first row, rows) of each piece of rank r's segment; every rank splits alike
-    piece_rows = [list(zip(offsets(c), c)) for c in (split_count(r, npieces) for r in rows)]
 
-    def data(r, slots, piece=None):
-        r0, nr = (0, rows[r]) if piece is None else piece_rows[r][piece]
-        return (dptr + (first[r] + r0) * K // 2, slots[r] + r0 * K // 2, nr * K // 2)
-
-    def fill(s, local, slots, pull):
-        """This rank's segment into its slot, barriered; the copy engine's pulls on `pull` if given."""
-        if npieces == 1:
-            fill_slot(local, lays[me])
-            workspace(comm).barrier(s)
-            if pull is not None:
-                pull.order(pull.ptr, s)
-                for p in ring(comm):
-                    copy(*data(p, slots), pull.ptr)
-            return
-        # Barriers on a high-priority stream of their own, as in the pipelined reduce-scatter: piece
-        # k + 1's barrier gets an SM as soon as its quantize ends, while piece k is still being pulled.
-        info, shared = x
-        amax = codec.amax(info, fmt, shared)
-        bar = codec._side("raw_barrier", high_priority=True)
-        for k in range(npieces):
-            r0, nr = piece_rows[me][k]
-            if nr or k == 0:   # (an empty NVFP4 segment still gets its global scale)
-                codec.quantize_rows(info, K, fmt, amax, r0, nr, local, lays[me])
-            bar.order(bar.ptr, s)
-            workspace(comm).barrier(bar.ptr)
-            pull.order(pull.ptr, bar.ptr)
-            for p in ring(comm):
-                copy(*data(p, slots, k), pull.ptr)
-        bar.order(s, bar.ptr)
+    def data(r, slots):
+        return (dptr + first[r] * K // 2, slots[r], rows[r] * K // 2)
 
     def enqueue(s, local, slots):
         codec.stream = s
-        pull = None
+        fill_slot(local, lays[me])
+        workspace(comm).barrier(s)
+        segs = []
         if how == "ce":
             pull = side_stream(comm, "ce_copy")
-        fill(s, local, slots, pull)
-        segs = [data(me, slots)] if how == "ce" else [data(r, slots) for r in range(comm.size)]
+            pull.order(pull.ptr, s)
+            for p in ring(comm):
+                copy(*data(p, slots), pull.ptr)
+            segs.append(data(me, slots))
+        else:
+            segs += [data(r, slots) for r in range(comm.size)]
         for r in range(comm.size):
             segs.append((sptr + first[r] * K // bs, slots[r] + lays[r].scale_off, rows[r] * K // bs))
             if gptr:
                 segs.append((gptr + 4 * r, slots[r] + lays[r].gs_off, 4))
         copy_segments(comm.device, segs, s)
-        if pull is not None:
+        if how == "ce":
             pull.order(s, pull.ptr)
 
     # The result arrays are new on every call, but a caching allocator hands the same addresses back
     # when the caller drops each result before the next one (or keeps one at a time): those calls
     # repeat their key and replay its graph. Results that are all kept just never repeat one.
-    key = ("fp4_gather_raw",) + source + (tuple(rows), K, fmt, dptr, sptr, gptr, how, npieces)
+    key = ("fp4_gather_raw",) + source + (tuple(rows), K, fmt, dptr, sptr, gptr, how)
     workspace(comm).run(slot_bytes, codec.stream, key, enqueue)
 
 
@@ -687,13 +650,6 @@ def rs_push_streams() -> int:
     1.91 2.17 2.48, 3 streams 1.65 2.15 2.47: pushes side by side share the sender's links and each
     lands later."""
     return _positive_env("FP4CCL_FP4_RS_PUSH_STREAMS", 1)
-
-
-def rs_push_pieces() -> int:
-    """Row pieces of each chunk in the push form (FP4CCL_FP4_RS_PUSH_PIECES, default 1): the first
-    chunk is quantized and pushed piece by piece, so the copy engine starts once a piece is ready;
-    every chunk is laid out in pieces alike, since its receiver sums piece by piece."""
-    return _positive_env("FP4CCL_FP4_RS_PUSH_PIECES", 1)
 
 
 def rs_pieces(chunk_bytes: int) -> int:
@@ -745,8 +701,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     # pieces[q]: (first row in the chunk, rows, offset in the chunk's region, packed layout) of each row
     # piece of the chunk for rank q. Each piece is a packed segment of its own, so a piece travels as
     # one copy and is summed on its own; every rank splits a chunk the same way.
-    npieces = (rs_pieces(packed_layout(max(rows), K, fmt).total_bytes) if form == "pull"
-               else rs_push_pieces() if form == "push" else 1)
+    npieces = rs_pieces(packed_layout(max(rows), K, fmt).total_bytes) if form == "pull" else 1
     pieces = []
     for q in range(n):
         counts = split_count(rows[q], npieces)
@@ -775,11 +730,6 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
         amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
         for piece in pieces[p]:
             quantize(p, dst + region[p], amax, piece)
-
-    def quantize_whole(p, chunk_addr, amax):
-        """Every piece of the chunk for rank p, in one launch."""
-        codec.quantize(info, K, fmt, amax, [(row_offs[p] + r0, nr, chunk_addr + off, lay) for r0, nr, off, lay in pieces[p]],
-                       rounding=rounding, seed=mix(seed, me, p))
 
     def decode_sum(stream, sources, piece):
         """Rows of `piece` of this rank's result, from that piece of each chunk at `sources`."""
@@ -814,26 +764,16 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
         codec.stream = s
         pushes = [codec._side("rs_push" if k == 0 else f"rs_push{k}") for k in range(push_streams)]
         for i, p in enumerate(ring(comm)):
-            src, dst = codec.staging + stage[i], slots[p] + me * size[p]
-            amax = codec.amax_rows(info, K, fmt, row_offs[p], rows[p])
+            src = codec.staging + stage[i]
+            quantize(p, src, codec.amax_rows(info, K, fmt, row_offs[p], rows[p]), pieces[p][0])
             push = pushes[i % push_streams]
-            if i == 0:
-                # The first chunk piece by piece (rs_push_pieces): its first push starts once a piece
-                # is quantized. The later chunks' quantize runs beside the push before them anyway.
-                for piece in pieces[p]:
-                    quantize(p, src, amax, piece)
-                    push.order(push.ptr, s)    # this piece is quantized
-                    copy(dst + piece[2], src + piece[2], piece[3].total_bytes, push.ptr)
-                continue
-            quantize_whole(p, src, amax)
-            push.order(push.ptr, s)            # this chunk is quantized
-            copy(dst, src, size[p], push.ptr)
-        quantize_whole(me, local + me * m, codec.amax_rows(info, K, fmt, row_offs[me], rows[me]))
+            push.order(push.ptr, s)        # this chunk is quantized
+            copy(slots[p] + me * size[p], src, size[p], push.ptr)
+        quantize(me, local + me * m, codec.amax_rows(info, K, fmt, row_offs[me], rows[me]), pieces[me][0])
         for push in pushes:
-            push.order(s, push.ptr)            # every push has landed
+            push.order(s, push.ptr)        # every push has landed
         workspace(comm).barrier(s)
-        for piece in pieces[me]:
-            decode_sum(s, [local + c * m for c in range(n)], piece)
+        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
 
     def enqueue_pipelined(s, local, slots):
         codec.stream = s
@@ -871,6 +811,6 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
 
     slot = n * max(size) if form in ("store", "push") else sum(size)
     key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed,
-           form, push_streams, npieces)
+           form, push_streams)
     steps = {"steps": enqueue, "pull": enqueue_pipelined, "store": enqueue_store, "push": enqueue_push}[form]
     workspace(comm).run(slot, codec.stream, key, steps, prepare)

@@ -254,9 +254,6 @@ class FakeCodec:
     def amax_and_quantize(self, info, K, fmt, shared, chunks):
         self.quantize(info, K, fmt, self.amax(info, fmt, shared), chunks)
 
-    def quantize_rows(self, info, K, fmt, amax, first, count, seg, layout):
-        self.log.append(("quantize_rows", amax, first, count, seg))
-
     def dequantize(self, segments, K, fmt, oinfo):
         self.log.append(("dequantize", segments))
 
@@ -302,13 +299,13 @@ class FakeSide:
         self.log.append(("wait", waiter, event))
 
 
-def fake_sides(codec, log, base=0x51DE):
+def fake_sides(codec, log):
     """codec._side() replaced by FakeSides logging into `log`; returns them by name as made."""
     sides = {}
 
     def side(name="side", high_priority=False):
         if name not in sides:
-            sides[name] = FakeSide(base + len(sides), high_priority, log)
+            sides[name] = FakeSide(0x51DE + len(sides), high_priority, log)
         return sides[name]
     codec._side = side
     return sides
@@ -467,44 +464,6 @@ def test_fp4_reduce_scatter_push_stages_each_chunk_and_copies_it_into_its_peers_
     assert [c[0] for c in contribs] == [(2 << 32) + c * size[1] for c in range(3)]
 
 
-def test_fp4_reduce_scatter_push_in_pieces(fakes, monkeypatch):
-    from fp4ccl import vcollectives
-    from fp4ccl.vcollectives import offsets
-    codec, sides, log = rs_form_setup(monkeypatch, "push")
-    monkeypatch.setenv("FP4CCL_FP4_RS_PUSH_PIECES", "2")
-    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
-    rows, K = [2, 4, 3], 32
-    # every chunk laid out as two packed pieces of its rows, larger first
-    lays = [[packed_layout(c, K, "mxfp4") for c in counts] for counts in ([1, 1], [2, 2], [2, 1])]
-    size = [sum(lay.total_bytes for lay in q) for q in lays]
-    sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
-    push = sides["rs_push"]
-    steps = [e for e in log if e[0] in ("quantize", "copy", "barrier") or (e[0] == "wait" and e[2] in (5, push.ptr))]
-    piece2 = lays[2][0].total_bytes
-    assert steps == [
-        # the first chunk (for rank 2): each piece quantized, then pushed
-        ("quantize", 0xA0 + 6, [(6, 2, 0x5000, lays[2][0])], 0), ("wait", push.ptr, 5),
-        ("copy", (3 << 32) + size[2], 0x5000, piece2, push.ptr),
-        ("quantize", 0xA0 + 6, [(8, 1, 0x5000 + piece2, lays[2][1])], 0), ("wait", push.ptr, 5),
-        ("copy", (3 << 32) + size[2] + piece2, 0x5000 + piece2, lays[2][1].total_bytes, push.ptr),
-        # the next (for rank 0) in one launch and one push, the own chunk in one launch
-        ("quantize", 0xA0 + 0, [(0, 1, 0x5000 + size[2], lays[0][0]),
-                                (1, 1, 0x5000 + size[2] + lays[0][0].total_bytes, lays[0][1])], 0),
-        ("wait", push.ptr, 5), ("copy", (1 << 32) + size[0], 0x5000 + size[2], size[0], push.ptr),
-        ("quantize", 0xA0 + 2, [(2, 2, (2 << 32) + size[1], lays[1][0]),
-                                (4, 2, (2 << 32) + size[1] + lays[1][0].total_bytes, lays[1][1])], 0),
-        ("wait", 5, push.ptr), ("barrier", 5)]
-    # one decode-and-sum per piece, each reading that piece of every source's region
-    sums = [e for e in log if e[0] == "sum"]
-    assert len(sums) == 2
-    for (_, dev, optr, odt, k, fmt, units, contribs, stream), off, lay, q0 in zip(
-            sums, offsets([lay.total_bytes for lay in lays[1]]), lays[1], (0, 2)):
-        assert optr == 0x7000 + q0 * K * 2 and units == 2 * K // 32
-        assert [c[:2] for c in contribs] == [((2 << 32) + c * size[1] + off, (2 << 32) + c * size[1] + off + lay.scale_off)
-                                             for c in range(3)]
-    assert list(sc.workspace(codec.comm)._seen)[0][-5:-2] == ("push", 1, 2)
-
-
 def test_fp4_reduce_scatter_push_over_several_copy_streams(fakes, monkeypatch):
     from fp4ccl import vcollectives
     codec, sides, log = rs_form_setup(monkeypatch, "push")
@@ -519,7 +478,7 @@ def test_fp4_reduce_scatter_push_over_several_copy_streams(fakes, monkeypatch):
     assert [e[:2] for e in log if e[0] == "wait"] == [("wait", a.ptr), ("wait", b.ptr), ("wait", 5), ("wait", 5)]
     tail = [e[0] for e in log[log.index([e for e in log if e[0] == "copy"][-1]):]]
     assert tail == ["copy", "amax_rows", "quantize", "wait", "wait", "barrier", "sum"]
-    assert sc.workspace(codec.comm)._seen and list(sc.workspace(codec.comm)._seen)[0][-5:-2] == ('push', 2, 1)
+    assert sc.workspace(codec.comm)._seen and list(sc.workspace(codec.comm)._seen)[0][-3] == 2
     # more streams than peers: one per peer, each forked before it is joined
     log.clear()
     sides.clear()
@@ -597,7 +556,7 @@ def test_fp4_gather_raw_fills_its_slot_then_pulls_every_part_in_one_launch(fakes
     # addresses (a caching allocator, the previous result dropped) repeats the key and gets a graph.
     seen = list(sc.workspace(comm)._seen)
     assert len(seen) == 1 and seen[0][0] == "fp4_gather_raw" and seen[0][1:5] == source
-    assert (0xD000, 0x5000, 0x6000, "sm", 1) == seen[0][-7:-2]
+    assert (0xD000, 0x5000, 0x6000, "sm") == seen[0][-6:-2]
 
 
 def test_fp4_gather_raw_pulls_the_peers_data_with_the_copy_engine(fakes, sides, monkeypatch):
@@ -623,67 +582,7 @@ def test_fp4_gather_raw_pulls_the_peers_data_with_the_copy_engine(fakes, sides, 
                                  (0x5000 + 3 * 2, base[1] + lays[1].scale_off, 5 * 2),
                                  (0x5000 + 8 * 2, base[2] + lays[2].scale_off, 0)], 5),
                    ("wait", 5, pull.ptr)]
-    assert list(sc.workspace(comm)._seen)[0][-4:-2] == ("ce", 1)
-
-
-def test_fp4_gather_raw_in_pieces_quantizes_barriers_and_pulls_each_piece(fakes, sides, monkeypatch):
-    from fp4ccl import vcollectives
-    log, made = sides
-    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
-    monkeypatch.setattr(vcollectives, "copy_segments", lambda dev, segs, st: log.append(("segments", segs, st)))
-    monkeypatch.setenv("FP4CCL_FP4_RAW_PULL", "ce")
-    monkeypatch.setenv("FP4CCL_FP4_RAW_PIECES", "2")
-    comm = FakeComm(rank=1, size=3)
-    codec = FakeCodec(comm)
-    codec.log = log
-    bars = fake_sides(codec, log, base=0xBA00)   # (apart from the `sides` fixture's streams)
-    rows, K = [3, 5, 0], 64
-    whole = []
-    sc.fp4_gather_raw(codec, rows, K, "nvfp4", lambda addr, lay: whole.append(addr), ("x",), 0xD000, 0x5000, 0x6000,
-                      x=(In(), False))
-    assert whole == []   # filled piece by piece instead
-    lays = [packed_layout(r, K, "nvfp4") for r in rows]
-    base = [1 << 32, 2 << 32, 3 << 32]
-    pull, bar = made["ce_copy"], bars["raw_barrier"]
-    assert bar.high
-    # one amax of all the rows; then per piece (rank 0: rows 0-1, 2; ours: 0-2, 3-4; rank 2: none):
-    # quantize it into our slot, barrier on the high-priority stream, pull that piece of each peer
-    assert log == [
-        ("amax", False),
-        ("quantize_rows", 0xA0, 0, 3, base[1]), ("wait", bar.ptr, 5), ("barrier", bar.ptr), ("wait", pull.ptr, "bar"),
-        ("copy", 0xD000 + 8 * 32, base[2], 0, pull.ptr), ("copy", 0xD000, base[0], 2 * 32, pull.ptr),
-        ("quantize_rows", 0xA0, 3, 2, base[1]), ("wait", bar.ptr, 5), ("barrier", bar.ptr), ("wait", pull.ptr, "bar"),
-        ("copy", 0xD000 + 8 * 32, base[2], 0, pull.ptr), ("copy", 0xD000 + 2 * 32, base[0] + 2 * 32, 1 * 32, pull.ptr),
-        # after the last barrier: the own rows and every rank's scales and global scale by the SMs
-        ("wait", 5, bar.ptr),
-        ("segments", [(0xD000 + 3 * 32, base[1], 5 * 32),
-                      (0x5000, base[0] + lays[0].scale_off, 3 * 4), (0x6000, base[0] + lays[0].gs_off, 4),
-                      (0x5000 + 3 * 4, base[1] + lays[1].scale_off, 5 * 4), (0x6000 + 4, base[1] + lays[1].gs_off, 4),
-                      (0x5000 + 8 * 4, base[2] + lays[2].scale_off, 0), (0x6000 + 8, base[2] + lays[2].gs_off, 4)], 5),
-        ("wait", 5, pull.ptr)]
-    assert list(sc.workspace(comm)._seen)[0][-4:-2] == ("ce", 2)
-    # an FP4Tensor gathered as is (no x) and the SM copy take one piece whatever the setting
-    assert sc.raw_pieces(1 << 30, "sm") == 1
-    log.clear()
-    sc.fp4_gather_raw(codec, rows, K, "nvfp4", lambda addr, lay: log.append(("fill", addr)), ("q",), 0xD000, 0x5000,
-                      0x6000)
-    assert [e[0] for e in log[:3]] == ["fill", "barrier", "wait"] and "quantize_rows" not in [e[0] for e in log]
-
-
-def test_fp4_gather_raw_pieces_give_a_rank_with_no_rows_its_global_scale(fakes, sides, monkeypatch):
-    from fp4ccl import vcollectives
-    log, made = sides
-    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: None)
-    monkeypatch.setattr(vcollectives, "copy_segments", lambda dev, segs, st: None)
-    monkeypatch.setenv("FP4CCL_FP4_RAW_PULL", "ce")
-    monkeypatch.setenv("FP4CCL_FP4_RAW_PIECES", "3")
-    codec = FakeCodec(FakeComm(rank=2, size=3))
-    codec.log = log
-    fake_sides(codec, log)
-    sc.fp4_gather_raw(codec, [3, 5, 0], 64, "nvfp4", None, ("x",), 0xD000, 0x5000, 0x6000, x=(In(), False))
-    # the first (empty) piece still launches, for the global scale; the others do not
-    assert [e for e in log if e[0] == "quantize_rows"] == [("quantize_rows", 0xA0, 0, 0, 3 << 32)]
-    assert [e[0] for e in log].count("barrier") == 3
+    assert list(sc.workspace(comm)._seen)[0][-3] == "ce"
 
 
 def test_raw_pull_by_segment_size_and_from_the_environment(monkeypatch):
@@ -694,14 +593,6 @@ def test_raw_pull_by_segment_size_and_from_the_environment(monkeypatch):
     monkeypatch.setenv("FP4CCL_FP4_RAW_PULL", "tma")
     with pytest.raises(ValueError, match="FP4CCL_FP4_RAW_PULL='tma'"):
         sc.raw_pull(1)
-    monkeypatch.delenv("FP4CCL_FP4_RAW_PIECES", raising=False)
-    assert sc.raw_pieces(1 << 30, "ce") == 1
-    monkeypatch.setenv("FP4CCL_FP4_RAW_PIECES", " 4 ")
-    assert (sc.raw_pieces(1 << 20, "ce"), sc.raw_pieces(1 << 20, "sm")) == (4, 1)
-    for bad in ("0", "two"):
-        monkeypatch.setenv("FP4CCL_FP4_RAW_PIECES", bad)
-        with pytest.raises(ValueError, match="FP4CCL_FP4_RAW_PIECES"):
-            sc.raw_pieces(1 << 20, "ce")
 
 
 # -- the one-launch small NVFP4 quantize: when the GPU codec picks it --------------------------------------

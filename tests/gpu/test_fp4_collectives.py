@@ -16,9 +16,7 @@ PATHS = ["symm", "symm-steps", "nccl"]
 
 # "symm-cepull": symm with the raw gathers' data pulled by the copy engine (FP4CCL_FP4_RAW_PULL=ce; by
 # default only segments from 8 MiB are) instead of copied by the SMs.
-# "symm-cepieces": the same, the segment quantized, barriered and pulled in 3 row pieces.
-VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0"}, "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"},
-            "cepieces": {"FP4CCL_FP4_RAW_PULL": "ce", "FP4CCL_FP4_RAW_PIECES": "3"}}
+VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0"}, "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"}}
 
 
 def _on_path(comm, path, check, *args):
@@ -28,11 +26,9 @@ def _on_path(comm, path, check, *args):
 
 
 def _rs_form_env(form):
-    """FP4CCL_* settings of a reduce-scatter form; "push:3" is the push form over 3 copy streams,
-    "push::2" the push form with its chunks in 2 row pieces."""
-    name, streams, pieces = (form.split(":") + ["", ""])[:3]
-    return {"FP4CCL_FP4_RS_FORM": name, **({"FP4CCL_FP4_RS_PUSH_STREAMS": streams} if streams else {}),
-            **({"FP4CCL_FP4_RS_PUSH_PIECES": pieces} if pieces else {})}
+    """FP4CCL_* settings of a reduce-scatter form; "push:3" is the push form over 3 copy streams."""
+    name, _, streams = form.partition(":")
+    return {"FP4CCL_FP4_RS_FORM": name, **({"FP4CCL_FP4_RS_PUSH_STREAMS": streams} if streams else {})}
 
 
 @pytest.mark.gpu
@@ -48,16 +44,14 @@ def test_fp4_all_gatherv_bit_exact(fmt, global_scale, framework, nranks, path, s
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["cepull", "cepieces"])
 @pytest.mark.parametrize("nranks", [2, 4])
 @pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank")])
-def test_fp4_raw_gather_ce_pull(fmt, global_scale, nranks, variant, seed):
+def test_fp4_raw_gather_ce_pull(fmt, global_scale, nranks, seed):
     """The raw gathers with the peers' data pulled by the copy engine (FP4CCL_FP4_RAW_PULL=ce), their
-    scales and the own rows copied by the SMs beside it; `cepieces`: quantized and pulled in 3 row
-    pieces, a barrier each (row counts below 3 leave pieces empty)."""
+    scales and the own rows copied by the SMs beside it."""
     need_gpus(nranks)
-    assert all(run_ranks(nranks, _on_path, "symm-" + variant, fc.check_fp4_all_gatherv, seed, "torch", fmt,
-                         global_scale, backend="nccl"))
+    assert all(run_ranks(nranks, _on_path, "symm-cepull", fc.check_fp4_all_gatherv, seed, "torch", fmt, global_scale,
+                         backend="nccl"))
 
 
 @pytest.mark.gpu
@@ -96,7 +90,7 @@ def test_fp4_stochastic_rounding(path, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3", "push::2"])
+@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_reduce_scatterv_pipelined(nranks, form, seed):
     """The symmetric-memory reduce-scatter's large-input forms on small inputs, forced by
@@ -115,7 +109,7 @@ def _pipelined_reduce_scatter(comm, seed, form):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["store", "push", "push:3", "push::2"])
+@pytest.mark.parametrize("form", ["store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_reduce_scatter_forms_interleaved_with_other_collectives(nranks, form, seed):
     """The forms that write into their peers' slots with one barrier per call: many calls back to
@@ -154,7 +148,7 @@ def _rs_interleaved(comm, seed, form):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3", "push::2"])
+@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_pipelined_reduce_scatter_graphs_and_workspace_growth(nranks, form, seed):
     """The pipelined reduce-scatter called again and again replays a captured graph (three streams
