@@ -27,7 +27,8 @@ def main() -> None:
     from _profile import add_arguments, parse_variants, profile_ops, start_nccl_comm
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bytes", default="256M", help="each rank's logical bf16 tensor (suffix K/M/G)")
-    ap.add_argument("--ops", default="rs,ag", help="rs: reduce-scatter, ag: all-gather")
+    ap.add_argument("--ops", default="rs,ag", help="rs: reduce-scatter, ag: all-gather, raw: all-gather to FP4 "
+                    "(dequantize=False, into out=)")
     add_arguments(ap)
     args = ap.parse_args()
 
@@ -57,8 +58,15 @@ def main() -> None:
             for name, rest, env in parse_variants(args.variants):
                 ops.append((f"fp4ccl NVFP4 all_gatherv {name} {rest}",
                             with_env(env, lambda: comm.all_gatherv(part, sizes, out=ag_out, compress="nvfp4"))))
+        elif op == "raw":
+            ops.append(("NCCL bf16 all_gather", lambda: comm.all_gather(part, out=ag_out)))
+            raw_out = comm.all_gatherv(part, sizes, compress="nvfp4", dequantize=False)
+            for name, rest, env in parse_variants(args.variants):
+                ops.append((f"fp4ccl NVFP4 raw all_gatherv {name} {rest}",
+                            with_env(env, lambda: comm.all_gatherv(part, sizes, out=raw_out, compress="nvfp4",
+                                                                   dequantize=False))))
         else:
-            raise SystemExit(f"--ops: unknown op {op!r} (rs, ag)")
+            raise SystemExit(f"--ops: unknown op {op!r} (rs, ag, raw)")
     profile_ops(comm, ops, f"{rows} x {K} bf16 per rank", args.trace or "/tmp", args.loop, args.all_ranks,
                 prefix="profile_collectives")
     comm.destroy()
