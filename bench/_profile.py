@@ -49,6 +49,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--trace", default="", help="also write the chrome traces into this folder")
     ap.add_argument("--all-ranks", action="store_true", help="print every rank's timeline (default rank 0's)")
     ap.add_argument("--loop", type=int, default=1, help="back-to-back calls per profiled step (steady state)")
+    ap.add_argument("--lead-us", type=float, default=0.0,
+                    help="hold the GPU this long (a sleep kernel) before each step's calls, so the host has "
+                         "enqueued them before the GPU starts: the timeline then shows GPU time, not host time")
 
 
 def parse_variants(spec: str):
@@ -61,9 +64,10 @@ def parse_variants(spec: str):
 
 
 def profile_ops(comm, ops, label: str, out_dir: str, loop: int = 1, all_ranks: bool = False,
-                prefix: str = "profile") -> None:
+                prefix: str = "profile", lead_us: float = 0.0) -> None:
     """Warm each (title, fn) up, profile 3 steps of `loop` back-to-back calls on every rank, and print
-    rank 0's (or every rank's) last step."""
+    rank 0's (or every rank's) last step. lead_us: a sleep kernel of about that long ahead of each
+    step's calls (~2 GHz SM clock assumed); it shows in the timeline as its first event."""
     import torch
     for i, (title, fn) in enumerate(ops):
         for _ in range(5):
@@ -73,6 +77,8 @@ def profile_ops(comm, ops, label: str, out_dir: str, loop: int = 1, all_ranks: b
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 comm._exchange.barrier()
+                if lead_us > 0:
+                    torch.cuda._sleep(int(lead_us * 2000))
                 for _ in range(loop):
                     fn()
                 torch.cuda.synchronize()

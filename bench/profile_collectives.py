@@ -68,7 +68,7 @@ def main() -> None:
         else:
             raise SystemExit(f"--ops: unknown op {op!r} (rs, ag, raw)")
     profile_ops(comm, ops, f"{rows} x {K} bf16 per rank", args.trace or "/tmp", args.loop, args.all_ranks,
-                prefix="profile_collectives")
+                prefix="profile_collectives", lead_us=args.lead_us)
     comm.destroy()
 
 

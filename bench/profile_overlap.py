@@ -1,6 +1,7 @@
 """Where does a pipelined all_gather_matmul spend its time? GPU timelines of torch's fused op and fp4ccl's.
 
-    python3 -m fp4ccl.launcher -n 4 bench/profile_overlap.py [--m 8192] [--nk 8192] [--variants ...]
+    python3 -m fp4ccl.launcher -n 4 bench/profile_overlap.py [--m 8192] [--nk 8192] [--compress nvfp4]
+        [--variants ...]
 
 Every rank runs each op; rank 0 records it with torch.profiler (CUPTI) and prints one call's GPU work
 (kernels, copies, memsets) stream by stream: start and end in µs from the call's first GPU event,
@@ -25,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=8192)
     ap.add_argument("--nk", type=int, default=8192, help="N = K")
+    ap.add_argument("--compress", default=None, choices=["nvfp4", "mxfp4"], help="fp4ccl's shards travel as FP4")
     add_arguments(ap)
     args = ap.parse_args()
 
@@ -44,9 +46,9 @@ def main() -> None:
             lambda: torch.ops.symm_mem.fused_all_gather_matmul(a, [b], 0, group_name))]
     for name, rest, env in parse_variants(args.variants):
         env["FP4CCL_OVERLAP"] = "pipelined"
-        ops.append((f"fp4ccl {name} {rest}", with_env(env, lambda: all_gather_matmul(comm, a, [b], 0))))
+        ops.append((f"fp4ccl {args.compress or 'bf16'} {name} {rest}", with_env(env, lambda: all_gather_matmul(comm, a, [b], 0, compress=args.compress))))
     profile_ops(comm, ops, f"M={args.m} N=K={args.nk}", args.trace or "/tmp", args.loop, args.all_ranks,
-                prefix="profile_overlap")
+                prefix="profile_overlap", lead_us=args.lead_us)
     comm.destroy()
     dist.destroy_process_group()
 
