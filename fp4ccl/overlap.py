@@ -721,38 +721,6 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
         copied = event()
         copied.record(side)
         main.wait_event(copied)
-    # Products in canonical layout, written straight into the caller's `out` where its layout allows.
-    results2 = []
-    for i, b in enumerate(spec.bs):
-        o = spec.out[i] if spec.out is not None else None
-        if spec.rhs:
-            shape2 = (b.shape[0], W * R if not ksplit else R)
-        else:
-            shape2 = (R, b.shape[1]) if ksplit else (W * R, b.shape[1])
-        direct = o is not None and (spec.rhs or ksplit or spec.dim == 0) and o.is_contiguous()
-        target = o.view(shape2) if direct else torch.empty(shape2, dtype=a2.dtype, device=a2.device)
-        results2.append(target)
-    accs = None
-    if ksplit:
-        accs = [t if t.dtype == torch.float32 else torch.empty(t.shape, dtype=torch.float32, device=t.device)
-                for t in results2]
-
-    def consume(p: int, ap, first: bool, r0: int = 0, r1: int = R):
-        """The products of rows [r0, r1) of shard p (ap holds the whole shard)."""
-        ap = ap[r0:r1]
-        for j, b in enumerate(spec.bs):
-            if spec.rhs and not ksplit:     # x @ a_p.T -> column block p
-                torch.mm(b, ap.T, out=results2[j][:, p * R + r0:p * R + r1])
-            elif spec.rhs:                   # K split: x[:, block p] @ a_p.T, accumulated
-                _mm_into_f32(accs[j][:, r0:r1], b[:, p * k:(p + 1) * k], ap.T, first)
-            elif ksplit:                     # a_p @ b[block p rows], accumulated
-                _mm_into_f32(accs[j][r0:r1], ap, b[p * k:(p + 1) * k], first)
-            else:                            # a_p @ b -> row block p
-                torch.mm(ap, b, out=results2[j][p * R + r0:p * R + r1])
-
-    # The local matmul is enqueued before the pulls and decodes: launching those costs the host a few
-    # hundred microseconds, which the GPU would otherwise spend idle after the quantize (or the copy).
-    consume(r, a2, True)
     ws.buf.barrier(side, var["barrier"])
     if len(copiers) > 1:
         go = event()
@@ -830,6 +798,36 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
         e.record(s)
         finished.append(e)
 
+    # Products in canonical layout, written straight into the caller's `out` where its layout allows.
+    results2 = []
+    for i, b in enumerate(spec.bs):
+        o = spec.out[i] if spec.out is not None else None
+        if spec.rhs:
+            shape2 = (b.shape[0], W * R if not ksplit else R)
+        else:
+            shape2 = (R, b.shape[1]) if ksplit else (W * R, b.shape[1])
+        direct = o is not None and (spec.rhs or ksplit or spec.dim == 0) and o.is_contiguous()
+        target = o.view(shape2) if direct else torch.empty(shape2, dtype=a2.dtype, device=a2.device)
+        results2.append(target)
+    accs = None
+    if ksplit:
+        accs = [t if t.dtype == torch.float32 else torch.empty(t.shape, dtype=torch.float32, device=t.device)
+                for t in results2]
+
+    def consume(p: int, ap, first: bool, r0: int = 0, r1: int = R):
+        """The products of rows [r0, r1) of shard p (ap holds the whole shard)."""
+        ap = ap[r0:r1]
+        for j, b in enumerate(spec.bs):
+            if spec.rhs and not ksplit:     # x @ a_p.T -> column block p
+                torch.mm(b, ap.T, out=results2[j][:, p * R + r0:p * R + r1])
+            elif spec.rhs:                   # K split: x[:, block p] @ a_p.T, accumulated
+                _mm_into_f32(accs[j][:, r0:r1], b[:, p * k:(p + 1) * k], ap.T, first)
+            elif ksplit:                     # a_p @ b[block p rows], accumulated
+                _mm_into_f32(accs[j][r0:r1], ap, b[p * k:(p + 1) * k], first)
+            else:                            # a_p @ b -> row block p
+                torch.mm(ap, b, out=results2[j][p * R + r0:p * R + r1])
+
+    consume(r, a2, True)
     for i in range(1, W):
         p = (r + i) % W
         for r0, nr, landed in arrived[i - 1]:
