@@ -43,6 +43,25 @@ def start_nccl_comm():
     return comm, torch.device("cuda", comm.device)
 
 
+def host_profile(comm, fn, calls: int, title: str) -> None:
+    """cProfile of `calls` back-to-back calls of fn on every rank (collective when fn is); rank 0
+    prints the top 25 entries by own time under `## cProfile: title`."""
+    import cProfile
+    import io
+    import pstats
+    import torch
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    if comm.rank == 0:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        print(f"## cProfile: {title}\n{text.getvalue()}", flush=True)
+
+
 def add_arguments(ap) -> None:
     """The options every profile script takes."""
     ap.add_argument("--variants", default="default=", help="NAME=ENV=V[;ENV=V],... fp4ccl settings to profile")

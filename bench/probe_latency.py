@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -133,20 +134,10 @@ def main() -> None:
         rows.append((host, start.elapsed_time(end) * 1e3 / args.calls))
     if args.profile:
         # where the host time of one symmetric-memory FP4 gather goes (graph replays: the steady state)
-        import cProfile
-        import io
-        import pstats
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _profile import host_profile
         for name, go in (("dequantized", fp4_gather("symm")), ("raw", raw_gather)):
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.calls):
-                go()
-            prof.disable()
-            torch.cuda.synchronize()
-            if comm.rank == 0:
-                text = io.StringIO()
-                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-                print(f"## cProfile: {args.calls} symmetric-memory FP4 gathers, {name}\n{text.getvalue()}")
+            host_profile(comm, go, args.calls, f"{args.calls} symmetric-memory FP4 gathers, {name}")
         if comm.rank == 0:
             keys = [k[0] for k in symm_collectives.workspace(comm)._graphs]
             print(f"## cached graphs by call: { {k: keys.count(k) for k in set(keys)} }")

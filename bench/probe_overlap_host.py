@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _profile import start_nccl_comm
+    from _profile import host_profile, start_nccl_comm
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=8192)
     ap.add_argument("--nk", type=int, default=8192, help="N = K")
@@ -69,19 +69,7 @@ def main() -> None:
               f"in the loop {(h1 - h0) / args.calls * 1e6:.0f} us; GPU {start.elapsed_time(end) / args.calls * 1e3:.0f} us "
               "per call", flush=True)
         if args.cprofile:
-            import cProfile
-            import io
-            import pstats
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.calls):
-                call()
-            prof.disable()
-            torch.cuda.synchronize()
-            if comm.rank == 0:
-                text = io.StringIO()
-                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-                print(f"cProfile, {args.calls} calls, {name}:\n{text.getvalue()}", flush=True)
+            host_profile(comm, call, args.calls, f"{args.calls} calls, {name}")
         comm._exchange.barrier()
     comm.destroy()
 
