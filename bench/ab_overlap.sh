@@ -7,8 +7,12 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 root=$PWD
 S=$(date +%s)
-[ -n "${SKIP_TESTS:-}" ] || timeout 200 python3 -m pytest -q -rfEs --timeout 90 -p no:cacheprovider tests/gpu/test_overlap.py > $OUT/test_overlap.log 2>&1
-echo "tests rc=$? $(tail -1 $OUT/test_overlap.log) t=$(( $(date +%s)-S ))" >> $OUT/summary.txt
+mkdir -p "$OUT"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 200 python3 -m pytest -q -rfEs --timeout 90 -p no:cacheprovider tests/gpu/test_overlap.py > $OUT/test_overlap.log 2>&1
+  echo "tests rc=$? $(tail -1 $OUT/test_overlap.log) t=$(( $(date +%s)-S ))" >> $OUT/summary.txt
+fi
+[ -d oldtree ] || { echo "ab_overlap.sh: no ./oldtree (git archive OLD fp4ccl csrc | tar -x -C oldtree)" >&2; exit 2; }
 rm -rf oldtree/bench; cp -r bench oldtree/bench
 for i in ${ROUNDS:-1 2}; do
   for t in new old; do
