@@ -46,7 +46,8 @@ def main() -> None:
             lambda: torch.ops.symm_mem.fused_all_gather_matmul(a, [b], 0, group_name))]
     for name, rest, env in parse_variants(args.variants):
         env["FP4CCL_OVERLAP"] = "pipelined"
-        ops.append((f"fp4ccl {args.compress or 'bf16'} {name} {rest}", with_env(env, lambda: all_gather_matmul(comm, a, [b], 0, compress=args.compress))))
+        ops.append((f"fp4ccl {args.compress or 'bf16'} {name} {rest}",
+                    with_env(env, lambda: all_gather_matmul(comm, a, [b], 0, compress=args.compress))))
     profile_ops(comm, ops, f"M={args.m} N=K={args.nk}", args.trace or "/tmp", args.loop, args.all_ranks,
                 prefix="profile_overlap", lead_us=args.lead_us)
     comm.destroy()
