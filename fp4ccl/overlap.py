@@ -72,6 +72,8 @@ class _State:
         self.logged = set()
         self.workspaces = {}
         self.fast: "OrderedDict[tuple, tuple]" = OrderedDict()
+        from .overlap_replay import Replays
+        self.replays = Replays()
 
     def remember(self, key: tuple, value: tuple) -> None:
         self.fast[key] = value
@@ -80,6 +82,7 @@ class _State:
 
     def close(self) -> None:
         self.fast.clear()
+        self.replays.clear()   # before the buffers its graphs point into
         for ws in self.workspaces.values():
             ws.close()
         self.workspaces.clear()
@@ -101,11 +104,16 @@ def release_workspaces(comm) -> None:
 
 
 class _Workspace:
-    """A symmetric byte buffer with two slots, a high-priority side stream and reusable events."""
+    """A symmetric byte buffer, a high-priority side stream and reusable events.
 
-    def __init__(self, comm, kind: str):
+    Two slots used alternately, or (replayable=True) one slot, device-side barriers (their epoch lives
+    on the device) and a second barrier once every pull is done: a call whose GPU work is a CUDA graph
+    replayed again and again then never writes a slot that a peer is still reading, and a rank that
+    replays a graph and a rank that runs the same call eagerly use the same slot and barriers."""
+
+    def __init__(self, comm, kind: str, replayable: bool = False):
         import torch
-        self.comm, self.kind = comm, kind
+        self.comm, self.kind, self.replayable = comm, kind, replayable
         self.buf = None
         self.slot_bytes = 0
         self.calls = 0
@@ -114,6 +122,8 @@ class _Workspace:
         self.side = torch.cuda.Stream(device=comm.device, priority=-1)
         self._copy_streams = [self.side]
         self._decode = None
+        self._capture = None
+        self.on_grow = None
         self.done = torch.cuda.Event()
         self.used = False
         self._events: List[Any] = []
@@ -134,6 +144,13 @@ class _Workspace:
             self._decode = torch.cuda.Stream(device=self.comm.device, priority=-1)
         return self._decode
 
+    def capture_stream(self):
+        """The stream this workspace's calls are captured on (one, so the graphs can share a pool)."""
+        import torch
+        if self._capture is None:
+            self._capture = torch.cuda.Stream(device=self.comm.device)
+        return self._capture
+
     def event(self, i: int):
         import torch
         while len(self._events) <= i:
@@ -144,14 +161,21 @@ class _Workspace:
         """Grow (collectively) until a slot holds slot_bytes; every rank asks for the same size."""
         if self.buf is not None and slot_bytes <= self.slot_bytes:
             return
+        if _capturing():
+            raise RuntimeError(
+                f"{self.kind}: its symmetric workspace must grow to {slot_bytes} bytes, which cannot happen "
+                f"while a CUDA graph is being captured; make the same call once before the capture (warm-up)")
         from .symmetric import symmetric_empty
         new = max(_align(slot_bytes, _GROW), 2 * self.slot_bytes)
         self._views.clear()
+        if self.on_grow is not None:
+            self.on_grow()  # graphs that point into the old buffer
         if self.buf is not None:
             self.buf.free()  # synchronizes the device first, so no queued call still uses it
             self.buf = None
-        log.info("%s workspace: %d MiB x 2 slots", self.kind, new >> 20)
-        self.buf = symmetric_empty(self.comm, (2 * new,), "uint8")
+        slots = 1 if self.replayable else 2
+        log.info("%s workspace: %d MiB x %d slot%s", self.kind, new >> 20, slots, "s" if slots > 1 else "")
+        self.buf = symmetric_empty(self.comm, (slots * new,), "uint8")
         self.slot_bytes = new
         self.calls = 0
         self.used = False
@@ -167,16 +191,22 @@ class _Workspace:
         return v
 
     def slot(self) -> int:
-        return (self.calls % 2) * self.slot_bytes
+        return 0 if self.replayable else (self.calls % 2) * self.slot_bytes
+
+    def barrier(self, stream, mode: str) -> None:
+        self.buf.barrier(stream, "device" if self.replayable else mode)
 
     def begin(self, main, streams=()) -> None:
-        """Order this call after the previous one, whatever streams either used."""
-        if self.used:
+        """Order this call after the previous one, whatever streams either used. (Inside a capture the
+        graph's own start orders it; an event recorded outside cannot be waited on there.)"""
+        if self.used and not _capturing():
             main.wait_event(self.done)
             for s in streams or (self.side,):
                 s.wait_event(self.done)
 
     def end(self, main) -> None:
+        if _capturing():
+            return
         self.done.record(main)
         self.used = True
         self.calls += 1
@@ -191,8 +221,16 @@ class _Workspace:
 def _workspace(comm, st: _State, kind: str) -> _Workspace:
     ws = st.workspaces.get(kind)
     if ws is None:
-        ws = st.workspaces[kind] = _Workspace(comm, kind)
+        ws = st.workspaces[kind] = _Workspace(comm, kind, replayable=kind == "all_gather_matmul")
+        if ws.replayable:
+            ws.on_grow = st.replays.clear
     return ws
+
+
+def _capturing() -> bool:
+    """Whether the current torch stream is being captured into a CUDA graph."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_current_stream_capturing()
 
 
 def _align(n: int, a: int) -> int:
@@ -239,8 +277,8 @@ def _agree(comm, st: _State, what: str, signature: Optional[dict], bad: Optional
 
 
 _ENV_KEYS = ("FP4CCL_OVERLAP", "FP4CCL_OVERLAP_MIN_BYTES", "FP4CCL_OVERLAP_STREAMS", "FP4CCL_OVERLAP_CHUNKS",
-             "FP4CCL_OVERLAP_DECODE",
-             "FP4CCL_SYMM_BARRIER", "FP4CCL_CHECK")
+             "FP4CCL_OVERLAP_DECODE", "FP4CCL_OVERLAP_GRAPHS",
+             "FP4CCL_SYMM_BARRIER", "FP4CCL_CHECK", "FP4CCL_PDL", "FP4CCL_LAUNCH", "FP4CCL_TIMEOUT")
 
 
 def _tensor_key(x):
@@ -520,8 +558,29 @@ def all_gather_matmul(comm, a_shard, bs, gather_dim: int = 0, *, return_a: bool 
             st.remember(key, (dataclasses.replace(spec, a=None, bs=[], out=None, info=_detached(spec.info)),
                               path, var))
     if path == "pipelined":
+        if key is not None and spec.out is not None and not spec.return_a and _ag_replayed(comm, st, spec, var, key):
+            return None, spec.out
         return _ag_pipelined(comm, st, spec, var)
     return _ag_sequential(comm, spec)
+
+
+def _ag_replayed(comm, st: _State, spec: _AgSpec, var: dict, key: tuple) -> bool:
+    """The call as a replay of its CUDA graph (overlap_replay); False where it must run eagerly."""
+    from . import overlap_replay
+    if not overlap_replay.enabled() or _capturing():
+        return False
+    import torch
+    main = torch.cuda.current_stream(comm.device)
+    full = key + (spec.a.data_ptr(), tuple(b.data_ptr() for b in spec.bs), tuple(o.data_ptr() for o in spec.out),
+                  main.cuda_stream)
+    ws = _workspace(comm, st, "all_gather_matmul")
+    if ws.buf is None:
+        return False   # sized by the first, eager, call
+    ws.begin(main)
+    if not st.replays.run(full, comm.device, ws.capture_stream(), lambda: _ag_pipelined(comm, st, spec, var)):
+        return False
+    ws.end(main)
+    return True
 
 
 # host backend: numpy, no overlap
@@ -721,7 +780,7 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
         copied = event()
         copied.record(side)
         main.wait_event(copied)
-    ws.buf.barrier(side, var["barrier"])
+    ws.barrier(side, var["barrier"])
     if len(copiers) > 1:
         go = event()
         go.record(side)
@@ -792,6 +851,14 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
             _copy2d(dest(r).data_ptr(), W * k * isz, a2.data_ptr(), k * isz, k * isz, R, last)
         else:
             _copy(dest(r).data_ptr(), a2.data_ptr(), shard_bytes, last)
+    if ws.replayable:
+        # Every peer has pulled this rank's slot before any rank returns: the next call (or replay)
+        # may overwrite the one slot at once. Off the matmuls' stream, so only the call's end waits.
+        for s in copiers[1:]:
+            e = event()
+            e.record(s)
+            side.wait_event(e)
+        ws.barrier(side, var["barrier"])
     finished = []
     for s in copiers + ([decode] if decode is not None else []):
         e = event()
@@ -941,6 +1008,13 @@ def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum"):
         path = _choose(comm, st, what, nbytes, sig)
         if key is not None:
             st.remember(key, (dataclasses.replace(spec, a=None, b=None, info=_detached(spec.info)), path, var))
+    if path == "pipelined" and _capturing():
+        # Its barriers keep their epoch on the host, which a graph would freeze; NCCL's reduce-scatter
+        # captures. (Every rank of an SPMD program captures the same calls, so the ranks still agree.)
+        if ("rs-capture",) not in st.logged:
+            st.logged.add(("rs-capture",))
+            log.info("matmul_reduce_scatter inside a CUDA graph capture: sequential path")
+        path = "sequential"
     if path == "pipelined":
         return _rs_pipelined(comm, st, spec, var)
     return _rs_sequential(comm, spec)

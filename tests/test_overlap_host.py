@@ -276,6 +276,9 @@ def test_fast_key_only_for_checked_torch_calls(monkeypatch):
         overlap._variant()
     monkeypatch.delenv("FP4CCL_OVERLAP_DECODE")
     assert overlap._variant()["decode"] == "side"
+    monkeypatch.setenv("FP4CCL_OVERLAP_GRAPHS", "0")
+    assert overlap._fast_key(Comm(), args, a, [b], None) != plain   # replaying or not is part of a call's key
+    monkeypatch.delenv("FP4CCL_OVERLAP_GRAPHS")
     monkeypatch.setenv("FP4CCL_CHECK", "1")
     assert overlap._fast_key(Comm(), args, a, [b], None) is None
     Comm.backend = "host"
@@ -302,3 +305,47 @@ def test_pieces_per_shard_by_size_unless_forced():
     assert chunks_for(32 << 20, None) == 2
     assert chunks_for(64 << 20, None) == 2
     assert chunks_for(64 << 20, 1) == 1 and chunks_for(1 << 10, 8) == 8
+
+
+def test_replays_capture_only_what_repeats(monkeypatch):
+    """A key seen once runs eagerly; the second time it is captured, then replayed; the cache is bounded
+    and clear() forgets both the graphs and the keys seen."""
+    from fp4ccl import overlap_replay
+
+    class FakeGraph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    captured = []
+
+    def capture(self, key, device, stream, enqueue):
+        enqueue()
+        graph = self._graphs[key] = FakeGraph()
+        while len(self._graphs) > overlap_replay.GRAPHS_KEPT:
+            self._graphs.popitem(last=False)
+        captured.append(key)
+        return graph
+
+    monkeypatch.setattr(overlap_replay.Replays, "_capture", capture)
+    rep = overlap_replay.Replays()
+    calls = []
+    assert rep.run(("k",), 0, None, lambda: calls.append(1)) is False and not calls and len(rep) == 0
+    assert rep.run(("k",), 0, None, lambda: calls.append(1)) is True and calls == [1] and captured == [("k",)]
+    assert rep.run(("k",), 0, None, lambda: calls.append(1)) is True and calls == [1]
+    assert rep._graphs[("k",)].replays == 2
+    for i in range(overlap_replay.GRAPHS_KEPT + 3):
+        rep.run(("n", i), 0, None, lambda: None)
+        rep.run(("n", i), 0, None, lambda: None)
+    assert len(rep) == overlap_replay.GRAPHS_KEPT
+    rep.clear()
+    assert len(rep) == 0 and rep.run(("k",), 0, None, lambda: calls.append(1)) is False
+
+
+@pytest.mark.parametrize("value,on", [("", True), ("1", True), ("0", False), ("off", False), ("False", False)])
+def test_replays_switch(monkeypatch, value, on):
+    from fp4ccl import overlap_replay
+    monkeypatch.setenv("FP4CCL_OVERLAP_GRAPHS", value)
+    assert overlap_replay.enabled() is on

@@ -299,3 +299,195 @@ def test_overlap_bad_input_fails_everywhere(nranks):
 def test_overlap_variants(nranks, barrier, streams, chunks, seed):
     need_gpus(nranks)
     assert all(run_ranks(nranks, ov_variant, seed, barrier, streams, chunks, backend="nccl"))
+
+
+# -- CUDA graphs: the library's own replays of repeated calls, and calls captured by the caller ----------
+
+def _fp4_reference(torch, shards, r, fmt, gather_dim):
+    """a_full as the FP4 path builds it: every peer's shard dequantized, this rank's exact."""
+    from fp4ccl import formats
+    if fmt is None:
+        return torch.cat(shards, dim=gather_dim)
+    deq = [s if p == r else formats.dequantize(formats.quantize(s, fmt), s.dtype) for p, s in enumerate(shards)]
+    return torch.cat(deq, dim=gather_dim)
+
+
+def _check_products(torch, outs, a_ref, bs, rhs, what):
+    for j, (o, b) in enumerate(zip(outs, bs)):
+        want = b.double() @ a_ref.double().T if rhs else torch.matmul(a_ref.double(), b.double())
+        err = _relerr(torch, o, want)
+        assert err < TOL["bfloat16"], f"{what} b{j}: rel err {err:.2e}"
+
+
+def ov_ag_replayed(comm, seed, fmt, gather_dim, rhs, fresh_on_peers, rows=96):
+    """Calls into out= with return_a=False repeat: from the second repeat on they replay a CUDA graph.
+    The static tensors get new contents before every call; an eager call (return_a=True) comes in
+    between. fresh_on_peers: every rank but 0 passes new tensors each time (new addresses, so those
+    ranks run eagerly while rank 0 replays): the ranks must still agree on slots and barriers."""
+    torch = _setup(comm)
+    from fp4ccl.overlap import all_gather_matmul
+    W, r = comm.size, comm.rank
+    shard_shape = (rows, 256)
+    full_k = 256 * W if gather_dim == 1 else 256
+    full_m = rows * W if gather_dim == 0 else rows
+    b_shapes = [(64, full_k), (32, full_k)] if rhs else [(full_k, 80), (full_k, 48)]
+    out_shapes = [(s[0], full_m) for s in b_shapes] if rhs else [(full_m, s[1]) for s in b_shapes]
+    a_static = torch.empty(shard_shape, dtype=torch.bfloat16, device="cuda")
+    b_static = [torch.empty(s, dtype=torch.bfloat16, device="cuda") for s in b_shapes]
+    o_static = [torch.empty(s, dtype=torch.bfloat16, device="cuda") for s in out_shapes]
+    keep = []   # fresh tensors stay alive, so their addresses are never handed out twice
+
+    def replayed():   # (the worker may have served earlier tests, even with these addresses: count from here)
+        st = comm._extras.get("fp4ccl.overlap")
+        return st.replays.replayed if st is not None else 0
+    replayed0 = replayed()
+    with env({"FP4CCL_OVERLAP": "pipelined"}):
+        for call in range(6):
+            g = torch.Generator().manual_seed(seed + 31 * call)
+            shards = [_randn(torch, g, shard_shape, torch.bfloat16) for _ in range(W)]
+            bs_new = [_randn(torch, g, s, torch.bfloat16) for s in b_shapes]
+            if fresh_on_peers and r != 0:
+                a, bs = shards[r].clone(), [b.clone() for b in bs_new]
+                outs = [torch.empty(s, dtype=torch.bfloat16, device="cuda") for s in out_shapes]
+                keep.append((a, bs, outs))
+            else:
+                a, bs, outs = a_static, b_static, o_static
+                a.copy_(shards[r])
+                for b, v in zip(bs, bs_new):
+                    b.copy_(v)
+            for o in outs:
+                o.fill_(float("nan"))
+            a_ref = _fp4_reference(torch, shards, r, fmt, gather_dim)
+            if call == 3:   # an eager call between the replays
+                got_a, got = all_gather_matmul(comm, a, bs, gather_dim, compress=fmt, gathered_rhs=rhs)
+                torch.cuda.synchronize()
+                assert torch.equal(got_a, a_ref), f"call {call}: a_full differs"
+                _check_products(torch, got, a_ref, bs_new, rhs, f"call {call} (eager)")
+            none, got = all_gather_matmul(comm, a, bs, gather_dim, return_a=False, out=outs, compress=fmt,
+                                          gathered_rhs=rhs)
+            torch.cuda.synchronize()
+            assert none is None and all(x is y for x, y in zip(got, outs))
+            _check_products(torch, got, a_ref, bs_new, rhs, f"call {call}")
+    n = replayed() - replayed0
+    if r == 0 or not fresh_on_peers:
+        assert n >= 4, f"only {n} of the 5 repeats of the call were replayed from a graph"
+    else:
+        assert n == 0, "fresh tensors must not hit a cached graph"
+    return 1
+
+
+@pytest.mark.parametrize("nranks", [2, 3, 4])
+@pytest.mark.parametrize("fmt,gather_dim,rhs", [(None, 0, False), (None, 1, False), ("nvfp4", 0, False),
+                                                ("nvfp4", 1, True), ("mxfp4", 0, True)])
+def test_all_gather_matmul_replays_a_graph(nranks, fmt, gather_dim, rhs, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_ag_replayed, seed, fmt, gather_dim, rhs, False, backend="nccl"))
+
+
+def ov_ag_replay_growing(comm, seed):
+    """Replayed calls, then a larger call that grows the workspace (dropping every graph), then the
+    first shape again: captured anew, into the new buffer."""
+    from fp4ccl.overlap import release_workspaces
+    release_workspaces(comm)   # from the smallest workspace, whatever earlier tests in this worker left
+    n = 0
+    for rows in (96, 8192, 96):   # 8192 x 256 bf16 = 4 MiB shards: past the 2 MiB minimum workspace
+        n += ov_ag_replayed(comm, seed + rows, None, 0, False, False, rows)
+    return n
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_all_gather_matmul_replays_across_growth(nranks, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_ag_replay_growing, seed, backend="nccl"))
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("fmt", [None, "nvfp4"])
+def test_all_gather_matmul_replay_beside_eager_ranks(nranks, fmt, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_ag_replayed, seed, fmt, 0, False, True, backend="nccl"))
+
+
+def ov_user_graph(comm, seed, fmt):
+    """The caller captures all_gather_matmul and matmul_reduce_scatter in its own CUDA graph after one
+    warm-up call, then replays it with new contents in the static inputs, with eager calls between."""
+    torch = _setup(comm)
+    from fp4ccl.overlap import all_gather_matmul, matmul_reduce_scatter
+    W, r = comm.size, comm.rank
+    a = torch.empty((128, 256), dtype=torch.bfloat16, device="cuda")
+    b = torch.empty((256, 96), dtype=torch.bfloat16, device="cuda")
+    ra = torch.empty((64 * W, 128), dtype=torch.bfloat16, device="cuda")
+    rb = torch.empty((128, 160), dtype=torch.bfloat16, device="cuda")
+
+    def fill(call):
+        g = torch.Generator().manual_seed(seed + 17 * call)
+        shards = [_randn(torch, g, tuple(a.shape), torch.bfloat16) for _ in range(W)]
+        b.copy_(_randn(torch, g, tuple(b.shape), torch.bfloat16))
+        a.copy_(shards[r])
+        A = [_randn(torch, g, tuple(ra.shape), torch.bfloat16) for _ in range(W)]
+        B = [_randn(torch, g, tuple(rb.shape), torch.bfloat16) for _ in range(W)]
+        ra.copy_(A[r])
+        rb.copy_(B[r])
+        red = sum(x.double() @ y.double() for x, y in zip(A, B))
+        return _fp4_reference(torch, shards, r, fmt, 0), red[r * 64:(r + 1) * 64]
+
+    with env({"FP4CCL_OVERLAP": "pipelined"}):
+        fill(0)
+        all_gather_matmul(comm, a, [b], compress=fmt)            # warm-up: sizes the workspace
+        matmul_reduce_scatter(comm, ra, rb)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got_a, (got,) = all_gather_matmul(comm, a, [b], compress=fmt)
+            red = matmul_reduce_scatter(comm, ra, rb)
+        for call in range(1, 6):
+            a_ref, red_ref = fill(call)
+            got.fill_(float("nan"))
+            red.fill_(float("nan"))
+            graph.replay()
+            if call == 3:
+                _, (eager,) = all_gather_matmul(comm, a, [b], compress=fmt)
+                eager_red = matmul_reduce_scatter(comm, ra, rb)
+            torch.cuda.synchronize()
+            assert torch.equal(got_a, a_ref), f"replay {call}: a_full differs"
+            _check_products(torch, [got], a_ref, [b], False, f"replay {call}")
+            err = _relerr(torch, red, red_ref)
+            assert err < 2 * TOL["bfloat16"], f"replay {call}: matmul_reduce_scatter rel err {err:.2e}"
+            if call == 3:
+                _check_products(torch, [eager], a_ref, [b], False, "eager call between replays")
+                assert _relerr(torch, eager_red, red_ref) < 2 * TOL["bfloat16"]
+    return 1
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("fmt", [None, "nvfp4"])
+def test_overlap_in_a_callers_graph(nranks, fmt, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_user_graph, seed, fmt, backend="nccl"))
+
+
+def ov_capture_cold(comm):
+    """Captured before any call sized the workspace: a clear error on every rank, then eager calls work."""
+    torch = _setup(comm)
+    from fp4ccl.overlap import all_gather_matmul, release_workspaces
+    release_workspaces(comm)   # (this worker may have served earlier tests)
+    a = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(128, 32, device="cuda", dtype=torch.bfloat16)
+    with env({"FP4CCL_OVERLAP": "pipelined"}):
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                all_gather_matmul(comm, a, [b])
+        except RuntimeError as err:
+            assert "warm-up" in str(err), err
+        else:
+            raise AssertionError("a capture with no workspace did not raise")
+        _, (out,) = all_gather_matmul(comm, a, [b])
+    torch.cuda.synchronize()
+    assert out.shape == (64 * comm.size, 32) and bool(torch.isfinite(out).all())
+    return 1
+
+
+@pytest.mark.parametrize("nranks", [2])
+def test_overlap_capture_needs_a_warm_up(nranks):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_capture_cold, backend="nccl"))
