@@ -1,7 +1,7 @@
 """Pipelined all-gather + matmul and matmul + reduce-scatter: fp4ccl against torch's symmetric-memory fused
 ops, the sequential NCCL path and the matmul alone, in one run, with pipelined variants side by side.
 
-    fp4ccl-run -n 4 bench/bench_overlap.py [--m 256,1024,...] [--variants k1=kernel:1,m2=memop:2]
+    fp4ccl-run -n 4 bench/bench_overlap.py [--m 256,1024,...] [--variants "k=FP4CCL_SYMM_BARRIER=kernel,..."]
     mpirun -n 4 python bench/bench_overlap.py
 
 Shapes follow DESIGN.md's table: ag+mm A shard [M/W, K] @ B [K, N/W]; mm+rs A [M, K/W] @ B [K/W, N]. bf16,
@@ -9,7 +9,9 @@ plus ag+mm with NVFP4 shards. Times are ms: each rank times batches of back-to-b
 events (after warm-up); a batch's time is the slowest rank's; the table shows the median batch.
 Columns: seq = NCCL collective then torch.mm called directly; seqpath = the same through fp4ccl's API
 (FP4CCL_OVERLAP=sequential, what the automatic path runs below the threshold); one column per variant
-(barrier kind and copy streams, forced pipelined). A summary picks the fastest per row.
+(FP4CCL_* settings, forced pipelined; "pipe" = the defaults); for ag+mm, "replay" = the default pipelined
+call into out= with return_a=False, which replays a CUDA graph of itself once it repeats (host time per
+call one launch). A summary picks the fastest per row.
 eff = (comm + mm - fused) / min(comm, mm), where comm is the NCCL collective alone (for FP4 rows, the
 sequential FP4 gather: quantize, NCCL all_gather of packed bytes, dequantize).
 """
@@ -29,10 +31,11 @@ os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-VARIANT_HELP = ("comma-separated NAME=BARRIER:STREAMS[:CHUNKS] pipelined variants (FP4CCL_SYMM_BARRIER "
-                "kernel|memop, FP4CCL_OVERLAP_STREAMS, FP4CCL_OVERLAP_CHUNKS); each is timed forced-pipelined")
+VARIANT_HELP = ("comma-separated NAME=ENV=V[;ENV=V] pipelined variants (FP4CCL_* settings, e.g. "
+                "FP4CCL_OVERLAP_DECODE=behind;FP4CCL_OVERLAP_STREAMS=2); each is timed forced-pipelined")
 
 
 def parse():
@@ -51,16 +54,8 @@ def parse():
 
 
 def _variants(spec: str):
-    out = []
-    for item in filter(None, spec.split(",")):
-        name, _, rest = item.partition("=")
-        barrier, _, streams = rest.partition(":")
-        streams, _, chunks = streams.partition(":")
-        env = {"FP4CCL_SYMM_BARRIER": barrier, "FP4CCL_OVERLAP_STREAMS": streams}
-        if chunks:
-            env["FP4CCL_OVERLAP_CHUNKS"] = chunks
-        out.append((name, env))
-    return out or [("pipe", {})]
+    from _profile import parse_variants
+    return [(name, env) for name, _, env in parse_variants(spec)] or [("pipe", {})]
 
 
 def with_env(env, fn):
@@ -140,6 +135,13 @@ def main() -> int:
                 row["fp4ccl_seqpath"] = bench(with_env(seq_path, call))
                 for name, env in variants:
                     row[name] = bench(with_env({**env, "FP4CCL_OVERLAP": "pipelined"}, call))
+                outs = [torch.empty(M, N // W, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+
+                def into_out():
+                    i = next(it)
+                    return all_gather_matmul(comm, sets[i][0], [sets[0][1]], 0, compress=fmt, return_a=False,
+                                             out=[outs[i]])
+                row["replay"] = bench(with_env({"FP4CCL_OVERLAP": "pipelined"}, into_out))
                 if group_name and not fmt:
                     row["torch"] = bench(lambda: torch.ops.symm_mem.fused_all_gather_matmul(
                         sets[next(it)][0], [sets[0][1]], 0, group_name))
@@ -211,11 +213,11 @@ def _torch_group(comm, torch):
 def _header(W, N, K, name, variants):
     print(f"\n# overlap bench: {W} x {name}, N={N} K={K}, bf16, ms (median batch, slowest rank)")
     print("# seqpath = fp4ccl's sequential path through its API (what auto runs below the threshold); "
-          + ", ".join(f"{n} = pipelined {e.get('FP4CCL_SYMM_BARRIER', 'default')}/"
-                      f"{e.get('FP4CCL_OVERLAP_STREAMS', 'default')} streams/"
-                      f"{e.get('FP4CCL_OVERLAP_CHUNKS', 'default')} chunks" for n, e in variants))
+          + ", ".join(f"{n} = pipelined, " + (";".join(f"{k}={v}" for k, v in e.items()) or "defaults")
+                      for n, e in variants)
+          + "; replay = pipelined into out= with return_a=False (a CUDA graph once it repeats; ag+mm only)")
     head = f"{'op':<12}{'M':>6}{'mm':>8}{'comm':>8}{'seq':>8}{'torch':>8}{'seqpath':>8}"
-    head += "".join(f"{n:>8}" for n, _ in variants)
+    head += "".join(f"{n:>8}" for n, _ in variants) + f"{'replay':>8}"
     print(head, flush=True)
 
 
@@ -224,6 +226,7 @@ def _row(row, variants):
     for key in ("mm", "comm", "seq", "torch", "fp4ccl_seqpath"):
         line += f"{row.get(key, float('nan')):>8.3f}"
     line += "".join(f"{row[n]:>8.3f}" for n, _ in variants)
+    line += f"{row.get('replay', float('nan')):>8.3f}"
     print(line, flush=True)
 
 
@@ -239,6 +242,7 @@ def _summary(rows, variants):
     print(head)
     for row in rows:
         cands = [("seqpath", row["fp4ccl_seqpath"])] + [(n, row[n]) for n, _ in variants]
+        cands += [("replay", row["replay"])] if "replay" in row else []
         name, t = min(cands, key=lambda c: c[1])
         tt = row.get("torch", float("nan"))
         print(f"{row['op']:<12}{row['M']:>6}{name:>9}{t:>8.3f}{tt:>8.3f}{row['seq']:>8.3f}"

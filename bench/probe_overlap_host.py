@@ -1,12 +1,14 @@
 """Host time of one all_gather_matmul call against its GPU time: is the pipelined path host-bound?
 
     python3 -m fp4ccl.launcher -n 4 bench/probe_overlap_host.py [--m 8192] [--nk 8192]
-        [--compress none,nvfp4] [--calls 20] [--cprofile]
+        [--compress none,nvfp4] [--forms plain,replay] [--calls 20] [--cprofile]
 
 Every rank prints, per format: the host time of one call alone (the GPU idle, synchronized after each;
 median and min of 11), the host time per call inside a back-to-back loop of --calls, and the GPU time
 per call of that loop (CUDA events). When the host time approaches the GPU time, the GPU waits for
 launches and the op's speed is the host's. --cprofile: rank 0 also prints cProfile's top entries.
+Forms: plain = all_gather_matmul(a, [b]) (a_full returned, every call enqueued step by step); replay =
+into out= with return_a=False, which replays a CUDA graph of the call once it repeats.
 Shapes as bench/bench_overlap.py: A shard [M/W, K] @ B [K, N/W], pipelined path forced.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=8192)
     ap.add_argument("--nk", type=int, default=8192, help="N = K")
     ap.add_argument("--compress", default="none,nvfp4", help="comma-separated: none, nvfp4, mxfp4")
+    ap.add_argument("--forms", default="plain,replay", help="comma-separated: plain, replay")
     ap.add_argument("--calls", type=int, default=20, help="calls in the back-to-back loop")
     ap.add_argument("--cprofile", action="store_true", help="rank 0 prints cProfile's top 25 by own time")
     args = ap.parse_args()
@@ -41,11 +44,17 @@ def main() -> None:
     g = torch.Generator(device=dev).manual_seed(5 + comm.rank)
     a = torch.randn(args.m // W, args.nk, device=dev, generator=g).bfloat16()
     b = torch.randn(args.nk, args.nk // W, device=dev, generator=g).bfloat16()
-    for name in args.compress.split(","):
+    out = [torch.empty(args.m, args.nk // W, device=dev, dtype=torch.bfloat16)]
+    for name, form in ((n, f) for n in args.compress.split(",") for f in args.forms.split(",")):
         fmt = None if name == "none" else name
+        if form not in ("plain", "replay"):
+            raise SystemExit(f"--forms: {form!r} is not plain or replay")
 
         def call():
+            if form == "replay":
+                return all_gather_matmul(comm, a, [b], 0, compress=fmt, return_a=False, out=out)
             return all_gather_matmul(comm, a, [b], 0, compress=fmt)
+        name = f"{name} {form}"
         for _ in range(5):
             call()
         torch.cuda.synchronize()
