@@ -17,9 +17,12 @@ matmul_reduce_scatter(comm, a, b, scatter_dim=0, op="sum") -> reduce_scatter(a @
     written straight into its own slot. One barrier, then the slots are summed in fp32 and rounded
     once (csrc/symm.cu).
 
-Workspaces are symmetric buffers cached per communicator and grown (never allocated per call), with
-two slots used alternately: the one device barrier of call n then also proves every peer finished
-reading (or reducing) the slot call n+1 is about to overwrite.
+Workspaces are symmetric buffers cached per communicator and grown (never allocated per call).
+matmul_reduce_scatter's has two slots used alternately: the one barrier of call n then also proves
+every peer finished reducing the slot call n+1 is about to overwrite. all_gather_matmul's has one slot,
+device-epoch barriers and a second barrier after the pulls, so that a call into out= with
+return_a=False can replay a CUDA graph of itself once it repeats (overlap_replay), and the caller
+can capture either op in a graph of its own.
 
 Small problems take the sequential path (NCCL all_gather then matmul; matmul then NCCL
 reduce_scatter): below FP4CCL_OVERLAP_MIN_BYTES of gathered (or reduced) data the fixed costs of
@@ -526,7 +529,8 @@ def all_gather_matmul(comm, a_shard, bs, gather_dim: int = 0, *, return_a: bool 
     gathered_rhs=True gives [x @ a_full.T for x in bs] instead (a_shard 2-D; the gathered matrix is
     the right-hand operand). compress="nvfp4"/"mxfp4": the shards travel as FP4; a_full (and so the
     product) holds each peer's dequantized shard and this rank's exact one. out: optional list of
-    arrays receiving the products. Every rank must pass shards of one shape.
+    arrays receiving the products; with return_a=False too, a repeat of the call (same tensors, stream
+    and settings) replays a CUDA graph of it. Every rank must pass shards of one shape.
     """
     comm._check_open()
     st = _state(comm)
