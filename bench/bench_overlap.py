@@ -50,6 +50,7 @@ def parse():
     p.add_argument("--variants", default="", help=VARIANT_HELP + "; empty: the defaults only")
     p.add_argument("--no-torch", action="store_true", help="skip torch's fused ops")
     p.add_argument("--json", default="", help="write every number here (rank 0)")
+    p.add_argument("--plot", default="", help="also plot the table into this PNG (rank 0; bench/plot_overlap.py)")
     return p.parse_args()
 
 
@@ -178,6 +179,9 @@ def main() -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"world": W, "N": N, "K": K, "variants": dict(variants), "rows": rows}, f, indent=1)
+        if args.plot:
+            from plot_overlap import plot
+            plot(rows, args.plot, f"bench_overlap: {W} x {torch.cuda.get_device_name(dev)}, N={N} K={K}, bf16")
     comm.destroy()
     if group_name:
         torch.distributed.destroy_process_group()

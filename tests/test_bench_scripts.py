@@ -44,3 +44,31 @@ def test_profile_scripts_describe_their_options(script):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "--all-ranks" in out.stdout and "--loop" in out.stdout
+
+
+def test_plot_overlap_reads_the_printed_table(tmp_path):
+    """bench/plot_overlap.py takes bench_overlap's table out of a launcher log (rank prefixes, op names
+    with a space, NaN cells, the summary table after it) and draws it."""
+    log = tmp_path / "bench.log"
+    log.write_text("""[rank0]: # overlap bench: 4 x GPU, N=8192 K=8192, bf16, ms (median batch, slowest rank)
+[rank0]: op               M      mm    comm     seq   torch seqpath    pipe  replay
+[rank0]: ag+mm          256   0.035   0.062   0.087   0.358   0.152   0.336   0.098
+[rank0]: ag+mm nvfp4    256   0.035   0.172   0.087     nan   0.277   0.420   0.114
+[rank1]: noise from another rank
+[rank0]: mm+rs         1024   0.051   0.080   0.137   0.296   0.135   0.253     nan
+[rank0]: # best fp4ccl per row; eff = (comm + mm - t) / min(comm, mm)
+[rank0]: op               M     best      ms   torch     seq    eff eff torch vs torch  vs seq
+[rank0]: ag+mm          256   replay   0.098   0.358   0.087  -0.05     -7.47    3.64x   0.88x
+""")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import plot_overlap
+    finally:
+        sys.path.pop(0)
+    rows = plot_overlap.read_rows(str(log))
+    assert [(r["op"], r["M"]) for r in rows] == [("ag+mm", 256), ("ag+mm nvfp4", 256), ("mm+rs", 1024)]
+    assert rows[0]["fp4ccl_seqpath"] == 0.152 and rows[0]["replay"] == 0.098 and rows[2]["replay"] != rows[2]["replay"]
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "overlap.png"
+    assert plot_overlap.main([str(log), str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
