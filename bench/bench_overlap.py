@@ -11,7 +11,7 @@ Columns: seq = NCCL collective then torch.mm called directly; seqpath = the same
 (FP4CCL_OVERLAP=sequential, what the automatic path runs below the threshold); one column per variant
 (FP4CCL_* settings, forced pipelined; "pipe" = the defaults); for ag+mm, "replay" = the default pipelined
 call into out= with return_a=False, which replays a CUDA graph of itself once it repeats (host time per
-call one launch). A summary picks the fastest per row.
+call one launch); the same for mm+rs into out=. A summary picks the fastest per row.
 eff = (comm + mm - fused) / min(comm, mm), where comm is the NCCL collective alone (for FP4 rows, the
 sequential FP4 gather: quantize, NCCL all_gather of packed bytes, dequantize).
 """
@@ -165,6 +165,12 @@ def main() -> int:
             row["fp4ccl_seqpath"] = bench(with_env(seq_path, call))
             for name, env in variants:
                 row[name] = bench(with_env({**env, "FP4CCL_OVERLAP": "pipelined"}, call))
+            outs = [torch.empty(M // W, N, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+
+            def into_out():
+                i = next(it)
+                return matmul_reduce_scatter(comm, *sets[i], out=outs[i])
+            row["replay"] = bench(with_env({"FP4CCL_OVERLAP": "pipelined"}, into_out))
             if group_name:
                 row["torch"] = bench(lambda: torch.ops.symm_mem.fused_matmul_reduce_scatter(
                     *sets[next(it)], "sum", 0, group_name))
@@ -219,7 +225,7 @@ def _header(W, N, K, name, variants):
     print("# seqpath = fp4ccl's sequential path through its API (what auto runs below the threshold); "
           + ", ".join(f"{n} = pipelined, " + (";".join(f"{k}={v}" for k, v in e.items()) or "defaults")
                       for n, e in variants)
-          + "; replay = pipelined into out= with return_a=False (a CUDA graph once it repeats; ag+mm only)")
+          + "; replay = pipelined into out= (ag+mm: return_a=False), a CUDA graph once it repeats")
     head = f"{'op':<12}{'M':>6}{'mm':>8}{'comm':>8}{'seq':>8}{'torch':>8}{'seqpath':>8}"
     head += "".join(f"{n:>8}" for n, _ in variants) + f"{'replay':>8}"
     print(head, flush=True)

@@ -331,11 +331,11 @@ class Communicator:
         from .overlap import all_gather_matmul
         return all_gather_matmul(self, a_shard, bs, gather_dim, **kwargs)
 
-    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum"):
+    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum", out=None):
         """The reduce-scatter of a @ b along scatter_dim, overlapped with the matmul (collective)."""
         self._check_open()
         from .overlap import matmul_reduce_scatter
-        return matmul_reduce_scatter(self, a, b, scatter_dim, op)
+        return matmul_reduce_scatter(self, a, b, scatter_dim, op, out=out)
 
     def send(self, x, peer: int, *, stream=None) -> None:
         """Send x to rank `peer` (point-to-point; pair it with a recv there, or put both in a group)."""

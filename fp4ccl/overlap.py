@@ -107,16 +107,20 @@ def release_workspaces(comm) -> None:
 
 
 class _Workspace:
-    """A symmetric byte buffer, a high-priority side stream and reusable events.
+    """A symmetric byte buffer, a high-priority side stream and reusable events. Its barriers are
+    device-epoch barriers (the epoch lives on the device), so the same barrier serves an eager call
+    and a CUDA graph replayed any number of times.
 
-    Two slots used alternately, or (replayable=True) one slot, device-side barriers (their epoch lives
-    on the device) and a second barrier once every pull is done: a call whose GPU work is a CUDA graph
-    replayed again and again then never writes a slot that a peer is still reading, and a rank that
-    replays a graph and a rank that runs the same call eagerly use the same slot and barriers."""
+    `slots` = 2 (matmul_reduce_scatter): used alternately, call n in slot n % 2; the one barrier of
+    call n proves every peer is done with slot (n - 1) % 2. A replayed graph is keyed by that parity,
+    and every rank counts every call, eager or replayed, so the ranks agree on the slot.
+    `slots` = 1 (all_gather_matmul): a second barrier once every pull is done, so no rank returns
+    before its slot may be overwritten; a graph replayed again and again, or replayed on one rank and
+    run eagerly on another, then uses the same slot and barriers as an eager call."""
 
-    def __init__(self, comm, kind: str, replayable: bool = False):
+    def __init__(self, comm, kind: str, slots: int = 2):
         import torch
-        self.comm, self.kind, self.replayable = comm, kind, replayable
+        self.comm, self.kind, self.slots = comm, kind, slots
         self.buf = None
         self.slot_bytes = 0
         self.calls = 0
@@ -176,9 +180,8 @@ class _Workspace:
         if self.buf is not None:
             self.buf.free()  # synchronizes the device first, so no queued call still uses it
             self.buf = None
-        slots = 1 if self.replayable else 2
-        log.info("%s workspace: %d MiB x %d slot%s", self.kind, new >> 20, slots, "s" if slots > 1 else "")
-        self.buf = symmetric_empty(self.comm, (slots * new,), "uint8")
+        log.info("%s workspace: %d MiB x %d slot%s", self.kind, new >> 20, self.slots, "s" * (self.slots > 1))
+        self.buf = symmetric_empty(self.comm, (self.slots * new,), "uint8")
         self.slot_bytes = new
         self.calls = 0
         self.used = False
@@ -194,10 +197,10 @@ class _Workspace:
         return v
 
     def slot(self) -> int:
-        return 0 if self.replayable else (self.calls % 2) * self.slot_bytes
+        return (self.calls % self.slots) * self.slot_bytes
 
-    def barrier(self, stream, mode: str) -> None:
-        self.buf.barrier(stream, "device" if self.replayable else mode)
+    def barrier(self, stream) -> None:
+        self.buf.barrier(stream, "device")
 
     def begin(self, main, streams=()) -> None:
         """Order this call after the previous one, whatever streams either used. (Inside a capture the
@@ -224,9 +227,8 @@ class _Workspace:
 def _workspace(comm, st: _State, kind: str) -> _Workspace:
     ws = st.workspaces.get(kind)
     if ws is None:
-        ws = st.workspaces[kind] = _Workspace(comm, kind, replayable=kind == "all_gather_matmul")
-        if ws.replayable:
-            ws.on_grow = st.replays.clear
+        ws = st.workspaces[kind] = _Workspace(comm, kind, slots=1 if kind == "all_gather_matmul" else 2)
+        ws.on_grow = st.replays.clear
     return ws
 
 
@@ -281,7 +283,7 @@ def _agree(comm, st: _State, what: str, signature: Optional[dict], bad: Optional
 
 _ENV_KEYS = ("FP4CCL_OVERLAP", "FP4CCL_OVERLAP_MIN_BYTES", "FP4CCL_OVERLAP_STREAMS", "FP4CCL_OVERLAP_CHUNKS",
              "FP4CCL_OVERLAP_DECODE", "FP4CCL_OVERLAP_GRAPHS",
-             "FP4CCL_SYMM_BARRIER", "FP4CCL_CHECK", "FP4CCL_PDL", "FP4CCL_LAUNCH", "FP4CCL_TIMEOUT")
+             "FP4CCL_CHECK", "FP4CCL_PDL", "FP4CCL_LAUNCH", "FP4CCL_TIMEOUT")
 
 
 def _tensor_key(x):
@@ -388,8 +390,7 @@ def _decode_mode() -> str:
 
 def _variant() -> dict:
     """The pipelined path's settings; part of the agreed signature, so every rank uses the same."""
-    from .symmetric import barrier_mode
-    return {"streams": _n_streams(), "barrier": barrier_mode(), "chunks": _n_chunks(), "decode": _decode_mode()}
+    return {"streams": _n_streams(), "chunks": _n_chunks(), "decode": _decode_mode()}
 
 
 def _min_bytes(what: str) -> int:
@@ -562,26 +563,28 @@ def all_gather_matmul(comm, a_shard, bs, gather_dim: int = 0, *, return_a: bool 
             st.remember(key, (dataclasses.replace(spec, a=None, bs=[], out=None, info=_detached(spec.info)),
                               path, var))
     if path == "pipelined":
-        if key is not None and spec.out is not None and not spec.return_a and _ag_replayed(comm, st, spec, var, key):
+        if (key is not None and spec.out is not None and not spec.return_a
+                and _replayed(comm, st, "all_gather_matmul", key, [spec.a, *spec.bs, *spec.out],
+                              lambda: _ag_pipelined(comm, st, spec, var))):
             return None, spec.out
         return _ag_pipelined(comm, st, spec, var)
     return _ag_sequential(comm, spec)
 
 
-def _ag_replayed(comm, st: _State, spec: _AgSpec, var: dict, key: tuple) -> bool:
-    """The call as a replay of its CUDA graph (overlap_replay); False where it must run eagerly."""
+def _replayed(comm, st: _State, kind: str, key: tuple, tensors: List[Any], enqueue) -> bool:
+    """The call as a replay of its CUDA graph (overlap_replay); False where it must run eagerly.
+    key: the call's fast key (shapes, options, settings); tensors: every array it reads or writes."""
     from . import overlap_replay
     if not overlap_replay.enabled() or _capturing():
         return False
     import torch
-    main = torch.cuda.current_stream(comm.device)
-    full = key + (spec.a.data_ptr(), tuple(b.data_ptr() for b in spec.bs), tuple(o.data_ptr() for o in spec.out),
-                  main.cuda_stream)
-    ws = _workspace(comm, st, "all_gather_matmul")
+    ws = _workspace(comm, st, kind)
     if ws.buf is None:
         return False   # sized by the first, eager, call
+    main = torch.cuda.current_stream(comm.device)
+    full = key + (kind, tuple(t.data_ptr() for t in tensors), main.cuda_stream, ws.calls % ws.slots)
     ws.begin(main)
-    if not st.replays.run(full, comm.device, ws.capture_stream(), lambda: _ag_pipelined(comm, st, spec, var)):
+    if not st.replays.run(full, comm.device, ws.capture_stream(), enqueue):
         return False
     ws.end(main)
     return True
@@ -784,7 +787,7 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
         copied = event()
         copied.record(side)
         main.wait_event(copied)
-    ws.barrier(side, var["barrier"])
+    ws.barrier(side)
     if len(copiers) > 1:
         go = event()
         go.record(side)
@@ -855,14 +858,14 @@ def _ag_pipelined(comm, st: _State, spec: _AgSpec, var: dict):
             _copy2d(dest(r).data_ptr(), W * k * isz, a2.data_ptr(), k * isz, k * isz, R, last)
         else:
             _copy(dest(r).data_ptr(), a2.data_ptr(), shard_bytes, last)
-    if ws.replayable:
+    if ws.slots == 1:
         # Every peer has pulled this rank's slot before any rank returns: the next call (or replay)
         # may overwrite the one slot at once. Off the matmuls' stream, so only the call's end waits.
         for s in copiers[1:]:
             e = event()
             e.record(s)
             side.wait_event(e)
-        ws.barrier(side, var["barrier"])
+        ws.barrier(side)
     finished = []
     for s in copiers + ([decode] if decode is not None else []):
         e = event()
@@ -944,9 +947,10 @@ class _RsSpec:
     dim: int
     op: str
     out_shape: Tuple[int, ...]
+    out: Optional[Any] = None
 
 
-def _rs_check(comm, a, b, scatter_dim, op) -> _RsSpec:
+def _rs_check(comm, a, b, scatter_dim, op, out=None) -> _RsSpec:
     W = comm.size
     info = _describe(a, "a")
     _framework_check(comm, info, "a")
@@ -978,26 +982,36 @@ def _rs_check(comm, a, b, scatter_dim, op) -> _RsSpec:
         raise _Bad(ValueError, f"the product a @ b has shape {full}; dim {dim} ({full[dim]}) is not divisible "
                                f"by the world size {W}")
     out_shape = tuple(d // W if i == dim else d for i, d in enumerate(full))
-    return _RsSpec(a, b, info, dim, op, out_shape)
+    if out is not None:
+        oinfo = _describe(out, "out")
+        _framework_check(comm, oinfo, "out")
+        if oinfo.framework != info.framework or oinfo.dtype != info.dtype or oinfo.shape != out_shape \
+                or not oinfo.contiguous:
+            raise _Bad(ValueError, f"out must be a contiguous {info.framework} {info.dtype} array of shape "
+                                   f"{out_shape}, got a {oinfo.framework} {oinfo.dtype} {oinfo.shape}"
+                                   f"{'' if oinfo.contiguous else ' (not contiguous)'}")
+    return _RsSpec(a, b, info, dim, op, out_shape, out)
 
 
-def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum"):
+def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum", out=None):
     """reduce_scatter(a @ b) along scatter_dim (collective): rank r gets the r-th of `size` parts.
 
-    op "sum" or "avg"; partial products are reduced in fp32 and rounded once.
+    op "sum" or "avg"; partial products are reduced in fp32 and rounded once. out: an optional array
+    for the result (returned); a repeat of a call into out= (same arrays, stream and settings)
+    replays a CUDA graph of it.
     """
     comm._check_open()
     st = _state(comm)
-    key = _fast_key(comm, ("rs", scatter_dim, op), a, [b], None)
+    key = _fast_key(comm, ("rs", scatter_dim, op), a, [b], None if out is None else [out])
     hit = st.fast.get(key) if key is not None else None
     if hit is not None:
         t, path, var = hit
-        spec = _RsSpec(a, b, t.info, t.dim, t.op, t.out_shape)
+        spec = _RsSpec(a, b, t.info, t.dim, t.op, t.out_shape, out)
     else:
         what = "matmul_reduce_scatter"
         spec, bad, sig = None, None, None
         try:
-            spec = _rs_check(comm, a, b, scatter_dim, op)
+            spec = _rs_check(comm, a, b, scatter_dim, op, out)
             var = _variant()
             sig = {"a": list(spec.info.shape), "b": list(_arrays.describe(b).shape), "dtype": spec.info.dtype,
                    "dim": spec.dim, "op": spec.op, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
@@ -1007,21 +1021,38 @@ def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum"):
             bad = _Bad(ValueError, str(err))
         _agree(comm, st, what, sig, bad)
         if comm.backend == "host":
-            return _rs_host(comm, spec)
+            return _into(spec.out, _rs_host(comm, spec))
         nbytes = math.prod(spec.info.shape[:-1]) * spec.b.shape[1] * spec.info.itemsize
         path = _choose(comm, st, what, nbytes, sig)
         if key is not None:
-            st.remember(key, (dataclasses.replace(spec, a=None, b=None, info=_detached(spec.info)), path, var))
+            st.remember(key, (dataclasses.replace(spec, a=None, b=None, out=None, info=_detached(spec.info)),
+                              path, var))
     if path == "pipelined" and _capturing():
-        # Its barriers keep their epoch on the host, which a graph would freeze; NCCL's reduce-scatter
-        # captures. (Every rank of an SPMD program captures the same calls, so the ranks still agree.)
+        # Its two slots alternate call by call, which the replays of the caller's graph would not;
+        # NCCL's reduce-scatter captures. (Every rank of an SPMD program captures the same calls, so
+        # the ranks still agree on the path.)
         if ("rs-capture",) not in st.logged:
             st.logged.add(("rs-capture",))
             log.info("matmul_reduce_scatter inside a CUDA graph capture: sequential path")
         path = "sequential"
     if path == "pipelined":
+        if (key is not None and spec.out is not None
+                and _replayed(comm, st, "matmul_reduce_scatter", key, [spec.a, spec.b, spec.out],
+                              lambda: _rs_pipelined(comm, st, spec, var))):
+            return spec.out
         return _rs_pipelined(comm, st, spec, var)
-    return _rs_sequential(comm, spec)
+    return _into(spec.out, _rs_sequential(comm, spec))
+
+
+def _into(out, result):
+    """result, or out holding a copy of it (on the current stream)."""
+    if out is None:
+        return result
+    if isinstance(out, np.ndarray):
+        np.copyto(out, np.asarray(result))
+    else:
+        out.copy_(result)
+    return out
 
 
 def _rs_host(comm, spec: _RsSpec):
@@ -1099,11 +1130,13 @@ def _rs_pipelined(comm, st: _State, spec: _RsSpec, var: dict):
         e = ws.event(W + 1 + t)
         e.record(s)
         side.wait_event(e)
-    ws.buf.barrier(side, var["barrier"])  # our pushes are in the peers' slots, theirs in ours
+    ws.barrier(side)  # our pushes are in the peers' slots, theirs in ours
     pushed = ws.event(W)
     pushed.record(side)
     main.wait_event(pushed)
-    result = torch.empty(chunk_shape, dtype=a2.dtype, device=a2.device)
+    # Summed straight into `out` where its layout is the chunk's (scatter along the first or last dim).
+    direct = spec.out is not None and (last or spec.dim == 0)
+    result = spec.out.view(chunk_shape) if direct else torch.empty(chunk_shape, dtype=a2.dtype, device=a2.device)
     kname = {"bfloat16": "fp4ccl_sum_slots_bf16", "float16": "fp4ccl_sum_slots_f16",
              "float32": "fp4ccl_sum_slots_f32"}.get(spec.info.dtype)
     slots = ws.buf.ptr(r) + off
@@ -1119,8 +1152,16 @@ def _rs_pipelined(comm, st: _State, spec: _RsSpec, var: dict):
         view = ws.view(r, off, (W, chunk_bytes // isz), spec.info.dtype)[:, :chunk_elems]
         red = view.sum(dim=0)
         result.view(-1).copy_(red / W if spec.op == "avg" else red)
-    ws.end(main)
+    if direct:
+        ws.end(main)
+        return spec.out
     if last:
-        return result.view(tuple(a.shape[:-1]) + (chunk_shape[1],))
-    moved_out = (spec.out_shape[spec.dim],) + tuple(d for i, d in enumerate(spec.out_shape) if i != spec.dim)
-    return result.view(moved_out).movedim(0, spec.dim)
+        res = result.view(tuple(a.shape[:-1]) + (chunk_shape[1],))
+    else:
+        moved_out = (spec.out_shape[spec.dim],) + tuple(d for i, d in enumerate(spec.out_shape) if i != spec.dim)
+        res = result.view(moved_out).movedim(0, spec.dim)
+    if spec.out is not None:
+        spec.out.copy_(res)
+        res = spec.out
+    ws.end(main)
+    return res

@@ -78,7 +78,7 @@ def check_ag(comm, seed, dtype, shard_shape, gather_dim, rhs, framework="numpy")
     return len(bs)
 
 
-def check_rs(comm, seed, dtype, a_shape_full, n, scatter_dim, op):
+def check_rs(comm, seed, dtype, a_shape_full, n, scatter_dim, op, into_out=False):
     W, r = comm.size, comm.rank
     rng = np.random.default_rng(seed)
     K = a_shape_full[-1]
@@ -87,7 +87,13 @@ def check_rs(comm, seed, dtype, a_shape_full, n, scatter_dim, op):
     k = K // W
     a_r = np.ascontiguousarray(A[..., r * k:(r + 1) * k])
     b_r = np.ascontiguousarray(B[r * k:(r + 1) * k])
-    out = _np(matmul_reduce_scatter(comm, a_r, b_r, scatter_dim, op))
+    if into_out:
+        shape = list(a_shape_full[:-1]) + [n]
+        shape[scatter_dim] //= W
+        buf = np.full(shape, np.nan, dtype=A.dtype)
+        got = matmul_reduce_scatter(comm, a_r, b_r, scatter_dim, op, out=buf)
+        assert got is buf, "out= must be the result"
+    out = _np(got if into_out else matmul_reduce_scatter(comm, a_r, b_r, scatter_dim, op))
     full = np.matmul(A.astype(np.float64), B.astype(np.float64))
     if op == "avg":
         full = full / W
@@ -148,6 +154,10 @@ def expect_errors(comm, cases):
             "rs_indivisible": (lambda: matmul_reduce_scatter(comm, _rand(rng, (4 * W + 1, 8), "float32"), b),
                                ValueError),
             "rs_dtype": (lambda: matmul_reduce_scatter(comm, a.astype(numpy_dtype("bfloat16")), b), TypeError),
+            "rs_out_shape": (lambda: matmul_reduce_scatter(comm, _rand(rng, (4 * W, 8), "float32"), b,
+                                                           out=np.empty((4 * W + 1, 3), np.float32)), ValueError),
+            "rs_out_dtype": (lambda: matmul_reduce_scatter(comm, _rand(rng, (4 * W, 8), "float32"), b,
+                                                           out=np.empty((4, 3), np.float64)), ValueError),
         }[name]
         if W == 1 and name in ("unequal_shards",):
             continue
@@ -211,6 +221,12 @@ def test_matmul_reduce_scatter_leading_dims(nranks, scatter_dim, seed):
     assert all(run_ranks(nranks, check_rs, seed, "float32", (6, 6, 12), 6, scatter_dim, "sum"))
 
 
+@pytest.mark.parametrize("nranks", [1, 2, 3])
+@pytest.mark.parametrize("scatter_dim", [0, 1, 2])
+def test_matmul_reduce_scatter_into_out(nranks, scatter_dim, seed):
+    assert all(run_ranks(nranks, check_rs, seed, "bfloat16", (6, 6, 12), 6, scatter_dim, "avg", True))
+
+
 @pytest.mark.parametrize("nranks", [1, 2, 4])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("gather_dim", [0, 1])
@@ -222,7 +238,7 @@ def test_all_gather_matmul_fp4(nranks, fmt, gather_dim, seed):
 
 
 BAD = ["no_chain", "dim_range", "dim_range_one_rank", "unequal_shards", "dtype_mismatch", "bad_compress",
-       "rs_no_chain", "rs_op", "rs_dim_range", "rs_indivisible", "rs_dtype"]
+       "rs_no_chain", "rs_op", "rs_dim_range", "rs_indivisible", "rs_dtype", "rs_out_shape", "rs_out_dtype"]
 
 
 @pytest.mark.parametrize("nranks", [1, 3])

@@ -146,12 +146,11 @@ def ov_other_stream(comm, seed):
     return n
 
 
-def ov_variant(comm, seed, barrier, streams, chunks=1):
-    """Every pipelined form under one barrier mode, copy-stream count (3 streams split unevenly) and
-    number of pieces per pulled shard (3 split 250 rows unevenly)."""
+def ov_variant(comm, seed, streams, chunks=1):
+    """Every pipelined form under one copy-stream count (3 streams split unevenly) and number of
+    pieces per pulled shard (3 split 250 rows unevenly)."""
     _setup(comm)
-    with env({"FP4CCL_SYMM_BARRIER": barrier, "FP4CCL_OVERLAP_STREAMS": str(streams),
-              "FP4CCL_OVERLAP_CHUNKS": str(chunks)}):
+    with env({"FP4CCL_OVERLAP_STREAMS": str(streams), "FP4CCL_OVERLAP_CHUNKS": str(chunks)}):
         n = ov_ag(comm, seed, "bfloat16", (250, 512), 0, False, "pipelined")
         n += ov_ag(comm, seed + 1, "bfloat16", (250, 512), 1, False, "pipelined")
         n += ov_ag(comm, seed + 2, "bfloat16", (96, 256), 0, True, "pipelined", calls=1)
@@ -294,11 +293,10 @@ def test_overlap_bad_input_fails_everywhere(nranks):
 
 
 @pytest.mark.parametrize("nranks", NRANKS)
-@pytest.mark.parametrize("barrier,streams,chunks", [("memop", 1, 1), ("memop", 3, 1), ("kernel", 3, 1),
-                                                    ("memop", 1, 3), ("memop", 2, 4)])
-def test_overlap_variants(nranks, barrier, streams, chunks, seed):
+@pytest.mark.parametrize("streams,chunks", [(1, 1), (3, 1), (1, 3), (2, 4)])
+def test_overlap_variants(nranks, streams, chunks, seed):
     need_gpus(nranks)
-    assert all(run_ranks(nranks, ov_variant, seed, barrier, streams, chunks, backend="nccl"))
+    assert all(run_ranks(nranks, ov_variant, seed, streams, chunks, backend="nccl"))
 
 
 # -- CUDA graphs: the library's own replays of repeated calls, and calls captured by the caller ----------
@@ -491,3 +489,80 @@ def ov_capture_cold(comm):
 def test_overlap_capture_needs_a_warm_up(nranks):
     need_gpus(nranks)
     assert all(run_ranks(nranks, ov_capture_cold, backend="nccl"))
+
+
+def ov_rs_replayed(comm, seed, a_full_shape, n, scatter_dim, op, fresh_on_peers):
+    """matmul_reduce_scatter into out= repeats: each parity of its two workspace slots gets a graph,
+    replayed from its second use on. New contents before every call, an eager call (no out=) between,
+    and with fresh_on_peers every rank but 0 passes new arrays (it runs eagerly while rank 0 replays)."""
+    torch = _setup(comm)
+    from fp4ccl.overlap import matmul_reduce_scatter
+    W, r = comm.size, comm.rank
+    K = a_full_shape[-1]
+    k = K // W
+    out_shape = list(a_full_shape[:-1]) + [n]
+    out_shape[scatter_dim] //= W
+    a_static = torch.empty(tuple(a_full_shape[:-1]) + (k,), dtype=torch.bfloat16, device="cuda")
+    b_static = torch.empty((k, n), dtype=torch.bfloat16, device="cuda")
+    o_static = torch.empty(out_shape, dtype=torch.bfloat16, device="cuda")
+    keep = []
+
+    def replayed():
+        st = comm._extras.get("fp4ccl.overlap")
+        return st.replays.replayed if st is not None else 0
+    replayed0 = replayed()
+    with env({"FP4CCL_OVERLAP": "pipelined"}):
+        for call in range(7):
+            g = torch.Generator().manual_seed(seed + 13 * call)
+            A = _randn(torch, g, a_full_shape, torch.bfloat16)
+            B = _randn(torch, g, (K, n), torch.bfloat16)
+            a_r = A[..., r * k:(r + 1) * k]
+            b_r = B[r * k:(r + 1) * k]
+            if fresh_on_peers and r != 0:
+                a, b = a_r.contiguous(), b_r.contiguous()
+                o = torch.empty(out_shape, dtype=torch.bfloat16, device="cuda")
+                keep.append((a, b, o))
+            else:
+                a, b, o = a_static, b_static, o_static
+                a.copy_(a_r)
+                b.copy_(b_r)
+            o.fill_(float("nan"))
+            full = torch.matmul(A.double(), B.double())
+            if op == "avg":
+                full = full / W
+            size = full.shape[scatter_dim] // W
+            ref = full.narrow(scatter_dim, r * size, size)
+            if call == 3:
+                eager = matmul_reduce_scatter(comm, a, b, scatter_dim, op)
+            got = matmul_reduce_scatter(comm, a, b, scatter_dim, op, out=o)
+            torch.cuda.synchronize()
+            assert got is o
+            err = _relerr(torch, o, ref)
+            assert err < 2 * TOL["bfloat16"], f"call {call}: rel err {err:.2e}"
+            if call == 3:
+                assert _relerr(torch, eager, ref) < 2 * TOL["bfloat16"], "the eager call between the replays"
+    n_replayed = replayed() - replayed0
+    if r == 0 or not fresh_on_peers:
+        assert n_replayed >= 4, f"only {n_replayed} of the calls into out= were replayed from a graph"
+    else:
+        assert n_replayed == 0, "fresh arrays must not hit a cached graph"
+    return 1
+
+
+@pytest.mark.parametrize("nranks", [2, 3, 4])
+@pytest.mark.parametrize("a_full_shape,n,scatter_dim,op", [((256, 128), 96, 0, "sum"), ((128, 128), 64, 1, "avg"),
+                                                           ((4, 48, 128), 40, 1, "sum")])
+def test_matmul_reduce_scatter_replays_a_graph(nranks, a_full_shape, n, scatter_dim, op, seed):
+    need_gpus(nranks)
+    shape = tuple(d * nranks if i == len(a_full_shape) - 1 else d for i, d in enumerate(a_full_shape))
+    nn = n * nranks if scatter_dim == len(a_full_shape) - 1 else n
+    first = shape[0] * nranks if scatter_dim == 0 else shape[0]
+    shape = (first,) + shape[1:]
+    assert all(run_ranks(nranks, ov_rs_replayed, seed, shape, nn, scatter_dim, op, False, backend="nccl"))
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_matmul_reduce_scatter_replay_beside_eager_ranks(nranks, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_rs_replayed, seed, (64 * nranks, 64 * nranks), 80, 0, "sum", True,
+                         backend="nccl"))
