@@ -584,7 +584,7 @@ def _replayed(comm, st: _State, kind: str, key: tuple, tensors: List[Any], enque
     main = torch.cuda.current_stream(comm.device)
     full = key + (kind, tuple(t.data_ptr() for t in tensors), main.cuda_stream, ws.calls % ws.slots)
     ws.begin(main)
-    if not st.replays.run(full, comm.device, ws.capture_stream(), enqueue):
+    if not st.replays.run(full, comm.device, ws.capture_stream(), enqueue, kind):
         return False
     ws.end(main)
     return True

@@ -1,11 +1,12 @@
-"""CUDA graphs of repeated all_gather_matmul calls, replayed instead of enqueued step by step.
+"""CUDA graphs of repeated overlapped-matmul calls, replayed instead of enqueued step by step.
 
 A pipelined all_gather_matmul enqueues some forty steps (quantize, barrier, pulls, decodes, matmuls,
 events): 300-420 us of host time per call at M = N = K = 8192, more than the GPU needs, so back-to-back
-calls ran at the host's pace (bench/RESULTS.md runs 68-70). A call that writes its products into `out=`
-and returns no a_full leaves nothing behind that a replay could overwrite, so when such a call comes
-again with the same tensors (addresses, shapes, dtypes, strides), on the same stream and with the same
-settings, its steps are captured once into a CUDA graph and every later call replays it: one launch.
+calls ran at the host's pace (bench/RESULTS.md runs 68-70). A call that writes its result into `out=`
+(all_gather_matmul: and returns no a_full; matmul_reduce_scatter) leaves nothing behind that a replay
+could overwrite, so when such a call comes again with the same tensors (addresses, shapes, dtypes,
+strides), on the same stream, with the same settings and workspace slot, its steps are captured once
+into a CUDA graph and every later call replays it: one launch.
 
 The graphs' intermediates (the gathered rows, the FP4 staging) come from one memory pool per
 communicator, shared by its graphs: each graph's intermediates are dead when its capture ends, and
@@ -44,7 +45,7 @@ class Replays:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def run(self, key: tuple, device: int, capture_stream, enqueue: Callable[[], Any]) -> bool:
+    def run(self, key: tuple, device: int, capture_stream, enqueue: Callable[[], Any], what: str = "call") -> bool:
         """Replay key's graph on the current stream (capturing it first if the key was seen before);
         False, with nothing done, for a key seen the first time: the caller runs the call eagerly."""
         graph = self._graphs.get(key)
@@ -55,6 +56,7 @@ class Replays:
                     self._seen.popitem(last=False)
                 return False
             graph = self._capture(key, device, capture_stream, enqueue)
+            log.info("%s: captured a CUDA graph of a repeated call (%d kept)", what, len(self._graphs))
         else:
             self._graphs.move_to_end(key)
         graph.replay()
@@ -75,7 +77,6 @@ class Replays:
         self.captures += 1
         if len(self._graphs) > GRAPHS_KEPT:
             self._graphs.popitem(last=False)
-        log.info("all_gather_matmul: captured a CUDA graph of a repeated call (%d kept)", len(self._graphs))
         return graph
 
     def clear(self) -> None:
