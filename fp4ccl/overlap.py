@@ -1153,15 +1153,13 @@ def _rs_pipelined(comm, st: _State, spec: _RsSpec, var: dict):
         red = view.sum(dim=0)
         result.view(-1).copy_(red / W if spec.op == "avg" else red)
     if direct:
-        ws.end(main)
-        return spec.out
-    if last:
-        res = result.view(tuple(a.shape[:-1]) + (chunk_shape[1],))
-    else:
-        moved_out = (spec.out_shape[spec.dim],) + tuple(d for i, d in enumerate(spec.out_shape) if i != spec.dim)
-        res = result.view(moved_out).movedim(0, spec.dim)
-    if spec.out is not None:
-        spec.out.copy_(res)
         res = spec.out
+    else:
+        if last:
+            res = result.view(tuple(a.shape[:-1]) + (chunk_shape[1],))
+        else:
+            moved_out = (spec.out_shape[spec.dim],) + tuple(d for i, d in enumerate(spec.out_shape) if i != spec.dim)
+            res = result.view(moved_out).movedim(0, spec.dim)
+        res = _into(spec.out, res)
     ws.end(main)
     return res

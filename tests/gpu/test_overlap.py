@@ -317,6 +317,22 @@ def _check_products(torch, outs, a_ref, bs, rhs, what):
         assert err < TOL["bfloat16"], f"{what} b{j}: rel err {err:.2e}"
 
 
+def _replays(comm) -> int:
+    """Calls of this communicator served by a graph replay so far (the worker may have served earlier
+    tests, even with the same addresses: count differences)."""
+    st = comm._extras.get("fp4ccl.overlap")
+    return st.replays.replayed if st is not None else 0
+
+
+def _check_replayed(comm, n: int, fresh_on_peers: bool, least: int) -> None:
+    """Ranks that passed the same arrays each time replayed at least `least` calls; ranks that passed
+    new arrays every time (fresh_on_peers, every rank but 0) replayed none."""
+    if comm.rank == 0 or not fresh_on_peers:
+        assert n >= least, f"only {n} of the repeated calls into out= were replayed from a graph"
+    else:
+        assert n == 0, "new arrays must not hit a cached graph"
+
+
 def ov_ag_replayed(comm, seed, fmt, gather_dim, rhs, fresh_on_peers, rows=96):
     """Calls into out= with return_a=False repeat: from the second repeat on they replay a CUDA graph.
     The static tensors get new contents before every call; an eager call (return_a=True) comes in
@@ -334,11 +350,7 @@ def ov_ag_replayed(comm, seed, fmt, gather_dim, rhs, fresh_on_peers, rows=96):
     b_static = [torch.empty(s, dtype=torch.bfloat16, device="cuda") for s in b_shapes]
     o_static = [torch.empty(s, dtype=torch.bfloat16, device="cuda") for s in out_shapes]
     keep = []   # fresh tensors stay alive, so their addresses are never handed out twice
-
-    def replayed():   # (the worker may have served earlier tests, even with these addresses: count from here)
-        st = comm._extras.get("fp4ccl.overlap")
-        return st.replays.replayed if st is not None else 0
-    replayed0 = replayed()
+    replayed0 = _replays(comm)
     with env({"FP4CCL_OVERLAP": "pipelined"}):
         for call in range(6):
             g = torch.Generator().manual_seed(seed + 31 * call)
@@ -366,11 +378,7 @@ def ov_ag_replayed(comm, seed, fmt, gather_dim, rhs, fresh_on_peers, rows=96):
             torch.cuda.synchronize()
             assert none is None and all(x is y for x, y in zip(got, outs))
             _check_products(torch, got, a_ref, bs_new, rhs, f"call {call}")
-    n = replayed() - replayed0
-    if r == 0 or not fresh_on_peers:
-        assert n >= 4, f"only {n} of the 5 repeats of the call were replayed from a graph"
-    else:
-        assert n == 0, "fresh tensors must not hit a cached graph"
+    _check_replayed(comm, _replays(comm) - replayed0, fresh_on_peers, 4)   # calls 1-5: the first captures
     return 1
 
 
@@ -506,11 +514,7 @@ def ov_rs_replayed(comm, seed, a_full_shape, n, scatter_dim, op, fresh_on_peers)
     b_static = torch.empty((k, n), dtype=torch.bfloat16, device="cuda")
     o_static = torch.empty(out_shape, dtype=torch.bfloat16, device="cuda")
     keep = []
-
-    def replayed():
-        st = comm._extras.get("fp4ccl.overlap")
-        return st.replays.replayed if st is not None else 0
-    replayed0 = replayed()
+    replayed0 = _replays(comm)
     with env({"FP4CCL_OVERLAP": "pipelined"}):
         for call in range(7):
             g = torch.Generator().manual_seed(seed + 13 * call)
@@ -541,11 +545,7 @@ def ov_rs_replayed(comm, seed, a_full_shape, n, scatter_dim, op, fresh_on_peers)
             assert err < 2 * TOL["bfloat16"], f"call {call}: rel err {err:.2e}"
             if call == 3:
                 assert _relerr(torch, eager, ref) < 2 * TOL["bfloat16"], "the eager call between the replays"
-    n_replayed = replayed() - replayed0
-    if r == 0 or not fresh_on_peers:
-        assert n_replayed >= 4, f"only {n_replayed} of the calls into out= were replayed from a graph"
-    else:
-        assert n_replayed == 0, "fresh arrays must not hit a cached graph"
+    _check_replayed(comm, _replays(comm) - replayed0, fresh_on_peers, 4)   # calls 2-6: one graph per parity
     return 1
 
 
