@@ -1,7 +1,7 @@
 """Pipelined all-gather + matmul and matmul + reduce-scatter: fp4ccl against torch's symmetric-memory fused
 ops, the sequential NCCL path and the matmul alone, in one run, with pipelined variants side by side.
 
-    fp4ccl-run -n 4 bench/bench_overlap.py [--m 256,1024,...] [--variants "k=FP4CCL_SYMM_BARRIER=kernel,..."]
+    fp4ccl-run -n 4 bench/bench_overlap.py [--m 256,1024,...] [--variants "inl=FP4CCL_OVERLAP_DECODE=inline,s2=FP4CCL_OVERLAP_STREAMS=2"]
     mpirun -n 4 python bench/bench_overlap.py
 
 Shapes follow DESIGN.md's table: ag+mm A shard [M/W, K] @ B [K, N/W]; mm+rs A [M, K/W] @ B [K/W, N]. bf16,
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 VARIANT_HELP = ("comma-separated NAME=ENV=V[;ENV=V] pipelined variants (FP4CCL_* settings, e.g. "
-                "FP4CCL_OVERLAP_DECODE=behind;FP4CCL_OVERLAP_STREAMS=2); each is timed forced-pipelined")
+                "FP4CCL_OVERLAP_DECODE=inline;FP4CCL_OVERLAP_STREAMS=2); each is timed forced-pipelined")
 
 
 def parse():
