@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 from . import _arrays
 from ._arrays import ArrayInfo
 from ._log import get_logger
+from ._timeout import env_timeout
 from .bootstrap.env import RankInfo, discover
 from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
                                  TorchStoreAdapter, pack_ints, unpack_ints)
@@ -419,7 +420,7 @@ def init(backend: Optional[str] = None, *, device: Optional[int] = None) -> Comm
 
 def default_exchange(info: RankInfo) -> Exchange:
     """The bootstrap exchange for the launcher that started this job."""
-    timeout = float(os.environ.get("FP4CCL_TIMEOUT") or 0) or None
+    timeout = env_timeout(unset=0.0) or None
     if info.store:
         from .bootstrap.store import StoreClient
         client = StoreClient(info.store, info.token)

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _arrays
 from ._log import get_logger
+from ._timeout import env_timeout
 from .errors import Fp4cclError
 
 log = get_logger("fp4ccl.symmetric")
@@ -207,8 +208,7 @@ def _close_all(fds: List[int], fdx) -> None:
 
 def barrier_timeout_ns() -> int:
     """How long a device-side barrier waits for a peer before trapping (FP4CCL_TIMEOUT seconds, 0 = forever)."""
-    raw = os.environ.get("FP4CCL_TIMEOUT", "")
-    seconds = float(raw) if raw else 600.0
+    seconds = env_timeout(unset=600.0)
     return int(seconds * 1e9) if seconds > 0 else 0
 
 

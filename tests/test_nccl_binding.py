@@ -520,11 +520,16 @@ def test_watchdog_tracks_a_group_once_per_stream_and_skips_captures():
 
 
 def test_timeout_env_is_validated(monkeypatch):
-    from fp4ccl.backends.nccl import _env_timeout
+    """One parser for FP4CCL_TIMEOUT: each layer's unset default, junk and negatives named."""
+    from fp4ccl._timeout import env_timeout
     monkeypatch.setenv("FP4CCL_TIMEOUT", "2.5")
-    assert _env_timeout() == 2.5
-    monkeypatch.setenv("FP4CCL_TIMEOUT", "")
-    assert _env_timeout() == 0.0
-    monkeypatch.setenv("FP4CCL_TIMEOUT", "soon")
-    with pytest.raises(ValueError, match="FP4CCL_TIMEOUT"):
-        _env_timeout()
+    assert env_timeout(unset=0.0) == 2.5
+    monkeypatch.setenv("FP4CCL_TIMEOUT", "0")
+    assert env_timeout(unset=600.0) == 0.0
+    monkeypatch.setenv("FP4CCL_TIMEOUT", " ")
+    assert env_timeout(unset=0.0) == 0.0
+    assert env_timeout(unset=600.0) == 600.0
+    for junk in ("soon", "30s", "-1", "nan"):
+        monkeypatch.setenv("FP4CCL_TIMEOUT", junk)
+        with pytest.raises(ValueError, match="FP4CCL_TIMEOUT"):
+            env_timeout(unset=0.0)

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .._arrays import ArrayInfo, host_view, numpy_dtype
+from .._timeout import env_timeout
 from ..bootstrap.exchange import Exchange, MPIExchange, StoreExchange
 
 _U8 = np.dtype(np.uint8)
@@ -99,7 +100,7 @@ class ShmBlobs:
     def __init__(self, job: str, directory: Optional[str] = None):
         base = directory or os.environ.get("FP4CCL_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self.prefix = os.path.join(base, f"fp4ccl-{job}-")
-        self.timeout = float(os.environ.get("FP4CCL_TIMEOUT") or 0) or 600.0
+        self.timeout = env_timeout(unset=600.0) or float("inf")
         self._mine = set()
 
     def put(self, name: str, data: np.ndarray) -> None:

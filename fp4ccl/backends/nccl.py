@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -29,11 +28,11 @@ from typing import Optional
 
 from fp4ccl import nccl
 from fp4ccl._log import get_logger
+from fp4ccl._timeout import ENV_TIMEOUT, env_timeout
 from fp4ccl.errors import CommClosedError, CommTimeoutError, Fp4cclError, NcclError
 
 _log = get_logger("fp4ccl.backends.nccl")
 
-ENV_TIMEOUT = "FP4CCL_TIMEOUT"
 _FLOAT32 = nccl.DTYPES["float32"]
 _SUM = nccl.OPS["sum"]
 _OPS = dict(nccl.OPS)
@@ -41,19 +40,6 @@ _CUDA_ERROR_NOT_READY = 600
 # How long an abort waits for a call in progress on another thread to leave NCCL before aborting
 # underneath it (NCCL supports ncclCommAbort from another thread precisely to unblock such calls).
 _ABORT_LOCK_WAIT = 1.0
-
-
-def _env_timeout() -> float:
-    raw = os.environ.get(ENV_TIMEOUT, "").strip()
-    if not raw:
-        return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_TIMEOUT}={raw!r} is not a number of seconds (0 or unset turns the watchdog off)") from None
-    if value < 0:
-        raise ValueError(f"{ENV_TIMEOUT}={raw!r} must be >= 0 seconds")
-    return value
 
 
 @dataclass(frozen=True)
@@ -91,7 +77,7 @@ class NcclBackend:
         if not 0 <= rank < size:
             raise ValueError(f"rank={rank} is out of range for size={size}")
         self.rank, self.size, self.device = int(rank), int(size), int(device)
-        self.timeout = _env_timeout() if timeout is None else float(timeout)
+        self.timeout = env_timeout(unset=0.0) if timeout is None else float(timeout)
         lib = nccl.load()
         cupy.cuda.Device(self.device).use()
 
