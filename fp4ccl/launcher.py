@@ -170,6 +170,9 @@ class _Rank:
         self.proc = proc
         self.pid = proc.pid
         self.code: int | None = None
+        # Signals the launcher sent while the rank was still running: the report calls a rank "stopped by
+        # the launcher" only when it died of one of them, not when it exited by itself meanwhile.
+        self.sent: set[int] = set()
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self.pumps = []
         for pipe, target, name in ((proc.stdout, sys.stdout, "out"), (proc.stderr, sys.stderr, "err")):
@@ -205,6 +208,16 @@ class _Rank:
         if self.code is None:
             self.code = self.proc.poll()
         return self.code
+
+    def stop(self, signum: int) -> None:
+        """Signal a rank the launcher is stopping (its whole process group), if it is still running."""
+        if self.poll() is None:
+            self.sent.add(signum)
+            self.signal_group(signum)
+
+    @property
+    def stopped_by_launcher(self) -> bool:
+        return self.code is not None and self.code < 0 and -self.code in self.sent
 
     def signal_group(self, signum: int) -> None:
         # The rank leads its own process group (start_new_session), so this reaches its whole tree.
@@ -421,11 +434,11 @@ class Launcher:
         except (ConnectionError, TimeoutError):
             pass
 
-    def stop_all(self, first_signal: int = signal.SIGTERM) -> list[_Rank]:
-        """Signal every live rank, escalate to SIGKILL after the grace period; return the ranks we stopped."""
+    def stop_all(self, first_signal: int = signal.SIGTERM) -> None:
+        """Signal every live rank, escalate to SIGKILL after the grace period, wait for all of them."""
         live = [r for r in self.ranks if r.poll() is None]
         for r in live:
-            r.signal_group(first_signal)
+            r.stop(first_signal)
         deadline = time.monotonic() + self.args.grace_period
         seen_signals = len(self.signals)
         while any(r.poll() is None for r in live) and time.monotonic() < deadline:
@@ -433,17 +446,15 @@ class Launcher:
                 break
             time.sleep(0.02)
         for r in live:
-            if r.poll() is None:
-                r.signal_group(signal.SIGKILL)
+            r.stop(signal.SIGKILL)
         for r in live:
             r.code = r.proc.wait()
-        return live
 
     def reap(self) -> None:
         """Kill what is left in each rank's process group (daemons, grandchildren) and drain the pipes."""
         for r in self.ranks:
             if r.poll() is None:
-                r.signal_group(signal.SIGKILL)
+                r.stop(signal.SIGKILL)
                 r.code = r.proc.wait()
             r.signal_group(signal.SIGKILL)
         end = time.monotonic() + 2.0
@@ -458,14 +469,17 @@ class Launcher:
                 sys.stderr.write(f"{PROG}: {line}\n")
             sys.stderr.flush()
 
-    def report(self, ended: dict, stopped: list[_Rank]) -> int:
+    def report(self, ended: dict) -> int:
         """Print the root-cause report and return the launcher's exit status."""
         a = self.args
         kind = ended["kind"]
-        stopped_txt = ""
-        if stopped:
-            stopped_txt = "ranks stopped by the launcher: " + ", ".join(
-                f"{r.rank} ({_describe_code(r.code)})" for r in stopped)
+        others = [r for r in self.ranks if r is not ended.get("rank")]
+        stopped = [r for r in others if r.stopped_by_launcher]
+        # Ranks that ended non-zero by themselves, before or while the launcher stopped the job (e.g. every
+        # rank failing the same import): their own exit code, never "stopped by the launcher".
+        failed = [r for r in others if not r.stopped_by_launcher and r.code]
+        summary = [f"{head}: " + ", ".join(f"{r.rank} ({_describe_code(r.code)})" for r in rs)
+                   for head, rs in (("other failed ranks", failed), ("ranks stopped by the launcher", stopped)) if rs]
         if kind == "rank":
             r = ended["rank"]
             status = _exit_status(r.code)
@@ -480,8 +494,9 @@ class Launcher:
         elif kind == "timeout":
             status = 124
             lines = [f"job failed: timeout after {a.timeout:g} s (--timeout); ranks still running were stopped"]
-            for r in stopped:
-                lines += self._tail_lines(r, 5)
+            for r in self.ranks:
+                if r.sent:
+                    lines += self._tail_lines(r, 5)
         elif kind == "remote":
             f = ended["failure"]
             status = _exit_status(f["code"])
@@ -495,8 +510,7 @@ class Launcher:
             lines = [f"job failed: {ended['error']}"]
         else:
             return 0
-        if stopped_txt:
-            lines.append(stopped_txt)
+        lines += summary
         lines.append(f"exit code {status}")
         self._say("\n".join(lines))
         return status
@@ -511,7 +525,6 @@ class Launcher:
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, show: set[int] | None) -> int:
         self._install_signal_handlers()
-        stopped: list[_Rank] = []
         ended = {"kind": "ok"}
         try:
             info = self.rendezvous()
@@ -521,17 +534,14 @@ class Launcher:
             self.spawn(info, show)
             ended = self.watch(info)
             if ended["kind"] != "ok":
-                first = ended["signum"] if ended["kind"] == "signal" else signal.SIGTERM
-                stopped = self.stop_all(first)
-                if ended["kind"] == "rank":
-                    stopped = [r for r in stopped if r is not ended["rank"]]
+                self.stop_all(ended["signum"] if ended["kind"] == "signal" else signal.SIGTERM)
         except _Interrupted as e:
             ended = {"kind": "signal", "signum": e.signum}
-            stopped = self.stop_all(e.signum)
+            self.stop_all(e.signum)
         finally:
             self.reap()
             self._finish_multinode(ended)
-        return self.report(ended, stopped)
+        return self.report(ended)
 
     def _finish_multinode(self, ended: dict) -> None:
         a = self.args

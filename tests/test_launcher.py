@@ -403,3 +403,66 @@ def test_default_nproc_is_gpu_count_or_four(tmp_path):
     expected = visible_gpu_count() or 4
     assert sorted(r.stdout.splitlines()) == [f"[rank{i}]: {expected}" for i in range(expected)]
     assert_no_survivors(tmp_path, expected)
+
+
+# ---- the report names only the ranks the launcher really stopped --------------------------------------
+
+def _report_line(stderr: str, head: str) -> str:
+    lines = [l for l in stderr.splitlines() if l.startswith(f"fp4ccl-run: {head}")]
+    return lines[0] if lines else ""
+
+
+def test_ranks_that_fail_by_themselves_are_not_listed_as_stopped(tmp_path):
+    # Rank 0 fails; ranks 1 and 2 ignore SIGTERM and then fail by themselves within the grace period;
+    # rank 3 waits and dies of the launcher's SIGTERM. Only rank 3 was stopped by the launcher.
+    path = script(tmp_path, """
+        failed = os.path.join(PIDS, "..", "rank0-failed")
+        if RANK == 0:
+            while len(os.listdir(PIDS)) < 4:
+                time.sleep(0.02)
+            open(failed, "w").close()
+            sys.exit(7)
+        if RANK in (1, 2):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while not os.path.exists(failed):
+                time.sleep(0.02)
+            time.sleep(0.5)
+            print(f"rank {RANK} fails by itself", file=sys.stderr)
+            sys.exit(3)
+        time.sleep(120)
+    """)
+    r = launch(["-n", "4", "--grace-period", "10", path], timeout=60)
+    assert r.returncode == 7, r.stderr
+    assert "root cause: rank 0 (node 0, local rank 0)" in r.stderr
+    assert _report_line(r.stderr, "ranks stopped by the launcher:") == \
+        "fp4ccl-run: ranks stopped by the launcher: 3 (killed by SIGTERM)", r.stderr
+    assert _report_line(r.stderr, "other failed ranks:") == \
+        "fp4ccl-run: other failed ranks: 1 (exited with code 3), 2 (exited with code 3)", r.stderr
+    assert_no_survivors(tmp_path, 4)
+
+
+def test_every_rank_failing_quickly_is_never_reported_as_stopped(tmp_path):
+    # The race of the user report (`fp4ccl-run -m nonexistent_mod`): every rank exits by itself at about the
+    # same time, so some may exit between the launcher's poll and its SIGTERM.
+    path = script(tmp_path, """
+        while len(os.listdir(PIDS)) < 6:
+            time.sleep(0.01)
+        sys.exit(3)
+    """)
+    for _ in range(3):
+        r = launch(["-n", "6", path], timeout=60)
+        assert r.returncode == 3, r.stderr
+        stopped = _report_line(r.stderr, "ranks stopped by the launcher:")
+        assert "exited with code" not in stopped, r.stderr
+        others = _report_line(r.stderr, "other failed ranks:")
+        named = {int(x.split()[0]) for x in others.split(": ", 2)[2].split(", ")} if others else set()
+        named |= {int(x.split()[0]) for x in stopped.split(": ", 2)[2].split(", ")} if stopped else set()
+        root = int(r.stderr.split("root cause: rank ")[1].split()[0])
+        assert named | {root} == set(range(6)), r.stderr   # every rank accounted for
+
+
+def test_missing_module_reports_every_rank_as_failed_by_itself(tmp_path):
+    r = launch(["-n", "3", "-m", "fp4ccl_no_such_module_here"], timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "No module named fp4ccl_no_such_module_here" in r.stderr
+    assert "exited with code" not in _report_line(r.stderr, "ranks stopped by the launcher:"), r.stderr
