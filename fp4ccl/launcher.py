@@ -5,7 +5,9 @@ import argparse
 import collections
 import ctypes
 import errno
+import glob
 import json
+import logging
 import os
 import secrets
 import signal
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 
+from fp4ccl._log import get_logger
 from fp4ccl.bootstrap.store import StoreClient, StoreServer, format_address
 
 PROG = "fp4ccl-run"
@@ -141,6 +144,28 @@ def _exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def remove_job_files(job_id: str) -> int:
+    """Unlink the files the job's ranks left in shared memory; return how many went.
+
+    The host backend keeps each collective's payload in a file named fp4ccl-<FP4CCL_JOB_ID>-... in
+    /dev/shm (or FP4CCL_SHM_DIR, which the ranks inherit from us); a rank killed in the middle of a
+    collective never removes its own, and each can be 64 MiB of RAM. The job id is fresh per job and of
+    fixed length, so the pattern never reaches another job's files. Errors are ignored: a file may vanish
+    under us, or belong to another user.
+    """
+    removed = 0
+    for directory in {"/dev/shm", os.environ.get("FP4CCL_SHM_DIR") or "/dev/shm"}:
+        if not job_id or not os.path.isdir(directory):
+            continue
+        for path in glob.glob(os.path.join(glob.escape(directory), f"fp4ccl-{glob.escape(job_id)}-*")):
+            try:
+                os.unlink(path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def _pdeathsig_setup():
     """Return a preexec_fn making children die with the launcher even if it is SIGKILLed (Linux only)."""
     if not sys.platform.startswith("linux"):
@@ -235,6 +260,7 @@ class Launcher:
         self.program = program
         self.host = socket.gethostname()
         self.ranks: list[_Rank] = []
+        self.info: dict | None = None   # what rendezvous() returned
         self.server: StoreServer | None = None
         self.client: StoreClient | None = None
         self.signals: list[int] = []
@@ -527,7 +553,7 @@ class Launcher:
         self._install_signal_handlers()
         ended = {"kind": "ok"}
         try:
-            info = self.rendezvous()
+            info = self.info = self.rendezvous()
             if show is not None and max(show) >= info["world"]:
                 raise LaunchError(f"--ranks-filter names rank {max(show)}, but the job has {info['world']} ranks")
             self._interrupted()
@@ -541,16 +567,17 @@ class Launcher:
         finally:
             self.reap()
             self._finish_multinode(ended)
+            self._remove_job_files()
+            if self.client is not None:
+                self.client.close()
+            if self.server is not None:
+                self.server.close()
         return self.report(ended)
 
     def _finish_multinode(self, ended: dict) -> None:
         a = self.args
         if self.client is None or not self.ranks:
             # Nothing ran here (bad input, rendezvous failure): publishing "done" would mislead the other nodes.
-            if self.client is not None:
-                self.client.close()
-            if self.server is not None:
-                self.server.close()
             return
         if a.nnodes > 1:
             try:
@@ -580,9 +607,23 @@ class Launcher:
                     except (ConnectionError, TimeoutError):
                         break
                     time.sleep(0.05)
-        self.client.close()
-        if self.server is not None:
-            self.server.close()
+
+    def _remove_job_files(self) -> None:
+        """Once every rank of the job on this host has exited, remove the files they left in /dev/shm."""
+        if not self.ranks or self.info is None:
+            return
+        a = self.args
+        # Several launchers of one job may share a host (a multi-node job tried on one machine), and so its
+        # files: the last one to finish removes them, not the first, whose peers' ranks may still use them.
+        peers = [i for i, node in enumerate(self.info["nodes"]) if node["host"] == self.host and i != a.node_rank]
+        try:
+            if peers and not all(self.client.check(_KEY + f"done/{i}") for i in peers):
+                return
+        except (ConnectionError, TimeoutError):
+            pass  # node 0 closes its store only once every node is done, or the job is lost anyway
+        removed = remove_job_files(self.info["job_id"])
+        if removed and get_logger("fp4ccl.launcher").isEnabledFor(logging.INFO):
+            self._say(f"removed {removed} leftover file(s) of job {self.info['job_id']} from shared memory")
 
 
 class _Interrupted(Exception):

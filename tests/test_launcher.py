@@ -466,3 +466,89 @@ def test_missing_module_reports_every_rank_as_failed_by_itself(tmp_path):
     assert r.returncode == 1, r.stderr
     assert "No module named fp4ccl_no_such_module_here" in r.stderr
     assert "exited with code" not in _report_line(r.stderr, "ranks stopped by the launcher:"), r.stderr
+
+
+# ---- leftover /dev/shm payload files of the job are removed at teardown --------------------------------
+
+needs_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+
+# Each rank leaves a file named like the host backend's payloads (fp4ccl-<FP4CCL_JOB_ID>-...) and says where.
+SHM_PRELUDE = """
+job = os.environ["FP4CCL_JOB_ID"]
+leftover = f"/dev/shm/fp4ccl-{job}-test-r{RANK}"
+with open(leftover, "wb") as f:
+    f.write(b"x" * 4096)
+with open(os.path.join(PIDS, "..", f"shm{RANK}"), "w") as f:
+    f.write(leftover)
+"""
+
+
+@pytest.fixture
+def other_job_file(tmp_path):
+    """A file of another job in /dev/shm, which must survive; afterwards, remove it and whatever the test's
+    ranks left (so a failing test does not leak files)."""
+    path = f"/dev/shm/fp4ccl-{os.urandom(6).hex()}-not-ours"
+    with open(path, "wb") as f:
+        f.write(b"y")
+    yield path
+    for f in [path] + [p.read_text() for p in tmp_path.glob("shm*")]:
+        if os.path.exists(f):
+            os.unlink(f)
+
+
+def _leftovers(tmp_path, n):
+    files = [(tmp_path / f"shm{i}").read_text() for i in range(n)]
+    assert len(set(files)) == n
+    return [f for f in files if os.path.exists(f)]
+
+
+@needs_shm
+@pytest.mark.parametrize("how", ["fails", "killed", "ok"])
+def test_job_files_in_dev_shm_are_removed_at_teardown(tmp_path, other_job_file, how):
+    body = {"fails": "if RANK == 1:\n    sys.exit(3)\ntime.sleep(120)\n",
+            "killed": "if RANK == 0:\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(120)\n",
+            "ok": ""}[how]
+    path = script(tmp_path, SHM_PRELUDE + "while len(os.listdir(PIDS)) < 3:\n    time.sleep(0.02)\n" + body)
+    r = launch(["-n", "3", path], timeout=60, env={"FP4CCL_DEBUG": "INFO"})
+    assert r.returncode == {"fails": 3, "killed": 128 + signal.SIGKILL, "ok": 0}[how], r.stderr
+    assert _leftovers(tmp_path, 3) == [], r.stderr
+    assert os.path.exists(other_job_file)   # another job's file is never touched
+    assert "fp4ccl-run: removed 3 leftover file(s) of job" in r.stderr, r.stderr
+    assert_no_survivors(tmp_path, 3)
+
+
+@needs_shm
+def test_job_files_in_dev_shm_are_removed_after_ctrl_c(tmp_path, other_job_file):
+    path = script(tmp_path, SHM_PRELUDE + "time.sleep(120)\n")
+    p = subprocess.Popen(LAUNCHER + ["-n", "2", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 15
+        while not all((tmp_path / f"shm{i}").exists() for i in range(2)):
+            assert time.monotonic() < end and p.poll() is None
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGINT, err
+    assert _leftovers(tmp_path, 2) == [], err
+    assert os.path.exists(other_job_file)
+    assert "removed" not in err   # said only at FP4CCL_DEBUG=INFO
+    assert_no_survivors(tmp_path, 2)
+
+
+@needs_shm
+def test_two_launchers_on_one_host_leave_job_files_until_both_are_done(tmp_path, other_job_file):
+    # Node 1's ranks end at once; node 0's rank 0 still uses its file afterwards. The last launcher on the
+    # host removes the job's files; the first must not pull them from under the other node's ranks.
+    path = script(tmp_path, SHM_PRELUDE + textwrap.dedent("""
+        if RANK == 0:
+            time.sleep(2.5)   # node 1's launcher has long finished by now
+            print("still there" if os.path.exists(leftover) else "gone early")
+    """))
+    (rc0, out0, err0), (rc1, _, err1) = _two_nodes(tmp_path, path, free_port())
+    assert rc0 == 0 and rc1 == 0, err0 + err1
+    assert "[rank0]: still there" in out0, out0 + err0
+    assert _leftovers(tmp_path, 4) == []
+    assert_no_survivors(tmp_path, 4)
