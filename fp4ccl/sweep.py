@@ -192,7 +192,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.op == "avg" and args.datatype not in ("float64", "float32", "float16", "bfloat16",
                                                   "float8_e4m3fn", "float8_e5m2"):
         raise SweepError(f"-o avg needs a floating data type, got {args.datatype}")
+    for flag, path in (("--json", args.json_file), ("--plot", args.plot)):
+        if path is not None:
+            _check_output_path(flag, path)
     return args
+
+
+def _check_output_path(flag: str, path: str) -> None:
+    """The files are written after the last case, so a path that cannot be written would cost the whole
+    sweep's results: refuse it now, before any communicator is made."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SweepError(f"{flag}: {path} is a directory; name a file")
+    if not os.path.isdir(directory):
+        raise SweepError(f"{flag}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise SweepError(f"{flag}: {path if os.path.exists(path) else 'directory ' + directory} is not writable")
 
 
 def apply_defaults(args: argparse.Namespace, gpu: bool) -> None:
@@ -1693,7 +1708,7 @@ def run(comm, argv: Sequence[str], out=None, err=None) -> int:
     finally:
         sweep.close()
     if comm.rank == 0:
-        if args.json_file:
+        if args.json_file:   # first: a plot that fails (matplotlib, fonts, disk) must not cost the rows
             sweep.write_json(args.json_file)
         if args.plot:
             sweep.write_plot(args.plot)

@@ -84,6 +84,9 @@ def test_uneven_busbw_factor(n, factor):
     (["-c", "2"], "-c/--check"),
     (["--baselines", "gloo"], "--baselines"),
     (["-o", "avg", "-d", "int32"], "floating"),
+    (["--json", "/nonexistent-fp4ccl-dir/x.json"], "--json: directory /nonexistent-fp4ccl-dir does not exist"),
+    (["--plot", "/nonexistent-fp4ccl-dir/x.png"], "--plot: directory /nonexistent-fp4ccl-dir does not exist"),
+    (["--json", "/"], "--json: / is a directory"),
 ])
 def test_bad_flags_one_line(argv, words, capsys):
     assert sweep.main(argv) == 2
@@ -286,6 +289,40 @@ def test_sweep_logical_bytes_and_speedup():
         assert r["extra"][1].endswith("x")
         assert float(r["extra"][1][:-1]) == pytest.approx(base[logical] / r["time"], abs=0.011)
     assert all(r["extra"] == ["-", "-"] for r in rows[:3])
+
+
+def test_output_directory_must_be_writable(tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):   # root writes anywhere: pretend it cannot
+        monkeypatch.setattr(sweep.os, "access", lambda path, mode: False)
+    assert sweep.main(["--json", str(ro / "rows.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--json: directory {ro} is not writable" in err, err
+
+
+def _sweep_with_broken_plot(comm, argv):
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("plot failed")
+    saved, sweep.plot_rows = sweep.plot_rows, broken_plot
+    try:
+        sweep.run(comm, argv, out=io.StringIO(), err=io.StringIO())
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        sweep.plot_rows = saved
+    return "no error"
+
+
+def test_json_is_written_before_a_failing_plot(tmp_path):
+    """A plot that fails at the end (matplotlib, a full disk) must not cost the JSON of the whole sweep."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rows.json"
+    argv = ["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "--ops", "all_gather", "--json", str(out),
+            "--plot", str(tmp_path / "p.png")]
+    assert run_ranks(1, _sweep_with_broken_plot, argv) == ["plot failed"]
+    assert json.loads(out.read_text())["rows"][0]["op"] == "all_gather"
 
 
 def test_plot_needs_matplotlib(monkeypatch, capsys):
