@@ -552,3 +552,41 @@ def test_two_launchers_on_one_host_leave_job_files_until_both_are_done(tmp_path,
     assert "[rank0]: still there" in out0, out0 + err0
     assert _leftovers(tmp_path, 4) == []
     assert_no_survivors(tmp_path, 4)
+
+
+# ---- launch/mpirun.sh forwards the job's settings to remote ranks --------------------------------------
+
+def _run_mpirun_sh(tmp_path, version: str, extra_env: dict) -> list[str]:
+    """Run launch/mpirun.sh against a fake mpirun/mpiexec that reports `version` and records its argv."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("mpirun", "mpiexec"):
+        (fake / name).write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then echo "{version}"; exit 0; fi\n'
+                                 f'printf "%s\\n" {name} "$@" > "{tmp_path}/argv"\n')
+        (fake / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FP4CCL_", "NCCL_"))}
+    env.update(extra_env, PATH=f"{fake}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "launch", "mpirun.sh"), "job.py", "--flag"],
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 0, r.stderr
+    return (tmp_path / "argv").read_text().splitlines()
+
+
+JOB_SETTINGS = {"FP4CCL_TIMEOUT": "30", "FP4CCL_ALGO": "ring", "FP4CCL_CHECK": "1", "NCCL_DEBUG": "INFO",
+                "NCCL_PROTO": "Simple", "FP4CCL_DEBUG": "WARN", "UNRELATED_SETTING": "x"}
+
+
+def test_mpirun_sh_forwards_every_fp4ccl_and_nccl_variable_under_open_mpi(tmp_path):
+    argv = _run_mpirun_sh(tmp_path, "mpirun (Open MPI) 4.1.6", JOB_SETTINGS)
+    assert argv[0] == "mpirun" and argv[-3:] == ["python", "job.py", "--flag"], argv
+    forwarded = {argv[i + 1] for i, a in enumerate(argv) if a == "-x"}
+    assert {k for k in JOB_SETTINGS if k.startswith(("FP4CCL_", "NCCL_"))} <= forwarded, argv
+    assert "UNRELATED_SETTING" not in forwarded and "PYTHONUNBUFFERED=1" in forwarded
+    assert "--host" not in argv   # HOSTS unset: this machine only
+
+
+def test_mpirun_sh_relies_on_hydra_forwarding_under_mpich(tmp_path):
+    argv = _run_mpirun_sh(tmp_path, "HYDRA build details:", {**JOB_SETTINGS, "HOSTS": "a:2,b:2"})
+    assert argv[0] == "mpiexec" and "-x" not in argv, argv   # Hydra passes the whole environment itself
+    assert argv[argv.index("--host") + 1] == "a:2,b:2" and argv[-3:] == ["python", "job.py", "--flag"]
