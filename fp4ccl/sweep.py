@@ -937,7 +937,13 @@ class ReduceScatterVFp4(_Fp4Op):
     """bf16 in, NVFP4 chunks through an all-to-all, fp32 sum, bf16 out; size(B) counts wire bytes."""
 
     name = "reduce_scatterv_nvfp4"
+    reduces = True   # the redop column says sum, like the plain reduce_scatter it stands for
     baseline_op = "reduce_scatter"
+
+    def setup(self, case):
+        if case.redop != "sum":   # the FP4 reduce-scatter sums in fp32 and knows no other op
+            raise Unsupported(f"{self.name} sums only; -o {case.redop} is not available with FP4")
+        super().setup(case)
 
     def sizing(self, nbytes, itemsize, n):
         rows = self._rows(nbytes, itemsize, n)
@@ -950,8 +956,8 @@ class ReduceScatterVFp4(_Fp4Op):
         rows = case.sizing.recv_count // FP4_K
         s = case.send.reshape(case.nranks * rows, FP4_K)
         r = case.recv.reshape(rows, FP4_K)
-        sizes = [rows] * case.nranks
-        return lambda: comm.reduce_scatterv(s, sizes, out=r, compress=self.fmt)
+        sizes, op = [rows] * case.nranks, case.redop
+        return lambda: comm.reduce_scatterv(s, sizes, op, out=r, compress=self.fmt)
 
     def expected(self, case, start, stop):
         off = case.rank * case.sizing.recv_count

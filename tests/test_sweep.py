@@ -338,3 +338,45 @@ def test_plot_rows(tmp_path):
     path = tmp_path / "p.png"
     sweep.plot_rows(rows, str(path), title="t")
     assert path.stat().st_size > 10000
+
+
+# -- FP4 rows at 3 ranks: redop, speedup against the plain op of the same logical tensor, small sizes -----
+
+FP4_OPS = "all_gather,reduce_scatter,all_gatherv_nvfp4,reduce_scatterv_nvfp4"
+
+
+def _sections(text: str) -> dict:
+    """op name -> (its rows, its '#' note lines) from the table, in order."""
+    out, name = {}, None
+    for line in text.splitlines():
+        if line.startswith("# ") and "(busbw factor" in line:
+            name = line.split()[1]
+            out[name] = ([], [])
+        elif name and line.startswith("#") and not line.startswith("#     size(B)") and line.strip() != "#":
+            out[name][1].append(line)
+        elif name and not line.startswith("#") and line.strip():
+            out[name][0].extend(parse_table(line))
+    return out
+
+
+def _sweep_rows(n, argv, tmp_path):
+    path = str(tmp_path / "rows.json")
+    results = run_ranks(n, _run_sweep, argv + ["--json", path])
+    assert [s for s, _ in results] == [0] * n, results[0][1]
+    return results[0][1], json.loads(open(path).read())
+
+
+def test_fp4_reduce_scatter_rows_say_sum(tmp_path):
+    text, doc = _sweep_rows(3, ["-b", "16K", "-e", "64K", "-n", "1", "-w", "0", "--ops", "reduce_scatterv_nvfp4"],
+                            tmp_path)
+    rows = _sections(text)["reduce_scatterv_nvfp4"][0]
+    assert rows and all(r["redop"] == "sum" for r in rows), text
+    assert {r["redop"] for r in doc["rows"]} == {"sum"}
+
+
+def test_fp4_reduce_scatter_skips_other_redops_with_a_note():
+    results = run_ranks(3, _run_sweep, ["-b", "16K", "-e", "16K", "-n", "1", "-w", "0", "-o", "max",
+                                        "--ops", "reduce_scatterv_nvfp4"])
+    assert [s for s, _ in results] == [0] * 3
+    rows, notes = _sections(results[0][1])["reduce_scatterv_nvfp4"]
+    assert rows == [] and any("skipped" in n and "sum" in n for n in notes), results[0][1]
