@@ -39,6 +39,9 @@ from fp4ccl._arrays import ITEMSIZE, numpy_dtype
 
 PROG = "fp4ccl-sweep"
 IMPL_ORDER = ("fp4ccl", "nccl", "torch", "mpi")
+# Who runs the plain op that a speedup is measured against: NCCL where there is one (the floor fp4ccl is
+# measured against), else fp4ccl's own op (the host backend), then the other baselines.
+REFERENCE_ORDER = ("nccl", "fp4ccl", "torch", "mpi")
 DEFAULT_OPS = "all_gather,reduce_scatter,all_reduce"
 # Large buffers are generated and checked in slices so the int64/float64 temporaries stay bounded
 # (a 1 GiB bf16 buffer is 512 Mi elements; one int64 temporary of it would be 4 GiB).
@@ -548,7 +551,7 @@ class SweepOp:
     reduces       takes -o/--op (the redop column)
     rooted        takes -r/--root (the root column; 'all' sweeps every rank)
     impls         implementations that can run it (a baseline without a method of this name skips it)
-    baseline_op   for ops with logical_bytes: the op whose row at size == logical_bytes is the
+    baseline_op   for ops with logical_bytes: the op that, run on exactly logical_bytes, is the
                   reference of the speedup column (e.g. "all_gather" for an FP4 all-gather)
     """
 
@@ -1241,6 +1244,8 @@ class Row:
     logical_bytes: Optional[int] = None
     speedup: Optional[float] = None
     graph: int = 0
+    baseline_us: Optional[float] = None   # the speedup's reference: baseline_op on logical_bytes ...
+    baseline_impl: Optional[str] = None   # ... run by this implementation
 
 
 class Sweep:
@@ -1255,6 +1260,8 @@ class Sweep:
         apply_defaults(args, self.gpu)
         self.frame = self._frame()
         self.rows: List[Row] = []
+        # (op, size) -> the plain op timed on exactly a logical size the table has no row of (None: cannot)
+        self.references: Dict[tuple, Optional[Row]] = {}
         self.notes: List[str] = []
         self.impls: List[Impl] = [Fp4cclImpl(comm)]
         self._t0 = time.monotonic()
@@ -1481,7 +1488,8 @@ class Sweep:
                         salt = ((oi * 4096 + si) * 64 + root) * 16 + IMPL_ORDER.index(impl.name) * 2
                         row = self.run_case(impl, op, sz, root, salt)
                         if row is not None:
-                            self._speedup(row, op)
+                            # An implementation's salts are salt and salt + 1 (check); the reference takes +8, +9.
+                            self._speedup(row, op, salt + 8)
                             self.rows.append(row)
                             self.print_row(row)
                 self._progress_line(name, sz.nbytes, si + 1, len(sizings))
@@ -1490,13 +1498,40 @@ class Sweep:
         self.footer()
         return self.rows
 
-    def _speedup(self, row: Row, op: SweepOp) -> None:
+    def _speedup(self, row: Row, op: SweepOp, salt: int) -> None:
+        """speedup = time of op.baseline_op on the same logical tensor / this row's time (collective)."""
         if row.logical_bytes is None or not op.baseline_op:
             return
-        refs = [r for r in self.rows if r.op == op.baseline_op and r.size == row.logical_bytes]
-        ref = next((r for impl in ("nccl", "fp4ccl", "torch", "mpi") for r in refs if r.impl == impl), None)
+        ref = self._reference(OPS[op.baseline_op], row.logical_bytes, salt)
         if ref is not None and row.time_us > 0:
             row.speedup = ref.time_us / row.time_us
+            row.baseline_us, row.baseline_impl = ref.time_us, ref.impl
+
+    def _reference_impls(self, op: SweepOp) -> List[Impl]:
+        return [i for name in REFERENCE_ORDER for i in self.impls if i.name == name and name in op.impls]
+
+    def _reference(self, op: SweepOp, nbytes: int, salt: int) -> Optional[Row]:
+        """`op`'s row on exactly `nbytes`: the table's when it has one, else timed now (once per size).
+
+        Ops round sizes differently (the plain ops to a multiple of the rank count, the FP4 ops to whole
+        1024-element rows per rank), so at 3 ranks no plain row has an FP4 row's logical size; a row of
+        a nearby size would skew the ratio. Every rank holds the same rows, so all take the same branch.
+        """
+        impls = self._reference_impls(op)
+        for impl in impls:
+            row = next((r for r in self.rows if r.op == op.name and r.size == nbytes and r.impl == impl.name), None)
+            if row is not None:
+                return row
+        key = (op.name, nbytes)
+        if key not in self.references:
+            self.references[key] = None
+            sizing = op.sizing(nbytes, ITEMSIZE[self.args.datatype], self.n)
+            if sizing is not None and sizing.nbytes == nbytes:   # else the op cannot hold exactly this tensor
+                for impl in impls:
+                    self.references[key] = self.run_case(impl, op, sizing, 0, salt)
+                    if self.references[key] is not None:
+                        break
+        return self.references[key]
 
     # -- output ----------------------------------------------------------------------------------
     @property
@@ -1529,6 +1564,10 @@ class Sweep:
         factor = {1.0: "1"}.get(op.busbw_factor(self.n), f"{op.busbw_factor(self.n):.3g}")
         self.say("#")
         self.say(f"# {op.name}   (busbw factor {factor} at {self.n} ranks)")
+        if op.baseline_op:
+            by = ", else ".join(i.name for i in self._reference_impls(OPS[op.baseline_op])) or "nobody"
+            self.say(f"# speedup = time of {op.baseline_op} ({by}) on the same logical(B) tensor / this row's time; "
+                     f"timed beside the row if no {op.baseline_op} row has that size")
         cols = [c.rjust(w) for c, w in zip(self._COLS, self._W)]
         if self.logical:
             cols += ["logical(B)".rjust(13), "speedup".rjust(8)]
@@ -1551,9 +1590,14 @@ class Sweep:
             if mine:
                 avg = sum(r.busbw for r in mine) / len(mine)
                 self.say(f"# Avg bus bandwidth ({impl.name}) : {avg:.4g} GB/s over {len(mine)} rows")
-        wrong = sum(r.wrong or 0 for r in self.rows)
+        wrong = self.wrong
         self.say(f"# Wrong elements : {wrong} {'OK' if wrong == 0 else 'FAILED'}"
                  + ("" if self.args.check else " (check disabled with -c 0)"))
+
+    @property
+    def wrong(self) -> int:
+        """Wrong elements over every row and every speedup reference (a wrong reference is a failure too)."""
+        return sum(r.wrong or 0 for r in self.rows + [r for r in self.references.values() if r is not None])
 
     def overhead(self, calls: Optional[int] = None, reps: int = 5) -> None:
         """Host time per call of a tiny all_reduce, enqueued back to back (events off / on)."""
@@ -1637,7 +1681,8 @@ class Sweep:
         return meta
 
     def write_json(self, path: str) -> None:
-        doc = {"meta": self.metadata(), "rows": [r.__dict__ for r in self.rows]}
+        doc = {"meta": self.metadata(), "rows": [r.__dict__ for r in self.rows],
+               "references": [r.__dict__ for r in self.references.values() if r is not None]}
         with open(path, "w") as fh:
             json.dump(doc, fh, indent=1)
             fh.write("\n")
@@ -1710,7 +1755,7 @@ def run(comm, argv: Sequence[str], out=None, err=None) -> int:
         require_matplotlib()
     sweep = Sweep(comm, args, argv, out=out, err=err)
     try:
-        rows = sweep.run()
+        sweep.run()
     finally:
         sweep.close()
     if comm.rank == 0:
@@ -1718,7 +1763,7 @@ def run(comm, argv: Sequence[str], out=None, err=None) -> int:
             sweep.write_json(args.json_file)
         if args.plot:
             sweep.write_plot(args.plot)
-    return 1 if any(r.wrong for r in rows) else 0
+    return 1 if sweep.wrong else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -380,3 +380,26 @@ def test_fp4_reduce_scatter_skips_other_redops_with_a_note():
     assert [s for s, _ in results] == [0] * 3
     rows, notes = _sections(results[0][1])["reduce_scatterv_nvfp4"]
     assert rows == [] and any("skipped" in n and "sum" in n for n in notes), results[0][1]
+
+
+@pytest.mark.parametrize("ops", [FP4_OPS, "all_gatherv_nvfp4,reduce_scatterv_nvfp4,all_gather,reduce_scatter",
+                                 "all_gatherv_nvfp4,reduce_scatterv_nvfp4"])
+def test_fp4_speedup_at_three_ranks_against_the_same_logical_tensor(tmp_path, ops):
+    # At 3 ranks with the default -b/-f, the plain ops round their sizes to a multiple of 3 elements
+    # (1020, 4092, 16380 B ...) and the FP4 ops to whole 1024-element rows per rank (12288 B ...): no
+    # plain row has the FP4 row's logical size, whatever the order of --ops, or with no plain op at all.
+    text, doc = _sweep_rows(3, ["-e", "64K", "-n", "1", "-w", "0", "--ops", ops], tmp_path)
+    table = _sections(text)
+    for name, base in (("all_gatherv_nvfp4", "all_gather"), ("reduce_scatterv_nvfp4", "reduce_scatter")):
+        rows = [r for r in doc["rows"] if r["op"] == name]
+        assert rows and all(r["speedup"] is not None for r in rows), text
+        assert all(r["extra"][1].endswith("x") for r in table[name][0]), text
+        for r in rows:
+            assert r["baseline_impl"] == "fp4ccl"    # the host backend's own plain op: no NCCL here
+            assert r["speedup"] == pytest.approx(r["baseline_us"] / r["time_us"])
+            plain = [p for p in doc["rows"] if p["op"] == base and p["size"] == r["logical_bytes"]]
+            if plain:   # the table has the plain op at exactly this size: that row is the reference
+                assert r["baseline_us"] == plain[0]["time_us"]
+        assert any(base in line and "speedup" in line for line in table[name][1]), text
+    # the references timed beside the FP4 rows are not rows of the table
+    assert all(p["size"] % 3 == 0 for p in doc["rows"] if p["op"] in ("all_gather", "reduce_scatter"))
