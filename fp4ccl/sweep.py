@@ -553,6 +553,7 @@ class SweepOp:
     impls         implementations that can run it (a baseline without a method of this name skips it)
     baseline_op   for ops with logical_bytes: the op that, run on exactly logical_bytes, is the
                   reference of the speedup column (e.g. "all_gather" for an FP4 all-gather)
+    split         the buffer is cut into one part per rank (for the note on sizes too small to run)
     """
 
     name = ""
@@ -560,6 +561,7 @@ class SweepOp:
     rooted = False
     impls: Sequence[str] = IMPL_ORDER
     baseline_op: Optional[str] = None
+    split = False   # the buffer is cut into one part per rank (sizes round down to a multiple of n)
 
     def busbw_factor(self, n: int) -> float:
         return 1.0
@@ -568,6 +570,10 @@ class SweepOp:
         """The buffers for a nominal size, or None to skip it (too small for n ranks)."""
         count = nbytes // itemsize
         return Sizing(count * itemsize, count, count, count) if count else None
+
+    def smallest(self, itemsize: int, n: int) -> tuple:
+        """(the smallest nominal size sizing() takes, what it holds): the note on skipped sizes says both."""
+        return (itemsize * n, "one element per rank") if self.split else (itemsize, "one element")
 
     def setup(self, case: Case) -> None:
         """Allocate case.send / case.recv."""
@@ -657,6 +663,7 @@ def _gathered(case: Case, start: int, stop: int, values) -> object:
 
 class AllGather(SweepOp):
     name = "all_gather"
+    split = True
 
     def busbw_factor(self, n):
         return (n - 1) / n
@@ -671,6 +678,7 @@ class AllGather(SweepOp):
 
 class ReduceScatter(SweepOp):
     name = "reduce_scatter"
+    split = True
     reduces = True
 
     def busbw_factor(self, n):
@@ -717,6 +725,7 @@ class Reduce(SweepOp):
 
 class AllToAll(SweepOp):
     name = "all_to_all"
+    split = True
 
     def busbw_factor(self, n):
         return (n - 1) / n
@@ -795,6 +804,7 @@ class _UnevenOp(_Fp4ccOnly):
     """A v-collective over the sweep's fixed uneven split; `uneven` names the per-rank side."""
 
     uneven = "send_count"
+    split = True
 
     def busbw_factor(self, n):
         return uneven_busbw_factor(n)
@@ -871,6 +881,9 @@ class _Fp4Op(_Fp4ccOnly):
 
     def _rows(self, nbytes, itemsize, n):
         return nbytes // itemsize // n // FP4_K
+
+    def smallest(self, itemsize, n):
+        return FP4_K * itemsize * n, f"one {FP4_K}-element row per rank"
 
     def wire(self, rows: int, n: int) -> int:
         from .formats.tensor import packed_layout
@@ -1475,13 +1488,21 @@ class Sweep:
             op = OPS[name]
             impls = [i for i in self.impls if i.name in op.impls]
             roots = (list(range(self.n)) if a.root == "all" else [a.root]) if op.rooted else [0]
-            sizings, seen = [], set()
+            sizings, seen, too_small = [], set(), []
             for s in nominal:
                 sz = op.sizing(s, itemsize, self.n)
-                if sz is not None and sz.nbytes not in seen:
+                if sz is None:
+                    too_small.append(s)
+                elif sz.nbytes not in seen:
                     seen.add(sz.nbytes)
                     sizings.append(sz)
-            self.section(op)
+            notes = []
+            if too_small:   # say so, or the section silently has fewer rows than the others
+                least, unit = op.smallest(itemsize, self.n)
+                notes.append(f"{name}: skipped {', '.join(map(str, too_small))} B: less than {unit} "
+                             f"(the smallest size is {least} B of {a.datatype} at {self.n} ranks)")
+                self.notes += notes
+            self.section(op, notes)
             for si, sz in enumerate(sizings):
                 for root in roots:
                     for impl in impls:
@@ -1560,10 +1581,12 @@ class Sweep:
         w[2] = max(w[2], len(self.args.datatype))
         return w
 
-    def section(self, op: SweepOp) -> None:
+    def section(self, op: SweepOp, notes: Sequence[str] = ()) -> None:
         factor = {1.0: "1"}.get(op.busbw_factor(self.n), f"{op.busbw_factor(self.n):.3g}")
         self.say("#")
         self.say(f"# {op.name}   (busbw factor {factor} at {self.n} ranks)")
+        for note in notes:
+            self.say(f"# {note}")
         if op.baseline_op:
             by = ", else ".join(i.name for i in self._reference_impls(OPS[op.baseline_op])) or "nobody"
             self.say(f"# speedup = time of {op.baseline_op} ({by}) on the same logical(B) tensor / this row's time; "

@@ -403,3 +403,15 @@ def test_fp4_speedup_at_three_ranks_against_the_same_logical_tensor(tmp_path, op
         assert any(base in line and "speedup" in line for line in table[name][1]), text
     # the references timed beside the FP4 rows are not rows of the table
     assert all(p["size"] % 3 == 0 for p in doc["rows"] if p["op"] in ("all_gather", "reduce_scatter"))
+
+
+def test_fp4_small_sizes_are_skipped_with_a_note():
+    results = run_ranks(3, _run_sweep, ["-e", "16K", "-n", "1", "-w", "0", "--ops", FP4_OPS])
+    table = _sections(results[0][1])
+    assert [r["size"] for r in table["all_gather"][0]] == [1020, 4092, 16380]
+    for name in ("all_gatherv_nvfp4", "reduce_scatterv_nvfp4"):
+        rows, notes = table[name]
+        assert [int(r["extra"][0]) for r in rows] == [6144 * 2], results[0][1]   # 16K -> 2 rows per rank
+        skip = [n for n in notes if "skipped" in n]
+        assert len(skip) == 1 and "1024, 4096 B" in skip[0] and "1024-element row per rank" in skip[0], notes
+        assert "6144 B" in skip[0], notes
