@@ -14,7 +14,7 @@ type, so every rank computes the expected output itself and `#wrong` counts ever
 
 Ops live in `OPS` (name -> SweepOp); an FP4 op registers a subclass with `register_op` and may
 report `logical_bytes` (the bf16 size it stands for): the table then shows `logical(B)` and a
-`speedup` over the baseline op's row at that size. See docs/SWEEP.md.
+`speedup` over the baseline op run on exactly that size. See docs/SWEEP.md.
 """
 from __future__ import annotations
 
@@ -1588,7 +1588,7 @@ class Sweep:
         for note in notes:
             self.say(f"# {note}")
         if op.baseline_op:
-            by = ", else ".join(i.name for i in self._reference_impls(OPS[op.baseline_op])) or "nobody"
+            by = next((i.name for i in self._reference_impls(OPS[op.baseline_op])), "nobody")
             self.say(f"# speedup = time of {op.baseline_op} ({by}) on the same logical(B) tensor / this row's time; "
                      f"timed beside the row if no {op.baseline_op} row has that size")
         cols = [c.rjust(w) for c, w in zip(self._COLS, self._W)]
