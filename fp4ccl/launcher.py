@@ -5,7 +5,9 @@ import argparse
 import collections
 import ctypes
 import errno
+import glob
 import json
+import logging
 import os
 import secrets
 import signal
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 
+from fp4ccl._log import get_logger
 from fp4ccl.bootstrap.store import StoreClient, StoreServer, format_address
 
 PROG = "fp4ccl-run"
@@ -141,6 +144,28 @@ def _exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def remove_job_files(job_id: str) -> int:
+    """Unlink the files the job's ranks left in shared memory; return how many went.
+
+    The host backend keeps each collective's payload in a file named fp4ccl-<FP4CCL_JOB_ID>-... in
+    /dev/shm (or FP4CCL_SHM_DIR, which the ranks inherit from us); a rank killed in the middle of a
+    collective never removes its own, and each can be 64 MiB of RAM. The job id is fresh per job and of
+    fixed length, so the pattern never reaches another job's files. Errors are ignored: a file may vanish
+    under us, or belong to another user.
+    """
+    removed = 0
+    for directory in {"/dev/shm", os.environ.get("FP4CCL_SHM_DIR") or "/dev/shm"}:
+        if not job_id or not os.path.isdir(directory):
+            continue
+        for path in glob.glob(os.path.join(glob.escape(directory), f"fp4ccl-{glob.escape(job_id)}-*")):
+            try:
+                os.unlink(path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def _pdeathsig_setup():
     """Return a preexec_fn making children die with the launcher even if it is SIGKILLed (Linux only)."""
     if not sys.platform.startswith("linux"):
@@ -170,6 +195,9 @@ class _Rank:
         self.proc = proc
         self.pid = proc.pid
         self.code: int | None = None
+        # Signals the launcher sent while the rank was still running: the report calls a rank "stopped by
+        # the launcher" only when it died of one of them, not when it exited by itself meanwhile.
+        self.sent: set[int] = set()
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self.pumps = []
         for pipe, target, name in ((proc.stdout, sys.stdout, "out"), (proc.stderr, sys.stderr, "err")):
@@ -206,6 +234,16 @@ class _Rank:
             self.code = self.proc.poll()
         return self.code
 
+    def stop(self, signum: int) -> None:
+        """Signal a rank the launcher is stopping (its whole process group), if it is still running."""
+        if self.poll() is None:
+            self.sent.add(signum)
+            self.signal_group(signum)
+
+    @property
+    def stopped_by_launcher(self) -> bool:
+        return self.code is not None and self.code < 0 and -self.code in self.sent
+
     def signal_group(self, signum: int) -> None:
         # The rank leads its own process group (start_new_session), so this reaches its whole tree.
         try:
@@ -222,6 +260,7 @@ class Launcher:
         self.program = program
         self.host = socket.gethostname()
         self.ranks: list[_Rank] = []
+        self.info: dict | None = None   # what rendezvous() returned
         self.server: StoreServer | None = None
         self.client: StoreClient | None = None
         self.signals: list[int] = []
@@ -421,11 +460,11 @@ class Launcher:
         except (ConnectionError, TimeoutError):
             pass
 
-    def stop_all(self, first_signal: int = signal.SIGTERM) -> list[_Rank]:
-        """Signal every live rank, escalate to SIGKILL after the grace period; return the ranks we stopped."""
+    def stop_all(self, first_signal: int = signal.SIGTERM) -> None:
+        """Signal every live rank, escalate to SIGKILL after the grace period, wait for all of them."""
         live = [r for r in self.ranks if r.poll() is None]
         for r in live:
-            r.signal_group(first_signal)
+            r.stop(first_signal)
         deadline = time.monotonic() + self.args.grace_period
         seen_signals = len(self.signals)
         while any(r.poll() is None for r in live) and time.monotonic() < deadline:
@@ -433,17 +472,15 @@ class Launcher:
                 break
             time.sleep(0.02)
         for r in live:
-            if r.poll() is None:
-                r.signal_group(signal.SIGKILL)
+            r.stop(signal.SIGKILL)
         for r in live:
             r.code = r.proc.wait()
-        return live
 
     def reap(self) -> None:
         """Kill what is left in each rank's process group (daemons, grandchildren) and drain the pipes."""
         for r in self.ranks:
             if r.poll() is None:
-                r.signal_group(signal.SIGKILL)
+                r.stop(signal.SIGKILL)
                 r.code = r.proc.wait()
             r.signal_group(signal.SIGKILL)
         end = time.monotonic() + 2.0
@@ -458,14 +495,17 @@ class Launcher:
                 sys.stderr.write(f"{PROG}: {line}\n")
             sys.stderr.flush()
 
-    def report(self, ended: dict, stopped: list[_Rank]) -> int:
+    def report(self, ended: dict) -> int:
         """Print the root-cause report and return the launcher's exit status."""
         a = self.args
         kind = ended["kind"]
-        stopped_txt = ""
-        if stopped:
-            stopped_txt = "ranks stopped by the launcher: " + ", ".join(
-                f"{r.rank} ({_describe_code(r.code)})" for r in stopped)
+        others = [r for r in self.ranks if r is not ended.get("rank")]
+        stopped = [r for r in others if r.stopped_by_launcher]
+        # Ranks that ended non-zero by themselves, before or while the launcher stopped the job (e.g. every
+        # rank failing the same import): their own exit code, never "stopped by the launcher".
+        failed = [r for r in others if not r.stopped_by_launcher and r.code]
+        summary = [f"{head}: " + ", ".join(f"{r.rank} ({_describe_code(r.code)})" for r in rs)
+                   for head, rs in (("other failed ranks", failed), ("ranks stopped by the launcher", stopped)) if rs]
         if kind == "rank":
             r = ended["rank"]
             status = _exit_status(r.code)
@@ -480,8 +520,9 @@ class Launcher:
         elif kind == "timeout":
             status = 124
             lines = [f"job failed: timeout after {a.timeout:g} s (--timeout); ranks still running were stopped"]
-            for r in stopped:
-                lines += self._tail_lines(r, 5)
+            for r in self.ranks:
+                if r.sent:
+                    lines += self._tail_lines(r, 5)
         elif kind == "remote":
             f = ended["failure"]
             status = _exit_status(f["code"])
@@ -495,8 +536,7 @@ class Launcher:
             lines = [f"job failed: {ended['error']}"]
         else:
             return 0
-        if stopped_txt:
-            lines.append(stopped_txt)
+        lines += summary
         lines.append(f"exit code {status}")
         self._say("\n".join(lines))
         return status
@@ -511,36 +551,33 @@ class Launcher:
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, show: set[int] | None) -> int:
         self._install_signal_handlers()
-        stopped: list[_Rank] = []
         ended = {"kind": "ok"}
         try:
-            info = self.rendezvous()
+            info = self.info = self.rendezvous()
             if show is not None and max(show) >= info["world"]:
                 raise LaunchError(f"--ranks-filter names rank {max(show)}, but the job has {info['world']} ranks")
             self._interrupted()
             self.spawn(info, show)
             ended = self.watch(info)
             if ended["kind"] != "ok":
-                first = ended["signum"] if ended["kind"] == "signal" else signal.SIGTERM
-                stopped = self.stop_all(first)
-                if ended["kind"] == "rank":
-                    stopped = [r for r in stopped if r is not ended["rank"]]
+                self.stop_all(ended["signum"] if ended["kind"] == "signal" else signal.SIGTERM)
         except _Interrupted as e:
             ended = {"kind": "signal", "signum": e.signum}
-            stopped = self.stop_all(e.signum)
+            self.stop_all(e.signum)
         finally:
             self.reap()
             self._finish_multinode(ended)
-        return self.report(ended, stopped)
+            self._remove_job_files()
+            if self.client is not None:
+                self.client.close()
+            if self.server is not None:
+                self.server.close()
+        return self.report(ended)
 
     def _finish_multinode(self, ended: dict) -> None:
         a = self.args
         if self.client is None or not self.ranks:
             # Nothing ran here (bad input, rendezvous failure): publishing "done" would mislead the other nodes.
-            if self.client is not None:
-                self.client.close()
-            if self.server is not None:
-                self.server.close()
             return
         if a.nnodes > 1:
             try:
@@ -570,9 +607,23 @@ class Launcher:
                     except (ConnectionError, TimeoutError):
                         break
                     time.sleep(0.05)
-        self.client.close()
-        if self.server is not None:
-            self.server.close()
+
+    def _remove_job_files(self) -> None:
+        """Once every rank of the job on this host has exited, remove the files they left in /dev/shm."""
+        if not self.ranks or self.info is None:
+            return
+        a = self.args
+        # Several launchers of one job may share a host (a multi-node job tried on one machine), and so its
+        # files: the last one to finish removes them, not the first, whose peers' ranks may still use them.
+        peers = [i for i, node in enumerate(self.info["nodes"]) if node["host"] == self.host and i != a.node_rank]
+        try:
+            if peers and not all(self.client.check(_KEY + f"done/{i}") for i in peers):
+                return
+        except (ConnectionError, TimeoutError):
+            pass  # node 0 closes its store only once every node is done, or the job is lost anyway
+        removed = remove_job_files(self.info["job_id"])
+        if removed and get_logger("fp4ccl.launcher").isEnabledFor(logging.INFO):
+            self._say(f"removed {removed} leftover file(s) of job {self.info['job_id']} from shared memory")
 
 
 class _Interrupted(Exception):

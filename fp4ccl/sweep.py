@@ -14,7 +14,7 @@ type, so every rank computes the expected output itself and `#wrong` counts ever
 
 Ops live in `OPS` (name -> SweepOp); an FP4 op registers a subclass with `register_op` and may
 report `logical_bytes` (the bf16 size it stands for): the table then shows `logical(B)` and a
-`speedup` over the baseline op's row at that size. See docs/SWEEP.md.
+`speedup` over the baseline op run on exactly that size. See docs/SWEEP.md.
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ from fp4ccl._arrays import ITEMSIZE, numpy_dtype
 
 PROG = "fp4ccl-sweep"
 IMPL_ORDER = ("fp4ccl", "nccl", "torch", "mpi")
+# Who runs the plain op that a speedup is measured against: NCCL where there is one (the floor fp4ccl is
+# measured against), else fp4ccl's own op (the host backend), then the other baselines.
+REFERENCE_ORDER = ("nccl", "fp4ccl", "torch", "mpi")
 DEFAULT_OPS = "all_gather,reduce_scatter,all_reduce"
 # Large buffers are generated and checked in slices so the int64/float64 temporaries stay bounded
 # (a 1 GiB bf16 buffer is 512 Mi elements; one int64 temporary of it would be 4 GiB).
@@ -192,7 +195,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.op == "avg" and args.datatype not in ("float64", "float32", "float16", "bfloat16",
                                                   "float8_e4m3fn", "float8_e5m2"):
         raise SweepError(f"-o avg needs a floating data type, got {args.datatype}")
+    for flag, path in (("--json", args.json_file), ("--plot", args.plot)):
+        if path is not None:
+            _check_output_path(flag, path)
     return args
+
+
+def _check_output_path(flag: str, path: str) -> None:
+    """The files are written after the last case, so a path that cannot be written would cost the whole
+    sweep's results: refuse it now, before any communicator is made."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SweepError(f"{flag}: {path} is a directory; name a file")
+    if not os.path.isdir(directory):
+        raise SweepError(f"{flag}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise SweepError(f"{flag}: {path if os.path.exists(path) else 'directory ' + directory} is not writable")
 
 
 def apply_defaults(args: argparse.Namespace, gpu: bool) -> None:
@@ -533,8 +551,9 @@ class SweepOp:
     reduces       takes -o/--op (the redop column)
     rooted        takes -r/--root (the root column; 'all' sweeps every rank)
     impls         implementations that can run it (a baseline without a method of this name skips it)
-    baseline_op   for ops with logical_bytes: the op whose row at size == logical_bytes is the
+    baseline_op   for ops with logical_bytes: the op that, run on exactly logical_bytes, is the
                   reference of the speedup column (e.g. "all_gather" for an FP4 all-gather)
+    split         the buffer is cut into one part per rank (for the note on sizes too small to run)
     """
 
     name = ""
@@ -542,6 +561,7 @@ class SweepOp:
     rooted = False
     impls: Sequence[str] = IMPL_ORDER
     baseline_op: Optional[str] = None
+    split = False   # the buffer is cut into one part per rank (sizes round down to a multiple of n)
 
     def busbw_factor(self, n: int) -> float:
         return 1.0
@@ -550,6 +570,10 @@ class SweepOp:
         """The buffers for a nominal size, or None to skip it (too small for n ranks)."""
         count = nbytes // itemsize
         return Sizing(count * itemsize, count, count, count) if count else None
+
+    def smallest(self, itemsize: int, n: int) -> tuple:
+        """(the smallest nominal size sizing() takes, what it holds): the note on skipped sizes says both."""
+        return (itemsize * n, "one element per rank") if self.split else (itemsize, "one element")
 
     def setup(self, case: Case) -> None:
         """Allocate case.send / case.recv."""
@@ -639,6 +663,7 @@ def _gathered(case: Case, start: int, stop: int, values) -> object:
 
 class AllGather(SweepOp):
     name = "all_gather"
+    split = True
 
     def busbw_factor(self, n):
         return (n - 1) / n
@@ -653,6 +678,7 @@ class AllGather(SweepOp):
 
 class ReduceScatter(SweepOp):
     name = "reduce_scatter"
+    split = True
     reduces = True
 
     def busbw_factor(self, n):
@@ -699,6 +725,7 @@ class Reduce(SweepOp):
 
 class AllToAll(SweepOp):
     name = "all_to_all"
+    split = True
 
     def busbw_factor(self, n):
         return (n - 1) / n
@@ -777,6 +804,7 @@ class _UnevenOp(_Fp4ccOnly):
     """A v-collective over the sweep's fixed uneven split; `uneven` names the per-rank side."""
 
     uneven = "send_count"
+    split = True
 
     def busbw_factor(self, n):
         return uneven_busbw_factor(n)
@@ -854,6 +882,9 @@ class _Fp4Op(_Fp4ccOnly):
     def _rows(self, nbytes, itemsize, n):
         return nbytes // itemsize // n // FP4_K
 
+    def smallest(self, itemsize, n):
+        return FP4_K * itemsize * n, f"one {FP4_K}-element row per rank"
+
     def wire(self, rows: int, n: int) -> int:
         from .formats.tensor import packed_layout
         return packed_layout(rows, FP4_K, self.fmt).total_bytes * n
@@ -922,7 +953,13 @@ class ReduceScatterVFp4(_Fp4Op):
     """bf16 in, NVFP4 chunks through an all-to-all, fp32 sum, bf16 out; size(B) counts wire bytes."""
 
     name = "reduce_scatterv_nvfp4"
+    reduces = True   # the redop column says sum, like the plain reduce_scatter it stands for
     baseline_op = "reduce_scatter"
+
+    def setup(self, case):
+        if case.redop != "sum":   # the FP4 reduce-scatter sums in fp32 and knows no other op
+            raise Unsupported(f"{self.name} sums only; -o {case.redop} is not available with FP4")
+        super().setup(case)
 
     def sizing(self, nbytes, itemsize, n):
         rows = self._rows(nbytes, itemsize, n)
@@ -935,8 +972,8 @@ class ReduceScatterVFp4(_Fp4Op):
         rows = case.sizing.recv_count // FP4_K
         s = case.send.reshape(case.nranks * rows, FP4_K)
         r = case.recv.reshape(rows, FP4_K)
-        sizes = [rows] * case.nranks
-        return lambda: comm.reduce_scatterv(s, sizes, out=r, compress=self.fmt)
+        sizes, op = [rows] * case.nranks, case.redop
+        return lambda: comm.reduce_scatterv(s, sizes, op, out=r, compress=self.fmt)
 
     def expected(self, case, start, stop):
         off = case.rank * case.sizing.recv_count
@@ -1220,6 +1257,8 @@ class Row:
     logical_bytes: Optional[int] = None
     speedup: Optional[float] = None
     graph: int = 0
+    baseline_us: Optional[float] = None   # the speedup's reference: baseline_op on logical_bytes ...
+    baseline_impl: Optional[str] = None   # ... run by this implementation
 
 
 class Sweep:
@@ -1234,6 +1273,8 @@ class Sweep:
         apply_defaults(args, self.gpu)
         self.frame = self._frame()
         self.rows: List[Row] = []
+        # (op, size) -> the plain op timed on exactly a logical size the table has no row of (None: cannot)
+        self.references: Dict[tuple, Optional[Row]] = {}
         self.notes: List[str] = []
         self.impls: List[Impl] = [Fp4cclImpl(comm)]
         self._t0 = time.monotonic()
@@ -1447,20 +1488,29 @@ class Sweep:
             op = OPS[name]
             impls = [i for i in self.impls if i.name in op.impls]
             roots = (list(range(self.n)) if a.root == "all" else [a.root]) if op.rooted else [0]
-            sizings, seen = [], set()
+            sizings, seen, too_small = [], set(), []
             for s in nominal:
                 sz = op.sizing(s, itemsize, self.n)
-                if sz is not None and sz.nbytes not in seen:
+                if sz is None:
+                    too_small.append(s)
+                elif sz.nbytes not in seen:
                     seen.add(sz.nbytes)
                     sizings.append(sz)
-            self.section(op)
+            notes = []
+            if too_small:   # say so, or the section silently has fewer rows than the others
+                least, unit = op.smallest(itemsize, self.n)
+                notes.append(f"{name}: skipped {', '.join(map(str, too_small))} B: less than {unit} "
+                             f"(the smallest size is {least} B of {a.datatype} at {self.n} ranks)")
+                self.notes += notes
+            self.section(op, notes)
             for si, sz in enumerate(sizings):
                 for root in roots:
                     for impl in impls:
                         salt = ((oi * 4096 + si) * 64 + root) * 16 + IMPL_ORDER.index(impl.name) * 2
                         row = self.run_case(impl, op, sz, root, salt)
                         if row is not None:
-                            self._speedup(row, op)
+                            # An implementation's salts are salt and salt + 1 (check); the reference takes +8, +9.
+                            self._speedup(row, op, salt + 8)
                             self.rows.append(row)
                             self.print_row(row)
                 self._progress_line(name, sz.nbytes, si + 1, len(sizings))
@@ -1469,13 +1519,40 @@ class Sweep:
         self.footer()
         return self.rows
 
-    def _speedup(self, row: Row, op: SweepOp) -> None:
+    def _speedup(self, row: Row, op: SweepOp, salt: int) -> None:
+        """speedup = time of op.baseline_op on the same logical tensor / this row's time (collective)."""
         if row.logical_bytes is None or not op.baseline_op:
             return
-        refs = [r for r in self.rows if r.op == op.baseline_op and r.size == row.logical_bytes]
-        ref = next((r for impl in ("nccl", "fp4ccl", "torch", "mpi") for r in refs if r.impl == impl), None)
+        ref = self._reference(OPS[op.baseline_op], row.logical_bytes, salt)
         if ref is not None and row.time_us > 0:
             row.speedup = ref.time_us / row.time_us
+            row.baseline_us, row.baseline_impl = ref.time_us, ref.impl
+
+    def _reference_impls(self, op: SweepOp) -> List[Impl]:
+        return [i for name in REFERENCE_ORDER for i in self.impls if i.name == name and name in op.impls]
+
+    def _reference(self, op: SweepOp, nbytes: int, salt: int) -> Optional[Row]:
+        """`op`'s row on exactly `nbytes`: the table's when it has one, else timed now (once per size).
+
+        Ops round sizes differently (the plain ops to a multiple of the rank count, the FP4 ops to whole
+        1024-element rows per rank), so at 3 ranks no plain row has an FP4 row's logical size; a row of
+        a nearby size would skew the ratio. Every rank holds the same rows, so all take the same branch.
+        """
+        impls = self._reference_impls(op)
+        for impl in impls:
+            row = next((r for r in self.rows if r.op == op.name and r.size == nbytes and r.impl == impl.name), None)
+            if row is not None:
+                return row
+        key = (op.name, nbytes)
+        if key not in self.references:
+            self.references[key] = None
+            sizing = op.sizing(nbytes, ITEMSIZE[self.args.datatype], self.n)
+            if sizing is not None and sizing.nbytes == nbytes:   # else the op cannot hold exactly this tensor
+                for impl in impls:
+                    self.references[key] = self.run_case(impl, op, sizing, 0, salt)
+                    if self.references[key] is not None:
+                        break
+        return self.references[key]
 
     # -- output ----------------------------------------------------------------------------------
     @property
@@ -1504,10 +1581,16 @@ class Sweep:
         w[2] = max(w[2], len(self.args.datatype))
         return w
 
-    def section(self, op: SweepOp) -> None:
+    def section(self, op: SweepOp, notes: Sequence[str] = ()) -> None:
         factor = {1.0: "1"}.get(op.busbw_factor(self.n), f"{op.busbw_factor(self.n):.3g}")
         self.say("#")
         self.say(f"# {op.name}   (busbw factor {factor} at {self.n} ranks)")
+        for note in notes:
+            self.say(f"# {note}")
+        if op.baseline_op:
+            by = next((i.name for i in self._reference_impls(OPS[op.baseline_op])), "nobody")
+            self.say(f"# speedup = time of {op.baseline_op} ({by}) on the same logical(B) tensor / this row's time; "
+                     f"timed beside the row if no {op.baseline_op} row has that size")
         cols = [c.rjust(w) for c, w in zip(self._COLS, self._W)]
         if self.logical:
             cols += ["logical(B)".rjust(13), "speedup".rjust(8)]
@@ -1530,9 +1613,14 @@ class Sweep:
             if mine:
                 avg = sum(r.busbw for r in mine) / len(mine)
                 self.say(f"# Avg bus bandwidth ({impl.name}) : {avg:.4g} GB/s over {len(mine)} rows")
-        wrong = sum(r.wrong or 0 for r in self.rows)
+        wrong = self.wrong
         self.say(f"# Wrong elements : {wrong} {'OK' if wrong == 0 else 'FAILED'}"
                  + ("" if self.args.check else " (check disabled with -c 0)"))
+
+    @property
+    def wrong(self) -> int:
+        """Wrong elements over every row and every speedup reference (a wrong reference is a failure too)."""
+        return sum(r.wrong or 0 for r in self.rows + [r for r in self.references.values() if r is not None])
 
     def overhead(self, calls: Optional[int] = None, reps: int = 5) -> None:
         """Host time per call of a tiny all_reduce, enqueued back to back (events off / on)."""
@@ -1616,7 +1704,8 @@ class Sweep:
         return meta
 
     def write_json(self, path: str) -> None:
-        doc = {"meta": self.metadata(), "rows": [r.__dict__ for r in self.rows]}
+        doc = {"meta": self.metadata(), "rows": [r.__dict__ for r in self.rows],
+               "references": [r.__dict__ for r in self.references.values() if r is not None]}
         with open(path, "w") as fh:
             json.dump(doc, fh, indent=1)
             fh.write("\n")
@@ -1689,15 +1778,15 @@ def run(comm, argv: Sequence[str], out=None, err=None) -> int:
         require_matplotlib()
     sweep = Sweep(comm, args, argv, out=out, err=err)
     try:
-        rows = sweep.run()
+        sweep.run()
     finally:
         sweep.close()
     if comm.rank == 0:
-        if args.json_file:
+        if args.json_file:   # first: a plot that fails (matplotlib, fonts, disk) must not cost the rows
             sweep.write_json(args.json_file)
         if args.plot:
             sweep.write_plot(args.plot)
-    return 1 if any(r.wrong for r in rows) else 0
+    return 1 if sweep.wrong else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

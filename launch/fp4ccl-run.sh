@@ -3,6 +3,9 @@
 #   single node:  launch/fp4ccl-run.sh my_job.py [args...]
 #   two nodes:    NNODES=2 NODE_RANK=0 MASTER_ADDR=node-a launch/fp4ccl-run.sh my_job.py   (on node-a)
 #                 NNODES=2 NODE_RANK=1 MASTER_ADDR=node-a launch/fp4ccl-run.sh my_job.py   (on node-b)
+# fp4ccl-run hands this node's environment to its ranks (docs/LAUNCHER.md) and carries nothing between
+# nodes: on several nodes export the same FP4CCL_* and NCCL_* on each (several, e.g. FP4CCL_TIMEOUT,
+# FP4CCL_ALGO, NCCL_PROTO, must be identical on every rank).
 set -euo pipefail
 
 SCRIPT=${1:?usage: $0 script.py [args...]}; shift

@@ -403,3 +403,190 @@ def test_default_nproc_is_gpu_count_or_four(tmp_path):
     expected = visible_gpu_count() or 4
     assert sorted(r.stdout.splitlines()) == [f"[rank{i}]: {expected}" for i in range(expected)]
     assert_no_survivors(tmp_path, expected)
+
+
+# ---- the report names only the ranks the launcher really stopped --------------------------------------
+
+def _report_line(stderr: str, head: str) -> str:
+    lines = [l for l in stderr.splitlines() if l.startswith(f"fp4ccl-run: {head}")]
+    return lines[0] if lines else ""
+
+
+def test_ranks_that_fail_by_themselves_are_not_listed_as_stopped(tmp_path):
+    # Rank 0 fails; ranks 1 and 2 ignore SIGTERM and then fail by themselves within the grace period;
+    # rank 3 waits and dies of the launcher's SIGTERM. Only rank 3 was stopped by the launcher.
+    path = script(tmp_path, """
+        failed = os.path.join(PIDS, "..", "rank0-failed")
+        if RANK == 0:
+            while len(os.listdir(PIDS)) < 4:
+                time.sleep(0.02)
+            open(failed, "w").close()
+            sys.exit(7)
+        if RANK in (1, 2):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while not os.path.exists(failed):
+                time.sleep(0.02)
+            time.sleep(0.5)
+            print(f"rank {RANK} fails by itself", file=sys.stderr)
+            sys.exit(3)
+        time.sleep(120)
+    """)
+    r = launch(["-n", "4", "--grace-period", "10", path], timeout=60)
+    assert r.returncode == 7, r.stderr
+    assert "root cause: rank 0 (node 0, local rank 0)" in r.stderr
+    assert _report_line(r.stderr, "ranks stopped by the launcher:") == \
+        "fp4ccl-run: ranks stopped by the launcher: 3 (killed by SIGTERM)", r.stderr
+    assert _report_line(r.stderr, "other failed ranks:") == \
+        "fp4ccl-run: other failed ranks: 1 (exited with code 3), 2 (exited with code 3)", r.stderr
+    assert_no_survivors(tmp_path, 4)
+
+
+def test_every_rank_failing_quickly_is_never_reported_as_stopped(tmp_path):
+    # The race of the user report (`fp4ccl-run -m nonexistent_mod`): every rank exits by itself at about the
+    # same time, so some may exit between the launcher's poll and its SIGTERM.
+    path = script(tmp_path, """
+        while len(os.listdir(PIDS)) < 6:
+            time.sleep(0.01)
+        sys.exit(3)
+    """)
+    for _ in range(3):
+        r = launch(["-n", "6", path], timeout=60)
+        assert r.returncode == 3, r.stderr
+        stopped = _report_line(r.stderr, "ranks stopped by the launcher:")
+        assert "exited with code" not in stopped, r.stderr
+        others = _report_line(r.stderr, "other failed ranks:")
+        named = {int(x.split()[0]) for x in others.split(": ", 2)[2].split(", ")} if others else set()
+        named |= {int(x.split()[0]) for x in stopped.split(": ", 2)[2].split(", ")} if stopped else set()
+        root = int(r.stderr.split("root cause: rank ")[1].split()[0])
+        assert named | {root} == set(range(6)), r.stderr   # every rank accounted for
+
+
+def test_missing_module_reports_every_rank_as_failed_by_itself(tmp_path):
+    r = launch(["-n", "3", "-m", "fp4ccl_no_such_module_here"], timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "No module named fp4ccl_no_such_module_here" in r.stderr
+    assert "exited with code" not in _report_line(r.stderr, "ranks stopped by the launcher:"), r.stderr
+
+
+# ---- leftover /dev/shm payload files of the job are removed at teardown --------------------------------
+
+needs_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+
+# Each rank leaves a file named like the host backend's payloads (fp4ccl-<FP4CCL_JOB_ID>-...) and says where.
+SHM_PRELUDE = """
+job = os.environ["FP4CCL_JOB_ID"]
+leftover = f"/dev/shm/fp4ccl-{job}-test-r{RANK}"
+with open(leftover, "wb") as f:
+    f.write(b"x" * 4096)
+with open(os.path.join(PIDS, "..", f"shm{RANK}"), "w") as f:
+    f.write(leftover)
+"""
+
+
+@pytest.fixture
+def other_job_file(tmp_path):
+    """A file of another job in /dev/shm, which must survive; afterwards, remove it and whatever the test's
+    ranks left (so a failing test does not leak files)."""
+    path = f"/dev/shm/fp4ccl-{os.urandom(6).hex()}-not-ours"
+    with open(path, "wb") as f:
+        f.write(b"y")
+    yield path
+    for f in [path] + [p.read_text() for p in tmp_path.glob("shm*")]:
+        if os.path.exists(f):
+            os.unlink(f)
+
+
+def _leftovers(tmp_path, n):
+    files = [(tmp_path / f"shm{i}").read_text() for i in range(n)]
+    assert len(set(files)) == n
+    return [f for f in files if os.path.exists(f)]
+
+
+@needs_shm
+@pytest.mark.parametrize("how", ["fails", "killed", "ok"])
+def test_job_files_in_dev_shm_are_removed_at_teardown(tmp_path, other_job_file, how):
+    body = {"fails": "if RANK == 1:\n    sys.exit(3)\ntime.sleep(120)\n",
+            "killed": "if RANK == 0:\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(120)\n",
+            "ok": ""}[how]
+    path = script(tmp_path, SHM_PRELUDE + "while len(os.listdir(PIDS)) < 3:\n    time.sleep(0.02)\n" + body)
+    r = launch(["-n", "3", path], timeout=60, env={"FP4CCL_DEBUG": "INFO"})
+    assert r.returncode == {"fails": 3, "killed": 128 + signal.SIGKILL, "ok": 0}[how], r.stderr
+    assert _leftovers(tmp_path, 3) == [], r.stderr
+    assert os.path.exists(other_job_file)   # another job's file is never touched
+    assert "fp4ccl-run: removed 3 leftover file(s) of job" in r.stderr, r.stderr
+    assert_no_survivors(tmp_path, 3)
+
+
+@needs_shm
+def test_job_files_in_dev_shm_are_removed_after_ctrl_c(tmp_path, other_job_file):
+    path = script(tmp_path, SHM_PRELUDE + "time.sleep(120)\n")
+    p = subprocess.Popen(LAUNCHER + ["-n", "2", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 15
+        while not all((tmp_path / f"shm{i}").exists() for i in range(2)):
+            assert time.monotonic() < end and p.poll() is None
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGINT, err
+    assert _leftovers(tmp_path, 2) == [], err
+    assert os.path.exists(other_job_file)
+    assert "removed" not in err   # said only at FP4CCL_DEBUG=INFO
+    assert_no_survivors(tmp_path, 2)
+
+
+@needs_shm
+def test_two_launchers_on_one_host_leave_job_files_until_both_are_done(tmp_path, other_job_file):
+    # Node 1's ranks end at once; node 0's rank 0 still uses its file afterwards. The last launcher on the
+    # host removes the job's files; the first must not pull them from under the other node's ranks.
+    path = script(tmp_path, SHM_PRELUDE + textwrap.dedent("""
+        if RANK == 0:
+            time.sleep(2.5)   # node 1's launcher has long finished by now
+            print("still there" if os.path.exists(leftover) else "gone early")
+    """))
+    (rc0, out0, err0), (rc1, _, err1) = _two_nodes(tmp_path, path, free_port())
+    assert rc0 == 0 and rc1 == 0, err0 + err1
+    assert "[rank0]: still there" in out0, out0 + err0
+    assert _leftovers(tmp_path, 4) == []
+    assert_no_survivors(tmp_path, 4)
+
+
+# ---- launch/mpirun.sh forwards the job's settings to remote ranks --------------------------------------
+
+def _run_mpirun_sh(tmp_path, version: str, extra_env: dict) -> list[str]:
+    """Run launch/mpirun.sh against a fake mpirun/mpiexec that reports `version` and records its argv."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name in ("mpirun", "mpiexec"):
+        (fake / name).write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then echo "{version}"; exit 0; fi\n'
+                                 f'printf "%s\\n" {name} "$@" > "{tmp_path}/argv"\n')
+        (fake / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FP4CCL_", "NCCL_"))}
+    env.update(extra_env, PATH=f"{fake}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "launch", "mpirun.sh"), "job.py", "--flag"],
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 0, r.stderr
+    return (tmp_path / "argv").read_text().splitlines()
+
+
+JOB_SETTINGS = {"FP4CCL_TIMEOUT": "30", "FP4CCL_ALGO": "ring", "FP4CCL_CHECK": "1", "NCCL_DEBUG": "INFO",
+                "NCCL_PROTO": "Simple", "FP4CCL_DEBUG": "WARN", "UNRELATED_SETTING": "x"}
+
+
+def test_mpirun_sh_forwards_every_fp4ccl_and_nccl_variable_under_open_mpi(tmp_path):
+    argv = _run_mpirun_sh(tmp_path, "mpirun (Open MPI) 4.1.6", JOB_SETTINGS)
+    assert argv[0] == "mpirun" and argv[-3:] == ["python", "job.py", "--flag"], argv
+    forwarded = {argv[i + 1] for i, a in enumerate(argv) if a == "-x"}
+    assert {k for k in JOB_SETTINGS if k.startswith(("FP4CCL_", "NCCL_"))} <= forwarded, argv
+    assert "UNRELATED_SETTING" not in forwarded and "PYTHONUNBUFFERED=1" in forwarded
+    assert "--host" not in argv   # HOSTS unset: this machine only
+
+
+def test_mpirun_sh_relies_on_hydra_forwarding_under_mpich(tmp_path):
+    argv = _run_mpirun_sh(tmp_path, "HYDRA build details:", {**JOB_SETTINGS, "HOSTS": "a:2,b:2"})
+    assert argv[0] == "mpiexec" and "-x" not in argv, argv   # Hydra passes the whole environment itself
+    assert argv[argv.index("--host") + 1] == "a:2,b:2" and argv[-3:] == ["python", "job.py", "--flag"]

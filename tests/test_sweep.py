@@ -84,6 +84,9 @@ def test_uneven_busbw_factor(n, factor):
     (["-c", "2"], "-c/--check"),
     (["--baselines", "gloo"], "--baselines"),
     (["-o", "avg", "-d", "int32"], "floating"),
+    (["--json", "/nonexistent-fp4ccl-dir/x.json"], "--json: directory /nonexistent-fp4ccl-dir does not exist"),
+    (["--plot", "/nonexistent-fp4ccl-dir/x.png"], "--plot: directory /nonexistent-fp4ccl-dir does not exist"),
+    (["--json", "/"], "--json: / is a directory"),
 ])
 def test_bad_flags_one_line(argv, words, capsys):
     assert sweep.main(argv) == 2
@@ -288,6 +291,40 @@ def test_sweep_logical_bytes_and_speedup():
     assert all(r["extra"] == ["-", "-"] for r in rows[:3])
 
 
+def test_output_directory_must_be_writable(tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):   # root writes anywhere: pretend it cannot
+        monkeypatch.setattr(sweep.os, "access", lambda path, mode: False)
+    assert sweep.main(["--json", str(ro / "rows.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--json: directory {ro} is not writable" in err, err
+
+
+def _sweep_with_broken_plot(comm, argv):
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("plot failed")
+    saved, sweep.plot_rows = sweep.plot_rows, broken_plot
+    try:
+        sweep.run(comm, argv, out=io.StringIO(), err=io.StringIO())
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        sweep.plot_rows = saved
+    return "no error"
+
+
+def test_json_is_written_before_a_failing_plot(tmp_path):
+    """A plot that fails at the end (matplotlib, a full disk) must not cost the JSON of the whole sweep."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rows.json"
+    argv = ["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "--ops", "all_gather", "--json", str(out),
+            "--plot", str(tmp_path / "p.png")]
+    assert run_ranks(1, _sweep_with_broken_plot, argv) == ["plot failed"]
+    assert json.loads(out.read_text())["rows"][0]["op"] == "all_gather"
+
+
 def test_plot_needs_matplotlib(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert sweep.main(["--plot", "x.png"]) == 2
@@ -301,3 +338,80 @@ def test_plot_rows(tmp_path):
     path = tmp_path / "p.png"
     sweep.plot_rows(rows, str(path), title="t")
     assert path.stat().st_size > 10000
+
+
+# -- FP4 rows at 3 ranks: redop, speedup against the plain op of the same logical tensor, small sizes -----
+
+FP4_OPS = "all_gather,reduce_scatter,all_gatherv_nvfp4,reduce_scatterv_nvfp4"
+
+
+def _sections(text: str) -> dict:
+    """op name -> (its rows, its '#' note lines) from the table, in order."""
+    out, name = {}, None
+    for line in text.splitlines():
+        if line.startswith("# ") and "(busbw factor" in line:
+            name = line.split()[1]
+            out[name] = ([], [])
+        elif name and line.startswith("#") and not line.startswith("#     size(B)") and line.strip() != "#":
+            out[name][1].append(line)
+        elif name and not line.startswith("#") and line.strip():
+            out[name][0].extend(parse_table(line))
+    return out
+
+
+def _sweep_rows(n, argv, tmp_path):
+    path = str(tmp_path / "rows.json")
+    results = run_ranks(n, _run_sweep, argv + ["--json", path])
+    assert [s for s, _ in results] == [0] * n, results[0][1]
+    return results[0][1], json.loads(open(path).read())
+
+
+def test_fp4_reduce_scatter_rows_say_sum(tmp_path):
+    text, doc = _sweep_rows(3, ["-b", "16K", "-e", "64K", "-n", "1", "-w", "0", "--ops", "reduce_scatterv_nvfp4"],
+                            tmp_path)
+    rows = _sections(text)["reduce_scatterv_nvfp4"][0]
+    assert rows and all(r["redop"] == "sum" for r in rows), text
+    assert {r["redop"] for r in doc["rows"]} == {"sum"}
+
+
+def test_fp4_reduce_scatter_skips_other_redops_with_a_note():
+    results = run_ranks(3, _run_sweep, ["-b", "16K", "-e", "16K", "-n", "1", "-w", "0", "-o", "max",
+                                        "--ops", "reduce_scatterv_nvfp4"])
+    assert [s for s, _ in results] == [0] * 3
+    rows, notes = _sections(results[0][1])["reduce_scatterv_nvfp4"]
+    assert rows == [] and any("skipped" in n and "sum" in n for n in notes), results[0][1]
+
+
+@pytest.mark.parametrize("ops", [FP4_OPS, "all_gatherv_nvfp4,reduce_scatterv_nvfp4,all_gather,reduce_scatter",
+                                 "all_gatherv_nvfp4,reduce_scatterv_nvfp4"])
+def test_fp4_speedup_at_three_ranks_against_the_same_logical_tensor(tmp_path, ops):
+    # At 3 ranks with the default -b/-f, the plain ops round their sizes to a multiple of 3 elements
+    # (1020, 4092, 16380 B ...) and the FP4 ops to whole 1024-element rows per rank (12288 B ...): no
+    # plain row has the FP4 row's logical size, whatever the order of --ops, or with no plain op at all.
+    text, doc = _sweep_rows(3, ["-e", "64K", "-n", "1", "-w", "0", "--ops", ops], tmp_path)
+    table = _sections(text)
+    for name, base in (("all_gatherv_nvfp4", "all_gather"), ("reduce_scatterv_nvfp4", "reduce_scatter")):
+        rows = [r for r in doc["rows"] if r["op"] == name]
+        assert rows and all(r["speedup"] is not None for r in rows), text
+        assert all(r["extra"][1].endswith("x") for r in table[name][0]), text
+        for r in rows:
+            assert r["baseline_impl"] == "fp4ccl"    # the host backend's own plain op: no NCCL here
+            assert r["speedup"] == pytest.approx(r["baseline_us"] / r["time_us"])
+            plain = [p for p in doc["rows"] if p["op"] == base and p["size"] == r["logical_bytes"]]
+            if plain:   # the table has the plain op at exactly this size: that row is the reference
+                assert r["baseline_us"] == plain[0]["time_us"]
+        assert any(base in line and "speedup" in line for line in table[name][1]), text
+    # the references timed beside the FP4 rows are not rows of the table
+    assert all(p["size"] % 3 == 0 for p in doc["rows"] if p["op"] in ("all_gather", "reduce_scatter"))
+
+
+def test_fp4_small_sizes_are_skipped_with_a_note():
+    results = run_ranks(3, _run_sweep, ["-e", "16K", "-n", "1", "-w", "0", "--ops", FP4_OPS])
+    table = _sections(results[0][1])
+    assert [r["size"] for r in table["all_gather"][0]] == [1020, 4092, 16380]
+    for name in ("all_gatherv_nvfp4", "reduce_scatterv_nvfp4"):
+        rows, notes = table[name]
+        assert [int(r["extra"][0]) for r in rows] == [6144 * 2], results[0][1]   # 16K -> 2 rows per rank
+        skip = [n for n in notes if "skipped" in n]
+        assert len(skip) == 1 and "1024, 4096 B" in skip[0] and "1024-element row per rank" in skip[0], notes
+        assert "6144 B" in skip[0], notes
