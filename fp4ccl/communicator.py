@@ -15,7 +15,7 @@ from ._timeout import env_timeout
 from .bootstrap.env import RankInfo, discover
 from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
                                  TorchStoreAdapter, pack_ints, unpack_ints)
-from .errors import CommClosedError
+from .errors import CommClosedError, CommTimeoutError
 
 OPS = ("sum", "prod", "max", "min", "avg")
 _INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -31,12 +31,55 @@ def _is_fp4(x) -> bool:
     return type(x).__name__ == "FP4Tensor" and type(x).__module__.startswith("fp4ccl.")
 
 
+class _TimeoutGuard:
+    """The backend as everything above it calls it (the Communicator, the v-collectives, the FP4 codecs).
+
+    A call that raises CommTimeoutError marks the communicator closed before the error propagates, so
+    every later call fails at its argument checks with CommClosedError instead of reaching a backend
+    that is gone (the NCCL backend has aborted itself by then). One place for every backend call,
+    rather than a try in each collective. Public methods are wrapped on first use and cached on the
+    guard; everything else is read live from the backend.
+    """
+
+    def __init__(self, backend, comm: "Communicator"):
+        self.__backend = backend
+        self.__comm = comm
+        self.name = backend.name  # read on every call through Communicator.backend: a plain attribute
+
+    def __getattr__(self, name: str):  # only for names not yet on the guard
+        if name.startswith("_TimeoutGuard__"):
+            raise AttributeError(name)  # a guard made without __init__ (copy, pickle): no recursion
+        attr = getattr(self.__backend, name)
+        if name[0] == "_" or not callable(attr):
+            return attr  # state such as NCCL's group depth changes: never cached
+        comm = self.__comm
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except CommTimeoutError as err:
+                comm._timed_out(err)
+                raise
+        call.__name__ = call.__qualname__ = name
+        setattr(self, name, call)
+        return call
+
+    @property
+    def _depth(self) -> int:
+        # NCCL's group depth, read by symm_repeat on its per-call fast path: a property costs a tenth
+        # of the __getattr__ fallback.
+        return getattr(self.__backend, "_depth", 0)
+
+    def __repr__(self) -> str:
+        return f"<timeout guard over {self.__backend!r}>"
+
+
 class Communicator:
     """A group of ranks that run collectives together; build one with `fp4ccl.init()`."""
 
     def __init__(self, backend, exchange: Exchange, *, local_rank: int = 0, local_size: int = 1,
                  device: Optional[int] = None, launcher: str = "single"):
-        self._backend = backend
+        self._backend = _TimeoutGuard(backend, self)
         # A backend's name never changes; the per-call checks branch on it without a property call.
         self._host = backend.name == "host"
         self._exchange = exchange
@@ -49,7 +92,8 @@ class Communicator:
         # The device inputs must be on (None: host memory); -1 matches nothing, for a GPU backend
         # built without a device, so every array is refused there as before.
         self._home = None if self._host else (device if device is not None else -1)
-        self._closed: Optional[str] = None
+        self._closed: Optional[str] = None  # "destroy" | "abort" | "timeout" once closed
+        self._timeout = ""                  # the CommTimeoutError that closed it, for later errors
         self._extras = {}  # per-communicator caches owned by other modules (symmetric workspaces, ...)
 
     # -- construction -------------------------------------------------------------------------------
@@ -103,14 +147,23 @@ class Communicator:
         return self._device
 
     def __repr__(self) -> str:
-        state = f", closed by {self._closed}" if self._closed else ""
+        state = f", {self._closed_how()}" if self._closed else ""
         where = f", device=cuda:{self._device}" if self._device is not None else ""
         return f"<fp4ccl.Communicator rank={self._rank} size={self._size} backend={self.backend}{where}{state}>"
 
     # -- checks -------------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise CommClosedError(f"this communicator was closed by {self._closed}(); create a new one with fp4ccl.init()")
+            raise CommClosedError(f"this communicator was {self._closed_how()}; create a new one with fp4ccl.init()")
+
+    def _closed_how(self) -> str:
+        return f"aborted after a timeout ({self._timeout})" if self._timeout else f"closed by {self._closed}()"
+
+    def _timed_out(self, err: CommTimeoutError) -> None:
+        """A backend call timed out: closed from now on (the guard's one hook, see _TimeoutGuard)."""
+        if not self._closed:
+            self._closed = "timeout"
+            self._timeout = str(err)
 
     def _input(self, x: Any, name: str = "x") -> ArrayInfo:
         if self._closed:
@@ -378,6 +431,9 @@ class Communicator:
     # -- teardown -----------------------------------------------------------------------------------
     def destroy(self) -> None:
         """Release the communicator after pending work completes (collective); later calls raise."""
+        if self._closed == "timeout":  # its peers cannot be waited for any more: release it locally
+            self.abort()
+            return
         if self._closed:
             return
         for cleanup in list(self._extras.values()):
