@@ -6,7 +6,7 @@ import math
 import operator
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import _arrays
 from ._arrays import ArrayInfo
@@ -99,7 +99,10 @@ class Communicator:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_mpi(cls, mpi_comm=None, backend: Optional[str] = None, device: Optional[int] = None) -> "Communicator":
-        """Build a communicator over the ranks of an mpi4py communicator (collective over it)."""
+        """Build a communicator over the ranks of an mpi4py communicator (collective over it).
+
+        device: the CUDA ordinal; default as for init() (default_device), also for a sub-communicator.
+        """
         if mpi_comm is None:
             from mpi4py import MPI
             mpi_comm = MPI.COMM_WORLD
@@ -109,16 +112,19 @@ class Communicator:
             local_rank, local_size = local.Get_rank(), local.Get_size()
         finally:
             local.Free()
-        return _build(exchange, backend, device, local_rank, local_size, "mpi")
+        return _build(exchange, backend, device, local_rank, local_size, "mpi", discover())
 
     @classmethod
     def from_torch(cls, group=None, backend: Optional[str] = None, device: Optional[int] = None) -> "Communicator":
-        """Build a communicator over a torch.distributed ProcessGroup (collective over the group)."""
+        """Build a communicator over a torch.distributed ProcessGroup (collective over the group).
+
+        device: the CUDA ordinal; default as for init() (default_device), also for a sub-group.
+        """
         exchange = TorchGroupExchange(group)
         env = discover()
         local_rank = env.local_rank if env.size == exchange.size else exchange.rank
         local_size = env.local_size if env.size == exchange.size else exchange.size
-        return _build(exchange, backend, device, local_rank, local_size, "torch")
+        return _build(exchange, backend, device, local_rank, local_size, "torch", env)
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -467,11 +473,24 @@ def init(backend: Optional[str] = None, *, device: Optional[int] = None) -> Comm
     """Create the world communicator from the launcher's environment (collective over the job).
 
     backend: "nccl", "host", or None (also FP4CCL_BACKEND): NCCL when CUDA GPUs and NCCL are usable,
-    otherwise host. device: the CUDA ordinal; default local_rank.
+    otherwise host. device: the CUDA ordinal; default: see default_device.
     """
     info = discover()
     exchange = default_exchange(info)
-    return _build(exchange, backend, device, info.local_rank, info.local_size, info.launcher)
+    return _build(exchange, backend, device, info.local_rank, info.local_size, info.launcher, info)
+
+
+def default_device(world: RankInfo, current_device: Callable[[], int]) -> int:
+    """The CUDA device a rank uses when given no device=, for the world and for any sub-group alike.
+
+    Under a launcher (fp4ccl-run, mpirun, srun, torchrun): this process's local rank in the whole job,
+    the GPU launchers hand it; a rank's place within a sub-group says nothing about which GPU its
+    process owns (global rank 2 of group [0, 2] is local rank 2, not 1). Without launcher variables
+    (processes a program started itself): the process's current CUDA device, which such a program
+    sets (torch.cuda.set_device), as torch's own NCCL backend expects; `current_device` is asked
+    only then.
+    """
+    return world.local_rank if world.launcher != "single" else current_device()
 
 
 def default_exchange(info: RankInfo) -> Exchange:
@@ -536,7 +555,7 @@ def gpus_usable() -> int:
 
 
 def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], local_rank: int,
-           local_size: int, launcher: str) -> Communicator:
+           local_size: int, launcher: str, world: RankInfo) -> Communicator:
     requested = (backend or os.environ.get("FP4CCL_BACKEND") or "auto").lower()
     if requested not in ("auto", "nccl", "host"):
         raise ValueError(f"backend={requested!r} is not one of 'nccl', 'host' (or None for automatic)")
@@ -556,14 +575,24 @@ def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], lo
         return Communicator(HostBackend(exchange), exchange, local_rank=local_rank, local_size=local_size,
                             device=None, launcher=launcher)
     if device is None:
-        device = local_rank
+        device = default_device(world, _current_device)
     if not 0 <= device < ngpu:
-        raise ValueError(f"device={device} (local rank {local_rank}) but only {ngpu} CUDA device(s) are visible; "
-                         f"run at most {ngpu} ranks per node, and do not hide GPUs with CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"device={device} (local rank {world.local_rank} of the job) but only {ngpu} CUDA device(s) "
+                         f"are visible; run at most {ngpu} ranks per node, and do not hide GPUs with "
+                         f"CUDA_VISIBLE_DEVICES")
     _make_current(device)
     from .backends.nccl import NcclBackend
     return Communicator(NcclBackend(exchange, exchange.rank, exchange.size, device), exchange,
                         local_rank=local_rank, local_size=local_size, device=device, launcher=launcher)
+
+
+def _current_device() -> int:
+    """The calling thread's current CUDA device (torch's, where the program has started torch's CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    import cupy
+    return cupy.cuda.runtime.getDevice()
 
 
 def _make_current(device: int) -> None:
