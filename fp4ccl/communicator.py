@@ -6,7 +6,7 @@ import math
 import operator
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from . import _arrays
 from ._arrays import ArrayInfo
@@ -536,22 +536,34 @@ def _mpi_shared_type():
     return MPI.COMM_TYPE_SHARED
 
 
-def gpus_usable() -> int:
-    """Number of CUDA devices usable through CuPy with NCCL loadable; 0 when either is missing."""
+def gpus_usable() -> Tuple[int, str]:
+    """(CUDA devices usable through CuPy with NCCL loadable, why there are none when that is 0).
+
+    The reason names what failed, with the exception's type and message, and is logged at INFO."""
+    count, why = _probe_gpus()
+    if not count:
+        log.info("no usable GPU: %s", why)
+    return count, why
+
+
+def _probe_gpus() -> Tuple[int, str]:
     try:
         import cupy
+    except ImportError as err:
+        return 0, (f"CuPy cannot be imported ({type(err).__name__}: {err}); install fp4ccl's cuda13 or cuda12 "
+                   f"extra")
+    try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        return 0
+    except Exception as err:  # noqa: BLE001 - no driver, a driver too old, ...: each means no usable GPU
+        return 0, f"CUDA is not usable ({type(err).__name__}: {err})"
     if count == 0:
-        return 0
+        return 0, "no CUDA device is visible"
     try:
         from . import nccl
         nccl.load()
-    except Exception as err:  # noqa: BLE001 - any failure to load means "no NCCL here"
-        log.info("GPUs present but NCCL unusable (%s); falling back to the host backend", err)
-        return 0
-    return count
+    except Exception as err:  # noqa: BLE001 - the loader's own message says where it looked and what to set
+        return 0, f"{count} CUDA device(s), but NCCL cannot be loaded ({type(err).__name__}: {err})"
+    return count, ""
 
 
 def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], local_rank: int,
@@ -559,11 +571,10 @@ def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], lo
     requested = (backend or os.environ.get("FP4CCL_BACKEND") or "auto").lower()
     if requested not in ("auto", "nccl", "host"):
         raise ValueError(f"backend={requested!r} is not one of 'nccl', 'host' (or None for automatic)")
-    ngpu = gpus_usable() if requested != "host" else 0
+    ngpu, why = gpus_usable() if requested != "host" else (0, "")
     chosen = requested if requested != "auto" else ("nccl" if ngpu else "host")
     if chosen == "nccl" and ngpu == 0:
-        raise RuntimeError("backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here "
-                           "(FP4CCL_DEBUG=INFO says why; set FP4CCL_NCCL_LIBRARY to point at libnccl.so.2)")
+        raise RuntimeError(f"backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here: {why}")
     # Ranks must agree, or the first collective would hang: fail everywhere instead.
     choices = [c.decode() for c in exchange.all_gather_bytes(chosen.encode())]
     if len(set(choices)) > 1:

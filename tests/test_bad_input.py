@@ -85,11 +85,65 @@ def test_after_destroy():
 
 def test_nccl_backend_without_gpu(monkeypatch):
     from fp4ccl import communicator
-    monkeypatch.setattr(communicator, "gpus_usable", lambda: 0)
-    with pytest.raises(RuntimeError, match="backend='nccl' needs CUDA GPUs"):
+    monkeypatch.setattr(communicator, "gpus_usable", lambda: (0, "no CUDA device is visible"))
+    with pytest.raises(RuntimeError, match="backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here: "
+                                           "no CUDA device is visible"):
         fp4ccl.init("nccl")
     with pytest.raises(ValueError, match="backend='gloo' is not one of"):
         fp4ccl.init("gloo")
+
+
+def _fake_cupy(monkeypatch, count):
+    """A CuPy whose runtime reports `count` devices, or raises `count` when it is an exception."""
+    import sys
+    import types
+
+    def device_count():
+        if isinstance(count, Exception):
+            raise count
+        return count
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=device_count))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+
+
+def _no_launcher(monkeypatch):
+    for var in ("FP4CCL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("case", ["no cupy", "no driver", "no device", "no nccl"])
+def test_nccl_backend_says_why_no_gpu_is_usable(monkeypatch, caplog, case):
+    """init('nccl') names the actual reason (exception type and message) in its error and logs it at
+    INFO; FP4CCL_NCCL_LIBRARY comes up only where the NCCL library is what is missing."""
+    import sys
+
+    from fp4ccl import nccl
+    _no_launcher(monkeypatch)
+    if case == "no cupy":
+        monkeypatch.setitem(sys.modules, "cupy", None)  # what an absent package looks like to import
+        want = r"CuPy cannot be imported \((ModuleNotFound|Import)Error: "
+    elif case == "no driver":
+        _fake_cupy(monkeypatch, RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient"))
+        want = r"CUDA is not usable \(RuntimeError: cudaErrorInsufficientDriver: CUDA driver version"
+    elif case == "no device":
+        _fake_cupy(monkeypatch, 0)
+        want = "no CUDA device is visible"
+    else:
+        _fake_cupy(monkeypatch, 2)
+        monkeypatch.setattr(nccl, "_lib", None)
+        monkeypatch.setenv(nccl.ENV_LIBRARY, "/nonexistent/libnccl.so.2")
+        want = r"2 CUDA device\(s\), but NCCL cannot be loaded \(NcclLoadError: FP4CCL_NCCL_LIBRARY='/nonexistent/"
+    with caplog.at_level("INFO", logger="fp4ccl.communicator"):
+        with pytest.raises(RuntimeError, match="backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here: "
+                                               + want) as info:
+            fp4ccl.init("nccl")
+    assert ("FP4CCL_NCCL_LIBRARY" in str(info.value)) == (case == "no nccl"), str(info.value)
+    assert "no usable GPU: " in caplog.text and str(info.value).split("here: ")[1] in caplog.text
+    # Without backend='nccl' the same probe picks the host backend.
+    c = fp4ccl.init()
+    assert c.backend == "host"
+    c.destroy()
 
 
 def test_torch_cuda_tensor_on_host_comm(comm):

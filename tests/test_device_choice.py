@@ -58,7 +58,7 @@ def fake_gpus(monkeypatch):
 
     import fp4ccl.backends.nccl as nccl_backend
     monkeypatch.setattr(nccl_backend, "NcclBackend", Backend)
-    monkeypatch.setattr(communicator, "gpus_usable", lambda: 4)
+    monkeypatch.setattr(communicator, "gpus_usable", lambda: (4, ""))
     monkeypatch.setattr(communicator, "_make_current", lambda device: None)
     monkeypatch.setattr(communicator, "TorchGroupExchange", lambda group: _GroupExchange())
     monkeypatch.setattr(communicator, "MPIExchange", lambda comm: _GroupExchange())
