@@ -27,6 +27,17 @@ def check_consistency() -> bool:
     return os.environ.get("FP4CCL_CHECK", "0") not in ("", "0")
 
 
+def _integer(value, name: str) -> int:
+    """value as an int: any integral type (int, numpy integer, 0-d integer tensor), through
+    operator.index. bool is refused, for ranks and row counts alike: True would quietly mean 1."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
 def _is_fp4(x) -> bool:
     return type(x).__name__ == "FP4Tensor" and type(x).__module__.startswith("fp4ccl.")
 
@@ -198,13 +209,23 @@ class Communicator:
             raise TypeError(f"{name} has dtype {info.dtype}, expected {like.dtype} (the input's)")
         if info.shape != shape:
             raise ValueError(f"{name} has shape {info.shape}, expected {shape}")
+        self._check_writeable(info, name)
         return out, info
+
+    @staticmethod
+    def _check_writeable(info: ArrayInfo, name: str) -> None:
+        if not info.writeable:
+            raise ValueError(f"{name} is a read-only numpy array (flags.writeable is False), but this call "
+                             f"writes into it")
 
     def _stream(self, info: ArrayInfo, stream: Any) -> int:
         return _arrays.current_stream(info, stream) if info.device is not None else 0
 
     def _check_root(self, root: int, name: str = "root") -> int:
-        if not isinstance(root, int) or isinstance(root, bool) or not 0 <= root < self._size:
+        """root (or peer) as an int in [0, size): TypeError if not an integer, ValueError if out of range."""
+        if type(root) is not int:
+            root = _integer(root, name)
+        if not 0 <= root < self._size:
             raise ValueError(f"{name}={root!r} is out of range for a communicator of size {self._size}")
         return root
 
@@ -238,7 +259,7 @@ class Communicator:
     def broadcast(self, x, root: int = 0, *, out=None, stream=None):
         """Root's x to every rank (collective); other ranks' x gives shape and dtype. `out=x` works in place."""
         info = self._input(x)
-        self._check_root(root)
+        root = self._check_root(root)
         out, oinfo = self._output(info, info.shape, out)
         self._backend.broadcast(info, oinfo, root, self._stream(info, stream))
         return out
@@ -246,7 +267,7 @@ class Communicator:
     def reduce(self, x, root: int = 0, op: str = "sum", *, out=None, stream=None):
         """Reduce x over all ranks onto root (collective); returns the result on root, None elsewhere."""
         info = self._input(x)
-        self._check_root(root)
+        root = self._check_root(root)
         self._check_op(op, info)
         oinfo = None
         if self._rank == root:
@@ -283,9 +304,9 @@ class Communicator:
         if sizes is None:
             sizes = [unpack_ints(b)[0] for b in self._exchange.all_gather_bytes(pack_ints(local_rows))]
         try:
-            sizes = [operator.index(s) for s in sizes]
+            sizes = [s if type(s) is int else _integer(s, "sizes") for s in sizes]
         except TypeError:
-            raise TypeError(f"{what}: sizes must be a sequence of integers, got {sizes!r}") from None
+            raise TypeError(f"{what}: sizes must be a sequence of integers (not bools), got {sizes!r}") from None
         if len(sizes) != self._size:
             raise ValueError(f"{what}: sizes has {len(sizes)} entries but the world size is {self._size}")
         if any(s < 0 for s in sizes):
@@ -400,13 +421,14 @@ class Communicator:
     def send(self, x, peer: int, *, stream=None) -> None:
         """Send x to rank `peer` (point-to-point; pair it with a recv there, or put both in a group)."""
         info = self._input(x)
-        self._check_root(peer, "peer")
+        peer = self._check_root(peer, "peer")
         self._backend.send(info, peer, self._stream(info, stream))
 
     def recv(self, x, peer: int, *, stream=None):
         """Receive into x from rank `peer` (point-to-point); returns x."""
         info = self._input(x)
-        self._check_root(peer, "peer")
+        self._check_writeable(info, "x")
+        peer = self._check_root(peer, "peer")
         self._backend.recv(info, peer, self._stream(info, stream))
         return x
 

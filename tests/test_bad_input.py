@@ -257,3 +257,56 @@ def test_torch_tensors_that_cannot_be_used(comm):
         comm.all_gather(torch.ones(3, dtype=torch.complex64))
     # and after all that the communicator still works
     assert torch.equal(comm.all_reduce(torch.arange(3.0)), torch.arange(3.0))
+
+
+def test_read_only_outputs_are_refused_before_the_call(comm):
+    ro = np.zeros(4, np.float32)
+    ro.flags.writeable = False
+    x = np.ones(4, np.float32)
+    for call in (lambda: comm.all_reduce(x, out=ro), lambda: comm.broadcast(ro, 0, out=ro),
+                 lambda: comm.all_gatherv(x, [4], out=ro), lambda: comm.reduce(x, 0, out=ro)):
+        with pytest.raises(ValueError, match="out is a read-only numpy array"):
+            call()
+    with pytest.raises(ValueError, match="x is a read-only numpy array .* writes into it"):
+        comm.recv(ro, 0)
+    # Inputs are only read: a read-only x is fine, and nothing above reached the wire.
+    assert np.array_equal(comm.all_reduce(ro), ro)
+    comm.send(x, 0)
+    assert np.array_equal(comm.recv(np.empty(4, np.float32), 0), x)
+
+
+def test_tensors_that_require_grad_are_moved_like_any_other(comm):
+    torch = pytest.importorskip("torch")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.arange(4.0, dtype=dtype).requires_grad_()
+        assert torch.equal(comm.all_reduce(x), x.detach())
+        out = torch.empty(4, dtype=dtype, requires_grad=True)
+        comm.all_gather(x, out=out)
+        assert torch.equal(out.detach(), x.detach())
+    x = torch.ones(2, 16, requires_grad=True)
+    assert torch.equal(comm.all_gatherv(x, [2], compress="nvfp4"), x.detach())
+
+
+def test_root_peer_and_sizes_take_any_integer_but_not_bool(comm):
+    torch = pytest.importorskip("torch")
+    x = np.arange(4, dtype=np.float32)
+    for root in (np.int64(0), np.int32(0), torch.tensor(0)):
+        assert np.array_equal(comm.broadcast(x, root), x)
+        assert np.array_equal(comm.reduce(x, root), x)
+        comm.send(x, root)
+        assert np.array_equal(comm.recv(np.empty(4, np.float32), root), x)
+    assert np.array_equal(comm.all_gatherv(x, np.array([4])), x)
+    assert np.array_equal(comm.all_gatherv(x, [np.int16(4)]), x)
+    for bad in (True, np.bool_(False), torch.tensor(False)):
+        with pytest.raises(TypeError, match="root must be an integer, got the bool"):
+            comm.broadcast(x, bad)
+        with pytest.raises(TypeError, match="peer must be an integer, got the bool"):
+            comm.send(x, bad)
+        with pytest.raises(TypeError, match=r"all_gatherv: sizes must be a sequence of integers \(not bools\)"):
+            comm.all_gatherv(x, [bad])
+    with pytest.raises(TypeError, match="root must be an integer, got 0.0"):
+        comm.reduce(x, 0.0)
+    with pytest.raises(TypeError, match="reduce_scatterv: sizes must be a sequence of integers"):
+        comm.reduce_scatterv(x, [4.0])
+    with pytest.raises(ValueError, match="root=1 is out of range for a communicator of size 1"):
+        comm.broadcast(x, np.int64(1))
