@@ -38,6 +38,15 @@ def _integer(value, name: str) -> int:
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
 
 
+def _fp4_only(what: str, options: tuple) -> None:
+    """ValueError naming the FP4 options, (name, value, default) triples, that a call without compress=
+    was given: they would be silently ignored."""
+    names = ", ".join(f"{name}={value!r}" for name, value, default in options
+                      if value is not default and value != default)
+    raise ValueError(f"{what}: {names} needs compress='nvfp4' or 'mxfp4' (FP4 on the wire); without compress "
+                     f"the rows move in x's own dtype")
+
+
 def _is_fp4(x) -> bool:
     return type(x).__name__ == "FP4Tensor" and type(x).__module__.startswith("fp4ccl.")
 
@@ -272,6 +281,8 @@ class Communicator:
         oinfo = None
         if self._rank == root:
             out, oinfo = self._output(info, info.shape, out)
+        elif out is not None:  # unused here, but checked as on root, so a wrong out fails on every rank
+            self._output(info, info.shape, out)
         self._backend.reduce(info, oinfo, op, root, self._stream(info, stream))
         return out if self._rank == root else None
 
@@ -324,10 +335,12 @@ class Communicator:
 
         sizes: rows contributed by each rank (0 allowed); None exchanges them first, which syncs the
         host and so cannot be captured in a CUDA graph. compress="nvfp4"|"mxfp4" moves the rows as FP4
-        (see fp4ccl.fp4_collectives); an FP4Tensor x is gathered as it is. out: an array for the rows,
-        or, where the result is FP4 (dequantize=False, or an FP4Tensor x), an earlier such result to
-        gather into.
+        (see fp4ccl.fp4_collectives); global_scale and dequantize need it. An FP4Tensor x is gathered as
+        it is. out: an array for the rows, or, where the result is FP4 (dequantize=False, or an FP4Tensor
+        x), an earlier such result to gather into.
         """
+        if compress is None and (not dequantize or global_scale != "per_rank") and not _is_fp4(x):
+            _fp4_only("all_gatherv", (("dequantize", dequantize, True), ("global_scale", global_scale, "per_rank")))
         args = (x, sizes, out, stream, compress, global_scale, dequantize)
         if out is not None and self._extras:
             from . import symm_repeat
@@ -358,8 +371,12 @@ class Communicator:
         """Reduce x over all ranks; rank s gets rows [off_s, off_s + sizes[s]) of the result (collective).
 
         compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
-        them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives).
+        them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives);
+        rounding and seed need it.
         """
+        # Checked before the repeat path below, whose key leaves these two out.
+        if compress is None and (rounding != "nearest" or seed is not None):
+            _fp4_only("reduce_scatterv", (("rounding", rounding, "nearest"), ("seed", seed, None)))
         args = (x, sizes, op, out, stream, compress, rounding, seed)
         if out is not None and compress is None and self._extras:
             from . import symm_repeat

@@ -310,3 +310,41 @@ def test_root_peer_and_sizes_take_any_integer_but_not_bool(comm):
         comm.reduce_scatterv(x, [4.0])
     with pytest.raises(ValueError, match="root=1 is out of range for a communicator of size 1"):
         comm.broadcast(x, np.int64(1))
+
+
+def test_fp4_options_without_compress_are_refused(comm):
+    x = np.ones((4, 16), np.float32)
+    for kwargs, named in (({"dequantize": False}, "dequantize=False"),
+                          ({"global_scale": "shared"}, "global_scale='shared'"),
+                          ({"dequantize": False, "global_scale": "shared"}, "dequantize=False, global_scale='shared'")):
+        with pytest.raises(ValueError, match=f"all_gatherv: {named} needs compress='nvfp4' or 'mxfp4'"):
+            comm.all_gatherv(x, [4], **kwargs)
+    for kwargs, named in (({"rounding": "stochastic", "seed": 3}, "rounding='stochastic', seed=3"),
+                          ({"seed": 3}, "seed=3")):
+        with pytest.raises(ValueError, match=f"reduce_scatterv: {named} needs compress='nvfp4' or 'mxfp4'"):
+            comm.reduce_scatterv(x, [4], **kwargs)
+        with pytest.raises(ValueError, match=f"reduce_scatterv: {named} needs compress"):
+            comm.reduce_scatterv(x, [4], out=np.empty_like(x), **kwargs)
+    # The defaults spelled out are fine, and so are the options with compress.
+    assert comm.all_gatherv(x, [4], dequantize=True, global_scale="per_rank").shape == (4, 16)
+    assert comm.reduce_scatterv(x, [4], rounding="nearest", seed=None).shape == (4, 16)
+    assert comm.all_gatherv(x, [4], compress="nvfp4", global_scale="shared").shape == (4, 16)
+    assert comm.reduce_scatterv(x, [4], compress="nvfp4", rounding="stochastic", seed=3).shape == (4, 16)
+
+
+def _reduce_with_a_wrong_out_elsewhere(comm):
+    x = np.ones(4, np.float32)
+    try:
+        comm.reduce(x, 0, out=np.empty(3, np.float32))
+    except ValueError as err:
+        assert "out has shape (3,), expected (4,)" in str(err), str(err)
+    else:
+        raise AssertionError(f"rank {comm.rank}: reduce took a wrong out")
+    # Nothing reached the wire on any rank, so the next collective still lines up.
+    y = comm.reduce(x, 0, out=np.empty(4, np.float32) if comm.rank else None)
+    assert (y is None) == (comm.rank != 0) and (y is None or np.array_equal(y, np.full(4, comm.size, np.float32)))
+    return True
+
+
+def test_reduce_checks_out_on_every_rank():
+    assert run_ranks(2, _reduce_with_a_wrong_out_elsewhere) == [True, True]
