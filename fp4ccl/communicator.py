@@ -423,13 +423,15 @@ class Communicator:
         from .symmetric import symmetric_empty
         return symmetric_empty(self, shape, dtype)
 
-    def all_gather_matmul(self, a_shard, bs, gather_dim: int = 0, **kwargs):
+    def all_gather_matmul(self, a_shard, bs, gather_dim: int = 0, *, return_a: bool = True,
+                          compress: Optional[str] = None, out=None, gathered_rhs: bool = False):
         """(a_full or None, [a_full @ b for b in bs]) with the gather overlapped with the matmuls (collective)."""
         self._check_open()
         from .overlap import all_gather_matmul
-        return all_gather_matmul(self, a_shard, bs, gather_dim, **kwargs)
+        return all_gather_matmul(self, a_shard, bs, gather_dim, return_a=return_a, compress=compress, out=out,
+                                 gathered_rhs=gathered_rhs)
 
-    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum", out=None):
+    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum", *, out=None):
         """The reduce-scatter of a @ b along scatter_dim, overlapped with the matmul (collective)."""
         self._check_open()
         from .overlap import matmul_reduce_scatter
