@@ -86,8 +86,8 @@ class _TimeoutGuard:
 
     @property
     def _depth(self) -> int:
-        # NCCL's group depth, read by symm_repeat on its per-call fast path: a property costs a tenth
-        # of the __getattr__ fallback.
+        # NCCL's group depth, read on every call by the v-collectives and symm_repeat's fast path: a
+        # property costs a tenth of the __getattr__ fallback.
         return getattr(self.__backend, "_depth", 0)
 
     def __repr__(self) -> str:
