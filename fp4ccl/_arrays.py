@@ -50,6 +50,7 @@ class ArrayInfo:
     dtype: str              # canonical name, see ITEMSIZE
     device: Optional[int]   # CUDA ordinal, or None for host memory
     contiguous: bool
+    writeable: bool = True  # False for a read-only numpy array (torch and CuPy have no such flag)
 
     @property
     def size(self) -> int:
@@ -153,7 +154,9 @@ def _describe_numpy(x, name: str) -> ArrayInfo:
     dtype = _NAME_OF_NUMPY.get(x.dtype)
     if dtype is None:
         dtype = dtype_name(x.dtype)
-    return ArrayInfo(x, "numpy", x.__array_interface__["data"][0], x.shape, dtype, None, bool(x.flags.c_contiguous))
+    flags = x.flags
+    return ArrayInfo(x, "numpy", x.__array_interface__["data"][0], x.shape, dtype, None, bool(flags.c_contiguous),
+                     bool(flags.writeable))
 
 
 def _handler(cls, x, name: str):
@@ -222,6 +225,8 @@ def host_view(info: ArrayInfo) -> np.ndarray:
     if info.framework == "numpy":
         return info.obj
     t = info.obj
+    if t.requires_grad:  # numpy() refuses such tensors; fp4ccl only moves their data, as on the GPU
+        t = t.detach()
     if info.dtype in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
         import torch
         raw = t.view(torch.int16 if info.itemsize == 2 else torch.uint8)

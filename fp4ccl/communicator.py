@@ -6,7 +6,7 @@ import math
 import operator
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from . import _arrays
 from ._arrays import ArrayInfo
@@ -15,7 +15,7 @@ from ._timeout import env_timeout
 from .bootstrap.env import RankInfo, discover
 from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
                                  TorchStoreAdapter, pack_ints, unpack_ints)
-from .errors import CommClosedError
+from .errors import CommClosedError, CommTimeoutError
 
 OPS = ("sum", "prod", "max", "min", "avg")
 _INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -27,8 +27,71 @@ def check_consistency() -> bool:
     return os.environ.get("FP4CCL_CHECK", "0") not in ("", "0")
 
 
+def _integer(value, name: str) -> int:
+    """value as an int: any integral type (int, numpy integer, 0-d integer tensor), through
+    operator.index. bool is refused, for ranks and row counts alike: True would quietly mean 1."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _fp4_only(what: str, options: tuple) -> None:
+    """ValueError naming the FP4 options, (name, value, default) triples, that a call without compress=
+    was given: they would be silently ignored."""
+    names = ", ".join(f"{name}={value!r}" for name, value, default in options
+                      if value is not default and value != default)
+    raise ValueError(f"{what}: {names} needs compress='nvfp4' or 'mxfp4' (FP4 on the wire); without compress "
+                     f"the rows move in x's own dtype")
+
+
 def _is_fp4(x) -> bool:
     return type(x).__name__ == "FP4Tensor" and type(x).__module__.startswith("fp4ccl.")
+
+
+class _TimeoutGuard:
+    """The backend as everything above it calls it (the Communicator, the v-collectives, the FP4 codecs).
+
+    A call that raises CommTimeoutError marks the communicator closed before the error propagates, so
+    every later call fails at its argument checks with CommClosedError instead of reaching a backend
+    that is gone (the NCCL backend has aborted itself by then). One place for every backend call,
+    rather than a try in each collective. Public methods are wrapped on first use and cached on the
+    guard; everything else is read live from the backend.
+    """
+
+    def __init__(self, backend, comm: "Communicator"):
+        self.__backend = backend
+        self.__comm = comm
+        self.name = backend.name  # read on every call through Communicator.backend: a plain attribute
+
+    def __getattr__(self, name: str):  # only for names not yet on the guard
+        if name.startswith("_TimeoutGuard__"):
+            raise AttributeError(name)  # a guard made without __init__ (copy, pickle): no recursion
+        attr = getattr(self.__backend, name)
+        if name[0] == "_" or not callable(attr):
+            return attr  # state such as NCCL's group depth changes: never cached
+        comm = self.__comm
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except CommTimeoutError as err:
+                comm._timed_out(err)
+                raise
+        call.__name__ = call.__qualname__ = name
+        setattr(self, name, call)
+        return call
+
+    @property
+    def _depth(self) -> int:
+        # NCCL's group depth, read on every call by the v-collectives and symm_repeat's fast path: a
+        # property costs a tenth of the __getattr__ fallback.
+        return getattr(self.__backend, "_depth", 0)
+
+    def __repr__(self) -> str:
+        return f"<timeout guard over {self.__backend!r}>"
 
 
 class Communicator:
@@ -36,7 +99,7 @@ class Communicator:
 
     def __init__(self, backend, exchange: Exchange, *, local_rank: int = 0, local_size: int = 1,
                  device: Optional[int] = None, launcher: str = "single"):
-        self._backend = backend
+        self._backend = _TimeoutGuard(backend, self)
         # A backend's name never changes; the per-call checks branch on it without a property call.
         self._host = backend.name == "host"
         self._exchange = exchange
@@ -49,13 +112,17 @@ class Communicator:
         # The device inputs must be on (None: host memory); -1 matches nothing, for a GPU backend
         # built without a device, so every array is refused there as before.
         self._home = None if self._host else (device if device is not None else -1)
-        self._closed: Optional[str] = None
+        self._closed: Optional[str] = None  # "destroy" | "abort" | "timeout" once closed
+        self._timeout = ""                  # the CommTimeoutError that closed it, for later errors
         self._extras = {}  # per-communicator caches owned by other modules (symmetric workspaces, ...)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_mpi(cls, mpi_comm=None, backend: Optional[str] = None, device: Optional[int] = None) -> "Communicator":
-        """Build a communicator over the ranks of an mpi4py communicator (collective over it)."""
+        """Build a communicator over the ranks of an mpi4py communicator (collective over it).
+
+        device: the CUDA ordinal; default as for init() (default_device), also for a sub-communicator.
+        """
         if mpi_comm is None:
             from mpi4py import MPI
             mpi_comm = MPI.COMM_WORLD
@@ -65,16 +132,19 @@ class Communicator:
             local_rank, local_size = local.Get_rank(), local.Get_size()
         finally:
             local.Free()
-        return _build(exchange, backend, device, local_rank, local_size, "mpi")
+        return _build(exchange, backend, device, local_rank, local_size, "mpi", discover())
 
     @classmethod
     def from_torch(cls, group=None, backend: Optional[str] = None, device: Optional[int] = None) -> "Communicator":
-        """Build a communicator over a torch.distributed ProcessGroup (collective over the group)."""
+        """Build a communicator over a torch.distributed ProcessGroup (collective over the group).
+
+        device: the CUDA ordinal; default as for init() (default_device), also for a sub-group.
+        """
         exchange = TorchGroupExchange(group)
         env = discover()
         local_rank = env.local_rank if env.size == exchange.size else exchange.rank
         local_size = env.local_size if env.size == exchange.size else exchange.size
-        return _build(exchange, backend, device, local_rank, local_size, "torch")
+        return _build(exchange, backend, device, local_rank, local_size, "torch", env)
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -103,14 +173,23 @@ class Communicator:
         return self._device
 
     def __repr__(self) -> str:
-        state = f", closed by {self._closed}" if self._closed else ""
+        state = f", {self._closed_how()}" if self._closed else ""
         where = f", device=cuda:{self._device}" if self._device is not None else ""
         return f"<fp4ccl.Communicator rank={self._rank} size={self._size} backend={self.backend}{where}{state}>"
 
     # -- checks -------------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise CommClosedError(f"this communicator was closed by {self._closed}(); create a new one with fp4ccl.init()")
+            raise CommClosedError(f"this communicator was {self._closed_how()}; create a new one with fp4ccl.init()")
+
+    def _closed_how(self) -> str:
+        return f"aborted after a timeout ({self._timeout})" if self._timeout else f"closed by {self._closed}()"
+
+    def _timed_out(self, err: CommTimeoutError) -> None:
+        """A backend call timed out: closed from now on (the guard's one hook, see _TimeoutGuard)."""
+        if not self._closed:
+            self._closed = "timeout"
+            self._timeout = str(err)
 
     def _input(self, x: Any, name: str = "x") -> ArrayInfo:
         if self._closed:
@@ -139,13 +218,23 @@ class Communicator:
             raise TypeError(f"{name} has dtype {info.dtype}, expected {like.dtype} (the input's)")
         if info.shape != shape:
             raise ValueError(f"{name} has shape {info.shape}, expected {shape}")
+        self._check_writeable(info, name)
         return out, info
+
+    @staticmethod
+    def _check_writeable(info: ArrayInfo, name: str) -> None:
+        if not info.writeable:
+            raise ValueError(f"{name} is a read-only numpy array (flags.writeable is False), but this call "
+                             f"writes into it")
 
     def _stream(self, info: ArrayInfo, stream: Any) -> int:
         return _arrays.current_stream(info, stream) if info.device is not None else 0
 
     def _check_root(self, root: int, name: str = "root") -> int:
-        if not isinstance(root, int) or isinstance(root, bool) or not 0 <= root < self._size:
+        """root (or peer) as an int in [0, size): TypeError if not an integer, ValueError if out of range."""
+        if type(root) is not int:
+            root = _integer(root, name)
+        if not 0 <= root < self._size:
             raise ValueError(f"{name}={root!r} is out of range for a communicator of size {self._size}")
         return root
 
@@ -179,7 +268,7 @@ class Communicator:
     def broadcast(self, x, root: int = 0, *, out=None, stream=None):
         """Root's x to every rank (collective); other ranks' x gives shape and dtype. `out=x` works in place."""
         info = self._input(x)
-        self._check_root(root)
+        root = self._check_root(root)
         out, oinfo = self._output(info, info.shape, out)
         self._backend.broadcast(info, oinfo, root, self._stream(info, stream))
         return out
@@ -187,11 +276,13 @@ class Communicator:
     def reduce(self, x, root: int = 0, op: str = "sum", *, out=None, stream=None):
         """Reduce x over all ranks onto root (collective); returns the result on root, None elsewhere."""
         info = self._input(x)
-        self._check_root(root)
+        root = self._check_root(root)
         self._check_op(op, info)
         oinfo = None
         if self._rank == root:
             out, oinfo = self._output(info, info.shape, out)
+        elif out is not None:  # unused here, but checked as on root, so a wrong out fails on every rank
+            self._output(info, info.shape, out)
         self._backend.reduce(info, oinfo, op, root, self._stream(info, stream))
         return out if self._rank == root else None
 
@@ -224,9 +315,9 @@ class Communicator:
         if sizes is None:
             sizes = [unpack_ints(b)[0] for b in self._exchange.all_gather_bytes(pack_ints(local_rows))]
         try:
-            sizes = [operator.index(s) for s in sizes]
+            sizes = [s if type(s) is int else _integer(s, "sizes") for s in sizes]
         except TypeError:
-            raise TypeError(f"{what}: sizes must be a sequence of integers, got {sizes!r}") from None
+            raise TypeError(f"{what}: sizes must be a sequence of integers (not bools), got {sizes!r}") from None
         if len(sizes) != self._size:
             raise ValueError(f"{what}: sizes has {len(sizes)} entries but the world size is {self._size}")
         if any(s < 0 for s in sizes):
@@ -244,10 +335,12 @@ class Communicator:
 
         sizes: rows contributed by each rank (0 allowed); None exchanges them first, which syncs the
         host and so cannot be captured in a CUDA graph. compress="nvfp4"|"mxfp4" moves the rows as FP4
-        (see fp4ccl.fp4_collectives); an FP4Tensor x is gathered as it is. out: an array for the rows,
-        or, where the result is FP4 (dequantize=False, or an FP4Tensor x), an earlier such result to
-        gather into.
+        (see fp4ccl.fp4_collectives); global_scale and dequantize need it. An FP4Tensor x is gathered as
+        it is. out: an array for the rows, or, where the result is FP4 (dequantize=False, or an FP4Tensor
+        x), an earlier such result to gather into.
         """
+        if compress is None and (not dequantize or global_scale != "per_rank") and not _is_fp4(x):
+            _fp4_only("all_gatherv", (("dequantize", dequantize, True), ("global_scale", global_scale, "per_rank")))
         args = (x, sizes, out, stream, compress, global_scale, dequantize)
         if out is not None and self._extras:
             from . import symm_repeat
@@ -278,8 +371,12 @@ class Communicator:
         """Reduce x over all ranks; rank s gets rows [off_s, off_s + sizes[s]) of the result (collective).
 
         compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
-        them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives).
+        them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives);
+        rounding and seed need it.
         """
+        # Checked before the repeat path below, whose key leaves these two out.
+        if compress is None and (rounding != "nearest" or seed is not None):
+            _fp4_only("reduce_scatterv", (("rounding", rounding, "nearest"), ("seed", seed, None)))
         args = (x, sizes, op, out, stream, compress, rounding, seed)
         if out is not None and compress is None and self._extras:
             from . import symm_repeat
@@ -326,13 +423,15 @@ class Communicator:
         from .symmetric import symmetric_empty
         return symmetric_empty(self, shape, dtype)
 
-    def all_gather_matmul(self, a_shard, bs, gather_dim: int = 0, **kwargs):
+    def all_gather_matmul(self, a_shard, bs, gather_dim: int = 0, *, return_a: bool = True,
+                          compress: Optional[str] = None, out=None, gathered_rhs: bool = False):
         """(a_full or None, [a_full @ b for b in bs]) with the gather overlapped with the matmuls (collective)."""
         self._check_open()
         from .overlap import all_gather_matmul
-        return all_gather_matmul(self, a_shard, bs, gather_dim, **kwargs)
+        return all_gather_matmul(self, a_shard, bs, gather_dim, return_a=return_a, compress=compress, out=out,
+                                 gathered_rhs=gathered_rhs)
 
-    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum", out=None):
+    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum", *, out=None):
         """The reduce-scatter of a @ b along scatter_dim, overlapped with the matmul (collective)."""
         self._check_open()
         from .overlap import matmul_reduce_scatter
@@ -341,13 +440,14 @@ class Communicator:
     def send(self, x, peer: int, *, stream=None) -> None:
         """Send x to rank `peer` (point-to-point; pair it with a recv there, or put both in a group)."""
         info = self._input(x)
-        self._check_root(peer, "peer")
+        peer = self._check_root(peer, "peer")
         self._backend.send(info, peer, self._stream(info, stream))
 
     def recv(self, x, peer: int, *, stream=None):
         """Receive into x from rank `peer` (point-to-point); returns x."""
         info = self._input(x)
-        self._check_root(peer, "peer")
+        self._check_writeable(info, "x")
+        peer = self._check_root(peer, "peer")
         self._backend.recv(info, peer, self._stream(info, stream))
         return x
 
@@ -378,6 +478,9 @@ class Communicator:
     # -- teardown -----------------------------------------------------------------------------------
     def destroy(self) -> None:
         """Release the communicator after pending work completes (collective); later calls raise."""
+        if self._closed == "timeout":  # its peers cannot be waited for any more: release it locally
+            self.abort()
+            return
         if self._closed:
             return
         for cleanup in list(self._extras.values()):
@@ -411,11 +514,24 @@ def init(backend: Optional[str] = None, *, device: Optional[int] = None) -> Comm
     """Create the world communicator from the launcher's environment (collective over the job).
 
     backend: "nccl", "host", or None (also FP4CCL_BACKEND): NCCL when CUDA GPUs and NCCL are usable,
-    otherwise host. device: the CUDA ordinal; default local_rank.
+    otherwise host. device: the CUDA ordinal; default: see default_device.
     """
     info = discover()
     exchange = default_exchange(info)
-    return _build(exchange, backend, device, info.local_rank, info.local_size, info.launcher)
+    return _build(exchange, backend, device, info.local_rank, info.local_size, info.launcher, info)
+
+
+def default_device(world: RankInfo, current_device: Callable[[], int]) -> int:
+    """The CUDA device a rank uses when given no device=, for the world and for any sub-group alike.
+
+    Under a launcher (fp4ccl-run, mpirun, srun, torchrun): this process's local rank in the whole job,
+    the GPU launchers hand it; a rank's place within a sub-group says nothing about which GPU its
+    process owns (global rank 2 of group [0, 2] is local rank 2, not 1). Without launcher variables
+    (processes a program started itself): the process's current CUDA device, which such a program
+    sets (torch.cuda.set_device), as torch's own NCCL backend expects; `current_device` is asked
+    only then.
+    """
+    return world.local_rank if world.launcher != "single" else current_device()
 
 
 def default_exchange(info: RankInfo) -> Exchange:
@@ -461,34 +577,45 @@ def _mpi_shared_type():
     return MPI.COMM_TYPE_SHARED
 
 
-def gpus_usable() -> int:
-    """Number of CUDA devices usable through CuPy with NCCL loadable; 0 when either is missing."""
+def gpus_usable() -> Tuple[int, str]:
+    """(CUDA devices usable through CuPy with NCCL loadable, why there are none when that is 0).
+
+    The reason names what failed, with the exception's type and message, and is logged at INFO."""
+    count, why = _probe_gpus()
+    if not count:
+        log.info("no usable GPU: %s", why)
+    return count, why
+
+
+def _probe_gpus() -> Tuple[int, str]:
     try:
         import cupy
+    except ImportError as err:
+        return 0, (f"CuPy cannot be imported ({type(err).__name__}: {err}); install fp4ccl's cuda13 or cuda12 "
+                   f"extra")
+    try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        return 0
+    except Exception as err:  # noqa: BLE001 - no driver, a driver too old, ...: each means no usable GPU
+        return 0, f"CUDA is not usable ({type(err).__name__}: {err})"
     if count == 0:
-        return 0
+        return 0, "no CUDA device is visible"
     try:
         from . import nccl
         nccl.load()
-    except Exception as err:  # noqa: BLE001 - any failure to load means "no NCCL here"
-        log.info("GPUs present but NCCL unusable (%s); falling back to the host backend", err)
-        return 0
-    return count
+    except Exception as err:  # noqa: BLE001 - the loader's own message says where it looked and what to set
+        return 0, f"{count} CUDA device(s), but NCCL cannot be loaded ({type(err).__name__}: {err})"
+    return count, ""
 
 
 def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], local_rank: int,
-           local_size: int, launcher: str) -> Communicator:
+           local_size: int, launcher: str, world: RankInfo) -> Communicator:
     requested = (backend or os.environ.get("FP4CCL_BACKEND") or "auto").lower()
     if requested not in ("auto", "nccl", "host"):
         raise ValueError(f"backend={requested!r} is not one of 'nccl', 'host' (or None for automatic)")
-    ngpu = gpus_usable() if requested != "host" else 0
+    ngpu, why = gpus_usable() if requested != "host" else (0, "")
     chosen = requested if requested != "auto" else ("nccl" if ngpu else "host")
     if chosen == "nccl" and ngpu == 0:
-        raise RuntimeError("backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here "
-                           "(FP4CCL_DEBUG=INFO says why; set FP4CCL_NCCL_LIBRARY to point at libnccl.so.2)")
+        raise RuntimeError(f"backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here: {why}")
     # Ranks must agree, or the first collective would hang: fail everywhere instead.
     choices = [c.decode() for c in exchange.all_gather_bytes(chosen.encode())]
     if len(set(choices)) > 1:
@@ -500,14 +627,24 @@ def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], lo
         return Communicator(HostBackend(exchange), exchange, local_rank=local_rank, local_size=local_size,
                             device=None, launcher=launcher)
     if device is None:
-        device = local_rank
+        device = default_device(world, _current_device)
     if not 0 <= device < ngpu:
-        raise ValueError(f"device={device} (local rank {local_rank}) but only {ngpu} CUDA device(s) are visible; "
-                         f"run at most {ngpu} ranks per node, and do not hide GPUs with CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"device={device} (local rank {world.local_rank} of the job) but only {ngpu} CUDA device(s) "
+                         f"are visible; run at most {ngpu} ranks per node, and do not hide GPUs with "
+                         f"CUDA_VISIBLE_DEVICES")
     _make_current(device)
     from .backends.nccl import NcclBackend
     return Communicator(NcclBackend(exchange, exchange.rank, exchange.size, device), exchange,
                         local_rank=local_rank, local_size=local_size, device=device, launcher=launcher)
+
+
+def _current_device() -> int:
+    """The calling thread's current CUDA device (torch's, where the program has started torch's CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    import cupy
+    return cupy.cuda.runtime.getDevice()
 
 
 def _make_current(device: int) -> None:

@@ -157,6 +157,7 @@ def _check_gathered_out(comm, out, fmt: str, shape: tuple, row_offsets: tuple, d
         parts.append(("out.global_scale", out.global_scale, (comm.size,), "float32"))
     for name, arr, pshape, pdtype in parts:
         info = comm._input(arr, name)
+        comm._check_writeable(info, name)
         if info.shape != pshape or info.dtype != pdtype or not info.contiguous:
             raise ValueError(f"{name} is {info.dtype}{list(info.shape)}{'' if info.contiguous else ', not contiguous'};"
                              f" expected a contiguous {pdtype}{list(pshape)}")

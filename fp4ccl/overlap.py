@@ -11,7 +11,7 @@ all_gather_matmul(comm, a_shard, bs, gather_dim=0) -> (a_full or None, [a_full @
     scale in one packed region) and dequantizes each pulled shard on the side stream; the local shard
     never travels and stays exact.
 
-matmul_reduce_scatter(comm, a, b, scatter_dim=0, op="sum") -> reduce_scatter(a @ b)
+matmul_reduce_scatter(comm, a, b, scatter_dim=0, op="sum", *, out=None) -> reduce_scatter(a @ b)
     The caller's stream computes the chunk meant for peer r+1 first; the side stream pushes it into
     that peer's workspace slot while the next chunk is computed; this rank's own chunk comes last,
     written straight into its own slot. One barrier, then the slots are summed in fp32 and rounded
@@ -993,7 +993,7 @@ def _rs_check(comm, a, b, scatter_dim, op, out=None) -> _RsSpec:
     return _RsSpec(a, b, info, dim, op, out_shape, out)
 
 
-def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum", out=None):
+def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum", *, out=None):
     """reduce_scatter(a @ b) along scatter_dim (collective): rank r gets the r-th of `size` parts.
 
     op "sum" or "avg"; partial products are reduced in fp32 and rounded once. out: an optional array

@@ -23,7 +23,7 @@ def reference(x) -> ArrayInfo:
         dev = x.device.index if x.device.type == "cuda" else None
         return ArrayInfo(x, "torch", x.data_ptr(), tuple(x.shape), dtype_name(str(x.dtype)), dev, x.is_contiguous())
     return ArrayInfo(x, "numpy", int(x.ctypes.data), tuple(x.shape), dtype_name(x.dtype), None,
-                     bool(x.flags.c_contiguous))
+                     bool(x.flags.c_contiguous), bool(x.flags.writeable))
 
 
 @pytest.mark.parametrize("name", list(ITEMSIZE))
@@ -83,6 +83,24 @@ def test_unsupported_things_name_the_argument():
         describe(np.zeros(2, np.dtype(">f4")))
 
 
+def test_read_only_numpy_arrays_are_marked():
+    a = np.zeros(4, np.float32)
+    assert describe(a).writeable
+    a.flags.writeable = False
+    assert describe(a) == reference(a) and not describe(a).writeable
+    assert not describe(np.broadcast_to(np.float32(1), (3,))).writeable
+    assert describe(torch.zeros(2)).writeable  # torch has no read-only flag
+
+
+def test_host_view_of_a_tensor_that_requires_grad():
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.arange(3.0, dtype=dtype).requires_grad_()
+        v = _arrays.host_view(describe(t))
+        assert v.ctypes.data == t.data_ptr()  # the same memory, not a copy
+        v[0] = 7
+        assert t.detach()[0].item() == 7
+
+
 class FakeCupyArray:
     """Duck-types what describe reads from a cupy.ndarray (CuPy needs a GPU to make real ones)."""
 
@@ -131,7 +149,8 @@ def test_array_info_keeps_its_shape_and_dataclass_behaviour():
     assert (gpu.ptr, gpu.shape, gpu.device, gpu.obj, gpu.where(), gpu.is_cuda) == (8192, (2,), 1, a, "cuda:1", True)
     assert info.ptr == 4096  # replace copies
     assert [f.name for f in dataclasses.fields(ArrayInfo)] == \
-        ["obj", "framework", "ptr", "shape", "dtype", "device", "contiguous"]
+        ["obj", "framework", "ptr", "shape", "dtype", "device", "contiguous", "writeable"]
+    assert info.writeable  # the default, for every positional construction above
     assert not hasattr(info, "__dict__")  # slotted: no per-instance dict to build
     assert "framework='numpy'" in repr(info)
 

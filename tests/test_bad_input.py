@@ -85,11 +85,65 @@ def test_after_destroy():
 
 def test_nccl_backend_without_gpu(monkeypatch):
     from fp4ccl import communicator
-    monkeypatch.setattr(communicator, "gpus_usable", lambda: 0)
-    with pytest.raises(RuntimeError, match="backend='nccl' needs CUDA GPUs"):
+    monkeypatch.setattr(communicator, "gpus_usable", lambda: (0, "no CUDA device is visible"))
+    with pytest.raises(RuntimeError, match="backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here: "
+                                           "no CUDA device is visible"):
         fp4ccl.init("nccl")
     with pytest.raises(ValueError, match="backend='gloo' is not one of"):
         fp4ccl.init("gloo")
+
+
+def _fake_cupy(monkeypatch, count):
+    """A CuPy whose runtime reports `count` devices, or raises `count` when it is an exception."""
+    import sys
+    import types
+
+    def device_count():
+        if isinstance(count, Exception):
+            raise count
+        return count
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=device_count))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+
+
+def _no_launcher(monkeypatch):
+    for var in ("FP4CCL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("case", ["no cupy", "no driver", "no device", "no nccl"])
+def test_nccl_backend_says_why_no_gpu_is_usable(monkeypatch, caplog, case):
+    """init('nccl') names the actual reason (exception type and message) in its error and logs it at
+    INFO; FP4CCL_NCCL_LIBRARY comes up only where the NCCL library is what is missing."""
+    import sys
+
+    from fp4ccl import nccl
+    _no_launcher(monkeypatch)
+    if case == "no cupy":
+        monkeypatch.setitem(sys.modules, "cupy", None)  # what an absent package looks like to import
+        want = r"CuPy cannot be imported \((ModuleNotFound|Import)Error: "
+    elif case == "no driver":
+        _fake_cupy(monkeypatch, RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient"))
+        want = r"CUDA is not usable \(RuntimeError: cudaErrorInsufficientDriver: CUDA driver version"
+    elif case == "no device":
+        _fake_cupy(monkeypatch, 0)
+        want = "no CUDA device is visible"
+    else:
+        _fake_cupy(monkeypatch, 2)
+        monkeypatch.setattr(nccl, "_lib", None)
+        monkeypatch.setenv(nccl.ENV_LIBRARY, "/nonexistent/libnccl.so.2")
+        want = r"2 CUDA device\(s\), but NCCL cannot be loaded \(NcclLoadError: FP4CCL_NCCL_LIBRARY='/nonexistent/"
+    with caplog.at_level("INFO", logger="fp4ccl.communicator"):
+        with pytest.raises(RuntimeError, match="backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here: "
+                                               + want) as info:
+            fp4ccl.init("nccl")
+    assert ("FP4CCL_NCCL_LIBRARY" in str(info.value)) == (case == "no nccl"), str(info.value)
+    assert "no usable GPU: " in caplog.text and str(info.value).split("here: ")[1] in caplog.text
+    # Without backend='nccl' the same probe picks the host backend.
+    c = fp4ccl.init()
+    assert c.backend == "host"
+    c.destroy()
 
 
 def test_torch_cuda_tensor_on_host_comm(comm):
@@ -203,3 +257,94 @@ def test_torch_tensors_that_cannot_be_used(comm):
         comm.all_gather(torch.ones(3, dtype=torch.complex64))
     # and after all that the communicator still works
     assert torch.equal(comm.all_reduce(torch.arange(3.0)), torch.arange(3.0))
+
+
+def test_read_only_outputs_are_refused_before_the_call(comm):
+    ro = np.zeros(4, np.float32)
+    ro.flags.writeable = False
+    x = np.ones(4, np.float32)
+    for call in (lambda: comm.all_reduce(x, out=ro), lambda: comm.broadcast(ro, 0, out=ro),
+                 lambda: comm.all_gatherv(x, [4], out=ro), lambda: comm.reduce(x, 0, out=ro)):
+        with pytest.raises(ValueError, match="out is a read-only numpy array"):
+            call()
+    with pytest.raises(ValueError, match="x is a read-only numpy array .* writes into it"):
+        comm.recv(ro, 0)
+    # Inputs are only read: a read-only x is fine, and nothing above reached the wire.
+    assert np.array_equal(comm.all_reduce(ro), ro)
+    comm.send(x, 0)
+    assert np.array_equal(comm.recv(np.empty(4, np.float32), 0), x)
+
+
+def test_tensors_that_require_grad_are_moved_like_any_other(comm):
+    torch = pytest.importorskip("torch")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.arange(4.0, dtype=dtype).requires_grad_()
+        assert torch.equal(comm.all_reduce(x), x.detach())
+        out = torch.empty(4, dtype=dtype, requires_grad=True)
+        comm.all_gather(x, out=out)
+        assert torch.equal(out.detach(), x.detach())
+    x = torch.ones(2, 16, requires_grad=True)
+    assert torch.equal(comm.all_gatherv(x, [2], compress="nvfp4"), x.detach())
+
+
+def test_root_peer_and_sizes_take_any_integer_but_not_bool(comm):
+    torch = pytest.importorskip("torch")
+    x = np.arange(4, dtype=np.float32)
+    for root in (np.int64(0), np.int32(0), torch.tensor(0)):
+        assert np.array_equal(comm.broadcast(x, root), x)
+        assert np.array_equal(comm.reduce(x, root), x)
+        comm.send(x, root)
+        assert np.array_equal(comm.recv(np.empty(4, np.float32), root), x)
+    assert np.array_equal(comm.all_gatherv(x, np.array([4])), x)
+    assert np.array_equal(comm.all_gatherv(x, [np.int16(4)]), x)
+    for bad in (True, np.bool_(False), torch.tensor(False)):
+        with pytest.raises(TypeError, match="root must be an integer, got the bool"):
+            comm.broadcast(x, bad)
+        with pytest.raises(TypeError, match="peer must be an integer, got the bool"):
+            comm.send(x, bad)
+        with pytest.raises(TypeError, match=r"all_gatherv: sizes must be a sequence of integers \(not bools\)"):
+            comm.all_gatherv(x, [bad])
+    with pytest.raises(TypeError, match="root must be an integer, got 0.0"):
+        comm.reduce(x, 0.0)
+    with pytest.raises(TypeError, match="reduce_scatterv: sizes must be a sequence of integers"):
+        comm.reduce_scatterv(x, [4.0])
+    with pytest.raises(ValueError, match="root=1 is out of range for a communicator of size 1"):
+        comm.broadcast(x, np.int64(1))
+
+
+def test_fp4_options_without_compress_are_refused(comm):
+    x = np.ones((4, 16), np.float32)
+    for kwargs, named in (({"dequantize": False}, "dequantize=False"),
+                          ({"global_scale": "shared"}, "global_scale='shared'"),
+                          ({"dequantize": False, "global_scale": "shared"}, "dequantize=False, global_scale='shared'")):
+        with pytest.raises(ValueError, match=f"all_gatherv: {named} needs compress='nvfp4' or 'mxfp4'"):
+            comm.all_gatherv(x, [4], **kwargs)
+    for kwargs, named in (({"rounding": "stochastic", "seed": 3}, "rounding='stochastic', seed=3"),
+                          ({"seed": 3}, "seed=3")):
+        with pytest.raises(ValueError, match=f"reduce_scatterv: {named} needs compress='nvfp4' or 'mxfp4'"):
+            comm.reduce_scatterv(x, [4], **kwargs)
+        with pytest.raises(ValueError, match=f"reduce_scatterv: {named} needs compress"):
+            comm.reduce_scatterv(x, [4], out=np.empty_like(x), **kwargs)
+    # The defaults spelled out are fine, and so are the options with compress.
+    assert comm.all_gatherv(x, [4], dequantize=True, global_scale="per_rank").shape == (4, 16)
+    assert comm.reduce_scatterv(x, [4], rounding="nearest", seed=None).shape == (4, 16)
+    assert comm.all_gatherv(x, [4], compress="nvfp4", global_scale="shared").shape == (4, 16)
+    assert comm.reduce_scatterv(x, [4], compress="nvfp4", rounding="stochastic", seed=3).shape == (4, 16)
+
+
+def _reduce_with_a_wrong_out_elsewhere(comm):
+    x = np.ones(4, np.float32)
+    try:
+        comm.reduce(x, 0, out=np.empty(3, np.float32))
+    except ValueError as err:
+        assert "out has shape (3,), expected (4,)" in str(err), str(err)
+    else:
+        raise AssertionError(f"rank {comm.rank}: reduce took a wrong out")
+    # Nothing reached the wire on any rank, so the next collective still lines up.
+    y = comm.reduce(x, 0, out=np.empty(4, np.float32) if comm.rank else None)
+    assert (y is None) == (comm.rank != 0) and (y is None or np.array_equal(y, np.full(4, comm.size, np.float32)))
+    return True
+
+
+def test_reduce_checks_out_on_every_rank():
+    assert run_ranks(2, _reduce_with_a_wrong_out_elsewhere) == [True, True]

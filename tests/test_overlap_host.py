@@ -365,3 +365,42 @@ def test_replays_switch(monkeypatch, value, on):
     from fp4ccl import overlap_replay
     monkeypatch.setenv("FP4CCL_OVERLAP_GRAPHS", value)
     assert overlap_replay.enabled() is on
+
+
+def test_communicator_methods_spell_out_the_overlap_keywords():
+    """help(comm.all_gather_matmul) lists every option, keyword-only and with overlap's defaults; out is
+    keyword-only in matmul_reduce_scatter too, as in every other collective."""
+    import inspect
+
+    from fp4ccl import overlap
+    from fp4ccl.communicator import Communicator
+    for name in ("all_gather_matmul", "matmul_reduce_scatter"):
+        method = inspect.signature(getattr(Communicator, name)).parameters
+        function = inspect.signature(getattr(overlap, name)).parameters
+        assert list(method)[1:] == list(function)[1:], name  # (self, ...) and (comm, ...)
+        for p, q in zip(list(method.values())[1:], list(function.values())[1:]):
+            assert (p.kind, p.default) == (q.kind, q.default), (name, p, q)
+        assert not any(p.kind is p.VAR_KEYWORD for p in method.values()), name
+        assert method["out"].kind is inspect.Parameter.KEYWORD_ONLY, name
+    kw = [n for n, p in inspect.signature(Communicator.all_gather_matmul).parameters.items()
+          if p.kind is p.KEYWORD_ONLY]
+    assert kw == ["return_a", "compress", "out", "gathered_rhs"]
+
+
+def _through_the_communicator(comm):
+    rng = np.random.default_rng(3)
+    W = comm.size
+    a = _rand(rng, (4, 8), "float32")
+    b = _rand(rng, (8, 3), "float32")
+    outs = [np.empty((4 * W, 3), np.float32)]
+    none_a, got = comm.all_gather_matmul(a, [b], 0, return_a=False, out=outs, gathered_rhs=False)
+    assert none_a is None and got[0] is outs[0]
+    y = np.empty((4 // W, 3), np.float32) if 4 % W == 0 else None
+    with pytest.raises(TypeError):
+        comm.matmul_reduce_scatter(a, b, 0, "sum", y)  # out is keyword-only
+    assert comm.matmul_reduce_scatter(a, b, 0, "sum", out=y) is y
+    return True
+
+
+def test_overlap_options_through_the_communicator():
+    assert run_ranks(2, _through_the_communicator) == [True, True]

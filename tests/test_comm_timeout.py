@@ -1,0 +1,84 @@
+"""A backend call that raises CommTimeoutError closes the Communicator, whichever call it was: every
+later call raises CommClosedError saying it was aborted after a timeout (single rank, host backend,
+the backend's methods replaced by ones that time out)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fp4ccl
+from fp4ccl.backends.host import HostBackend
+from fp4ccl.errors import CommClosedError, CommTimeoutError
+
+WHY = "host backend: no data from rank 1 after 2 s during all_reduce"
+
+
+@pytest.fixture
+def comm(monkeypatch):
+    for var in ("FP4CCL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    c = fp4ccl.init("host")
+    yield c
+    c.abort()
+
+
+def _time_out(*args, **kwargs):
+    raise CommTimeoutError(WHY)
+
+
+x = np.ones(4, np.float32)
+
+
+def _grouped(c):
+    with c.group():
+        c.send(x, 0)
+
+
+# Each call with the backend method it reaches: the Communicator's own dispatch, the v-collectives
+# (the host backend serves them itself), the FP4 codec's byte exchange, and barrier.
+CALLS = {
+    "all_reduce": ("all_reduce", lambda c: c.all_reduce(x)),
+    "all_gatherv": ("all_gatherv", lambda c: c.all_gatherv(x, [4])),
+    "reduce_scatterv_nvfp4": ("alltoallv_bytes",
+                              lambda c: c.reduce_scatterv(np.ones((2, 16), np.float32), [2], compress="nvfp4")),
+    "barrier": ("barrier", lambda c: c.barrier()),
+    "group": ("group_end", _grouped),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_a_timeout_closes_the_communicator(comm, monkeypatch, name):
+    method, call = CALLS[name]
+    monkeypatch.setattr(HostBackend, method, _time_out)
+    with pytest.raises(CommTimeoutError, match=WHY):
+        call(comm)
+    assert "aborted after a timeout" in repr(comm)
+    # Later calls fail at the argument checks, before the backend, and say why.
+    for later in (lambda: comm.all_reduce(x), lambda: comm.broadcast(x, 0), lambda: comm.barrier(),
+                  lambda: comm.all_gatherv(x, [4]), lambda: comm.symmetric_empty((4,))):
+        with pytest.raises(CommClosedError, match=r"aborted after a timeout \(host backend: no data"):
+            later()
+
+
+def test_teardown_after_a_timeout_is_local(comm, monkeypatch):
+    aborts = []
+    monkeypatch.setattr(HostBackend, "all_reduce", _time_out)
+    monkeypatch.setattr(HostBackend, "abort", lambda self: aborts.append(1))
+    monkeypatch.setattr(HostBackend, "destroy", lambda self: pytest.fail("destroy() waited for peers after a timeout"))
+    with pytest.raises(CommTimeoutError):
+        comm.all_reduce(x)
+    comm.destroy()  # its peers cannot be waited for: an abort instead
+    comm.destroy()
+    comm.abort()
+    assert aborts == [1]
+    with pytest.raises(CommClosedError, match="aborted after a timeout"):
+        comm.all_reduce(x)
+
+
+def test_other_backend_errors_leave_it_open(comm, monkeypatch):
+    def fails(*args):
+        raise RuntimeError("something else")
+    monkeypatch.setattr(HostBackend, "all_reduce", fails)
+    with pytest.raises(RuntimeError, match="something else"):
+        comm.all_reduce(x)
+    assert np.array_equal(comm.broadcast(x, 0), x)
