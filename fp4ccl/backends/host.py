@@ -236,6 +236,11 @@ def make_transport(exchange: Exchange):
 
 
 def _reduce(arrays: Sequence[np.ndarray], op: str, size: int) -> np.ndarray:
+    if op == "avg" and arrays[0].dtype.kind not in "iub":
+        # Like NCCL's pre-multiplied sum: each part divided by n, added in float64, rounded once, so an
+        # average that fits the dtype never overflows on the way.
+        out = functools.reduce(np.add, (a.astype(np.float64) / size for a in arrays))
+        return out.astype(arrays[0].dtype)
     ufunc = {"sum": np.add, "avg": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}[op]
     out = functools.reduce(ufunc, arrays)
     if op == "avg":
