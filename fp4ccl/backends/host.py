@@ -10,6 +10,8 @@ order, so every rank computes the identical result. Two transports carry the byt
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import os
 import socket
@@ -95,21 +97,35 @@ class MpiTransport:
 
 
 class ShmBlobs:
-    """Blobs as files in /dev/shm (same host): written under a temporary name, then renamed into place."""
+    """Blobs as files in /dev/shm (same host), readable by this user only; written under a temporary
+    name, then renamed into place. Each rank removes the files it wrote at close() or, failing
+    that, when the interpreter exits; fp4ccl-run removes a killed job's by their prefix."""
 
-    def __init__(self, job: str, directory: Optional[str] = None):
+    def __init__(self, name: str, directory: Optional[str] = None):
         base = directory or os.environ.get("FP4CCL_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-        self.prefix = os.path.join(base, f"fp4ccl-{job}-")
+        self.prefix = os.path.join(base, f"fp4ccl-{name}-")
         self.timeout = env_timeout(unset=600.0) or float("inf")
         self._mine = set()
+        self._prune_at = 256
+        atexit.register(self.close)
 
     def put(self, name: str, data: np.ndarray) -> None:
         path = self.prefix + name
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(memoryview(data))
-        os.rename(tmp, path)
-        self._mine.add(path)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(memoryview(data))
+            self._mine.add(path)
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if len(self._mine) >= self._prune_at:
+            # Point-to-point blobs are deleted by their reader, so forget the ones already gone.
+            self._mine = {p for p in self._mine if os.path.exists(p)}
+            self._prune_at = max(256, 2 * len(self._mine))
 
     def get(self, name: str) -> np.ndarray:
         path = self.prefix + name
@@ -135,20 +151,21 @@ class ShmBlobs:
             pass
 
     def close(self) -> None:
-        for path in list(self._mine):
+        for path in self._mine:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
         self._mine.clear()
+        atexit.unregister(self.close)
 
 
 class StoreBlobs:
     """Blobs as values in the TCP store (ranks on different hosts); `get` blocks until the value is set."""
 
-    def __init__(self, store, job: str):
+    def __init__(self, store, name: str):
         self.store = store
-        self.prefix = f"fp4ccl-host/{job}/"
+        self.prefix = f"fp4ccl-host/{name}/"
 
     def put(self, name: str, data: np.ndarray) -> None:
         self.store.set(self.prefix + name, data.tobytes())
@@ -222,16 +239,26 @@ class BlobTransport:
         self.blobs.close()
 
 
+def _job_name() -> str:
+    """This job's part of the shared-memory file names: FP4CCL_JOB_ID (set by fp4ccl-run), else 'nojob'."""
+    job = os.environ.get("FP4CCL_JOB_ID") or "nojob"
+    if "/" in job:
+        raise ValueError(f"FP4CCL_JOB_ID={job!r} must not contain '/' (it names files in shared memory)")
+    return job
+
+
 def make_transport(exchange: Exchange):
     """Pick the host data plane for this exchange: MPI, shared memory on one host, or the store."""
     if isinstance(exchange, MPIExchange):
         return MpiTransport(exchange.comm)
-    job = exchange.broadcast_bytes(uuid.uuid4().hex.encode() if exchange.rank == 0 else None, 0).decode()
+    # Rank 0's job name and a fresh id for this communicator, so every rank derives the same file names.
+    mine = f"{_job_name()}-{uuid.uuid4().hex}".encode() if exchange.rank == 0 else None
+    name = exchange.broadcast_bytes(mine, 0).decode()
     hosts = set(exchange.all_gather_bytes(socket.gethostname().encode()))
     if len(hosts) == 1:
-        return BlobTransport(exchange, ShmBlobs(job))
+        return BlobTransport(exchange, ShmBlobs(name))
     if isinstance(exchange, StoreExchange):
-        return BlobTransport(exchange, StoreBlobs(exchange.store, job))
+        return BlobTransport(exchange, StoreBlobs(exchange.store, name))
     raise RuntimeError("the host backend across several hosts needs MPI (mpirun/srun with mpi4py) or fp4ccl-run's store")
 
 
