@@ -7,6 +7,11 @@ order, so every rank computes the identical result. Two transports carry the byt
 - `BlobTransport` otherwise: files in /dev/shm when every rank shares the host, or values in the
   TCP store across hosts. A blob is published under a name every rank can derive, so readers never
   need a separate handshake; one barrier per collective tells the writer its blob may go.
+
+Inside a group, sends go out at once (they never block) and recvs wait for the outermost
+group_end, so the calls of a group may come in any order, as in NCCL. Collectives inside a group
+still run at once: they only wait for peers to reach the same collective, and nothing before them
+in a group blocks.
 """
 from __future__ import annotations
 
@@ -285,6 +290,8 @@ class HostBackend:
         self.rank, self.size = exchange.rank, exchange.size
         self.transport = transport if transport is not None else (
             _SelfTransport() if exchange.size == 1 else make_transport(exchange))
+        self._depth = 0      # open groups
+        self._deferred = []  # the open group's recvs: (peer, destination bytes)
 
     def _typed(self, raw: np.ndarray, info: ArrayInfo, shape=None) -> np.ndarray:
         return raw.view(numpy_dtype(info.dtype)).reshape(shape if shape is not None else (-1,))
@@ -353,21 +360,46 @@ class HostBackend:
         self.transport.send(_as_bytes(host_view(buf)), peer)
 
     def recv(self, buf: ArrayInfo, peer: int, stream=0) -> None:
-        host_view(buf).reshape(-1).view(_U8)[...] = self.transport.recv(buf.nbytes, peer)
+        out = host_view(buf).reshape(-1).view(_U8)
+        if self._depth:
+            self._deferred.append((peer, out))
+        else:
+            out[...] = self.transport.recv(out.size, peer)
 
     def group_start(self) -> None:
-        pass  # host calls complete in program order and sends never block, so a group needs no batching
+        self._depth += 1
 
     def group_end(self) -> None:
-        pass
+        if self._depth == 0:
+            raise RuntimeError("group_end() without a matching group_start()")
+        self._depth -= 1
+        if self._depth:
+            return
+        deferred, self._deferred = self._deferred, []
+        failures = []
+        for peer, out in deferred:
+            # Every recv runs even after one failed, so no peer's send is left unmatched.
+            try:
+                out[...] = self.transport.recv(out.size, peer)
+            except ValueError as err:
+                failures.append(err)
+        if failures:
+            raise failures[0]
 
     def barrier(self, stream=0) -> None:
+        if self._depth:
+            raise RuntimeError("barrier() inside a group: the group's recvs only run at group_end(), "
+                               "so the barrier could not wait for them")
         self.transport.barrier()
 
     def destroy(self) -> None:
+        self._deferred.clear()
+        self._depth = 0
         self.transport.close()
 
     def abort(self) -> None:
+        self._deferred.clear()
+        self._depth = 0
         self.transport.close()
 
 
