@@ -12,12 +12,18 @@ Inside a group, sends go out at once (they never block) and recvs wait for the o
 group_end, so the calls of a group may come in any order, as in NCCL. Collectives inside a group
 still run at once: they only wait for peers to reach the same collective, and nothing before them
 in a group blocks.
+
+Waits for peers are bounded by FP4CCL_TIMEOUT (600 s when unset, 0 = forever). A wait that runs
+out raises CommTimeoutError naming the call, its number on this communicator and the rank, and the
+backend refuses every later call with CommClosedError, since its calls no longer line up with its
+peers'.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
 import functools
+import math
 import os
 import socket
 import tempfile
@@ -28,12 +34,15 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .._arrays import ArrayInfo, host_view, numpy_dtype
-from .._timeout import env_timeout
+from .._timeout import ENV_TIMEOUT, env_timeout
 from ..bootstrap.exchange import Exchange, MPIExchange, StoreExchange
+from ..errors import CommClosedError, CommTimeoutError
 
 _U8 = np.dtype(np.uint8)
 # From this size all_reduce splits into reduce-scatter + all-gather (two exchanges, 1/n the arithmetic).
 SPLIT_ALL_REDUCE_BYTES = 1 << 20
+# How long a host wait lasts when FP4CCL_TIMEOUT is unset.
+DEFAULT_TIMEOUT = 600.0
 
 
 def _as_bytes(a: np.ndarray) -> np.ndarray:
@@ -106,10 +115,10 @@ class ShmBlobs:
     name, then renamed into place. Each rank removes the files it wrote at close() or, failing
     that, when the interpreter exits; fp4ccl-run removes a killed job's by their prefix."""
 
-    def __init__(self, name: str, directory: Optional[str] = None):
+    def __init__(self, name: str, timeout: float, directory: Optional[str] = None):
         base = directory or os.environ.get("FP4CCL_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self.prefix = os.path.join(base, f"fp4ccl-{name}-")
-        self.timeout = env_timeout(unset=600.0) or float("inf")
+        self.timeout = timeout
         self._mine = set()
         self._prune_at = 256
         atexit.register(self.close)
@@ -142,8 +151,8 @@ class ShmBlobs:
                     return np.frombuffer(f.read(), dtype=_U8)
             except FileNotFoundError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"host backend: no data at {path} after {self.timeout:.0f} s "
-                                       f"(a peer is missing or ranks called different collectives)") from None
+                    raise TimeoutError(f"no data at {path} after {self.timeout:g} s ({ENV_TIMEOUT}; a peer is "
+                                       f"missing or ranks called different collectives)") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 2e-3)
 
@@ -168,15 +177,16 @@ class ShmBlobs:
 class StoreBlobs:
     """Blobs as values in the TCP store (ranks on different hosts); `get` blocks until the value is set."""
 
-    def __init__(self, store, name: str):
+    def __init__(self, store, name: str, timeout: float):
         self.store = store
         self.prefix = f"fp4ccl-host/{name}/"
+        self.timeout = timeout
 
     def put(self, name: str, data: np.ndarray) -> None:
         self.store.set(self.prefix + name, data.tobytes())
 
     def get(self, name: str) -> np.ndarray:
-        return np.frombuffer(self.store.get(self.prefix + name), dtype=_U8)
+        return np.frombuffer(self.store.get(self.prefix + name, timeout=self.timeout), dtype=_U8)
 
     def delete(self, name: str) -> None:
         self.store.delete(self.prefix + name)
@@ -252,8 +262,9 @@ def _job_name() -> str:
     return job
 
 
-def make_transport(exchange: Exchange):
-    """Pick the host data plane for this exchange: MPI, shared memory on one host, or the store."""
+def make_transport(exchange: Exchange, timeout: float = math.inf):
+    """Pick the host data plane for this exchange: MPI, shared memory on one host, or the store;
+    `timeout` (seconds, inf = forever) bounds each of its waits for a peer."""
     if isinstance(exchange, MPIExchange):
         return MpiTransport(exchange.comm)
     # Rank 0's job name and a fresh id for this communicator, so every rank derives the same file names.
@@ -261,9 +272,9 @@ def make_transport(exchange: Exchange):
     name = exchange.broadcast_bytes(mine, 0).decode()
     hosts = set(exchange.all_gather_bytes(socket.gethostname().encode()))
     if len(hosts) == 1:
-        return BlobTransport(exchange, ShmBlobs(name))
+        return BlobTransport(exchange, ShmBlobs(name, timeout))
     if isinstance(exchange, StoreExchange):
-        return BlobTransport(exchange, StoreBlobs(exchange.store, name))
+        return BlobTransport(exchange, StoreBlobs(exchange.store, name, timeout))
     raise RuntimeError("the host backend across several hosts needs MPI (mpirun/srun with mpi4py) or fp4ccl-run's store")
 
 
@@ -280,22 +291,57 @@ def _reduce(arrays: Sequence[np.ndarray], op: str, size: int) -> np.ndarray:
     return out
 
 
+def _call(name: str):
+    """Count the call and turn a wait that ran out into CommTimeoutError; refuse calls once one has."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args):
+            if self._refusal:
+                raise CommClosedError(self._refusal)
+            self._seq += 1
+            seq = self._seq
+            try:
+                return method(self, *args)
+            except TimeoutError as err:
+                label = f"recv from rank {args[1]}" if name == "recv" else name
+                raise self._timed_out(label, f"call #{seq}", seq, err) from err
+        return run
+    return wrap
+
+
 class HostBackend:
     """Collectives on host memory; calls are synchronous (they return once the result is in place)."""
 
     name = "host"
 
-    def __init__(self, exchange: Exchange, transport=None):
+    def __init__(self, exchange: Exchange, transport=None, timeout: Optional[float] = None):
         self.exchange = exchange
         self.rank, self.size = exchange.rank, exchange.size
+        self.timeout = env_timeout(unset=DEFAULT_TIMEOUT) if timeout is None else float(timeout)
         self.transport = transport if transport is not None else (
-            _SelfTransport() if exchange.size == 1 else make_transport(exchange))
+            _SelfTransport() if exchange.size == 1 else make_transport(exchange, self.timeout or math.inf))
+        self._seq = 0        # calls made on this communicator; error messages name them
         self._depth = 0      # open groups
-        self._deferred = []  # the open group's recvs: (peer, destination bytes)
+        self._deferred = []  # the open group's recvs: (seq, peer, destination bytes)
+        self._refusal = ""   # why later calls are refused, once the backend is unusable
+
+    def _timed_out(self, call: str, where: str, seq: int, err: BaseException) -> CommTimeoutError:
+        """The error for a wait that ran out; from now on the backend refuses calls, since its calls no
+        longer line up with its peers' (it may have published data for a call they never made)."""
+        self._refusal = (f"the host communicator of rank {self.rank} was aborted after a timeout in {call} "
+                         f"({where}): its calls no longer line up with its peers'; create a new Communicator")
+        self._deferred.clear()
+        self.transport.close()
+        out = CommTimeoutError(
+            f"host backend: {call} ({where}) on rank {self.rank} of {self.size} timed out: {err}. Ranks probably "
+            f"disagree on the sequence of collectives, or one of them died; the communicator cannot be used any more")
+        out.rank, out.call, out.seq = self.rank, call, seq
+        return out
 
     def _typed(self, raw: np.ndarray, info: ArrayInfo, shape=None) -> np.ndarray:
         return raw.view(numpy_dtype(info.dtype)).reshape(shape if shape is not None else (-1,))
 
+    @_call("all_reduce")
     def all_reduce(self, send: ArrayInfo, recv: ArrayInfo, op: str, stream=0) -> None:
         if send.nbytes < SPLIT_ALL_REDUCE_BYTES or self.size == 1:
             parts = self.transport.all_gatherv(_as_bytes(host_view(send)))
@@ -311,12 +357,14 @@ class HostBackend:
         slices = self.transport.all_gatherv(_as_bytes(mine))
         np.concatenate(slices, out=host_view(recv).reshape(-1).view(_U8))
 
+    @_call("broadcast")
     def broadcast(self, send: ArrayInfo, recv: ArrayInfo, root: int, stream=0) -> None:
         mine = _as_bytes(host_view(send)) if self.rank == root else np.empty(0, _U8)
         parts = self.transport.all_gatherv(mine)
         if self.rank != root or recv.ptr != send.ptr:
             host_view(recv).reshape(-1).view(_U8)[...] = parts[root]
 
+    @_call("reduce")
     def reduce(self, send: ArrayInfo, recv: Optional[ArrayInfo], op: str, root: int, stream=0) -> None:
         empty = np.empty(0, _U8)
         parts = [empty] * self.size
@@ -325,7 +373,11 @@ class HostBackend:
         if self.rank == root:
             host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
 
+    @_call("all_gather")
     def all_gather(self, send: ArrayInfo, recv: ArrayInfo, stream=0) -> None:
+        self._all_gather(send, recv)
+
+    def _all_gather(self, send: ArrayInfo, recv: ArrayInfo) -> None:
         parts = self.transport.all_gatherv(_as_bytes(host_view(send)))
         flat = host_view(recv).reshape(-1).view(_U8)
         offset = 0
@@ -333,40 +385,50 @@ class HostBackend:
             flat[offset:offset + p.size] = p
             offset += p.size
 
+    @_call("reduce_scatter")
     def reduce_scatter(self, send: ArrayInfo, recv: ArrayInfo, op: str, stream=0) -> None:
         chunks = np.split(_as_bytes(host_view(send)), self.size)
         got = self.transport.alltoallv(chunks)
         host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
 
+    @_call("all_to_all")
     def all_to_all(self, send: ArrayInfo, recv: ArrayInfo, stream=0) -> None:
         got = self.transport.alltoallv(np.split(_as_bytes(host_view(send)), self.size))
         np.concatenate(got, out=host_view(recv).reshape(-1).view(_U8))
 
+    @_call("all_gatherv")
     def all_gatherv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], stream=0) -> None:
-        self.all_gather(send, recv, stream)  # the gather already concatenates parts of any size
+        self._all_gather(send, recv)  # the gather already concatenates parts of any size
 
+    @_call("reduce_scatterv")
     def reduce_scatterv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], op: str, stream=0) -> None:
         cuts = np.cumsum(counts)[:-1] * send.itemsize
         got = self.transport.alltoallv(np.split(_as_bytes(host_view(send)), cuts))
         host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
 
+    @_call("all_gatherv_bytes")
     def all_gatherv_bytes(self, data: np.ndarray) -> List[np.ndarray]:
         return self.transport.all_gatherv(data)
 
+    @_call("alltoallv_bytes")
     def alltoallv_bytes(self, parts: Sequence[np.ndarray]) -> List[np.ndarray]:
         return self.transport.alltoallv(list(parts))
 
+    @_call("send")
     def send(self, buf: ArrayInfo, peer: int, stream=0) -> None:
         self.transport.send(_as_bytes(host_view(buf)), peer)
 
+    @_call("recv")
     def recv(self, buf: ArrayInfo, peer: int, stream=0) -> None:
         out = host_view(buf).reshape(-1).view(_U8)
         if self._depth:
-            self._deferred.append((peer, out))
+            self._deferred.append((self._seq, peer, out))
         else:
             out[...] = self.transport.recv(out.size, peer)
 
     def group_start(self) -> None:
+        if self._refusal:
+            raise CommClosedError(self._refusal)
         self._depth += 1
 
     def group_end(self) -> None:
@@ -377,15 +439,18 @@ class HostBackend:
             return
         deferred, self._deferred = self._deferred, []
         failures = []
-        for peer, out in deferred:
+        for seq, peer, out in deferred:
             # Every recv runs even after one failed, so no peer's send is left unmatched.
             try:
                 out[...] = self.transport.recv(out.size, peer)
             except ValueError as err:
                 failures.append(err)
+            except TimeoutError as err:
+                raise self._timed_out(f"recv from rank {peer}", f"call #{seq}, run at group_end", seq, err) from err
         if failures:
             raise failures[0]
 
+    @_call("barrier")
     def barrier(self, stream=0) -> None:
         if self._depth:
             raise RuntimeError("barrier() inside a group: the group's recvs only run at group_end(), "
@@ -395,11 +460,15 @@ class HostBackend:
     def destroy(self) -> None:
         self._deferred.clear()
         self._depth = 0
+        if not self._refusal:
+            self._refusal = f"the host communicator of rank {self.rank} was destroyed; create a new Communicator"
         self.transport.close()
 
     def abort(self) -> None:
         self._deferred.clear()
         self._depth = 0
+        if not self._refusal:
+            self._refusal = f"the host communicator of rank {self.rank} was aborted; create a new Communicator"
         self.transport.close()
 
 
