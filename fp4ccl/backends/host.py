@@ -3,7 +3,7 @@
 Every collective is built from two data-plane primitives, a variable-size all-gather and a
 variable-size all-to-all of bytes, plus point-to-point send/recv. Reductions run in numpy in rank
 order, so every rank computes the identical result. Two transports carry the bytes:
-- `MpiTransport` when the job's exchange is MPI (mpi4py buffer calls);
+- `MpiTransport` when the job's exchange is MPI (mpi4py nonblocking buffer calls, polled);
 - `BlobTransport` otherwise: files in /dev/shm when every rank shares the host, or values in the
   TCP store across hosts. A blob is published under a name every rank can derive, so readers never
   need a separate handshake; one barrier per collective tells the writer its blob may go.
@@ -18,10 +18,11 @@ group_end, so the calls of a group may come in any order, as in NCCL. Collective
 still run at once: they only wait for peers to reach the same collective, and nothing before them
 in a group blocks.
 
-The shared-memory and store transports' waits for a peer are bounded by FP4CCL_TIMEOUT (600 s
-when unset, 0 = forever). A wait that runs out raises CommTimeoutError naming the call, its number
-on this communicator and the rank, and the backend refuses every later call with CommClosedError,
-since its calls no longer line up with its peers'.
+Every wait for a peer is bounded by FP4CCL_TIMEOUT (600 s when unset, 0 = forever). A wait that
+runs out raises CommTimeoutError naming the call, its number on this communicator and the rank, and
+the backend refuses every later call with CommClosedError, since its calls no longer line up with
+its peers'. abort() never waits: it cancels pending MPI sends; destroy() waits for them at most the
+timeout.
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ _CALLS = ("all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "
 _CALL_CODE = {c: i for i, c in enumerate(_CALLS)}
 _OPS = ("", "sum", "prod", "max", "min", "avg")
 _OP_CODE = {o: i for i, o in enumerate(_OPS)}
+# Send buffers of aborted MPI communicators: MPI may still read a cancelled send's buffer, so it
+# must outlive the communicator (a leak, but only after an abort).
+_ABANDONED: list = []
 
 
 def _as_bytes(a: np.ndarray) -> np.ndarray:
@@ -97,14 +101,27 @@ def _disagreement(what: str, me: int, peer: int, mine: bytes, theirs: bytes) -> 
 
 
 class MpiTransport:
-    """Data plane over mpi4py buffer calls."""
+    """Data plane over mpi4py: nonblocking buffer calls polled to completion, so the timeout bounds each wait."""
 
     _TAG = 7
 
-    def __init__(self, mpi_comm):
+    def __init__(self, mpi_comm, timeout: float):
         self.comm = mpi_comm
         self.size = mpi_comm.Get_size()
+        self.timeout = timeout
         self._pending = []  # (request, buffer kept alive until the send completes)
+        self._prune_at = 64
+
+    def _wait(self, requests: list, what: str) -> None:
+        from mpi4py import MPI
+        if MPI.Request.Testall(requests):
+            return
+        # Polled like MPICH's own blocking waits, yielding the core to other ranks between tests.
+        deadline = time.monotonic() + self.timeout
+        while not MPI.Request.Testall(requests):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"MPI {what} did not complete within {self.timeout:g} s ({ENV_TIMEOUT})")
+            os.sched_yield()
 
     @staticmethod
     def _records(header: bytes, sizes: Sequence[int]) -> np.ndarray:
@@ -121,11 +138,11 @@ class MpiTransport:
         from mpi4py import MPI
         mine = self._records(header, [data.size])
         records = np.empty((self.size, mine.shape[1]), _U8)
-        self.comm.Allgather(mine, records)
+        self._wait([self.comm.Iallgather(mine, records)], "all-gather of sizes")
         headers, counts = self._parse(records)
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         out = np.empty(int(counts.sum()), dtype=_U8)
-        self.comm.Allgatherv(data, [out, counts.tolist(), displs.tolist(), MPI.BYTE])
+        self._wait([self.comm.Iallgatherv(data, [out, counts.tolist(), displs.tolist(), MPI.BYTE])], "all-gather")
         return [(h, out[d:d + c]) for h, d, c in zip(headers, displs, counts)]
 
     def alltoallv(self, header: bytes, parts: Sequence[np.ndarray]) -> List[Tuple[bytes, np.ndarray]]:
@@ -133,14 +150,14 @@ class MpiTransport:
         scounts = np.array([p.size for p in parts], dtype=np.int64)
         mine = self._records(header, scounts)
         records = np.empty_like(mine)
-        self.comm.Alltoall(mine, records)
+        self._wait([self.comm.Ialltoall(mine, records)], "all-to-all of sizes")
         headers, rcounts = self._parse(records)
         sdispl = np.concatenate([[0], np.cumsum(scounts)[:-1]]).astype(np.int64)
         rdispl = np.concatenate([[0], np.cumsum(rcounts)[:-1]]).astype(np.int64)
         send = np.concatenate(parts) if parts else np.empty(0, _U8)
         out = np.empty(int(rcounts.sum()), dtype=_U8)
-        self.comm.Alltoallv([send, scounts.tolist(), sdispl.tolist(), MPI.BYTE],
-                            [out, rcounts.tolist(), rdispl.tolist(), MPI.BYTE])
+        self._wait([self.comm.Ialltoallv([send, scounts.tolist(), sdispl.tolist(), MPI.BYTE],
+                                         [out, rcounts.tolist(), rdispl.tolist(), MPI.BYTE])], "all-to-all")
         return [(h, out[d:d + c]) for h, d, c in zip(headers, rdispl, rcounts)]
 
     def send(self, header: bytes, data: np.ndarray, peer: int) -> None:
@@ -149,27 +166,51 @@ class MpiTransport:
         buf = np.empty(HEADER_BYTES + data.size, _U8)
         buf[:HEADER_BYTES] = np.frombuffer(header, _U8)
         buf[HEADER_BYTES:] = data
+        if len(self._pending) >= self._prune_at:
+            self._prune()
         self._pending.append((self.comm.Isend(buf, dest=peer, tag=self._TAG), buf))
 
     def recv(self, peer: int) -> Tuple[bytes, np.ndarray]:
         from mpi4py import MPI
         status = MPI.Status()
-        message = self.comm.Mprobe(source=peer, tag=self._TAG, status=status)
-        buf = np.empty(status.Get_count(MPI.BYTE), _U8)  # the size the sender chose
-        message.Recv(buf)
+        deadline = time.monotonic() + self.timeout
+        while (message := self.comm.Improbe(source=peer, tag=self._TAG, status=status)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no message from rank {peer} within {self.timeout:g} s ({ENV_TIMEOUT})")
+            os.sched_yield()
+        buf = np.empty(status.Get_count(MPI.BYTE), _U8)
+        self._wait([message.Irecv(buf)], f"recv from rank {peer}")
         return buf[:HEADER_BYTES].tobytes(), buf[HEADER_BYTES:]
 
-    def flush(self) -> None:
-        for req, _ in self._pending:
-            req.Wait()
-        self._pending.clear()
+    def _prune(self) -> None:
+        """Drop the sends that have completed, so a long run of sends does not pile up buffers (tested
+        again only once the list has doubled: amortised O(1) per send)."""
+        self._pending = [(req, buf) for req, buf in self._pending if not req.Test()]
+        self._prune_at = max(64, 2 * len(self._pending))
 
     def barrier(self) -> None:
-        self.flush()
-        self.comm.Barrier()
+        self._prune()
+        self._wait([self.comm.Ibarrier()], "barrier")
 
     def close(self) -> None:
-        self.flush()
+        """Wait for the pending sends (at most the timeout, then abandon them and raise TimeoutError)."""
+        try:
+            self._wait([req for req, _ in self._pending], f"{len(self._pending)} pending send(s)")
+        except TimeoutError:
+            self.abort()
+            raise
+        self._pending.clear()
+
+    def abort(self) -> None:
+        """Cancel and free the pending sends without waiting for them."""
+        for req, buf in self._pending:
+            for step in (req.Cancel, req.Free):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - best effort: the request may have completed meanwhile
+                    pass
+            _ABANDONED.append(buf)
+        self._pending.clear()
 
 
 class ShmBlobs:
@@ -326,6 +367,8 @@ class BlobTransport:
     def close(self) -> None:
         self.blobs.close()
 
+    abort = close  # nothing here waits
+
 
 def _job_name() -> str:
     """This job's part of the shared-memory file names: FP4CCL_JOB_ID (set by fp4ccl-run), else 'nojob'."""
@@ -336,9 +379,10 @@ def _job_name() -> str:
 
 
 def make_transport(exchange: Exchange, timeout: float = math.inf):
-    """Pick the host data plane for this exchange: MPI, shared memory on one host, or the store."""
+    """Pick the host data plane for this exchange: MPI, shared memory on one host, or the store;
+    `timeout` (seconds, inf = forever) bounds each of its waits for a peer."""
     if isinstance(exchange, MPIExchange):
-        return MpiTransport(exchange.comm)
+        return MpiTransport(exchange.comm, timeout)
     # Rank 0's job name and a fresh id for this communicator, so every rank derives the same file names.
     mine = f"{_job_name()}-{uuid.uuid4().hex}".encode() if exchange.rank == 0 else None
     name = exchange.broadcast_bytes(mine, 0).decode()
@@ -419,7 +463,7 @@ class HostBackend:
         self._refusal = (f"the host communicator of rank {self.rank} was aborted after a timeout in {call} "
                          f"({where}): its calls no longer line up with its peers'; create a new Communicator")
         self._deferred.clear()
-        self.transport.close()
+        self.transport.abort()
         out = CommTimeoutError(
             f"host backend: {call} ({where}) on rank {self.rank} of {self.size} timed out: {err}. Ranks probably "
             f"disagree on the sequence of collectives, or one of them died; the communicator cannot be used any more")
@@ -571,18 +615,25 @@ class HostBackend:
 
     # -- teardown -----------------------------------------------------------------------------------
     def destroy(self) -> None:
+        """Release the transport once its pending sends are out (bounded by the timeout)."""
         self._deferred.clear()
         self._depth = 0
-        if not self._refusal:
-            self._refusal = f"the host communicator of rank {self.rank} was destroyed; create a new Communicator"
-        self.transport.close()
+        if self._refusal:
+            self.transport.abort()
+            return
+        self._refusal = f"the host communicator of rank {self.rank} was destroyed; create a new Communicator"
+        try:
+            self.transport.close()
+        except TimeoutError as err:
+            raise self._timed_out("destroy", "waiting for this rank's sends", self._seq, err) from err
 
     def abort(self) -> None:
+        """Release the transport now, abandoning pending sends and the open group's recvs."""
         self._deferred.clear()
         self._depth = 0
         if not self._refusal:
             self._refusal = f"the host communicator of rank {self.rank} was aborted; create a new Communicator"
-        self.transport.close()
+        self.transport.abort()
 
 
 class _SelfTransport:
@@ -610,3 +661,5 @@ class _SelfTransport:
 
     def close(self):
         self._queue.clear()
+
+    abort = close
