@@ -108,3 +108,31 @@ def test_files_are_private_while_in_flight():
     (_, left0), (modes, left1) = run_ranks(2, _files_while_in_flight)
     assert modes and set(modes.values()) == {0o600}, modes
     assert left0 == [] and left1 == []
+
+
+FORKED_CHILD_EXITS = r"""
+import os, sys
+import numpy as np
+from fp4ccl._arrays import describe
+from fp4ccl.backends.host import HostBackend
+from test_host_shm import LonelyExchange
+
+backend = HostBackend(LonelyExchange())
+backend.send(describe(np.ones(10, np.float32)), 1)
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a normal exit runs the atexit handlers inherited from the parent
+os.waitpid(pid, 0)
+print(len(os.listdir(os.environ["FP4CCL_SHM_DIR"])))
+backend.destroy()
+"""
+
+
+def test_a_forked_child_leaves_the_parents_files_alone(tmp_path):
+    environ = dict(os.environ, FP4CCL_SHM_DIR=str(tmp_path),
+                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    proc = subprocess.run([sys.executable, "-c", FORKED_CHILD_EXITS], env=environ, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "1", "the child's exit removed the parent's in-flight message"
+    assert os.listdir(tmp_path) == []

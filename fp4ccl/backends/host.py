@@ -224,7 +224,8 @@ class ShmBlobs:
         self.timeout = timeout
         self._mine = set()
         self._prune_at = 256
-        atexit.register(self.close)
+        self._pid = os.getpid()
+        atexit.register(self._at_exit)
 
     def put(self, name: str, header: bytes, data: np.ndarray) -> None:
         path = self.prefix + name
@@ -234,7 +235,7 @@ class ShmBlobs:
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
                 f.write(memoryview(data))
-            self._mine.add(path)
+            self._mine.add(path)  # before the rename: an interrupt cannot leave a file nobody removes
             os.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -282,7 +283,11 @@ class ShmBlobs:
             except FileNotFoundError:
                 pass
         self._mine.clear()
-        atexit.unregister(self.close)
+        atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        if os.getpid() == self._pid:  # a forked child inherits the handler, not the files
+            self.close()
 
 
 class StoreBlobs:
@@ -460,6 +465,8 @@ class HostBackend:
         return [part for _, part in got]
 
     def _timed_out(self, call: str, where: str, seq: int, err: BaseException) -> CommTimeoutError:
+        """The error for a wait that ran out; from now on the backend refuses calls, since its calls no
+        longer line up with its peers' (it may have published data for a call they never made)."""
         self._refusal = (f"the host communicator of rank {self.rank} was aborted after a timeout in {call} "
                          f"({where}): its calls no longer line up with its peers'; create a new Communicator")
         self._deferred.clear()
