@@ -23,8 +23,9 @@ class NcclError(Fp4cclError):
         return (type(self), (self.status, self.name, self.text, self.last_error, self.call))
 
 
-class CommTimeoutError(Fp4cclError):
-    """A collective did not finish in time; the communicator was aborted."""
+class CommTimeoutError(Fp4cclError, TimeoutError):
+    """A collective did not finish in time; the communicator was aborted. Also a TimeoutError, so
+    code that catches the builtin keeps working."""
 
 
 class CommClosedError(Fp4cclError):

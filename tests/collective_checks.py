@@ -131,8 +131,11 @@ def assert_close(got: np.ndarray, want: np.ndarray, dtype: str, op: str, size: i
 
 
 def same_order_reduce(arrays, op: str, size: int, dtype: str) -> np.ndarray:
-    """The reduction as the host backend computes it: numpy ufuncs in rank order, in the input dtype."""
+    """The reduction as the host backend computes it: numpy ufuncs in rank order, in the input dtype;
+    avg on floats adds each part divided by `size` in float64 and rounds once."""
     import functools
+    if op == "avg" and not dtype.startswith(("int", "uint")):
+        return functools.reduce(np.add, (a.astype(np.float64) / size for a in arrays)).astype(arrays[0].dtype)
     ufunc = {"sum": np.add, "avg": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}[op]
     out = functools.reduce(ufunc, arrays)
     if op == "avg":

@@ -3,30 +3,67 @@
 Every collective is built from two data-plane primitives, a variable-size all-gather and a
 variable-size all-to-all of bytes, plus point-to-point send/recv. Reductions run in numpy in rank
 order, so every rank computes the identical result. Two transports carry the bytes:
-- `MpiTransport` when the job's exchange is MPI (mpi4py buffer calls);
+- `MpiTransport` when the job's exchange is MPI (mpi4py nonblocking buffer calls, polled);
 - `BlobTransport` otherwise: files in /dev/shm when every rank shares the host, or values in the
   TCP store across hosts. A blob is published under a name every rank can derive, so readers never
   need a separate handshake; one barrier per collective tells the writer its blob may go.
+
+Every message carries a header (`_HEADER`): the call, dtype, byte count, op, root and a checksum of
+the v-collectives' counts, as its sender saw them. A rank compares each header and part length it
+receives with its own, once the exchange round is complete, so ranks that disagree get a ValueError
+wherever the disagreement is visible, and none is left waiting for a peer that gave up early.
+
+Inside a group, sends go out at once (they never block) and recvs wait for the outermost
+group_end, so the calls of a group may come in any order, as in NCCL. Collectives inside a group
+still run at once: they only wait for peers to reach the same collective, and nothing before them
+in a group blocks.
+
+Every wait for a peer is bounded by FP4CCL_TIMEOUT (600 s when unset, 0 = forever). A wait that
+runs out raises CommTimeoutError naming the call, its number on this communicator and the rank, and
+the backend refuses every later call with CommClosedError, since its calls no longer line up with
+its peers'. abort() never waits: it cancels pending MPI sends; destroy() waits for them at most the
+timeout.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
+import math
 import os
 import socket
+import struct
 import tempfile
 import time
 import uuid
-from typing import List, Optional, Sequence
+import zlib
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .._arrays import ArrayInfo, host_view, numpy_dtype
-from .._timeout import env_timeout
+from .._timeout import ENV_TIMEOUT, env_timeout
 from ..bootstrap.exchange import Exchange, MPIExchange, StoreExchange
+from ..errors import CommClosedError, CommTimeoutError
 
 _U8 = np.dtype(np.uint8)
 # From this size all_reduce splits into reduce-scatter + all-gather (two exchanges, 1/n the arithmetic).
 SPLIT_ALL_REDUCE_BYTES = 1 << 20
+# How long a host wait lasts when FP4CCL_TIMEOUT is unset.
+DEFAULT_TIMEOUT = 600.0
+
+# The header of every message: call, op, root, dtype, byte count, checksum of the counts. Padded to
+# 48 bytes so a payload read right after it keeps the 16-byte alignment numpy's loops prefer.
+_HEADER = struct.Struct("<BBi16sqI14x")
+HEADER_BYTES = _HEADER.size
+_CALLS = ("all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all", "all_gatherv",
+          "reduce_scatterv", "send", "all_gatherv_bytes", "alltoallv_bytes")
+_CALL_CODE = {c: i for i, c in enumerate(_CALLS)}
+_OPS = ("", "sum", "prod", "max", "min", "avg")
+_OP_CODE = {o: i for i, o in enumerate(_OPS)}
+# Send buffers of aborted MPI communicators: MPI may still read a cancelled send's buffer, so it
+# must outlive the communicator (a leak, but only after an abort).
+_ABANDONED: list = []
 
 
 def _as_bytes(a: np.ndarray) -> np.ndarray:
@@ -34,82 +71,180 @@ def _as_bytes(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(-1).view(_U8)
 
 
+def _header(call: str, dtype: str = "", nbytes: int = 0, op: str = "", root: int = -1,
+            counts: Optional[Sequence[int]] = None) -> bytes:
+    crc = zlib.crc32(np.asarray(counts, np.int64).tobytes()) if counts is not None else 0
+    return _HEADER.pack(_CALL_CODE[call], _OP_CODE[op], root, dtype.encode(), nbytes, crc)
+
+
+def _disagreement(what: str, me: int, peer: int, mine: bytes, theirs: bytes) -> str:
+    """Why the header `theirs` from `peer` does not match this rank's `mine`, for an error message."""
+    m_call, m_op, m_root, m_dtype, m_nbytes, m_crc = _HEADER.unpack(mine)
+    t_call, t_op, t_root, t_dtype, t_nbytes, t_crc = _HEADER.unpack(theirs)
+    m_dtype, t_dtype = m_dtype.rstrip(b"\0").decode(), t_dtype.rstrip(b"\0").decode()
+    if m_call != t_call:
+        return (f"{what}: rank {peer} called {_CALLS[t_call]} at this point, rank {me} {_CALLS[m_call]}; "
+                f"every rank must call the same collectives in the same order")
+    if m_crc != t_crc:
+        split = ("" if t_nbytes != m_nbytes else
+                 "; the totals agree but the rows are split differently")
+        return (f"{what}: rank {peer}'s sizes add up to {t_nbytes} bytes of {t_dtype}, rank {me}'s to {m_nbytes} "
+                f"bytes of {m_dtype}{split}; every rank must pass the same sizes")
+    if (m_dtype, m_nbytes) != (t_dtype, t_nbytes):
+        rule = ("a recv's buffer must match its send's in bytes and dtype" if _CALLS[m_call] == "send" else
+                "every rank must pass the same shape and dtype")
+        return (f"{what}: rank {peer} sent {t_nbytes} bytes of {t_dtype}, rank {me} expects {m_nbytes} bytes "
+                f"of {m_dtype}; {rule}")
+    if m_op != t_op:
+        return f"{what}: rank {peer} passed op='{_OPS[t_op]}', rank {me} op='{_OPS[m_op]}'"
+    return f"{what}: rank {peer} passed root={t_root}, rank {me} root={m_root}"
+
+
 class MpiTransport:
-    """Data plane over mpi4py buffer calls."""
+    """Data plane over mpi4py: nonblocking buffer calls polled to completion, so the timeout bounds each wait."""
 
-    def __init__(self, mpi_comm):
+    _TAG = 7
+
+    def __init__(self, mpi_comm, timeout: float):
         self.comm = mpi_comm
+        self.size = mpi_comm.Get_size()
+        self.timeout = timeout
         self._pending = []  # (request, buffer kept alive until the send completes)
+        self._prune_at = 64
 
-    def all_gatherv(self, data: np.ndarray) -> List[np.ndarray]:
+    def _wait(self, requests: list, what: str) -> None:
         from mpi4py import MPI
-        size = self.comm.Get_size()
-        counts = np.zeros(size, dtype=np.int64)
-        self.comm.Allgather(np.array([data.size], dtype=np.int64), counts)
+        if MPI.Request.Testall(requests):
+            return
+        # Polled like MPICH's own blocking waits, yielding the core to other ranks between tests.
+        deadline = time.monotonic() + self.timeout
+        while not MPI.Request.Testall(requests):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"MPI {what} did not complete within {self.timeout:g} s ({ENV_TIMEOUT})")
+            os.sched_yield()
+
+    @staticmethod
+    def _records(header: bytes, sizes: Sequence[int]) -> np.ndarray:
+        """One (header, payload size) record per destination, as uint8 rows."""
+        rows = b"".join(header + struct.pack("<q", s) for s in sizes)
+        return np.frombuffer(rows, _U8).reshape(len(sizes), HEADER_BYTES + 8)
+
+    @staticmethod
+    def _parse(records: np.ndarray) -> Tuple[List[bytes], np.ndarray]:
+        headers = [r[:HEADER_BYTES].tobytes() for r in records]
+        return headers, np.ascontiguousarray(records[:, HEADER_BYTES:]).view(np.int64).reshape(-1)
+
+    def all_gatherv(self, header: bytes, data: np.ndarray) -> List[Tuple[bytes, np.ndarray]]:
+        from mpi4py import MPI
+        mine = self._records(header, [data.size])
+        records = np.empty((self.size, mine.shape[1]), _U8)
+        self._wait([self.comm.Iallgather(mine, records)], "all-gather of sizes")
+        headers, counts = self._parse(records)
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         out = np.empty(int(counts.sum()), dtype=_U8)
-        self.comm.Allgatherv(data, [out, counts.tolist(), displs.tolist(), MPI.BYTE])
-        return [out[d:d + c] for d, c in zip(displs, counts)]
+        self._wait([self.comm.Iallgatherv(data, [out, counts.tolist(), displs.tolist(), MPI.BYTE])], "all-gather")
+        return [(h, out[d:d + c]) for h, d, c in zip(headers, displs, counts)]
 
-    def alltoallv(self, parts: Sequence[np.ndarray]) -> List[np.ndarray]:
+    def alltoallv(self, header: bytes, parts: Sequence[np.ndarray]) -> List[Tuple[bytes, np.ndarray]]:
         from mpi4py import MPI
-        size = self.comm.Get_size()
         scounts = np.array([p.size for p in parts], dtype=np.int64)
-        rcounts = np.zeros(size, dtype=np.int64)
-        self.comm.Alltoall(scounts, rcounts)
+        mine = self._records(header, scounts)
+        records = np.empty_like(mine)
+        self._wait([self.comm.Ialltoall(mine, records)], "all-to-all of sizes")
+        headers, rcounts = self._parse(records)
         sdispl = np.concatenate([[0], np.cumsum(scounts)[:-1]]).astype(np.int64)
         rdispl = np.concatenate([[0], np.cumsum(rcounts)[:-1]]).astype(np.int64)
         send = np.concatenate(parts) if parts else np.empty(0, _U8)
         out = np.empty(int(rcounts.sum()), dtype=_U8)
-        self.comm.Alltoallv([send, scounts.tolist(), sdispl.tolist(), MPI.BYTE],
-                            [out, rcounts.tolist(), rdispl.tolist(), MPI.BYTE])
-        return [out[d:d + c] for d, c in zip(rdispl, rcounts)]
+        self._wait([self.comm.Ialltoallv([send, scounts.tolist(), sdispl.tolist(), MPI.BYTE],
+                                         [out, rcounts.tolist(), rdispl.tolist(), MPI.BYTE])], "all-to-all")
+        return [(h, out[d:d + c]) for h, d, c in zip(headers, rdispl, rcounts)]
 
-    def send(self, data: np.ndarray, peer: int) -> None:
+    def send(self, header: bytes, data: np.ndarray, peer: int) -> None:
         # Buffered and non-blocking, like a stream-ordered ncclSend: a ring of sends then
         # receives must not deadlock on MPI's rendezvous protocol.
-        buf = data.copy()
-        self._pending.append((self.comm.Isend(buf, dest=peer, tag=7), buf))
+        buf = np.empty(HEADER_BYTES + data.size, _U8)
+        buf[:HEADER_BYTES] = np.frombuffer(header, _U8)
+        buf[HEADER_BYTES:] = data
+        if len(self._pending) >= self._prune_at:
+            self._prune()
+        self._pending.append((self.comm.Isend(buf, dest=peer, tag=self._TAG), buf))
 
-    def recv(self, nbytes: int, peer: int) -> np.ndarray:
+    def recv(self, peer: int) -> Tuple[bytes, np.ndarray]:
         from mpi4py import MPI
-        out = np.empty(nbytes, dtype=_U8)
         status = MPI.Status()
-        self.comm.Recv(out, source=peer, tag=7, status=status)
-        got = status.Get_count(MPI.BYTE)
-        if got != nbytes:
-            raise ValueError(f"recv from rank {peer}: expected {nbytes} bytes, the peer sent {got}")
-        return out
+        deadline = time.monotonic() + self.timeout
+        while (message := self.comm.Improbe(source=peer, tag=self._TAG, status=status)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no message from rank {peer} within {self.timeout:g} s ({ENV_TIMEOUT})")
+            os.sched_yield()
+        buf = np.empty(status.Get_count(MPI.BYTE), _U8)
+        self._wait([message.Irecv(buf)], f"recv from rank {peer}")
+        return buf[:HEADER_BYTES].tobytes(), buf[HEADER_BYTES:]
 
-    def flush(self) -> None:
-        for req, _ in self._pending:
-            req.Wait()
-        self._pending.clear()
+    def _prune(self) -> None:
+        """Drop the sends that have completed, so a long run of sends does not pile up buffers (tested
+        again only once the list has doubled: amortised O(1) per send)."""
+        self._pending = [(req, buf) for req, buf in self._pending if not req.Test()]
+        self._prune_at = max(64, 2 * len(self._pending))
 
     def barrier(self) -> None:
-        self.flush()
-        self.comm.Barrier()
+        self._prune()
+        self._wait([self.comm.Ibarrier()], "barrier")
 
     def close(self) -> None:
-        self.flush()
+        """Wait for the pending sends (at most the timeout, then abandon them and raise TimeoutError)."""
+        try:
+            self._wait([req for req, _ in self._pending], f"{len(self._pending)} pending send(s)")
+        except TimeoutError:
+            self.abort()
+            raise
+        self._pending.clear()
+
+    def abort(self) -> None:
+        """Cancel and free the pending sends without waiting for them."""
+        for req, buf in self._pending:
+            for step in (req.Cancel, req.Free):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - best effort: the request may have completed meanwhile
+                    pass
+            _ABANDONED.append(buf)
+        self._pending.clear()
 
 
 class ShmBlobs:
-    """Blobs as files in /dev/shm (same host): written under a temporary name, then renamed into place."""
+    """Blobs as files in /dev/shm (same host), readable by this user only; written under a temporary
+    name, then renamed into place. Each rank removes the files it wrote at close() or, failing
+    that, when the interpreter exits; fp4ccl-run removes a killed job's by their prefix."""
 
-    def __init__(self, job: str, directory: Optional[str] = None):
+    def __init__(self, name: str, timeout: float, directory: Optional[str] = None):
         base = directory or os.environ.get("FP4CCL_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-        self.prefix = os.path.join(base, f"fp4ccl-{job}-")
-        self.timeout = env_timeout(unset=600.0) or float("inf")
+        self.prefix = os.path.join(base, f"fp4ccl-{name}-")
+        self.timeout = timeout
         self._mine = set()
+        self._prune_at = 256
+        self._pid = os.getpid()
+        atexit.register(self._at_exit)
 
-    def put(self, name: str, data: np.ndarray) -> None:
+    def put(self, name: str, header: bytes, data: np.ndarray) -> None:
         path = self.prefix + name
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(memoryview(data))
-        os.rename(tmp, path)
-        self._mine.add(path)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(header)
+                f.write(memoryview(data))
+            self._mine.add(path)  # before the rename: an interrupt cannot leave a file nobody removes
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if len(self._mine) >= self._prune_at:
+            # Point-to-point blobs are deleted by their reader, so forget the ones already gone.
+            self._mine = {p for p in self._mine if os.path.exists(p)}
+            self._prune_at = max(256, 2 * len(self._mine))
 
     def get(self, name: str) -> np.ndarray:
         path = self.prefix + name
@@ -117,12 +252,19 @@ class ShmBlobs:
         pause = 2e-5
         while True:
             try:
-                with open(path, "rb") as f:
-                    return np.frombuffer(f.read(), dtype=_U8)
+                with open(path, "rb", buffering=0) as f:
+                    out = np.empty(os.fstat(f.fileno()).st_size, _U8)  # aligned, unlike f.read()'s bytes
+                    view, done = memoryview(out), 0
+                    while done < out.size:  # one read returns at most 2 GiB
+                        n = f.readinto(view[done:])
+                        if not n:
+                            raise OSError(f"{path} ended after {done} of {out.size} bytes")
+                        done += n
+                    return out
             except FileNotFoundError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"host backend: no data at {path} after {self.timeout:.0f} s "
-                                       f"(a peer is missing or ranks called different collectives)") from None
+                    raise TimeoutError(f"no data at {path} after {self.timeout:g} s ({ENV_TIMEOUT}; a peer is "
+                                       f"missing or ranks called different collectives)") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 2e-3)
 
@@ -135,26 +277,32 @@ class ShmBlobs:
             pass
 
     def close(self) -> None:
-        for path in list(self._mine):
+        for path in self._mine:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
         self._mine.clear()
+        atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        if os.getpid() == self._pid:  # a forked child inherits the handler, not the files
+            self.close()
 
 
 class StoreBlobs:
     """Blobs as values in the TCP store (ranks on different hosts); `get` blocks until the value is set."""
 
-    def __init__(self, store, job: str):
+    def __init__(self, store, name: str, timeout: float):
         self.store = store
-        self.prefix = f"fp4ccl-host/{job}/"
+        self.prefix = f"fp4ccl-host/{name}/"
+        self.timeout = timeout
 
-    def put(self, name: str, data: np.ndarray) -> None:
-        self.store.set(self.prefix + name, data.tobytes())
+    def put(self, name: str, header: bytes, data: np.ndarray) -> None:
+        self.store.set(self.prefix + name, header + data.tobytes())
 
     def get(self, name: str) -> np.ndarray:
-        return np.frombuffer(self.store.get(self.prefix + name), dtype=_U8)
+        return np.frombuffer(self.store.get(self.prefix + name, timeout=self.timeout), dtype=_U8)
 
     def delete(self, name: str) -> None:
         self.store.delete(self.prefix + name)
@@ -174,46 +322,49 @@ class BlobTransport:
         self._sent = {}
         self._received = {}
 
-    def _round(self, publish: dict) -> tuple:
+    def _round(self, header: bytes, publish: dict) -> tuple:
         self._seq += 1
         names = []
         for dst, data in publish.items():
             name = f"c{self._seq}.{self.rank}.{dst}"
-            self.blobs.put(name, data)
+            self.blobs.put(name, header, data)
             names.append(name)
         return self._seq, names
+
+    def _get(self, name: str) -> Tuple[bytes, np.ndarray]:
+        blob = self.blobs.get(name)
+        return blob[:HEADER_BYTES].tobytes(), blob[HEADER_BYTES:]
 
     def _release(self, names: List[str]) -> None:
         self.exchange.barrier()  # every reader is done: our blobs may go
         for name in names:
             self.blobs.delete(name)
 
-    def all_gatherv(self, data: np.ndarray) -> List[np.ndarray]:
-        seq, names = self._round({"all": data})
-        parts = [data if r == self.rank else self.blobs.get(f"c{seq}.{r}.all") for r in range(self.size)]
+    def all_gatherv(self, header: bytes, data: np.ndarray) -> List[Tuple[bytes, np.ndarray]]:
+        seq, names = self._round(header, {"all": data})
+        parts = [(header, data) if r == self.rank else self._get(f"c{seq}.{r}.all") for r in range(self.size)]
         self._release(names)
         return parts
 
-    def alltoallv(self, parts: Sequence[np.ndarray]) -> List[np.ndarray]:
-        seq, names = self._round({d: p for d, p in enumerate(parts) if d != self.rank})
-        got = [parts[s] if s == self.rank else self.blobs.get(f"c{seq}.{s}.{self.rank}") for s in range(self.size)]
+    def alltoallv(self, header: bytes, parts: Sequence[np.ndarray]) -> List[Tuple[bytes, np.ndarray]]:
+        seq, names = self._round(header, {d: p for d, p in enumerate(parts) if d != self.rank})
+        got = [(header, parts[s]) if s == self.rank else self._get(f"c{seq}.{s}.{self.rank}")
+               for s in range(self.size)]
         self._release(names)
         return got
 
-    def send(self, data: np.ndarray, peer: int) -> None:
+    def send(self, header: bytes, data: np.ndarray, peer: int) -> None:
         n = self._sent.get(peer, 0)
         self._sent[peer] = n + 1
-        self.blobs.put(f"p{self.rank}.{peer}.{n}", data)
+        self.blobs.put(f"p{self.rank}.{peer}.{n}", header, data)
 
-    def recv(self, nbytes: int, peer: int) -> np.ndarray:
+    def recv(self, peer: int) -> Tuple[bytes, np.ndarray]:
         n = self._received.get(peer, 0)
         self._received[peer] = n + 1
         name = f"p{peer}.{self.rank}.{n}"
-        data = self.blobs.get(name)
+        got = self._get(name)
         self.blobs.delete(name)  # the receiver owns a point-to-point blob once read
-        if data.size != nbytes:
-            raise ValueError(f"recv from rank {peer}: expected {nbytes} bytes, the peer sent {data.size}")
-        return data
+        return got
 
     def barrier(self) -> None:
         self.exchange.barrier()
@@ -221,21 +372,40 @@ class BlobTransport:
     def close(self) -> None:
         self.blobs.close()
 
+    abort = close  # nothing here waits
 
-def make_transport(exchange: Exchange):
-    """Pick the host data plane for this exchange: MPI, shared memory on one host, or the store."""
+
+def _job_name() -> str:
+    """This job's part of the shared-memory file names: FP4CCL_JOB_ID (set by fp4ccl-run), else 'nojob'."""
+    job = os.environ.get("FP4CCL_JOB_ID") or "nojob"
+    if "/" in job:
+        raise ValueError(f"FP4CCL_JOB_ID={job!r} must not contain '/' (it names files in shared memory)")
+    return job
+
+
+def make_transport(exchange: Exchange, timeout: float = math.inf):
+    """Pick the host data plane for this exchange: MPI, shared memory on one host, or the store;
+    `timeout` (seconds, inf = forever) bounds each of its waits for a peer."""
     if isinstance(exchange, MPIExchange):
-        return MpiTransport(exchange.comm)
-    job = exchange.broadcast_bytes(uuid.uuid4().hex.encode() if exchange.rank == 0 else None, 0).decode()
+        return MpiTransport(exchange.comm, timeout)
+    # Rank 0's job name and a fresh id for this communicator, so every rank derives the same file names.
+    mine = f"{_job_name()}-{uuid.uuid4().hex}".encode() if exchange.rank == 0 else None
+    name = exchange.broadcast_bytes(mine, 0).decode()
     hosts = set(exchange.all_gather_bytes(socket.gethostname().encode()))
     if len(hosts) == 1:
-        return BlobTransport(exchange, ShmBlobs(job))
+        return BlobTransport(exchange, ShmBlobs(name, timeout))
     if isinstance(exchange, StoreExchange):
-        return BlobTransport(exchange, StoreBlobs(exchange.store, job))
+        return BlobTransport(exchange, StoreBlobs(exchange.store, name, timeout))
     raise RuntimeError("the host backend across several hosts needs MPI (mpirun/srun with mpi4py) or fp4ccl-run's store")
 
 
 def _reduce(arrays: Sequence[np.ndarray], op: str, size: int) -> np.ndarray:
+    """The reduction of equal-length parts (HostBackend._check saw to that: numpy never broadcasts here)."""
+    if op == "avg" and arrays[0].dtype.kind not in "iub":
+        # Like NCCL's pre-multiplied sum: each part divided by n, added in float64, rounded once, so an
+        # average that fits the dtype never overflows on the way.
+        out = functools.reduce(np.add, (a.astype(np.float64) / size for a in arrays))
+        return out.astype(arrays[0].dtype)
     ufunc = {"sum": np.add, "avg": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}[op]
     out = functools.reduce(ufunc, arrays)
     if op == "avg":
@@ -243,100 +413,234 @@ def _reduce(arrays: Sequence[np.ndarray], op: str, size: int) -> np.ndarray:
     return out
 
 
+def _call(name: str):
+    """Count the call and turn a wait that ran out into CommTimeoutError; refuse calls once one has."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args):
+            if self._refusal:
+                raise CommClosedError(self._refusal)
+            self._seq += 1
+            seq = self._seq
+            try:
+                return method(self, *args)
+            except TimeoutError as err:
+                label = f"recv from rank {args[1]}" if name == "recv" else name
+                raise self._timed_out(label, f"call #{seq}", seq, err) from err
+        return run
+    return wrap
+
+
 class HostBackend:
     """Collectives on host memory; calls are synchronous (they return once the result is in place)."""
 
     name = "host"
 
-    def __init__(self, exchange: Exchange, transport=None):
+    def __init__(self, exchange: Exchange, transport=None, timeout: Optional[float] = None):
         self.exchange = exchange
         self.rank, self.size = exchange.rank, exchange.size
+        self.timeout = env_timeout(unset=DEFAULT_TIMEOUT) if timeout is None else float(timeout)
+        wait = self.timeout or math.inf
         self.transport = transport if transport is not None else (
-            _SelfTransport() if exchange.size == 1 else make_transport(exchange))
+            _SelfTransport() if exchange.size == 1 else make_transport(exchange, wait))
+        self._seq = 0        # calls made on this communicator; error messages name them
+        self._depth = 0      # open groups
+        self._deferred = []  # the open group's recvs: (seq, peer, header, destination bytes)
+        self._refusal = ""   # why later calls are refused, once the backend is unusable
+
+    # -- checks and failures ------------------------------------------------------------------------
+    def _check(self, what: str, mine: bytes, got: Sequence[Tuple[bytes, np.ndarray]],
+               expect: Optional[Sequence[int]], ranks: Optional[Sequence[int]] = None,
+               seq: Optional[int] = None) -> List[np.ndarray]:
+        """The parts of `got` (from `ranks`, default every rank in order), once each header equals
+        `mine` and each part has the byte count in `expect` (None: any); otherwise a ValueError naming
+        the call, its number and the first peer that differs."""
+        for i, (header, part) in enumerate(got):
+            if header != mine or (expect is not None and part.size != expect[i]):
+                peer = ranks[i] if ranks is not None else i
+                call = f"{what} (call #{self._seq if seq is None else seq})"
+                if header != mine:
+                    raise ValueError(_disagreement(call, self.rank, peer, mine, header))
+                raise ValueError(f"{call}: rank {peer} sent {part.size} bytes, rank {self.rank} expects {expect[i]}")
+        return [part for _, part in got]
+
+    def _timed_out(self, call: str, where: str, seq: int, err: BaseException) -> CommTimeoutError:
+        """The error for a wait that ran out; from now on the backend refuses calls, since its calls no
+        longer line up with its peers' (it may have published data for a call they never made)."""
+        self._refusal = (f"the host communicator of rank {self.rank} was aborted after a timeout in {call} "
+                         f"({where}): its calls no longer line up with its peers'; create a new Communicator")
+        self._deferred.clear()
+        self.transport.abort()
+        out = CommTimeoutError(
+            f"host backend: {call} ({where}) on rank {self.rank} of {self.size} timed out: {err}. Ranks probably "
+            f"disagree on the sequence of collectives, or one of them died; the communicator cannot be used any more")
+        out.rank, out.call, out.seq = self.rank, call, seq
+        return out
 
     def _typed(self, raw: np.ndarray, info: ArrayInfo, shape=None) -> np.ndarray:
         return raw.view(numpy_dtype(info.dtype)).reshape(shape if shape is not None else (-1,))
 
+    def _reduced(self, parts: Sequence[np.ndarray], info: ArrayInfo, op: str) -> np.ndarray:
+        return _reduce([self._typed(p, info) for p in parts], op, self.size)
+
+    # -- collectives --------------------------------------------------------------------------------
+    @_call("all_reduce")
     def all_reduce(self, send: ArrayInfo, recv: ArrayInfo, op: str, stream=0) -> None:
+        header = _header("all_reduce", send.dtype, send.nbytes, op)
         if send.nbytes < SPLIT_ALL_REDUCE_BYTES or self.size == 1:
-            parts = self.transport.all_gatherv(_as_bytes(host_view(send)))
-            host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in parts], op, self.size)
+            got = self.transport.all_gatherv(header, _as_bytes(host_view(send)))
+            parts = self._check("all_reduce", header, got, [send.nbytes] * self.size)
+            host_view(recv).reshape(-1)[...] = self._reduced(parts, send, op)
             return
         # Large arrays: each rank reduces one slice (same rank order per element, so the result is
         # bit-identical), then the slices are gathered; n times less arithmetic per rank.
         flat = host_view(send).reshape(-1)
         cuts = [len(c) for c in np.array_split(np.arange(flat.size), self.size)]
         bounds = np.cumsum(cuts)[:-1]
-        got = self.transport.alltoallv([_as_bytes(c) for c in np.split(flat, bounds)])
-        mine = _reduce([self._typed(p, send) for p in got], op, self.size)
-        slices = self.transport.all_gatherv(_as_bytes(mine))
+        got = self.transport.alltoallv(header, [_as_bytes(c) for c in np.split(flat, bounds)])
+        mine = self._reduced(self._check("all_reduce", header, got, [cuts[self.rank] * send.itemsize] * self.size),
+                             send, op)
+        got = self.transport.all_gatherv(header, _as_bytes(mine))
+        slices = self._check("all_reduce", header, got, [c * send.itemsize for c in cuts])
         np.concatenate(slices, out=host_view(recv).reshape(-1).view(_U8))
 
+    @_call("broadcast")
     def broadcast(self, send: ArrayInfo, recv: ArrayInfo, root: int, stream=0) -> None:
+        header = _header("broadcast", send.dtype, send.nbytes, root=root)
         mine = _as_bytes(host_view(send)) if self.rank == root else np.empty(0, _U8)
-        parts = self.transport.all_gatherv(mine)
+        expect = [send.nbytes if r == root else 0 for r in range(self.size)]
+        parts = self._check("broadcast", header, self.transport.all_gatherv(header, mine), expect)
         if self.rank != root or recv.ptr != send.ptr:
             host_view(recv).reshape(-1).view(_U8)[...] = parts[root]
 
+    @_call("reduce")
     def reduce(self, send: ArrayInfo, recv: Optional[ArrayInfo], op: str, root: int, stream=0) -> None:
+        header = _header("reduce", send.dtype, send.nbytes, op, root)
         empty = np.empty(0, _U8)
         parts = [empty] * self.size
         parts[root] = _as_bytes(host_view(send))
-        got = self.transport.alltoallv(parts)
+        expect = [send.nbytes if self.rank == root else 0] * self.size
+        got = self._check("reduce", header, self.transport.alltoallv(header, parts), expect)
         if self.rank == root:
-            host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
+            host_view(recv).reshape(-1)[...] = self._reduced(got, send, op)
 
+    @_call("all_gather")
     def all_gather(self, send: ArrayInfo, recv: ArrayInfo, stream=0) -> None:
-        parts = self.transport.all_gatherv(_as_bytes(host_view(send)))
-        flat = host_view(recv).reshape(-1).view(_U8)
-        offset = 0
-        for p in parts:
-            flat[offset:offset + p.size] = p
-            offset += p.size
+        header = _header("all_gather", send.dtype, send.nbytes)
+        got = self.transport.all_gatherv(header, _as_bytes(host_view(send)))
+        parts = self._check("all_gather", header, got, [send.nbytes] * self.size)
+        np.concatenate(parts, out=host_view(recv).reshape(-1).view(_U8))
 
+    @_call("reduce_scatter")
     def reduce_scatter(self, send: ArrayInfo, recv: ArrayInfo, op: str, stream=0) -> None:
-        chunks = np.split(_as_bytes(host_view(send)), self.size)
-        got = self.transport.alltoallv(chunks)
-        host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
+        header = _header("reduce_scatter", send.dtype, send.nbytes, op)
+        got = self.transport.alltoallv(header, np.split(_as_bytes(host_view(send)), self.size))
+        parts = self._check("reduce_scatter", header, got, [recv.nbytes] * self.size)
+        host_view(recv).reshape(-1)[...] = self._reduced(parts, send, op)
 
+    @_call("all_to_all")
     def all_to_all(self, send: ArrayInfo, recv: ArrayInfo, stream=0) -> None:
-        got = self.transport.alltoallv(np.split(_as_bytes(host_view(send)), self.size))
-        np.concatenate(got, out=host_view(recv).reshape(-1).view(_U8))
+        header = _header("all_to_all", send.dtype, send.nbytes)
+        got = self.transport.alltoallv(header, np.split(_as_bytes(host_view(send)), self.size))
+        parts = self._check("all_to_all", header, got, [send.nbytes // self.size] * self.size)
+        np.concatenate(parts, out=host_view(recv).reshape(-1).view(_U8))
 
+    @_call("all_gatherv")
     def all_gatherv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], stream=0) -> None:
-        self.all_gather(send, recv, stream)  # the gather already concatenates parts of any size
+        header = _header("all_gatherv", send.dtype, recv.nbytes, counts=counts)
+        got = self.transport.all_gatherv(header, _as_bytes(host_view(send)))
+        parts = self._check("all_gatherv", header, got, [c * send.itemsize for c in counts])
+        np.concatenate(parts, out=host_view(recv).reshape(-1).view(_U8))
 
+    @_call("reduce_scatterv")
     def reduce_scatterv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], op: str, stream=0) -> None:
+        header = _header("reduce_scatterv", send.dtype, send.nbytes, op, counts=counts)
         cuts = np.cumsum(counts)[:-1] * send.itemsize
-        got = self.transport.alltoallv(np.split(_as_bytes(host_view(send)), cuts))
-        host_view(recv).reshape(-1)[...] = _reduce([self._typed(p, send) for p in got], op, self.size)
+        got = self.transport.alltoallv(header, np.split(_as_bytes(host_view(send)), cuts))
+        parts = self._check("reduce_scatterv", header, got, [recv.nbytes] * self.size)
+        host_view(recv).reshape(-1)[...] = self._reduced(parts, send, op)
 
+    @_call("all_gatherv_bytes")
     def all_gatherv_bytes(self, data: np.ndarray) -> List[np.ndarray]:
-        return self.transport.all_gatherv(data)
+        header = _header("all_gatherv_bytes")
+        return self._check("all_gatherv_bytes", header, self.transport.all_gatherv(header, data), None)
 
+    @_call("alltoallv_bytes")
     def alltoallv_bytes(self, parts: Sequence[np.ndarray]) -> List[np.ndarray]:
-        return self.transport.alltoallv(list(parts))
+        header = _header("alltoallv_bytes")
+        return self._check("alltoallv_bytes", header, self.transport.alltoallv(header, list(parts)), None)
 
+    # -- point to point and groups ------------------------------------------------------------------
+    @_call("send")
     def send(self, buf: ArrayInfo, peer: int, stream=0) -> None:
-        self.transport.send(_as_bytes(host_view(buf)), peer)
+        self.transport.send(_header("send", buf.dtype, buf.nbytes), _as_bytes(host_view(buf)), peer)
 
+    @_call("recv")
     def recv(self, buf: ArrayInfo, peer: int, stream=0) -> None:
-        host_view(buf).reshape(-1).view(_U8)[...] = self.transport.recv(buf.nbytes, peer)
+        header = _header("send", buf.dtype, buf.nbytes)  # what the matching send's header must say
+        out = host_view(buf).reshape(-1).view(_U8)
+        if self._depth:
+            self._deferred.append((self._seq, peer, header, out))
+        else:
+            self._recv_into(self._seq, peer, header, out)
+
+    def _recv_into(self, seq: int, peer: int, header: bytes, out: np.ndarray) -> None:
+        got = [self.transport.recv(peer)]
+        (data,) = self._check(f"recv from rank {peer}", header, got, [out.size], [peer], seq)
+        out[...] = data
 
     def group_start(self) -> None:
-        pass  # host calls complete in program order and sends never block, so a group needs no batching
+        if self._refusal:
+            raise CommClosedError(self._refusal)
+        self._depth += 1
 
     def group_end(self) -> None:
-        pass
+        if self._depth == 0:
+            raise RuntimeError("group_end() without a matching group_start()")
+        self._depth -= 1
+        if self._depth:
+            return
+        deferred, self._deferred = self._deferred, []
+        failures = []
+        for seq, peer, header, out in deferred:
+            # Every recv runs even after one failed, so no peer's send is left unmatched.
+            try:
+                self._recv_into(seq, peer, header, out)
+            except ValueError as err:
+                failures.append(err)
+            except TimeoutError as err:
+                raise self._timed_out(f"recv from rank {peer}", f"call #{seq}, run at group_end", seq, err) from err
+        if failures:
+            raise failures[0]
 
+    @_call("barrier")
     def barrier(self, stream=0) -> None:
+        if self._depth:
+            raise RuntimeError("barrier() inside a group: the group's recvs only run at group_end(), "
+                               "so the barrier could not wait for them")
         self.transport.barrier()
 
+    # -- teardown -----------------------------------------------------------------------------------
     def destroy(self) -> None:
-        self.transport.close()
+        """Release the transport once its pending sends are out (bounded by the timeout)."""
+        self._deferred.clear()
+        self._depth = 0
+        if self._refusal:
+            self.transport.abort()
+            return
+        self._refusal = f"the host communicator of rank {self.rank} was destroyed; create a new Communicator"
+        try:
+            self.transport.close()
+        except TimeoutError as err:
+            raise self._timed_out("destroy", "waiting for this rank's sends", self._seq, err) from err
 
     def abort(self) -> None:
-        self.transport.close()
+        """Release the transport now, abandoning pending sends and the open group's recvs."""
+        self._deferred.clear()
+        self._depth = 0
+        if not self._refusal:
+            self._refusal = f"the host communicator of rank {self.rank} was aborted; create a new Communicator"
+        self.transport.abort()
 
 
 class _SelfTransport:
@@ -345,25 +649,24 @@ class _SelfTransport:
     def __init__(self):
         self._queue = []
 
-    def all_gatherv(self, data):
-        return [data]
+    def all_gatherv(self, header, data):
+        return [(header, data)]
 
-    def alltoallv(self, parts):
-        return list(parts)
+    def alltoallv(self, header, parts):
+        return [(header, p) for p in parts]
 
-    def send(self, data, peer):
-        self._queue.append(data.copy())
+    def send(self, header, data, peer):
+        self._queue.append((header, data.copy()))
 
-    def recv(self, nbytes, peer):
+    def recv(self, peer):
         if not self._queue:
             raise RuntimeError("recv from rank 0 in a 1-rank job with no matching send before it")
-        data = self._queue.pop(0)
-        if data.size != nbytes:
-            raise ValueError(f"recv from rank 0: expected {nbytes} bytes, the send had {data.size}")
-        return data
+        return self._queue.pop(0)
 
     def barrier(self):
         pass
 
     def close(self):
         self._queue.clear()
+
+    abort = close

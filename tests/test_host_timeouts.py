@@ -1,0 +1,94 @@
+"""A host-backend wait that runs out raises CommTimeoutError naming the call, its number and the rank,
+and the backend refuses every later call (its calls no longer line up with its peers')."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fp4ccl.errors import CommClosedError, CommTimeoutError, Fp4cclError
+from harness import env, run_ranks
+from test_host_shm import LonelyExchange
+
+
+@pytest.fixture
+def lonely(monkeypatch, tmp_path):
+    """A host backend (rank 0 of 2, shared-memory files under tmp_path) with FP4CCL_TIMEOUT=0.3."""
+    from fp4ccl.backends.host import HostBackend
+    monkeypatch.setenv("FP4CCL_SHM_DIR", str(tmp_path))
+    monkeypatch.setenv("FP4CCL_TIMEOUT", "0.3")
+    backend = HostBackend(LonelyExchange())
+    yield backend
+    backend.destroy()
+
+
+def _info(a):
+    from fp4ccl._arrays import describe
+    return describe(a)
+
+
+def test_comm_timeout_error_is_a_timeout_error():
+    assert issubclass(CommTimeoutError, TimeoutError)  # `except TimeoutError` keeps catching it
+    assert issubclass(CommTimeoutError, Fp4cclError)
+
+
+def test_timeout_raises_comm_timeout_error(lonely):
+    x, out = np.ones(4, np.float32), np.empty(4, np.float32)
+    with pytest.raises(CommTimeoutError, match=r"all_reduce \(call #1\) on rank 0 of 2") as info:
+        lonely.all_reduce(_info(x), _info(out), "sum")
+    assert (info.value.rank, info.value.call, info.value.seq) == (0, "all_reduce", 1)
+    with pytest.raises(CommClosedError, match="aborted after a timeout in all_reduce \\(call #1\\)"):
+        lonely.all_reduce(_info(x), _info(out), "sum")
+    with pytest.raises(CommClosedError, match="aborted after a timeout"):
+        lonely.send(_info(x), 1)
+    with pytest.raises(CommClosedError, match="aborted after a timeout"):
+        lonely.group_start()
+
+
+def test_recv_timeout_counts_calls(lonely):
+    x = np.ones(4, np.float32)
+    lonely.send(_info(x), 1)  # call #1: sends never wait
+    with pytest.raises(CommTimeoutError, match=r"recv from rank 1 \(call #2\) on rank 0"):
+        lonely.recv(_info(np.empty(4, np.float32)), 1)
+    with pytest.raises(CommClosedError):
+        lonely.barrier()
+
+
+def test_deferred_recv_timeout_at_group_end(lonely):
+    x = np.ones(4, np.float32)
+    lonely.group_start()
+    lonely.recv(_info(np.empty(4, np.float32)), 1)  # call #1, run at group_end
+    lonely.send(_info(x), 1)                          # call #2
+    with pytest.raises(CommTimeoutError, match=r"recv from rank 1 \(call #1, run at group_end\) on rank 0"):
+        lonely.group_end()
+    with pytest.raises(CommClosedError, match="aborted after a timeout"):
+        lonely.send(_info(x), 1)
+
+
+def _alone_in_a_collective(comm, tag):
+    """A fresh communicator with FP4CCL_TIMEOUT=1; only rank 0 calls all_reduce on it."""
+    from fp4ccl.backends.host import HostBackend
+    from fp4ccl.bootstrap.exchange import StoreExchange
+    from fp4ccl.communicator import Communicator
+    ex = StoreExchange(comm._exchange.store, comm.rank, comm.size, prefix=f"{comm._exchange.prefix}/{tag}")
+    with env({"FP4CCL_TIMEOUT": "1"}):
+        fresh = Communicator(HostBackend(ex), ex)
+    if comm.rank == 0:
+        fresh.all_reduce(np.ones(2, np.float32))  # call #1 on the fresh communicator: everyone
+        try:
+            fresh.all_reduce(np.ones(2, np.float32), "max")
+        except CommTimeoutError as err:
+            assert "all_reduce (call #2) on rank 0" in str(err), err
+        else:
+            raise AssertionError("all_reduce without peers returned")
+        with pytest.raises(CommClosedError, match="aborted after a timeout"):
+            fresh.all_gather(np.ones(2, np.float32))
+        fresh.abort()
+    else:
+        fresh.all_reduce(np.ones(2, np.float32))
+        fresh.destroy()
+    return True
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_timeout_through_the_communicator(nranks):
+    assert run_ranks(nranks, _alone_in_a_collective, f"alone{nranks}") == [True] * nranks
