@@ -490,6 +490,7 @@ class Communicator:
         self._extras.clear()
         self._closed = "destroy"
         self._backend.destroy()
+        self._exchange.close()   # after the backend, whose last sends may still travel over it
 
     def abort(self) -> None:
         """Tear the communicator down now, abandoning pending work (local; use after an error or hang)."""

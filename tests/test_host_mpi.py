@@ -60,9 +60,10 @@ def _receive_leftovers(comm):
     world.Barrier()
     if comm.rank == 1:
         status = MPI.Status()
-        if world.Iprobe(source=0, tag=MpiTransport._TAG, status=status):
+        own = comm._exchange.comm   # fp4ccl's duplicate of COMM_WORLD, where its messages travel
+        if own.Iprobe(source=0, tag=MpiTransport._TAG, status=status):
             buf = np.empty(status.Get_count(MPI.BYTE), np.uint8)
-            world.Recv(buf, source=0, tag=MpiTransport._TAG)
+            own.Recv(buf, source=0, tag=MpiTransport._TAG)
             assert np.all(buf[-BIG:] == 1), "the abandoned send's buffer was reused"
     world.Barrier()
 
@@ -85,6 +86,10 @@ def case_destroy_timeout(comm):
     if comm.rank == 0:
         comm.send(np.ones(BIG, np.uint8), 1)
     comm.barrier()
+    if comm.rank == 1:   # takes the leftover once rank 0 has given up, then destroys (freeing fp4ccl's MPI comm)
+        _receive_leftovers(comm)
+        comm.destroy()
+        return "ok"
     t0 = time.monotonic()
     try:
         comm.destroy()
@@ -96,6 +101,28 @@ def case_destroy_timeout(comm):
         result = "ok"
     _receive_leftovers(comm)
     return result
+
+
+def case_user_messages(comm):
+    """The caller's own COMM_WORLD messages, with the tag fp4ccl's transport uses, and fp4ccl's sends never
+    match each other's receives: fp4ccl talks on a duplicate of the communicator."""
+    from mpi4py import MPI
+
+    from fp4ccl.backends.host import MpiTransport
+    world, tag = MPI.COMM_WORLD, MpiTransport._TAG
+    mine = np.full(5, 7.0, np.float32)
+    if comm.rank == 0:
+        world.Send(np.full(3, -1.0, np.float32), dest=1, tag=tag)   # the user's message goes first
+        comm.send(mine, 1)
+    elif comm.rank == 1:
+        got = comm.recv(np.zeros(5, np.float32), 0)
+        assert np.array_equal(got, mine), f"fp4ccl's recv got {got}"
+        theirs = np.zeros(3, np.float32)
+        world.Recv(theirs, source=0, tag=tag)
+        assert np.array_equal(theirs, np.full(3, -1.0, np.float32)), f"the user's recv got {theirs}"
+    comm.destroy()
+    assert comm._exchange.comm is None, "destroy kept fp4ccl's MPI communicator"
+    return "ok"
 
 
 def case_timeout(comm):
@@ -162,6 +189,10 @@ def test_abort_does_not_wait_for_an_unmatched_send(tmp_path):
 def test_destroy_waits_for_sends_at_most_the_timeout(tmp_path):
     results = _run(tmp_path, "destroy_timeout", 2, timeout=60, FP4CCL_TIMEOUT="1")
     assert 0.9 < float(results[0].split()[1]) < 10.0, results
+
+
+def test_user_messages_never_meet_fp4ccls(tmp_path):
+    _run(tmp_path, "user_messages", 2, timeout=60)
 
 
 def test_timeout_under_mpi(tmp_path):

@@ -48,12 +48,16 @@ class SingleExchange(Exchange):
 
 
 class MPIExchange(Exchange):
-    """Exchange over an mpi4py communicator, with buffer-based calls (nothing is pickled)."""
+    """Exchange over an mpi4py communicator, with buffer-based calls (nothing is pickled).
+
+    It works on a duplicate of the caller's communicator (collective, like every way to build one), so
+    fp4ccl's messages, the host backend's tagged sends included, never match the caller's own receives
+    and the caller's never match fp4ccl's."""
 
     def __init__(self, mpi_comm):
-        self.comm = mpi_comm
-        self.rank = mpi_comm.Get_rank()
-        self.size = mpi_comm.Get_size()
+        self.comm = mpi_comm.Dup()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
 
     def all_gather_bytes(self, data: bytes) -> List[bytes]:
         from mpi4py import MPI
@@ -74,6 +78,12 @@ class MPIExchange(Exchange):
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def close(self) -> None:
+        from mpi4py import MPI
+        comm, self.comm = self.comm, None
+        if comm is not None and not MPI.Is_finalized():
+            comm.Free()
 
 
 class StoreExchange(Exchange):
