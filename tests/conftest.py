@@ -43,3 +43,15 @@ def seed(request) -> int:
 @pytest.fixture
 def rng(seed) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def comm(monkeypatch):
+    """A one-rank host communicator, whatever launcher variables this process inherited; destroyed after
+    the test (which only releases it locally if the test left it timed out)."""
+    import fp4ccl
+    for var in ("FP4CCL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    c = fp4ccl.init("host")
+    yield c
+    c.destroy()

@@ -9,15 +9,6 @@ from fp4ccl.errors import CommClosedError
 from harness import run_ranks
 
 
-@pytest.fixture
-def comm(monkeypatch):
-    for var in ("FP4CCL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "RANK"):
-        monkeypatch.delenv(var, raising=False)
-    c = fp4ccl.init("host")
-    yield c
-    c.destroy()
-
-
 def test_single_process_init(comm):
     assert (comm.rank, comm.size, comm.backend, comm.device) == (0, 1, "host", None)
     assert "rank=0 size=1 backend=host" in repr(comm)

@@ -6,20 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import fp4ccl
 from fp4ccl.backends.host import HostBackend
 from fp4ccl.errors import CommClosedError, CommTimeoutError
 
 WHY = "host backend: no data from rank 1 after 2 s during all_reduce"
-
-
-@pytest.fixture
-def comm(monkeypatch):
-    for var in ("FP4CCL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "RANK"):
-        monkeypatch.delenv(var, raising=False)
-    c = fp4ccl.init("host")
-    yield c
-    c.abort()
 
 
 def _time_out(*args, **kwargs):

@@ -168,6 +168,22 @@ def test_rank_killed_by_signal_is_reported_by_name(tmp_path):
     assert_no_survivors(tmp_path, 3)
 
 
+def interrupt_when_ready(args, ready_files, wait: float = 15.0):
+    """Start fp4ccl-run with args, send it SIGINT once every file in ready_files exists; (process, stderr)."""
+    p = subprocess.Popen(LAUNCHER + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + wait
+        while not all(f.exists() for f in ready_files):
+            assert time.monotonic() < end and p.poll() is None
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p, err
+
+
 def test_sigint_to_launcher_ends_every_rank_even_stubborn_ones(tmp_path):
     path = script(tmp_path, """
         if RANK == 1:  # ignores the polite signals: the launcher must escalate to SIGKILL
@@ -176,19 +192,9 @@ def test_sigint_to_launcher_ends_every_rank_even_stubborn_ones(tmp_path):
         open(os.path.join(PIDS, "..", f"ready{RANK}"), "w").close()
         time.sleep(120)
     """)
-    p = subprocess.Popen(LAUNCHER + ["-n", "3", "--grace-period", "1", path], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        end = time.monotonic() + 15
-        # Wait until every rank has installed its handlers, or SIGINT could beat rank 1's SIG_IGN.
-        while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
-            assert time.monotonic() < end and p.poll() is None
-            time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=20)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    # once every rank has installed its handlers, or SIGINT could beat rank 1's SIG_IGN
+    p, err = interrupt_when_ready(["-n", "3", "--grace-period", "1", path],
+                                  [tmp_path / f"ready{i}" for i in range(3)])
     assert p.returncode == 128 + signal.SIGINT, err
     assert "SIGINT" in err
     assert_no_survivors(tmp_path, 3)
@@ -520,17 +526,7 @@ def test_job_files_in_dev_shm_are_removed_at_teardown(tmp_path, other_job_file, 
 @needs_shm
 def test_job_files_in_dev_shm_are_removed_after_ctrl_c(tmp_path, other_job_file):
     path = script(tmp_path, SHM_PRELUDE + "time.sleep(120)\n")
-    p = subprocess.Popen(LAUNCHER + ["-n", "2", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        end = time.monotonic() + 15
-        while not all((tmp_path / f"shm{i}").exists() for i in range(2)):
-            assert time.monotonic() < end and p.poll() is None
-            time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=20)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    p, err = interrupt_when_ready(["-n", "2", path], [tmp_path / f"shm{i}" for i in range(2)])
     assert p.returncode == 128 + signal.SIGINT, err
     assert _leftovers(tmp_path, 2) == [], err
     assert os.path.exists(other_job_file)
