@@ -147,22 +147,22 @@ def _exit_status(code: int) -> int:
 def remove_job_files(job_id: str) -> int:
     """Unlink the files the job's ranks left in shared memory; return how many went.
 
-    The host backend keeps each collective's payload in a file named fp4ccl-<FP4CCL_JOB_ID>-... in
-    /dev/shm (or FP4CCL_SHM_DIR, which the ranks inherit from us); a rank killed in the middle of a
-    collective never removes its own, and each can be 64 MiB of RAM. The job id is fresh per job and of
-    fixed length, so the pattern never reaches another job's files. Errors are ignored: a file may vanish
-    under us, or belong to another user.
+    The host backend keeps each collective's payload in a file under backends.host.shm_prefix(job id)
+    (in FP4CCL_SHM_DIR, which the ranks inherit from us, else /dev/shm); a rank killed in the middle of
+    a collective never removes its own, and each can be 64 MiB of RAM. The job id is fresh per job and
+    of fixed length, so the pattern never reaches another job's files. Errors are ignored: a file may
+    vanish under us, or belong to another user.
     """
+    if not job_id:
+        return 0
+    from fp4ccl.backends.host import shm_prefix   # numpy comes with it: imported at teardown only
     removed = 0
-    for directory in {"/dev/shm", os.environ.get("FP4CCL_SHM_DIR") or "/dev/shm"}:
-        if not job_id or not os.path.isdir(directory):
-            continue
-        for path in glob.glob(os.path.join(glob.escape(directory), f"fp4ccl-{glob.escape(job_id)}-*")):
-            try:
-                os.unlink(path)
-                removed += 1
-            except OSError:
-                pass
+    for path in glob.glob(glob.escape(shm_prefix(job_id)) + "*"):
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
     return removed
 
 

@@ -213,14 +213,20 @@ class MpiTransport:
         self._pending.clear()
 
 
+def shm_prefix(job: str, directory: Optional[str] = None) -> str:
+    """The path prefix of a job's shared-memory files: fp4ccl-<job>-... in `directory`, FP4CCL_SHM_DIR,
+    /dev/shm or the temp dir, the first there is. fp4ccl-run removes a killed job's files by it."""
+    base = directory or os.environ.get("FP4CCL_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    return os.path.join(base, f"fp4ccl-{job}-")
+
+
 class ShmBlobs:
     """Blobs as files in /dev/shm (same host), readable by this user only; written under a temporary
     name, then renamed into place. Each rank removes the files it wrote at close() or, failing
     that, when the interpreter exits; fp4ccl-run removes a killed job's by their prefix."""
 
     def __init__(self, name: str, timeout: float, directory: Optional[str] = None):
-        base = directory or os.environ.get("FP4CCL_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-        self.prefix = os.path.join(base, f"fp4ccl-{name}-")
+        self.prefix = shm_prefix(name, directory)
         self.timeout = timeout
         self._mine = set()
         self._prune_at = 256
@@ -413,22 +419,22 @@ def _reduce(arrays: Sequence[np.ndarray], op: str, size: int) -> np.ndarray:
     return out
 
 
-def _call(name: str):
+def _call(method):
     """Count the call and turn a wait that ran out into CommTimeoutError; refuse calls once one has."""
-    def wrap(method):
-        @functools.wraps(method)
-        def run(self, *args):
-            if self._refusal:
-                raise CommClosedError(self._refusal)
-            self._seq += 1
-            seq = self._seq
-            try:
-                return method(self, *args)
-            except TimeoutError as err:
-                label = f"recv from rank {args[1]}" if name == "recv" else name
-                raise self._timed_out(label, f"call #{seq}", seq, err) from err
-        return run
-    return wrap
+    name = method.__name__
+
+    @functools.wraps(method)
+    def run(self, *args):
+        if self._refusal:
+            raise CommClosedError(self._refusal)
+        self._seq += 1
+        seq = self._seq
+        try:
+            return method(self, *args)
+        except TimeoutError as err:
+            label = f"recv from rank {args[1]}" if name == "recv" else name
+            raise self._timed_out(label, f"call #{seq}", seq, err) from err
+    return run
 
 
 class HostBackend:
@@ -484,7 +490,7 @@ class HostBackend:
         return _reduce([self._typed(p, info) for p in parts], op, self.size)
 
     # -- collectives --------------------------------------------------------------------------------
-    @_call("all_reduce")
+    @_call
     def all_reduce(self, send: ArrayInfo, recv: ArrayInfo, op: str, stream=0) -> None:
         header = _header("all_reduce", send.dtype, send.nbytes, op)
         if send.nbytes < SPLIT_ALL_REDUCE_BYTES or self.size == 1:
@@ -504,7 +510,7 @@ class HostBackend:
         slices = self._check("all_reduce", header, got, [c * send.itemsize for c in cuts])
         np.concatenate(slices, out=host_view(recv).reshape(-1).view(_U8))
 
-    @_call("broadcast")
+    @_call
     def broadcast(self, send: ArrayInfo, recv: ArrayInfo, root: int, stream=0) -> None:
         header = _header("broadcast", send.dtype, send.nbytes, root=root)
         mine = _as_bytes(host_view(send)) if self.rank == root else np.empty(0, _U8)
@@ -513,7 +519,7 @@ class HostBackend:
         if self.rank != root or recv.ptr != send.ptr:
             host_view(recv).reshape(-1).view(_U8)[...] = parts[root]
 
-    @_call("reduce")
+    @_call
     def reduce(self, send: ArrayInfo, recv: Optional[ArrayInfo], op: str, root: int, stream=0) -> None:
         header = _header("reduce", send.dtype, send.nbytes, op, root)
         empty = np.empty(0, _U8)
@@ -524,35 +530,36 @@ class HostBackend:
         if self.rank == root:
             host_view(recv).reshape(-1)[...] = self._reduced(got, send, op)
 
-    @_call("all_gather")
+    @_call
     def all_gather(self, send: ArrayInfo, recv: ArrayInfo, stream=0) -> None:
-        header = _header("all_gather", send.dtype, send.nbytes)
-        got = self.transport.all_gatherv(header, _as_bytes(host_view(send)))
-        parts = self._check("all_gather", header, got, [send.nbytes] * self.size)
-        np.concatenate(parts, out=host_view(recv).reshape(-1).view(_U8))
+        self._gather_into("all_gather", _header("all_gather", send.dtype, send.nbytes), send, recv,
+                          [send.nbytes] * self.size)
 
-    @_call("reduce_scatter")
+    @_call
     def reduce_scatter(self, send: ArrayInfo, recv: ArrayInfo, op: str, stream=0) -> None:
         header = _header("reduce_scatter", send.dtype, send.nbytes, op)
         got = self.transport.alltoallv(header, np.split(_as_bytes(host_view(send)), self.size))
         parts = self._check("reduce_scatter", header, got, [recv.nbytes] * self.size)
         host_view(recv).reshape(-1)[...] = self._reduced(parts, send, op)
 
-    @_call("all_to_all")
+    @_call
     def all_to_all(self, send: ArrayInfo, recv: ArrayInfo, stream=0) -> None:
         header = _header("all_to_all", send.dtype, send.nbytes)
         got = self.transport.alltoallv(header, np.split(_as_bytes(host_view(send)), self.size))
         parts = self._check("all_to_all", header, got, [send.nbytes // self.size] * self.size)
         np.concatenate(parts, out=host_view(recv).reshape(-1).view(_U8))
 
-    @_call("all_gatherv")
+    @_call
     def all_gatherv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], stream=0) -> None:
-        header = _header("all_gatherv", send.dtype, recv.nbytes, counts=counts)
-        got = self.transport.all_gatherv(header, _as_bytes(host_view(send)))
-        parts = self._check("all_gatherv", header, got, [c * send.itemsize for c in counts])
-        np.concatenate(parts, out=host_view(recv).reshape(-1).view(_U8))
+        self._gather_into("all_gatherv", _header("all_gatherv", send.dtype, recv.nbytes, counts=counts), send, recv,
+                          [c * send.itemsize for c in counts])
 
-    @_call("reduce_scatterv")
+    def _gather_into(self, what: str, header: bytes, send: ArrayInfo, recv: ArrayInfo, expect: Sequence[int]) -> None:
+        """Every rank's send, checked against `expect` (bytes per rank), concatenated into recv in rank order."""
+        got = self.transport.all_gatherv(header, _as_bytes(host_view(send)))
+        np.concatenate(self._check(what, header, got, expect), out=host_view(recv).reshape(-1).view(_U8))
+
+    @_call
     def reduce_scatterv(self, send: ArrayInfo, recv: ArrayInfo, counts: Sequence[int], op: str, stream=0) -> None:
         header = _header("reduce_scatterv", send.dtype, send.nbytes, op, counts=counts)
         cuts = np.cumsum(counts)[:-1] * send.itemsize
@@ -560,22 +567,22 @@ class HostBackend:
         parts = self._check("reduce_scatterv", header, got, [recv.nbytes] * self.size)
         host_view(recv).reshape(-1)[...] = self._reduced(parts, send, op)
 
-    @_call("all_gatherv_bytes")
+    @_call
     def all_gatherv_bytes(self, data: np.ndarray) -> List[np.ndarray]:
         header = _header("all_gatherv_bytes")
         return self._check("all_gatherv_bytes", header, self.transport.all_gatherv(header, data), None)
 
-    @_call("alltoallv_bytes")
+    @_call
     def alltoallv_bytes(self, parts: Sequence[np.ndarray]) -> List[np.ndarray]:
         header = _header("alltoallv_bytes")
         return self._check("alltoallv_bytes", header, self.transport.alltoallv(header, list(parts)), None)
 
     # -- point to point and groups ------------------------------------------------------------------
-    @_call("send")
+    @_call
     def send(self, buf: ArrayInfo, peer: int, stream=0) -> None:
         self.transport.send(_header("send", buf.dtype, buf.nbytes), _as_bytes(host_view(buf)), peer)
 
-    @_call("recv")
+    @_call
     def recv(self, buf: ArrayInfo, peer: int, stream=0) -> None:
         header = _header("send", buf.dtype, buf.nbytes)  # what the matching send's header must say
         out = host_view(buf).reshape(-1).view(_U8)
@@ -613,7 +620,7 @@ class HostBackend:
         if failures:
             raise failures[0]
 
-    @_call("barrier")
+    @_call
     def barrier(self, stream=0) -> None:
         if self._depth:
             raise RuntimeError("barrier() inside a group: the group's recvs only run at group_end(), "
