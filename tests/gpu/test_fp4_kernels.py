@@ -129,7 +129,6 @@ def test_quantize_dequantize_bit_exact(rng, fmt, layout, framework, dtype, kind)
 def test_nvfp4_amax_below_the_data_crosses_the_clamp_shortcut(rng, dtype):
     """The NVFP4 kernel skips the per-element clamp to 6 when a block's max maps below 7; an amax under
     the data's pushes blocks to either side of 7 (and mixes both in one warp): still bit-exact."""
-    import torch
     xh = make_input(rng, 64, 512, dtype, "random")
     x = to_device(xh, "torch")
     true = float(ref.amax(xh))
@@ -425,6 +424,22 @@ def test_dequantize_sum_bit_exact(rng, fmt, out_dt):
         _sum_on_gpu(qs, out, fmt, K)
         want = ref.dequantize_sum(*zip(*host), fmt, K, NP_DTYPES[out_dt])
         assert_same_float_bits(to_host(out), want)
+
+
+@pytest.mark.parametrize("out_dt", ["bfloat16", "float16"])
+def test_dequantize_sum_past_one_grid_step(rng, out_dt):
+    """Enough blocks that each thread block of the NVFP4 sum loops several times over its two
+    alternating output tiles, ending in a partial tile; 5 contributions leave a partial batch."""
+    import torch
+    K = 8192
+    rows = 2053                    # ~1.05M blocks: 5 grid steps of the sum at its residency on 132 SMs
+    qs, host = _contributions(rng, 5, rows, K, "nvfp4")
+    out = torch.full((rows + 1, K), float("nan"), dtype=getattr(torch, out_dt), device="cuda")
+    _sum_on_gpu(qs, out[:rows], "nvfp4", K)
+    torch.cuda.synchronize()
+    got = to_host(out)
+    assert np.isnan(got[rows].astype(np.float32)).all(), "the sum wrote past its last block"
+    assert_same_float_bits(got[:rows], ref.dequantize_sum(*zip(*host), "nvfp4", K, NP_DTYPES[out_dt]))
 
 
 def test_dequantize_sum_chains_past_128_in_fp32_and_refuses_otherwise(rng):
