@@ -418,7 +418,9 @@ def _sum_on_gpu(qs, out, fmt, K, stream=None):
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_dequantize_sum_bit_exact(rng, fmt, out_dt):
     import torch
-    for n, rows, K in ((1, 7, 96), (4, 33, 224), (13, 100, 512), (64, 3, 4064 if fmt == "nvfp4" else 4032)):
+    # (7 x 112 / 16 and 1 x 16 / 16 blocks: odd counts, which leave an NVFP4 thread one block of its pair)
+    for n, rows, K in ((1, 7, 96), (4, 33, 224), (13, 100, 512), (64, 3, 4064 if fmt == "nvfp4" else 4032),
+                       (3, 7, 112 if fmt == "nvfp4" else 224), (5, 1, 16 if fmt == "nvfp4" else 32)):
         qs, host = _contributions(rng, n, rows, K, fmt, "adversarial")
         out = torch.full((rows, K), float("nan"), dtype=getattr(torch, out_dt), device="cuda")
         _sum_on_gpu(qs, out, fmt, K)
@@ -428,11 +430,11 @@ def test_dequantize_sum_bit_exact(rng, fmt, out_dt):
 
 @pytest.mark.parametrize("out_dt", ["bfloat16", "float16"])
 def test_dequantize_sum_past_one_grid_step(rng, out_dt):
-    """Enough blocks that each thread block of the NVFP4 sum loops several times over its two
-    alternating output tiles, ending in a partial tile; 5 contributions leave a partial batch."""
+    """Enough blocks that each thread block of the NVFP4 sum loops several times over its grid
+    steps, ending in a partial one; 5 contributions leave a partial batch."""
     import torch
-    K = 8192
-    rows = 2053                    # ~1.05M blocks: 5 grid steps of the sum at its residency on 132 SMs
+    K = 8208                       # 513 blocks a row: an odd total
+    rows = 2053                    # ~1.05M blocks: several grid steps of the sum at its residency on 132 SMs
     qs, host = _contributions(rng, 5, rows, K, "nvfp4")
     out = torch.full((rows + 1, K), float("nan"), dtype=getattr(torch, out_dt), device="cuda")
     _sum_on_gpu(qs, out[:rows], "nvfp4", K)
@@ -440,6 +442,28 @@ def test_dequantize_sum_past_one_grid_step(rng, out_dt):
     got = to_host(out)
     assert np.isnan(got[rows].astype(np.float32)).all(), "the sum wrote past its last block"
     assert_same_float_bits(got[:rows], ref.dequantize_sum(*zip(*host), "nvfp4", K, NP_DTYPES[out_dt]))
+
+
+@pytest.mark.parametrize("out_dt", ["bfloat16", "float32"])
+def test_dequantize_sum_of_unaligned_contributions(rng, out_dt):
+    """Contributions that start one row into their tensors: NVFP4 data 8-byte but not 16-byte aligned,
+    scales at odd addresses (K = 16: one block a row), mixed with aligned ones in one launch."""
+    import torch
+    from fp4ccl.formats import kernels
+    rows, K = 301, 16
+    qs, host = _contributions(rng, 4, rows + 1, K, "nvfp4")
+    contrib, want_in = [], []
+    for i, (q, (d, sc, gs)) in enumerate(zip(qs, host)):
+        skip = i % 2                                      # contributions 1 and 3 start at row 1
+        contrib.append((q.data.data_ptr() + skip * K // 2, q.scales.data_ptr() + skip * K // 16,
+                        q.global_scale.data_ptr()))
+        want_in.append((d[skip:skip + rows], sc[skip:skip + rows], gs))
+    out = torch.full((rows + 1, K), float("nan"), dtype=getattr(torch, out_dt), device="cuda")
+    kernels.dequantize_sum(out.device.index, out.data_ptr(), out_dt, K, "nvfp4", rows * K // 16, contrib,
+                           torch.cuda.current_stream().cuda_stream)
+    got = to_host(out)
+    assert np.isnan(got[rows].astype(np.float32)).all(), "the sum wrote past its last block"
+    assert_same_float_bits(got[:rows], ref.dequantize_sum(*zip(*want_in), "nvfp4", K, NP_DTYPES[out_dt]))
 
 
 def test_dequantize_sum_chains_past_128_in_fp32_and_refuses_otherwise(rng):
