@@ -520,6 +520,7 @@ def _ag_check(comm, a_shard, bs, gather_dim, return_a, compress, out, rhs) -> _A
             if oinfo.dtype != info.dtype or oinfo.shape != shape or not oinfo.contiguous:
                 raise _Bad(ValueError, f"out[{i}] must be a contiguous {info.dtype} array of shape {shape}, got "
                                        f"{oinfo.dtype} {oinfo.shape}{'' if oinfo.contiguous else ' (not contiguous)'}")
+            comm._check_writeable(oinfo, f"out[{i}]")
     return _AgSpec(a_shard, bs, info, dim, rhs, compress, bool(return_a), out, full_shape, out_shapes)
 
 
@@ -552,7 +553,7 @@ def all_gather_matmul(comm, a_shard, bs, gather_dim: int = 0, *, return_a: bool 
                    "compress": spec.compress, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
         except _Bad as err:
             bad = err
-        except ValueError as err:  # a bad FP4CCL_* variable
+        except ValueError as err:  # a bad FP4CCL_* variable, a read-only out
             bad = _Bad(ValueError, str(err))
         _agree(comm, st, what, sig, bad)
         if comm.backend == "host":
@@ -990,6 +991,7 @@ def _rs_check(comm, a, b, scatter_dim, op, out=None) -> _RsSpec:
             raise _Bad(ValueError, f"out must be a contiguous {info.framework} {info.dtype} array of shape "
                                    f"{out_shape}, got a {oinfo.framework} {oinfo.dtype} {oinfo.shape}"
                                    f"{'' if oinfo.contiguous else ' (not contiguous)'}")
+        comm._check_writeable(oinfo, "out")
     return _RsSpec(a, b, info, dim, op, out_shape, out)
 
 
@@ -1017,7 +1019,7 @@ def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum", *, 
                    "dim": spec.dim, "op": spec.op, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
         except _Bad as err:
             bad = err
-        except ValueError as err:
+        except ValueError as err:  # a bad FP4CCL_* variable, a read-only out
             bad = _Bad(ValueError, str(err))
         _agree(comm, st, what, sig, bad)
         if comm.backend == "host":

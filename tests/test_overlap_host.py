@@ -404,3 +404,63 @@ def _through_the_communicator(comm):
 
 def test_overlap_options_through_the_communicator():
     assert run_ranks(2, _through_the_communicator) == [True, True]
+
+
+def _read_only_out(comm, only_last: bool):
+    """A read-only numpy out= is refused with a ValueError on every rank before any rows move (the
+    collectives the host path sends them with are never called), and the ranks stay in step."""
+    W, r = comm.size, comm.rank
+    rng = np.random.default_rng(11)
+    a = _rand(rng, (4, 8), "float32")
+    b = _rand(rng, (8, 3), "float32")
+    a_rs = _rand(rng, (4 * W, 8), "float32")
+
+    frozen = r == W - 1 or not only_last
+
+    def out(shape):
+        o = np.zeros(shape, np.float32)
+        o.flags.writeable = not frozen
+        return o
+
+    sent = []
+
+    def spy(name):
+        real = getattr(comm, name)
+
+        def call(*args, **kwargs):
+            sent.append(name)
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("all_gather", "reduce_scatter"):
+        setattr(comm, name, spy(name))   # the host path moves the rows through these two
+    msgs = []
+    try:
+        for call in (lambda: comm.all_gather_matmul(a, [b], out=[out((4 * W, 3))]),
+                     lambda: comm.all_gather_matmul(a, [b, b], return_a=False,
+                                                    out=[np.empty((4 * W, 3), np.float32), out((4 * W, 3))]),
+                     lambda: comm.matmul_reduce_scatter(a_rs, b, out=out((4, 3)))):
+            with pytest.raises(ValueError) as err:
+                call()
+            msgs.append(str(err.value))
+        assert not sent, f"rank {r}: {sent} ran before the read-only out= was refused"
+    finally:
+        for name in ("all_gather", "reduce_scatter"):
+            delattr(comm, name)
+    _, (prod,) = comm.all_gather_matmul(a, [b], out=[np.empty((4 * W, 3), np.float32)])
+    assert np.asarray(prod).shape == (4 * W, 3)
+    return msgs
+
+
+@pytest.mark.parametrize("nranks", [1, 3])
+@pytest.mark.parametrize("only_last", [False, True])
+def test_read_only_out_refused_on_every_rank_before_sending(nranks, only_last):
+    for rank, msgs in enumerate(run_ranks(nranks, _read_only_out, only_last)):
+        assert len(msgs) == 3, (rank, msgs)
+        for msg in msgs:
+            assert "read-only" in msg, (rank, msg)
+            if only_last and nranks > 1 and rank != nranks - 1:
+                assert f"rank {nranks - 1}" in msg and "nothing was sent" in msg, (rank, msg)
+        assert msgs[0].startswith("all_gather_matmul: ") and "out[0]" in msgs[0], (rank, msgs[0])
+        assert "out[1]" in msgs[1], (rank, msgs[1])
+        assert msgs[2].startswith("matmul_reduce_scatter: "), (rank, msgs[2])
