@@ -424,18 +424,18 @@ class Communicator:
         return symmetric_empty(self, shape, dtype)
 
     def all_gather_matmul(self, a_shard, bs, gather_dim: int = 0, *, return_a: bool = True,
-                          compress: Optional[str] = None, out=None, gathered_rhs: bool = False):
+                          compress: Optional[str] = None, out=None, gathered_rhs: bool = False, stream=None):
         """(a_full or None, [a_full @ b for b in bs]) with the gather overlapped with the matmuls (collective)."""
         self._check_open()
         from .overlap import all_gather_matmul
         return all_gather_matmul(self, a_shard, bs, gather_dim, return_a=return_a, compress=compress, out=out,
-                                 gathered_rhs=gathered_rhs)
+                                 gathered_rhs=gathered_rhs, stream=stream)
 
-    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum", *, out=None):
+    def matmul_reduce_scatter(self, a, b, scatter_dim: int = 0, op: str = "sum", *, out=None, stream=None):
         """The reduce-scatter of a @ b along scatter_dim, overlapped with the matmul (collective)."""
         self._check_open()
         from .overlap import matmul_reduce_scatter
-        return matmul_reduce_scatter(self, a, b, scatter_dim, op, out=out)
+        return matmul_reduce_scatter(self, a, b, scatter_dim, op, out=out, stream=stream)
 
     def send(self, x, peer: int, *, stream=None) -> None:
         """Send x to rank `peer` (point-to-point; pair it with a recv there, or put both in a group)."""

@@ -37,6 +37,7 @@ FP4CCL_CHECK=1 exchanges on every call.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -236,6 +237,24 @@ def _capturing() -> bool:
     """Whether the current torch stream is being captured into a CUDA graph."""
     torch = sys.modules.get("torch")
     return torch is not None and torch.cuda.is_current_stream_capturing()
+
+
+def _on_stream(comm, stream):
+    """A context under which `stream` (a torch.cuda.Stream, a CuPy stream or a raw handle) is torch's
+    current stream on comm.device: the call is then ordered after the work already queued there and
+    leaves its results ready there, as stream= means in every collective.
+
+    Making it current, rather than passing it down, reaches every step that enqueues on the current
+    stream: the pipelines' `main`, the sequential paths' NCCL calls, the FP4 kernels, torch's
+    allocations and a replayed graph, and the replay keys and capture checks that read it. The calls of
+    one communicator stay ordered across streams: each waits for the previous one's event (begin).
+    The host backend ignores stream=, as its collectives do."""
+    if stream is None or comm.backend == "host":
+        return contextlib.nullcontext()
+    import torch
+    if not isinstance(stream, torch.cuda.Stream):
+        stream = torch.cuda.ExternalStream(_arrays.stream_handle(stream), device=comm.device)
+    return torch.cuda.stream(stream)
 
 
 def _align(n: int, a: int) -> int:
@@ -520,20 +539,28 @@ def _ag_check(comm, a_shard, bs, gather_dim, return_a, compress, out, rhs) -> _A
             if oinfo.dtype != info.dtype or oinfo.shape != shape or not oinfo.contiguous:
                 raise _Bad(ValueError, f"out[{i}] must be a contiguous {info.dtype} array of shape {shape}, got "
                                        f"{oinfo.dtype} {oinfo.shape}{'' if oinfo.contiguous else ' (not contiguous)'}")
+            comm._check_writeable(oinfo, f"out[{i}]")
     return _AgSpec(a_shard, bs, info, dim, rhs, compress, bool(return_a), out, full_shape, out_shapes)
 
 
 def all_gather_matmul(comm, a_shard, bs, gather_dim: int = 0, *, return_a: bool = True,
-                      compress: Optional[str] = None, out=None, gathered_rhs: bool = False):
+                      compress: Optional[str] = None, out=None, gathered_rhs: bool = False, stream=None):
     """(a_full or None, [a_full @ b for b in bs]) with a_full = all_gather(a_shard, gather_dim) (collective).
 
     gathered_rhs=True gives [x @ a_full.T for x in bs] instead (a_shard 2-D; the gathered matrix is
     the right-hand operand). compress="nvfp4"/"mxfp4": the shards travel as FP4; a_full (and so the
     product) holds each peer's dequantized shard and this rank's exact one. out: optional list of
     arrays receiving the products; with return_a=False too, a repeat of the call (same tensors, stream
-    and settings) replays a CUDA graph of it. Every rank must pass shards of one shape.
+    and settings) replays a CUDA graph of it. Every rank must pass shards of one shape. stream: the
+    stream the call is ordered on and leaves its results on (default: torch's current stream; the host
+    backend ignores it).
     """
     comm._check_open()
+    with _on_stream(comm, stream):
+        return _all_gather_matmul(comm, a_shard, bs, gather_dim, return_a, compress, out, gathered_rhs)
+
+
+def _all_gather_matmul(comm, a_shard, bs, gather_dim, return_a, compress, out, gathered_rhs):
     st = _state(comm)
     key = _fast_key(comm, ("ag", gather_dim, bool(return_a), compress, bool(gathered_rhs)), a_shard, bs, out)
     hit = st.fast.get(key) if key is not None else None
@@ -552,7 +579,7 @@ def all_gather_matmul(comm, a_shard, bs, gather_dim: int = 0, *, return_a: bool 
                    "compress": spec.compress, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
         except _Bad as err:
             bad = err
-        except ValueError as err:  # a bad FP4CCL_* variable
+        except ValueError as err:  # a bad FP4CCL_* variable, a read-only out
             bad = _Bad(ValueError, str(err))
         _agree(comm, st, what, sig, bad)
         if comm.backend == "host":
@@ -990,17 +1017,24 @@ def _rs_check(comm, a, b, scatter_dim, op, out=None) -> _RsSpec:
             raise _Bad(ValueError, f"out must be a contiguous {info.framework} {info.dtype} array of shape "
                                    f"{out_shape}, got a {oinfo.framework} {oinfo.dtype} {oinfo.shape}"
                                    f"{'' if oinfo.contiguous else ' (not contiguous)'}")
+        comm._check_writeable(oinfo, "out")
     return _RsSpec(a, b, info, dim, op, out_shape, out)
 
 
-def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum", *, out=None):
+def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum", *, out=None, stream=None):
     """reduce_scatter(a @ b) along scatter_dim (collective): rank r gets the r-th of `size` parts.
 
     op "sum" or "avg"; partial products are reduced in fp32 and rounded once. out: an optional array
     for the result (returned); a repeat of a call into out= (same arrays, stream and settings)
-    replays a CUDA graph of it.
+    replays a CUDA graph of it. stream: the stream the call is ordered on and leaves its result on
+    (default: torch's current stream; the host backend ignores it).
     """
     comm._check_open()
+    with _on_stream(comm, stream):
+        return _matmul_reduce_scatter(comm, a, b, scatter_dim, op, out)
+
+
+def _matmul_reduce_scatter(comm, a, b, scatter_dim, op, out):
     st = _state(comm)
     key = _fast_key(comm, ("rs", scatter_dim, op), a, [b], None if out is None else [out])
     hit = st.fast.get(key) if key is not None else None
@@ -1017,7 +1051,7 @@ def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum", *, 
                    "dim": spec.dim, "op": spec.op, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
         except _Bad as err:
             bad = err
-        except ValueError as err:
+        except ValueError as err:  # a bad FP4CCL_* variable, a read-only out
             bad = _Bad(ValueError, str(err))
         _agree(comm, st, what, sig, bad)
         if comm.backend == "host":

@@ -381,10 +381,11 @@ def test_communicator_methods_spell_out_the_overlap_keywords():
         for p, q in zip(list(method.values())[1:], list(function.values())[1:]):
             assert (p.kind, p.default) == (q.kind, q.default), (name, p, q)
         assert not any(p.kind is p.VAR_KEYWORD for p in method.values()), name
-        assert method["out"].kind is inspect.Parameter.KEYWORD_ONLY, name
+        for kw in ("out", "stream"):
+            assert method[kw].kind is inspect.Parameter.KEYWORD_ONLY and method[kw].default is None, (name, kw)
     kw = [n for n, p in inspect.signature(Communicator.all_gather_matmul).parameters.items()
           if p.kind is p.KEYWORD_ONLY]
-    assert kw == ["return_a", "compress", "out", "gathered_rhs"]
+    assert kw == ["return_a", "compress", "out", "gathered_rhs", "stream"]
 
 
 def _through_the_communicator(comm):
@@ -404,3 +405,130 @@ def _through_the_communicator(comm):
 
 def test_overlap_options_through_the_communicator():
     assert run_ranks(2, _through_the_communicator) == [True, True]
+
+
+def _stream_ignored(comm):
+    """stream= is taken and ignored on the host backend, as by its other collectives."""
+    rng = np.random.default_rng(5)
+    W = comm.size
+    a = _rand(rng, (4, 8), "float32")
+    b = _rand(rng, (8, 3), "float32")
+    a_rs = _rand(rng, (4 * W, 8), "float32")
+    full, (prod,) = comm.all_gather_matmul(a, [b])
+    red = comm.matmul_reduce_scatter(a_rs, b)
+    for stream in (0, 7):   # raw handles: the host collectives take them and ignore them
+        assert np.array_equal(comm.all_gather(a, stream=stream), comm.all_gather(a))
+        got_full, (got,) = comm.all_gather_matmul(a, [b], stream=stream)
+        assert np.array_equal(got_full, full) and np.array_equal(got, prod)
+        _, (got,) = all_gather_matmul(comm, a, [b], return_a=False, out=[np.empty_like(prod)], stream=stream)
+        assert np.array_equal(got, prod)
+        assert np.array_equal(comm.matmul_reduce_scatter(a_rs, b, stream=stream), red)
+        assert np.array_equal(matmul_reduce_scatter(comm, a_rs, b, out=np.empty_like(red), stream=stream), red)
+    return True
+
+
+@pytest.mark.parametrize("nranks", [1, 2])
+def test_stream_is_ignored_on_the_host_backend(nranks):
+    assert run_ranks(nranks, _stream_ignored) == [True] * nranks
+
+
+def _read_only_out(comm, only_last: bool):
+    """A read-only numpy out= is refused with a ValueError on every rank before any rows move (the
+    collectives the host path sends them with are never called), and the ranks stay in step."""
+    W, r = comm.size, comm.rank
+    rng = np.random.default_rng(11)
+    a = _rand(rng, (4, 8), "float32")
+    b = _rand(rng, (8, 3), "float32")
+    a_rs = _rand(rng, (4 * W, 8), "float32")
+
+    frozen = r == W - 1 or not only_last
+
+    def out(shape):
+        o = np.zeros(shape, np.float32)
+        o.flags.writeable = not frozen
+        return o
+
+    sent = []
+
+    def spy(name):
+        real = getattr(comm, name)
+
+        def call(*args, **kwargs):
+            sent.append(name)
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("all_gather", "reduce_scatter"):
+        setattr(comm, name, spy(name))   # the host path moves the rows through these two
+    msgs = []
+    try:
+        for call in (lambda: comm.all_gather_matmul(a, [b], out=[out((4 * W, 3))]),
+                     lambda: comm.all_gather_matmul(a, [b, b], return_a=False,
+                                                    out=[np.empty((4 * W, 3), np.float32), out((4 * W, 3))]),
+                     lambda: comm.matmul_reduce_scatter(a_rs, b, out=out((4, 3)))):
+            with pytest.raises(ValueError) as err:
+                call()
+            msgs.append(str(err.value))
+        assert not sent, f"rank {r}: {sent} ran before the read-only out= was refused"
+    finally:
+        for name in ("all_gather", "reduce_scatter"):
+            delattr(comm, name)
+    _, (prod,) = comm.all_gather_matmul(a, [b], out=[np.empty((4 * W, 3), np.float32)])
+    assert np.asarray(prod).shape == (4 * W, 3)
+    return msgs
+
+
+@pytest.mark.parametrize("nranks", [1, 3])
+@pytest.mark.parametrize("only_last", [False, True])
+def test_read_only_out_refused_on_every_rank_before_sending(nranks, only_last):
+    for rank, msgs in enumerate(run_ranks(nranks, _read_only_out, only_last)):
+        assert len(msgs) == 3, (rank, msgs)
+        for msg in msgs:
+            assert "read-only" in msg, (rank, msg)
+            if only_last and nranks > 1 and rank != nranks - 1:
+                assert f"rank {nranks - 1}" in msg and "nothing was sent" in msg, (rank, msg)
+        assert msgs[0].startswith("all_gather_matmul: ") and "out[0]" in msgs[0], (rank, msgs[0])
+        assert "out[1]" in msgs[1], (rank, msgs[1])
+        assert msgs[2].startswith("matmul_reduce_scatter: "), (rank, msgs[2])
+
+
+def test_stream_given_becomes_torch_current_stream_on_the_device(monkeypatch):
+    """On a GPU backend, stream= (a raw handle, or anything with .ptr such as a CuPy stream) is wrapped as
+    a torch stream of the communicator's device and made current for the call; a torch stream is used
+    as it is; anything else is a TypeError; None leaves the current stream alone."""
+    torch = pytest.importorskip("torch")
+    import contextlib
+    import types
+
+    from fp4ccl import overlap
+
+    entered = []
+
+    class FakeStream:
+        def __init__(self, handle, device=None):
+            self.handle, self.device = handle, device
+
+    class External(FakeStream):
+        pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "ExternalStream", External)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: entered.append(s) or contextlib.nullcontext())
+    comm = types.SimpleNamespace(backend="nccl", device=3)
+    with overlap._on_stream(comm, 0xAB):
+        pass
+    with overlap._on_stream(comm, types.SimpleNamespace(ptr=0xCD)):
+        pass
+    mine = FakeStream(0xEF)
+    with overlap._on_stream(comm, mine):
+        pass
+    assert [(s.handle, s.device) for s in entered[:2]] == [(0xAB, 3), (0xCD, 3)]
+    assert all(type(s) is External for s in entered[:2]) and entered[2] is mine
+    with pytest.raises(TypeError, match="stream"):
+        overlap._on_stream(comm, "7")
+    entered.clear()
+    with overlap._on_stream(comm, None):
+        pass
+    with overlap._on_stream(types.SimpleNamespace(backend="host", device=None), 0xAB):
+        pass
+    assert not entered

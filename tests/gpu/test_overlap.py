@@ -286,6 +286,149 @@ def test_overlap_on_a_caller_stream(nranks, seed):
     assert all(run_ranks(nranks, ov_other_stream, seed, backend="nccl"))
 
 
+SLEEP_CYCLES = 100_000_000   # ~50 ms of spinning: far longer than enqueuing a call takes
+
+
+def _given_stream(torch, kind):
+    """(what the test passes as stream=, a torch stream on the same CUDA stream for the test's own work)."""
+    if kind == "cupy":
+        import cupy
+        s = cupy.cuda.Stream(non_blocking=True)
+        return s, torch.cuda.ExternalStream(s.ptr)
+    s = torch.cuda.Stream()   # not the default stream, and not synchronized with it
+    return (s.cuda_stream if kind == "handle" else s), s
+
+
+def _behind(torch, stream, writes):
+    """Write (dst, src) pairs on `stream` behind a long kernel, with nothing synchronized after: a call
+    that read the destinations on any other stream would find their stale contents. The caller has
+    synchronized since making the sources, and keeps them until `stream` is synchronized."""
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        for dst, src in writes:
+            dst.copy_(src)
+
+
+def ov_explicit_stream(comm, seed, which, kind, path):
+    """stream= given, torch's current stream left as the default: the inputs are written on the given
+    stream just before the call, and only that stream is synchronized before the results are checked,
+    so a call enqueued anywhere else reads stale inputs or is read unfinished. which: "ag" (plain and
+    nvfp4) or "rs"; kind: a torch stream, its raw handle or a CuPy stream."""
+    torch = _setup(comm)
+    from fp4ccl.overlap import all_gather_matmul, matmul_reduce_scatter
+    W, r = comm.size, comm.rank
+    stream, s = _given_stream(torch, kind)
+    bf16 = torch.bfloat16
+    n = 0
+    with _path(path):
+        for fmt in ((None, "nvfp4") if which == "ag" else (None,)):
+            # A warm-up sizes the workspace and loads the kernels (either might synchronize); its inputs
+            # are then the stale contents the first checked call must not read.
+            g = torch.Generator().manual_seed(seed - 1)
+            if which == "ag":
+                a = _randn(torch, g, (256, 512), bf16)
+                b = _randn(torch, g, (512, 160), bf16)
+                torch.cuda.synchronize()
+                all_gather_matmul(comm, a, [b], compress=fmt, stream=stream)
+            else:
+                a = _randn(torch, g, (512, 256), bf16)
+                b = _randn(torch, g, (256, 384), bf16)
+                torch.cuda.synchronize()
+                matmul_reduce_scatter(comm, a, b, stream=stream)
+            for call in range(3):
+                g = torch.Generator().manual_seed(seed + 7919 * call)
+                if which == "ag":
+                    shards = [_randn(torch, g, tuple(a.shape), bf16) for _ in range(W)]
+                    b_new = _randn(torch, g, tuple(b.shape), bf16)
+                    a_ref = _fp4_reference(torch, shards, r, fmt, 0)
+                    torch.cuda.synchronize()
+                    _behind(torch, s, [(a, shards[r]), (b, b_new)])
+                    got_a, (got,) = all_gather_matmul(comm, a, [b], compress=fmt, stream=stream)
+                    s.synchronize()
+                    assert torch.equal(got_a, a_ref), f"{fmt} call {call}: a_full differs (stale inputs?)"
+                    _check_products(torch, [got], a_ref, [b_new], False, f"{fmt} call {call}")
+                else:
+                    A = [_randn(torch, g, tuple(a.shape), bf16) for _ in range(W)]
+                    B = [_randn(torch, g, tuple(b.shape), bf16) for _ in range(W)]
+                    torch.cuda.synchronize()
+                    _behind(torch, s, [(a, A[r]), (b, B[r])])
+                    got = matmul_reduce_scatter(comm, a, b, stream=stream)
+                    s.synchronize()
+                    rows = a.shape[0] // W
+                    ref = sum(x.double() @ y.double() for x, y in zip(A, B))[r * rows:(r + 1) * rows]
+                    err = _relerr(torch, got, ref)
+                    assert err < 2 * TOL["bfloat16"], f"call {call}: rel err {err:.2e} (stale inputs?)"
+                n += 1
+    return n
+
+
+@pytest.mark.parametrize("nranks", NRANKS)
+@pytest.mark.parametrize("which", ["ag", "rs"])
+@pytest.mark.parametrize("kind", ["torch", "handle", "cupy"])
+@pytest.mark.parametrize("path", ["pipelined", "sequential"])
+def test_overlap_on_an_explicit_stream(nranks, which, kind, path, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_explicit_stream, seed, which, kind, path, backend="nccl"))
+
+
+def ov_replays_across_streams(comm, seed, which):
+    """Repeated calls into out= alternate between two given streams (a torch stream and a raw handle),
+    each with its own static arrays, with no host synchronization between them: the workspace they
+    share must order each call after the previous one on the other stream, and each stream's repeats
+    replay a graph of their own, on that stream."""
+    torch = _setup(comm)
+    from fp4ccl.overlap import all_gather_matmul, matmul_reduce_scatter
+    W, r = comm.size, comm.rank
+    bf16 = torch.bfloat16
+    sides = [_given_stream(torch, kind) for kind in ("torch", "handle")]
+    if which == "ag":
+        shapes = {"a": (96, 256), "b": (256, 80), "out": (96 * W, 80)}
+    else:
+        shapes = {"a": (64 * W, 64), "b": (64, 80), "out": (64, 80)}
+    sets = [{k: torch.empty(v, dtype=bf16, device="cuda") for k, v in shapes.items()} for _ in sides]
+    calls = 6
+    replayed0 = _replays(comm)
+    with env({"FP4CCL_OVERLAP": "pipelined"}):
+        for call in range(calls):
+            work = []
+            for i, t in enumerate(sets):
+                g = torch.Generator().manual_seed(seed + 31 * call + i)
+                A = [_randn(torch, g, shapes["a"], bf16) for _ in range(W)]
+                if which == "ag":
+                    B = _randn(torch, g, shapes["b"], bf16)
+                    ref = torch.cat(A).double() @ B.double()
+                else:
+                    Bs = [_randn(torch, g, shapes["b"], bf16) for _ in range(W)]
+                    B = Bs[r]
+                    ref = sum(x.double() @ y.double() for x, y in zip(A, Bs))[r * 64:(r + 1) * 64]
+                t["out"].fill_(float("nan"))
+                work.append((A[r], B, ref))
+            torch.cuda.synchronize()   # nothing below waits on the host until both calls are queued
+            for (stream, s), t, (a, b, _) in zip(sides, sets, work):
+                _behind(torch, s, [(t["a"], a), (t["b"], b)])
+                if which == "ag":
+                    none, (got,) = all_gather_matmul(comm, t["a"], [t["b"]], return_a=False, out=[t["out"]],
+                                                     stream=stream)
+                    assert none is None and got is t["out"]
+                else:
+                    assert matmul_reduce_scatter(comm, t["a"], t["b"], out=t["out"], stream=stream) is t["out"]
+            for (_, s), t, (_, _, ref) in zip(sides, sets, work):
+                s.synchronize()
+                err = _relerr(torch, t["out"], ref)
+                assert err < 2 * TOL["bfloat16"], f"call {call} on stream {s}: rel err {err:.2e}"
+    # Each stream's key: at worst its first two calls run eagerly (a workspace grown by the first drops
+    # the keys seen), the third captures; the rest replay.
+    _check_replayed(comm, _replays(comm) - replayed0, False, 2 * (calls - 2))
+    return 1
+
+
+@pytest.mark.parametrize("nranks", NRANKS)
+@pytest.mark.parametrize("which", ["ag", "rs"])
+def test_overlap_replays_on_alternating_streams(nranks, which, seed):
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, ov_replays_across_streams, seed, which, backend="nccl"))
+
+
 @pytest.mark.parametrize("nranks", NRANKS)
 def test_overlap_bad_input_fails_everywhere(nranks):
     need_gpus(nranks)
