@@ -384,10 +384,11 @@ class Communicator:
 
         compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
         them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives);
-        rounding and seed need it.
+        rounding and seed need it. x cannot be an FP4Tensor (TypeError): the rows for each peer are
+        quantized as a tensor of their own.
         """
         # Checked before the repeat path below, whose key leaves these two out.
-        if compress is None and (rounding != "nearest" or seed is not None):
+        if compress is None and (rounding != "nearest" or seed is not None) and not _is_fp4(x):
             _fp4_only("reduce_scatterv", (("rounding", rounding, "nearest"), ("seed", seed, None)))
         args = (x, sizes, op, out, stream, compress, rounding, seed)
         if out is not None and compress is None and self._extras:
@@ -397,7 +398,7 @@ class Communicator:
         return self._reduce_scatterv(*args)
 
     def _reduce_scatterv(self, x, sizes, op, out, stream, compress, rounding, seed):
-        if compress is not None:
+        if compress is not None or _is_fp4(x):
             from . import fp4_collectives
             return fp4_collectives.reduce_scatterv(self, x, sizes, op, out=out, stream=stream, compress=compress,
                                                    rounding=rounding, seed=seed)

@@ -262,6 +262,11 @@ def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=No
 
 def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress=None, rounding="nearest", seed=None):
     """See Communicator.reduce_scatterv: one quantization per contribution, summed in fp32 (collective)."""
+    if isinstance(x, FP4Tensor):
+        # Refused, not half-honoured: x's one global scale was chosen for all of its rows, where each
+        # destination's rows get their own here, and rounding= and seed= cannot apply to bytes already rounded.
+        raise TypeError(f"reduce_scatterv: x is an FP4Tensor; pass the rows unquantized, with compress="
+                        f"{x.format!r}: the rows meant for each rank are quantized as a tensor of their own")
     if compress not in FORMATS:
         raise ValueError(f"compress={compress!r} is not one of {', '.join(FORMATS)}")
     if op != "sum":

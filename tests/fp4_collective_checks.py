@@ -132,7 +132,7 @@ def check_fp4_gather_tensor_options(comm, seed, framework, fmt, K=64):
     """all_gatherv(q) of an FP4Tensor: FP4 by default and with dequantize=False; with dequantize=True the
     rows decoded to the dtype q was quantized from, in q's framework (into out= too). global_scale=
     (q's scale is fixed) and a compress= of another format are a ValueError on every rank before
-    anything moves, sizes exchange included."""
+    anything moves, sizes exchange included; reduce_scatterv refuses an FP4Tensor whatever the options."""
     import pytest
     import fp4ccl
     from fp4ccl._arrays import describe
@@ -183,6 +183,10 @@ def check_fp4_gather_tensor_options(comm, seed, framework, fmt, K=64):
         comm.all_gatherv(q, sizes, dequantize=True, out=plain)
     with pytest.raises(TypeError, match="GatheredFP4Tensor"):
         comm.all_gatherv(q, sizes, out=plain)   # an FP4 result wants an FP4 out=
+    for kwargs in (dict(), dict(compress=fmt), dict(compress=fmt, rounding="stochastic", seed=seed),
+                   dict(rounding="stochastic", seed=seed)):
+        with pytest.raises(TypeError, match="reduce_scatterv: x is an FP4Tensor"):
+            comm.reduce_scatterv(q, sizes, **kwargs)
     got = comm.all_gatherv(q, sizes, dequantize=True)   # nothing reached the wire: still in step
     _sync(comm)
     want = np.concatenate([roundtrip(shard(seed, r, 799, 2, K, "float32"), fmt) for r in range(comm.size)])
