@@ -48,7 +48,8 @@ def _fp4_only(what: str, options: tuple) -> None:
 
 
 def _is_fp4(x) -> bool:
-    return type(x).__name__ == "FP4Tensor" and type(x).__module__.startswith("fp4ccl.")
+    """x is an FP4Tensor (a gathered one too), told by name: no import of fp4ccl.formats on the array path."""
+    return type(x).__name__ in ("FP4Tensor", "GatheredFP4Tensor") and type(x).__module__.startswith("fp4ccl.")
 
 
 class _TimeoutGuard:
@@ -329,18 +330,29 @@ class Communicator:
                 raise ValueError(f"{what}: ranks passed different sizes ({detail})")
         return sizes
 
-    def all_gatherv(self, x, sizes=None, *, out=None, stream=None, compress=None, global_scale="per_rank",
-                    dequantize=True):
+    def all_gatherv(self, x, sizes=None, *, out=None, stream=None, compress=None, global_scale=None,
+                    dequantize=None):
         """Concatenate along dim 0 rows that differ in number per rank (collective).
 
         sizes: rows contributed by each rank (0 allowed); None exchanges them first, which syncs the
         host and so cannot be captured in a CUDA graph. compress="nvfp4"|"mxfp4" moves the rows as FP4
-        (see fp4ccl.fp4_collectives); global_scale and dequantize need it. An FP4Tensor x is gathered as
-        it is. out: an array for the rows, or, where the result is FP4 (dequantize=False, or an FP4Tensor
-        x), an earlier such result to gather into.
+        (see fp4ccl.fp4_collectives); global_scale ("per_rank" when None, or "shared") and dequantize
+        (True when None: rows in x's dtype; False: a GatheredFP4Tensor) need it.
+        An FP4Tensor x is gathered as it is: a GatheredFP4Tensor, or with dequantize=True the rows
+        decoded to the dtype it was quantized from (x.dtype). Its global scale is fixed, so global_scale
+        is a ValueError there, as is a compress other than its format.
+        out: an array for the rows, or, where the result is FP4 (dequantize=False, or an FP4Tensor x
+        without dequantize=True), an earlier such result to gather into.
         """
-        if compress is None and (not dequantize or global_scale != "per_rank") and not _is_fp4(x):
-            _fp4_only("all_gatherv", (("dequantize", dequantize, True), ("global_scale", global_scale, "per_rank")))
+        if not _is_fp4(x):
+            # None: not given; an FP4Tensor's gather keeps that apart (fp4_collectives.all_gatherv).
+            if global_scale is None:
+                global_scale = "per_rank"
+            if dequantize is None:
+                dequantize = True
+            if compress is None and (not dequantize or global_scale != "per_rank"):
+                _fp4_only("all_gatherv", (("dequantize", dequantize, True),
+                                          ("global_scale", global_scale, "per_rank")))
         args = (x, sizes, out, stream, compress, global_scale, dequantize)
         if out is not None and self._extras:
             from . import symm_repeat
@@ -372,10 +384,11 @@ class Communicator:
 
         compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
         them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives);
-        rounding and seed need it.
+        rounding and seed need it. x cannot be an FP4Tensor (TypeError): the rows for each peer are
+        quantized as a tensor of their own.
         """
         # Checked before the repeat path below, whose key leaves these two out.
-        if compress is None and (rounding != "nearest" or seed is not None):
+        if compress is None and (rounding != "nearest" or seed is not None) and not _is_fp4(x):
             _fp4_only("reduce_scatterv", (("rounding", rounding, "nearest"), ("seed", seed, None)))
         args = (x, sizes, op, out, stream, compress, rounding, seed)
         if out is not None and compress is None and self._extras:
@@ -385,7 +398,7 @@ class Communicator:
         return self._reduce_scatterv(*args)
 
     def _reduce_scatterv(self, x, sizes, op, out, stream, compress, rounding, seed):
-        if compress is not None:
+        if compress is not None or _is_fp4(x):
             from . import fp4_collectives
             return fp4_collectives.reduce_scatterv(self, x, sizes, op, out=out, stream=stream, compress=compress,
                                                    rounding=rounding, seed=seed)

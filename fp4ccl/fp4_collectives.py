@@ -101,12 +101,15 @@ def _check_input(comm, x, compress: str, what: str) -> Tuple[ArrayInfo, int, int
 
 # -- all_gatherv ---------------------------------------------------------------------------------------
 
-def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_scale="per_rank", dequantize=True):
-    """See Communicator.all_gatherv: gather rows as FP4 (collective)."""
+def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_scale=None, dequantize=None):
+    """See Communicator.all_gatherv: gather rows as FP4 (collective).
+
+    global_scale and dequantize: None where the caller gave none. For an array x the Communicator has
+    resolved them to their defaults already; for an FP4Tensor x, None keeps the result FP4 and any
+    global_scale is refused."""
     if isinstance(x, FP4Tensor):
-        if compress is not None and compress != x.format:
-            raise ValueError(f"compress={compress!r} but x is already an {x.format} FP4Tensor")
-        return _gather_fp4tensor(comm, x, sizes, stream, out)
+        _check_tensor_options(x, compress, global_scale)
+        return _gather_fp4tensor(comm, x, sizes, stream, out, bool(dequantize))
     if compress not in FORMATS:
         raise ValueError(f"compress={compress!r} is not one of {', '.join(FORMATS)}")
     if global_scale not in GLOBAL_SCALES:
@@ -142,8 +145,8 @@ def _check_gathered_out(comm, out, fmt: str, shape: tuple, row_offsets: tuple, d
     """out= of a gather that returns FP4: a GatheredFP4Tensor exactly like the one it would return
     (an earlier result of the same call, say), on this rank's device, its arrays contiguous."""
     if not isinstance(out, GatheredFP4Tensor):
-        raise TypeError(f"out= of an FP4 gather with dequantize=False must be a GatheredFP4Tensor (an earlier "
-                        f"result of the same gather), not {type(out).__name__}")
+        raise TypeError(f"out= of an FP4 gather that returns FP4 (dequantize=False, or an FP4Tensor x) must be a "
+                        f"GatheredFP4Tensor (an earlier result of the same gather), not {type(out).__name__}")
     want = (fmt, shape, row_offsets, "linear", dtype)
     got = (out.format, tuple(out.shape), tuple(out.row_offsets), out.scale_layout, out.dtype)
     if got != want:
@@ -163,7 +166,20 @@ def _check_gathered_out(comm, out, fmt: str, shape: tuple, row_offsets: tuple, d
                              f" expected a contiguous {pdtype}{list(pshape)}")
 
 
-def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream, out=None):
+def _check_tensor_options(q: FP4Tensor, compress, global_scale) -> None:
+    """The options an FP4Tensor's gather cannot honour, refused from the arguments alone: every rank
+    raises the same error before anything (the sizes exchange included) reaches the wire."""
+    if compress is not None and compress != q.format:
+        raise ValueError(f"all_gatherv: compress={compress!r} but x is already an {q.format} FP4Tensor")
+    if global_scale is not None:
+        raise ValueError(f"all_gatherv: global_scale={global_scale!r} does not apply to an FP4Tensor x: its global "
+                         f"scale was fixed when it was quantized (for one scale across ranks, quantize with "
+                         f"amax= the MAX all-reduce of fp4ccl.formats.amax(x))")
+
+
+def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream, out, dequantize: bool):
+    """q's rows from every rank, as they are (a GatheredFP4Tensor), or decoded to the dtype q was
+    quantized from, in q's framework (`dequantize`: what q.dequantize() gives, row for row)."""
     if q.scale_layout != "linear":
         raise ValueError("all_gatherv of an FP4Tensor needs linear scales (swizzled padding cannot be concatenated)")
     if isinstance(q, GatheredFP4Tensor):
@@ -179,10 +195,12 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream, out=None):
     counts = [lay.total_bytes for lay in layouts]
     shape = (sum(sizes),) + tuple(q.shape[1:])
     row_offsets = tuple(offsets(sizes)) + (sum(sizes),)
-    if out is not None:
+    if dequantize:
+        out, _ = comm._output(dataclasses.replace(info, dtype=q.dtype), shape, out)
+    elif out is not None:
         _check_gathered_out(comm, out, q.format, shape, row_offsets, q.dtype)
     codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
-    codec.result = out
+    codec.result = None if dequantize else out
     if info.device is not None and symm_collectives.fp4_algo(comm, codec.stream) == "symm":
         codec.reserve_nccl_gather(K, q.format, rows)
         gathered = codec.pull_gathered(rows, K, q.format, info, shape, row_offsets, q.dtype,
@@ -193,6 +211,10 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream, out=None):
         codec.gather(send, recv, counts)
         gathered = codec.unpack_gathered(recv, offsets(counts), layouts, rows, K, q.format, info, shape,
                                          row_offsets, dtype=q.dtype)
+    if dequantize:
+        # The gathered bytes are each rank's q unchanged, so this decodes to what every rank's
+        # q.dequantize() gives; a step after the gather (an array's gather decodes on arrival instead).
+        return dequantize_gathered(gathered, out=out, stream=stream)
     return gathered if out is None else out
 
 
@@ -240,6 +262,11 @@ def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=No
 
 def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress=None, rounding="nearest", seed=None):
     """See Communicator.reduce_scatterv: one quantization per contribution, summed in fp32 (collective)."""
+    if isinstance(x, FP4Tensor):
+        # Refused, not half-honoured: x's one global scale was chosen for all of its rows, where each
+        # destination's rows get their own here, and rounding= and seed= cannot apply to bytes already rounded.
+        raise TypeError(f"reduce_scatterv: x is an FP4Tensor; pass the rows unquantized, with compress="
+                        f"{x.format!r}: the rows meant for each rank are quantized as a tensor of their own")
     if compress not in FORMATS:
         raise ValueError(f"compress={compress!r} is not one of {', '.join(FORMATS)}")
     if op != "sum":

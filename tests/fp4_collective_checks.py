@@ -128,6 +128,72 @@ def check_fp4_gather_tensor_as_is(comm, seed, framework, fmt):
     return True
 
 
+def check_fp4_gather_tensor_options(comm, seed, framework, fmt, K=64):
+    """all_gatherv(q) of an FP4Tensor: FP4 by default and with dequantize=False; with dequantize=True the
+    rows decoded to the dtype q was quantized from, in q's framework (into out= too). global_scale=
+    (q's scale is fixed) and a compress= of another format are a ValueError on every rank before
+    anything moves, sizes exchange included; reduce_scatterv refuses an FP4Tensor whatever the options."""
+    import pytest
+    import fp4ccl
+    from fp4ccl._arrays import describe
+    from fp4ccl.fp4_collectives import GatheredFP4Tensor
+    case = 0
+    for case, dtype, sizes in _cases(comm, framework, DTYPES):
+        shards = [shard(seed, r, 700 + case, sizes[r], K, dtype) for r in range(comm.size)]
+        q = fp4ccl.quantize(to_framework(shards[comm.rank], framework, comm.device), fmt)
+        shape = (sum(sizes), K)
+        want = np.concatenate([roundtrip(s, fmt) if len(s) else s for s in shards])
+        kept = comm.all_gatherv(q, sizes)
+        raw = comm.all_gatherv(q, sizes, dequantize=False)
+        rows = comm.all_gatherv(q, sizes, dequantize=True)
+        fbuf, out = sentinel_out(comm, framework, shape, dtype)
+        into = comm.all_gatherv(q, sizes, out=out, compress=fmt, dequantize=True)
+        _sync(comm)
+        what = f"rank {comm.rank} all_gatherv of an {fmt} FP4Tensor of {dtype}, sizes={sizes}"
+        for g, how in ((kept, "no dequantize"), (raw, "dequantize=False")):
+            assert type(g) is GatheredFP4Tensor, f"{what}, {how}: got a {type(g).__name__}"
+            assert tuple(g.shape) == shape and g.dtype == dtype, f"{what}, {how}: {g!r}"
+            assert np.array_equal(to_numpy(g.dequantize(), dtype).view(np.uint8), want.view(np.uint8)), f"{what}, {how}"
+        info = describe(rows)
+        assert (type(rows), info.dtype, info.shape) == (type(q.data), dtype, shape), \
+            f"{what}, dequantize=True: got a {type(rows).__name__} {info.dtype}{list(info.shape)}"
+        got = to_numpy(rows, dtype)
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), \
+            f"{what}, dequantize=True" + _first_diff(got, want)
+        assert into is out, f"{what}: out= returns out itself"
+        check_no_overrun(fbuf, shape, dtype, what)
+        assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want.view(np.uint8)), f"{what}, into out="
+
+    sizes = [2] * comm.size
+    x = shard(seed, comm.rank, 799, 2, K, "float32")
+    q = fp4ccl.quantize(to_framework(x, framework, comm.device), fmt)
+    other = "mxfp4" if fmt == "nvfp4" else "nvfp4"
+    _, plain = sentinel_out(comm, framework, (sum(sizes), K), "float16")
+    for kwargs, exc, words in [
+        (dict(global_scale="shared"), ValueError, "global_scale='shared' does not apply to an FP4Tensor"),
+        (dict(global_scale="per_rank", dequantize=True), ValueError, "global_scale='per_rank' does not apply"),
+        (dict(global_scale="shared", dequantize=False, compress=fmt), ValueError, "global_scale='shared'"),
+        (dict(compress=other), ValueError, f"compress='{other}' but x is already an {fmt} FP4Tensor"),
+        (dict(compress=other, dequantize=True), ValueError, f"compress='{other}'"),
+    ]:
+        for s in (sizes, None):   # None: refused before the sizes exchange, too
+            with pytest.raises(exc, match=words):
+                comm.all_gatherv(q, s, **kwargs)
+    with pytest.raises(TypeError, match="has dtype float16, expected float32"):
+        comm.all_gatherv(q, sizes, dequantize=True, out=plain)
+    with pytest.raises(TypeError, match="GatheredFP4Tensor"):
+        comm.all_gatherv(q, sizes, out=plain)   # an FP4 result wants an FP4 out=
+    for kwargs in (dict(), dict(compress=fmt), dict(compress=fmt, rounding="stochastic", seed=seed),
+                   dict(rounding="stochastic", seed=seed)):
+        with pytest.raises(TypeError, match="reduce_scatterv: x is an FP4Tensor"):
+            comm.reduce_scatterv(q, sizes, **kwargs)
+    got = comm.all_gatherv(q, sizes, dequantize=True)   # nothing reached the wire: still in step
+    _sync(comm)
+    want = np.concatenate([roundtrip(shard(seed, r, 799, 2, K, "float32"), fmt) for r in range(comm.size)])
+    assert np.array_equal(to_numpy(got, "float32"), want), f"rank {comm.rank}: the good call after the refused ones"
+    return case
+
+
 def check_fp4_reduce_scatterv(comm, seed, framework, fmt, dtypes=DTYPES, K=64):
     case = 0
     for case, dtype, sizes in _cases(comm, framework, dtypes):

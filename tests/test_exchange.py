@@ -1,14 +1,16 @@
 """The byte exchanges: over the TCP store (threads as ranks) and over MPI."""
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
-from fp4ccl.bootstrap.exchange import SingleExchange, StoreExchange
+from fp4ccl.bootstrap.exchange import SingleExchange, StoreExchange, TorchStoreAdapter
 from fp4ccl.bootstrap.store import StoreClient, StoreServer
 
 
@@ -51,6 +53,34 @@ def test_store_exchange_rounds(size):
             assert results[r][2 * i + 1] == b"root%d" % i
     if keys_left is not None:
         assert keys_left == 0, "the exchange left keys behind in the store"
+
+
+def test_store_barrier_takes_the_callers_timeout():
+    """barrier(timeout=) bounds the wait for the peers instead of the exchange's own bound (here the
+    store client's 30 s): the host backend's end-of-call barrier passes its own timeout so."""
+    with StoreServer(token="tok") as server:
+        client = StoreClient(server.address, "tok", timeout=30.0)
+        ex = StoreExchange(client, 0, 2, prefix="lonely")   # rank 1 never comes
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="timed out after 0.3 s"):
+            ex.barrier(timeout=0.3)
+        assert time.monotonic() - start < 5
+        client.close()
+
+
+def test_torch_store_adapter_takes_a_timeout():
+    """A torch store's get waits for the key at most `timeout` (TimeoutError), or forever with math.inf."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    store = TorchStoreAdapter(dist.HashStore())
+    ex = StoreExchange(store, 0, 2, prefix="lonely")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="not set within 0.3 s in torch's store"):
+        ex.barrier(timeout=0.3)
+    assert time.monotonic() - start < 5
+    threading.Timer(0.2, store.set, ("late", b"v")).start()
+    assert store.get("late", timeout=math.inf) == b"v"
 
 
 def test_unique_id_round_trips_through_the_store():

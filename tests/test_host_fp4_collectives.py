@@ -18,6 +18,13 @@ def test_fp4_gather_of_an_fp4tensor(fmt, seed):
     assert all(run_ranks(3, fc.check_fp4_gather_tensor_as_is, seed, "numpy", fmt))
 
 
+@pytest.mark.parametrize("nranks", [1, 3])
+@pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_gather_of_an_fp4tensor_options(fmt, framework, nranks, seed):
+    assert all(run_ranks(nranks, fc.check_fp4_gather_tensor_options, seed, framework, fmt))
+
+
 @pytest.mark.parametrize("nranks", [1, 3, 4])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_fp4_reduce_scatterv(fmt, nranks, seed):

@@ -92,3 +92,57 @@ def _alone_in_a_collective(comm, tag):
 @pytest.mark.parametrize("nranks", [2, 3])
 def test_timeout_through_the_communicator(nranks):
     assert run_ranks(nranks, _alone_in_a_collective, f"alone{nranks}") == [True] * nranks
+
+
+def _peer_misses_the_barrier(comm, tag, transport, call):
+    """A fresh 2-rank communicator with FP4CCL_TIMEOUT=1 whose store client's own timeout is 30 s. For
+    all_gather, rank 1 publishes its part and reads rank 0's, then holds back from the barrier that
+    ends the call until rank 0 is done with it; for barrier(), rank 1 never calls it. Rank 0 must
+    give up after FP4CCL_TIMEOUT, with the CommTimeoutError naming the call, and the communicator closed.
+    transport: "shm" (files) or "store" (as across hosts: every rank reports a host name of its own)."""
+    import os
+    import socket
+    import time
+    from unittest import mock
+    from fp4ccl.backends.host import HostBackend, ShmBlobs, StoreBlobs
+    from fp4ccl.bootstrap.exchange import StoreExchange
+    from fp4ccl.bootstrap.store import StoreClient
+    from fp4ccl.communicator import Communicator
+    client = StoreClient(os.environ["FP4CCL_STORE"], os.environ["FP4CCL_TOKEN"], timeout=30.0)
+    prefix = f"{comm._exchange.prefix}/{tag}"
+    ex = StoreExchange(client, comm.rank, comm.size, prefix=prefix)
+    host = socket.gethostname() if transport == "shm" else f"host-of-rank-{comm.rank}"
+    with env({"FP4CCL_TIMEOUT": "1"}), mock.patch.object(socket, "gethostname", return_value=host):
+        backend = HostBackend(ex)
+    fresh = Communicator(backend, ex)
+    assert type(backend.transport.blobs) is {"shm": ShmBlobs, "store": StoreBlobs}[transport]
+    x = np.ones(2, np.float32)
+    try:
+        if comm.rank == 0:
+            start = time.monotonic()
+            why = rf"{call} \(call #1\) on rank 0 of 2 timed out: not every rank reached the barrier within 1 s "
+            try:
+                with pytest.raises(CommTimeoutError, match=why):
+                    getattr(fresh, call)(*([x] if call == "all_gather" else []))
+            finally:
+                client.set(f"{prefix}/rank0-done", b"1")
+            waited = time.monotonic() - start
+            assert waited < 10, f"{call}: gave up after {waited:.1f} s, not FP4CCL_TIMEOUT's 1 s"
+            with pytest.raises(CommClosedError, match=rf"aborted after a timeout \(host backend: {call}"):
+                fresh.all_reduce(x)
+        elif call == "all_gather":
+            ex.barrier = lambda timeout=None: client.get(f"{prefix}/rank0-done", timeout=30.0)
+            assert np.array_equal(fresh.all_gather(x), np.ones(4, np.float32))
+    finally:
+        fresh.abort()
+        client.close()
+    return True
+
+
+@pytest.mark.parametrize("call", ["all_gather", "barrier"])
+@pytest.mark.parametrize("transport", ["shm", "store"])
+def test_the_end_of_call_barrier_uses_the_host_timeout(transport, call):
+    """Not the store client's own timeout: FP4CCL_TIMEOUT bounds the barrier that ends a collective
+    over files or the store, and comm.barrier(), like every other wait of the host backend."""
+    tag = f"barrier-{transport}-{call}"
+    assert run_ranks(2, _peer_misses_the_barrier, tag, transport, call) == [True, True]

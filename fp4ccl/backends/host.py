@@ -323,6 +323,7 @@ class BlobTransport:
     def __init__(self, exchange: Exchange, blobs):
         self.exchange = exchange
         self.blobs = blobs
+        self.timeout = blobs.timeout  # the host backend's, for every wait of this transport
         self.rank, self.size = exchange.rank, exchange.size
         self._seq = 0
         self._sent = {}
@@ -342,7 +343,7 @@ class BlobTransport:
         return blob[:HEADER_BYTES].tobytes(), blob[HEADER_BYTES:]
 
     def _release(self, names: List[str]) -> None:
-        self.exchange.barrier()  # every reader is done: our blobs may go
+        self.barrier()  # every reader is done: our blobs may go
         for name in names:
             self.blobs.delete(name)
 
@@ -373,7 +374,14 @@ class BlobTransport:
         return got
 
     def barrier(self) -> None:
-        self.exchange.barrier()
+        # Bounded by the host backend's timeout, not the exchange's own (a store exchange's is its
+        # client's 300 s unless FP4CCL_TIMEOUT was set when it was made); its TimeoutError becomes the
+        # CommTimeoutError of the call that waited.
+        try:
+            self.exchange.barrier(timeout=self.timeout)
+        except TimeoutError as err:
+            raise TimeoutError(f"not every rank reached the barrier within {self.timeout:g} s ({ENV_TIMEOUT}; a "
+                               f"peer is missing or ranks called different collectives): {err}") from err
 
     def close(self) -> None:
         self.blobs.close()

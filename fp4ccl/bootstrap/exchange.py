@@ -5,6 +5,7 @@ backend's data plane lives in backends/host.py.
 """
 from __future__ import annotations
 
+import math
 import struct
 from typing import List, Optional
 
@@ -23,7 +24,10 @@ class Exchange:
     def broadcast_bytes(self, data: Optional[bytes], root: int) -> bytes:
         raise NotImplementedError
 
-    def barrier(self) -> None:
+    def barrier(self, timeout: Optional[float] = None) -> None:
+        """Return once every rank has called it. timeout: seconds (math.inf: forever) to wait for the
+        peers, instead of the exchange's own bound, where the exchange can bound the wait (the store
+        exchanges: TimeoutError when it runs out); MPI and torch.distributed wait as their library does."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -43,7 +47,7 @@ class SingleExchange(Exchange):
             raise ValueError(f"root={root} out of range for a 1-rank job")
         return bytes(data or b"")
 
-    def barrier(self) -> None:
+    def barrier(self, timeout: Optional[float] = None) -> None:
         pass
 
 
@@ -76,7 +80,7 @@ class MPIExchange(Exchange):
         self.comm.Bcast(buf, root=root)
         return buf.tobytes()
 
-    def barrier(self) -> None:
+    def barrier(self, timeout: Optional[float] = None) -> None:
         self.comm.Barrier()
 
     def close(self) -> None:
@@ -105,8 +109,9 @@ class StoreExchange(Exchange):
         self._seq += 1
         return f"{self.prefix}/{what}/{self._seq}"
 
-    def _get(self, key: str) -> bytes:
-        return self.store.get(key, timeout=self.timeout) if self.timeout else self.store.get(key)
+    def _get(self, key: str, timeout: Optional[float] = None) -> bytes:
+        timeout = self.timeout if timeout is None else timeout
+        return self.store.get(key, timeout=timeout) if timeout else self.store.get(key)
 
     def _finish(self, base: str, keys: List[str]) -> None:
         if self.store.add(f"{base}/done", 1) == self.size:
@@ -131,11 +136,11 @@ class StoreExchange(Exchange):
         self._finish(base, [f"{base}/v"])
         return out
 
-    def barrier(self) -> None:
+    def barrier(self, timeout: Optional[float] = None) -> None:
         base = self._next("bar")
         if self.store.add(f"{base}/in", 1) == self.size:
             self.store.set(f"{base}/go", b"1")
-        self._get(f"{base}/go")
+        self._get(f"{base}/go", timeout)
         self._finish(base, [f"{base}/in", f"{base}/go"])
 
 
@@ -149,6 +154,17 @@ class TorchStoreAdapter:
         self._store.set(key, value)
 
     def get(self, key: str, timeout: Optional[float] = None) -> bytes:
+        """The value of key once set; timeout: seconds (math.inf: forever), default the torch store's own."""
+        if timeout is not None:
+            import datetime
+
+            import torch.distributed as dist
+            # torch has no wait-forever: a century stands for it.
+            span = datetime.timedelta(days=36500) if math.isinf(timeout) else datetime.timedelta(seconds=timeout)
+            try:
+                self._store.wait([key], span)
+            except getattr(dist, "DistStoreError", RuntimeError) as err:  # (older torch: a RuntimeError)
+                raise TimeoutError(f"get({key!r}): not set within {timeout:g} s in torch's store ({err})") from err
         return bytes(self._store.get(key))
 
     def add(self, key: str, delta: int) -> int:
@@ -193,7 +209,7 @@ class TorchGroupExchange(Exchange):
     def broadcast_bytes(self, data: Optional[bytes], root: int) -> bytes:
         return self.all_gather_bytes(data if self.rank == root else b"")[root]
 
-    def barrier(self) -> None:
+    def barrier(self, timeout: Optional[float] = None) -> None:
         self.dist.barrier(group=self.group)
 
 

@@ -76,6 +76,20 @@ def test_fp4_gather_of_an_fp4tensor(fmt, path, seed):
 @pytest.mark.parametrize("nranks", [2, 4])
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_gather_of_an_fp4tensor_options(fmt, framework, nranks, path, seed):
+    """dequantize=True decodes an FP4Tensor's gather (a step after the gather, on every path);
+    global_scale= and another format's compress= are refused before anything moves."""
+    need_gpus(nranks)
+    pytest.importorskip(framework)
+    assert all(run_ranks(nranks, _on_path, path, fc.check_fp4_gather_tensor_options, seed, framework, fmt,
+                         backend="nccl"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_fp4_reduce_scatterv(fmt, framework, nranks, path, seed):
     need_gpus(nranks)
     pytest.importorskip(framework)
