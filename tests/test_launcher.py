@@ -113,6 +113,19 @@ def test_three_rank_job_computes_with_prefixed_output(tmp_path):
     assert_no_survivors(tmp_path, 3)
 
 
+def test_torch_variables_are_set_for_each_rank_even_when_inherited(tmp_path):
+    # `RANK=0 WORLD_SIZE=2 fp4ccl-run -n 2 ptorch.py` gave both ranks RANK=0 (and one MASTER_PORT in use).
+    path = script(tmp_path, 'print(*(os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", '
+                            '"MASTER_ADDR")), os.environ["MASTER_PORT"] != "1")\n')
+    inherited = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "9", "MASTER_ADDR": "x",
+                 "MASTER_PORT": "1", "FP4CCL_DEBUG": "INFO"}
+    r = launch(["-n", "2", path], env=inherited)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == [f"[rank{i}]: {i} 2 {i} 2 127.0.0.1 True" for i in range(2)]
+    assert "fp4ccl-run: setting LOCAL_RANK (inherited 0), LOCAL_WORLD_SIZE (inherited 9), MASTER_ADDR (inherited x)" \
+           ", MASTER_PORT (inherited 1), RANK (inherited 0), WORLD_SIZE (inherited 2) for each rank" in r.stderr
+
+
 def test_ranks_filter_hides_other_ranks(tmp_path):
     path = script(tmp_path, 'print("hi", RANK); print("e", RANK, file=sys.stderr)\n')
     r = launch(["-n", "3", "--ranks-filter", "0,2", path])
