@@ -5,6 +5,12 @@ import pytest
 
 from fp4ccl.bootstrap.env import discover
 
+# A job step carries the allocation's Slurm variables, and whatever a launcher inherited reaches the
+# processes it starts: sbatch/salloc -> srun or mpiexec -> torchrun.
+LEFTOVER_SLURM = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0",
+                  "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_NODEID": "0"}
+TORCHRUN_AGENT = {"TORCHELASTIC_RUN_ID": "r1", "GROUP_RANK": "0"}
+
 
 @pytest.mark.parametrize("env, want", [
     ({}, (0, 1, 0, 1, "single")),
@@ -13,18 +19,39 @@ from fp4ccl.bootstrap.env import discover
     ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3",
       "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, (3, 4, 3, 4, "openmpi")),
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, (1, 2, 1, 2, "mpich")),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
-      "PMI_RANK": "5"}, (5, 8, 1, 4, "slurm")),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)"},
+     (5, 8, 1, 4, "slurm")),
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, (1, 2, 1, 2, "torchrun")),
+    # a batch script's own shell: SLURM_PROCID=0 but no task count, not a job step
+    ({"SLURM_PROCID": "0", "SLURM_JOB_ID": "7", "SLURM_LOCALID": "0"}, (0, 1, 0, 1, "single")),
 ])
 def test_discover(env, want):
     info = discover(env)
     assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher) == want
 
 
-def test_fp4ccl_run_wins_over_torchrun_variables():
-    env = {"FP4CCL_RANK": "0", "FP4CCL_WORLD_SIZE": "1", "RANK": "7", "WORLD_SIZE": "8"}
-    assert discover(env).launcher == "fp4ccl-run"
+def test_fp4ccl_run_variables_are_used_when_another_launcher_agrees():
+    # fp4ccl-run's variables carry the store, so they are the ones used where another launcher's agree.
+    env = {"FP4CCL_RANK": "1", "FP4CCL_WORLD_SIZE": "2", "FP4CCL_LOCAL_RANK": "1", "FP4CCL_LOCAL_SIZE": "2",
+           "FP4CCL_STORE": "h:1", "RANK": "1", "WORLD_SIZE": "2", "PMI_RANK": "1", "PMI_SIZE": "2"}
+    info = discover(env)
+    assert (info.launcher, info.rank, info.size, info.store) == ("fp4ccl-run", 1, 2, "h:1")
+
+
+@pytest.mark.parametrize("inner, names", [
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, "PMI_RANK=1 PMI_SIZE=2"),
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=2"),
+    ({**TORCHRUN_AGENT, "RANK": "1", "WORLD_SIZE": "2"}, "RANK=1 WORLD_SIZE=2"),
+    ({"RANK": "7", "WORLD_SIZE": "8"}, "RANK=7 WORLD_SIZE=8"),
+])
+def test_fp4ccl_run_variables_that_disagree_with_another_launcher_are_an_error(inner, names):
+    # `fp4ccl-run -n 1 wrap.py` where wrap.py runs `mpiexec -n 2 ...`: the MPI ranks inherit FP4CCL_RANK=0
+    # FP4CCL_WORLD_SIZE=1. Which launcher is inner cannot be told from these variables, so say so.
+    env = {"FP4CCL_RANK": "0", "FP4CCL_WORLD_SIZE": "1", "FP4CCL_LOCAL_RANK": "0", "FP4CCL_LOCAL_SIZE": "1", **inner}
+    with pytest.raises(ValueError) as e:
+        discover(env)
+    assert "FP4CCL_RANK=0 FP4CCL_WORLD_SIZE=1 (fp4ccl-run)" in str(e.value) and names in str(e.value)
+    assert "disagree" in str(e.value) and "Unset the outer launcher's" in str(e.value)
 
 
 def test_store_and_token():
@@ -38,3 +65,56 @@ def test_bad_values_are_named():
         discover({"OMPI_COMM_WORLD_RANK": "x", "OMPI_COMM_WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="rank 4 outside world size 4"):
         discover({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+# -- nested launchers: the innermost one's variables win -------------------------------------------
+@pytest.mark.parametrize("env, want", [
+    ({**LEFTOVER_SLURM, "PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},
+     (1, 2, 1, 2, "mpich")),
+    ({**LEFTOVER_SLURM, "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, (1, 2, 1, 2, "openmpi")),
+    ({**LEFTOVER_SLURM, **TORCHRUN_AGENT, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
+     (1, 2, 1, 2, "torchrun")),
+    # mpirun starting one torchrun per node
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "1", **TORCHRUN_AGENT, "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+      "LOCAL_WORLD_SIZE": "4"}, (5, 8, 1, 4, "torchrun")),
+    # Cray MPICH / PALS name the local rank PMI_LOCAL_RANK
+    ({"PMI_RANK": "3", "PMI_SIZE": "4", "PMI_LOCAL_RANK": "1", "PMI_LOCAL_SIZE": "2"}, (3, 4, 1, 2, "mpich")),
+])
+def test_innermost_launcher_wins(env, want):
+    info = discover(env)
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher) == want
+
+
+def test_srun_with_pmi2_takes_the_local_rank_from_slurm():
+    # srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE (agreeing with Slurm's) but no MPI_LOCALRANKID.
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "1",
+           "PMI_RANK": "5", "PMI_SIZE": "8", "PMI_FD": "7"}
+    info = discover(env)
+    assert (info.rank, info.size, info.local_rank, info.local_size) == (5, 8, 1, 4)
+
+
+def test_torch_env_variables_set_by_hand_must_agree_with_the_launcher():
+    # RANK/WORLD_SIZE without torchrun's agent variables: torch.distributed's env:// convention, set by a
+    # script or an outer launcher; nothing says which launcher is inner, so they must agree.
+    agree = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2",
+             "RANK": "1", "WORLD_SIZE": "2"}
+    assert discover(agree).launcher == "mpich"
+    with pytest.raises(ValueError) as e:
+        discover({**agree, "RANK": "0", "WORLD_SIZE": "1"})
+    assert "RANK=0 WORLD_SIZE=1 (torch env://)" in str(e.value) and "PMI_RANK=1 PMI_SIZE=2" in str(e.value)
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"OMPI_COMM_WORLD_RANK": "1"}, "OMPI_COMM_WORLD_RANK is set but OMPI_COMM_WORLD_SIZE is not"),
+    ({"PMI_RANK": "1"}, "PMI_RANK is set but PMI_SIZE is not"),
+    ({"FP4CCL_RANK": "1"}, "FP4CCL_RANK is set but FP4CCL_WORLD_SIZE is not"),
+    ({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
+    ({"FP4CCL_RANK": "", "FP4CCL_WORLD_SIZE": "2"}, "FP4CCL_RANK='' is not an integer"),
+    ({"PMI_RANK": "0", "PMI_SIZE": ""}, "PMI_SIZE='' is not an integer"),
+])
+def test_partial_or_empty_launcher_variables_are_named(env, needle):
+    with pytest.raises(ValueError, match=needle):
+        discover(env)
