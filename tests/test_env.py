@@ -1,6 +1,8 @@
 """Rank discovery from each launcher's variables."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fp4ccl.bootstrap.env import discover
@@ -19,11 +21,13 @@ TORCHRUN_AGENT = {"TORCHELASTIC_RUN_ID": "r1", "GROUP_RANK": "0"}
     ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3",
       "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, (3, 4, 3, 4, "openmpi")),
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, (1, 2, 1, 2, "mpich")),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)"},
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+      "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "1"},
      (5, 8, 1, 4, "slurm")),
     ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, (1, 2, 1, 2, "torchrun")),
-    # a batch script's own shell: SLURM_PROCID=0 but no task count, not a job step
-    ({"SLURM_PROCID": "0", "SLURM_JOB_ID": "7", "SLURM_LOCALID": "0"}, (0, 1, 0, 1, "single")),
+    # a batch script's own shell (sbatch -n 4): SLURM_PROCID=0 and the job's SLURM_NTASKS, but no job step
+    ({"SLURM_PROCID": "0", "SLURM_JOB_ID": "7", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4",
+      "SLURM_TASKS_PER_NODE": "4"}, (0, 1, 0, 1, "single")),
 ])
 def test_discover(env, want):
     info = discover(env)
@@ -117,4 +121,39 @@ def test_torch_env_variables_set_by_hand_must_agree_with_the_launcher():
 ])
 def test_partial_or_empty_launcher_variables_are_named(env, needle):
     with pytest.raises(ValueError, match=needle):
+        discover(env)
+
+
+# -- Slurm job steps -------------------------------------------------------------------------------
+def slurm_step(procid, ntasks, nodeid, localid, per_node, **more):
+    """The variables srun gives a task of a job step."""
+    return {"SLURM_PROCID": str(procid), "SLURM_NTASKS": str(ntasks), "SLURM_STEP_NUM_TASKS": str(ntasks),
+            "SLURM_NODEID": str(nodeid), "SLURM_LOCALID": str(localid), "SLURM_STEP_TASKS_PER_NODE": per_node,
+            "SLURM_TASKS_PER_NODE": per_node, "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "3", **more}
+
+
+@pytest.mark.parametrize("env, want", [
+    # srun -n3 -N2: two tasks on the first node, one on the second
+    (slurm_step(1, 3, 0, 1, "2,1"), (1, 3, 1, 2)),
+    (slurm_step(2, 3, 1, 0, "2,1"), (2, 3, 0, 1)),
+    (slurm_step(9, 10, 2, 1, "4(x2),2"), (9, 10, 1, 2)),
+    # a step of 2 tasks per node inside an allocation of 8 per node: the step's counts, not the job's
+    (slurm_step(3, 4, 1, 1, "2(x2)", SLURM_TASKS_PER_NODE="8(x2)", SLURM_NTASKS_PER_NODE="8"), (3, 4, 1, 2)),
+    # srun --preserve-env keeps the job's SLURM_NTASKS; SLURM_STEP_NUM_TASKS is the step's
+    (slurm_step(3, 4, 1, 1, "2(x2)", SLURM_NTASKS="16"), (3, 4, 1, 2)),
+    # no SLURM_NODEID: every node runs as many tasks, so any entry will do
+    ({**slurm_step(3, 4, 0, 1, "2(x2)"), "SLURM_NODEID": None}, (3, 4, 1, 2)),
+])
+def test_slurm_step(env, want):
+    info = discover({k: v for k, v in env.items() if v is not None})
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher, info.job_id) == \
+        (*want, "slurm", "42.3")
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({**slurm_step(2, 3, 1, 0, "2,1"), "SLURM_STEP_TASKS_PER_NODE": "2(x"}, "SLURM_STEP_TASKS_PER_NODE='2(x'"),
+    (slurm_step(2, 3, 5, 0, "2,1"), "SLURM_NODEID='5' is no index into SLURM_STEP_TASKS_PER_NODE='2,1'"),
+])
+def test_slurm_task_counts_that_cannot_be_read_are_named(env, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
         discover(env)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Optional
 
@@ -49,7 +50,8 @@ _OMPI = _Vars("openmpi", "Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SI
 # MPICH's Hydra sets MPI_LOCALRANKID; Cray MPICH (PALS) sets PMI_LOCAL_RANK; srun --mpi=pmi2 sets neither.
 _PMI = _Vars("mpich", "MPICH/PMI", "PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
              ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"), ("PMI_KVSNAME", "PMI_ID"))
-_SLURM = _Vars("slurm", "Slurm", "SLURM_PROCID", "SLURM_NTASKS", ("SLURM_LOCALID",), (), ())
+# srun sets SLURM_STEP_NUM_TASKS for every job step; SLURM_NTASKS may be the job's (srun --preserve-env).
+_SLURM = _Vars("slurm", "Slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", ("SLURM_LOCALID",), (), ())
 
 # Launchers nest as sbatch/salloc -> srun or mpiexec -> torchrun, and each passes its own variables on to
 # what it starts: the first one present here is the innermost, the one that started this process.
@@ -71,15 +73,38 @@ def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
 
 
 def _slurm_tasks_on_node(env: Mapping[str, str]) -> Optional[int]:
-    value = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-    return int(value.split("(")[0]) if value else None
+    """This node's task count in the Slurm job step.
+
+    srun lists the step's task counts in the order of the step's nodes, compressed as "2(x3),1", in
+    SLURM_STEP_TASKS_PER_NODE (SLURM_TASKS_PER_NODE, read where that is missing, is the same list except
+    under srun --preserve-env, which leaves the job's there). SLURM_NODEID indexes that list: slurmstepd
+    takes it from this node's place among the step's nodes, not the allocation's (nodelist_find on the
+    step's node list in stepd_step_rec_create), so the two agree also for a step on some of the
+    allocation's nodes.
+    """
+    name = next((n for n in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if n in env), None)
+    if name is None:
+        return None
+    counts: list[int] = []
+    for item in env[name].split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if not m:
+            raise ValueError(f"environment variable {name}={env[name]!r} is not a task count list like '2(x3),1'")
+        counts += [int(m[1])] * int(m[2] or 1)
+    node = _int(env, "SLURM_NODEID")
+    if node is not None and 0 <= node < len(counts):
+        return counts[node]
+    if len(set(counts)) == 1:
+        return counts[0]
+    raise ValueError(f"cannot tell this node's task count: SLURM_NODEID={env.get('SLURM_NODEID')!r} is no index "
+                     f"into {name}={env[name]!r}")
 
 
 def _read(env: Mapping[str, str], v: _Vars) -> Optional[RankInfo]:
     """This launcher's view of the process, or None when its variables are absent; local_rank and
     local_size are None where it does not say."""
-    if v.rank not in env or (v is _SLURM and v.size not in env):   # a batch script has SLURM_PROCID=0 only
-        return None
+    if v.rank not in env or (v is _SLURM and v.size not in env):
+        return None   # a batch script's shell has SLURM_PROCID=0 (and the job's SLURM_NTASKS) but is no step
     if v.size not in env:
         raise ValueError(f"environment variable {v.rank} is set but {v.size} is not ({v.title} sets both): "
                          f"set {v.size} or unset {v.rank}")
