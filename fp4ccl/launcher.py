@@ -18,6 +18,7 @@ import threading
 import time
 
 from fp4ccl._log import get_logger
+from fp4ccl.bootstrap.env import STAMP, launcher_stamp
 from fp4ccl.bootstrap.store import StoreClient, StoreServer, format_address
 
 PROG = "fp4ccl-run"
@@ -373,6 +374,7 @@ class Launcher:
         # rank the same RANK and an occupied MASTER_PORT. MASTER_PORT is not the store's port, since torch binds
         # its own store there.
         env.update(self._torch_env(info, rank, local_rank))
+        env[STAMP] = launcher_stamp(env)
         return env
 
     def _torch_env(self, info: dict, rank: int, local_rank: int) -> dict:

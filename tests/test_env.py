@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fp4ccl.bootstrap.env import discover
+from fp4ccl.bootstrap.env import discover, launcher_stamp
 
 # A job step carries the allocation's Slurm variables, and whatever a launcher inherited reaches the
 # processes it starts: sbatch/salloc -> srun or mpiexec -> torchrun.
@@ -156,4 +156,37 @@ def test_slurm_step(env, want):
 ])
 def test_slurm_task_counts_that_cannot_be_read_are_named(env, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
+        discover(env)
+
+
+# -- fp4ccl-run inside another launcher -----------------------------------------------------------
+def fp4ccl_child(outer: dict, rank=5, size=8, local=1, nproc=4) -> dict:
+    """What fp4ccl-run hands rank `rank` when it was itself started with the variables `outer`."""
+    env = {**outer, "FP4CCL_RANK": str(rank), "FP4CCL_WORLD_SIZE": str(size), "FP4CCL_LOCAL_RANK": str(local),
+           "FP4CCL_LOCAL_SIZE": str(nproc), "RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(local),
+           "LOCAL_WORLD_SIZE": str(nproc)}
+    return {**env, "FP4CCL_ENV_STAMP": launcher_stamp(env)}
+
+
+@pytest.mark.parametrize("outer", [
+    slurm_step(1, 2, 1, 0, "1(x2)"),   # launch/slurm.sbatch: srun starts one fp4ccl-run per node
+    {"PMI_RANK": "0", "PMI_SIZE": "1", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "1", "PMI_FD": "9"},
+    {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+    {**TORCHRUN_AGENT, "RANK": "0", "WORLD_SIZE": "2"},
+])
+def test_fp4ccl_run_inside_another_launcher_wins(outer):
+    info = discover(fp4ccl_child(outer))
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher) == (5, 8, 1, 4, "fp4ccl-run")
+
+
+@pytest.mark.parametrize("inner", [
+    {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "PMI_FD": "9"},
+    {**TORCHRUN_AGENT, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
+    slurm_step(1, 2, 0, 1, "2"),
+])
+def test_a_launcher_inside_fp4ccl_run_changes_the_stamp(inner):
+    # fp4ccl-run -n 1 wrap.py, where wrap.py starts another launcher: the stamp no longer matches, and the
+    # two launchers' ranks disagree.
+    env = {**fp4ccl_child({}, rank=0, size=1, local=0, nproc=1), **inner}
+    with pytest.raises(ValueError, match="FP4CCL_RANK=0 FP4CCL_WORLD_SIZE=1 .*disagree"):
         discover(env)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -57,6 +58,20 @@ _SLURM = _Vars("slurm", "Slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", ("SLURM
 # what it starts: the first one present here is the innermost, the one that started this process.
 _NESTED = (_TORCHRUN, _OMPI, _PMI, _SLURM)
 _TORCHRUN_AGENT = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")   # set by torchrun, not by people exporting RANK
+
+# fp4ccl-run gives each rank a digest of these (every variable the launchers above are read from, and what
+# identifies their process or step). A rank that sees the same digest was started by fp4ccl-run itself, and
+# another launcher's variables then came from outside it: `srun ... fp4ccl-run` (launch/slurm.sbatch).
+STAMP = "FP4CCL_ENV_STAMP"
+_STAMPED = tuple(sorted({n for v in _NESTED for n in (v.rank, v.size, *v.local_rank, *v.local_size, *v.job_id)} | {
+    *_TORCHRUN_AGENT, "TORCHELASTIC_ERROR_FILE", "PMI_FD", "PMI_PORT", "PMI_JOBID", "PMIX_RANK", "SLURM_NTASKS",
+    "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_JOB_ID", "SLURM_STEP_ID"}))
+
+
+def launcher_stamp(env: Mapping[str, str]) -> str:
+    """The digest of the other launchers' variables in `env` that fp4ccl-run hands its ranks as STAMP."""
+    text = "\0".join(f"{n}={env[n]}" if n in env else n for n in _STAMPED)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
@@ -128,13 +143,18 @@ def _shown(env: Mapping[str, str], v: _Vars) -> str:
 def discover(env: Mapping[str, str] = os.environ) -> RankInfo:
     """Read rank, size and local rank from the environment; a lone process is rank 0 of 1.
 
-    The innermost launcher in _NESTED wins. fp4ccl-run's variables and RANK/WORLD_SIZE set by hand say
-    nothing about nesting, so they must agree on rank and size with the launcher found (or each other);
-    fp4ccl-run's, when present, are the ones used, for their store."""
-    agent = any(k in env for k in _TORCHRUN_AGENT)
-    found = [(v, info) for v in _NESTED if (v is not _TORCHRUN or agent) and (info := _read(env, v))]
-    claims = [(v, info) for v, info in ((_FP4CCL, _read(env, _FP4CCL)), *found[:1],
-                                        (_TORCH_ENV, None if agent else _read(env, _TORCH_ENV))) if info]
+    The innermost launcher in _NESTED wins. fp4ccl-run's variables win when its STAMP shows that it started
+    this process. Otherwise they, and RANK/WORLD_SIZE set by hand, say nothing about nesting, so they must
+    agree on rank and size with the launcher found (or each other); fp4ccl-run's, when present, are the ones
+    used, for their store."""
+    own = _read(env, _FP4CCL)
+    if own and env.get(STAMP) == launcher_stamp(env):
+        found, claims = [], [(_FP4CCL, own)]   # started by fp4ccl-run itself, whatever ran outside it
+    else:
+        agent = any(k in env for k in _TORCHRUN_AGENT)
+        found = [(v, info) for v in _NESTED if (v is not _TORCHRUN or agent) and (info := _read(env, v))]
+        claims = [(v, info) for v, info in ((_FP4CCL, own), *found[:1],
+                                            (_TORCH_ENV, None if agent else _read(env, _TORCH_ENV))) if info]
     if not claims:
         return RankInfo(0, 1, 0, 1, "single", job_id=str(os.getpid()))
     (first, info), others = claims[0], claims[1:]
