@@ -1,10 +1,14 @@
 """Rank discovery from each launcher's variables."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
+from fp4ccl._log import rank_tag
 from fp4ccl.bootstrap.env import discover, launcher_stamp
 
 # A job step carries the allocation's Slurm variables, and whatever a launcher inherited reaches the
@@ -190,3 +194,27 @@ def test_a_launcher_inside_fp4ccl_run_changes_the_stamp(inner):
     env = {**fp4ccl_child({}, rank=0, size=1, local=0, nproc=1), **inner}
     with pytest.raises(ValueError, match="FP4CCL_RANK=0 FP4CCL_WORLD_SIZE=1 .*disagree"):
         discover(env)
+
+
+# -- log lines carry the rank discover() finds ------------------------------------------------------
+@pytest.mark.parametrize("env, tag", [
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, "1"),   # mpiexec (MPICH)
+    (slurm_step(2, 3, 1, 0, "2,1"), "2"),
+    ({"FP4CCL_RANK": "3", "FP4CCL_WORLD_SIZE": "4"}, "3"),
+    ({}, "?"),
+    ({"PMI_RANK": "1"}, "?"),                                                  # discover() refuses it
+    ({"FP4CCL_RANK": "0", "FP4CCL_WORLD_SIZE": "1", "PMI_RANK": "1", "PMI_SIZE": "2"}, "?"),
+])
+def test_rank_tag(env, tag):
+    assert rank_tag(env) == tag
+
+
+def test_log_lines_are_tagged_with_the_mpich_rank():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FP4CCL_", "SLURM_", "OMPI_", "PMI_"))}
+    env.update(FP4CCL_DEBUG="INFO", PMI_RANK="1", PMI_SIZE="2", MPI_LOCALRANKID="1", MPI_LOCALNRANKS="2",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env.pop("RANK", None)
+    r = subprocess.run([sys.executable, "-c", "from fp4ccl._log import get_logger; get_logger('fp4ccl.t').info('hi')"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.rstrip().endswith("fp4ccl[1] INFO hi"), r.stderr
