@@ -4,9 +4,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Mapping
+
+from fp4ccl.bootstrap.env import discover
 
 _LEVELS = {"": logging.WARNING, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG,
            "TRACE": logging.DEBUG, "VERSION": logging.INFO}
+
+
+def rank_tag(env: Mapping[str, str]) -> str:
+    """The rank that log lines carry: discover()'s, under any launcher it knows; "?" for a lone process, and
+    where discover() refuses the environment (init() raises that error; a log line must not)."""
+    try:
+        info = discover(env)
+    except ValueError:
+        return "?"
+    return "?" if info.launcher == "single" else str(info.rank)
 
 
 def get_logger(name: str = "fp4ccl") -> logging.Logger:
@@ -15,8 +28,8 @@ def get_logger(name: str = "fp4ccl") -> logging.Logger:
     if not getattr(root, "_fp4ccl_configured", False):
         level = _LEVELS.get(os.environ.get("FP4CCL_DEBUG", "").upper(), logging.WARNING)
         handler = logging.StreamHandler(sys.stderr)
-        rank = os.environ.get("FP4CCL_RANK") or os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "?"
-        handler.setFormatter(logging.Formatter(f"%(asctime)s fp4ccl[{rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+        tag = rank_tag(os.environ)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s fp4ccl[{tag}] %(levelname)s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
         root.setLevel(level)
         root.propagate = False

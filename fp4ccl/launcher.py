@@ -18,6 +18,7 @@ import threading
 import time
 
 from fp4ccl._log import get_logger
+from fp4ccl.bootstrap.env import STAMP, launcher_stamp
 from fp4ccl.bootstrap.store import StoreClient, StoreServer, format_address
 
 PROG = "fp4ccl-run"
@@ -369,12 +370,18 @@ class Launcher:
             "FP4CCL_TOKEN": info["token"], "FP4CCL_JOB_ID": info["job_id"],
             "PYTHONUNBUFFERED": "1",
         })
-        # For code written for torchrun; MASTER_PORT is not the store's port, since torch binds its own store there.
-        for k, v in (("RANK", rank), ("WORLD_SIZE", info["world"]), ("LOCAL_RANK", local_rank),
-                     ("LOCAL_WORLD_SIZE", a.nproc_per_node), ("MASTER_ADDR", a.master_addr),
-                     ("MASTER_PORT", info["torch_port"])):
-            env.setdefault(k, str(v))
+        # For code written for torchrun, and set even where inherited: values from an outer job would give every
+        # rank the same RANK and an occupied MASTER_PORT. MASTER_PORT is not the store's port, since torch binds
+        # its own store there.
+        env.update(self._torch_env(info, rank, local_rank))
+        env[STAMP] = launcher_stamp(env)
         return env
+
+    def _torch_env(self, info: dict, rank: int, local_rank: int) -> dict:
+        a = self.args
+        return {"RANK": str(rank), "WORLD_SIZE": str(info["world"]), "LOCAL_RANK": str(local_rank),
+                "LOCAL_WORLD_SIZE": str(a.nproc_per_node), "MASTER_ADDR": a.master_addr,
+                "MASTER_PORT": str(info["torch_port"])}
 
     def spawn(self, info: dict, show: set[int] | None) -> None:
         a = self.args
@@ -384,6 +391,9 @@ class Launcher:
             cmd = [sys.executable, "-u", *self.program]
         if a.log_dir:
             os.makedirs(a.log_dir, exist_ok=True)
+        inherited = sorted(k for k in self._torch_env(info, 0, 0) if k in os.environ)
+        if inherited and get_logger("fp4ccl.launcher").isEnabledFor(logging.INFO):
+            self._say("setting " + ", ".join(f"{k} (inherited {os.environ[k]})" for k in inherited) + " for each rank")
         preexec = _pdeathsig_setup()
         for local in range(a.nproc_per_node):
             rank = info["offset"] + local

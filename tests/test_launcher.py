@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,6 +112,57 @@ def test_three_rank_job_computes_with_prefixed_output(tmp_path):
     assert (logs / "rank1.out").read_text().startswith("sum=5 world=3 local=1/3")
     assert (logs / "rank2.err").read_text() == "note from 2\n"
     assert_no_survivors(tmp_path, 3)
+
+
+def test_torch_variables_are_set_for_each_rank_even_when_inherited(tmp_path):
+    # `RANK=0 WORLD_SIZE=2 fp4ccl-run -n 2 ptorch.py` gave both ranks RANK=0 (and one MASTER_PORT in use).
+    path = script(tmp_path, 'print(*(os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", '
+                            '"MASTER_ADDR")), os.environ["MASTER_PORT"] != "1")\n')
+    inherited = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "9", "MASTER_ADDR": "x",
+                 "MASTER_PORT": "1", "FP4CCL_DEBUG": "INFO"}
+    r = launch(["-n", "2", path], env=inherited)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == [f"[rank{i}]: {i} 2 {i} 2 127.0.0.1 True" for i in range(2)]
+    assert "fp4ccl-run: setting LOCAL_RANK (inherited 0), LOCAL_WORLD_SIZE (inherited 9), MASTER_ADDR (inherited x)" \
+           ", MASTER_PORT (inherited 1), RANK (inherited 0), WORLD_SIZE (inherited 2) for each rank" in r.stderr
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DISCOVER = """
+from fp4ccl.bootstrap.env import discover
+try:
+    i = discover()
+    print("found", i.rank, i.size, i.local_rank, i.local_size, i.launcher)
+except ValueError as e:
+    print("error", e)
+"""
+
+
+def test_ranks_of_fp4ccl_run_inside_a_slurm_step_are_fp4ccl_runs(tmp_path):
+    # launch/slurm.sbatch: srun starts one fp4ccl-run per node, whose ranks inherit the step's variables.
+    path = script(tmp_path, DISCOVER)
+    step = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+            "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "1", "PYTHONPATH": ROOT}
+    r = launch(["-n", "2", path], env=step)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == [f"[rank{i}]: found {i} 2 {i} 2 fp4ccl-run" for i in range(2)]
+
+
+def test_mpiexec_inside_fp4ccl_run_is_told_apart(tmp_path):
+    # `fp4ccl-run -n 1 wrap.py` where wrap.py runs `mpiexec -n 2 python t.py` gave both MPI ranks rank 0 of 1.
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH")
+    inner = tmp_path / "t.py"
+    inner.write_text(DISCOVER)
+    path = script(tmp_path, f"subprocess.run([{mpiexec!r}, '-n', '2', sys.executable, {str(inner)!r}], check=True)\n")
+    r = launch(["-n", "1", path], env={"PYTHONPATH": ROOT}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("[rank0]: error FP4CCL_RANK=0 FP4CCL_WORLD_SIZE=1 (fp4ccl-run)")
+                                   for line in lines), lines
+    assert sorted(line.split(" and ")[1].split(" (")[0] for line in lines) == \
+        ["PMI_RANK=0 PMI_SIZE=2", "PMI_RANK=1 PMI_SIZE=2"]
 
 
 def test_ranks_filter_hides_other_ranks(tmp_path):

@@ -1,9 +1,12 @@
 """Rank discovery from the variables that launchers set: fp4ccl-run, Open MPI, MPICH/Hydra, Slurm, torchrun."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import re
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 
 @dataclass(frozen=True)
@@ -24,52 +27,151 @@ class RankInfo:
         return self.launcher in ("openmpi", "mpich")
 
 
-def _int(env: Mapping[str, str], *names: str, default: Optional[int] = None) -> Optional[int]:
+class _Vars(NamedTuple):
+    """One launcher's variables. It counts as present when its rank variable is set (even empty)."""
+
+    launcher: str
+    title: str                      # how error messages name it
+    rank: str
+    size: str
+    local_rank: tuple[str, ...]     # the first one set is used
+    local_size: tuple[str, ...]
+    job_id: tuple[str, ...]
+
+
+_FP4CCL = _Vars("fp4ccl-run", "fp4ccl-run", "FP4CCL_RANK", "FP4CCL_WORLD_SIZE", ("FP4CCL_LOCAL_RANK",),
+                ("FP4CCL_LOCAL_SIZE",), ("FP4CCL_JOB_ID",))
+_TORCHRUN = _Vars("torchrun", "torchrun", "RANK", "WORLD_SIZE", ("LOCAL_RANK",), ("LOCAL_WORLD_SIZE",),
+                  ("TORCHELASTIC_RUN_ID",))
+# The same names without torchrun's agent variables: torch.distributed's env:// convention, set by a script,
+# a wrapper or an outer launcher (fp4ccl-run sets them too).
+_TORCH_ENV = _TORCHRUN._replace(title="torch env://")
+_OMPI = _Vars("openmpi", "Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", ("OMPI_COMM_WORLD_LOCAL_RANK",),
+              ("OMPI_COMM_WORLD_LOCAL_SIZE",), ("OMPI_MCA_orte_ess_jobid", "PMIX_NAMESPACE"))
+# MPICH's Hydra sets MPI_LOCALRANKID; Cray MPICH (PALS) sets PMI_LOCAL_RANK; srun --mpi=pmi2 sets neither.
+_PMI = _Vars("mpich", "MPICH/PMI", "PMI_RANK", "PMI_SIZE", ("MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+             ("MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"), ("PMI_KVSNAME", "PMI_ID"))
+# srun sets SLURM_STEP_NUM_TASKS for every job step; SLURM_NTASKS may be the job's (srun --preserve-env).
+_SLURM = _Vars("slurm", "Slurm", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", ("SLURM_LOCALID",), (), ())
+
+# Launchers nest as sbatch/salloc -> srun or mpiexec -> torchrun, and each passes its own variables on to
+# what it starts: the first one present here is the innermost, the one that started this process.
+_NESTED = (_TORCHRUN, _OMPI, _PMI, _SLURM)
+_TORCHRUN_AGENT = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")   # set by torchrun, not by people exporting RANK
+
+# fp4ccl-run gives each rank a digest of these (every variable the launchers above are read from, and what
+# identifies their process or step). A rank that sees the same digest was started by fp4ccl-run itself, and
+# another launcher's variables then came from outside it: `srun ... fp4ccl-run` (launch/slurm.sbatch).
+STAMP = "FP4CCL_ENV_STAMP"
+_STAMPED = tuple(sorted({n for v in _NESTED for n in (v.rank, v.size, *v.local_rank, *v.local_size, *v.job_id)} | {
+    *_TORCHRUN_AGENT, "TORCHELASTIC_ERROR_FILE", "PMI_FD", "PMI_PORT", "PMI_JOBID", "PMIX_RANK", "SLURM_NTASKS",
+    "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_JOB_ID", "SLURM_STEP_ID"}))
+
+
+def launcher_stamp(env: Mapping[str, str]) -> str:
+    """The digest of the other launchers' variables in `env` that fp4ccl-run hands its ranks as STAMP."""
+    text = "\0".join(f"{n}={env[n]}" if n in env else n for n in _STAMPED)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
+    """The first of `names` that is set, as an int; None when none is. A set but non-integer value (an empty
+    one included) is an error naming the variable."""
     for name in names:
         value = env.get(name)
-        if value not in (None, ""):
+        if value is not None:
             try:
-                return int(value.split("(")[0])  # SLURM_TASKS_PER_NODE looks like "4(x2)"
+                return int(value)
             except ValueError:
                 raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-    return default
+    return None
+
+
+def _slurm_tasks_on_node(env: Mapping[str, str]) -> Optional[int]:
+    """This node's task count in the Slurm job step.
+
+    srun lists the step's task counts in the order of the step's nodes, compressed as "2(x3),1", in
+    SLURM_STEP_TASKS_PER_NODE (SLURM_TASKS_PER_NODE, read where that is missing, is the same list except
+    under srun --preserve-env, which leaves the job's there). SLURM_NODEID indexes that list: slurmstepd
+    takes it from this node's place among the step's nodes, not the allocation's (nodelist_find on the
+    step's node list in stepd_step_rec_create), so the two agree also for a step on some of the
+    allocation's nodes.
+    """
+    name = next((n for n in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if n in env), None)
+    if name is None:
+        return None
+    counts: list[int] = []
+    for item in env[name].split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if not m:
+            raise ValueError(f"environment variable {name}={env[name]!r} is not a task count list like '2(x3),1'")
+        counts += [int(m[1])] * int(m[2] or 1)
+    node = _int(env, "SLURM_NODEID")
+    if node is not None and 0 <= node < len(counts):
+        return counts[node]
+    if len(set(counts)) == 1:
+        return counts[0]
+    raise ValueError(f"cannot tell this node's task count: SLURM_NODEID={env.get('SLURM_NODEID')!r} is no index "
+                     f"into {name}={env[name]!r}")
+
+
+def _read(env: Mapping[str, str], v: _Vars) -> Optional[RankInfo]:
+    """This launcher's view of the process, or None when its variables are absent; local_rank and
+    local_size are None where it does not say."""
+    if v.rank not in env or (v is _SLURM and v.size not in env):
+        return None   # a batch script's shell has SLURM_PROCID=0 (and the job's SLURM_NTASKS) but is no step
+    if v.size not in env:
+        raise ValueError(f"environment variable {v.rank} is set but {v.size} is not ({v.title} sets both): "
+                         f"set {v.size} or unset {v.rank}")
+    if v is _SLURM:
+        local_size = _slurm_tasks_on_node(env)
+        job_id = f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', '')}"
+    else:
+        local_size = _int(env, *v.local_size)
+        job_id = next((env[n] for n in v.job_id if env.get(n)), "")
+    info = RankInfo(_int(env, v.rank), _int(env, v.size), _int(env, *v.local_rank), local_size, v.launcher,
+                    job_id=job_id)
+    if v is _FP4CCL:
+        info = dataclasses.replace(info, store=env.get("FP4CCL_STORE") or None, token=env.get("FP4CCL_TOKEN", ""))
+    return info
+
+
+def _shown(env: Mapping[str, str], v: _Vars) -> str:
+    return f"{v.rank}={env.get(v.rank)} {v.size}={env.get(v.size)} ({v.title})"
 
 
 def discover(env: Mapping[str, str] = os.environ) -> RankInfo:
-    """Read rank, size and local rank from the environment; a lone process is rank 0 of 1."""
-    if "FP4CCL_RANK" in env:
-        info = RankInfo(
-            rank=_int(env, "FP4CCL_RANK"), size=_int(env, "FP4CCL_WORLD_SIZE", default=1),
-            local_rank=_int(env, "FP4CCL_LOCAL_RANK", default=0),
-            local_size=_int(env, "FP4CCL_LOCAL_SIZE", default=1), launcher="fp4ccl-run",
-            store=env.get("FP4CCL_STORE") or None, token=env.get("FP4CCL_TOKEN", ""),
-            job_id=env.get("FP4CCL_JOB_ID", ""))
-    elif "OMPI_COMM_WORLD_RANK" in env:
-        info = RankInfo(
-            rank=_int(env, "OMPI_COMM_WORLD_RANK"), size=_int(env, "OMPI_COMM_WORLD_SIZE"),
-            local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
-            local_size=_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=1), launcher="openmpi",
-            job_id=env.get("OMPI_MCA_orte_ess_jobid", "") or env.get("PMIX_NAMESPACE", ""))
-    elif "PMI_RANK" in env and "SLURM_PROCID" not in env:
-        info = RankInfo(
-            rank=_int(env, "PMI_RANK"), size=_int(env, "PMI_SIZE"),
-            local_rank=_int(env, "MPI_LOCALRANKID", default=0),
-            local_size=_int(env, "MPI_LOCALNRANKS", default=1), launcher="mpich",
-            job_id=env.get("PMI_KVSNAME", "") or env.get("PMI_ID", ""))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        info = RankInfo(
-            rank=_int(env, "SLURM_PROCID"), size=_int(env, "SLURM_NTASKS"),
-            local_rank=_int(env, "SLURM_LOCALID", default=0),
-            local_size=_int(env, "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", default=1),
-            launcher="slurm", job_id=f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', '')}")
-    elif "RANK" in env and "WORLD_SIZE" in env:
-        info = RankInfo(
-            rank=_int(env, "RANK"), size=_int(env, "WORLD_SIZE"),
-            local_rank=_int(env, "LOCAL_RANK", default=0),
-            local_size=_int(env, "LOCAL_WORLD_SIZE", default=1), launcher="torchrun",
-            job_id=env.get("TORCHELASTIC_RUN_ID", ""))
+    """Read rank, size and local rank from the environment; a lone process is rank 0 of 1.
+
+    The innermost launcher in _NESTED wins. fp4ccl-run's variables win when its STAMP shows that it started
+    this process. Otherwise they, and RANK/WORLD_SIZE set by hand, say nothing about nesting, so they must
+    agree on rank and size with the launcher found (or each other); fp4ccl-run's, when present, are the ones
+    used, for their store."""
+    own = _read(env, _FP4CCL)
+    if own and env.get(STAMP) == launcher_stamp(env):
+        found, claims = [], [(_FP4CCL, own)]   # started by fp4ccl-run itself, whatever ran outside it
     else:
-        info = RankInfo(0, 1, 0, 1, "single", job_id=str(os.getpid()))
+        agent = any(k in env for k in _TORCHRUN_AGENT)
+        found = [(v, info) for v in _NESTED if (v is not _TORCHRUN or agent) and (info := _read(env, v))]
+        claims = [(v, info) for v, info in ((_FP4CCL, own), *found[:1],
+                                            (_TORCH_ENV, None if agent else _read(env, _TORCH_ENV))) if info]
+    if not claims:
+        return RankInfo(0, 1, 0, 1, "single", job_id=str(os.getpid()))
+    (first, info), others = claims[0], claims[1:]
+    for v, other in others:
+        if (other.rank, other.size) != (info.rank, info.size):
+            raise ValueError(f"{_shown(env, first)} and {_shown(env, v)} disagree: a launcher was started inside "
+                             f"another and inherited its variables. Unset the outer launcher's ({first.rank} and "
+                             f"{first.size}, or {v.rank} and {v.size}) before starting the inner one")
+    if info.local_rank is None:
+        # srun --mpi=pmi2 gives PMI_RANK/PMI_SIZE but the local rank only in SLURM_LOCALID: take it from an
+        # outer launcher that places this process identically.
+        same = next((o for _, o in found if o.local_rank is not None and (o.rank, o.size) == (info.rank, info.size)),
+                    None)
+        info = dataclasses.replace(info, local_rank=same.local_rank if same else 0,
+                                   local_size=same.local_size if same else info.local_size)
+    if info.local_size is None:
+        info = dataclasses.replace(info, local_size=1)
     if not (0 <= info.rank < info.size):
         raise ValueError(f"launcher {info.launcher} gave rank {info.rank} outside world size {info.size}")
     if not (0 <= info.local_rank < max(info.local_size, 1)):
