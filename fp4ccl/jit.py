@@ -1,10 +1,11 @@
 """Run-time compilation of `csrc/*.cu` through NVRTC (via CuPy), with a disk cache.
 
-A compiled module is cached under `FP4CCL_CACHE_DIR` (default `~/.cache/fp4ccl`) keyed by the fp4ccl
-version, the target architecture, the NVRTC version, the compile options and a hash of every source
+A compiled module is cached under `FP4CCL_CACHE_DIR` (default `$XDG_CACHE_HOME/fp4ccl`, else
+`~/.cache/fp4ccl`) keyed by the fp4ccl version, the target architecture, the NVRTC version, the compile options and a hash of every source
 in csrc/ (a change to an included .cuh must invalidate too). Writers take an fcntl lock and publish
 with write-to-temp + os.replace, so concurrent ranks on one node compile once and never read a torn
-file. Nothing here runs at import time: CuPy is imported on first use.
+file. A cache that cannot be used (read-only home, a bad FP4CCL_CACHE_DIR) logs one warning and the
+kernels are compiled in memory instead. Nothing here runs at import time: CuPy is imported on first use.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 from ._log import get_logger
 
@@ -26,8 +27,14 @@ _log = get_logger("fp4ccl.jit")
 OPTIONS = ("-std=c++17", "--fmad=false", "-default-device")
 SOURCE_SUFFIXES = (".cu", ".cuh")
 
+ENV_CACHE_DIR = "FP4CCL_CACHE_DIR"
+
 _lock = threading.Lock()
 _modules: Dict[Tuple[str, int], object] = {}
+# Binaries compiled while the disk cache was unusable, so each is compiled once per process, not per load;
+# and the directories already warned about (one warning per process, not one per kernel).
+_uncached: Dict[str, bytes] = {}
+_warned_dirs: Set[str] = set()
 
 
 def csrc_dir() -> Path:
@@ -55,7 +62,15 @@ def source_files() -> Dict[str, str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FP4CCL_CACHE_DIR") or Path.home() / ".cache" / "fp4ccl")
+    """$FP4CCL_CACHE_DIR (with ~ expanded), else $XDG_CACHE_HOME/fp4ccl, else ~/.cache/fp4ccl."""
+    explicit = os.environ.get(ENV_CACHE_DIR)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # the XDG spec says a relative value is invalid and must be ignored
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "fp4ccl"
+    return Path.home() / ".cache" / "fp4ccl"
 
 
 def _nvrtc():
@@ -135,22 +150,60 @@ def compile_source(name: str, arch: int, kind: str = "cubin") -> bytes:
         nvrtc.destroyProgram(prog)
 
 
+def _cache_unusable(d, exc: BaseException) -> None:
+    where = str(d)
+    if where not in _warned_dirs:
+        _warned_dirs.add(where)
+        _log.warning("the CUDA kernel cache %s is unusable (%s: %s); compiling kernels in memory, once per "
+                     "process, without caching them. Set %s to a writable directory to cache them", where,
+                     type(exc).__name__, exc, ENV_CACHE_DIR)
+
+
+def _read_cached(path: Path) -> Optional[bytes]:
+    """The cached binary, or None when there is none. OSErrors other than 'not there' propagate."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
 def compiled_binary(name: str, arch: int) -> bytes:
-    """The cubin (or PTX) for csrc/<name> on sm_<arch>, from the disk cache or compiled into it."""
+    """The cubin (or PTX) for csrc/<name> on sm_<arch>, from the disk cache or compiled into it.
+
+    A cache directory that cannot be created, locked, read or written (a read-only $HOME, a bad
+    FP4CCL_CACHE_DIR) costs one warning and a compile per process, never the kernel."""
     nvrtc = _nvrtc()
     kind, target = choose_target(arch, tuple(nvrtc.getSupportedArchs()))
     sources = source_files()
     key = cache_key(name, target, kind, tuple(nvrtc.getVersion()), sources)
-    d = cache_dir()
-    path = d / f"{Path(name).stem}-sm{target}-{key}.{kind}"
-    if path.is_file():
-        return path.read_bytes()
-    with _file_lock(d / ".lock"):
-        if path.is_file():  # another process compiled it while we waited
-            return path.read_bytes()
-        _log.info("compiling %s for sm_%d (%s) into %s", name, target, kind, path)
+    fname = f"{Path(name).stem}-sm{target}-{key}.{kind}"
+    binary = _uncached.get(fname)
+    if binary is not None:
+        return binary
+    d: object = "~/.cache/fp4ccl"  # what the message names if even the default cannot be resolved
+    with contextlib.ExitStack() as held:
+        try:
+            d = cache_dir()
+            path = d / fname
+            binary = _read_cached(path)
+            if binary is None:
+                held.enter_context(_file_lock(d / ".lock"))
+                binary = _read_cached(path)  # another process compiled it while we waited
+            usable = True
+        except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() with no home directory
+            _cache_unusable(d, exc)
+            usable = False
+        if binary is not None:
+            return binary
+        _log.info("compiling %s for sm_%d (%s)%s", name, target, kind, f" into {path}" if usable else "")
         binary = compile_source(name, target, kind)
-        _atomic_write(path, binary)
+        if usable:
+            try:
+                _atomic_write(path, binary)
+                return binary
+            except OSError as exc:
+                _cache_unusable(d, exc)
+        _uncached[fname] = binary
         return binary
 
 

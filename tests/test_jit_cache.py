@@ -1,0 +1,150 @@
+"""The NVRTC disk cache (fp4ccl/jit.py) with NVRTC mocked: where it lives, what happens when it cannot
+be used, and what a damaged entry does. No GPU, no CuPy needed."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from fp4ccl import jit
+
+
+class FakeNvrtc:
+    @staticmethod
+    def getSupportedArchs():
+        return (75, 80, 90, 100)
+
+    @staticmethod
+    def getVersion():
+        return (13, 0)
+
+
+@pytest.fixture
+def nvrtc(monkeypatch):
+    """NVRTC replaced: compile_source returns a payload per call and records the calls."""
+    calls = []
+
+    def compile_source(name, arch, kind="cubin"):
+        calls.append((name, arch, kind))
+        return f"{kind}:{name}:sm_{arch}:#{len(calls)}".encode() * 100
+
+    monkeypatch.setattr(jit, "_nvrtc", lambda: FakeNvrtc)
+    monkeypatch.setattr(jit, "compile_source", compile_source)
+    monkeypatch.setattr(jit, "_uncached", {})
+    monkeypatch.setattr(jit, "_warned_dirs", set())
+    for var in ("FP4CCL_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    return calls
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def warnings_logged():
+    """fp4ccl.jit's records at WARNING and above (its logger does not propagate to caplog's root handler)."""
+    logger = logging.getLogger("fp4ccl.jit")
+    handler = _Records()
+    logger.addHandler(handler)
+    yield lambda: [r for r in handler.records if r.levelno >= logging.WARNING]
+    logger.removeHandler(handler)
+
+
+def cached_files(d: Path):
+    return sorted(p for p in d.iterdir() if p.suffix in (".cubin", ".ptx"))
+
+
+# -- where the cache is ------------------------------------------------------------------------------
+
+def test_cache_dir_expands_a_tilde_and_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", "~/c")
+    assert jit.cache_dir() == tmp_path / "home" / "c"
+    monkeypatch.delenv("FP4CCL_CACHE_DIR")
+    assert jit.cache_dir() == tmp_path / "home" / ".cache" / "fp4ccl"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert jit.cache_dir() == tmp_path / "xdg" / "fp4ccl"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")      # invalid per the XDG spec: ignored
+    assert jit.cache_dir() == tmp_path / "home" / ".cache" / "fp4ccl"
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", str(tmp_path / "explicit"))   # the variable wins over XDG
+    assert jit.cache_dir() == tmp_path / "explicit"
+
+
+def test_a_tilde_cache_dir_is_used_expanded(nvrtc, monkeypatch, tmp_path):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")                   # where a literal "~" directory would appear
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", "~/kc")
+    jit.compiled_binary("fp4.cu", 90)
+    assert len(cached_files(tmp_path / "kc")) == 1
+    assert not (tmp_path / "cwd" / "~").exists()
+
+
+# -- a cache that cannot be used --------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["proc", "a-file", "file-parent"])
+def test_unusable_cache_dir_warns_once_and_compiles_in_memory(nvrtc, monkeypatch, tmp_path, warnings_logged, where):
+    if where == "proc":
+        bad = Path("/proc/fp4")                 # mkdir fails even for root
+    elif where == "a-file":
+        bad = tmp_path / "plain-file"
+        bad.write_text("not a directory")
+    else:
+        (tmp_path / "f").write_text("")
+        bad = tmp_path / "f" / "cache"
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", str(bad))
+    first = jit.compiled_binary("fp4.cu", 90)
+    assert first.startswith(b"cubin:fp4.cu:sm_90")
+    assert jit.compiled_binary("fp4.cu", 90) == first        # compiled once per process
+    jit.compiled_binary("symm.cu", 90)
+    assert [c[0] for c in nvrtc] == ["fp4.cu", "symm.cu"]
+    warned = warnings_logged()
+    assert len(warned) == 1, [r.getMessage() for r in warned]  # one warning, not one per kernel
+    text = warned[0].getMessage()
+    assert "FP4CCL_CACHE_DIR" in text and str(bad) in text
+
+
+def test_read_only_home_does_not_break_the_kernels(nvrtc, monkeypatch, tmp_path, warnings_logged):
+    monkeypatch.setenv("HOME", "/proc/self/fdinfo")        # no ~/.cache can be made there
+    assert jit.compiled_binary("fp4.cu", 100).startswith(b"cubin:fp4.cu:sm_100")
+    (warned,) = warnings_logged()
+    assert "/proc/self/fdinfo/.cache/fp4ccl" in warned.getMessage() and "FP4CCL_CACHE_DIR" in warned.getMessage()
+
+
+def test_a_failed_cache_write_still_returns_the_kernel(nvrtc, monkeypatch, tmp_path, warnings_logged):
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", str(tmp_path))
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jit, "_atomic_write", full_disk)
+    binary = jit.compiled_binary("fp4.cu", 90)
+    assert binary.startswith(b"cubin:fp4.cu:sm_90") and jit.compiled_binary("fp4.cu", 90) == binary
+    assert len(nvrtc) == 1
+    (warned,) = warnings_logged()
+    assert "No space left" in warned.getMessage() and str(tmp_path) in warned.getMessage()
+
+
+def test_a_missing_source_is_not_mistaken_for_a_cache_problem(monkeypatch, tmp_path, warnings_logged):
+    monkeypatch.setattr(jit, "_nvrtc", lambda: FakeNvrtc)
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", str(tmp_path / "c"))
+    with pytest.raises(FileNotFoundError, match="no CUDA source 'nope.cu'"):
+        jit.compiled_binary("nope.cu", 90)
+    assert not warnings_logged()
+
+
+def test_a_usable_cache_is_written_and_read_back(nvrtc, monkeypatch, tmp_path, warnings_logged):
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", str(tmp_path / "deep" / "cache"))
+    binary = jit.compiled_binary("fp4.cu", 90)
+    assert jit.compiled_binary("fp4.cu", 90) == binary and len(nvrtc) == 1
+    (entry,) = cached_files(tmp_path / "deep" / "cache")
+    assert "sm90" in entry.name
+    assert not warnings_logged()
