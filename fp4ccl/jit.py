@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import importlib.util
 import os
+import struct
 import tempfile
 import threading
 from pathlib import Path
@@ -28,6 +29,14 @@ OPTIONS = ("-std=c++17", "--fmad=false", "-default-device")
 SOURCE_SUFFIXES = (".cu", ".cuh")
 
 ENV_CACHE_DIR = "FP4CCL_CACHE_DIR"
+
+# A cache entry is a header (magic, payload length, SHA-256 of the payload) and the payload, checked on
+# every read: a truncated, emptied or overwritten file is recompiled instead of reaching
+# cuModuleLoadData, which would fail with no hint at the cache. The format is also in the key, so entries
+# of older fp4ccl versions (no header) are never looked up.
+_MAGIC = b"FP4CCLK1"
+_HEADER = struct.Struct("<8sQ32s")
+_CACHE_FORMAT = "entry-format-1"
 
 _lock = threading.Lock()
 _modules: Dict[Tuple[str, int], object] = {}
@@ -92,7 +101,8 @@ def choose_target(arch: int, supported: Tuple[int, ...]) -> Tuple[str, int]:
 def cache_key(name: str, arch: int, kind: str, nvrtc_version: Tuple[int, int], sources: Dict[str, str]) -> str:
     from . import __version__
     h = hashlib.sha256()
-    for part in (__version__, name, str(arch), kind, ".".join(map(str, nvrtc_version)), " ".join(OPTIONS)):
+    for part in (_CACHE_FORMAT, __version__, name, str(arch), kind, ".".join(map(str, nvrtc_version)),
+                 " ".join(OPTIONS)):
         h.update(part.encode())
         h.update(b"\0")
     for fname, text in sorted(sources.items()):
@@ -159,12 +169,36 @@ def _cache_unusable(d, exc: BaseException) -> None:
                      type(exc).__name__, exc, ENV_CACHE_DIR)
 
 
-def _read_cached(path: Path) -> Optional[bytes]:
-    """The cached binary, or None when there is none. OSErrors other than 'not there' propagate."""
+def _pack(binary: bytes) -> bytes:
+    return _HEADER.pack(_MAGIC, len(binary), hashlib.sha256(binary).digest()) + binary
+
+
+def _unpack(blob: bytes) -> Tuple[Optional[bytes], str]:
+    """(payload, "") for an intact entry, else (None, what is wrong with it)."""
+    if len(blob) < _HEADER.size:
+        return None, f"{len(blob)} bytes, shorter than its header"
+    magic, length, digest = _HEADER.unpack_from(blob)
+    if magic != _MAGIC:
+        return None, "no fp4ccl cache header"
+    payload = blob[_HEADER.size:]
+    if len(payload) != length:
+        return None, f"{len(payload)} bytes of payload where the header says {length}"
+    if hashlib.sha256(payload).digest() != digest:
+        return None, "checksum mismatch"
+    return payload, ""
+
+
+def _read_cached(path: Path, report: bool = False) -> Optional[bytes]:
+    """The cached binary, or None when there is none or it is damaged (logged when `report`).
+    OSErrors other than 'not there' propagate."""
     try:
-        return path.read_bytes()
+        blob = path.read_bytes()
     except FileNotFoundError:
         return None
+    binary, problem = _unpack(blob)
+    if binary is None and report:
+        _log.warning("cached kernel %s is damaged (%s); recompiling it", path, problem)
+    return binary
 
 
 def compiled_binary(name: str, arch: int) -> bytes:
@@ -188,7 +222,7 @@ def compiled_binary(name: str, arch: int) -> bytes:
             binary = _read_cached(path)
             if binary is None:
                 held.enter_context(_file_lock(d / ".lock"))
-                binary = _read_cached(path)  # another process compiled it while we waited
+                binary = _read_cached(path, report=True)  # another process may have compiled it meanwhile
             usable = True
         except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() with no home directory
             _cache_unusable(d, exc)
@@ -199,7 +233,7 @@ def compiled_binary(name: str, arch: int) -> bytes:
         binary = compile_source(name, target, kind)
         if usable:
             try:
-                _atomic_write(path, binary)
+                _atomic_write(path, _pack(binary))
                 return binary
             except OSError as exc:
                 _cache_unusable(d, exc)

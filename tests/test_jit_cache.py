@@ -148,3 +148,36 @@ def test_a_usable_cache_is_written_and_read_back(nvrtc, monkeypatch, tmp_path, w
     (entry,) = cached_files(tmp_path / "deep" / "cache")
     assert "sm90" in entry.name
     assert not warnings_logged()
+
+
+# -- damaged entries ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "one-byte-flipped", "headerless", "appended"])
+def test_a_damaged_entry_is_recompiled_and_replaced(nvrtc, monkeypatch, tmp_path, warnings_logged, damage):
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", str(tmp_path))
+    good = jit.compiled_binary("fp4.cu", 90)
+    (entry,) = cached_files(tmp_path)
+    blob = entry.read_bytes()
+    damaged = {
+        "garbage": b"\x7fELF not really a cubin" * 7,
+        "empty": b"",
+        "truncated": blob[:len(blob) // 2],
+        "one-byte-flipped": blob[:-10] + bytes([blob[-10] ^ 1]) + blob[-9:],
+        "headerless": good,                                  # what fp4ccl wrote before the header existed
+        "appended": blob + b"\0",
+    }[damage]
+    entry.write_bytes(damaged)
+    again = jit.compiled_binary("fp4.cu", 90)
+    assert len(nvrtc) == 2 and again.endswith(b"#2")          # recompiled, not handed to the loader
+    assert cached_files(tmp_path) == [entry] and entry.read_bytes() != damaged
+    assert jit.compiled_binary("fp4.cu", 90) == again and len(nvrtc) == 2   # the rewrite is read back
+    (warned,) = warnings_logged()
+    assert str(entry) in warned.getMessage() and "damaged" in warned.getMessage()
+
+
+def test_entries_carry_a_header_that_round_trips():
+    payload = bytes(range(256)) * 3
+    blob = jit._pack(payload)
+    assert blob.endswith(payload) and len(blob) > len(payload)
+    assert jit._unpack(blob) == (payload, "")
+    assert jit._unpack(b"")[0] is None and jit._unpack(payload)[0] is None
