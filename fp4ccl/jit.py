@@ -14,8 +14,8 @@ import fcntl
 import hashlib
 import importlib.util
 import os
+import secrets
 import struct
-import tempfile
 import threading
 from pathlib import Path
 from typing import Dict, Optional, Set, Tuple
@@ -115,17 +115,36 @@ def cache_key(name: str, arch: int, kind: str, nvrtc_version: Tuple[int, int], s
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
+    # Directories and the lock file get the usual modes (umask applied) so a shared cache works for
+    # other users; one who may not write the lock file can still flock it through a read-only descriptor
+    # (not over NFS, where that fails and the caller falls back to compiling in memory).
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    # Not mkstemp: its files are 0600, which other users of a shared FP4CCL_CACHE_DIR cannot read.
+    # 0644 filtered by the umask is what a plain open() would have made.
+    for _ in range(100):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name next to {path}")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -3,6 +3,8 @@ be used, and what a damaged entry does. No GPU, no CuPy needed."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,40 @@ def test_entries_carry_a_header_that_round_trips():
     assert blob.endswith(payload) and len(blob) > len(payload)
     assert jit._unpack(blob) == (payload, "")
     assert jit._unpack(b"")[0] is None and jit._unpack(payload)[0] is None
+
+
+# -- permissions -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored after)."""
+    saved = os.umask(0o022)
+    yield os.umask
+    os.umask(saved)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077, 0o002], ids=oct)
+def test_entries_are_readable_by_others_as_the_umask_allows(nvrtc, monkeypatch, tmp_path, umask, mask):
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", str(tmp_path / "shared" / "cache"))
+    umask(mask)
+    jit.compiled_binary("fp4.cu", 90)
+    (entry,) = cached_files(tmp_path / "shared" / "cache")
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o644 & ~mask          # not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "shared" / "cache" / ".lock").stat().st_mode) == 0o666 & ~mask
+    for d in (tmp_path / "shared", tmp_path / "shared" / "cache"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask
+    assert not [p for p in entry.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_lock_file_this_user_cannot_write_is_locked_read_only(nvrtc, monkeypatch, tmp_path):
+    monkeypatch.setenv("FP4CCL_CACHE_DIR", str(tmp_path))
+    (tmp_path / ".lock").touch()
+    real_open = os.open
+
+    def as_another_users_file(path, flags, mode=0o777):
+        if str(path).endswith(".lock") and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", str(path))      # root could write it anyway
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(jit.os, "open", as_another_users_file)
+    assert jit.compiled_binary("fp4.cu", 90).startswith(b"cubin:") and len(cached_files(tmp_path)) == 1
