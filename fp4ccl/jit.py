@@ -1,11 +1,13 @@
 """Run-time compilation of `csrc/*.cu` through NVRTC (via CuPy), with a disk cache.
 
 A compiled module is cached under `FP4CCL_CACHE_DIR` (default `$XDG_CACHE_HOME/fp4ccl`, else
-`~/.cache/fp4ccl`) keyed by the fp4ccl version, the target architecture, the NVRTC version, the compile options and a hash of every source
-in csrc/ (a change to an included .cuh must invalidate too). Writers take an fcntl lock and publish
-with write-to-temp + os.replace, so concurrent ranks on one node compile once and never read a torn
-file. A cache that cannot be used (read-only home, a bad FP4CCL_CACHE_DIR) logs one warning and the
-kernels are compiled in memory instead. Nothing here runs at import time: CuPy is imported on first use.
+`~/.cache/fp4ccl`) keyed by the fp4ccl version, the target architecture, the NVRTC version, the compile
+options and a hash of every source in csrc/ (a change to an included .cuh must invalidate too). Writers
+take an fcntl lock and publish with write-to-temp + os.replace, so concurrent ranks on one node compile
+once and never read a torn file; entries carry a checksum, so a damaged one is compiled again, and are
+readable by other users as the umask allows (a shared cache directory). A cache that cannot be used
+(read-only home, a bad FP4CCL_CACHE_DIR) logs one warning and the kernels are compiled in memory
+instead. Nothing here runs at import time: CuPy is imported on first use.
 """
 from __future__ import annotations
 
