@@ -1,7 +1,7 @@
 """The NCCL ctypes binding on a CPU-only machine, and the NCCL backend's logic over a fake library.
 
-Loading NCCL, its version, error strings and unique ids need no GPU; the test extra installs the
-nvidia-nccl-cu13 wheel, so these run in CI.
+Loading NCCL, its version, error strings and unique ids need no GPU; CI installs the cuda13 extra,
+which brings the nvidia-nccl-cu13 wheel, so these run there.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def fresh(monkeypatch):
 def wheel_path() -> str:
     path = nccl._wheel_library("nvidia-nccl-cu13")
     if path is None:
-        pytest.skip("the nvidia-nccl-cu13 wheel (test extra) is not installed")
+        pytest.skip("the nvidia-nccl-cu13 wheel (cuda13 extra) is not installed")
     return path
 
 
