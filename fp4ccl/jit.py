@@ -1,10 +1,13 @@
 """Run-time compilation of `csrc/*.cu` through NVRTC (via CuPy), with a disk cache.
 
-A compiled module is cached under `FP4CCL_CACHE_DIR` (default `~/.cache/fp4ccl`) keyed by the fp4ccl
-version, the target architecture, the NVRTC version, the compile options and a hash of every source
-in csrc/ (a change to an included .cuh must invalidate too). Writers take an fcntl lock and publish
-with write-to-temp + os.replace, so concurrent ranks on one node compile once and never read a torn
-file. Nothing here runs at import time: CuPy is imported on first use.
+A compiled module is cached under `FP4CCL_CACHE_DIR` (default `$XDG_CACHE_HOME/fp4ccl`, else
+`~/.cache/fp4ccl`) keyed by the fp4ccl version, the target architecture, the NVRTC version, the compile
+options and a hash of every source in csrc/ (a change to an included .cuh must invalidate too). Writers
+take an fcntl lock and publish with write-to-temp + os.replace, so concurrent ranks on one node compile
+once and never read a torn file; entries carry a checksum, so a damaged one is compiled again, and are
+readable by other users as the umask allows (a shared cache directory). A cache that cannot be used
+(read-only home, a bad FP4CCL_CACHE_DIR) logs one warning and the kernels are compiled in memory
+instead. Nothing here runs at import time: CuPy is imported on first use.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ import fcntl
 import hashlib
 import importlib.util
 import os
-import tempfile
+import secrets
+import struct
 import threading
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 from ._log import get_logger
 
@@ -26,8 +30,22 @@ _log = get_logger("fp4ccl.jit")
 OPTIONS = ("-std=c++17", "--fmad=false", "-default-device")
 SOURCE_SUFFIXES = (".cu", ".cuh")
 
+ENV_CACHE_DIR = "FP4CCL_CACHE_DIR"
+
+# A cache entry is a header (magic, payload length, SHA-256 of the payload) and the payload, checked on
+# every read: a truncated, emptied or overwritten file is recompiled instead of reaching
+# cuModuleLoadData, which would fail with no hint at the cache. The format is also in the key, so entries
+# of older fp4ccl versions (no header) are never looked up.
+_MAGIC = b"FP4CCLK1"
+_HEADER = struct.Struct("<8sQ32s")
+_CACHE_FORMAT = "entry-format-1"
+
 _lock = threading.Lock()
 _modules: Dict[Tuple[str, int], object] = {}
+# Binaries compiled while the disk cache was unusable, so each is compiled once per process, not per load;
+# and the directories already warned about (one warning per process, not one per kernel).
+_uncached: Dict[str, bytes] = {}
+_warned_dirs: Set[str] = set()
 
 
 def csrc_dir() -> Path:
@@ -55,7 +73,15 @@ def source_files() -> Dict[str, str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FP4CCL_CACHE_DIR") or Path.home() / ".cache" / "fp4ccl")
+    """$FP4CCL_CACHE_DIR (with ~ expanded), else $XDG_CACHE_HOME/fp4ccl, else ~/.cache/fp4ccl."""
+    explicit = os.environ.get(ENV_CACHE_DIR)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # the XDG spec says a relative value is invalid and must be ignored
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "fp4ccl"
+    return Path.home() / ".cache" / "fp4ccl"
 
 
 def _nvrtc():
@@ -77,7 +103,8 @@ def choose_target(arch: int, supported: Tuple[int, ...]) -> Tuple[str, int]:
 def cache_key(name: str, arch: int, kind: str, nvrtc_version: Tuple[int, int], sources: Dict[str, str]) -> str:
     from . import __version__
     h = hashlib.sha256()
-    for part in (__version__, name, str(arch), kind, ".".join(map(str, nvrtc_version)), " ".join(OPTIONS)):
+    for part in (_CACHE_FORMAT, __version__, name, str(arch), kind, ".".join(map(str, nvrtc_version)),
+                 " ".join(OPTIONS)):
         h.update(part.encode())
         h.update(b"\0")
     for fname, text in sorted(sources.items()):
@@ -90,17 +117,36 @@ def cache_key(name: str, arch: int, kind: str, nvrtc_version: Tuple[int, int], s
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
+    # Directories and the lock file get the usual modes (umask applied) so a shared cache works for
+    # other users; one who may not write the lock file can still flock it through a read-only descriptor
+    # (not over NFS, where that fails and the caller falls back to compiling in memory).
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    # Not mkstemp: its files are 0600, which other users of a shared FP4CCL_CACHE_DIR cannot read.
+    # 0644 filtered by the umask is what a plain open() would have made.
+    for _ in range(100):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name next to {path}")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -135,22 +181,84 @@ def compile_source(name: str, arch: int, kind: str = "cubin") -> bytes:
         nvrtc.destroyProgram(prog)
 
 
+def _cache_unusable(d, exc: BaseException) -> None:
+    where = str(d)
+    if where not in _warned_dirs:
+        _warned_dirs.add(where)
+        _log.warning("the CUDA kernel cache %s is unusable (%s: %s); compiling kernels in memory, once per "
+                     "process, without caching them. Set %s to a writable directory to cache them", where,
+                     type(exc).__name__, exc, ENV_CACHE_DIR)
+
+
+def _pack(binary: bytes) -> bytes:
+    return _HEADER.pack(_MAGIC, len(binary), hashlib.sha256(binary).digest()) + binary
+
+
+def _unpack(blob: bytes) -> Tuple[Optional[bytes], str]:
+    """(payload, "") for an intact entry, else (None, what is wrong with it)."""
+    if len(blob) < _HEADER.size:
+        return None, f"{len(blob)} bytes, shorter than its header"
+    magic, length, digest = _HEADER.unpack_from(blob)
+    if magic != _MAGIC:
+        return None, "no fp4ccl cache header"
+    payload = blob[_HEADER.size:]
+    if len(payload) != length:
+        return None, f"{len(payload)} bytes of payload where the header says {length}"
+    if hashlib.sha256(payload).digest() != digest:
+        return None, "checksum mismatch"
+    return payload, ""
+
+
+def _read_cached(path: Path, report: bool = False) -> Optional[bytes]:
+    """The cached binary, or None when there is none or it is damaged (logged when `report`).
+    OSErrors other than 'not there' propagate."""
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    binary, problem = _unpack(blob)
+    if binary is None and report:
+        _log.warning("cached kernel %s is damaged (%s); recompiling it", path, problem)
+    return binary
+
+
 def compiled_binary(name: str, arch: int) -> bytes:
-    """The cubin (or PTX) for csrc/<name> on sm_<arch>, from the disk cache or compiled into it."""
+    """The cubin (or PTX) for csrc/<name> on sm_<arch>, from the disk cache or compiled into it.
+
+    A cache directory that cannot be created, locked, read or written (a read-only $HOME, a bad
+    FP4CCL_CACHE_DIR) costs one warning and a compile per process, never the kernel."""
     nvrtc = _nvrtc()
     kind, target = choose_target(arch, tuple(nvrtc.getSupportedArchs()))
     sources = source_files()
     key = cache_key(name, target, kind, tuple(nvrtc.getVersion()), sources)
-    d = cache_dir()
-    path = d / f"{Path(name).stem}-sm{target}-{key}.{kind}"
-    if path.is_file():
-        return path.read_bytes()
-    with _file_lock(d / ".lock"):
-        if path.is_file():  # another process compiled it while we waited
-            return path.read_bytes()
-        _log.info("compiling %s for sm_%d (%s) into %s", name, target, kind, path)
+    fname = f"{Path(name).stem}-sm{target}-{key}.{kind}"
+    binary = _uncached.get(fname)
+    if binary is not None:
+        return binary
+    d: object = "~/.cache/fp4ccl"  # what the message names if even the default cannot be resolved
+    with contextlib.ExitStack() as held:
+        try:
+            d = cache_dir()
+            path = d / fname
+            binary = _read_cached(path)
+            if binary is None:
+                held.enter_context(_file_lock(d / ".lock"))
+                binary = _read_cached(path, report=True)  # another process may have compiled it meanwhile
+            usable = True
+        except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() with no home directory
+            _cache_unusable(d, exc)
+            usable = False
+        if binary is not None:
+            return binary
+        _log.info("compiling %s for sm_%d (%s)%s", name, target, kind, f" into {path}" if usable else "")
         binary = compile_source(name, target, kind)
-        _atomic_write(path, binary)
+        if usable:
+            try:
+                _atomic_write(path, _pack(binary))
+                return binary
+            except OSError as exc:
+                _cache_unusable(d, exc)
+        _uncached[fname] = binary
         return binary
 
 

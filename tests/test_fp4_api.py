@@ -397,7 +397,10 @@ def test_nvrtc_compile_is_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("FP4CCL_CACHE_DIR", str(tmp_path))
     binary = jit.compiled_binary("fp4.cu", 90)
     files = [p for p in tmp_path.iterdir() if p.suffix == ".cubin"]
-    assert len(files) == 1 and files[0].read_bytes() == binary and "sm90" in files[0].name
+    assert len(files) == 1 and files[0].read_bytes() == jit._pack(binary) and "sm90" in files[0].name
+    assert binary.startswith(b"\x7fELF")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    files[0].write_bytes(b"sentinel")                     # a second call reads the cache, not NVRTC
+    files[0].write_bytes(jit._pack(b"sentinel"))          # a second call reads the cache, not NVRTC
     assert jit.compiled_binary("fp4.cu", 90) == b"sentinel"
+    files[0].write_bytes(b"sentinel")                     # a damaged entry is compiled again
+    assert jit.compiled_binary("fp4.cu", 90) == binary

@@ -1,8 +1,8 @@
 """The numpy reference codec for NVFP4 and MXFP4: the host path and the oracle for the CUDA kernels.
 
 Built on ml_dtypes' float4_e2m1fn, float8_e4m3fn and float8_e8m0fnu casts (round to nearest even),
-with every fp32 operation in the order ../shared/DESIGN.md gives, so that csrc/fp4.cu can match it
-bit for bit. Arrays here are plain numpy: 2-D [rows, K] views in, uint8 out.
+with every fp32 operation in the order docs/FP4.md ("Exact arithmetic") gives, so that csrc/fp4.cu
+can match it bit for bit. Arrays here are plain numpy: 2-D [rows, K] views in, uint8 out.
 """
 from __future__ import annotations
 
