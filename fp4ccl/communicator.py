@@ -610,13 +610,17 @@ def _probe_gpus() -> Tuple[int, str]:
 
 def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], local_rank: int,
            local_size: int, launcher: str, world: RankInfo) -> Communicator:
-    requested = (backend or os.environ.get("FP4CCL_BACKEND") or "auto").lower()
+    from_env = os.environ.get("FP4CCL_BACKEND") if not backend else None
+    requested = (backend or from_env or "auto").lower()
+    # Errors name what the user wrote and where: a value from the environment is easy to forget.
+    given = f"FP4CCL_BACKEND={from_env!r}" if from_env else f"backend={backend!r}"
     if requested not in ("auto", "nccl", "host"):
-        raise ValueError(f"backend={requested!r} is not one of 'nccl', 'host' (or None for automatic)")
+        unset = "unset it" if from_env else "None"
+        raise ValueError(f"{given} is not one of 'nccl', 'host' (or {unset} for automatic)")
     ngpu, why = gpus_usable() if requested != "host" else (0, "")
     chosen = requested if requested != "auto" else ("nccl" if ngpu else "host")
     if chosen == "nccl" and ngpu == 0:
-        raise RuntimeError(f"backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here: {why}")
+        raise RuntimeError(f"{given} needs CUDA GPUs, CuPy and NCCL; none usable here: {why}")
     # Ranks must agree, or the first collective would hang: fail everywhere instead.
     choices = [c.decode() for c in exchange.all_gather_bytes(chosen.encode())]
     if len(set(choices)) > 1:
