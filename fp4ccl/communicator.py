@@ -11,10 +11,11 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 from . import _arrays
 from ._arrays import ArrayInfo
 from ._log import get_logger
-from ._timeout import env_timeout
+from ._timeout import ENV_TIMEOUT, env_timeout
 from .bootstrap.env import RankInfo, discover
 from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
                                  TorchStoreAdapter, pack_ints, unpack_ints)
+from .bootstrap.store import DEFAULT_TIMEOUT as STORE_TIMEOUT
 from .errors import CommClosedError, CommTimeoutError
 
 OPS = ("sum", "prod", "max", "min", "avg")
@@ -537,11 +538,11 @@ def default_device(world: RankInfo, current_device: Callable[[], int]) -> int:
 
 def default_exchange(info: RankInfo) -> Exchange:
     """The bootstrap exchange for the launcher that started this job."""
-    timeout = env_timeout(unset=0.0) or None
+    # Every wait on a bootstrap store, connecting included; unset or 0 keeps the store client's default.
+    timeout = env_timeout(unset=0.0) or STORE_TIMEOUT
     if info.store:
-        from .bootstrap.store import StoreClient
-        client = StoreClient(info.store, info.token)
-        return StoreExchange(client, info.rank, info.size, prefix=f"fp4ccl/{info.job_id}/world", timeout=timeout)
+        return StoreExchange(_store_client(info, timeout), info.rank, info.size,
+                             prefix=f"fp4ccl/{info.job_id}/world", timeout=timeout)
     if info.size == 1:
         return SingleExchange()
     if info.started_by_mpi or info.launcher == "slurm":
@@ -556,7 +557,17 @@ def default_exchange(info: RankInfo) -> Exchange:
     raise RuntimeError(f"cannot bootstrap a {info.size}-rank job started by {info.launcher}")
 
 
-def _torchrun_exchange(info: RankInfo, timeout: Optional[float]) -> Exchange:
+def _store_client(info: RankInfo, timeout: float):
+    """A client of the store fp4ccl-run hosts (FP4CCL_STORE), connected within `timeout` seconds."""
+    from .bootstrap.store import StoreClient
+    try:
+        return StoreClient(info.store, info.token, timeout=timeout)
+    except TimeoutError as err:
+        raise TimeoutError(f"{err}; FP4CCL_STORE names this address, and {ENV_TIMEOUT} sets how long to wait for "
+                           f"it (unset or 0: {STORE_TIMEOUT:g} s)") from None
+
+
+def _torchrun_exchange(info: RankInfo, timeout: float) -> Exchange:
     import datetime
 
     import torch.distributed as dist
@@ -568,7 +579,7 @@ def _torchrun_exchange(info: RankInfo, timeout: Optional[float]) -> Exchange:
     # torchrun's agent already serves a store there; without an agent, rank 0 hosts one.
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(addr, int(port), info.size, is_master=(not agent and info.rank == 0),
-                          timeout=datetime.timedelta(seconds=timeout or 300), wait_for_workers=False)
+                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
     return StoreExchange(TorchStoreAdapter(store), info.rank, info.size,
                          prefix=f"fp4ccl/{info.job_id}/world", timeout=None)
 
