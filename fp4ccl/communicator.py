@@ -546,15 +546,46 @@ def default_exchange(info: RankInfo) -> Exchange:
     if info.size == 1:
         return SingleExchange()
     if info.started_by_mpi or info.launcher == "slurm":
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            raise RuntimeError(f"this job was started by {info.launcher}, which needs mpi4py for the bootstrap "
-                               f"(pip install 'fp4ccl[mpi]'), or start it with fp4ccl-run") from None
-        return MPIExchange(MPI.COMM_WORLD)
+        return MPIExchange(_mpi_world(info))
     if info.launcher == "torchrun":
         return _torchrun_exchange(info, timeout)
     raise RuntimeError(f"cannot bootstrap a {info.size}-rank job started by {info.launcher}")
+
+
+def _mpi_world(info: RankInfo):
+    """MPI.COMM_WORLD, once it is the job the launcher describes."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError(f"this job was started by {info.launcher}, which needs mpi4py for the bootstrap "
+                           f"(pip install 'fp4ccl[mpi]'), or start it with fp4ccl-run") from None
+    world = MPI.COMM_WORLD
+    size = world.Get_size()
+    if size != info.size:
+        library = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+        if size != 1:
+            why = f"the launcher's variables describe another job than MPI's (mpi4py uses {library})"
+        elif info.launcher == "slurm":
+            why = (f"each process started MPI on its own: srun runs without --mpi=pmix or --mpi=pmi2, or mpi4py "
+                   f"is built for another MPI ({library})")
+        else:
+            why = (f"each process started MPI on its own: mpi4py is built for another MPI ({library}) than the one "
+                   f"whose launcher ({info.launcher}) started the job; rebuild mpi4py against it, or start the job "
+                   f"with fp4ccl-run")
+        _wrong_world_size(info, size, "MPI.COMM_WORLD", why)
+    return world
+
+
+# Where discover() reads each launcher's world size, for the error below.
+_SIZE_VARIABLE = {"fp4ccl-run": "FP4CCL_WORLD_SIZE", "openmpi": "OMPI_COMM_WORLD_SIZE", "mpich": "PMI_SIZE",
+                  "slurm": "SLURM_NTASKS", "torchrun": "WORLD_SIZE"}
+
+
+def _wrong_world_size(info: RankInfo, size: int, group: str, why: str) -> None:
+    """Raised before any collective: each rank would otherwise go on in a world of the wrong size (ranks
+    that MPI started alone each compute alone, and all_reduce returns their own input)."""
+    source = _SIZE_VARIABLE.get(info.launcher, info.launcher)
+    raise RuntimeError(f"the launcher reports {info.size} ranks ({source}) but {group} has {size}: {why}")
 
 
 def _store_client(info: RankInfo, timeout: float):

@@ -6,9 +6,12 @@ makes it fail within its own timeout instead of hanging the suite.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every variable that makes discover() see a launcher, or changes the bootstrap: none leaks in from outside.
@@ -46,3 +49,37 @@ def test_connecting_to_the_store_gives_up_after_fp4ccl_timeout():
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"TimeoutError: could not connect to the fp4ccl store at {address} within 1 s"), last
     assert "FP4CCL_STORE" in last and "FP4CCL_TIMEOUT" in last, last
+
+
+# -- MPI against the launcher's variables ---------------------------------------------------------
+
+BUILD = "import numpy as np, fp4ccl; c = fp4ccl.init('host'); print('built', c, c.all_reduce(np.ones(1, np.float32)))"
+
+
+@pytest.mark.parametrize("launcher", [
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"},   # srun, no PMI
+    {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},   # Open MPI's mpirun, mpi4py for MPICH
+])
+def test_mpi_started_alone_under_a_launcher_of_two_ranks(launcher):
+    """Each process started MPI alone (a singleton): without the check each is a 1-rank communicator whose
+    all_reduce returns its own input."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    proc = _python(BUILD, timeout=60, **launcher)
+    assert proc.returncode != 0 and "built" not in proc.stdout, proc.stdout + proc.stderr
+    size_var = "SLURM_NTASKS" if "SLURM_NTASKS" in launcher else "OMPI_COMM_WORLD_SIZE"
+    assert (f"RuntimeError: the launcher reports 2 ranks ({size_var}) but MPI.COMM_WORLD has 1: each process "
+            f"started MPI on its own: ") in proc.stderr, proc.stderr
+
+
+def test_mpi_world_of_another_size_than_the_launchers():
+    """Slurm's variables under an mpiexec of 2 ranks that say 3 (an MPI launcher inside a Slurm step): every
+    rank refuses before fp4ccl's first collective, so none waits for the others."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec on PATH")
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", BUILD], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env=_environ(SLURM_PROCID="0", SLURM_NTASKS="3"))
+    assert proc.returncode != 0 and "built" not in proc.stdout, proc.stdout + proc.stderr
+    assert "the launcher reports 3 ranks (SLURM_NTASKS) but MPI.COMM_WORLD has 2: the launcher's variables " \
+           "describe another job than MPI's" in proc.stderr, proc.stderr
