@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import operator
 import os
@@ -517,6 +518,10 @@ def init(backend: Optional[str] = None, *, device: Optional[int] = None) -> Comm
 
     backend: "nccl", "host", or None (also FP4CCL_BACKEND): NCCL when CUDA GPUs and NCCL are usable,
     otherwise host. device: the CUDA ordinal; default: see default_device.
+
+    A job may call init() more than once, for communicators used side by side; every rank must then
+    make its calls in the same order, and one at a time (not from several threads at once), as MPI
+    requires for creating communicators: each communicator's bootstrap keys are numbered by its call.
     """
     info = discover()
     exchange = default_exchange(info)
@@ -536,19 +541,27 @@ def default_device(world: RankInfo, current_device: Callable[[], int]) -> int:
     return world.local_rank if world.launcher != "single" else current_device()
 
 
+# init() calls made in this process: the number tells apart the communicators that share a store.
+_inits = itertools.count(1)
+
+
 def default_exchange(info: RankInfo) -> Exchange:
-    """The bootstrap exchange for the launcher that started this job."""
+    """The bootstrap exchange of a new communicator, for the launcher that started this job.
+
+    Exchanges over a store (fp4ccl-run's, torch's) each get their own keys, numbered by the init() call
+    (see init); over MPI each works on its own duplicate of COMM_WORLD."""
+    prefix = f"fp4ccl/{info.job_id}/comm{next(_inits)}"
     # Every wait on a bootstrap store, connecting included; unset or 0 keeps the store client's default.
     timeout = env_timeout(unset=0.0) or STORE_TIMEOUT
     if info.store:
         return StoreExchange(_store_client(info, timeout), info.rank, info.size,
-                             prefix=f"fp4ccl/{info.job_id}/world", timeout=timeout)
+                             prefix=prefix, timeout=timeout)
     if info.size == 1:
         return SingleExchange()
     if info.started_by_mpi or info.launcher == "slurm":
         return MPIExchange(_mpi_world(info))
     if info.launcher == "torchrun":
-        return _torchrun_exchange(info, timeout)
+        return _torchrun_exchange(info, prefix, timeout)
     raise RuntimeError(f"cannot bootstrap a {info.size}-rank job started by {info.launcher}")
 
 
@@ -598,7 +611,7 @@ def _store_client(info: RankInfo, timeout: float):
                            f"it (unset or 0: {STORE_TIMEOUT:g} s)") from None
 
 
-def _torchrun_exchange(info: RankInfo, timeout: float) -> Exchange:
+def _torchrun_exchange(info: RankInfo, prefix: str, timeout: float) -> Exchange:
     import datetime
 
     import torch.distributed as dist
@@ -612,7 +625,7 @@ def _torchrun_exchange(info: RankInfo, timeout: float) -> Exchange:
     store = dist.TCPStore(addr, int(port), info.size, is_master=(not agent and info.rank == 0),
                           timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
     return StoreExchange(TorchStoreAdapter(store), info.rank, info.size,
-                         prefix=f"fp4ccl/{info.job_id}/world", timeout=None)
+                         prefix=prefix, timeout=None)
 
 
 def _mpi_shared_type():

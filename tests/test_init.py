@@ -10,8 +10,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
+
+from harness import env, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every variable that makes discover() see a launcher, or changes the bootstrap: none leaks in from outside.
@@ -83,3 +87,41 @@ def test_mpi_world_of_another_size_than_the_launchers():
     assert proc.returncode != 0 and "built" not in proc.stdout, proc.stdout + proc.stderr
     assert "the launcher reports 3 ranks (SLURM_NTASKS) but MPI.COMM_WORLD has 2: the launcher's variables " \
            "describe another job than MPI's" in proc.stderr, proc.stderr
+
+
+# -- several communicators from init() --------------------------------------------------------------
+
+def _two_more_worlds(comm, calls):
+    """Two more communicators from init() on every rank, used at once from two threads."""
+    import fp4ccl
+    with env({"FP4CCL_TIMEOUT": "10"}):
+        comms = [fp4ccl.init("host"), fp4ccl.init("host")]
+    sums, errors = [], []
+
+    def work(c, value):
+        try:
+            for _ in range(calls):
+                sums.append((value, float(c.all_reduce(np.full(1, value, np.float32))[0])))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the rank's main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(c, float(i + 1))) for i, c in enumerate(comms)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in comms:
+        if errors:
+            c.abort()
+        else:
+            c.destroy()
+    if errors:
+        raise errors[0]
+    return sorted(set(sums))
+
+
+def test_communicators_from_init_never_share_store_keys():
+    """Each communicator's store keys were the job's alone, and its round numbers started at 1: two used at
+    once met in the same barrier keys and hung."""
+    size = 4
+    assert run_ranks(size, _two_more_worlds, 200) == [[(1.0, 1.0 * size), (2.0, 2.0 * size)]] * size
