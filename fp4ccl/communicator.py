@@ -612,20 +612,31 @@ def _store_client(info: RankInfo, timeout: float):
 
 
 def _torchrun_exchange(info: RankInfo, prefix: str, timeout: float) -> Exchange:
+    """Over torch.distributed's store: the program's own, once it has called init_process_group, else
+    one on MASTER_ADDR:MASTER_PORT (torchrun's agent serves it; without an agent, rank 0 does)."""
     import datetime
 
     import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        # Its store already joins these ranks; under env:// its rank 0 (or torchrun's agent) serves it on
+        # MASTER_PORT, where a second server would fail to bind.
+        size = dist.get_world_size()
+        if size != info.size:
+            _wrong_world_size(info, size, "torch.distributed's default group",
+                              "init_process_group was given another world_size")
+        return StoreExchange(TorchStoreAdapter(dist.distributed_c10d._get_default_store()), dist.get_rank(), size,
+                             prefix=prefix, timeout=timeout)
     addr = os.environ.get("MASTER_ADDR")
     port = os.environ.get("MASTER_PORT")
     if not addr or not port:
         raise RuntimeError("RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not: start the job with "
                            "torchrun or fp4ccl-run, or set them")
-    # torchrun's agent already serves a store there; without an agent, rank 0 hosts one.
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    # multi_tenant, as torch's own env:// rendezvous asks: an init_process_group called later in this
+    # process then shares this server on MASTER_PORT instead of failing to bind it.
     store = dist.TCPStore(addr, int(port), info.size, is_master=(not agent and info.rank == 0),
-                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
-    return StoreExchange(TorchStoreAdapter(store), info.rank, info.size,
-                         prefix=prefix, timeout=None)
+                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False, multi_tenant=True)
+    return StoreExchange(TorchStoreAdapter(store), info.rank, info.size, prefix=prefix, timeout=timeout)
 
 
 def _mpi_shared_type():

@@ -5,10 +5,11 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
-from fp4ccl.bootstrap.exchange import SingleExchange, StoreExchange
+from fp4ccl.bootstrap.exchange import SingleExchange, StoreExchange, TorchStoreAdapter
 from fp4ccl.bootstrap.store import StoreClient, StoreServer
 
 
@@ -57,6 +58,19 @@ def test_unique_id_round_trips_through_the_store():
     uid = bytes(range(128))
     results, _ = _run_threads(3, lambda ex: ex.broadcast_bytes(uid if ex.rank == 0 else None, 0))
     assert results == [uid] * 3
+
+
+def test_torch_store_lookups_give_up_after_the_exchanges_timeout():
+    """A torch store shared with the program keeps its own timeout (its process group's): the exchange's,
+    FP4CCL_TIMEOUT's, must bound each lookup instead, and end as a TimeoutError like the fp4ccl store's."""
+    dist = pytest.importorskip("torch.distributed", reason="torch is not installed")
+    store = TorchStoreAdapter(dist.HashStore())
+    store.set("k", b"v")
+    assert store.get("k", timeout=1.0) == b"v"
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"get\('missing'\): timed out after 0.2 s"):
+        store.get("missing", timeout=0.2)
+    assert time.monotonic() - t0 < 5
 
 
 def test_single_exchange():

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -125,3 +126,91 @@ def test_communicators_from_init_never_share_store_keys():
     once met in the same barrier keys and hung."""
     size = 4
     assert run_ranks(size, _two_more_worlds, 200) == [[(1.0, 1.0 * size), (2.0, 2.0 * size)]] * size
+
+
+# -- torch.distributed in the same processes --------------------------------------------------------
+
+TORCH_JOB = r"""
+import os, pathlib, sys
+import numpy as np, torch, torch.distributed as dist
+import fp4ccl
+
+def check(comm):
+    assert (comm.rank, comm.size) == (int(os.environ["RANK"]), 2), comm
+    y = comm.all_reduce(np.full(3, comm.rank + 1.0, np.float32))
+    assert np.all(y == 3.0), y
+
+comms = []
+if sys.argv[1] == "torch-first":
+    dist.init_process_group("gloo")
+comms.append(fp4ccl.init("host"))
+if sys.argv[1] == "fp4ccl-first":
+    dist.init_process_group("gloo")
+    comms.append(fp4ccl.init("host"))   # over torch's store now, beside the first
+for c in comms:
+    check(c)
+t = torch.ones(1)
+dist.all_reduce(t)
+assert t.item() == 2.0, t
+for c in comms:
+    c.destroy()
+dist.destroy_process_group()
+# a file per rank: torchrun's ranks share one stdout, where their lines could interleave
+pathlib.Path(sys.argv[2], "rank" + os.environ["RANK"]).write_text(f"ok {len(comms)}")
+"""
+
+
+def test_init_beside_torch_distributed_without_an_agent(tmp_path):
+    """RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set by hand: rank 0 of torch.distributed and of fp4ccl would
+    each host a store on MASTER_PORT. Both orders run at once, as two jobs on two ports."""
+    pytest.importorskip("torch.distributed", reason="torch is not installed")
+    script = tmp_path / "job.py"
+    script.write_text(TORCH_JOB)
+    jobs = {}
+    for order in ("torch-first", "fp4ccl-first"):
+        port = str(_free_port())
+        (tmp_path / order).mkdir()
+        jobs[order] = [subprocess.Popen([sys.executable, str(script), order, str(tmp_path / order)],
+                                        stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                        env=_environ(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                     MASTER_PORT=port, FP4CCL_TIMEOUT="20"))
+                       for r in range(2)]
+    deadline = time.monotonic() + 60   # for the four of them: a hung rank fails the test in a minute
+    try:
+        outs = {order: [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+                for order, procs in jobs.items()}
+    finally:
+        for procs in jobs.values():
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    for order, procs in jobs.items():
+        want = "ok 1" if order == "torch-first" else "ok 2"
+        for r, (p, out) in enumerate(zip(procs, outs[order])):
+            result = tmp_path / order / f"rank{r}"
+            assert p.returncode == 0 and result.read_text() == want, f"{order}, rank {r}:\n{out}"
+
+
+def test_init_under_torchrun(tmp_path):
+    """torchrun's agent hosts the store on MASTER_PORT: init() joins it as a client, and once the program
+    has started torch.distributed, shares its store."""
+    pytest.importorskip("torch.distributed", reason="torch is not installed")
+    script = tmp_path / "job.py"
+    script.write_text(TORCH_JOB)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_free_port()), str(script), "fp4ccl-first", str(tmp_path)],
+                          env=_environ(FP4CCL_TIMEOUT="20"), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["ok 2"] * 2, proc.stdout + proc.stderr
+
+
+def test_init_after_torch_distributed_of_another_world_size():
+    pytest.importorskip("torch.distributed", reason="torch is not installed")
+    code = ("import torch.distributed as dist, fp4ccl\n"
+            "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+            "fp4ccl.init('host')\n")
+    proc = _python(code, timeout=60, RANK="0", WORLD_SIZE="2")
+    assert proc.returncode != 0
+    assert ("RuntimeError: the launcher reports 2 ranks (WORLD_SIZE) but torch.distributed's default group has 1"
+            in proc.stderr), proc.stderr

@@ -5,6 +5,8 @@ backend's data plane lives in backends/host.py.
 """
 from __future__ import annotations
 
+import datetime
+import math
 import struct
 from typing import List, Optional
 
@@ -149,6 +151,15 @@ class TorchStoreAdapter:
         self._store.set(key, value)
 
     def get(self, key: str, timeout: Optional[float] = None) -> bytes:
+        """The value of key once it is set; a finite `timeout` (seconds) replaces the store's own, which
+        for the program's default store is its process group's timeout."""
+        if timeout is not None and math.isfinite(timeout):
+            try:
+                self._store.wait([key], datetime.timedelta(seconds=timeout))
+            except RuntimeError as err:   # torch's DistStoreError says "wait timeout"; check instead of parsing
+                if not self._store.check([key]):
+                    raise TimeoutError(f"get({key!r}): timed out after {timeout:g} s waiting for it in "
+                                       f"torch.distributed's store") from err
         return bytes(self._store.get(key))
 
     def add(self, key: str, delta: int) -> int:
