@@ -6,8 +6,6 @@ makes it fail within its own timeout instead of hanging the suite.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +15,8 @@ import numpy as np
 import pytest
 
 from harness import env, run_ranks
+from test_host_mpi import _mpiexec
+from test_launcher import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every variable that makes discover() see a launcher, or changes the bootstrap: none leaks in from outside.
@@ -33,12 +33,6 @@ def _environ(**values) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _python(code: str, timeout: float, **values) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=_environ(**values), capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
@@ -47,7 +41,7 @@ def _python(code: str, timeout: float, **values) -> subprocess.CompletedProcess:
 # -- connecting to the store ------------------------------------------------------------------------
 
 def test_connecting_to_the_store_gives_up_after_fp4ccl_timeout():
-    address = f"127.0.0.1:{_free_port()}"   # nothing listens there
+    address = f"127.0.0.1:{free_port()}"   # nothing listens there
     proc = _python("import fp4ccl; fp4ccl.init('host')", timeout=60, FP4CCL_RANK="0", FP4CCL_WORLD_SIZE="2",
                    FP4CCL_STORE=address, FP4CCL_TIMEOUT="1")
     assert proc.returncode != 0
@@ -79,11 +73,7 @@ def test_mpi_started_alone_under_a_launcher_of_two_ranks(launcher):
 def test_mpi_world_of_another_size_than_the_launchers():
     """Slurm's variables under an mpiexec of 2 ranks that say 3 (an MPI launcher inside a Slurm step): every
     rank refuses before fp4ccl's first collective, so none waits for the others."""
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH")
-    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", BUILD], capture_output=True, text=True,
+    proc = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", BUILD], capture_output=True, text=True,
                           timeout=60, cwd=ROOT, env=_environ(SLURM_PROCID="0", SLURM_NTASKS="3"))
     assert proc.returncode != 0 and "built" not in proc.stdout, proc.stdout + proc.stderr
     assert "the launcher reports 3 ranks (SLURM_NTASKS) but MPI.COMM_WORLD has 2: the launcher's variables " \
@@ -168,7 +158,7 @@ def test_init_beside_torch_distributed_without_an_agent(tmp_path):
     script.write_text(TORCH_JOB)
     jobs = {}
     for order in ("torch-first", "fp4ccl-first"):
-        port = str(_free_port())
+        port = str(free_port())
         (tmp_path / order).mkdir()
         jobs[order] = [subprocess.Popen([sys.executable, str(script), order, str(tmp_path / order)],
                                         stdout=subprocess.PIPE,
@@ -199,7 +189,7 @@ def test_init_under_torchrun(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(TORCH_JOB)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(_free_port()), str(script), "fp4ccl-first", str(tmp_path)],
+                           "--master-port", str(free_port()), str(script), "fp4ccl-first", str(tmp_path)],
                           env=_environ(FP4CCL_TIMEOUT="20"), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["ok 2"] * 2, proc.stdout + proc.stderr
