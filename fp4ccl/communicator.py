@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import operator
 import os
@@ -11,10 +12,11 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 from . import _arrays
 from ._arrays import ArrayInfo
 from ._log import get_logger
-from ._timeout import env_timeout
+from ._timeout import ENV_TIMEOUT, env_timeout
 from .bootstrap.env import RankInfo, discover
 from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
                                  TorchStoreAdapter, pack_ints, unpack_ints)
+from .bootstrap.store import DEFAULT_TIMEOUT as STORE_TIMEOUT
 from .errors import CommClosedError, CommTimeoutError
 
 OPS = ("sum", "prod", "max", "min", "avg")
@@ -529,6 +531,10 @@ def init(backend: Optional[str] = None, *, device: Optional[int] = None) -> Comm
 
     backend: "nccl", "host", or None (also FP4CCL_BACKEND): NCCL when CUDA GPUs and NCCL are usable,
     otherwise host. device: the CUDA ordinal; default: see default_device.
+
+    A job may call init() more than once, for communicators used side by side; every rank must then
+    make its calls in the same order, and one at a time (not from several threads at once), as MPI
+    requires for creating communicators: each communicator's bootstrap keys are numbered by its call.
     """
     info = discover()
     exchange = default_exchange(info)
@@ -548,42 +554,102 @@ def default_device(world: RankInfo, current_device: Callable[[], int]) -> int:
     return world.local_rank if world.launcher != "single" else current_device()
 
 
+# init() calls made in this process: the number tells apart the communicators that share a store.
+_inits = itertools.count(1)
+
+
 def default_exchange(info: RankInfo) -> Exchange:
-    """The bootstrap exchange for the launcher that started this job."""
-    timeout = env_timeout(unset=0.0) or None
+    """The bootstrap exchange of a new communicator, for the launcher that started this job.
+
+    Exchanges over a store (fp4ccl-run's, torch's) each get their own keys, numbered by the init() call
+    (see init); over MPI each works on its own duplicate of COMM_WORLD."""
+    prefix = f"fp4ccl/{info.job_id}/comm{next(_inits)}"
+    # Every wait on a bootstrap store, connecting included; unset or 0 keeps the store client's default.
+    timeout = env_timeout(unset=0.0) or STORE_TIMEOUT
     if info.store:
-        from .bootstrap.store import StoreClient
-        client = StoreClient(info.store, info.token)
-        return StoreExchange(client, info.rank, info.size, prefix=f"fp4ccl/{info.job_id}/world", timeout=timeout)
+        return StoreExchange(_store_client(info, timeout), info.rank, info.size,
+                             prefix=prefix, timeout=timeout)
     if info.size == 1:
         return SingleExchange()
     if info.started_by_mpi or info.launcher == "slurm":
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            raise RuntimeError(f"this job was started by {info.launcher}, which needs mpi4py for the bootstrap "
-                               f"(pip install 'fp4ccl[mpi]'), or start it with fp4ccl-run") from None
-        return MPIExchange(MPI.COMM_WORLD)
+        return MPIExchange(_mpi_world(info))
     if info.launcher == "torchrun":
-        return _torchrun_exchange(info, timeout)
+        return _torchrun_exchange(info, prefix, timeout)
     raise RuntimeError(f"cannot bootstrap a {info.size}-rank job started by {info.launcher}")
 
 
-def _torchrun_exchange(info: RankInfo, timeout: Optional[float]) -> Exchange:
+def _mpi_world(info: RankInfo):
+    """MPI.COMM_WORLD, once it is the job the launcher describes."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError(f"this job was started by {info.launcher}, which needs mpi4py for the bootstrap "
+                           f"(pip install 'fp4ccl[mpi]'), or start it with fp4ccl-run") from None
+    world = MPI.COMM_WORLD
+    size = world.Get_size()
+    if size != info.size:
+        library = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+        if size != 1:
+            why = f"the launcher's variables describe another job than MPI's (mpi4py uses {library})"
+        elif info.launcher == "slurm":
+            why = (f"each process started MPI on its own: srun runs without --mpi=pmix or --mpi=pmi2, or mpi4py "
+                   f"is built for another MPI ({library})")
+        else:
+            why = (f"each process started MPI on its own: mpi4py is built for another MPI ({library}) than the one "
+                   f"whose launcher ({info.launcher}) started the job; rebuild mpi4py against it, or start the job "
+                   f"with fp4ccl-run")
+        _wrong_world_size(info, size, "MPI.COMM_WORLD", why)
+    return world
+
+
+# Where discover() reads each launcher's world size, for the error below.
+_SIZE_VARIABLE = {"fp4ccl-run": "FP4CCL_WORLD_SIZE", "openmpi": "OMPI_COMM_WORLD_SIZE", "mpich": "PMI_SIZE",
+                  "slurm": "SLURM_NTASKS", "torchrun": "WORLD_SIZE"}
+
+
+def _wrong_world_size(info: RankInfo, size: int, group: str, why: str) -> None:
+    """Raised before any collective: each rank would otherwise go on in a world of the wrong size (ranks
+    that MPI started alone each compute alone, and all_reduce returns their own input)."""
+    source = _SIZE_VARIABLE.get(info.launcher, info.launcher)
+    raise RuntimeError(f"the launcher reports {info.size} ranks ({source}) but {group} has {size}: {why}")
+
+
+def _store_client(info: RankInfo, timeout: float):
+    """A client of the store fp4ccl-run hosts (FP4CCL_STORE), connected within `timeout` seconds."""
+    from .bootstrap.store import StoreClient
+    try:
+        return StoreClient(info.store, info.token, timeout=timeout)
+    except TimeoutError as err:
+        raise TimeoutError(f"{err}; FP4CCL_STORE names this address, and {ENV_TIMEOUT} sets how long to wait for "
+                           f"it (unset or 0: {STORE_TIMEOUT:g} s)") from None
+
+
+def _torchrun_exchange(info: RankInfo, prefix: str, timeout: float) -> Exchange:
+    """Over torch.distributed's store: the program's own, once it has called init_process_group, else
+    one on MASTER_ADDR:MASTER_PORT (torchrun's agent serves it; without an agent, rank 0 does)."""
     import datetime
 
     import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        # Its store already joins these ranks; under env:// its rank 0 (or torchrun's agent) serves it on
+        # MASTER_PORT, where a second server would fail to bind.
+        size = dist.get_world_size()
+        if size != info.size:
+            _wrong_world_size(info, size, "torch.distributed's default group",
+                              "init_process_group was given another world_size")
+        return StoreExchange(TorchStoreAdapter(dist.distributed_c10d._get_default_store()), dist.get_rank(), size,
+                             prefix=prefix, timeout=timeout)
     addr = os.environ.get("MASTER_ADDR")
     port = os.environ.get("MASTER_PORT")
     if not addr or not port:
         raise RuntimeError("RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not: start the job with "
                            "torchrun or fp4ccl-run, or set them")
-    # torchrun's agent already serves a store there; without an agent, rank 0 hosts one.
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    # multi_tenant, as torch's own env:// rendezvous asks: an init_process_group called later in this
+    # process then shares this server on MASTER_PORT instead of failing to bind it.
     store = dist.TCPStore(addr, int(port), info.size, is_master=(not agent and info.rank == 0),
-                          timeout=datetime.timedelta(seconds=timeout or 300), wait_for_workers=False)
-    return StoreExchange(TorchStoreAdapter(store), info.rank, info.size,
-                         prefix=f"fp4ccl/{info.job_id}/world", timeout=None)
+                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False, multi_tenant=True)
+    return StoreExchange(TorchStoreAdapter(store), info.rank, info.size, prefix=prefix, timeout=timeout)
 
 
 def _mpi_shared_type():
@@ -623,13 +689,17 @@ def _probe_gpus() -> Tuple[int, str]:
 
 def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], local_rank: int,
            local_size: int, launcher: str, world: RankInfo) -> Communicator:
-    requested = (backend or os.environ.get("FP4CCL_BACKEND") or "auto").lower()
+    from_env = os.environ.get("FP4CCL_BACKEND") if not backend else None
+    requested = (backend or from_env or "auto").lower()
+    # Errors name what the user wrote and where: a value from the environment is easy to forget.
+    given = f"FP4CCL_BACKEND={from_env!r}" if from_env else f"backend={backend!r}"
     if requested not in ("auto", "nccl", "host"):
-        raise ValueError(f"backend={requested!r} is not one of 'nccl', 'host' (or None for automatic)")
+        unset = "unset it" if from_env else "None"
+        raise ValueError(f"{given} is not one of 'nccl', 'host' (or {unset} for automatic)")
     ngpu, why = gpus_usable() if requested != "host" else (0, "")
     chosen = requested if requested != "auto" else ("nccl" if ngpu else "host")
     if chosen == "nccl" and ngpu == 0:
-        raise RuntimeError(f"backend='nccl' needs CUDA GPUs, CuPy and NCCL; none usable here: {why}")
+        raise RuntimeError(f"{given} needs CUDA GPUs, CuPy and NCCL; none usable here: {why}")
     # Ranks must agree, or the first collective would hang: fail everywhere instead.
     choices = [c.decode() for c in exchange.all_gather_bytes(chosen.encode())]
     if len(set(choices)) > 1:

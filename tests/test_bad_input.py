@@ -84,6 +84,20 @@ def test_nccl_backend_without_gpu(monkeypatch):
         fp4ccl.init("gloo")
 
 
+def test_a_backend_from_the_environment_is_named_as_such(monkeypatch):
+    from fp4ccl import communicator
+    _no_launcher(monkeypatch)
+    monkeypatch.setattr(communicator, "gpus_usable", lambda: (0, "no CUDA device is visible"))
+    monkeypatch.setenv("FP4CCL_BACKEND", "NCCLX")
+    with pytest.raises(ValueError, match=r"^FP4CCL_BACKEND='NCCLX' is not one of 'nccl', 'host' \(or unset it"):
+        fp4ccl.init()
+    with pytest.raises(ValueError, match=r"^backend='gloo' is not one of"):
+        fp4ccl.init("gloo")   # the argument wins over the variable, and is the one named
+    monkeypatch.setenv("FP4CCL_BACKEND", "nccl")
+    with pytest.raises(RuntimeError, match=r"^FP4CCL_BACKEND='nccl' needs CUDA GPUs"):
+        fp4ccl.init()
+
+
 def _fake_cupy(monkeypatch, count):
     """A CuPy whose runtime reports `count` devices, or raises `count` when it is an exception."""
     import sys

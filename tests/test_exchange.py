@@ -89,6 +89,19 @@ def test_unique_id_round_trips_through_the_store():
     assert results == [uid] * 3
 
 
+def test_torch_store_lookups_give_up_after_the_exchanges_timeout():
+    """A torch store shared with the program keeps its own timeout (its process group's): the exchange's,
+    FP4CCL_TIMEOUT's, must bound each lookup instead, and end as a TimeoutError like the fp4ccl store's."""
+    dist = pytest.importorskip("torch.distributed", reason="torch is not installed")
+    store = TorchStoreAdapter(dist.HashStore())
+    store.set("k", b"v")
+    assert store.get("k", timeout=1.0) == b"v"
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"get\('missing'\): timed out after 0.2 s"):
+        store.get("missing", timeout=0.2)
+    assert time.monotonic() - t0 < 5
+
+
 def test_single_exchange():
     ex = SingleExchange()
     assert ex.all_gather_bytes(b"x") == [b"x"]

@@ -5,6 +5,7 @@ backend's data plane lives in backends/host.py.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import struct
 from typing import List, Optional
@@ -154,17 +155,17 @@ class TorchStoreAdapter:
         self._store.set(key, value)
 
     def get(self, key: str, timeout: Optional[float] = None) -> bytes:
-        """The value of key once set; timeout: seconds (math.inf: forever), default the torch store's own."""
+        """The value of key once set; timeout: seconds (math.inf: forever), default the torch store's own
+        (for the program's default store, its process group's timeout)."""
         if timeout is not None:
-            import datetime
-
-            import torch.distributed as dist
             # torch has no wait-forever: a century stands for it.
             span = datetime.timedelta(days=36500) if math.isinf(timeout) else datetime.timedelta(seconds=timeout)
             try:
                 self._store.wait([key], span)
-            except getattr(dist, "DistStoreError", RuntimeError) as err:  # (older torch: a RuntimeError)
-                raise TimeoutError(f"get({key!r}): not set within {timeout:g} s in torch's store ({err})") from err
+            except RuntimeError as err:   # torch's DistStoreError on a timeout; check the key rather than parse
+                if not self._store.check([key]):
+                    raise TimeoutError(f"get({key!r}): not set within {timeout:g} s in torch.distributed's "
+                                       f"store") from err
         return bytes(self._store.get(key))
 
     def add(self, key: str, delta: int) -> int:

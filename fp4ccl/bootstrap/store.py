@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 
-__all__ = ["StoreServer", "StoreClient", "format_address", "parse_address"]
+__all__ = ["DEFAULT_TIMEOUT", "StoreServer", "StoreClient", "format_address", "parse_address"]
 
 _MAGIC = b"F4CS"
 _VERSION = 1
@@ -38,6 +38,8 @@ _MAX_KEY = 1 << 20
 _HANDSHAKE_TIMEOUT = 10.0
 # Extra client-side socket slack on top of a server-side wait, for network latency.
 _NET_SLACK = 30.0
+# A client's waits (connecting, lookups) when it is given no timeout.
+DEFAULT_TIMEOUT = 300.0
 
 _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
@@ -304,7 +306,7 @@ class StoreServer:
 class StoreClient:
     """A thread-safe client: each call borrows an idle connection (opening one if all are busy)."""
 
-    def __init__(self, address: str, token="", timeout: float = 300.0):
+    def __init__(self, address: str, token="", timeout: float = DEFAULT_TIMEOUT):
         self.address = address
         self.host, self.port = parse_address(address)
         self.timeout = float(timeout)
