@@ -13,7 +13,7 @@ from . import _arrays
 from ._arrays import ArrayInfo
 from ._log import get_logger
 from ._timeout import ENV_TIMEOUT, env_timeout
-from .bootstrap.env import RankInfo, discover
+from .bootstrap.env import RankInfo, discover, size_variable
 from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
                                  TorchStoreAdapter, pack_ints, unpack_ints)
 from .bootstrap.store import DEFAULT_TIMEOUT as STORE_TIMEOUT
@@ -602,15 +602,10 @@ def _mpi_world(info: RankInfo):
     return world
 
 
-# Where discover() reads each launcher's world size, for the error below.
-_SIZE_VARIABLE = {"fp4ccl-run": "FP4CCL_WORLD_SIZE", "openmpi": "OMPI_COMM_WORLD_SIZE", "mpich": "PMI_SIZE",
-                  "slurm": "SLURM_NTASKS", "torchrun": "WORLD_SIZE"}
-
-
 def _wrong_world_size(info: RankInfo, size: int, group: str, why: str) -> None:
     """Raised before any collective: each rank would otherwise go on in a world of the wrong size (ranks
     that MPI started alone each compute alone, and all_reduce returns their own input)."""
-    source = _SIZE_VARIABLE.get(info.launcher, info.launcher)
+    source = size_variable(info.launcher)
     raise RuntimeError(f"the launcher reports {info.size} ranks ({source}) but {group} has {size}: {why}")
 
 

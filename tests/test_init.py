@@ -56,7 +56,8 @@ BUILD = "import numpy as np, fp4ccl; c = fp4ccl.init('host'); print('built', c, 
 
 
 @pytest.mark.parametrize("launcher", [
-    {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0"},   # srun, no PMI
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "7",
+     "SLURM_STEP_ID": "0"},                                                                  # srun, no PMI
     {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},   # Open MPI's mpirun, mpi4py for MPICH
 ])
 def test_mpi_started_alone_under_a_launcher_of_two_ranks(launcher):
@@ -65,19 +66,20 @@ def test_mpi_started_alone_under_a_launcher_of_two_ranks(launcher):
     pytest.importorskip("mpi4py", reason="mpi4py is not installed")
     proc = _python(BUILD, timeout=60, **launcher)
     assert proc.returncode != 0 and "built" not in proc.stdout, proc.stdout + proc.stderr
-    size_var = "SLURM_NTASKS" if "SLURM_NTASKS" in launcher else "OMPI_COMM_WORLD_SIZE"
+    size_var = "SLURM_STEP_NUM_TASKS" if "SLURM_NTASKS" in launcher else "OMPI_COMM_WORLD_SIZE"
     assert (f"RuntimeError: the launcher reports 2 ranks ({size_var}) but MPI.COMM_WORLD has 1: each process "
             f"started MPI on its own: ") in proc.stderr, proc.stderr
 
 
 def test_mpi_world_of_another_size_than_the_launchers():
-    """Slurm's variables under an mpiexec of 2 ranks that say 3 (an MPI launcher inside a Slurm step): every
-    rank refuses before fp4ccl's first collective, so none waits for the others."""
+    """Open MPI's variables of a job of 3 ranks (left in the environment) under MPICH's mpiexec of 2, whose
+    own variables rank below them: every rank refuses before fp4ccl's first collective, so none waits for
+    the others."""
     proc = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", BUILD], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT, env=_environ(SLURM_PROCID="0", SLURM_NTASKS="3"))
+                          timeout=60, cwd=ROOT, env=_environ(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="3"))
     assert proc.returncode != 0 and "built" not in proc.stdout, proc.stdout + proc.stderr
-    assert "the launcher reports 3 ranks (SLURM_NTASKS) but MPI.COMM_WORLD has 2: the launcher's variables " \
-           "describe another job than MPI's" in proc.stderr, proc.stderr
+    assert "the launcher reports 3 ranks (OMPI_COMM_WORLD_SIZE) but MPI.COMM_WORLD has 2: the launcher's " \
+           "variables describe another job than MPI's" in proc.stderr, proc.stderr
 
 
 # -- several communicators from init() --------------------------------------------------------------

@@ -132,9 +132,10 @@ DISCOVER = """
 from fp4ccl.bootstrap.env import discover
 try:
     i = discover()
-    print("found", i.rank, i.size, i.local_rank, i.local_size, i.launcher)
+    line = f"found {i.rank} {i.size} {i.local_rank} {i.local_size} {i.launcher}"
 except ValueError as e:
-    print("error", e)
+    line = f"error {e}"
+print(line)   # one write: two ranks of an inner mpiexec share the pipe (unbuffered, print's pieces interleave)
 """
 
 

@@ -74,6 +74,12 @@ def launcher_stamp(env: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def size_variable(launcher: str) -> str:
+    """The variable discover() reads `launcher`'s world size from (RankInfo.launcher; itself where none), for
+    messages."""
+    return next((v.size for v in (_FP4CCL, *_NESTED) if v.launcher == launcher), launcher)
+
+
 def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
     """The first of `names` that is set, as an int; None when none is. A set but non-integer value (an empty
     one included) is an error naming the variable."""
