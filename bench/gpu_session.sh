@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, the mpirun variant, and the benches, each logged under $OUT.
-# Usage: bash bench/gpu_session.sh [stage ...]   stages: info tests mpi sweep vsweep algos fp4bench overlap probe
+# Usage: bash bench/gpu_session.sh [stage ...]   stages: info tests mpi (tests/gpu/mpi_main.py under mpirun and
+# launch/mpirun.sh, tests/test_host_mpi.py) sweep vsweep algos fp4bench overlap probe
 # probeov latency (default: all but probe, probeov and latency). OVERLAP_ARGS / PROBE_ARGS / LATENCY_ARGS: extra
 # arguments for bench_overlap.py / probe_overlap.py / probe_latency.py; GPU_TESTS: the test files.
 set -uo pipefail
@@ -30,7 +31,13 @@ for stage in "${stages[@]}"; do
     mpi)
       timeout 180 mpirun --allow-run-as-root --oversubscribe -n "$ngpu" -x NCCL_NVLS_ENABLE -x PYTHONPATH -x PYTHONUNBUFFERED \
         $PY tests/gpu/mpi_main.py 4321 > "$OUT/mpi.log" 2>&1
-      note "mpi rc=$?: $(grep -c PASS "$OUT/mpi.log") PASS, $(grep -c FAIL "$OUT/mpi.log") FAIL" ;;
+      note "mpi rc=$?: $(grep -c PASS "$OUT/mpi.log") PASS, $(grep -c FAIL "$OUT/mpi.log") FAIL"
+      # the launch template (forwards FP4CCL_*/NCCL_* under Open MPI), and the host backend's MPI transport
+      # under this machine's MPI (CI runs it under MPICH)
+      NP="$ngpu" timeout 90 bash launch/mpirun.sh tests/gpu/mpi_main.py 4321 > "$OUT/mpirun_sh.log" 2>&1
+      note "launch/mpirun.sh rc=$?: $(grep -c PASS "$OUT/mpirun_sh.log") PASS, $(grep -c FAIL "$OUT/mpirun_sh.log") FAIL"
+      timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_host_mpi.py > "$OUT/host_mpi.log" 2>&1
+      note "tests/test_host_mpi.py rc=$?: $(tail -n 1 "$OUT/host_mpi.log")" ;;
     sweep)
       timeout 170 $PY -m fp4ccl.launcher -n "$ngpu" -m fp4ccl.sweep -b 1K -e 1G -f 4 -n 20 -w 5 -d bfloat16 \
         --ops all_gather,reduce_scatter,all_reduce --overhead --json "$OUT/sweep.json" --plot "$OUT/sweep.png" > "$OUT/sweep.log" 2>&1
