@@ -39,7 +39,7 @@ RANK_MAIN = textwrap.dedent("""
     for i in range(20):   # the two communicators (and torch's group) in turn
         for c, k in ((a, 1.0), (b, 2.0)):
             x = torch.full((1000,), (r + 1) * k, device="cuda")
-            c.all_reduce(x)
+            c.all_reduce(x, out=x)
             assert torch.all(x == k * n * (n + 1) / 2), (i, k, x[:4])
         if dist.is_initialized():
             y = torch.full((4,), float(r), device="cuda")
