@@ -341,7 +341,7 @@ class Communicator:
         (see fp4ccl.fp4_collectives); global_scale ("per_rank" when None, or "shared") and dequantize
         (True when None: rows in x's dtype; False: a GatheredFP4Tensor) need it.
         An FP4Tensor x is gathered as it is: a GatheredFP4Tensor, or with dequantize=True the rows
-        decoded to the dtype it was quantized from (x.dtype). Its global scale is fixed, so global_scale
+        decoded to the dtype it was quantized from (x.dtype). Its global scale is fixed, so global_scale="shared"
         is a ValueError there, as is a compress other than its format.
         out: an array for the rows, or, where the result is FP4 (dequantize=False, or an FP4Tensor x
         without dequantize=True), an earlier such result to gather into.
@@ -389,8 +389,14 @@ class Communicator:
         rounding and seed need it. x cannot be an FP4Tensor (TypeError): the rows for each peer are
         quantized as a tensor of their own.
         """
+        if _is_fp4(x):
+            # Refused, not half-honoured: x's one global scale was chosen for all of its rows, where each
+            # destination's rows get their own here, and rounding= and seed= cannot apply to bytes already
+            # rounded.
+            raise TypeError(f"reduce_scatterv: x is an FP4Tensor; pass the rows unquantized, with compress="
+                            f"{x.format!r}: the rows meant for each rank are quantized as a tensor of their own")
         # Checked before the repeat path below, whose key leaves these two out.
-        if compress is None and (rounding != "nearest" or seed is not None) and not _is_fp4(x):
+        if compress is None and (rounding != "nearest" or seed is not None):
             _fp4_only("reduce_scatterv", (("rounding", rounding, "nearest"), ("seed", seed, None)))
         args = (x, sizes, op, out, stream, compress, rounding, seed)
         if out is not None and compress is None and self._extras:
@@ -400,7 +406,7 @@ class Communicator:
         return self._reduce_scatterv(*args)
 
     def _reduce_scatterv(self, x, sizes, op, out, stream, compress, rounding, seed):
-        if compress is not None or _is_fp4(x):
+        if compress is not None:
             from . import fp4_collectives
             return fp4_collectives.reduce_scatterv(self, x, sizes, op, out=out, stream=stream, compress=compress,
                                                    rounding=rounding, seed=seed)

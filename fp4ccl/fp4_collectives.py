@@ -105,8 +105,8 @@ def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_
     """See Communicator.all_gatherv: gather rows as FP4 (collective).
 
     global_scale and dequantize: None where the caller gave none. For an array x the Communicator has
-    resolved them to their defaults already; for an FP4Tensor x, None keeps the result FP4 and any
-    global_scale is refused."""
+    resolved them to their defaults already; for an FP4Tensor x, None keeps the result FP4 and a
+    global_scale other than "per_rank" (what its gather keeps) is refused."""
     if isinstance(x, FP4Tensor):
         _check_tensor_options(x, compress, global_scale)
         return _gather_fp4tensor(comm, x, sizes, stream, out, bool(dequantize))
@@ -171,7 +171,7 @@ def _check_tensor_options(q: FP4Tensor, compress, global_scale) -> None:
     raises the same error before anything (the sizes exchange included) reaches the wire."""
     if compress is not None and compress != q.format:
         raise ValueError(f"all_gatherv: compress={compress!r} but x is already an {q.format} FP4Tensor")
-    if global_scale is not None:
+    if global_scale not in (None, "per_rank"):   # "per_rank" is what its gather keeps: each rank's own
         raise ValueError(f"all_gatherv: global_scale={global_scale!r} does not apply to an FP4Tensor x: its global "
                          f"scale was fixed when it was quantized (for one scale across ranks, quantize with "
                          f"amax= the MAX all-reduce of fp4ccl.formats.amax(x))")
@@ -261,12 +261,8 @@ def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=No
 # -- reduce_scatterv -----------------------------------------------------------------------------------
 
 def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress=None, rounding="nearest", seed=None):
-    """See Communicator.reduce_scatterv: one quantization per contribution, summed in fp32 (collective)."""
-    if isinstance(x, FP4Tensor):
-        # Refused, not half-honoured: x's one global scale was chosen for all of its rows, where each
-        # destination's rows get their own here, and rounding= and seed= cannot apply to bytes already rounded.
-        raise TypeError(f"reduce_scatterv: x is an FP4Tensor; pass the rows unquantized, with compress="
-                        f"{x.format!r}: the rows meant for each rank are quantized as a tensor of their own")
+    """See Communicator.reduce_scatterv (which refuses an FP4Tensor x): one quantization per contribution,
+    summed in fp32 (collective)."""
     if compress not in FORMATS:
         raise ValueError(f"compress={compress!r} is not one of {', '.join(FORMATS)}")
     if op != "sum":

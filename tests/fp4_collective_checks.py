@@ -171,7 +171,6 @@ def check_fp4_gather_tensor_options(comm, seed, framework, fmt, K=64):
     _, plain = sentinel_out(comm, framework, (sum(sizes), K), "float16")
     for kwargs, exc, words in [
         (dict(global_scale="shared"), ValueError, "global_scale='shared' does not apply to an FP4Tensor"),
-        (dict(global_scale="per_rank", dequantize=True), ValueError, "global_scale='per_rank' does not apply"),
         (dict(global_scale="shared", dequantize=False, compress=fmt), ValueError, "global_scale='shared'"),
         (dict(compress=other), ValueError, f"compress='{other}' but x is already an {fmt} FP4Tensor"),
         (dict(compress=other, dequantize=True), ValueError, f"compress='{other}'"),
@@ -191,6 +190,8 @@ def check_fp4_gather_tensor_options(comm, seed, framework, fmt, K=64):
     _sync(comm)
     want = np.concatenate([roundtrip(shard(seed, r, 799, 2, K, "float32"), fmt) for r in range(comm.size)])
     assert np.array_equal(to_numpy(got, "float32"), want), f"rank {comm.rank}: the good call after the refused ones"
+    same = comm.all_gatherv(q, sizes, dequantize=True, global_scale="per_rank")   # what its gather keeps anyway
+    assert np.array_equal(to_numpy(same, "float32"), want), f"rank {comm.rank}: global_scale='per_rank' given"
     return case
 
 
