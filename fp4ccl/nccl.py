@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import threading
 from ctypes import POINTER, c_char_p, c_int, c_size_t, c_ubyte, c_void_p
 from typing import Dict, Optional, Tuple
@@ -212,23 +211,6 @@ def _process_library() -> Optional[str]:
     return None
 
 
-def _cuda_major() -> Optional[int]:
-    """The CUDA major version of the runtime this process's GPU work uses: CuPy's (the static runtime it
-    was built with), else that of a torch already imported; None when neither tells. Asks no driver
-    and initialises no GPU, so it is safe on CPU-only machines."""
-    try:
-        from cupy.cuda import runtime
-        return runtime.runtimeGetVersion() // 1000
-    except Exception:
-        pass
-    torch = sys.modules.get("torch")  # importing torch only to ask would cost seconds
-    cuda = getattr(getattr(torch, "version", None), "cuda", None)
-    try:
-        return int(str(cuda).split(".")[0]) if cuda else None
-    except ValueError:
-        return None
-
-
 def _open(path: str) -> ctypes.CDLL:
     return ctypes.CDLL(path)
 
@@ -237,9 +219,9 @@ def _locate() -> Tuple[ctypes.CDLL, str, str]:
     """Find and open libnccl; returns (handle, path, how it was found). The one discovery function.
 
     Order: $FP4CCL_NCCL_LIBRARY (no fallback when set: the user asked for that file); the
-    nvidia-nccl-cu13 then -cu12 wheels (-cu12 first when the process's CUDA runtime is 12.x: an NCCL
-    built for CUDA 13 needs a CUDA 13 driver); a libnccl the process already loaded; libnccl.so.2
-    through the dynamic loader's search path.
+    nvidia-nccl-cu13 then -cu12 wheels (the install's extras take one of them: both install
+    nvidia/nccl/lib/libnccl.so.2, so there is nothing to choose between in one site-packages); a libnccl
+    the process already loaded; libnccl.so.2 through the dynamic loader's search path.
     """
     explicit = os.environ.get(ENV_LIBRARY)
     if explicit:
@@ -249,8 +231,7 @@ def _locate() -> Tuple[ctypes.CDLL, str, str]:
             raise NcclLoadError(f"{ENV_LIBRARY}={explicit!r} could not be loaded: {e}. Point {ENV_LIBRARY} "
                                 f"at a libnccl.so.2, or unset it to search the pip wheels and the loader path") from e
     tried = []
-    wheels = ("nvidia-nccl-cu12", "nvidia-nccl-cu13") if _cuda_major() == 12 else ("nvidia-nccl-cu13", "nvidia-nccl-cu12")
-    candidates = [(lambda d=d: _wheel_library(d), f"pip package {d}") for d in wheels]
+    candidates = [(lambda d=d: _wheel_library(d), f"pip package {d}") for d in ("nvidia-nccl-cu13", "nvidia-nccl-cu12")]
     candidates.append((_process_library, "already loaded by this process"))
     for find, how in candidates:
         path = find()

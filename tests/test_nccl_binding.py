@@ -100,7 +100,6 @@ def test_nothing_found_names_the_variable(fresh, monkeypatch):
 def test_search_order_prefers_cu13_then_cu12_then_the_process(fresh, monkeypatch):
     real = wheel_path()
     opened = []
-    monkeypatch.setattr(nccl, "_cuda_major", lambda: None)      # nothing tells: the newest first
     monkeypatch.setattr(nccl, "_open", lambda path: opened.append(path) or ctypes.CDLL(real))
 
     monkeypatch.setattr(nccl, "_wheel_library", lambda dist: f"/wheels/{dist}/libnccl.so.2")
@@ -114,42 +113,6 @@ def test_search_order_prefers_cu13_then_cu12_then_the_process(fresh, monkeypatch
     monkeypatch.setattr(nccl, "_process_library", lambda: None)
     assert nccl._locate()[1:] == ("libnccl.so.2", "dynamic loader")
     assert opened == ["/wheels/nvidia-nccl-cu13/libnccl.so.2", "/cu12/libnccl.so.2", path, "libnccl.so.2"]
-
-
-@pytest.mark.parametrize("major, first", [(12, "nvidia-nccl-cu12"), (13, "nvidia-nccl-cu13"), (None, "nvidia-nccl-cu13")])
-def test_the_wheel_matching_the_cuda_runtime_is_tried_first(fresh, monkeypatch, major, first):
-    opened = []
-
-    def refuse(path):
-        opened.append(path)
-        raise OSError("not this one")
-
-    monkeypatch.setattr(nccl, "_cuda_major", lambda: major)
-    monkeypatch.setattr(nccl, "_wheel_library", lambda dist: f"/wheels/{dist}/libnccl.so.2")
-    monkeypatch.setattr(nccl, "_process_library", lambda: None)
-    monkeypatch.setattr(nccl, "_open", refuse)
-    with pytest.raises(nccl.NcclLoadError):
-        nccl.load()
-    other = "nvidia-nccl-cu13" if first.endswith("cu12") else "nvidia-nccl-cu12"
-    assert opened[:2] == [f"/wheels/{first}/libnccl.so.2", f"/wheels/{other}/libnccl.so.2"]
-
-
-def test_cuda_major_needs_no_gpu(monkeypatch):
-    try:
-        from cupy.cuda import runtime
-        expect = runtime.runtimeGetVersion() // 1000      # CuPy's own runtime: no driver asked
-    except Exception:
-        expect = None
-    if expect is not None:
-        assert nccl._cuda_major() == expect
-    for name in ("cupy", "cupy.cuda", "cupy.cuda.runtime"):    # no CuPy: an imported torch's CUDA tells
-        monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setitem(sys.modules, "torch", type(sys)("torch"))
-    sys.modules["torch"].version = type(sys)("torch.version")
-    sys.modules["torch"].version.cuda = "12.8"
-    assert nccl._cuda_major() == 12
-    sys.modules["torch"].version.cuda = None              # a CPU build of torch
-    assert nccl._cuda_major() is None
 
 
 def test_debug_info_logs_the_library(tmp_path):
