@@ -243,7 +243,7 @@ def current_stream(info: ArrayInfo, stream: Any = None) -> int:
         if info.device is None:  # not a CUDA array: let torch say what it makes of that
             import torch
             return int(torch.cuda.current_stream(info.obj.device).cuda_stream)
-        return (_torch_stream or _resolve_torch_stream())(info.device)
+        return torch_current_stream(info.device)
     if fw == "cupy":
         return (_cupy_stream or _resolve_cupy_stream())()
     return 0
@@ -264,6 +264,11 @@ def _resolve_torch_stream():
     else:
         _torch_stream = torch_stream_public
     return _torch_stream
+
+
+def torch_current_stream(device: int) -> int:
+    """The raw handle of torch's current stream on `device` (the fast getter where torch has it)."""
+    return (_torch_stream or _resolve_torch_stream())(device)
 
 
 def torch_stream_public(device: int) -> int:

@@ -252,9 +252,26 @@ def _on_stream(comm, stream):
     if stream is None or comm.backend == "host":
         return contextlib.nullcontext()
     import torch
+    if isinstance(stream, torch.cuda.Stream):
+        if stream.device.index != comm.device:
+            raise ValueError(f"stream is on cuda:{stream.device.index}, the communicator's device is "
+                             f"cuda:{comm.device}")
+        handle = stream.cuda_stream
+    else:
+        handle = _arrays.stream_handle(stream)
+    if handle == _arrays.torch_current_stream(comm.device):
+        return contextlib.nullcontext()   # (the common case costs no stream switch)
     if not isinstance(stream, torch.cuda.Stream):
-        stream = torch.cuda.ExternalStream(_arrays.stream_handle(stream), device=comm.device)
+        key = (comm.device, handle)
+        stream = _EXTERNAL_STREAMS.get(key)
+        if stream is None:
+            stream = _EXTERNAL_STREAMS[key] = torch.cuda.ExternalStream(handle, device=comm.device)
     return torch.cuda.stream(stream)
+
+
+# torch wrappers of the raw and CuPy streams given as stream=, made once per (device, handle): a wrapper
+# owns nothing, so one outliving its stream is harmless.
+_EXTERNAL_STREAMS: dict = {}
 
 
 def _align(n: int, a: int) -> int:

@@ -494,19 +494,20 @@ def test_read_only_out_refused_on_every_rank_before_sending(nranks, only_last):
 
 def test_stream_given_becomes_torch_current_stream_on_the_device(monkeypatch):
     """On a GPU backend, stream= (a raw handle, or anything with .ptr such as a CuPy stream) is wrapped as
-    a torch stream of the communicator's device and made current for the call; a torch stream is used
-    as it is; anything else is a TypeError; None leaves the current stream alone."""
+    a torch stream of the communicator's device, once per handle, and made current for the call; a torch
+    stream is used as it is, and refused on another device; the stream that is current already, or
+    None, switches nothing; anything else is a TypeError."""
     torch = pytest.importorskip("torch")
     import contextlib
     import types
 
-    from fp4ccl import overlap
+    from fp4ccl import _arrays, overlap
 
     entered = []
 
     class FakeStream:
         def __init__(self, handle, device=None):
-            self.handle, self.device = handle, device
+            self.cuda_stream, self.device = handle, types.SimpleNamespace(index=device)
 
     class External(FakeStream):
         pass
@@ -514,21 +515,25 @@ def test_stream_given_becomes_torch_current_stream_on_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "ExternalStream", External)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: entered.append(s) or contextlib.nullcontext())
+    monkeypatch.setattr(_arrays, "torch_current_stream", lambda device: 0x11)
+    monkeypatch.setattr(overlap, "_EXTERNAL_STREAMS", {})
     comm = types.SimpleNamespace(backend="nccl", device=3)
-    with overlap._on_stream(comm, 0xAB):
-        pass
-    with overlap._on_stream(comm, types.SimpleNamespace(ptr=0xCD)):
-        pass
-    mine = FakeStream(0xEF)
+    for given in (0xAB, types.SimpleNamespace(ptr=0xCD), 0xAB):
+        with overlap._on_stream(comm, given):
+            pass
+    mine = FakeStream(0xEF, device=3)
     with overlap._on_stream(comm, mine):
         pass
-    assert [(s.handle, s.device) for s in entered[:2]] == [(0xAB, 3), (0xCD, 3)]
-    assert all(type(s) is External for s in entered[:2]) and entered[2] is mine
+    assert [(s.cuda_stream, s.device.index) for s in entered[:3]] == [(0xAB, 3), (0xCD, 3), (0xAB, 3)]
+    assert all(type(s) is External for s in entered[:3]) and entered[0] is entered[2] and entered[3] is mine
     with pytest.raises(TypeError, match="stream"):
         overlap._on_stream(comm, "7")
+    with pytest.raises(ValueError, match="cuda:2, the communicator's device is cuda:3"):
+        overlap._on_stream(comm, FakeStream(0xEF, device=2))
     entered.clear()
-    with overlap._on_stream(comm, None):
-        pass
+    for given in (None, 0x11, FakeStream(0x11, device=3)):   # nothing to switch
+        with overlap._on_stream(comm, given):
+            pass
     with overlap._on_stream(types.SimpleNamespace(backend="host", device=None), 0xAB):
         pass
     assert not entered
