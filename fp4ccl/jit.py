@@ -138,15 +138,9 @@ def _file_lock(path: Path):
 def _atomic_write(path: Path, data: bytes) -> None:
     # Not mkstemp: its files are 0600, which other users of a shared FP4CCL_CACHE_DIR cannot read.
     # 0644 filtered by the umask is what a plain open() would have made.
-    for _ in range(100):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(f"no free temporary name next to {path}")
+    # (the pid and 64 random bits make a clash with another writer's name out of reach: one attempt)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -235,26 +229,28 @@ def compiled_binary(name: str, arch: int) -> bytes:
     binary = _uncached.get(fname)
     if binary is not None:
         return binary
-    d: object = "~/.cache/fp4ccl"  # what the message names if even the default cannot be resolved
+    try:
+        d = cache_dir()
+    except RuntimeError as exc:  # Path.home() with no home directory
+        d = None
+        _cache_unusable("~/.cache/fp4ccl", exc)
     with contextlib.ExitStack() as held:
-        try:
-            d = cache_dir()
-            path = d / fname
-            binary = _read_cached(path)
-            if binary is None:
-                held.enter_context(_file_lock(d / ".lock"))
-                binary = _read_cached(path, report=True)  # another process may have compiled it meanwhile
-            usable = True
-        except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() with no home directory
-            _cache_unusable(d, exc)
-            usable = False
+        if d is not None:
+            try:
+                binary = _read_cached(d / fname)
+                if binary is None:
+                    held.enter_context(_file_lock(d / ".lock"))
+                    binary = _read_cached(d / fname, report=True)  # another process may have compiled it meanwhile
+            except OSError as exc:
+                _cache_unusable(d, exc)
+                d = None
         if binary is not None:
             return binary
-        _log.info("compiling %s for sm_%d (%s)%s", name, target, kind, f" into {path}" if usable else "")
+        _log.info("compiling %s for sm_%d (%s)%s", name, target, kind, f" into {d / fname}" if d else "")
         binary = compile_source(name, target, kind)
-        if usable:
+        if d is not None:
             try:
-                _atomic_write(path, _pack(binary))
+                _atomic_write(d / fname, _pack(binary))
                 return binary
             except OSError as exc:
                 _cache_unusable(d, exc)

@@ -220,3 +220,15 @@ def test_a_lock_file_this_user_cannot_write_is_locked_read_only(nvrtc, monkeypat
 
     monkeypatch.setattr(jit.os, "open", as_another_users_file)
     assert jit.compiled_binary("fp4.cu", 90).startswith(b"cubin:") and len(cached_files(tmp_path)) == 1
+
+
+def test_no_home_directory_compiles_in_memory(nvrtc, warnings_logged, monkeypatch):
+    """No FP4CCL_CACHE_DIR, no XDG_CACHE_HOME and no home directory to default to: one warning, then the
+    kernel compiled once per process and kept in memory."""
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    first = jit.compiled_binary("fp4.cu", 90)
+    assert jit.compiled_binary("fp4.cu", 90) == first and len(nvrtc) == 1
+    logged = [r.getMessage() for r in warnings_logged()]
+    assert len(logged) == 1 and "~/.cache/fp4ccl" in logged[0] and "FP4CCL_CACHE_DIR" in logged[0], logged
