@@ -196,6 +196,33 @@ def test_a_launcher_inside_fp4ccl_run_changes_the_stamp(inner):
         discover(env)
 
 
+@pytest.mark.parametrize("change", [{"LOCAL_RANK": "0"}, {"LOCAL_WORLD_SIZE": None}, {"LOCAL_RANK": None},
+                                    {"WORLD_SIZE": None}, {"RANK": None}])
+def test_a_program_under_srun_fp4ccl_run_may_change_the_torch_variables(change):
+    # srun -N2 ... fp4ccl-run -n 4: fp4ccl-run sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE itself,
+    # so the stamp leaves them out; a program that changes them (or a partial pair) is no nested launcher.
+    env = fp4ccl_child(slurm_step(1, 2, 1, 0, "1(x2)"), rank=6, size=8, local=2, nproc=4)
+    env = {k: v for k, v in {**env, **change}.items() if v is not None}
+    info = discover(env)
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher) == (6, 8, 2, 4, "fp4ccl-run")
+
+
+def test_rank_changed_under_fp4ccl_run_is_named_against_fp4ccl_rank():
+    # The stamp still matches, but RANK is no longer the one fp4ccl-run set: name those two, not Slurm's.
+    env = {**fp4ccl_child(slurm_step(1, 2, 1, 0, "1(x2)"), rank=6, size=8, local=2, nproc=4), "RANK": "0"}
+    with pytest.raises(ValueError) as e:
+        discover(env)
+    assert "FP4CCL_RANK=6 FP4CCL_WORLD_SIZE=8 (fp4ccl-run)" in str(e.value)
+    assert "RANK=0 WORLD_SIZE=8 (torch env://)" in str(e.value) and "SLURM" not in str(e.value)
+
+
+def test_the_stamp_leaves_out_what_fp4ccl_run_sets_itself():
+    from fp4ccl.bootstrap.env import _STAMPED
+    from fp4ccl.launcher import _TORCH_NAMES
+    assert not set(_STAMPED) & set(_TORCH_NAMES)
+    assert {"TORCHELASTIC_RUN_ID", "GROUP_RANK"} <= set(_STAMPED)   # a torchrun inside fp4ccl-run sets these
+
+
 # -- log lines carry the rank discover() finds ------------------------------------------------------
 @pytest.mark.parametrize("env, tag", [
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, "1"),   # mpiexec (MPICH)

@@ -62,10 +62,15 @@ _TORCHRUN_AGENT = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")   # set by torchrun, not
 # fp4ccl-run gives each rank a digest of these (every variable the launchers above are read from, and what
 # identifies their process or step). A rank that sees the same digest was started by fp4ccl-run itself, and
 # another launcher's variables then came from outside it: `srun ... fp4ccl-run` (launch/slurm.sbatch).
+# Left out: the torch env:// names, which fp4ccl-run sets for its ranks itself. A program may change them
+# without any launcher having run, and a nested torchrun changes its agent variables, which are in; RANK and
+# WORLD_SIZE are checked against fp4ccl-run's own values instead.
 STAMP = "FP4CCL_ENV_STAMP"
-_STAMPED = tuple(sorted({n for v in _NESTED for n in (v.rank, v.size, *v.local_rank, *v.local_size, *v.job_id)} | {
+_SET_BY_FP4CCL_RUN = {_TORCH_ENV.rank, _TORCH_ENV.size, *_TORCH_ENV.local_rank, *_TORCH_ENV.local_size}
+_STAMPED = tuple(sorted(({n for v in _NESTED for n in (v.rank, v.size, *v.local_rank, *v.local_size, *v.job_id)} | {
     *_TORCHRUN_AGENT, "TORCHELASTIC_ERROR_FILE", "PMI_FD", "PMI_PORT", "PMI_JOBID", "PMIX_RANK", "SLURM_NTASKS",
-    "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_JOB_ID", "SLURM_STEP_ID"}))
+    "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_JOB_ID", "SLURM_STEP_ID"})
+    - _SET_BY_FP4CCL_RUN))
 
 
 def launcher_stamp(env: Mapping[str, str]) -> str:
@@ -142,6 +147,14 @@ def _read(env: Mapping[str, str], v: _Vars) -> Optional[RankInfo]:
     return info
 
 
+def _torch_env(env: Mapping[str, str], beside_launcher: bool) -> Optional[RankInfo]:
+    """RANK/WORLD_SIZE read as torch env://. Beside a launcher they are only a claim to check against it, and
+    a stray RANK or WORLD_SIZE alone (left by a script, or by fp4ccl-run and then unset) is no claim."""
+    if beside_launcher and not (_TORCH_ENV.rank in env and _TORCH_ENV.size in env):
+        return None
+    return _read(env, _TORCH_ENV)
+
+
 def _shown(env: Mapping[str, str], v: _Vars) -> str:
     return f"{v.rank}={env.get(v.rank)} {v.size}={env.get(v.size)} ({v.title})"
 
@@ -154,8 +167,11 @@ def discover(env: Mapping[str, str] = os.environ) -> RankInfo:
     agree on rank and size with the launcher found (or each other); fp4ccl-run's, when present, are the ones
     used, for their store."""
     own = _read(env, _FP4CCL)
-    if own and env.get(STAMP) == launcher_stamp(env):
-        found, claims = [], [(_FP4CCL, own)]   # started by fp4ccl-run itself, whatever ran outside it
+    stamped = own is not None and env.get(STAMP) == launcher_stamp(env)
+    if stamped:
+        # Started by fp4ccl-run itself, whatever ran outside it. RANK/WORLD_SIZE are fp4ccl-run's too, but
+        # outside the stamp, so a program that changed them is caught here.
+        found, claims = [], [(v, info) for v, info in ((_FP4CCL, own), (_TORCH_ENV, _torch_env(env, True))) if info]
     else:
         agent = any(k in env for k in _TORCHRUN_AGENT)
         found = [(v, info) for v in _NESTED if (v is not _TORCHRUN or agent) and (info := _read(env, v))]
@@ -166,6 +182,11 @@ def discover(env: Mapping[str, str] = os.environ) -> RankInfo:
     (first, info), others = claims[0], claims[1:]
     for v, other in others:
         if (other.rank, other.size) != (info.rank, info.size):
+            if stamped:
+                raise ValueError(f"{_shown(env, first)} and {_shown(env, v)} disagree: fp4ccl-run set both for this "
+                                 f"process, and {v.rank}/{v.size} were changed since (by the program, or by a "
+                                 f"launcher started inside it that sets only those). Leave them as fp4ccl-run set "
+                                 f"them, or unset both")
             raise ValueError(f"{_shown(env, first)} and {_shown(env, v)} disagree: a launcher was started inside "
                              f"another and inherited its variables. Unset the outer launcher's ({first.rank} and "
                              f"{first.size}, or {v.rank} and {v.size}) before starting the inner one")
