@@ -223,6 +223,49 @@ def test_the_stamp_leaves_out_what_fp4ccl_run_sets_itself():
     assert {"TORCHELASTIC_RUN_ID", "GROUP_RANK"} <= set(_STAMPED)   # a torchrun inside fp4ccl-run sets these
 
 
+# -- only the innermost launcher's variables are read ----------------------------------------------
+@pytest.mark.parametrize("env, want", [
+    # Open MPI inside a Slurm step whose task list this node cannot be found in
+    ({**slurm_step(1, 3, 5, 0, "1,2"), "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, (1, 2, 1, 2, "openmpi")),
+    ({**slurm_step(1, 3, 0, 0, "2(x"), "PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1",
+      "MPI_LOCALNRANKS": "2"}, (1, 2, 1, 2, "mpich")),
+    # an outer launcher's partial variables
+    ({**TORCHRUN_AGENT, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "PMI_RANK": "0"},
+     (1, 2, 1, 2, "torchrun")),
+    # a stray RANK (or WORLD_SIZE) beside a launcher is not half of a torch env:// claim
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "RANK": "0"}, (1, 2, 1, 2, "openmpi")),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "WORLD_SIZE": "4"},
+     (1, 2, 1, 2, "mpich")),
+    ({"FP4CCL_RANK": "1", "FP4CCL_WORLD_SIZE": "2", "FP4CCL_LOCAL_RANK": "1", "FP4CCL_LOCAL_SIZE": "2", "RANK": "0"},
+     (1, 2, 1, 2, "fp4ccl-run")),
+])
+def test_outer_launchers_variables_are_not_read(env, want):
+    info = discover(env)
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher) == want
+    assert rank_tag(env) == str(want[0])
+
+
+def test_slurm_read_for_the_local_rank_only_as_a_hint():
+    # srun --mpi=pmi2 under a task list that cannot be read: the PMI ranks stand, local rank unknown (0).
+    env = {**slurm_step(5, 8, 1, 1, "4(x"), "PMI_RANK": "5", "PMI_SIZE": "8", "PMI_FD": "7"}
+    info = discover(env)
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher) == (5, 8, 0, 1, "mpich")
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({**LEFTOVER_SLURM, "PMI_RANK": "1"}, "PMI_RANK is set but PMI_SIZE is not"),
+    ({**TORCHRUN_AGENT, "RANK": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+     "RANK is set but WORLD_SIZE is not"),
+    ({**LEFTOVER_SLURM, "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "z"},
+     "OMPI_COMM_WORLD_LOCAL_RANK='z' is not an integer"),
+])
+def test_the_launcher_used_must_still_be_complete(env, needle):
+    with pytest.raises(ValueError, match=needle):
+        discover(env)
+
+
 # -- log lines carry the rank discover() finds ------------------------------------------------------
 @pytest.mark.parametrize("env, tag", [
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, "1"),   # mpiexec (MPICH)

@@ -155,6 +155,21 @@ def _torch_env(env: Mapping[str, str], beside_launcher: bool) -> Optional[RankIn
     return _read(env, _TORCH_ENV)
 
 
+def _slurm_hint(env: Mapping[str, str]) -> Optional[RankInfo]:
+    """Slurm's view, read only for a local rank that the launcher used does not give; None where unreadable,
+    since Slurm may be an outer launcher whose variables are not this process's."""
+    try:
+        return _read(env, _SLURM)
+    except ValueError:
+        return None
+
+
+def _placed_alike(info: RankInfo, other: Optional[RankInfo]) -> Optional[RankInfo]:
+    if other and other.local_rank is not None and (other.rank, other.size) == (info.rank, info.size):
+        return other
+    return None
+
+
 def _shown(env: Mapping[str, str], v: _Vars) -> str:
     return f"{v.rank}={env.get(v.rank)} {v.size}={env.get(v.size)} ({v.title})"
 
@@ -162,21 +177,25 @@ def _shown(env: Mapping[str, str], v: _Vars) -> str:
 def discover(env: Mapping[str, str] = os.environ) -> RankInfo:
     """Read rank, size and local rank from the environment; a lone process is rank 0 of 1.
 
-    The innermost launcher in _NESTED wins. fp4ccl-run's variables win when its STAMP shows that it started
-    this process. Otherwise they, and RANK/WORLD_SIZE set by hand, say nothing about nesting, so they must
-    agree on rank and size with the launcher found (or each other); fp4ccl-run's, when present, are the ones
-    used, for their store."""
+    The innermost launcher in _NESTED wins, and the outer ones are not read (Slurm's variables only for a
+    local rank that the one found does not give, and quietly). fp4ccl-run's variables win when its STAMP
+    shows that it started this process. Otherwise they, and RANK/WORLD_SIZE without torchrun's agent, say
+    nothing about nesting, so they must agree on rank and size with the launcher found (or each other);
+    fp4ccl-run's, when present, are the ones used, for their store. RANK/WORLD_SIZE are checked against
+    fp4ccl-run's under its stamp too, and beside a launcher one of them alone is ignored."""
     own = _read(env, _FP4CCL)
     stamped = own is not None and env.get(STAMP) == launcher_stamp(env)
-    if stamped:
-        # Started by fp4ccl-run itself, whatever ran outside it. RANK/WORLD_SIZE are fp4ccl-run's too, but
-        # outside the stamp, so a program that changed them is caught here.
-        found, claims = [], [(v, info) for v, info in ((_FP4CCL, own), (_TORCH_ENV, _torch_env(env, True))) if info]
-    else:
+    found = None
+    if not stamped:   # else started by fp4ccl-run itself, and whatever ran outside it is not read
         agent = any(k in env for k in _TORCHRUN_AGENT)
-        found = [(v, info) for v in _NESTED if (v is not _TORCHRUN or agent) and (info := _read(env, v))]
-        claims = [(v, info) for v, info in ((_FP4CCL, own), *found[:1],
-                                            (_TORCH_ENV, None if agent else _read(env, _TORCH_ENV))) if info]
+        # Only the innermost launcher is read: an outer one's variables, whatever state they are in, are not
+        # this process's to judge.
+        found = next(((v, info) for v in _NESTED if (v is not _TORCHRUN or agent) and (info := _read(env, v))),
+                     None)
+    # RANK/WORLD_SIZE are a claim of their own unless torchrun's agent set them; under fp4ccl-run, which sets
+    # them but leaves them out of its stamp, this is where a program that changed them is caught.
+    torch = None if found and found[0] is _TORCHRUN else _torch_env(env, beside_launcher=bool(own or found))
+    claims = [(v, info) for v, info in ((_FP4CCL, own), found or (None, None), (_TORCH_ENV, torch)) if info]
     if not claims:
         return RankInfo(0, 1, 0, 1, "single", job_id=str(os.getpid()))
     (first, info), others = claims[0], claims[1:]
@@ -191,10 +210,9 @@ def discover(env: Mapping[str, str] = os.environ) -> RankInfo:
                              f"another and inherited its variables. Unset the outer launcher's ({first.rank} and "
                              f"{first.size}, or {v.rank} and {v.size}) before starting the inner one")
     if info.local_rank is None:
-        # srun --mpi=pmi2 gives PMI_RANK/PMI_SIZE but the local rank only in SLURM_LOCALID: take it from an
-        # outer launcher that places this process identically.
-        same = next((o for _, o in found if o.local_rank is not None and (o.rank, o.size) == (info.rank, info.size)),
-                    None)
+        # srun --mpi=pmi2 gives PMI_RANK/PMI_SIZE but the local rank only in SLURM_LOCALID: take it from a
+        # launcher that places this process identically.
+        same = _placed_alike(info, found and found[1]) or _placed_alike(info, _slurm_hint(env))
         info = dataclasses.replace(info, local_rank=same.local_rank if same else 0,
                                    local_size=same.local_size if same else info.local_size)
     if info.local_size is None:
