@@ -288,3 +288,45 @@ def test_log_lines_are_tagged_with_the_mpich_rank():
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stderr.rstrip().endswith("fp4ccl[1] INFO hi"), r.stderr
+
+
+def test_importing_fp4ccl_modules_does_no_discovery(tmp_path):
+    # Modules call get_logger at import; the rank tag is worked out on the first log line, and then kept.
+    code = """
+import os, sys
+calls = []
+def watch(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "discover" and frame.f_code.co_filename.endswith("env.py"):
+        calls.append(1)
+sys.setprofile(watch)
+import fp4ccl, fp4ccl._log
+log = fp4ccl._log.get_logger("fp4ccl.t")
+assert not calls and "fp4ccl.bootstrap.env" not in sys.modules, calls
+import fp4ccl.bootstrap.env
+assert "hashlib" not in sys.modules   # only launcher_stamp needs it
+os.environ.update(PMI_RANK="1", PMI_SIZE="2", MPI_LOCALRANKID="1", MPI_LOCALNRANKS="2")
+log.warning("one")
+os.environ["PMI_RANK"] = "0"
+log.warning("two")
+sys.setprofile(None)
+print(len(calls))
+"""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FP4CCL_", "SLURM_", "OMPI_", "PMI_", "MPI_", "TORCHELASTIC_"))}
+    for k in ("RANK", "WORLD_SIZE", "GROUP_RANK"):
+        env.pop(k, None)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"
+    lines = r.stderr.splitlines()
+    assert lines[0].endswith("fp4ccl[1] WARNING one") and lines[1].endswith("fp4ccl[1] WARNING two"), r.stderr
+
+
+def test_rank_tag_never_raises(monkeypatch):
+    import fp4ccl.bootstrap.env as env_mod
+
+    def broken(env):
+        raise KeyError("x")
+    monkeypatch.setattr(env_mod, "discover", broken)
+    assert rank_tag({"PMI_RANK": "1", "PMI_SIZE": "2"}) == "?"

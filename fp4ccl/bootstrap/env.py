@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -75,6 +74,7 @@ _STAMPED = tuple(sorted(({n for v in _NESTED for n in (v.rank, v.size, *v.local_
 
 def launcher_stamp(env: Mapping[str, str]) -> str:
     """The digest of the other launchers' variables in `env` that fp4ccl-run hands its ranks as STAMP."""
+    import hashlib   # here: discover() needs it only under fp4ccl-run, and `import fp4ccl` should not pay for it
     text = "\0".join(f"{n}={env[n]}" if n in env else n for n in _STAMPED)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
