@@ -1,4 +1,5 @@
-"""Rank discovery from the variables that launchers set: fp4ccl-run, Open MPI, MPICH/Hydra, Slurm, torchrun."""
+"""Rank discovery from the variables that launchers set: fp4ccl-run, torchrun, Open MPI, MPICH/Hydra, Slurm,
+then torch env:// (RANK/WORLD_SIZE), in the order tried."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,7 @@ class RankInfo:
     size: int
     local_rank: int
     local_size: int
-    launcher: str              # "fp4ccl-run" | "openmpi" | "mpich" | "slurm" | "torchrun" | "single"
+    launcher: str              # "fp4ccl-run" | "torchrun" | "openmpi" | "mpich" | "slurm" | "single"
     store: Optional[str] = None  # "host:port" of the fp4ccl TCP store (fp4ccl-run)
     token: str = ""
     job_id: str = ""
