@@ -28,6 +28,8 @@ _TAIL_LINES = 20
 _REMOTE_POLL_S = 0.5
 # Node 0 declares a node lost when its heartbeat counter has not moved for this long (a SIGKILLed launcher).
 _HEARTBEAT_TIMEOUT_S = float(os.environ.get("FP4CCL_HEARTBEAT_TIMEOUT", 30.0))
+# The names _torch_env sets for each rank, for code written for torchrun; the launcher stamp leaves them out.
+_TORCH_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 USAGE = (f"{PROG} [-n NPROC_PER_NODE] [--nnodes N --node-rank R --master-addr HOST --master-port P] "
          "[--log-dir DIR] [--ranks-filter 0,2] [--timeout SECONDS] [--grace-period SECONDS] "
@@ -374,6 +376,7 @@ class Launcher:
         # rank the same RANK and an occupied MASTER_PORT. MASTER_PORT is not the store's port, since torch binds
         # its own store there.
         env.update(self._torch_env(info, rank, local_rank))
+        # Last, over exactly what the rank receives; the stamp leaves out the torch names set just above.
         env[STAMP] = launcher_stamp(env)
         return env
 
@@ -391,7 +394,7 @@ class Launcher:
             cmd = [sys.executable, "-u", *self.program]
         if a.log_dir:
             os.makedirs(a.log_dir, exist_ok=True)
-        inherited = sorted(k for k in self._torch_env(info, 0, 0) if k in os.environ)
+        inherited = sorted(k for k in _TORCH_NAMES if k in os.environ)
         if inherited and get_logger("fp4ccl.launcher").isEnabledFor(logging.INFO):
             self._say("setting " + ", ".join(f"{k} (inherited {os.environ[k]})" for k in inherited) + " for each rank")
         preexec = _pdeathsig_setup()

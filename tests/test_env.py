@@ -196,6 +196,76 @@ def test_a_launcher_inside_fp4ccl_run_changes_the_stamp(inner):
         discover(env)
 
 
+@pytest.mark.parametrize("change", [{"LOCAL_RANK": "0"}, {"LOCAL_WORLD_SIZE": None}, {"LOCAL_RANK": None},
+                                    {"WORLD_SIZE": None}, {"RANK": None}])
+def test_a_program_under_srun_fp4ccl_run_may_change_the_torch_variables(change):
+    # srun -N2 ... fp4ccl-run -n 4: fp4ccl-run sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE itself,
+    # so the stamp leaves them out; a program that changes them (or a partial pair) is no nested launcher.
+    env = fp4ccl_child(slurm_step(1, 2, 1, 0, "1(x2)"), rank=6, size=8, local=2, nproc=4)
+    env = {k: v for k, v in {**env, **change}.items() if v is not None}
+    info = discover(env)
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher) == (6, 8, 2, 4, "fp4ccl-run")
+
+
+def test_rank_changed_under_fp4ccl_run_is_named_against_fp4ccl_rank():
+    # The stamp still matches, but RANK is no longer the one fp4ccl-run set: name those two, not Slurm's.
+    env = {**fp4ccl_child(slurm_step(1, 2, 1, 0, "1(x2)"), rank=6, size=8, local=2, nproc=4), "RANK": "0"}
+    with pytest.raises(ValueError) as e:
+        discover(env)
+    assert "FP4CCL_RANK=6 FP4CCL_WORLD_SIZE=8 (fp4ccl-run)" in str(e.value)
+    assert "RANK=0 WORLD_SIZE=8 (torch env://)" in str(e.value) and "SLURM" not in str(e.value)
+
+
+def test_the_stamp_leaves_out_what_fp4ccl_run_sets_itself():
+    from fp4ccl.bootstrap.env import _STAMPED
+    from fp4ccl.launcher import _TORCH_NAMES
+    assert not set(_STAMPED) & set(_TORCH_NAMES)
+    assert {"TORCHELASTIC_RUN_ID", "GROUP_RANK"} <= set(_STAMPED)   # a torchrun inside fp4ccl-run sets these
+
+
+# -- only the innermost launcher's variables are read ----------------------------------------------
+@pytest.mark.parametrize("env, want", [
+    # Open MPI inside a Slurm step whose task list this node cannot be found in
+    ({**slurm_step(1, 3, 5, 0, "1,2"), "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, (1, 2, 1, 2, "openmpi")),
+    ({**slurm_step(1, 3, 0, 0, "2(x"), "PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1",
+      "MPI_LOCALNRANKS": "2"}, (1, 2, 1, 2, "mpich")),
+    # an outer launcher's partial variables
+    ({**TORCHRUN_AGENT, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "PMI_RANK": "0"},
+     (1, 2, 1, 2, "torchrun")),
+    # a stray RANK (or WORLD_SIZE) beside a launcher is not half of a torch env:// claim
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "RANK": "0"}, (1, 2, 1, 2, "openmpi")),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "WORLD_SIZE": "4"},
+     (1, 2, 1, 2, "mpich")),
+    ({"FP4CCL_RANK": "1", "FP4CCL_WORLD_SIZE": "2", "FP4CCL_LOCAL_RANK": "1", "FP4CCL_LOCAL_SIZE": "2", "RANK": "0"},
+     (1, 2, 1, 2, "fp4ccl-run")),
+])
+def test_outer_launchers_variables_are_not_read(env, want):
+    info = discover(env)
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher) == want
+    assert rank_tag(env) == str(want[0])
+
+
+def test_slurm_read_for_the_local_rank_only_as_a_hint():
+    # srun --mpi=pmi2 under a task list that cannot be read: the PMI ranks stand, local rank unknown (0).
+    env = {**slurm_step(5, 8, 1, 1, "4(x"), "PMI_RANK": "5", "PMI_SIZE": "8", "PMI_FD": "7"}
+    info = discover(env)
+    assert (info.rank, info.size, info.local_rank, info.local_size, info.launcher) == (5, 8, 0, 1, "mpich")
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({**LEFTOVER_SLURM, "PMI_RANK": "1"}, "PMI_RANK is set but PMI_SIZE is not"),
+    ({**TORCHRUN_AGENT, "RANK": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+     "RANK is set but WORLD_SIZE is not"),
+    ({**LEFTOVER_SLURM, "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "z"},
+     "OMPI_COMM_WORLD_LOCAL_RANK='z' is not an integer"),
+])
+def test_the_launcher_used_must_still_be_complete(env, needle):
+    with pytest.raises(ValueError, match=needle):
+        discover(env)
+
+
 # -- log lines carry the rank discover() finds ------------------------------------------------------
 @pytest.mark.parametrize("env, tag", [
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, "1"),   # mpiexec (MPICH)
@@ -218,3 +288,45 @@ def test_log_lines_are_tagged_with_the_mpich_rank():
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stderr.rstrip().endswith("fp4ccl[1] INFO hi"), r.stderr
+
+
+def test_importing_fp4ccl_modules_does_no_discovery(tmp_path):
+    # Modules call get_logger at import; the rank tag is worked out on the first log line, and then kept.
+    code = """
+import os, sys
+calls = []
+def watch(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "discover" and frame.f_code.co_filename.endswith("env.py"):
+        calls.append(1)
+sys.setprofile(watch)
+import fp4ccl, fp4ccl._log
+log = fp4ccl._log.get_logger("fp4ccl.t")
+assert not calls and "fp4ccl.bootstrap.env" not in sys.modules, calls
+import fp4ccl.bootstrap.env
+assert "hashlib" not in sys.modules   # only launcher_stamp needs it
+os.environ.update(PMI_RANK="1", PMI_SIZE="2", MPI_LOCALRANKID="1", MPI_LOCALNRANKS="2")
+log.warning("one")
+os.environ["PMI_RANK"] = "0"
+log.warning("two")
+sys.setprofile(None)
+print(len(calls))
+"""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FP4CCL_", "SLURM_", "OMPI_", "PMI_", "MPI_", "TORCHELASTIC_"))}
+    for k in ("RANK", "WORLD_SIZE", "GROUP_RANK"):
+        env.pop(k, None)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1"
+    lines = r.stderr.splitlines()
+    assert lines[0].endswith("fp4ccl[1] WARNING one") and lines[1].endswith("fp4ccl[1] WARNING two"), r.stderr
+
+
+def test_rank_tag_never_raises(monkeypatch):
+    import fp4ccl.bootstrap.env as env_mod
+
+    def broken(env):
+        raise KeyError("x")
+    monkeypatch.setattr(env_mod, "discover", broken)
+    assert rank_tag({"PMI_RANK": "1", "PMI_SIZE": "2"}) == "?"

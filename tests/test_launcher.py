@@ -149,6 +149,21 @@ def test_ranks_of_fp4ccl_run_inside_a_slurm_step_are_fp4ccl_runs(tmp_path):
     assert sorted(r.stdout.splitlines()) == [f"[rank{i}]: found {i} 2 {i} 2 fp4ccl-run" for i in range(2)]
 
 
+def test_a_rank_under_srun_fp4ccl_run_may_change_the_torch_variables(tmp_path):
+    # fp4ccl-run sets LOCAL_RANK & co. itself and leaves them out of its stamp: a program that changes them
+    # still finds fp4ccl-run's ranks, and one that changes RANK is told it disagrees with FP4CCL_RANK.
+    path = script(tmp_path, 'os.environ["LOCAL_RANK"] = "7"; del os.environ["LOCAL_WORLD_SIZE"]\n'
+                            'if RANK == 1: os.environ["RANK"] = "0"\n' + DISCOVER)
+    step = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+            "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "PYTHONPATH": ROOT}
+    r = launch(["-n", "2", path], env=step)
+    assert r.returncode == 0, r.stderr
+    lines = sorted(r.stdout.splitlines())
+    assert lines[0] == "[rank0]: found 0 2 0 2 fp4ccl-run", lines
+    assert lines[1].startswith("[rank1]: error FP4CCL_RANK=1 FP4CCL_WORLD_SIZE=2 (fp4ccl-run) and RANK=0 WORLD_SIZE=2 "
+                               "(torch env://) disagree"), lines
+
+
 def test_mpiexec_inside_fp4ccl_run_is_told_apart(tmp_path):
     # `fp4ccl-run -n 1 wrap.py` where wrap.py runs `mpiexec -n 2 python t.py` gave both MPI ranks rank 0 of 1.
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")

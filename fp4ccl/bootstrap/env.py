@@ -1,8 +1,8 @@
-"""Rank discovery from the variables that launchers set: fp4ccl-run, Open MPI, MPICH/Hydra, Slurm, torchrun."""
+"""Rank discovery from the variables that launchers set: fp4ccl-run, torchrun, Open MPI, MPICH/Hydra, Slurm,
+then torch env:// (RANK/WORLD_SIZE), in the order tried."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ class RankInfo:
     size: int
     local_rank: int
     local_size: int
-    launcher: str              # "fp4ccl-run" | "openmpi" | "mpich" | "slurm" | "torchrun" | "single"
+    launcher: str              # "fp4ccl-run" | "torchrun" | "openmpi" | "mpich" | "slurm" | "single"
     store: Optional[str] = None  # "host:port" of the fp4ccl TCP store (fp4ccl-run)
     token: str = ""
     job_id: str = ""
@@ -62,14 +62,20 @@ _TORCHRUN_AGENT = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")   # set by torchrun, not
 # fp4ccl-run gives each rank a digest of these (every variable the launchers above are read from, and what
 # identifies their process or step). A rank that sees the same digest was started by fp4ccl-run itself, and
 # another launcher's variables then came from outside it: `srun ... fp4ccl-run` (launch/slurm.sbatch).
+# Left out: the torch env:// names, which fp4ccl-run sets for its ranks itself. A program may change them
+# without any launcher having run, and a nested torchrun changes its agent variables, which are in; RANK and
+# WORLD_SIZE are checked against fp4ccl-run's own values instead.
 STAMP = "FP4CCL_ENV_STAMP"
-_STAMPED = tuple(sorted({n for v in _NESTED for n in (v.rank, v.size, *v.local_rank, *v.local_size, *v.job_id)} | {
+_SET_BY_FP4CCL_RUN = {_TORCH_ENV.rank, _TORCH_ENV.size, *_TORCH_ENV.local_rank, *_TORCH_ENV.local_size}
+_STAMPED = tuple(sorted(({n for v in _NESTED for n in (v.rank, v.size, *v.local_rank, *v.local_size, *v.job_id)} | {
     *_TORCHRUN_AGENT, "TORCHELASTIC_ERROR_FILE", "PMI_FD", "PMI_PORT", "PMI_JOBID", "PMIX_RANK", "SLURM_NTASKS",
-    "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_JOB_ID", "SLURM_STEP_ID"}))
+    "SLURM_NODEID", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_JOB_ID", "SLURM_STEP_ID"})
+    - _SET_BY_FP4CCL_RUN))
 
 
 def launcher_stamp(env: Mapping[str, str]) -> str:
     """The digest of the other launchers' variables in `env` that fp4ccl-run hands its ranks as STAMP."""
+    import hashlib   # here: discover() needs it only under fp4ccl-run, and `import fp4ccl` should not pay for it
     text = "\0".join(f"{n}={env[n]}" if n in env else n for n in _STAMPED)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -142,6 +148,29 @@ def _read(env: Mapping[str, str], v: _Vars) -> Optional[RankInfo]:
     return info
 
 
+def _torch_env(env: Mapping[str, str], beside_launcher: bool) -> Optional[RankInfo]:
+    """RANK/WORLD_SIZE read as torch env://. Beside a launcher they are only a claim to check against it, and
+    a stray RANK or WORLD_SIZE alone (left by a script, or by fp4ccl-run and then unset) is no claim."""
+    if beside_launcher and not (_TORCH_ENV.rank in env and _TORCH_ENV.size in env):
+        return None
+    return _read(env, _TORCH_ENV)
+
+
+def _slurm_hint(env: Mapping[str, str]) -> Optional[RankInfo]:
+    """Slurm's view, read only for a local rank that the launcher used does not give; None where unreadable,
+    since Slurm may be an outer launcher whose variables are not this process's."""
+    try:
+        return _read(env, _SLURM)
+    except ValueError:
+        return None
+
+
+def _placed_alike(info: RankInfo, other: Optional[RankInfo]) -> Optional[RankInfo]:
+    if other and other.local_rank is not None and (other.rank, other.size) == (info.rank, info.size):
+        return other
+    return None
+
+
 def _shown(env: Mapping[str, str], v: _Vars) -> str:
     return f"{v.rank}={env.get(v.rank)} {v.size}={env.get(v.size)} ({v.title})"
 
@@ -149,31 +178,42 @@ def _shown(env: Mapping[str, str], v: _Vars) -> str:
 def discover(env: Mapping[str, str] = os.environ) -> RankInfo:
     """Read rank, size and local rank from the environment; a lone process is rank 0 of 1.
 
-    The innermost launcher in _NESTED wins. fp4ccl-run's variables win when its STAMP shows that it started
-    this process. Otherwise they, and RANK/WORLD_SIZE set by hand, say nothing about nesting, so they must
-    agree on rank and size with the launcher found (or each other); fp4ccl-run's, when present, are the ones
-    used, for their store."""
+    The innermost launcher in _NESTED wins, and the outer ones are not read (Slurm's variables only for a
+    local rank that the one found does not give, and quietly). fp4ccl-run's variables win when its STAMP
+    shows that it started this process. Otherwise they, and RANK/WORLD_SIZE without torchrun's agent, say
+    nothing about nesting, so they must agree on rank and size with the launcher found (or each other);
+    fp4ccl-run's, when present, are the ones used, for their store. RANK/WORLD_SIZE are checked against
+    fp4ccl-run's under its stamp too, and beside a launcher one of them alone is ignored."""
     own = _read(env, _FP4CCL)
-    if own and env.get(STAMP) == launcher_stamp(env):
-        found, claims = [], [(_FP4CCL, own)]   # started by fp4ccl-run itself, whatever ran outside it
-    else:
+    stamped = own is not None and env.get(STAMP) == launcher_stamp(env)
+    found = None
+    if not stamped:   # else started by fp4ccl-run itself, and whatever ran outside it is not read
         agent = any(k in env for k in _TORCHRUN_AGENT)
-        found = [(v, info) for v in _NESTED if (v is not _TORCHRUN or agent) and (info := _read(env, v))]
-        claims = [(v, info) for v, info in ((_FP4CCL, own), *found[:1],
-                                            (_TORCH_ENV, None if agent else _read(env, _TORCH_ENV))) if info]
+        # Only the innermost launcher is read: an outer one's variables, whatever state they are in, are not
+        # this process's to judge.
+        found = next(((v, info) for v in _NESTED if (v is not _TORCHRUN or agent) and (info := _read(env, v))),
+                     None)
+    # RANK/WORLD_SIZE are a claim of their own unless torchrun's agent set them; under fp4ccl-run, which sets
+    # them but leaves them out of its stamp, this is where a program that changed them is caught.
+    torch = None if found and found[0] is _TORCHRUN else _torch_env(env, beside_launcher=bool(own or found))
+    claims = [(v, info) for v, info in ((_FP4CCL, own), found or (None, None), (_TORCH_ENV, torch)) if info]
     if not claims:
         return RankInfo(0, 1, 0, 1, "single", job_id=str(os.getpid()))
     (first, info), others = claims[0], claims[1:]
     for v, other in others:
         if (other.rank, other.size) != (info.rank, info.size):
+            if stamped:
+                raise ValueError(f"{_shown(env, first)} and {_shown(env, v)} disagree: fp4ccl-run set both for this "
+                                 f"process, and {v.rank}/{v.size} were changed since (by the program, or by a "
+                                 f"launcher started inside it that sets only those). Leave them as fp4ccl-run set "
+                                 f"them, or unset both")
             raise ValueError(f"{_shown(env, first)} and {_shown(env, v)} disagree: a launcher was started inside "
                              f"another and inherited its variables. Unset the outer launcher's ({first.rank} and "
                              f"{first.size}, or {v.rank} and {v.size}) before starting the inner one")
     if info.local_rank is None:
-        # srun --mpi=pmi2 gives PMI_RANK/PMI_SIZE but the local rank only in SLURM_LOCALID: take it from an
-        # outer launcher that places this process identically.
-        same = next((o for _, o in found if o.local_rank is not None and (o.rank, o.size) == (info.rank, info.size)),
-                    None)
+        # srun --mpi=pmi2 gives PMI_RANK/PMI_SIZE but the local rank only in SLURM_LOCALID: take it from a
+        # launcher that places this process identically.
+        same = _placed_alike(info, found and found[1]) or _placed_alike(info, _slurm_hint(env))
         info = dataclasses.replace(info, local_rank=same.local_rank if same else 0,
                                    local_size=same.local_size if same else info.local_size)
     if info.local_size is None:
