@@ -55,15 +55,15 @@ def test_store_exchange_rounds(size):
         assert keys_left == 0, "the exchange left keys behind in the store"
 
 
-def test_store_barrier_takes_the_callers_timeout():
-    """barrier(timeout=) bounds the wait for the peers instead of the exchange's own bound (here the
-    store client's 30 s): the host backend's end-of-call barrier passes its own timeout so."""
+def test_store_barrier_takes_the_exchanges_timeout():
+    """A store exchange's timeout bounds its barrier's wait for the peers instead of the store client's
+    own (here 30 s)."""
     with StoreServer(token="tok") as server:
         client = StoreClient(server.address, "tok", timeout=30.0)
-        ex = StoreExchange(client, 0, 2, prefix="lonely")   # rank 1 never comes
+        ex = StoreExchange(client, 0, 2, prefix="lonely", timeout=0.3)   # rank 1 never comes
         start = time.monotonic()
         with pytest.raises(TimeoutError, match="timed out after 0.3 s"):
-            ex.barrier(timeout=0.3)
+            ex.barrier()
         assert time.monotonic() - start < 5
         client.close()
 
@@ -74,10 +74,10 @@ def test_torch_store_adapter_takes_a_timeout():
     if not dist.is_available():
         pytest.skip("this torch has no torch.distributed")
     store = TorchStoreAdapter(dist.HashStore())
-    ex = StoreExchange(store, 0, 2, prefix="lonely")
+    ex = StoreExchange(store, 0, 2, prefix="lonely", timeout=0.3)
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="not set within 0.3 s in torch.distributed's store"):
-        ex.barrier(timeout=0.3)
+        ex.barrier()
     assert time.monotonic() - start < 5
     threading.Timer(0.2, store.set, ("late", b"v")).start()
     assert store.get("late", timeout=math.inf) == b"v"
