@@ -269,8 +269,7 @@ class ShmBlobs:
                     return out
             except FileNotFoundError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"no data at {path} after {self.timeout:g} s ({ENV_TIMEOUT}; a peer is "
-                                       f"missing or ranks called different collectives)") from None
+                    raise TimeoutError(f"no data at {path} after {self.timeout:g} s ({ENV_TIMEOUT})") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 2e-3)
 
