@@ -567,8 +567,8 @@ def default_exchange(info: RankInfo) -> Exchange:
     # Every wait on a bootstrap store, connecting included; unset or 0 keeps the store client's default.
     timeout = env_timeout(unset=0.0) or STORE_TIMEOUT
     if info.store:
-        return StoreExchange(_store_client(info, timeout), info.rank, info.size,
-                             prefix=prefix, timeout=timeout)
+        # The client's own timeout bounds every lookup: the exchange needs none of its own.
+        return StoreExchange(_store_client(info, timeout), info.rank, info.size, prefix=prefix)
     if info.size == 1:
         return SingleExchange()
     if info.started_by_mpi or info.launcher == "slurm":
@@ -632,6 +632,7 @@ def _torchrun_exchange(info: RankInfo, prefix: str, timeout: float) -> Exchange:
         if size != info.size:
             _wrong_world_size(info, size, "torch.distributed's default group",
                               "init_process_group was given another world_size")
+        # Its own timeout is its process group's: the exchange's bounds each lookup instead.
         return StoreExchange(TorchStoreAdapter(dist.distributed_c10d._get_default_store()), dist.get_rank(), size,
                              prefix=prefix, timeout=timeout)
     addr = os.environ.get("MASTER_ADDR")
@@ -644,7 +645,8 @@ def _torchrun_exchange(info: RankInfo, prefix: str, timeout: float) -> Exchange:
     # process then shares this server on MASTER_PORT instead of failing to bind it.
     store = dist.TCPStore(addr, int(port), info.size, is_master=(not agent and info.rank == 0),
                           timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False, multi_tenant=True)
-    return StoreExchange(TorchStoreAdapter(store), info.rank, info.size, prefix=prefix, timeout=timeout)
+    # Built with the timeout: a second one on the exchange would add a wait to every lookup.
+    return StoreExchange(TorchStoreAdapter(store), info.rank, info.size, prefix=prefix)
 
 
 def _mpi_shared_type():

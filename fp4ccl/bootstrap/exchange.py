@@ -156,17 +156,27 @@ class TorchStoreAdapter:
 
     def get(self, key: str, timeout: Optional[float] = None) -> bytes:
         """The value of key once set; timeout: seconds (math.inf: forever), default the torch store's own
-        (for the program's default store, its process group's timeout)."""
+        (for the program's default store, its process group's). TimeoutError when it runs out."""
         if timeout is not None:
             # torch has no wait-forever: a century stands for it.
             span = datetime.timedelta(days=36500) if math.isinf(timeout) else datetime.timedelta(seconds=timeout)
-            try:
-                self._store.wait([key], span)
-            except RuntimeError as err:   # torch's DistStoreError on a timeout; check the key rather than parse
-                if not self._store.check([key]):
-                    raise TimeoutError(f"get({key!r}): not set within {timeout:g} s in torch.distributed's "
-                                       f"store") from err
-        return bytes(self._store.get(key))
+            # A span other than the store's own costs a wait before the get: one more round trip.
+            if span != self._store.timeout:
+                try:
+                    self._store.wait([key], span)
+                except RuntimeError as err:   # torch's DistStoreError on a timeout; check the key rather than parse
+                    if not self._store.check([key]):
+                        raise self._not_set(key, timeout) from err
+        try:
+            return bytes(self._store.get(key))
+        except RuntimeError as err:
+            if self._store.check([key]):
+                raise
+            raise self._not_set(key, self._store.timeout.total_seconds()) from err
+
+    @staticmethod
+    def _not_set(key: str, timeout: float) -> TimeoutError:
+        return TimeoutError(f"get({key!r}): not set within {timeout:g} s in torch.distributed's store")
 
     def add(self, key: str, delta: int) -> int:
         return int(self._store.add(key, delta))
