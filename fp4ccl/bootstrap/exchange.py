@@ -145,6 +145,12 @@ class StoreExchange(Exchange):
         self._finish(base, [f"{base}/in", f"{base}/go"])
 
 
+def torch_timedelta(seconds: float) -> datetime.timedelta:
+    """A timeout in seconds as torch.distributed takes it; torch has no wait-forever: a century stands
+    for math.inf."""
+    return datetime.timedelta(days=36500) if math.isinf(seconds) else datetime.timedelta(seconds=seconds)
+
+
 class TorchStoreAdapter:
     """Gives torch.distributed's Store the method names StoreExchange uses."""
 
@@ -158,8 +164,7 @@ class TorchStoreAdapter:
         """The value of key once set; timeout: seconds (math.inf: forever), default the torch store's own
         (for the program's default store, its process group's). TimeoutError when it runs out."""
         if timeout is not None:
-            # torch has no wait-forever: a century stands for it.
-            span = datetime.timedelta(days=36500) if math.isinf(timeout) else datetime.timedelta(seconds=timeout)
+            span = torch_timedelta(timeout)
             # A span other than the store's own costs a wait before the get: one more round trip.
             if span != self._store.timeout:
                 try:
