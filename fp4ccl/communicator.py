@@ -15,7 +15,7 @@ from ._log import get_logger
 from ._timeout import ENV_TIMEOUT, env_timeout
 from .bootstrap.env import RankInfo, discover, size_variable
 from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
-                                 TorchStoreAdapter, pack_ints, unpack_ints)
+                                 TorchStoreAdapter, pack_ints, torch_timedelta, unpack_ints)
 from .bootstrap.store import DEFAULT_TIMEOUT as STORE_TIMEOUT
 from .errors import CommClosedError, CommTimeoutError
 
@@ -570,11 +570,11 @@ def default_exchange(info: RankInfo) -> Exchange:
     Exchanges over a store (fp4ccl-run's, torch's) each get their own keys, numbered by the init() call
     (see init); over MPI each works on its own duplicate of COMM_WORLD."""
     prefix = f"fp4ccl/{info.job_id}/comm{next(_inits)}"
-    # Every wait on a bootstrap store, connecting included; unset or 0 keeps the store client's default.
-    timeout = env_timeout(unset=0.0) or STORE_TIMEOUT
+    # Every wait on a bootstrap store, connecting included; 0 waits forever, as everywhere else.
+    timeout = env_timeout(unset=STORE_TIMEOUT) or math.inf
     if info.store:
-        return StoreExchange(_store_client(info, timeout), info.rank, info.size,
-                             prefix=prefix, timeout=timeout)
+        # The client's own timeout bounds every lookup: the exchange needs none of its own.
+        return StoreExchange(_store_client(info, timeout), info.rank, info.size, prefix=prefix)
     if info.size == 1:
         return SingleExchange()
     if info.started_by_mpi or info.launcher == "slurm":
@@ -622,14 +622,12 @@ def _store_client(info: RankInfo, timeout: float):
         return StoreClient(info.store, info.token, timeout=timeout)
     except TimeoutError as err:
         raise TimeoutError(f"{err}; FP4CCL_STORE names this address, and {ENV_TIMEOUT} sets how long to wait for "
-                           f"it (unset or 0: {STORE_TIMEOUT:g} s)") from None
+                           f"it (unset: {STORE_TIMEOUT:g} s; 0: forever)") from None
 
 
 def _torchrun_exchange(info: RankInfo, prefix: str, timeout: float) -> Exchange:
     """Over torch.distributed's store: the program's own, once it has called init_process_group, else
     one on MASTER_ADDR:MASTER_PORT (torchrun's agent serves it; without an agent, rank 0 does)."""
-    import datetime
-
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         # Its store already joins these ranks; under env:// its rank 0 (or torchrun's agent) serves it on
@@ -638,6 +636,7 @@ def _torchrun_exchange(info: RankInfo, prefix: str, timeout: float) -> Exchange:
         if size != info.size:
             _wrong_world_size(info, size, "torch.distributed's default group",
                               "init_process_group was given another world_size")
+        # Its own timeout is its process group's: the exchange's bounds each lookup instead.
         return StoreExchange(TorchStoreAdapter(dist.distributed_c10d._get_default_store()), dist.get_rank(), size,
                              prefix=prefix, timeout=timeout)
     addr = os.environ.get("MASTER_ADDR")
@@ -649,8 +648,9 @@ def _torchrun_exchange(info: RankInfo, prefix: str, timeout: float) -> Exchange:
     # multi_tenant, as torch's own env:// rendezvous asks: an init_process_group called later in this
     # process then shares this server on MASTER_PORT instead of failing to bind it.
     store = dist.TCPStore(addr, int(port), info.size, is_master=(not agent and info.rank == 0),
-                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False, multi_tenant=True)
-    return StoreExchange(TorchStoreAdapter(store), info.rank, info.size, prefix=prefix, timeout=timeout)
+                          timeout=torch_timedelta(timeout), wait_for_workers=False, multi_tenant=True)
+    # Built with the timeout: a second one on the exchange would add a wait to every lookup.
+    return StoreExchange(TorchStoreAdapter(store), info.rank, info.size, prefix=prefix)
 
 
 def _mpi_shared_type():

@@ -1,12 +1,14 @@
 """The byte exchanges: over the TCP store (threads as ranks) and over MPI."""
 from __future__ import annotations
 
+import datetime
 import math
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -55,15 +57,15 @@ def test_store_exchange_rounds(size):
         assert keys_left == 0, "the exchange left keys behind in the store"
 
 
-def test_store_barrier_takes_the_callers_timeout():
-    """barrier(timeout=) bounds the wait for the peers instead of the exchange's own bound (here the
-    store client's 30 s): the host backend's end-of-call barrier passes its own timeout so."""
+def test_store_barrier_takes_the_exchanges_timeout():
+    """A store exchange's timeout bounds its barrier's wait for the peers instead of the store client's
+    own (here 30 s)."""
     with StoreServer(token="tok") as server:
         client = StoreClient(server.address, "tok", timeout=30.0)
-        ex = StoreExchange(client, 0, 2, prefix="lonely")   # rank 1 never comes
+        ex = StoreExchange(client, 0, 2, prefix="lonely", timeout=0.3)   # rank 1 never comes
         start = time.monotonic()
         with pytest.raises(TimeoutError, match="timed out after 0.3 s"):
-            ex.barrier(timeout=0.3)
+            ex.barrier()
         assert time.monotonic() - start < 5
         client.close()
 
@@ -74,10 +76,10 @@ def test_torch_store_adapter_takes_a_timeout():
     if not dist.is_available():
         pytest.skip("this torch has no torch.distributed")
     store = TorchStoreAdapter(dist.HashStore())
-    ex = StoreExchange(store, 0, 2, prefix="lonely")
+    ex = StoreExchange(store, 0, 2, prefix="lonely", timeout=0.3)
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="not set within 0.3 s in torch.distributed's store"):
-        ex.barrier(timeout=0.3)
+        ex.barrier()
     assert time.monotonic() - start < 5
     threading.Timer(0.2, store.set, ("late", b"v")).start()
     assert store.get("late", timeout=math.inf) == b"v"
@@ -100,6 +102,60 @@ def test_torch_store_lookups_give_up_after_the_exchanges_timeout():
     with pytest.raises(TimeoutError, match=r"get\('missing'\): not set within 0.2 s"):
         store.get("missing", timeout=0.2)
     assert time.monotonic() - t0 < 5
+
+
+class _Recorder:
+    """A torch store that notes the name of every method called on it."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.store, name)
+        if callable(attr):
+            self.calls.append(name)
+        return attr
+
+
+def test_torch_store_adapter_waits_only_for_a_span_other_than_the_stores_own():
+    """A lookup as long as the torch store's own timeout is its get alone (a wait before it was one more
+    round trip on every lookup), and still ends as a TimeoutError."""
+    dist = pytest.importorskip("torch.distributed", reason="torch is not installed")
+    raw = dist.HashStore()
+    raw.set_timeout(datetime.timedelta(seconds=0.3))
+    store = _Recorder(raw)
+    adapter = TorchStoreAdapter(store)
+    adapter.set("k", b"v")
+    store.calls.clear()
+    assert adapter.get("k", timeout=0.3) == b"v"
+    assert store.calls == ["get"]
+    assert adapter.get("k", timeout=2.0) == b"v"
+    assert store.calls == ["get", "wait", "get"]
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"get\('missing'\): not set within 0.3 s in torch.distributed's store"):
+        adapter.get("missing", timeout=0.3)
+    with pytest.raises(TimeoutError, match=r"get\('missing'\): not set within 0.3 s in torch.distributed's store"):
+        adapter.get("missing")
+    assert time.monotonic() - t0 < 5
+
+
+def test_torchrun_store_lookups_are_one_round_trip(monkeypatch):
+    """The TCPStore init() builds under torchrun carries FP4CCL_TIMEOUT itself: its exchange's lookups
+    need no Store.wait on top."""
+    dist = pytest.importorskip("torch.distributed", reason="torch is not installed")
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is initialized in this process: init() would share its store")
+    from fp4ccl.communicator import _torchrun_exchange
+    from test_launcher import free_port
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    ex = _torchrun_exchange(types.SimpleNamespace(rank=0, size=1), "t", 30.0)
+    ex.store._store = store = _Recorder(ex.store._store)
+    assert ex.all_gather_bytes(b"x") == [b"x"]
+    assert ex.broadcast_bytes(b"y", 0) == b"y"
+    ex.barrier()
+    assert "get" in store.calls and "wait" not in store.calls, store.calls
 
 
 def test_single_exchange():

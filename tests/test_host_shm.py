@@ -32,7 +32,7 @@ class LonelyExchange(Exchange):
     def broadcast_bytes(self, data, root):
         return bytes(data)
 
-    def barrier(self, timeout=None):
+    def barrier(self):
         pass
 
 

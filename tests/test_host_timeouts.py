@@ -2,6 +2,12 @@
 and the backend refuses every later call (its calls no longer line up with its peers')."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -131,7 +137,7 @@ def _peer_misses_the_barrier(comm, tag, transport, call):
             with pytest.raises(CommClosedError, match=rf"aborted after a timeout \(host backend: {call}"):
                 fresh.all_reduce(x)
         elif call == "all_gather":
-            ex.barrier = lambda timeout=None: client.get(f"{prefix}/rank0-done", timeout=30.0)
+            backend.transport.barrier = lambda: client.get(f"{prefix}/rank0-done", timeout=30.0)
             assert np.array_equal(fresh.all_gather(x), np.ones(4, np.float32))
     finally:
         fresh.abort()
@@ -146,3 +152,88 @@ def test_the_end_of_call_barrier_uses_the_host_timeout(transport, call):
     over files or the store, and comm.barrier(), like every other wait of the host backend."""
     tag = f"barrier-{transport}-{call}"
     assert run_ranks(2, _peer_misses_the_barrier, tag, transport, call) == [True, True]
+
+
+# Rank argv[1] of a 2-rank gloo group whose own timeout is 15 s, under FP4CCL_TIMEOUT=1: rank 1 holds
+# back from the barrier (for all_gather, the one that ends the call) until rank 0 has given up.
+TORCH_GROUP_JOB = r"""
+import datetime, pathlib, sys, time
+import numpy as np, torch.distributed as dist
+from fp4ccl import Communicator
+from fp4ccl.backends.host import BlobTransport
+from fp4ccl.errors import CommClosedError, CommTimeoutError
+
+rank, port, call, where = int(sys.argv[1]), sys.argv[2], sys.argv[3], pathlib.Path(sys.argv[4])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=15))
+comm = Communicator.from_torch(backend="host")
+done = where / "rank0-done"
+x = np.ones(2, np.float32)
+
+
+def hold_back(transport=None):
+    while not done.exists():
+        time.sleep(0.05)
+
+
+if rank == 0:
+    start = time.monotonic()
+    try:
+        getattr(comm, call)(*([x] if call == "all_gather" else []))
+        print("returned")
+    except CommTimeoutError as err:
+        print(f"gave up after {time.monotonic() - start:.1f} s: {err}")
+    finally:
+        done.write_text("1")
+    try:
+        comm.all_reduce(x)
+    except CommClosedError as err:
+        print(f"then: {err}")
+    comm.abort()
+elif call == "all_gather":
+    BlobTransport.barrier = hold_back
+    assert np.array_equal(comm.all_gather(x), np.ones(4, np.float32))
+    comm.destroy()
+else:
+    hold_back()
+    comm.destroy()
+dist.destroy_process_group()
+"""
+
+
+def test_the_end_of_call_barrier_of_a_torch_group_uses_the_host_timeout(tmp_path):
+    """from_torch(gloo group, backend="host"): FP4CCL_TIMEOUT, not the group's own timeout, bounds the
+    barrier that ends a collective and comm.barrier(); rank 0 raises CommTimeoutError and its
+    communicator is closed. Both calls run at once, as two jobs on two ports."""
+    pytest.importorskip("torch.distributed", reason="torch is not installed")
+    from test_init import ROOT, _environ
+    from test_launcher import free_port
+    script = tmp_path / "job.py"
+    script.write_text(TORCH_GROUP_JOB)
+    jobs = {}
+    for call in ("all_gather", "barrier"):
+        (tmp_path / call).mkdir()
+        port = str(free_port())
+        jobs[call] = [subprocess.Popen([sys.executable, str(script), str(r), port, call, str(tmp_path / call)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                       env=_environ(FP4CCL_TIMEOUT="1", FP4CCL_SHM_DIR=str(tmp_path / call)))
+                      for r in range(2)]
+    deadline = time.monotonic() + 90
+    try:
+        outs = {call: [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+                for call, procs in jobs.items()}
+    finally:
+        for procs in jobs.values():
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    for call, procs in jobs.items():
+        for r, p in enumerate(procs):
+            assert p.returncode == 0, f"{call}, rank {r}:\n{outs[call][r]}"
+        lines = outs[call][0].strip().splitlines()
+        gave_up = re.fullmatch(rf"gave up after ([0-9.]+) s: host backend: {call} \(call #1\) on rank 0 of 2 "
+                               rf"timed out: not every rank reached the barrier within 1 s .*", lines[0])
+        assert gave_up, outs[call][0]
+        assert float(gave_up[1]) < 10, f"{call}: gave up after {gave_up[1]} s, not FP4CCL_TIMEOUT's 1 s"
+        assert lines[1].startswith("then: ") and f"aborted after a timeout (host backend: {call}" in lines[1], lines
+        assert os.listdir(tmp_path / call) == ["rank0-done"], "files left in shared memory"

@@ -50,6 +50,34 @@ def test_connecting_to_the_store_gives_up_after_fp4ccl_timeout():
     assert "FP4CCL_STORE" in last and "FP4CCL_TIMEOUT" in last, last
 
 
+@pytest.mark.parametrize("launcher", ["fp4ccl-run", "torchrun"])
+def test_fp4ccl_timeout_0_waits_forever_on_the_bootstrap_store(monkeypatch, launcher):
+    """0 means forever for the bootstrap store too, as for every other wait (it meant the store's 300 s)."""
+    import datetime
+    import math
+
+    from fp4ccl.bootstrap.env import RankInfo
+    from fp4ccl.bootstrap.store import StoreServer
+    from fp4ccl.communicator import default_exchange
+    monkeypatch.setenv("FP4CCL_TIMEOUT", "0")
+    if launcher == "fp4ccl-run":
+        with StoreServer(token="tok") as server:
+            ex = default_exchange(RankInfo(0, 2, 0, 2, launcher, store=server.address, token="tok", job_id="j"))
+            try:
+                assert ex.store.timeout == math.inf
+            finally:
+                ex.store.close()
+        return
+    dist = pytest.importorskip("torch.distributed", reason="torch is not installed")
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is initialized in this process: init() would share its store")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    ex = default_exchange(RankInfo(0, 2, 0, 2, launcher, job_id="j"))
+    assert ex.store._store.timeout >= datetime.timedelta(days=36500)
+
+
 # -- MPI against the launcher's variables ---------------------------------------------------------
 
 BUILD = "import numpy as np, fp4ccl; c = fp4ccl.init('host'); print('built', c, c.all_reduce(np.ones(1, np.float32)))"

@@ -269,10 +269,41 @@ class ShmBlobs:
                     return out
             except FileNotFoundError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"no data at {path} after {self.timeout:g} s ({ENV_TIMEOUT}; a peer is "
-                                       f"missing or ranks called different collectives)") from None
+                    raise TimeoutError(f"no data at {path} after {self.timeout:g} s ({ENV_TIMEOUT})") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 2e-3)
+
+    def barrier(self, tag: int, rank: int, size: int) -> None:
+        """Return once every rank has entered barrier `tag` (TimeoutError after the timeout).
+
+        Each rank leaves an empty file for each peer, takes (unlinks) the one each peer left for it, and
+        returns once its own have been taken as well. Every file has one reader, who removes it, so a
+        rank may destroy its communicator or exit right after the barrier without removing a signal a
+        slower peer still waits for, and the barrier leaves no file behind. (One marker per rank, read by
+        every peer, would need one more round to learn when it may go.)"""
+        peers = [p for p in range(size) if p != rank]
+        untaken = {p: f"{self.prefix}b{tag}.{rank}.{p}" for p in peers}  # ours, until their reader unlinks them
+        waiting = {p: f"{self.prefix}b{tag}.{p}.{rank}" for p in peers}  # theirs, until we unlink them
+        sent = list(untaken.values())
+        for path in sent:
+            self._mine.add(path)  # before it exists: abort() after a timeout removes the ones left untaken
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        deadline = time.monotonic() + self.timeout
+        pause = 2e-5
+        while True:
+            for peer, path in list(waiting.items()):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    del waiting[peer]
+            untaken = {peer: path for peer, path in untaken.items() if os.path.exists(path)}
+            if not waiting and not untaken:
+                break
+            if time.monotonic() > deadline:
+                late = sorted(set(waiting) | set(untaken))
+                raise TimeoutError(_barrier_timeout(self.timeout, late))
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
+        self._mine.difference_update(sent)
 
     def delete(self, name: str) -> None:
         path = self.prefix + name
@@ -313,6 +344,21 @@ class StoreBlobs:
     def delete(self, name: str) -> None:
         self.store.delete(self.prefix + name)
 
+    def barrier(self, tag: int, rank: int, size: int) -> None:
+        """Return once every rank has entered barrier `tag` (TimeoutError after the timeout): a count of
+        arrivals, whose last lets the others go; the last rank done with the keys deletes them."""
+        base = f"{self.prefix}b{tag}/"
+        if self.store.add(base + "in", 1) == size:
+            self.store.set(base + "go", b"1")
+        else:
+            try:
+                self.store.get(base + "go", timeout=self.timeout)
+            except TimeoutError as err:
+                raise TimeoutError(_barrier_timeout(self.timeout)) from err
+        if self.store.add(base + "done", 1) == size:
+            for key in ("in", "go", "done"):
+                self.store.delete(base + key)
+
     def close(self) -> None:
         pass
 
@@ -323,9 +369,9 @@ class BlobTransport:
     def __init__(self, exchange: Exchange, blobs):
         self.exchange = exchange
         self.blobs = blobs
-        self.timeout = blobs.timeout  # the host backend's, for every wait of this transport
         self.rank, self.size = exchange.rank, exchange.size
         self._seq = 0
+        self._barriers = 0
         self._sent = {}
         self._received = {}
 
@@ -374,19 +420,21 @@ class BlobTransport:
         return got
 
     def barrier(self) -> None:
-        # Bounded by the host backend's timeout, not the exchange's own (a store exchange's is its
-        # client's 300 s unless FP4CCL_TIMEOUT was set when it was made); its TimeoutError becomes the
-        # CommTimeoutError of the call that waited.
-        try:
-            self.exchange.barrier(timeout=self.timeout)
-        except TimeoutError as err:
-            raise TimeoutError(f"not every rank reached the barrier within {self.timeout:g} s ({ENV_TIMEOUT}; a "
-                               f"peer is missing or ranks called different collectives): {err}") from err
+        # Made of the blobs' own timed waits, not the exchange's barrier: those of torch.distributed and
+        # of a store client wait as long as their library or client says, not FP4CCL_TIMEOUT.
+        self._barriers += 1
+        self.blobs.barrier(self._barriers, self.rank, self.size)
 
     def close(self) -> None:
         self.blobs.close()
 
     abort = close  # nothing here waits
+
+
+def _barrier_timeout(timeout: float, late: Sequence[int] = ()) -> str:
+    """Why a barrier of the blob transport gave up; `late`: the ranks it was still waiting for, if known."""
+    who = f"; still waiting for rank(s) {', '.join(map(str, late))}" if late else ""
+    return f"not every rank reached the barrier within {timeout:g} s ({ENV_TIMEOUT}{who})"
 
 
 def _job_name() -> str:

@@ -25,10 +25,11 @@ class Exchange:
     def broadcast_bytes(self, data: Optional[bytes], root: int) -> bytes:
         raise NotImplementedError
 
-    def barrier(self, timeout: Optional[float] = None) -> None:
-        """Return once every rank has called it. timeout: seconds (math.inf: forever) to wait for the
-        peers, instead of the exchange's own bound, where the exchange can bound the wait (the store
-        exchanges: TimeoutError when it runs out); MPI and torch.distributed wait as their library does."""
+    def barrier(self) -> None:
+        """Return once every rank has called it, waiting as long as the exchange's own bound (a store
+        exchange's timeout, else its store client's; MPI's and torch.distributed's as their library
+        does). The host backend's end-of-call barrier is not this one: its transport has its own, which
+        FP4CCL_TIMEOUT bounds over every exchange."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -48,7 +49,7 @@ class SingleExchange(Exchange):
             raise ValueError(f"root={root} out of range for a 1-rank job")
         return bytes(data or b"")
 
-    def barrier(self, timeout: Optional[float] = None) -> None:
+    def barrier(self) -> None:
         pass
 
 
@@ -81,7 +82,7 @@ class MPIExchange(Exchange):
         self.comm.Bcast(buf, root=root)
         return buf.tobytes()
 
-    def barrier(self, timeout: Optional[float] = None) -> None:
+    def barrier(self) -> None:
         self.comm.Barrier()
 
     def close(self) -> None:
@@ -110,9 +111,8 @@ class StoreExchange(Exchange):
         self._seq += 1
         return f"{self.prefix}/{what}/{self._seq}"
 
-    def _get(self, key: str, timeout: Optional[float] = None) -> bytes:
-        timeout = self.timeout if timeout is None else timeout
-        return self.store.get(key, timeout=timeout) if timeout else self.store.get(key)
+    def _get(self, key: str) -> bytes:
+        return self.store.get(key, timeout=self.timeout) if self.timeout else self.store.get(key)
 
     def _finish(self, base: str, keys: List[str]) -> None:
         if self.store.add(f"{base}/done", 1) == self.size:
@@ -137,12 +137,18 @@ class StoreExchange(Exchange):
         self._finish(base, [f"{base}/v"])
         return out
 
-    def barrier(self, timeout: Optional[float] = None) -> None:
+    def barrier(self) -> None:
         base = self._next("bar")
         if self.store.add(f"{base}/in", 1) == self.size:
             self.store.set(f"{base}/go", b"1")
-        self._get(f"{base}/go", timeout)
+        self._get(f"{base}/go")
         self._finish(base, [f"{base}/in", f"{base}/go"])
+
+
+def torch_timedelta(seconds: float) -> datetime.timedelta:
+    """A timeout in seconds as torch.distributed takes it; torch has no wait-forever: a century stands
+    for math.inf."""
+    return datetime.timedelta(days=36500) if math.isinf(seconds) else datetime.timedelta(seconds=seconds)
 
 
 class TorchStoreAdapter:
@@ -156,17 +162,26 @@ class TorchStoreAdapter:
 
     def get(self, key: str, timeout: Optional[float] = None) -> bytes:
         """The value of key once set; timeout: seconds (math.inf: forever), default the torch store's own
-        (for the program's default store, its process group's timeout)."""
+        (for the program's default store, its process group's). TimeoutError when it runs out."""
         if timeout is not None:
-            # torch has no wait-forever: a century stands for it.
-            span = datetime.timedelta(days=36500) if math.isinf(timeout) else datetime.timedelta(seconds=timeout)
-            try:
-                self._store.wait([key], span)
-            except RuntimeError as err:   # torch's DistStoreError on a timeout; check the key rather than parse
-                if not self._store.check([key]):
-                    raise TimeoutError(f"get({key!r}): not set within {timeout:g} s in torch.distributed's "
-                                       f"store") from err
-        return bytes(self._store.get(key))
+            span = torch_timedelta(timeout)
+            # A span other than the store's own costs a wait before the get: one more round trip.
+            if span != self._store.timeout:
+                try:
+                    self._store.wait([key], span)
+                except RuntimeError as err:   # torch's DistStoreError on a timeout; check the key rather than parse
+                    if not self._store.check([key]):
+                        raise self._not_set(key, timeout) from err
+        try:
+            return bytes(self._store.get(key))
+        except RuntimeError as err:
+            if self._store.check([key]):
+                raise
+            raise self._not_set(key, self._store.timeout.total_seconds()) from err
+
+    @staticmethod
+    def _not_set(key: str, timeout: float) -> TimeoutError:
+        return TimeoutError(f"get({key!r}): not set within {timeout:g} s in torch.distributed's store")
 
     def add(self, key: str, delta: int) -> int:
         return int(self._store.add(key, delta))
@@ -210,7 +225,7 @@ class TorchGroupExchange(Exchange):
     def broadcast_bytes(self, data: Optional[bytes], root: int) -> bytes:
         return self.all_gather_bytes(data if self.rank == root else b"")[root]
 
-    def barrier(self, timeout: Optional[float] = None) -> None:
+    def barrier(self) -> None:
         self.dist.barrier(group=self.group)
 
 
