@@ -55,3 +55,18 @@ def comm(monkeypatch):
     c = fp4ccl.init("host")
     yield c
     c.destroy()
+
+
+@pytest.fixture
+def torch_env_store(monkeypatch):
+    """torch.distributed (skipped without torch), not initialized in this process, and MASTER_ADDR /
+    MASTER_PORT naming a free local port with no torchrun agent store: where init() under torchrun's
+    variables hosts its own TCPStore."""
+    dist = pytest.importorskip("torch.distributed", reason="torch is not installed")
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is initialized in this process: init() would share its store")
+    from test_launcher import free_port
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    return dist

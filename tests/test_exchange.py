@@ -139,17 +139,10 @@ def test_torch_store_adapter_waits_only_for_a_span_other_than_the_stores_own():
     assert time.monotonic() - t0 < 5
 
 
-def test_torchrun_store_lookups_are_one_round_trip(monkeypatch):
+def test_torchrun_store_lookups_are_one_round_trip(torch_env_store):
     """The TCPStore init() builds under torchrun carries FP4CCL_TIMEOUT itself: its exchange's lookups
     need no Store.wait on top."""
-    dist = pytest.importorskip("torch.distributed", reason="torch is not installed")
-    if dist.is_initialized():
-        pytest.skip("torch.distributed is initialized in this process: init() would share its store")
     from fp4ccl.communicator import _torchrun_exchange
-    from test_launcher import free_port
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     ex = _torchrun_exchange(types.SimpleNamespace(rank=0, size=1), "t", 30.0)
     ex.store._store = store = _Recorder(ex.store._store)
     assert ex.all_gather_bytes(b"x") == [b"x"]

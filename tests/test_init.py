@@ -51,7 +51,7 @@ def test_connecting_to_the_store_gives_up_after_fp4ccl_timeout():
 
 
 @pytest.mark.parametrize("launcher", ["fp4ccl-run", "torchrun"])
-def test_fp4ccl_timeout_0_waits_forever_on_the_bootstrap_store(monkeypatch, launcher):
+def test_fp4ccl_timeout_0_waits_forever_on_the_bootstrap_store(monkeypatch, request, launcher):
     """0 means forever for the bootstrap store too, as for every other wait (it meant the store's 300 s)."""
     import datetime
     import math
@@ -68,12 +68,7 @@ def test_fp4ccl_timeout_0_waits_forever_on_the_bootstrap_store(monkeypatch, laun
             finally:
                 ex.store.close()
         return
-    dist = pytest.importorskip("torch.distributed", reason="torch is not installed")
-    if dist.is_initialized():
-        pytest.skip("torch.distributed is initialized in this process: init() would share its store")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    request.getfixturevalue("torch_env_store")
     ex = default_exchange(RankInfo(0, 2, 0, 2, launcher, job_id="j"))
     assert ex.store._store.timeout >= datetime.timedelta(days=36500)
 
