@@ -129,13 +129,16 @@ def test_torch_variables_are_set_for_each_rank_even_when_inherited(tmp_path):
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISCOVER = """
+import os
 from fp4ccl.bootstrap.env import discover
 try:
     i = discover()
     line = f"found {i.rank} {i.size} {i.local_rank} {i.local_size} {i.launcher}"
 except ValueError as e:
     line = f"error {e}"
-print(line)   # one write: two ranks of an inner mpiexec share the pipe (unbuffered, print's pieces interleave)
+# One write of the whole line: two ranks of an inner mpiexec share the pipe, and print() writes the text and
+# its newline apart (unbuffered), so two ranks' lines interleaved. A pipe write under 4 KiB is atomic.
+os.write(1, (line + "\\n").encode())
 """
 
 
