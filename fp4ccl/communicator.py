@@ -316,7 +316,7 @@ class Communicator:
     def _sizes(self, sizes, local_rows: int, what: str) -> list:
         """Validate per-rank row counts; None exchanges each rank's local_rows first (a host round trip)."""
         if sizes is None:
-            sizes = [unpack_ints(b)[0] for b in self._exchange.all_gather_bytes(pack_ints(local_rows))]
+            sizes = [v[0] for v in self._gather_ints((local_rows,), what)]
         try:
             sizes = [s if type(s) is int else _integer(s, "sizes") for s in sizes]
         except TypeError:
@@ -326,11 +326,24 @@ class Communicator:
         if any(s < 0 for s in sizes):
             raise ValueError(f"{what}: sizes must be >= 0, got {sizes}")
         if check_consistency():
-            views = self._exchange.all_gather_bytes(pack_ints(*sizes))
+            views = self._gather_ints(sizes, what)
             if len(set(views)) > 1:
-                detail = "; ".join(f"rank {r}: {list(unpack_ints(v))}" for r, v in enumerate(views))
+                detail = "; ".join(f"rank {r}: {list(v)}" for r, v in enumerate(views))
                 raise ValueError(f"{what}: ranks passed different sizes ({detail})")
         return sizes
+
+    def _gather_ints(self, values, what: str) -> list:
+        """Every rank's `values` through the bootstrap exchange (a host round trip). A peer that never
+        comes is a CommTimeoutError naming the call, which closes the communicator as a collective's does."""
+        try:
+            return [unpack_ints(b) for b in self._exchange.all_gather_bytes(pack_ints(*values))]
+        except TimeoutError as err:
+            out = CommTimeoutError(f"{what}: the sizes exchange on rank {self._rank} of {self._size} timed out "
+                                   f"({err}); a rank did not make this call, or died. The communicator cannot be "
+                                   f"used any more")
+            out.rank, out.call, out.seq = self._rank, what, None
+            self._timed_out(out)
+            raise out from err
 
     def all_gatherv(self, x, sizes=None, *, out=None, stream=None, compress=None, global_scale=None,
                     dequantize=None):

@@ -72,3 +72,19 @@ def test_other_backend_errors_leave_it_open(comm, monkeypatch):
     with pytest.raises(RuntimeError, match="something else"):
         comm.all_reduce(x)
     assert np.array_equal(comm.broadcast(x, 0), x)
+
+
+@pytest.mark.parametrize("call", ["all_gatherv", "reduce_scatterv"])
+def test_a_sizes_exchange_that_times_out_closes_the_communicator(comm, monkeypatch, call):
+    """sizes=None (or FP4CCL_CHECK=1) exchanges sizes through the bootstrap: a peer that never comes is a
+    CommTimeoutError naming the call, and the communicator is closed as after a collective's timeout."""
+    def never(data):
+        raise TimeoutError("get('fp4ccl/j/comm1/ag/1/0') timed out after 0.3 s")
+    monkeypatch.setattr(comm._exchange, "all_gather_bytes", never)
+    monkeypatch.setenv("FP4CCL_CHECK", "1")   # the reduce-scatter's sizes are given: compared across ranks
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(CommTimeoutError, match=rf"{call}: the sizes exchange on rank 0 of 1 timed out") as info:
+        comm.all_gatherv(x) if call == "all_gatherv" else comm.reduce_scatterv(x, [3])
+    assert isinstance(info.value, TimeoutError) and info.value.call == call
+    with pytest.raises(CommClosedError):
+        comm.all_reduce(x)
