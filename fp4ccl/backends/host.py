@@ -334,6 +334,7 @@ class StoreBlobs:
         self.store = store
         self.prefix = f"fp4ccl-host/{name}/"
         self.timeout = timeout
+        self._rounds: Optional[StoreExchange] = None   # the barrier's, made on its first call
 
     def put(self, name: str, header: bytes, data: np.ndarray) -> None:
         self.store.set(self.prefix + name, header + data.tobytes())
@@ -345,19 +346,15 @@ class StoreBlobs:
         self.store.delete(self.prefix + name)
 
     def barrier(self, tag: int, rank: int, size: int) -> None:
-        """Return once every rank has entered barrier `tag` (TimeoutError after the timeout): a count of
-        arrivals, whose last lets the others go; the last rank done with the keys deletes them."""
-        base = f"{self.prefix}b{tag}/"
-        if self.store.add(base + "in", 1) == size:
-            self.store.set(base + "go", b"1")
-        else:
-            try:
-                self.store.get(base + "go", timeout=self.timeout)
-            except TimeoutError as err:
-                raise TimeoutError(_barrier_timeout(self.timeout)) from err
-        if self.store.add(base + "done", 1) == size:
-            for key in ("in", "go", "done"):
-                self.store.delete(base + key)
+        """Return once every rank has entered barrier `tag` (TimeoutError after the timeout): the store
+        exchange's barrier under this transport's prefix and timeout, which numbers its rounds in the
+        same step as the tags."""
+        if self._rounds is None:
+            self._rounds = StoreExchange(self.store, rank, size, prefix=self.prefix + "bar", timeout=self.timeout)
+        try:
+            self._rounds.barrier()
+        except TimeoutError as err:
+            raise TimeoutError(_barrier_timeout(self.timeout)) from err
 
     def close(self) -> None:
         pass

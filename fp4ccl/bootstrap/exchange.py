@@ -140,8 +140,9 @@ class StoreExchange(Exchange):
     def barrier(self) -> None:
         base = self._next("bar")
         if self.store.add(f"{base}/in", 1) == self.size:
-            self.store.set(f"{base}/go", b"1")
-        self._get(f"{base}/go")
+            self.store.set(f"{base}/go", b"1")   # the last to arrive lets the others go, and need not wait
+        else:
+            self._get(f"{base}/go")
         self._finish(base, [f"{base}/in", f"{base}/go"])
 
 
