@@ -382,9 +382,8 @@ class Launcher:
 
     def _torch_env(self, info: dict, rank: int, local_rank: int) -> dict:
         a = self.args
-        return {"RANK": str(rank), "WORLD_SIZE": str(info["world"]), "LOCAL_RANK": str(local_rank),
-                "LOCAL_WORLD_SIZE": str(a.nproc_per_node), "MASTER_ADDR": a.master_addr,
-                "MASTER_PORT": str(info["torch_port"])}
+        values = (rank, info["world"], local_rank, a.nproc_per_node, a.master_addr, info["torch_port"])
+        return dict(zip(_TORCH_NAMES, map(str, values)))   # in _TORCH_NAMES' order
 
     def spawn(self, info: dict, show: set[int] | None) -> None:
         a = self.args
