@@ -2,7 +2,7 @@
 # One device-machine session: GPU tests, the mpirun variant, and the benches, each logged under $OUT.
 # Usage: bash bench/gpu_session.sh [stage ...]   stages: info tests mpi (tests/gpu/mpi_main.py under mpirun and
 # launch/mpirun.sh, tests/test_host_mpi.py) sweep vsweep algos fp4bench overlap probe
-# probeov latency (default: all but probe, probeov and latency). OVERLAP_ARGS / PROBE_ARGS / LATENCY_ARGS: extra
+# probeov latency links (default: all but probe, probeov, latency and links). OVERLAP_ARGS / PROBE_ARGS / LATENCY_ARGS: extra
 # arguments for bench_overlap.py / probe_overlap.py / probe_latency.py; GPU_TESTS: the test files.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -86,6 +86,12 @@ for stage in "${stages[@]}"; do
     latency)
       timeout 75 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_latency.py ${LATENCY_ARGS:-} > "$OUT/latency.log" 2>&1
       note "probe latency rc=$?"; grep -v "^\[rank[1-9]" "$OUT/latency.log" | grep -v "^fp4ccl-run" | tail -n 24 >> "$summary" ;;
+    links)
+      # the copy engine's and the SMs' rates to one peer, idle and beside a local copy (bench/probe_links.py)
+      for busy in "" --busy; do
+        timeout 90 $PY -m fp4ccl.launcher -n "$ngpu" bench/probe_links.py $busy ${LINKS_ARGS:-} > "$OUT/links$busy.log" 2>&1
+        note "probe links $busy rc=$?"; grep -v "^\[rank[1-9]" "$OUT/links$busy.log" | grep -v "^fp4ccl-run" | tail -n 8 >> "$summary"
+      done ;;
     *) note "unknown stage $stage" ;;
   esac
   note "-- $stage took $(( $(date +%s) - start )) s"
