@@ -5,7 +5,8 @@ Run under the launcher:  python3 -m fp4ccl.launcher -n 4 bench/probe_links.py [-
 Every rank moves the same bytes at the same time, to (push) or from (pull) its ring neighbour's
 symmetric buffer, the way the FP4 reduce-scatter's pushes and the raw gather's pulls do. A share s
 sends the last s of the bytes with one SM launch (the segmented-copy kernel) beside a copy-engine copy
-of the rest (fp4ccl.symm_collectives.copy_shared); share 1 is the SM launch alone. With --busy, a
+of the rest, cut on a 256-byte boundary; share 1 is the SM launch alone. (Run 92 of bench/RESULTS.md:
+the copy engine alone already carries what the link gives, ~360 GB/s, so no share helped.) With --busy, a
 device-to-device copy of 512 MiB starts on another stream at the same time, as the quantize kernels'
 memory traffic does in the collectives. Median of --reps timed rounds (CUDA events, every rank
 aligned by a barrier first), the slowest rank, GB/s = bytes / time.
@@ -26,8 +27,7 @@ def main() -> None:
 
     import torch
     import fp4ccl
-    from fp4ccl import symm_collectives as sc
-    from fp4ccl.vcollectives import launch_vcopy
+    from fp4ccl.vcollectives import copy, launch_vcopy
 
     comm = fp4ccl.init()
     torch.cuda.set_device(comm.device)
@@ -55,10 +55,10 @@ def main() -> None:
         if busy is not None:
             with torch.cuda.stream(busy_s):
                 busy[1].copy_(busy[0])
-        if share >= 1.0:
-            launch_vcopy(comm.device, [(dst, src, nbytes)], sm_s.cuda_stream)
-        else:
-            sc.copy_shared(comm.device, dst, src, nbytes, share, ce_s.cuda_stream, sm_s.cuda_stream)
+        ce = min(nbytes, -(-(nbytes - int(nbytes * share)) // 256) * 256)
+        copy(dst, src, ce, ce_s.cuda_stream)
+        if ce < nbytes:
+            launch_vcopy(comm.device, [(dst + ce, src + ce, nbytes - ce)], sm_s.cuda_stream)
         for s in (ce_s, sm_s):
             main_s.wait_stream(s)
         end.record(main_s)

@@ -424,44 +424,6 @@ def _positive_env(name: str, default: int) -> int:
     return int(raw)
 
 
-def sm_share() -> float:
-    """The fraction of each copy-engine transfer of the FP4 raw gather and the push reduce-scatter
-    that an SM launch moves instead, beside the copy engine (FP4CCL_FP4_SM_SHARE, default
-    SM_SHARE, 0 <= share < 1; 0 leaves every byte to the copy engine). Only the rank that makes the
-    copy reads it: ranks may differ."""
-    raw = os.environ.get("FP4CCL_FP4_SM_SHARE", "").strip()
-    if not raw:
-        return SM_SHARE
-    try:
-        share = float(raw)
-    except ValueError:
-        share = -1.0
-    if not 0.0 <= share < 1.0:
-        raise ValueError(f"FP4CCL_FP4_SM_SHARE={raw!r} must be a number from 0 up to (not including) 1")
-    return share
-
-
-SM_SHARE = 0.0
-_SHARE_ALIGN = 256  # the copy engine's part ends on this boundary, so the SMs' part starts aligned
-
-
-def ce_part(nbytes: int, share: float) -> int:
-    """The leading bytes of a transfer of `nbytes` that the copy engine moves when the SMs take
-    `share` of it (sm_share()); the SMs move the rest at the same time."""
-    ce = nbytes - int(nbytes * share)
-    return min(nbytes, -(-ce // _SHARE_ALIGN) * _SHARE_ALIGN)
-
-
-def copy_shared(device: int, dst: int, src: int, nbytes: int, share: float, ce_stream: int, sm_stream: int) -> None:
-    """Copy `nbytes` with the copy engine on `ce_stream`, and their last `share` with one SM launch
-    on `sm_stream` at the same time (sm_share())."""
-    from .vcollectives import copy, launch_vcopy
-    ce = ce_part(nbytes, share)
-    copy(dst, src, ce, ce_stream)
-    if ce < nbytes and not launch_vcopy(device, [(dst + ce, src + ce, nbytes - ce)], sm_stream):
-        copy(dst + ce, src + ce, nbytes - ce, ce_stream)
-
-
 def _stage(device: int, dst: int, src: int, nbytes: int, stream: int) -> None:
     """A local copy with the SMs (FP4CCL_CE_STAGE=sm, the default) or the copy engine (ce), so that
     staging the next piece does not queue on the copy engines behind the pulls."""
@@ -634,7 +596,6 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, sour
     first = offsets(rows)
     slot_bytes = _largest_packed(tuple(rows), K, fmt)
     how = raw_pull(slot_bytes)
-    share = sm_share() if how == "ce" else 0.0
 
     def data(r, slots):
         return (dptr + first[r] * K // 2, slots[r], rows[r] * K // 2)
@@ -648,11 +609,7 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, sour
             pull = side_stream(comm, "ce_copy")
             pull.order(pull.ptr, s)
             for p in ring(comm):
-                dst, src, nbytes = data(p, slots)
-                ce = ce_part(nbytes, share)
-                copy(dst, src, ce, pull.ptr)
-                if ce < nbytes:            # the SMs' share, in the launch below
-                    segs.append((dst + ce, src + ce, nbytes - ce))
+                copy(*data(p, slots), pull.ptr)
             segs.append(data(me, slots))
         else:
             segs += [data(r, slots) for r in range(comm.size)]
@@ -667,7 +624,7 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, sour
     # The result arrays are new on every call, but a caching allocator hands the same addresses back
     # when the caller drops each result before the next one (or keeps one at a time): those calls
     # repeat their key and replay its graph. Results that are all kept just never repeat one.
-    key = ("fp4_gather_raw",) + source + (tuple(rows), K, fmt, dptr, sptr, gptr, how, share)
+    key = ("fp4_gather_raw",) + source + (tuple(rows), K, fmt, dptr, sptr, gptr, how)
     workspace(comm).run(slot_bytes, codec.stream, key, enqueue)
 
 
@@ -759,7 +716,6 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     staging = {"pull": (n - 1) * m, "push": sum(size) - m}.get(form, 0)
     # (a stream with no push to make would be joined without being forked: no more than the peers)
     push_streams = max(1, min(rs_push_streams(), n - 1)) if form == "push" else 1
-    share = sm_share() if form == "push" else 0.0
 
     def prepare():
         codec.reserve_nccl_reduce_scatter(K, fmt, rows, staging=staging)
@@ -807,18 +763,14 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     def enqueue_push(s, local, slots):
         codec.stream = s
         pushes = [codec._side("rs_push" if k == 0 else f"rs_push{k}") for k in range(push_streams)]
-        # the SMs' share of each push on a stream of its own, so the next chunk's quantize need not wait for it
-        tails = codec._side("rs_sm_push") if share else None
         for i, p in enumerate(ring(comm)):
             src = codec.staging + stage[i]
             quantize(p, src, codec.amax_rows(info, K, fmt, row_offs[p], rows[p]), pieces[p][0])
             push = pushes[i % push_streams]
             push.order(push.ptr, s)        # this chunk is quantized
-            if tails:
-                tails.order(tails.ptr, s)
-            copy_shared(comm.device, slots[p] + me * size[p], src, size[p], share, push.ptr, tails.ptr if tails else s)
+            copy(slots[p] + me * size[p], src, size[p], push.ptr)
         quantize(me, local + me * m, codec.amax_rows(info, K, fmt, row_offs[me], rows[me]), pieces[me][0])
-        for push in pushes + ([tails] if tails else []):
+        for push in pushes:
             push.order(s, push.ptr)        # every push has landed
         workspace(comm).barrier(s)
         decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
@@ -859,6 +811,6 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
 
     slot = n * max(size) if form in ("store", "push") else sum(size)
     key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed,
-           form, push_streams, share)
+           form, push_streams)
     steps = {"steps": enqueue, "pull": enqueue_pipelined, "store": enqueue_store, "push": enqueue_push}[form]
     workspace(comm).run(slot, codec.stream, key, steps, prepare)

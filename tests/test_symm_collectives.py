@@ -464,44 +464,6 @@ def test_fp4_reduce_scatter_push_stages_each_chunk_and_copies_it_into_its_peers_
     assert [c[0] for c in contribs] == [(2 << 32) + c * size[1] for c in range(3)]
 
 
-def test_fp4_reduce_scatter_push_gives_the_sms_a_share_of_each_push(fakes, monkeypatch):
-    from fp4ccl import vcollectives
-    codec, sides, log = rs_form_setup(monkeypatch, "push")
-    monkeypatch.setenv("FP4CCL_FP4_SM_SHARE", "0.25")
-    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
-    monkeypatch.setattr(vcollectives, "launch_vcopy", lambda dev, segs, st: log.append(("vcopy", segs, st)) or True)
-    rows, K = [2048, 4096, 1024], 64
-    size = [packed_layout(r, K, "mxfp4").total_bytes for r in rows]
-    sc.fp4_reduce_scatter(codec, In(), K, "mxfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
-    push, tails = sides["rs_push"], sides["rs_sm_push"]
-    # each peer's chunk: the copy engine takes its head (up to a 256-byte boundary), the SMs the rest,
-    # about a quarter, on a stream of their own forked from the caller's after that chunk's quantize
-    dst, src = [(3 << 32) + size[2], (1 << 32) + size[0]], [0x5000, 0x5000 + size[2]]
-    ce = [-(-(n - n // 4) // 256) * 256 for n in (size[2], size[0])]
-    assert all(0 < c < n and c % 256 == 0 for c, n in zip(ce, (size[2], size[0])))
-    assert [e for e in log if e[0] in ("copy", "vcopy")] == [
-        ("copy", dst[0], src[0], ce[0], push.ptr), ("vcopy", [(dst[0] + ce[0], src[0] + ce[0], size[2] - ce[0])], tails.ptr),
-        ("copy", dst[1], src[1], ce[1], push.ptr), ("vcopy", [(dst[1] + ce[1], src[1] + ce[1], size[0] - ce[1])], tails.ptr)]
-    # the caller's stream waits for both before the barrier
-    before = log[:log.index(("barrier", 5))]
-    assert [e[:3] for e in before[-2:]] == [("wait", 5, push.ptr), ("wait", 5, tails.ptr)]
-    assert list(sc.workspace(codec.comm)._seen)[0][-4:-2] == (1, 0.25)
-
-
-def test_sm_share_from_the_environment_and_the_split_it_makes(monkeypatch):
-    monkeypatch.delenv("FP4CCL_FP4_SM_SHARE", raising=False)
-    assert sc.sm_share() == sc.SM_SHARE
-    monkeypatch.setenv("FP4CCL_FP4_SM_SHARE", " 0.3 ")
-    assert sc.sm_share() == 0.3
-    for bad in ("1", "-0.1", "half", "nan"):
-        monkeypatch.setenv("FP4CCL_FP4_SM_SHARE", bad)
-        with pytest.raises(ValueError, match="FP4CCL_FP4_SM_SHARE"):
-            sc.sm_share()
-    # the copy engine's part ends on a 256-byte boundary (or is the whole), so the SMs' part starts on one
-    assert [sc.ce_part(n, 0.25) for n in (0, 1, 300, 1023, 1024, 4096 + 7)] == [0, 1, 256, 768, 768, 3328]
-    assert sc.ce_part(12345, 0.0) == 12345
-
-
 def test_fp4_reduce_scatter_push_over_several_copy_streams(fakes, monkeypatch):
     from fp4ccl import vcollectives
     codec, sides, log = rs_form_setup(monkeypatch, "push")
@@ -516,7 +478,7 @@ def test_fp4_reduce_scatter_push_over_several_copy_streams(fakes, monkeypatch):
     assert [e[:2] for e in log if e[0] == "wait"] == [("wait", a.ptr), ("wait", b.ptr), ("wait", 5), ("wait", 5)]
     tail = [e[0] for e in log[log.index([e for e in log if e[0] == "copy"][-1]):]]
     assert tail == ["copy", "amax_rows", "quantize", "wait", "wait", "barrier", "sum"]
-    assert sc.workspace(codec.comm)._seen and list(sc.workspace(codec.comm)._seen)[0][-4:-2] == (2, 0.0)
+    assert sc.workspace(codec.comm)._seen and list(sc.workspace(codec.comm)._seen)[0][-3] == 2
     # more streams than peers: one per peer, each forked before it is joined
     log.clear()
     sides.clear()
@@ -594,7 +556,7 @@ def test_fp4_gather_raw_fills_its_slot_then_pulls_every_part_in_one_launch(fakes
     # addresses (a caching allocator, the previous result dropped) repeats the key and gets a graph.
     seen = list(sc.workspace(comm)._seen)
     assert len(seen) == 1 and seen[0][0] == "fp4_gather_raw" and seen[0][1:5] == source
-    assert (0xD000, 0x5000, 0x6000, "sm", 0.0) == seen[0][-7:-2]
+    assert (0xD000, 0x5000, 0x6000, "sm") == seen[0][-6:-2]
 
 
 def test_fp4_gather_raw_pulls_the_peers_data_with_the_copy_engine(fakes, sides, monkeypatch):
@@ -620,29 +582,7 @@ def test_fp4_gather_raw_pulls_the_peers_data_with_the_copy_engine(fakes, sides, 
                                  (0x5000 + 3 * 2, base[1] + lays[1].scale_off, 5 * 2),
                                  (0x5000 + 8 * 2, base[2] + lays[2].scale_off, 0)], 5),
                    ("wait", 5, pull.ptr)]
-    assert list(sc.workspace(comm)._seen)[0][-4:-2] == ("ce", 0.0)
-
-
-def test_fp4_gather_raw_gives_the_sms_a_share_of_each_pull(fakes, sides, monkeypatch):
-    from fp4ccl import vcollectives
-    log, made = sides
-    monkeypatch.setattr(vcollectives, "copy", lambda d, s, n, st: log.append(("copy", d, s, n, st)))
-    monkeypatch.setattr(vcollectives, "copy_segments", lambda dev, segs, st: log.append(("segments", segs, st)))
-    monkeypatch.setenv("FP4CCL_FP4_RAW_PULL", "ce")
-    monkeypatch.setenv("FP4CCL_FP4_SM_SHARE", "0.5")
-    comm = FakeComm(rank=0, size=2)
-    rows, K = [4, 64], 64
-    sc.fp4_gather_raw(FakeCodec(comm), rows, K, "mxfp4", lambda addr, lay: None, ("x",), 0xD000, 0x5000, 0)
-    lays = [packed_layout(r, K, "mxfp4") for r in rows]
-    peer, n = 2 << 32, 64 * 32
-    pull = made["ce_copy"]
-    # the copy engine pulls the first half of the peer's data, the SM launch the second beside it
-    assert [e for e in log if e[0] == "copy"] == [("copy", 0xD000 + 4 * 32, peer, n // 2, pull.ptr)]
-    (_, segs, stream), = [e for e in log if e[0] == "segments"]
-    assert stream == 5 and segs == [(0xD000 + 4 * 32 + n // 2, peer + n // 2, n // 2), (0xD000, 1 << 32, 4 * 32),
-                                    (0x5000, (1 << 32) + lays[0].scale_off, 4 * 2),
-                                    (0x5000 + 4 * 2, peer + lays[1].scale_off, 64 * 2)]
-    assert list(sc.workspace(comm)._seen)[0][-4:-2] == ("ce", 0.5)
+    assert list(sc.workspace(comm)._seen)[0][-3] == "ce"
 
 
 def test_raw_pull_by_segment_size_and_from_the_environment(monkeypatch):

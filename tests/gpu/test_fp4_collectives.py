@@ -15,10 +15,8 @@ PATHS = ["symm", "symm-steps", "nccl"]
 
 
 # "symm-cepull": symm with the raw gathers' data pulled by the copy engine (FP4CCL_FP4_RAW_PULL=ce; by
-# default only segments from 8 MiB are) instead of copied by the SMs; "symm-cepullsm": the same with
-# the SMs pulling half of each peer's data beside the copy engine (FP4CCL_FP4_SM_SHARE).
-VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0"}, "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"},
-            "cepullsm": {"FP4CCL_FP4_RAW_PULL": "ce", "FP4CCL_FP4_SM_SHARE": "0.5"}}
+# default only segments from 8 MiB are) instead of copied by the SMs.
+VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0"}, "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"}}
 
 
 def _on_path(comm, path, check, *args):
@@ -28,11 +26,9 @@ def _on_path(comm, path, check, *args):
 
 
 def _rs_form_env(form):
-    """FP4CCL_* settings of a reduce-scatter form; "push:3" is the push form over 3 copy streams,
-    "push:sm" the push form with the SMs pushing half of each chunk beside the copy engine."""
-    name, _, option = form.partition(":")
-    more = {"": {}, "sm": {"FP4CCL_FP4_SM_SHARE": "0.5"}}.get(option, {"FP4CCL_FP4_RS_PUSH_STREAMS": option})
-    return {"FP4CCL_FP4_RS_FORM": name, **more}
+    """FP4CCL_* settings of a reduce-scatter form; "push:3" is the push form over 3 copy streams."""
+    name, _, streams = form.partition(":")
+    return {"FP4CCL_FP4_RS_FORM": name, **({"FP4CCL_FP4_RS_PUSH_STREAMS": streams} if streams else {})}
 
 
 @pytest.mark.gpu
@@ -50,15 +46,12 @@ def test_fp4_all_gatherv_bit_exact(fmt, global_scale, framework, nranks, path, s
 @pytest.mark.gpu
 @pytest.mark.parametrize("nranks", [2, 4])
 @pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank")])
-@pytest.mark.parametrize("variant", ["cepull", "cepullsm"])
-def test_fp4_raw_gather_ce_pull(fmt, global_scale, nranks, variant, seed):
+def test_fp4_raw_gather_ce_pull(fmt, global_scale, nranks, seed):
     """The raw gathers with the peers' data pulled by the copy engine (FP4CCL_FP4_RAW_PULL=ce), their
-    scales and the own rows copied by the SMs beside it; with FP4CCL_FP4_SM_SHARE the SMs also pull
-    part of each peer's data."""
+    scales and the own rows copied by the SMs beside it."""
     need_gpus(nranks)
-    K = 64 if variant == "cepull" else 1024  # rows of 512 bytes: most peers' data is more than one 256-byte share
-    assert all(run_ranks(nranks, _on_path, "symm-" + variant, fc.check_fp4_all_gatherv, seed, "torch", fmt,
-                         global_scale, fc.DTYPES, K, backend="nccl"))
+    assert all(run_ranks(nranks, _on_path, "symm-cepull", fc.check_fp4_all_gatherv, seed, "torch", fmt, global_scale,
+                         backend="nccl"))
 
 
 @pytest.mark.gpu
@@ -71,7 +64,7 @@ def test_fp4_gather_into_a_bad_out(framework, path, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", PATHS + ["symm-cepull", "symm-cepullsm"])
+@pytest.mark.parametrize("path", PATHS + ["symm-cepull"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_fp4_gather_of_an_fp4tensor(fmt, path, seed):
     need_gpus(4)
@@ -111,7 +104,7 @@ def test_fp4_stochastic_rounding(path, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3", "push:sm"])
+@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_reduce_scatterv_pipelined(nranks, form, seed):
     """The symmetric-memory reduce-scatter's large-input forms on small inputs, forced by
@@ -130,7 +123,7 @@ def _pipelined_reduce_scatter(comm, seed, form):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["store", "push", "push:3", "push:sm"])
+@pytest.mark.parametrize("form", ["store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_reduce_scatter_forms_interleaved_with_other_collectives(nranks, form, seed):
     """The forms that write into their peers' slots with one barrier per call: many calls back to
@@ -169,7 +162,7 @@ def _rs_interleaved(comm, seed, form):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3", "push:sm"])
+@pytest.mark.parametrize("form", ["pull", "store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_pipelined_reduce_scatter_graphs_and_workspace_growth(nranks, form, seed):
     """The pipelined reduce-scatter called again and again replays a captured graph (three streams
