@@ -25,13 +25,8 @@ import statistics
 import struct
 import sys
 
-# NVLink multicast stays off everywhere this starts processes (see the device notes).
-os.environ["NCCL_NVLS_ENABLE"] = "0"
-os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
-os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _setup  # noqa: E402,F401  (NVLink multicast off, this checkout's fp4ccl first)
 
 
 VARIANT_HELP = ("comma-separated NAME=ENV=V[;ENV=V] pipelined variants (FP4CCL_* settings, e.g. "

@@ -289,6 +289,23 @@ class _Bad(Exception):
         self.msg = msg
 
 
+def _checked(comm, st: _State, what: str, check):
+    """(spec, signature, path variant) of a call whose `check()` gives (spec, the call's own signature),
+    once every rank has checked its arguments and the ranks agree (_agree). The signature adds the path
+    settings, so ranks that would take different paths are told so before anything is enqueued."""
+    spec, sig, var, bad = None, None, None, None
+    try:
+        spec, own = check()
+        var = _variant()
+        sig = {**own, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
+    except _Bad as err:
+        bad = err
+    except ValueError as err:  # a bad FP4CCL_* variable, a read-only out
+        bad = _Bad(ValueError, str(err))
+    _agree(comm, st, what, sig, bad)
+    return spec, sig, var
+
+
 def _agree(comm, st: _State, what: str, signature: Optional[dict], bad: Optional[_Bad]) -> None:
     """Raise on every rank if any rank's arguments are bad or the ranks' calls differ."""
     sig = json.dumps(signature, sort_keys=True) if signature is not None else ""
@@ -587,18 +604,13 @@ def _all_gather_matmul(comm, a_shard, bs, gather_dim, return_a, compress, out, g
                        None if out is None else list(out), t.full_shape, t.out_shapes)
     else:
         what = "all_gather_matmul"
-        spec, bad, sig = None, None, None
-        try:
+
+        def check():
             spec = _ag_check(comm, a_shard, bs, gather_dim, return_a, compress, out, gathered_rhs)
-            var = _variant()
-            sig = {"a": list(spec.info.shape), "dtype": spec.info.dtype,
-                   "b": [list(_arrays.describe(b).shape) for b in spec.bs], "dim": spec.dim, "rhs": spec.rhs,
-                   "compress": spec.compress, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
-        except _Bad as err:
-            bad = err
-        except ValueError as err:  # a bad FP4CCL_* variable, a read-only out
-            bad = _Bad(ValueError, str(err))
-        _agree(comm, st, what, sig, bad)
+            return spec, {"a": list(spec.info.shape), "dtype": spec.info.dtype,
+                          "b": [list(_arrays.describe(b).shape) for b in spec.bs], "dim": spec.dim, "rhs": spec.rhs,
+                          "compress": spec.compress}
+        spec, sig, var = _checked(comm, st, what, check)
         if comm.backend == "host":
             return _ag_host(comm, spec)
         nbytes = math.prod(spec.full_shape) * spec.info.itemsize
@@ -1060,17 +1072,12 @@ def _matmul_reduce_scatter(comm, a, b, scatter_dim, op, out):
         spec = _RsSpec(a, b, t.info, t.dim, t.op, t.out_shape, out)
     else:
         what = "matmul_reduce_scatter"
-        spec, bad, sig = None, None, None
-        try:
+
+        def check():
             spec = _rs_check(comm, a, b, scatter_dim, op, out)
-            var = _variant()
-            sig = {"a": list(spec.info.shape), "b": list(_arrays.describe(b).shape), "dtype": spec.info.dtype,
-                   "dim": spec.dim, "op": spec.op, "path": _env_mode(), "min_bytes": _min_bytes(what), **var}
-        except _Bad as err:
-            bad = err
-        except ValueError as err:  # a bad FP4CCL_* variable, a read-only out
-            bad = _Bad(ValueError, str(err))
-        _agree(comm, st, what, sig, bad)
+            return spec, {"a": list(spec.info.shape), "b": list(_arrays.describe(b).shape), "dtype": spec.info.dtype,
+                          "dim": spec.dim, "op": spec.op}
+        spec, sig, var = _checked(comm, st, what, check)
         if comm.backend == "host":
             return _into(spec.out, _rs_host(comm, spec))
         nbytes = math.prod(spec.info.shape[:-1]) * spec.b.shape[1] * spec.info.itemsize
