@@ -1074,19 +1074,10 @@ FP4_QUANT_SMALL(bf16, u16) FP4_QUANT_SMALL(f16, Half) FP4_QUANT_SMALL(f32, float
 #define FP4_DQ_MINB_u16 FP4_DQ_MINB_16
 #define FP4_DQ_MINB_Half FP4_DQ_MINB_16
 #define FP4_DQ_MINB_float FP4_DQ_MINB_F32
-// The decode kernels may be launched as programmatic dependents of the kernel before them (the device
-// barrier of the symmetric-memory collectives: kernels.dequantize(after_kernel=True)), so their blocks
-// are resident when the barrier ends; they wait for it here before reading anything. A plain launch
-// returns from the wait at once.
-__device__ __forceinline__ void wait_previous_grid() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 #define FP4_DEQUANT(FMT, NAME, OUT, BS, NV, LAY, SWZ, BODY) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS, FP4_DQ_MINB_##OUT) fp4_dequant_##FMT##_##NAME##_##LAY( \
         u8* out, u32 K, u32 ncols_pad, const SegTable t) { \
-        wait_previous_grid(); BODY<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); }
+        BODY<OUT, BS, NV, SWZ>(out, K, ncols_pad, t); }
 #define FP4_DEQUANT_ALL(FMT, BS, NV, BODY) \
     FP4_DEQUANT(FMT, bf16, u16, BS, NV, lin, false, BODY) FP4_DEQUANT(FMT, bf16, u16, BS, NV, swz, true, BODY) \
     FP4_DEQUANT(FMT, f16, Half, BS, NV, lin, false, BODY) FP4_DEQUANT(FMT, f16, Half, BS, NV, swz, true, BODY) \
@@ -1098,6 +1089,6 @@ FP4_DEQUANT_ALL(mx, 32, false, dequant_body)
 #define FP4_DQSUM(FMT, NAME, OUT, BS, NV) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_dqsum_##FMT##_##NAME( \
         u8* out, u32 units, u32 n, u32 accumulate, const __grid_constant__ SumTable t) { \
-        wait_previous_grid(); dqsum_body<OUT, BS, NV>(out, units, n, accumulate, t); }
+        dqsum_body<OUT, BS, NV>(out, units, n, accumulate, t); }
 FP4_DQSUM(nv, bf16, u16, 16, true) FP4_DQSUM(nv, f16, Half, 16, true) FP4_DQSUM(nv, f32, float, 16, true)
 FP4_DQSUM(mx, bf16, u16, 32, false) FP4_DQSUM(mx, f16, Half, 32, false) FP4_DQSUM(mx, f32, float, 32, false)

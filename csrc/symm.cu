@@ -63,20 +63,9 @@ __device__ __forceinline__ void announce_and_wait(const u64* __restrict__ pads, 
     }
 }
 
-// A kernel launched after a barrier as its programmatic dependent (sm_90+) may have its blocks made
-// resident while the barrier still waits, so its launch is off the critical path; it must itself wait
-// (griddepcontrol.wait) for the barrier to end before it reads the peers' memory. Without such a
-// launch this does nothing.
-__device__ __forceinline__ void let_dependents_launch() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-
 // One block, one thread per rank; the host counts the epochs.
 extern "C" __global__ void fp4ccl_symm_barrier(const u64* __restrict__ pads, int rank, int world, u64 epoch,
                                                u64 timeout_ns) {
-    let_dependents_launch();
     announce_and_wait(pads, rank, world, epoch, timeout_ns);
 }
 
@@ -86,7 +75,6 @@ extern "C" __global__ void fp4ccl_symm_barrier(const u64* __restrict__ pads, int
 // frozen into the graph. Every barrier on one buffer must be of this kind (the host counts none).
 extern "C" __global__ void fp4ccl_symm_barrier_dev(const u64* __restrict__ pads, int rank, int world,
                                                    u64* counter, u64 timeout_ns) {
-    let_dependents_launch();
     __shared__ u64 epoch;
     if (threadIdx.x == 0) epoch = *counter + 1;
     __syncthreads();

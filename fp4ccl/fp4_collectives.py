@@ -728,16 +728,15 @@ class _GpuCodec:
         finally:
             be.group_end()
 
-    def dequantize(self, segments, K, fmt, oinfo, stream=None, after_kernel=False):
-        """segments: (first output row, rows, segment address, packed layout) each; after_kernel: as
-        for kernels.dequantize."""
+    def dequantize(self, segments, K, fmt, oinfo, stream=None):
+        """segments: (first output row, rows, segment address, packed layout) each."""
         from .formats import kernels
         bs = BLOCK_SIZE[fmt]
         segs = [(n * K // bs, r0 * K // bs, seg, seg + lay.scale_off, seg + lay.gs_off if fmt == "nvfp4" else 0)
                 for r0, n, seg, lay in segments if n]
         if segs:
             kernels.dequantize(self.device, oinfo.ptr, oinfo.dtype, K, fmt, "linear", segs, 0,
-                               self.stream if stream is None else stream, after_kernel)
+                               self.stream if stream is None else stream)
 
     def pull_gathered(self, rows, K, fmt, info, shape, row_offsets, dtype, fill_slot, source):
         """The symmetric-memory gather of packed FP4 segments (fill_slot writes this rank's from what

@@ -543,9 +543,7 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
         codec.stream = s
         codec.amax_and_quantize(info, K, fmt, shared, [(0, rows[me], local, lays[me])])
         workspace(comm).barrier(s)
-        # launched while the barrier waits, its blocks start decoding as soon as it ends
-        codec.dequantize([(out_rows[r], rows[r], slots[r], lays[r]) for r in range(comm.size)], K, fmt, oinfo,
-                         after_kernel=True)
+        codec.dequantize([(out_rows[r], rows[r], slots[r], lays[r]) for r in range(comm.size)], K, fmt, oinfo)
 
     key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, rows, K, fmt, shared)
     workspace(comm).run(_largest_packed(rows, K, fmt), codec.stream, key, enqueue,
@@ -733,21 +731,20 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
         for piece in pieces[p]:
             quantize(p, dst + region[p], amax, piece)
 
-    def decode_sum(stream, sources, piece, after_barrier=False):
-        """Rows of `piece` of this rank's result, from that piece of each chunk at `sources`; right
-        after the barrier kernel, as its dependent launch (kernels.dequantize's after_kernel)."""
+    def decode_sum(stream, sources, piece):
+        """Rows of `piece` of this rank's result, from that piece of each chunk at `sources`."""
         q0, nq, off, lay = piece
         if nq:
             kernels.dequantize_sum(comm.device, oinfo.ptr + q0 * K * oinfo.itemsize, oinfo.dtype, K, fmt, nq * K // bs,
                                    [(a + off, a + off + lay.scale_off, a + off + lay.gs_off if fmt == "nvfp4" else 0)
-                                    for a in sources], stream, after_barrier)
+                                    for a in sources], stream)
 
     def enqueue(s, local, slots):
         codec.stream = s
         for p in ring(comm) + [me]:
             quantize_chunk(p, local)
         workspace(comm).barrier(s)
-        decode_sum(s, [slot + region[me] for slot in slots], pieces[me][0], after_barrier=True)
+        decode_sum(s, [slot + region[me] for slot in slots], pieces[me][0])
 
     def enqueue_store(s, local, slots):
         codec.stream = s
@@ -761,7 +758,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
             ahead.wait(s, done)
             quantize(p, slots[p] + me * size[p], amax, pieces[p][0])
         workspace(comm).barrier(s)
-        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0], after_barrier=True)
+        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
 
     def enqueue_push(s, local, slots):
         codec.stream = s
@@ -776,7 +773,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
         for push in pushes:
             push.order(s, push.ptr)        # every push has landed
         workspace(comm).barrier(s)
-        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0], after_barrier=True)
+        decode_sum(s, [local + c * m for c in range(n)], pieces[me][0])
 
     def enqueue_pipelined(s, local, slots):
         codec.stream = s

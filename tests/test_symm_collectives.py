@@ -254,8 +254,8 @@ class FakeCodec:
     def amax_and_quantize(self, info, K, fmt, shared, chunks):
         self.quantize(info, K, fmt, self.amax(info, fmt, shared), chunks)
 
-    def dequantize(self, segments, K, fmt, oinfo, after_kernel=False):
-        self.log.append(("dequantize", segments, after_kernel))
+    def dequantize(self, segments, K, fmt, oinfo):
+        self.log.append(("dequantize", segments))
 
 
 class Out:
@@ -274,7 +274,7 @@ def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes, 
         ("reserve", "gather"), ("amax", False),
         ("quantize", 0xA0, [(0, 5, 3 << 32, lays[2])], None),
         ("barrier", 5),
-        ("dequantize", [(0, 3, 1 << 32, lays[0]), (3, 0, 2 << 32, lays[1]), (3, 5, 3 << 32, lays[2])], True)]
+        ("dequantize", [(0, 3, 1 << 32, lays[0]), (3, 0, 2 << 32, lays[1]), (3, 5, 3 << 32, lays[2])])]
     assert FakeBuffer.live[0].nbytes >= 2 * max(lay.total_bytes for lay in lays)
 
 
@@ -343,8 +343,7 @@ def test_fp4_reduce_scatter_quantizes_each_peers_chunk_then_sums_in_rank_order(f
     assert [q[3] for q in quants] == [(9, 1, 2), (9, 1, 0), (9, 1, 1)]
     assert [q[2][0][2] for q in quants] == [(2 << 32) + region[2], 2 << 32, (2 << 32) + region[1]]
     assert FakeBuffer.live[0].barriers == [5]
-    (dev, optr, odt, k, fmt, units, contribs, stream, after), = sums
-    assert after  # launched as the barrier kernel's dependent
+    (dev, optr, odt, k, fmt, units, contribs, stream), = sums
     assert (optr, units, stream) == (0x7000, 4 * K // 16, 5)
     mine = lays[1]
     assert contribs == [(((r + 1) << 32) + region[1], ((r + 1) << 32) + region[1] + mine.scale_off,
@@ -397,7 +396,6 @@ def test_fp4_reduce_scatter_pipelined_pulls_and_sums_each_piece(fakes, monkeypat
     tail = log[log.index(("mark", pull.ptr)):]
     sums = [e for e in log if e[0] == "sum"]
     assert [(e[2], e[6]) for e in sums] == [(0x7000, 3), (0x7000 + 3 * K * 2, 2)]
-    assert [e[-1] for e in sums] == [False, False]   # after an event wait, not the barrier kernel: plain launches
     assert [[c[0] for c in e[7]] for e in sums] == [[1 << 32, 0x5000 + m, 0x5000],
                                                     [(1 << 32) + lay[3].total_bytes, 0x5000 + m + lay[3].total_bytes,
                                                      0x5000 + lay[3].total_bytes]]
@@ -435,8 +433,7 @@ def test_fp4_reduce_scatter_store_quantizes_each_chunk_into_its_peers_slot(fakes
     assert [log[i][2] for i in waits] == [1, 2, 3]           # the marks after each amax, in turn
     # one barrier after the last quantize, then one local sum of the 3 sources' regions in rank order
     assert [e[0] for e in log[log.index(quants[-1]):]] == ["quantize", "barrier", "sum"]
-    (_, dev, optr, odt, k, fmt, units, contribs, stream, after), = [e for e in log if e[0] == "sum"]
-    assert after  # launched as the barrier kernel's dependent
+    (_, dev, optr, odt, k, fmt, units, contribs, stream), = [e for e in log if e[0] == "sum"]
     mine = lays[1]
     assert (optr, units, stream) == (0x7000, 4 * K // 16, 5)
     assert contribs == [((2 << 32) + c * mine.total_bytes, (2 << 32) + c * mine.total_bytes + mine.scale_off,
@@ -463,8 +460,7 @@ def test_fp4_reduce_scatter_push_stages_each_chunk_and_copies_it_into_its_peers_
         ("quantize", 0xA0 + 2, [(2, 4, (2 << 32) + 1 * size[1], lays[1])], 0),   # the own chunk, own region
         ("wait", 5, push.ptr), ("barrier", 5),
         ("sum",) + [e for e in log if e[0] == "sum"][0][1:]]
-    (_, dev, optr, odt, k, fmt, units, contribs, stream, after), = [e for e in log if e[0] == "sum"]
-    assert after  # launched as the barrier kernel's dependent
+    (_, dev, optr, odt, k, fmt, units, contribs, stream), = [e for e in log if e[0] == "sum"]
     assert [c[0] for c in contribs] == [(2 << 32) + c * size[1] for c in range(3)]
 
 

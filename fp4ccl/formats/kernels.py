@@ -421,25 +421,21 @@ def quantize_small_nvfp4(device: int, x_ptr: int, in_dtype: str, numel: int, K: 
 
 
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,
-               segments: Sequence[Tuple[int, int, int, int, int]], ncols_pad: int, stream: int,
-               after_kernel: bool = False) -> None:
+               segments: Sequence[Tuple[int, int, int, int, int]], ncols_pad: int, stream: int) -> None:
     """Decode each segment's (data, scale, gs) into FP4 blocks of out.
 
     segments: (units, dst_block, data_ptr, scale_ptr, gs_ptr): `units` blocks written from block
-    `dst_block` of out on; gs_ptr is the fp32 S_dec to decode with (NVFP4; ignored for MXFP4).
-    after_kernel: the last thing on `stream` is a kernel that lets its dependents launch early (the
-    symmetric-memory barrier): the first launch goes as its programmatic dependent (_Launch.after_previous_kernel)."""
+    `dst_block` of out on; gs_ptr is the fp32 S_dec to decode with (NVFP4; ignored for MXFP4)."""
     la = launcher(device, _DEQUANT_NAMES[(format, out_dtype, layout)], "dequant")
     n = len(segments)
     for i in range(0, n, MAXSEG):
         chunk = segments[i:i + MAXSEG] if n > MAXSEG else segments
         most = _fill_segments(la.table, chunk)
-        go = la.after_previous_kernel if after_kernel and i == 0 else la
-        go(device, _grid(most, la.cap, len(chunk)), len(chunk), stream, out_ptr, K, ncols_pad)
+        la(device, _grid(most, la.cap, len(chunk)), len(chunk), stream, out_ptr, K, ncols_pad)
 
 
 def dequantize_sum(device: int, out_ptr: int, out_dtype: str, K: int, format: str, units: int,
-                   contributions: Sequence[Tuple[int, int, int]], stream: int, after_kernel: bool = False) -> None:
+                   contributions: Sequence[Tuple[int, int, int]], stream: int) -> None:
     """out blocks [0, units) = round_once_to(out_dtype, acc), acc the fp32 sum, in order c = 0, 1, ...,
     of contribution c decoded exactly as `dequantize(..., "float32")` decodes it, from acc = 0.0f.
 
@@ -447,8 +443,7 @@ def dequantize_sum(device: int, out_ptr: int, out_dtype: str, K: int, format: st
     (gs_ptr: its fp32 S_dec; 0 for MXFP4). K is only checked against the block size: the kernel works on
     whole blocks. Up to MAXSUM (128) contributions per launch; more need out_dtype "float32" (the
     launches chain through out, which then holds the exact fp32 running sum). Capturable in a CUDA graph:
-    the addresses travel by value in the launch, nothing is copied from the host. after_kernel: as for
-    dequantize()."""
+    the addresses travel by value in the launch, nothing is copied from the host."""
     if format not in _BLOCK:
         raise ValueError(f"format: expected 'nvfp4' or 'mxfp4', got {format!r}")
     if K % _BLOCK[format]:
@@ -472,5 +467,4 @@ def dequantize_sum(device: int, out_ptr: int, out_dtype: str, K: int, format: st
             t[j] = d
             t[MAXSUM + j] = s
             t[2 * MAXSUM + j] = g
-        go = la.after_previous_kernel if after_kernel and i == 0 else la
-        go(device, gx, 1, stream, out_ptr, units, len(chunk), 1 if i else 0)
+        la(device, gx, 1, stream, out_ptr, units, len(chunk), 1 if i else 0)
