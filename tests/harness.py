@@ -12,10 +12,25 @@ import contextlib
 import multiprocessing as mp
 import os
 import secrets
+import time
 import traceback
 from typing import Any, Callable, Dict, List, Tuple
 
 DEFAULT_TIMEOUT = float(os.environ.get("FP4CCL_TEST_TIMEOUT", "120"))
+
+
+def communicate_all(jobs: Dict[Any, List[Any]], seconds: float) -> Dict[Any, List[str]]:
+    """The output of every subprocess (Popen with text stdout) of every job, all within `seconds` in
+    total; whatever is still running when that runs out, or when a wait fails, is killed."""
+    deadline = time.monotonic() + seconds
+    try:
+        return {name: [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+                for name, procs in jobs.items()}
+    finally:
+        for procs in jobs.values():
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
 
 
 @contextlib.contextmanager

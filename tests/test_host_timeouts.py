@@ -6,13 +6,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from fp4ccl.errors import CommClosedError, CommTimeoutError, Fp4cclError
-from harness import env, run_ranks
+from harness import communicate_all, env, run_ranks
 from test_host_shm import LonelyExchange
 
 
@@ -218,15 +217,7 @@ def test_the_end_of_call_barrier_of_a_torch_group_uses_the_host_timeout(tmp_path
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                        env=_environ(FP4CCL_TIMEOUT="1", FP4CCL_SHM_DIR=str(tmp_path / call)))
                       for r in range(2)]
-    deadline = time.monotonic() + 90
-    try:
-        outs = {call: [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
-                for call, procs in jobs.items()}
-    finally:
-        for procs in jobs.values():
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+    outs = communicate_all(jobs, 90)
     for call, procs in jobs.items():
         for r, p in enumerate(procs):
             assert p.returncode == 0, f"{call}, rank {r}:\n{outs[call][r]}"

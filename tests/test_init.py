@@ -9,12 +9,11 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from harness import env, run_ranks
+from harness import communicate_all, env, run_ranks
 from test_host_mpi import _mpiexec
 from test_launcher import free_port
 
@@ -191,15 +190,7 @@ def test_init_beside_torch_distributed_without_an_agent(tmp_path):
                                         env=_environ(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                                      MASTER_PORT=port, FP4CCL_TIMEOUT="20"))
                        for r in range(2)]
-    deadline = time.monotonic() + 60   # for the four of them: a hung rank fails the test in a minute
-    try:
-        outs = {order: [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
-                for order, procs in jobs.items()}
-    finally:
-        for procs in jobs.values():
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+    outs = communicate_all(jobs, 60)   # for the four of them: a hung rank fails the test in a minute
     for order, procs in jobs.items():
         want = "ok 1" if order == "torch-first" else "ok 2"
         for r, (p, out) in enumerate(zip(procs, outs[order])):
