@@ -220,6 +220,19 @@ def shm_prefix(job: str, directory: Optional[str] = None) -> str:
     return os.path.join(base, f"fp4ccl-{job}-")
 
 
+def _polls(timeout: float, timed_out):
+    """Yield at once, then again after each pause (20 us, doubling up to 2 ms) while `timeout` seconds
+    have not passed since the first; then raise timed_out(). For loops that poll files for a peer."""
+    deadline = time.monotonic() + timeout
+    pause = 2e-5
+    while True:
+        yield
+        if time.monotonic() > deadline:
+            raise timed_out()
+        time.sleep(pause)
+        pause = min(pause * 2, 2e-3)
+
+
 class ShmBlobs:
     """Blobs as files in /dev/shm (same host), readable by this user only; written under a temporary
     name, then renamed into place. Each rank removes the files it wrote at close() or, failing
@@ -254,9 +267,8 @@ class ShmBlobs:
 
     def get(self, name: str) -> np.ndarray:
         path = self.prefix + name
-        deadline = time.monotonic() + self.timeout
-        pause = 2e-5
-        while True:
+        missing = lambda: TimeoutError(f"no data at {path} after {self.timeout:g} s ({ENV_TIMEOUT})")  # noqa: E731
+        for _ in _polls(self.timeout, missing):
             try:
                 with open(path, "rb", buffering=0) as f:
                     out = np.empty(os.fstat(f.fileno()).st_size, _U8)  # aligned, unlike f.read()'s bytes
@@ -268,10 +280,7 @@ class ShmBlobs:
                         done += n
                     return out
             except FileNotFoundError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no data at {path} after {self.timeout:g} s ({ENV_TIMEOUT})") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 2e-3)
+                pass
 
     def barrier(self, tag: int, rank: int, size: int) -> None:
         """Return once every rank has entered barrier `tag` (TimeoutError after the timeout).
@@ -288,9 +297,8 @@ class ShmBlobs:
         for path in sent:
             self._mine.add(path)  # before it exists: abort() after a timeout removes the ones left untaken
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        deadline = time.monotonic() + self.timeout
-        pause = 2e-5
-        while True:
+        late = lambda: TimeoutError(_barrier_timeout(self.timeout, sorted(set(waiting) | set(untaken))))  # noqa: E731
+        for _ in _polls(self.timeout, late):
             for peer, path in list(waiting.items()):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -298,11 +306,6 @@ class ShmBlobs:
             untaken = {peer: path for peer, path in untaken.items() if os.path.exists(path)}
             if not waiting and not untaken:
                 break
-            if time.monotonic() > deadline:
-                late = sorted(set(waiting) | set(untaken))
-                raise TimeoutError(_barrier_timeout(self.timeout, late))
-            time.sleep(pause)
-            pause = min(pause * 2, 2e-3)
         self._mine.difference_update(sent)
 
     def delete(self, name: str) -> None:
