@@ -111,7 +111,7 @@ def main() -> None:
         if not by_half:
             for _ in range(4):
                 fp4_gather("symm")()
-            by_half.update({k[-2]: g for k, g in ws._graphs.items() if k[0] == "fp4_gather"})
+            by_half.update({k[-2]: g for k, g in ws._graphs.items() if k[0] in ("fp4_gather", "fp4_gather_ll")})
             assert len(by_half) == 2, "expected one cached graph per workspace half"
         rt.graphLaunch(by_half[ws.calls % 2], sh)
         ws.calls += 1

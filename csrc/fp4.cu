@@ -14,6 +14,11 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
+#ifndef __CUDACC_RTC__
+#include <cstdio>  // NVRTC has printf built in; nvcc (the offline syntax gate) needs the header
+#endif
+#include "sync.cuh"
+
 #define FP4_MAXSEG 8
 #define FP4_FLT_MAX 3.402823466e+38f
 #define FP4_THREADS 256
@@ -391,25 +396,21 @@ __device__ __forceinline__ u32 e2m1_sr_pack(const float* f, float mult, const Qu
     return w;
 }
 
-// One thread quantizes one block of BS elements per iteration (16 for NVFP4, 32 for MXFP4): it loads
-// BS inputs with 16-byte loads, writes BS/2 data bytes with one 8- or 16-byte store and one scale byte.
-template <typename In, int BS, bool NV, bool SWZ, bool SR>
-__device__ __forceinline__ void quant_block(const uint4* v, u32 l, u32 nbc, const QuantCtx& c, u32 ncols_pad,
-                                            const Seg& seg) {
+// One FP4 block of BS elements (16 for NVFP4, 32 for MXFP4) from its BS / PER_VEC 16-byte input vectors:
+// its packed nibbles w (BS / 8 words) and its scale byte. blk: the block's index in x (stochastic
+// rounding draws from the element index).
+template <typename In, int BS, bool NV, bool SR>
+__device__ __forceinline__ void quant_block_bits(const uint4* v, u64 blk, const QuantCtx& c, u32* w, u32& sbyte) {
     constexpr int PV = Loader<In>::PER_VEC;
     constexpr int NVEC = BS / PV;
-    u8* scale_out = (u8*)seg.scale;
-    const u64 blk = seg.src + l;
     float f[BS];
 #pragma unroll
     for (int j = 0; j < NVEC; ++j) Loader<In>::unpack(v[j], f + j * PV);
     float m = 0.0f;
 #pragma unroll
     for (int j = 0; j < BS; ++j) m = max_nan(m, fabsf(f[j]));
-    u32 w[BS / 8];
 #pragma unroll
     for (int j = 0; j < BS / 8; ++j) w[j] = 0u;
-    u32 sbyte;
     if (!(m <= FP4_FLT_MAX)) {
         sbyte = NV ? 0x7Fu : 0xFFu;   // NaN scale; the block's data stays 0
     } else {
@@ -434,6 +435,17 @@ __device__ __forceinline__ void quant_block(const uint4* v, u32 l, u32 nbc, cons
             }
         }
     }
+}
+
+// One thread quantizes one block per iteration: BS inputs in 16-byte loads, BS/2 data bytes out with
+// one 8- or 16-byte store, and one scale byte.
+template <typename In, int BS, bool NV, bool SWZ, bool SR>
+__device__ __forceinline__ void quant_block(const uint4* v, u32 l, u32 nbc, const QuantCtx& c, u32 ncols_pad,
+                                            const Seg& seg) {
+    u8* scale_out = (u8*)seg.scale;
+    u32 w[BS / 8];
+    u32 sbyte;
+    quant_block_bits<In, BS, NV, SR>(v, seg.src + l, c, w, sbyte);
     if constexpr (BS == 16) *(uint2*)(seg.data + (u64)l * 8u) = make_uint2(w[0], w[1]);
     else *(uint4*)(seg.data + (u64)l * 16u) = make_uint4(w[0], w[1], w[2], w[3]);
     if (SWZ) scale_out[swizzle_offset(l / nbc, l % nbc, ncols_pad)] = (u8)sbyte;
@@ -1010,24 +1022,150 @@ __device__ __forceinline__ float ld_cluster_f32(const float* p, u32 cta) {
     return v;
 }
 
+// The max |x| over all nvec 16-byte vectors of x, in every thread of every CTA of this cluster: each
+// CTA reduces its share, the shares meet through distributed shared memory. Every thread must call it.
 template <typename In>
-__device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, const SegTable& t) {
+__device__ float cluster_amax(const uint4* __restrict__ x, u64 nvec) {
     __shared__ float part, amax;
-    // the grid is one cluster, so blockIdx.x is the CTA's rank in it
-    const float m = block_max(amax_thread<In>(x, nvec, (u64)blockIdx.x * blockDim.x + threadIdx.x,
-                                              (u64)gridDim.x * blockDim.x));
+    u32 cta, ctas;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(cta));
+    asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(ctas));
+    const float m = block_max(amax_thread<In>(x, nvec, (u64)cta * blockDim.x + threadIdx.x, (u64)ctas * blockDim.x));
     if (threadIdx.x == 0) part = m;
     cluster_barrier();   // every CTA's part written and visible cluster-wide
     if (threadIdx.x < 32) {
-        float a = threadIdx.x < gridDim.x ? ld_cluster_f32(&part, threadIdx.x) : 0.0f;
+        float a = threadIdx.x < ctas ? ld_cluster_f32(&part, threadIdx.x) : 0.0f;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, o));
         if (threadIdx.x == 0) amax = a;
     }
     cluster_barrier();   // amax visible to the whole CTA; no CTA exits while a peer reads its part
+    return amax;
+}
+
+template <typename In>
+__device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, const SegTable& t) {
+    const float amax = cluster_amax<In>(x, nvec);   // the grid is one cluster
     const Seg seg = pick_segment(t);
     const QuantCtx c = quant_ctx<true>(amax, 0, seg);
     quant_body<In, 16, true, false, false>(x, K, c, 0u, seg);
+}
+
+// ---------------------------------------------------------------- small NVFP4 gather, one launch
+// The FP4 gather of decode-time sizes as one kernel and no barrier (fp4ccl/symm_collectives.py,
+// docs/VCOLLECTIVES.md). Every rank runs the same grid of FP4_LL_CLUSTER-CTA clusters; CTA j of every
+// rank owns share j of every rank's FP4 blocks (share j of n blocks: [n j / G, n (j + 1) / G)). Each
+// cluster computes the amax of the local x whole (the same value in every cluster: max is exact), then
+// CTA j quantizes share j of the local rows and stores it into the region for this rank in every
+// rank's workspace half, its own included. One flag per (source rank, CTA) in each receiver then says
+// "share j of source s has landed": the flag word carries the epoch in its high half and the source's
+// fp32 S_dec in its low half, and is stored with release semantics after a system fence, so a receiver
+// that reads the epoch with an acquire load sees the data. CTA j waits for share j's flag of every
+// source and decodes those shares from local memory. Nothing is read over NVLink, and no rank waits for
+// more than the shares its CTAs decode.
+// Epochs: CTA j keeps the count of its launches in counters[j] (this rank's memory); ranks launch
+// with the same grid in the same order, so the counts agree. A flag is rewritten, in the same
+// workspace half, two calls later at the earliest; by then its reader has finished with the shares (it
+// wrote its own flags of the call in between only after this kernel ended), so equality with the
+// expected epoch is an exact test.
+#define FP4_LL_CLUSTER 8
+#define FP4_LL_MAXRANKS 8
+#define FP4_LL_MAXCTAS 32   // 4 clusters: every rank's counters and flags are sized for it
+struct LLTable {
+    u64 units[FP4_LL_MAXRANKS];    // FP4 blocks of each source rank's rows
+    u64 first[FP4_LL_MAXRANKS];    // the FP4 block of out where they start
+    u64 region[FP4_LL_MAXRANKS];   // rank r's gather region in this workspace half, as mapped here
+    u64 flags[FP4_LL_MAXRANKS];    // rank r's flag words for this half: [source][FP4_LL_MAXCTAS]
+};
+
+template <typename Out>
+__device__ __forceinline__ void store_block16(u8* dst, const float* f) {
+    uint4* d = (uint4*)dst;
+    if constexpr (Storer<Out>::PER_VEC == 4) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            d[j] = make_uint4(__float_as_uint(f[4 * j]), __float_as_uint(f[4 * j + 1]), __float_as_uint(f[4 * j + 2]),
+                              __float_as_uint(f[4 * j + 3]));
+    } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            d[j] = make_uint4(Storer<Out>::pack2(f[8 * j], f[8 * j + 1]), Storer<Out>::pack2(f[8 * j + 2], f[8 * j + 3]),
+                              Storer<Out>::pack2(f[8 * j + 4], f[8 * j + 5]), Storer<Out>::pack2(f[8 * j + 6], f[8 * j + 7]));
+    }
+}
+
+__device__ __forceinline__ void ll_share(u64 units, u32 j, u32 G, u64& lo, u64& hi) {
+    lo = units * j / G;
+    hi = units * (j + 1) / G;
+}
+
+template <typename In, typename Out>
+__device__ void gather_ll_body(const uint4* __restrict__ x, u64 nvec, u8* out, u64* counters, u64 seg_stride,
+                               u64 scale_off, u64 timeout_ns, u32 rank, u32 world, const LLTable& t) {
+    constexpr int NVEC = 16 / Loader<In>::PER_VEC;
+    constexpr int OBYTES = OutBlock<Out, 16>::BYTES;
+    __shared__ u64 epoch_s;
+    __shared__ float lut[16];
+    __shared__ float sdec_s[FP4_LL_MAXRANKS];
+    const u32 j = blockIdx.x, G = gridDim.x;
+    if (threadIdx.x == 0) epoch_s = counters[j] + 1;
+    fill_e2m1_lut(lut);
+    const float amax = cluster_amax<In>(x, nvec);   // its cluster barriers also publish epoch_s and lut
+    const Seg none = {0, 0, 0, 0, 0};
+    const QuantCtx c = quant_ctx<true>(amax, 0, none);
+    u64 lo, hi;
+    ll_share(t.units[rank], j, G, lo, hi);
+    for (u64 l = lo + threadIdx.x; l < hi; l += blockDim.x) {
+        uint4 v[NVEC];
+#pragma unroll
+        for (int k = 0; k < NVEC; ++k) v[k] = __ldg(x + l * NVEC + k);
+        u32 w[2], sbyte;
+        quant_block_bits<In, 16, true, false>(v, l, c, w, sbyte);
+        for (u32 r = 0; r < world; ++r) {
+            u8* seg = (u8*)t.region[r] + rank * seg_stride;
+            *(uint2*)(seg + l * 8u) = make_uint2(w[0], w[1]);
+            seg[scale_off + l] = (u8)sbyte;
+        }
+    }
+    __syncthreads();   // the CTA's stores precede thread r's fence and flag (cumulativity)
+    const u64 epoch = epoch_s;
+    const u32 tag = (u32)epoch;
+    if (threadIdx.x < world) {
+        __threadfence_system();
+        st_release_sys((u64*)t.flags[threadIdx.x] + rank * FP4_LL_MAXCTAS + j,
+                       ((u64)tag << 32) | __float_as_uint(c.sdec));
+        const u64* mine = (const u64*)t.flags[rank] + threadIdx.x * FP4_LL_MAXCTAS + j;
+        const u64 start = timeout_ns ? global_timer_ns() : 0;
+        u64 seen;
+        while ((u32)((seen = ld_acquire_sys(mine)) >> 32) != tag) {
+            __nanosleep(32);
+            if (timeout_ns && global_timer_ns() - start > timeout_ns) {
+                printf("fp4ccl: FP4 gather timed out on rank %u waiting for rank %u's rows (share %u, epoch %u, "
+                       "the flag holds %u); a rank skipped or reordered a collective call\n",
+                       rank, threadIdx.x, j, tag, (u32)(seen >> 32));
+                __trap();
+            }
+        }
+        sdec_s[threadIdx.x] = __uint_as_float((u32)seen);
+    }
+    __syncthreads();   // every source's share has landed (the acquire above, then this barrier)
+    const u8* region = (const u8*)t.region[rank];
+    for (u32 s = 0; s < world; ++s) {
+        ll_share(t.units[s], j, G, lo, hi);
+        const u8* seg = region + s * seg_stride;
+        u8* dst = out + t.first[s] * OBYTES;
+        const float sdec = sdec_s[s];
+        for (u64 l = lo + threadIdx.x; l < hi; l += blockDim.x) {
+            // .cg: written by other GPUs during this kernel, so never from the non-coherent L1 paths
+            Packed<16> d;
+            d.d = __ldcg((const uint2*)(seg + l * 8u));
+            const float sc = __fmul_rn(e4m3_to_f32(__ldcg(seg + scale_off + l)), sdec);
+            float f[16];
+            decode_block<16>(d, lut, sc, f);
+            store_block16<Out>(dst + l * OBYTES, f);
+        }
+    }
+    if (threadIdx.x == 0) counters[j] = epoch;
 }
 
 // ---------------------------------------------------------------- entry points (extern "C": stable names)
@@ -1063,6 +1201,16 @@ FP4_QUANT_ALL(mx, 32, false)
     extern "C" __global__ void __cluster_dims__(FP4_SMALL_CTAS, 1, 1) __launch_bounds__(FP4_THREADS) \
     fp4_quant_small_nv_##NAME(const uint4* x, u64 nvec, u32 K, const SegTable t) { quant_small_body<IN>(x, nvec, K, t); }
 FP4_QUANT_SMALL(bf16, u16) FP4_QUANT_SMALL(f16, Half) FP4_QUANT_SMALL(f32, float)
+
+// fp4_gather_ll_nv_<t>(x, nvec, out, counters, seg_stride, scale_off, timeout_ns, rank, world, table):
+// x and out of one type (the gather decodes to x's dtype); launch FP4_LL_CLUSTER x (1..4) blocks; see
+// gather_ll_body. sm_90+.
+#define FP4_GATHER_LL(NAME, T) \
+    extern "C" __global__ void __cluster_dims__(FP4_LL_CLUSTER, 1, 1) __launch_bounds__(FP4_THREADS) \
+    fp4_gather_ll_nv_##NAME(const uint4* x, u64 nvec, u8* out, u64* counters, u64 seg_stride, u64 scale_off, \
+                            u64 timeout_ns, u32 rank, u32 world, const __grid_constant__ LLTable t) { \
+        gather_ll_body<T, T>(x, nvec, out, counters, seg_stride, scale_off, timeout_ns, rank, world, t); }
+FP4_GATHER_LL(bf16, u16) FP4_GATHER_LL(f16, Half) FP4_GATHER_LL(f32, float)
 #endif
 
 #ifndef FP4_DQ_MINB_F32

@@ -19,21 +19,7 @@ typedef unsigned long long u64;
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-__device__ __forceinline__ void st_release_sys(u64* addr, u64 value) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(addr), "l"(value) : "memory");
-}
-
-__device__ __forceinline__ u64 ld_acquire_sys(const u64* addr) {
-    u64 value;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(addr) : "memory");
-    return value;
-}
-
-__device__ __forceinline__ u64 global_timer_ns() {
-    u64 t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
+#include "sync.cuh"
 
 // Thread `peer` of the block announces `epoch` to that peer and waits until the peer announced at
 // least as much to us. `pads[p]` is rank p's pad as mapped in this process. timeout_ns == 0 waits

@@ -372,7 +372,7 @@ class Communicator:
         if out is not None and self._extras:
             from . import symm_repeat
             serves = (("all_gatherv", "all_gatherv_ce") if compress is None else
-                      ("fp4_gather",) if dequantize else ("fp4_gather_raw",))
+                      ("fp4_gather", "fp4_gather_ll") if dequantize else ("fp4_gather_raw",))
             return symm_repeat.dispatch(self, ("all_gatherv", compress, global_scale, dequantize), serves, x, out,
                                         sizes, stream, self._all_gatherv, *args)
         return self._all_gatherv(*args)

@@ -300,7 +300,9 @@ class SymmetricBuffer:
 
     # -- collective lifecycle -----------------------------------------------------------------------
     @classmethod
-    def allocate(cls, comm, shape, dtype) -> "SymmetricBuffer":
+    def allocate(cls, comm, shape, dtype, zeroed: bool = False) -> "SymmetricBuffer":
+        """Collective. `zeroed`: the data starts as zeros on every rank before any peer can map it (flags
+        that peers write into it must never start as garbage that looks like a signal)."""
         check_open = getattr(comm, "_check_open", None)
         if check_open is not None:
             check_open()
@@ -310,10 +312,10 @@ class SymmetricBuffer:
         shape = _normalize_shape(shape)
         dtype = _arrays.dtype_name(dtype)
         self = cls(comm, shape, dtype)
-        self._allocate()
+        self._allocate(zeroed)
         return self
 
-    def _allocate(self) -> None:
+    def _allocate(self, zeroed: bool = False) -> None:
         import cupy
         from cupy.cuda import runtime
         ex = self.comm._exchange
@@ -333,7 +335,8 @@ class SymmetricBuffer:
                 else:
                     self._base = runtime.malloc(self.alloc_bytes)
                 # Pads start at epoch 0; zeroed and synchronized before any peer can learn the handle.
-                runtime.memset(self._base + self.pad_offset, 0, self.alloc_bytes - self.pad_offset)
+                start = 0 if zeroed else self.pad_offset
+                runtime.memset(self._base + start, 0, self.alloc_bytes - start)
                 runtime.deviceSynchronize()
                 if use_vmm:
                     fd = self._own.export_fd()

@@ -249,10 +249,14 @@ def test_kernel_names_exist_in_the_source():
     from fp4ccl.formats import kernels
     text = (REPO / "csrc" / "fp4.cu").read_text()
     names = kernels.kernel_names()
-    assert len(names) == 3 + 2 * 3 * 2 * 3 + 2 * 3 + 3
+    assert len(names) == 3 + 2 * 3 * 2 * 3 + 2 * 3 + 3 + 3
     for macro in ("FP4_AMAX(", "FP4_QUANT_ALL(nv", "FP4_QUANT_ALL(mx", "FP4_DEQUANT_ALL(nv", "FP4_DEQUANT_ALL(mx",
-                  "FP4_DQSUM(nv, bf16", "FP4_DQSUM(mx, f32", "FP4_QUANT_SMALL(f32"):
+                  "FP4_DQSUM(nv, bf16", "FP4_DQSUM(mx, f32", "FP4_QUANT_SMALL(f32", "FP4_GATHER_LL(f32"):
         assert macro in text
+    for macro, value in (("FP4_LL_CLUSTER", kernels.LL_CLUSTER), ("FP4_LL_MAXRANKS", kernels.LL_MAXRANKS),
+                         ("FP4_LL_MAXCTAS", kernels.LL_MAXCTAS)):
+        assert f"#define {macro} {value}" in text
+    assert kernels.LL_MAXCTAS == 4 * kernels.LL_CLUSTER     # symm_collectives._ll_plan: at most 4 clusters
     assert kernels.SEG_DTYPE.itemsize == 5 * 8 * kernels.MAXSEG
     assert f"#define FP4_SMALL_CTAS {kernels.SMALL_CTAS}" in text
     # the by-value tables must fit the 4 KB kernel parameter space with the scalar arguments

@@ -55,6 +55,10 @@ _AMAX_NAMES = {t: f"fp4_amax_{tn}" for t, tn in _IN_NAME.items()}
 _SMALL_NAMES = {t: f"fp4_quant_small_nv_{tn}" for t, tn in _IN_NAME.items()}
 SMALL_CTAS = 8       # FP4_SMALL_CTAS in csrc/fp4.cu: the cluster (and grid) of quantize_small_nvfp4
 SMALL_MIN_ARCH = 90  # thread-block clusters
+_LL_NAMES = {t: f"fp4_gather_ll_nv_{tn}" for t, tn in _IN_NAME.items()}
+LL_CLUSTER = 8       # FP4_LL_CLUSTER in csrc/fp4.cu: CTAs per cluster of gather_ll_nvfp4
+LL_MAXRANKS = 8      # FP4_LL_MAXRANKS
+LL_MAXCTAS = 32      # FP4_LL_MAXCTAS: flag words per source rank, epoch counters per rank
 
 # argument kinds of each kernel family, in C order; "seg"/"sum" is the by-value table
 _SIGNATURES = {
@@ -63,12 +67,13 @@ _SIGNATURES = {
     "dequant": ("u64", "u32", "u32", "seg"),
     "dqsum": ("u64", "u32", "u32", "u32", "sum"),
     "qsmall": ("u64", "u64", "u32", "seg"),
+    "gll": ("u64", "u64", "u64", "u64", "u64", "u64", "u64", "u32", "u32", "ll"),
     # kernels of other modules launched through launcher() (csrc/symm.cu, csrc/vcopy.cu)
     "symm_barrier_dev": ("u64", "i32", "i32", "u64", "u64"),
     "vcopy": ("vtab",),
 }
 VCOPY_MAXSEG = 128   # VCOPY_MAXSEG in csrc/vcopy.cu: segments per launch (src, dst, nbytes arrays)
-_TABLES = {"seg": 5 * MAXSEG, "sum": 3 * MAXSUM, "vtab": 3 * VCOPY_MAXSEG}   # u64 words of each by-value table
+_TABLES = {"seg": 5 * MAXSEG, "sum": 3 * MAXSUM, "vtab": 3 * VCOPY_MAXSEG, "ll": 4 * LL_MAXRANKS}   # u64 words of each by-value table
 _CTYPES = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "i32": ctypes.c_int32, "f32": ctypes.c_float,
            **{k: ctypes.c_uint64 * n for k, n in _TABLES.items()}}
 _NUMPY = {"u64": np.uint64, "u32": np.uint32, "i32": np.int32, "f32": np.float32}
@@ -280,7 +285,7 @@ def kernel_names() -> List[str]:
             for lay in _LAYOUT_NAME.values():
                 names += [f"fp4_quant_{f}_{t}_{lay}_{r}" for r in _ROUND_NAME.values()]
                 names.append(f"fp4_dequant_{f}_{t}_{lay}")
-    return names + list(_SUM_NAMES.values()) + list(_SMALL_NAMES.values())
+    return names + list(_SUM_NAMES.values()) + list(_SMALL_NAMES.values()) + list(_LL_NAMES.values())
 
 
 # ------------------------------------------------------------------------------ copies
@@ -418,6 +423,29 @@ def quantize_small_nvfp4(device: int, x_ptr: int, in_dtype: str, numel: int, K: 
     la = launcher(device, _SMALL_NAMES[in_dtype], "qsmall")
     _fill_segments(la.table, (segment,))
     la(device, SMALL_CTAS, 1, stream, x_ptr, numel * _ITEMSIZE[in_dtype] // 16, K)
+
+
+def gather_ll_nvfp4(device: int, x_ptr: int, dtype: str, numel: int, out_ptr: int, units: Sequence[int], first: Sequence[int], regions: Sequence[int], flags: Sequence[int],
+                    counters: int, seg_stride: int, scale_off: int, clusters: int, rank: int, timeout_ns: int,
+                    stream: int) -> None:
+    """One launch of the whole NVFP4 gather with per-rank global scales (csrc/fp4.cu, gather_ll_body):
+    quantize this rank's `numel` elements of x (`dtype`, out's too) with their own amax, store them into the region for this
+    rank in every rank's workspace half (`regions[r]`, each source's segment `seg_stride` bytes with its
+    scales at `scale_off`), flag them in `flags[r]`, wait for every rank's flags and decode all of them
+    into out. units[s] / first[s]: FP4 blocks of rank s and where in out they go. counters: this rank's
+    LL_MAXCTAS epoch counters. clusters: 1..4 clusters of LL_CLUSTER CTAs, the same on every rank.
+    sm_90+ (has_quantize_small); the caller checks everything else (fp4ccl.symm_collectives)."""
+    la = launcher(device, _LL_NAMES[dtype], "gll")
+    world = len(units)
+    t = la.table
+    t[:] = 0
+    for r in range(world):
+        t[r] = units[r]
+        t[LL_MAXRANKS + r] = first[r]
+        t[2 * LL_MAXRANKS + r] = regions[r]
+        t[3 * LL_MAXRANKS + r] = flags[r]
+    la(device, LL_CLUSTER * clusters, 1, stream, x_ptr, numel * _ITEMSIZE[dtype] // 16, out_ptr, counters,
+       seg_stride, scale_off, timeout_ns, rank, world)
 
 
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,

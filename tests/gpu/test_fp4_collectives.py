@@ -9,14 +9,15 @@ from harness import env, run_ranks
 
 
 # Each check runs on both transports: "symm" (symmetric memory, the default on one node) and "nccl";
-# "symm-steps" is symm with the one-launch small-input kernels off (FP4CCL_SMALL_QUANTIZE_BYTES=0), so
-# the separate amax, quantize, barrier and decode launches stay tested at these sizes too.
+# "symm-steps" is symm with the one-launch small-input kernels off (FP4CCL_SMALL_QUANTIZE_BYTES=0,
+# FP4CCL_FP4_GATHER_FORM=steps), so the separate amax, quantize, barrier and decode launches stay
+# tested at these sizes too; plain "symm" gathers them with the one-launch NVFP4 gather.
 PATHS = ["symm", "symm-steps", "nccl"]
 
 
 # "symm-cepull": symm with the raw gathers' data pulled by the copy engine (FP4CCL_FP4_RAW_PULL=ce; by
 # default only segments from 8 MiB are) instead of copied by the SMs.
-VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0"}, "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"}}
+VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0", "FP4CCL_FP4_GATHER_FORM": "steps"}, "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"}}
 
 
 def _on_path(comm, path, check, *args):
@@ -221,6 +222,61 @@ def check_pipelined_graphs_and_growth(comm, seed, form="pull"):
             assert bool((sentinel == 7.0).all()), f"rank {comm.rank}: a call wrote into memory it no longer owns"
         finally:
             symm_collectives.forget_graphs(comm)
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 3, 4])
+def test_fp4_one_launch_gather_back_to_back_with_other_collectives(nranks, seed):
+    """The one-launch NVFP4 gather (FP4CCL_FP4_GATHER_FORM=ll), whose flags carry a per-CTA epoch kept
+    on the device: many calls back to back on the two workspace halves, eager and replayed from
+    graphs, with 1-4 clusters, a rank with no rows, every dtype, K of 16, 48 and 80, between plain
+    gathers, FP4 reduce-scatters and a workspace growth; every result bit-exact, nothing past its end."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _ll_interleaved, seed, backend="nccl"))
+
+
+def _ll_interleaved(comm, seed):
+    import numpy as np
+    import torch
+    from collective_checks import check_no_overrun, sentinel_out, to_framework, to_numpy
+    from fp4_collective_checks import roundtrip, shard
+    from fp4ccl import symm_collectives
+    n, me = comm.size, comm.rank
+    dev = f"cuda:{comm.device}"
+    # (sizes, K, dtype); the FP4 blocks of the largest rank make 1, 1, 4 and 2 clusters
+    cases = [([(1, 0, 7, 2)[r % 4] for r in range(n)], 16, "bfloat16"),
+             ([64 * (r + 1) for r in range(n)], 48, "float32"),
+             ([2048 if r == n - 1 else 3 * r for r in range(n)], 64, "float16"),
+             ([(300, 0, 251, 97)[r % 4] for r in range(n)], 80, "bfloat16")]
+    assert [symm_collectives._ll_plan(tuple(sz), K)[4] for sz, K, _ in cases] == [1, 1, 4, 2]
+    outs = [sentinel_out(comm, "torch", (sum(sz), K), dt) for sz, K, dt in cases]
+    with env({"FP4CCL_FP4_GATHER_FORM": "ll", "FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
+        for step in range(48):
+            which = (step * 3 + step // 8) % len(cases)   # every case meets both halves, in varying order
+            sizes, K, dtype = cases[which]
+            xs = [shard(seed, r, 700 + step, sizes[r], K, dtype) for r in range(n)]
+            fbuf, out = outs[which]
+            out.view(torch.uint8).fill_(0x5A)
+            comm.all_gatherv(to_framework(xs[me], "torch", comm.device), sizes, out=out, compress="nvfp4")
+            if step % 3 == 1:
+                g = torch.full((3, 16), float(me), device=dev)
+                got = comm.all_gatherv(g, [3] * n)
+                assert torch.equal(got[3 * me:3 * me + 3], g), f"rank {me} step {step}: plain gather"
+            if step % 5 == 2:
+                y = torch.ones((2 * n, 32), device=dev) * (me + 1)
+                got = comm.reduce_scatterv(y, [2] * n, compress="nvfp4")
+                assert torch.equal(got, torch.full_like(got, n * (n + 1) / 2)), f"rank {me} step {step}: FP4 RS"
+            if step == 20:   # grows the workspace (the counters and flags start again from zero)
+                big = torch.full((1 << 18, 8), 1.0, device=dev)
+                comm.all_gatherv(big, [1 << 18] * n)
+            torch.cuda.synchronize(comm.device)
+            what = f"rank {me} step {step} sizes={sizes} K={K} {dtype}"
+            check_no_overrun(fbuf, (sum(sizes), K), dtype, what)
+            want = np.concatenate([roundtrip(a, "nvfp4") if len(a) else a for a in xs])
+            assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want.view(np.uint8)), what
+    keys = [k[0] for k in symm_collectives.workspace(comm)._graphs]
+    assert "fp4_gather_ll" in keys, f"rank {me}: no one-launch gather was replayed from a graph ({keys})"
     return True
 
 
