@@ -1052,30 +1052,31 @@ __device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, c
 }
 
 // ---------------------------------------------------------------- small NVFP4 gather, one launch
-// The FP4 gather of decode-time sizes as one kernel and no barrier (fp4ccl/symm_collectives.py,
-// docs/VCOLLECTIVES.md). Every rank runs the same grid of FP4_LL_CLUSTER-CTA clusters; CTA j of every
-// rank owns share j of every rank's FP4 blocks (share j of n blocks: [n j / G, n (j + 1) / G)). Each
-// cluster computes the amax of the local x whole (the same value in every cluster: max is exact), then
-// CTA j quantizes share j of the local rows and stores it into the region for this rank in every
-// rank's workspace half, its own included. One flag per (source rank, CTA) in each receiver then says
-// "share j of source s has landed": the flag word carries the epoch in its high half and the source's
-// fp32 S_dec in its low half, and is stored with release semantics after a system fence, so a receiver
-// that reads the epoch with an acquire load sees the data. CTA j waits for share j's flag of every
-// source and decodes those shares from local memory. Nothing is read over NVLink, and no rank waits for
-// more than the shares its CTAs decode.
-// Epochs: CTA j keeps the count of its launches in counters[j] (this rank's memory); ranks launch
-// with the same grid in the same order, so the counts agree. A flag is rewritten, in the same
-// workspace half, two calls later at the earliest; by then its reader has finished with the shares (it
-// wrote its own flags of the call in between only after this kernel ended), so equality with the
-// expected epoch is an exact test.
+// The FP4 gather of decode-time sizes as one kernel and no barrier (fp4ccl/ll_gather.py,
+// docs/VCOLLECTIVES.md), over a symmetric buffer of its own: every rank's region holds, per parity, one
+// segment per source rank (FP4 data, then scales). Every rank runs the same grid, FP4_LL_MAXCTAS CTAs
+// in clusters of FP4_LL_CLUSTER; CTA j of every rank owns share j of every rank's FP4 blocks (share j
+// of n blocks: [n j / G, n (j + 1) / G)). Each cluster computes the amax of the local x whole (the same
+// value in every cluster: max is exact), then CTA j quantizes share j of the local rows and stores it
+// into this rank's segment in every rank's region, its own included. One flag word per (source, CTA) in
+// each receiver then says "share j of source s has landed": the epoch in its high half, the source's
+// fp32 S_dec in its low half, stored with release semantics after a system fence, so a receiver that
+// reads the epoch with an acquire load sees the data. CTA j waits for share j's flag of every source and
+// decodes those shares from local memory: nothing is read over NVLink.
+// Epochs: CTA j counts its launches in counters[j] (this rank's memory); every launch has the same grid,
+// so all counts agree, on every rank. The call's parity (epoch & 1) picks the half of the regions and
+// flags, so calls alternate halves on the device, in a CUDA graph too. A half is rewritten two calls
+// later at the earliest: a sender starts call e + 2 only after it saw every receiver's flags of call
+// e + 1, which each receiver stores only after its call e ended, reads included. So equality with the
+// expected epoch is an exact test, and nothing is overwritten while it is read.
 #define FP4_LL_CLUSTER 8
 #define FP4_LL_MAXRANKS 8
-#define FP4_LL_MAXCTAS 32   // 4 clusters: every rank's counters and flags are sized for it
+#define FP4_LL_MAXCTAS 32   // the grid: 4 clusters
 struct LLTable {
     u64 units[FP4_LL_MAXRANKS];    // FP4 blocks of each source rank's rows
     u64 first[FP4_LL_MAXRANKS];    // the FP4 block of out where they start
-    u64 region[FP4_LL_MAXRANKS];   // rank r's gather region in this workspace half, as mapped here
-    u64 flags[FP4_LL_MAXRANKS];    // rank r's flag words for this half: [source][FP4_LL_MAXCTAS]
+    u64 region[FP4_LL_MAXRANKS];   // rank r's segments (both halves), as mapped here
+    u64 flags[FP4_LL_MAXRANKS];    // rank r's flag words (both halves: [half][source][FP4_LL_MAXCTAS])
 };
 
 template <typename Out>
@@ -1111,6 +1112,11 @@ __device__ void gather_ll_body(const uint4* __restrict__ x, u64 nvec, u8* out, u
     if (threadIdx.x == 0) epoch_s = counters[j] + 1;
     fill_e2m1_lut(lut);
     const float amax = cluster_amax<In>(x, nvec);   // its cluster barriers also publish epoch_s and lut
+    const u64 epoch = epoch_s;
+    const u32 tag = (u32)epoch;
+    const u64 half = epoch & 1u;
+    const u64 half_bytes = (u64)world * seg_stride;
+    const u64 flag0 = half * FP4_LL_MAXRANKS * FP4_LL_MAXCTAS + j;   // + source * FP4_LL_MAXCTAS
     const Seg none = {0, 0, 0, 0, 0};
     const QuantCtx c = quant_ctx<true>(amax, 0, none);
     u64 lo, hi;
@@ -1122,19 +1128,17 @@ __device__ void gather_ll_body(const uint4* __restrict__ x, u64 nvec, u8* out, u
         u32 w[2], sbyte;
         quant_block_bits<In, 16, true, false>(v, l, c, w, sbyte);
         for (u32 r = 0; r < world; ++r) {
-            u8* seg = (u8*)t.region[r] + rank * seg_stride;
+            u8* seg = (u8*)t.region[r] + half * half_bytes + rank * seg_stride;
             *(uint2*)(seg + l * 8u) = make_uint2(w[0], w[1]);
             seg[scale_off + l] = (u8)sbyte;
         }
     }
     __syncthreads();   // the CTA's stores precede thread r's fence and flag (cumulativity)
-    const u64 epoch = epoch_s;
-    const u32 tag = (u32)epoch;
     if (threadIdx.x < world) {
         __threadfence_system();
-        st_release_sys((u64*)t.flags[threadIdx.x] + rank * FP4_LL_MAXCTAS + j,
+        st_release_sys((u64*)t.flags[threadIdx.x] + flag0 + rank * FP4_LL_MAXCTAS,
                        ((u64)tag << 32) | __float_as_uint(c.sdec));
-        const u64* mine = (const u64*)t.flags[rank] + threadIdx.x * FP4_LL_MAXCTAS + j;
+        const u64* mine = (const u64*)t.flags[rank] + flag0 + threadIdx.x * FP4_LL_MAXCTAS;
         const u64 start = timeout_ns ? global_timer_ns() : 0;
         u64 seen;
         while ((u32)((seen = ld_acquire_sys(mine)) >> 32) != tag) {
@@ -1149,7 +1153,7 @@ __device__ void gather_ll_body(const uint4* __restrict__ x, u64 nvec, u8* out, u
         sdec_s[threadIdx.x] = __uint_as_float((u32)seen);
     }
     __syncthreads();   // every source's share has landed (the acquire above, then this barrier)
-    const u8* region = (const u8*)t.region[rank];
+    const u8* region = (const u8*)t.region[rank] + half * half_bytes;
     for (u32 s = 0; s < world; ++s) {
         ll_share(t.units[s], j, G, lo, hi);
         const u8* seg = region + s * seg_stride;
@@ -1203,7 +1207,7 @@ FP4_QUANT_ALL(mx, 32, false)
 FP4_QUANT_SMALL(bf16, u16) FP4_QUANT_SMALL(f16, Half) FP4_QUANT_SMALL(f32, float)
 
 // fp4_gather_ll_nv_<t>(x, nvec, out, counters, seg_stride, scale_off, timeout_ns, rank, world, table):
-// x and out of one type (the gather decodes to x's dtype); launch FP4_LL_CLUSTER x (1..4) blocks; see
+// x and out of one type (the gather decodes to x's dtype); launch FP4_LL_MAXCTAS blocks; see
 // gather_ll_body. sm_90+.
 #define FP4_GATHER_LL(NAME, T) \
     extern "C" __global__ void __cluster_dims__(FP4_LL_CLUSTER, 1, 1) __launch_bounds__(FP4_THREADS) \

@@ -17,7 +17,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays, symm_collectives
+from . import _arrays, ll_gather, symm_collectives
 from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
 from .vcollectives import offsets, split_count
@@ -495,7 +495,8 @@ class _GpuCodec:
                                        max(lays[me].total_bytes * len(rows), staging))
 
     def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
-        if symm_collectives.fp4_algo(self.comm, self.stream) == "symm":
+        if (symm_collectives.fp4_algo(self.comm, self.stream) == "symm"
+                or ll_gather.capturable(self.comm, self.stream, rows, K, fmt, shared)):
             return symm_collectives.fp4_gather_dequantize(self, info, K, fmt, shared, rows, oinfo)
         n, me = self.comm.size, self.comm.rank
         overlap = n > 1 and sum(rows) * K * oinfo.itemsize >= OVERLAP_FROM_BYTES

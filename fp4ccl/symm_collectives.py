@@ -36,11 +36,6 @@ FP4_ALGOS = ("symm", "nccl")
 _ALIGN = 256
 _GROWTH = 1.5          # a grown workspace takes at least this factor more, so growing stays rare
 _EXTRAS_KEY = "fp4ccl.symm_workspace"
-# Past the two halves: the one-launch FP4 gather's epoch counters (this rank's, one per CTA) and its flag
-# words (per half, per source rank, per CTA); formats.kernels LL_MAXCTAS = 32, LL_MAXRANKS = 8.
-_LL_COUNTER_BYTES = 8 * 32
-_LL_FLAG_BYTES = 8 * 8 * 32
-_LL_TAIL_BYTES = _LL_COUNTER_BYTES + 2 * _LL_FLAG_BYTES
 
 
 def _round_up(n: int, m: int = _ALIGN) -> int:
@@ -151,14 +146,6 @@ class Workspace:
         _rt().eventRecord(self._done, stream)
         return True
 
-    def ll_signals(self, local: int) -> Tuple[int, List[int]]:
-        """For the one-launch FP4 gather in the half whose slot here is at `local`: this rank's epoch
-        counters, and every rank's flag words for that half (all in the zeroed tail past the halves)."""
-        base = self.buf.ptr()
-        half = (local - base) // self.slot
-        flags = 2 * self.slot + _LL_COUNTER_BYTES + half * _LL_FLAG_BYTES
-        return base + 2 * self.slot, [self.buf.ptr(r) + flags for r in range(self.comm.size)]
-
     def barrier(self, stream: int) -> None:
         # The epoch lives on the device, so the same barrier works eagerly and inside a graph. A
         # rank that skips a call makes its peers' barrier trap after FP4CCL_TIMEOUT (600 s unset).
@@ -221,8 +208,7 @@ class Workspace:
             self.buf.free()  # collective: every rank grows at the same call (slot sizes agree)
             self.buf = None
         log.info("symmetric workspace: 2 x %d bytes on cuda:%d", slot, self.comm.device)
-        # zeroed: the tail's flags must not start as garbage that equals an epoch
-        self.buf = SymmetricBuffer.allocate(self.comm, (2 * slot + _LL_TAIL_BYTES,), "uint8", zeroed=True)
+        self.buf = SymmetricBuffer.allocate(self.comm, (2 * slot,), "uint8")
         self.slot = slot
         self._addrs = [None, None]
         self._last_stream = None
@@ -541,80 +527,19 @@ def reduce_scatterv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int]
 
 # -- FP4 -------------------------------------------------------------------------------------------------
 
-GATHER_FORMS = ("ll", "steps")
-LL_MAX_ELEMENTS = 1 << 17       # per rank (rows x K): the one-launch gather's range (gather_form)
-LL_UNITS_PER_CLUSTER = 2048     # FP4 blocks of the largest rank per cluster of the one-launch gather
-
-
-def gather_form(comm, rows: Sequence[int], K: int, fmt: str, shared: bool) -> str:
-    """How the symmetric-memory FP4 gather with dequantize=True runs: 'll', one launch with no barrier
-    (NVFP4 with per-rank global scales, up to LL_MAX_ELEMENTS per rank, 8 ranks, sm_90+), or 'steps'
-    (quantize, barrier, decode). FP4CCL_FP4_GATHER_FORM=ll|steps forces one; a forced 'll' that cannot
-    serve the call runs 'steps' and says so at INFO. Decided from what every rank agrees on (sizes, K,
-    format, scale mode, world size); the device generation is assumed the same on every GPU of a node."""
-    forced = os.environ.get("FP4CCL_FP4_GATHER_FORM", "").strip().lower()
-    if forced and forced not in GATHER_FORMS:
-        raise ValueError(f"FP4CCL_FP4_GATHER_FORM={forced!r} is not one of {', '.join(GATHER_FORMS)}")
-    if forced == "steps":
-        return "steps"
-    from .formats import kernels
-    if forced != "ll" and max(rows) * K > LL_MAX_ELEMENTS:
-        return "steps"
-    if fmt == "nvfp4" and not shared and comm.size <= kernels.LL_MAXRANKS and kernels.has_quantize_small(comm.device):
-        return "ll"
-    if forced == "ll":
-        log.info("FP4CCL_FP4_GATHER_FORM=ll serves NVFP4 gathers with per-rank global scales over at most "
-                 "%d ranks on sm_90+: this one runs as steps", kernels.LL_MAXRANKS)
-    return "steps"
-
-
-@functools.lru_cache(maxsize=256)
-def _ll_plan(rows: Tuple[int, ...], K: int) -> Tuple[Tuple[int, ...], Tuple[int, ...], int, int, int]:
-    """The one-launch gather's layout: FP4 blocks of each rank, where each starts in the output, the
-    bytes of one source's segment (data, then scales at the returned offset) and the clusters."""
-    from .vcollectives import offsets
-    units = tuple(r * K // 16 for r in rows)
-    first = tuple(o * K // 16 for o in offsets(rows))
-    most = max(units)
-    scale_off = _round_up(most * 8, 16)
-    seg_stride = _round_up(scale_off + most)
-    clusters = min(4, max(1, -(-most // LL_UNITS_PER_CLUSTER)))
-    return units, first, seg_stride, scale_off, clusters
-
-
-def _fp4_gather_ll(codec, info, K: int, rows: Tuple[int, ...], oinfo) -> None:
-    """gather_form 'll': one kernel (kernels.gather_ll_nvfp4) quantizes this rank's rows into its region
-    of every rank's workspace half, flags them, waits for every rank's flags and decodes locally."""
-    from .formats import kernels
-    from .symmetric import barrier_timeout_ns
-    comm = codec.comm
-    ws = workspace(comm)
-    units, first, seg_stride, scale_off, clusters = _ll_plan(rows, K)
-
-    def enqueue(s, local, slots):
-        counters, flags = ws.ll_signals(local)
-        kernels.gather_ll_nvfp4(comm.device, info.ptr, info.dtype, info.size, oinfo.ptr, units, first, slots, flags,
-                                counters, seg_stride, scale_off, clusters, comm.rank, barrier_timeout_ns(), s)
-
-    if oinfo.dtype != info.dtype:
-        raise TypeError(f"the FP4 gather decodes into x's dtype {info.dtype}, not {oinfo.dtype}")
-    key = ("fp4_gather_ll", info.ptr, info.dtype, oinfo.ptr, rows, K)
-    ws.run(seg_stride * comm.size, codec.stream, key, enqueue,
-           prepare=lambda: codec.reserve_nccl_gather(K, "nvfp4", rows, oinfo))
-
-
 def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Sequence[int], oinfo) -> None:
-    """gather_form 'steps': quantize into this rank's slot; barrier; one decode launch over every
-    rank's slot, the peers' read straight over NVLink. (Decoding the own rows before the barrier and
-    each peer in turn with the whole grid measured slower: 163 against 146 us at 128 MiB, 515 against
-    470 at 512 MiB.) 'll': _fp4_gather_ll."""
+    """Quantize into this rank's slot; barrier; one decode launch over every rank's slot, the peers'
+    read straight over NVLink. (Decoding the own rows before the barrier and each peer in turn with
+    the whole grid measured slower: 163 against 146 us at 128 MiB, 515 against 470 at 512 MiB.)
+    Decode-time sizes go to the one-launch gather instead (fp4ccl/ll_gather.py)."""
+    from . import ll_gather
     from .formats.tensor import packed_layout
     from .vcollectives import offsets
     comm = codec.comm
     me = comm.rank
     rows = tuple(rows)
-    if gather_form(comm, rows, K, fmt, shared) == "ll":
-        return _fp4_gather_ll(codec, info, K, rows, oinfo)
+    if ll_gather.form(comm, rows, K, fmt, shared) == "ll":
+        return ll_gather.gather(codec, info, K, rows, oinfo)
 
     def enqueue(s, local, slots):
         lays = [packed_layout(r, K, fmt) for r in rows]

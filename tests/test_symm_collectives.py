@@ -147,8 +147,7 @@ def test_workspace_alternates_halves_and_grows_collectively(fakes):
     ws = sc.workspace(comm)
     assert sc.workspace(comm) is ws  # cached per communicator
     [(s, local, slots)] = _halves(ws, 1000, 5)
-    # two halves, then the one-launch gather's counters and flags
-    assert ws.slot == 1024 and FakeBuffer.live[0].nbytes == 2048 + sc._LL_TAIL_BYTES and FakeBuffer.live[0].zeroed
+    assert ws.slot == 1024 and FakeBuffer.live[0].nbytes == 2048
     assert s == 5 and local == slots[1] == 2 << 32 and slots == [1 << 32, 2 << 32, 3 << 32]
     [(_, local2, slots2)] = _halves(ws, 600, 6)  # fits: the other half, no new allocation
     assert local2 == (2 << 32) + 1024 and slots2[0] == (1 << 32) + 1024
@@ -161,7 +160,7 @@ def test_workspace_alternates_halves_and_grows_collectively(fakes):
     assert len([c for c in rt.calls if c[0] == "wait"]) == 3
     assert rt.calls[-1] == ("record", 0xE0, 5)  # every call ends by recording where it ended
     _halves(ws, 1100, 5)  # grows by at least the growth factor, freeing the old buffer first
-    assert FakeBuffer.live[0].freed and ws.slot == 1536 and FakeBuffer.live[1].nbytes == 3072 + sc._LL_TAIL_BYTES
+    assert FakeBuffer.live[0].freed and ws.slot == 1536 and FakeBuffer.live[1].nbytes == 3072
     _halves(ws, 5000, 5)
     assert ws.slot == 5120
     ws.close()
@@ -284,72 +283,6 @@ def test_fp4_gather_dequantize_quantizes_locally_then_decodes_every_slot(fakes, 
 
 class In:
     nbytes, ptr, dtype, itemsize, size = 1 << 10, 0x3000, "bfloat16", 2, 512
-
-
-@pytest.mark.parametrize("env, fmt, shared, size, rows, arch_ok, form", [
-    ("", "nvfp4", False, 4, [3, 0, 5, 1], True, "ll"),
-    ("", "nvfp4", False, 4, [2048, 0, 0, 0], True, "ll"),             # 2048 x 64 = LL_MAX_ELEMENTS
-    ("", "nvfp4", False, 4, [2049, 0, 0, 0], True, "steps"),          # one row past it
-    ("ll", "nvfp4", False, 4, [2049, 0, 0, 0], True, "ll"),           # forced: any size
-    ("", "nvfp4", True, 4, [3, 0, 5, 1], True, "steps"),              # one shared global scale
-    ("", "mxfp4", False, 4, [3, 0, 5, 1], True, "steps"),
-    ("", "nvfp4", False, 9, [1] * 9, True, "steps"),                  # more ranks than the kernel's table
-    ("", "nvfp4", False, 4, [3, 0, 5, 1], False, "steps"),            # before sm_90: no clusters
-    ("ll", "mxfp4", False, 4, [3, 0, 5, 1], True, "steps"),           # forced, but it cannot: said at INFO
-    (" Steps ", "nvfp4", False, 4, [3, 0, 5, 1], True, "steps"),
-])
-def test_gather_form_by_format_scales_ranks_size_and_environment(monkeypatch, caplog, env, fmt, shared, size, rows,
-                                                                   arch_ok, form):
-    from fp4ccl.formats import kernels
-    monkeypatch.setattr(kernels, "has_quantize_small", lambda device: arch_ok)
-    monkeypatch.setenv("FP4CCL_FP4_GATHER_FORM", env)
-    with caplog.at_level("INFO", logger="fp4ccl.symm_collectives"):
-        assert sc.gather_form(FakeComm(rank=0, size=size), rows, 64, fmt, shared) == form
-    assert ("runs as steps" in caplog.text) == (env == "ll" and form == "steps")
-    monkeypatch.setenv("FP4CCL_FP4_GATHER_FORM", "ring")
-    with pytest.raises(ValueError, match="FP4CCL_FP4_GATHER_FORM='ring' is not one of ll, steps"):
-        sc.gather_form(FakeComm(rank=0, size=size), rows, 64, fmt, shared)
-
-
-def test_fp4_gather_ll_is_one_launch_into_every_ranks_region_with_no_barrier(fakes, monkeypatch):
-    from fp4ccl.formats import kernels
-    from fp4ccl.symmetric import barrier_timeout_ns
-    launches = []
-    monkeypatch.setattr(kernels, "has_quantize_small", lambda device: True)
-    monkeypatch.setattr(kernels, "gather_ll_nvfp4", lambda *a: launches.append(a))
-    monkeypatch.delenv("FP4CCL_FP4_GATHER_FORM", raising=False)
-    comm = FakeComm(rank=2, size=3)
-    codec = FakeCodec(comm)
-    FakeBuffer.trace = codec.log
-    rows, K = [3, 0, 5000], 16     # the largest rank: 5000 FP4 blocks, 3 clusters
-    for _ in range(2):
-        sc.fp4_gather_dequantize(codec, In(), K, "nvfp4", False, rows, Out())
-    assert codec.log == [("reserve", "gather")] * 2     # no barrier, no separate quantize or decode
-    buf, = FakeBuffer.live
-    assert buf.zeroed
-    ws = comm._extras[sc._EXTRAS_KEY]
-    seg_stride = sc._round_up(5000 * 8 + 5000)   # data (16-byte aligned), then the scales
-    assert ws.slot >= 3 * seg_stride and buf.nbytes == 2 * ws.slot + sc._LL_TAIL_BYTES
-    assert sc._LL_COUNTER_BYTES == 8 * kernels.LL_MAXCTAS
-    assert sc._LL_FLAG_BYTES == 8 * kernels.LL_MAXRANKS * kernels.LL_MAXCTAS
-    for half, launch in enumerate(launches):
-        (dev, x, dtype, numel, out, units, first, regions, flags, counters, stride, scale_off, clusters, rank,
-         timeout, stream) = launch
-        assert (dev, x, dtype, numel, out) == (0, In.ptr, "bfloat16", In.size, Out.ptr)
-        assert units == (3, 0, 5000) and first == (0, 3, 3)
-        assert list(regions) == [((r + 1) << 32) + half * ws.slot for r in range(3)]
-        tail = 2 * ws.slot
-        assert counters == (3 << 32) + tail        # this rank's own, the same for both halves
-        assert flags == [((r + 1) << 32) + tail + sc._LL_COUNTER_BYTES + half * sc._LL_FLAG_BYTES for r in range(3)]
-        assert (stride, scale_off, clusters, rank, stream) == (seg_stride, 5000 * 8, 3, 2, 5)
-        assert timeout == barrier_timeout_ns()
-
-
-def test_ll_plan_clusters_grow_with_the_largest_rank_up_to_four():
-    for most, clusters in ((1, 1), (2048, 1), (2049, 2), (8192, 4), (10 ** 6, 4)):
-        units, first, stride, scale_off, got = sc._ll_plan((most, 0, 7), 16)   # K = 16: a block per row
-        assert got == clusters and units == (most, 0, 7) and first == (0, most, most)
-        assert scale_off >= 8 * most and scale_off % 16 == 0 and stride % 256 == 0 and stride >= scale_off + most
 
 
 class FakeSide:

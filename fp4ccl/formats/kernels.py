@@ -58,7 +58,7 @@ SMALL_MIN_ARCH = 90  # thread-block clusters
 _LL_NAMES = {t: f"fp4_gather_ll_nv_{tn}" for t, tn in _IN_NAME.items()}
 LL_CLUSTER = 8       # FP4_LL_CLUSTER in csrc/fp4.cu: CTAs per cluster of gather_ll_nvfp4
 LL_MAXRANKS = 8      # FP4_LL_MAXRANKS
-LL_MAXCTAS = 32      # FP4_LL_MAXCTAS: flag words per source rank, epoch counters per rank
+LL_MAXCTAS = 32      # FP4_LL_MAXCTAS: its grid; flag words per source rank and half, epoch counters
 
 # argument kinds of each kernel family, in C order; "seg"/"sum" is the by-value table
 _SIGNATURES = {
@@ -425,16 +425,16 @@ def quantize_small_nvfp4(device: int, x_ptr: int, in_dtype: str, numel: int, K: 
     la(device, SMALL_CTAS, 1, stream, x_ptr, numel * _ITEMSIZE[in_dtype] // 16, K)
 
 
-def gather_ll_nvfp4(device: int, x_ptr: int, dtype: str, numel: int, out_ptr: int, units: Sequence[int], first: Sequence[int], regions: Sequence[int], flags: Sequence[int],
-                    counters: int, seg_stride: int, scale_off: int, clusters: int, rank: int, timeout_ns: int,
-                    stream: int) -> None:
+def gather_ll_nvfp4(device: int, x_ptr: int, dtype: str, numel: int, out_ptr: int, units: Sequence[int],
+                    first: Sequence[int], regions: Sequence[int], flags: Sequence[int], counters: int,
+                    seg_stride: int, scale_off: int, rank: int, timeout_ns: int, stream: int) -> None:
     """One launch of the whole NVFP4 gather with per-rank global scales (csrc/fp4.cu, gather_ll_body):
-    quantize this rank's `numel` elements of x (`dtype`, out's too) with their own amax, store them into the region for this
-    rank in every rank's workspace half (`regions[r]`, each source's segment `seg_stride` bytes with its
-    scales at `scale_off`), flag them in `flags[r]`, wait for every rank's flags and decode all of them
-    into out. units[s] / first[s]: FP4 blocks of rank s and where in out they go. counters: this rank's
-    LL_MAXCTAS epoch counters. clusters: 1..4 clusters of LL_CLUSTER CTAs, the same on every rank.
-    sm_90+ (has_quantize_small); the caller checks everything else (fp4ccl.symm_collectives)."""
+    quantize this rank's `numel` elements of x (`dtype`, out's too) with their own amax, store them into
+    this rank's segment of every rank's region (`regions[r]`: two halves of one `seg_stride`-byte
+    segment per rank, scales at `scale_off` in each), flag them in `flags[r]`, wait for every rank's
+    flags and decode all of them into out. units[s] / first[s]: FP4 blocks of rank s and where in out
+    they go. counters: this rank's LL_MAXCTAS epoch counters. sm_90+ (has_quantize_small); the caller
+    (fp4ccl.ll_gather) checks everything else."""
     la = launcher(device, _LL_NAMES[dtype], "gll")
     world = len(units)
     t = la.table
@@ -444,8 +444,8 @@ def gather_ll_nvfp4(device: int, x_ptr: int, dtype: str, numel: int, out_ptr: in
         t[LL_MAXRANKS + r] = first[r]
         t[2 * LL_MAXRANKS + r] = regions[r]
         t[3 * LL_MAXRANKS + r] = flags[r]
-    la(device, LL_CLUSTER * clusters, 1, stream, x_ptr, numel * _ITEMSIZE[dtype] // 16, out_ptr, counters,
-       seg_stride, scale_off, timeout_ns, rank, world)
+    la(device, LL_MAXCTAS, 1, stream, x_ptr, numel * _ITEMSIZE[dtype] // 16, out_ptr, counters, seg_stride,
+       scale_off, timeout_ns, rank, world)
 
 
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,

@@ -244,12 +244,12 @@ def _ll_interleaved(comm, seed):
     from fp4ccl import symm_collectives
     n, me = comm.size, comm.rank
     dev = f"cuda:{comm.device}"
-    # (sizes, K, dtype); the FP4 blocks of the largest rank make 1, 1, 4 and 2 clusters
+    # (sizes, K, dtype): a rank's share from none to several blocks per thread; the third case is as
+    # large as a segment holds
     cases = [([(1, 0, 7, 2)[r % 4] for r in range(n)], 16, "bfloat16"),
              ([64 * (r + 1) for r in range(n)], 48, "float32"),
              ([2048 if r == n - 1 else 3 * r for r in range(n)], 64, "float16"),
              ([(300, 0, 251, 97)[r % 4] for r in range(n)], 80, "bfloat16")]
-    assert [symm_collectives._ll_plan(tuple(sz), K)[4] for sz, K, _ in cases] == [1, 1, 4, 2]
     outs = [sentinel_out(comm, "torch", (sum(sz), K), dt) for sz, K, dt in cases]
     with env({"FP4CCL_FP4_GATHER_FORM": "ll", "FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
         for step in range(48):
@@ -277,6 +277,65 @@ def _ll_interleaved(comm, seed):
             assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want.view(np.uint8)), what
     keys = [k[0] for k in symm_collectives.workspace(comm)._graphs]
     assert "fp4_gather_ll" in keys, f"rank {me}: no one-launch gather was replayed from a graph ({keys})"
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_fp4_one_launch_gather_in_the_callers_cuda_graph(nranks, seed):
+    """Captured into the caller's CUDA graph (after an eager call made its buffer), the one-launch
+    gather is a kernel node of that graph, not the NCCL path; two calls in one graph and eager calls
+    between the replays alternate its halves on the device, and every replay is bit-exact."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _ll_in_a_captured_graph, seed, backend="nccl"))
+
+
+def _ll_in_a_captured_graph(comm, seed):
+    import numpy as np
+    import torch
+    from collective_checks import to_framework, to_numpy
+    from fp4_collective_checks import roundtrip, shard
+    from fp4ccl.formats import kernels
+    n, me = comm.size, comm.rank
+    dev = f"cuda:{comm.device}"
+    sizes, K = [(5, 0, 3, 8)[r % 4] for r in range(n)], 64
+    x = torch.empty((sizes[me], K), dtype=torch.bfloat16, device=dev)
+    y = torch.empty_like(x)
+    outs = [torch.empty((sum(sizes), K), dtype=torch.bfloat16, device=dev) for _ in range(3)]
+    fresh = lambda case: [shard(seed, r, case, sizes[r], K, "bfloat16") for r in range(n)]  # noqa: E731
+
+    def want(xs):
+        return np.concatenate([roundtrip(a, "nvfp4") if len(a) else a for a in xs])
+    comm.all_gatherv(x, sizes, out=outs[2], compress="nvfp4")   # eager: makes the gather's buffer
+    launched = []
+    real = kernels.gather_ll_nvfp4
+    kernels.gather_ll_nvfp4 = lambda *a: (launched.append(a[-1]), real(*a))
+    try:
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            comm.all_gatherv(x, sizes, out=outs[0], compress="nvfp4")
+            comm.all_gatherv(y, sizes, out=outs[1], compress="nvfp4")
+        torch.cuda.current_stream(dev).wait_stream(side)
+    finally:
+        kernels.gather_ll_nvfp4 = real
+    assert len(launched) == 2, f"rank {me}: {len(launched)} one-launch gathers captured, expected 2"
+    for step in range(6):
+        xs, ys, zs = fresh(800 + step), fresh(900 + step), fresh(1000 + step)
+        x.copy_(to_framework(xs[me], "torch", comm.device))
+        y.copy_(to_framework(ys[me], "torch", comm.device))
+        for out in outs:
+            out.view(torch.int16).fill_(0x5A5A)
+        graph.replay()
+        if step % 2:   # an eager call between replays moves the epochs by one
+            comm.all_gatherv(to_framework(zs[me], "torch", comm.device), sizes, out=outs[2], compress="nvfp4")
+        torch.cuda.synchronize(comm.device)
+        for out, src, name in ((outs[0], xs, "first"), (outs[1], ys, "second")) + (((outs[2], zs, "eager"),)
+                                                                                   if step % 2 else ()):
+            got = to_numpy(out, "bfloat16").view(np.uint8)
+            assert np.array_equal(got, want(src).view(np.uint8)), f"rank {me} replay {step}: {name} gather"
+    del graph
     return True
 
 
