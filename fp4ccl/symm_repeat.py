@@ -29,7 +29,7 @@ log = get_logger("fp4ccl.symm_repeat")
 _ENV = tuple(k.encode() for k in (
     "FP4CCL_ALGO", "FP4CCL_FP4_ALGO", "FP4CCL_SYMM_GRAPHS", "FP4CCL_CHECK", "FP4CCL_SMALL_QUANTIZE_BYTES",
     "FP4CCL_PDL", "FP4CCL_LAUNCH", "FP4CCL_CE_PIECES", "FP4CCL_CE_STREAMS", "FP4CCL_CE_STAGE",
-    "FP4CCL_TIMEOUT", "FP4CCL_FP4_RAW_PULL"))
+    "FP4CCL_TIMEOUT", "FP4CCL_FP4_RAW_PULL", "FP4CCL_FP4_GATHER_FORM"))
 _KNOWN = 256   # calls remembered per communicator (least recently used dropped)
 
 
