@@ -13,8 +13,9 @@ an event joins calls made on different streams), so one barrier per call is enou
 
 Not used, and the NCCL algorithms run instead, when: the communicator spans hosts or has one rank,
 the caller's stream is being captured into a CUDA graph (the caller's graph would freeze one workspace
-half, and its replays could overwrite that half while a peer still reads it), or FP4CCL_FP4_ALGO /
-FP4CCL_ALGO ask for an NCCL algorithm. Every rank
+half, and its replays could overwrite that half while a peer still reads it; the one-launch FP4
+gather of fp4ccl/ll_gather.py, which alternates halves of its own on the device, is the exception), or
+FP4CCL_FP4_ALGO / FP4CCL_ALGO ask for an NCCL algorithm. Every rank
 must make the same choice, so capture (like every collective) has to be the same on every rank.
 """
 from __future__ import annotations

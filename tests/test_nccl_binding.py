@@ -533,3 +533,28 @@ def test_timeout_env_is_validated(monkeypatch):
         monkeypatch.setenv("FP4CCL_TIMEOUT", junk)
         with pytest.raises(ValueError, match="FP4CCL_TIMEOUT"):
             env_timeout(unset=0.0)
+
+
+
+def test_the_watchdog_thread_polls_in_relaxed_capture_mode(monkeypatch, caplog):
+    """The watchdog's event polls must not count against a caller's global-mode CUDA-graph capture: its
+    thread swaps itself into relaxed mode (CU_STREAM_CAPTURE_MODE_RELAXED = 2) through the driver."""
+    from fp4ccl.backends import nccl as backend
+    seen = []
+
+    class Exchange:   # cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode*)
+        restype = argtypes = None
+
+        def __call__(self, mode_ptr):
+            seen.append(ctypes.cast(mode_ptr, ctypes.POINTER(ctypes.c_int)).contents.value)
+            return 0
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: type("Driver", (), {"cuThreadExchangeStreamCaptureMode": Exchange()}))
+    backend._relax_capture_mode()
+    assert seen == [2]
+
+    def missing(name):
+        raise OSError("libcuda.so.1: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    with caplog.at_level("INFO", logger="fp4ccl"):
+        backend._relax_capture_mode()     # no driver: says so, and the watchdog goes on without it
+    assert "can invalidate a CUDA-graph capture" in caplog.text

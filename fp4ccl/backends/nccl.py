@@ -42,6 +42,30 @@ _CUDA_ERROR_NOT_READY = 600
 _ABORT_LOCK_WAIT = 1.0
 
 
+_CU_STREAM_CAPTURE_MODE_RELAXED = 2
+
+
+def _relax_capture_mode() -> None:
+    """Put the calling thread in relaxed stream-capture mode. The watchdog polls events of eager calls
+    while the caller's threads may be capturing a CUDA graph; in the default (global) mode, CUDA counts
+    such a query from any thread as unsafe and invalidates every global-mode capture in the process
+    (torch.cuda.graph's default). The events it polls were never recorded into a capture, so relaxed
+    mode is exact here."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
+    except (OSError, AttributeError) as e:
+        _log.info("cuThreadExchangeStreamCaptureMode unavailable (%s): the NCCL watchdog's event polls "
+                  "can invalidate a CUDA-graph capture in global mode", e)
+        return
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    mode = ctypes.c_int(_CU_STREAM_CAPTURE_MODE_RELAXED)
+    status = fn(ctypes.byref(mode))
+    if status != 0:
+        _log.info("cuThreadExchangeStreamCaptureMode failed (CUresult %d): the NCCL watchdog's event polls "
+                  "can invalidate a CUDA-graph capture in global mode", status)
+
+
 @dataclass(frozen=True)
 class WatchdogFailure:
     """What the watchdog saw before it aborted the communicator."""
@@ -434,6 +458,7 @@ class NcclBackend:
             _log.warning("NCCL watchdog of rank %d could not select cuda:%d (%s); it is off", self.rank,
                          self.device, e)
             return
+        _relax_capture_mode()
         timeout = self.timeout
         poll = min(max(timeout / 20.0, 0.005), 0.5)
         status = ctypes.c_int()
