@@ -542,19 +542,17 @@ def test_the_watchdog_thread_polls_in_relaxed_capture_mode(monkeypatch, caplog):
     from fp4ccl.backends import nccl as backend
     seen = []
 
-    class Exchange:   # cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode*)
-        restype = argtypes = None
-
-        def __call__(self, mode_ptr):
-            seen.append(ctypes.cast(mode_ptr, ctypes.POINTER(ctypes.c_int)).contents.value)
-            return 0
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: type("Driver", (), {"cuThreadExchangeStreamCaptureMode": Exchange()}))
+    def exchange(mode_ptr):   # cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode*)
+        seen.append(ctypes.cast(mode_ptr, ctypes.POINTER(ctypes.c_int)).contents.value)
+        return 0
+    monkeypatch.setattr(backend._cuda, "driver_function",
+                        lambda name, argtypes: exchange if name == "cuThreadExchangeStreamCaptureMode" else None)
     backend._relax_capture_mode()
     assert seen == [2]
 
-    def missing(name):
+    def missing(name, argtypes):
         raise OSError("libcuda.so.1: cannot open shared object file")
-    monkeypatch.setattr(ctypes, "CDLL", missing)
+    monkeypatch.setattr(backend._cuda, "driver_function", missing)
     with caplog.at_level("INFO", logger="fp4ccl"):
         backend._relax_capture_mode()     # no driver: says so, and the watchdog goes on without it
     assert "can invalidate a CUDA-graph capture" in caplog.text

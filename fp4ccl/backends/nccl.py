@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from fp4ccl import nccl
+from fp4ccl import _cuda, nccl
 from fp4ccl._log import get_logger
 from fp4ccl._timeout import ENV_TIMEOUT, env_timeout
 from fp4ccl.errors import CommClosedError, CommTimeoutError, Fp4cclError, NcclError
@@ -52,13 +52,11 @@ def _relax_capture_mode() -> None:
     (torch.cuda.graph's default). The events it polls were never recorded into a capture, so relaxed
     mode is exact here."""
     try:
-        fn = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
+        fn = _cuda.driver_function("cuThreadExchangeStreamCaptureMode", [ctypes.POINTER(ctypes.c_int)])
     except (OSError, AttributeError) as e:
         _log.info("cuThreadExchangeStreamCaptureMode unavailable (%s): the NCCL watchdog's event polls "
                   "can invalidate a CUDA-graph capture in global mode", e)
         return
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.POINTER(ctypes.c_int)]
     mode = ctypes.c_int(_CU_STREAM_CAPTURE_MODE_RELAXED)
     status = fn(ctypes.byref(mode))
     if status != 0:
