@@ -58,9 +58,8 @@ def capturable(comm, stream: int, rows: Sequence[int], K: int, fmt: str, shared:
     """Whether a gather enqueued on `stream` while it is captured into a CUDA graph runs here rather than
     over NCCL: its form is 'll', FP4CCL_FP4_ALGO does not ask for NCCL, and an eager call has made the
     buffer (nothing can be allocated, collectively, inside a capture). The same on every rank."""
-    if comm._extras.get(_EXTRAS_KEY) is None:
-        return False
-    if os.environ.get("FP4CCL_FP4_ALGO", "").strip().lower() == "nccl":
+    from .symm_collectives import forced_fp4_algo
+    if comm._extras.get(_EXTRAS_KEY) is None or forced_fp4_algo() == "nccl":
         return False
     return form(comm, rows, K, fmt, shared) == "ll"
 

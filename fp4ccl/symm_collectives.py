@@ -60,12 +60,18 @@ def usable(comm, stream: int) -> bool:
     return same_node(comm)
 
 
-def fp4_algo(comm, stream: int) -> str:
-    """'symm' or 'nccl' for an FP4 collective: FP4CCL_FP4_ALGO if set, else symm wherever usable.
-    A forced 'symm' that cannot run (another host, graph capture) runs 'nccl' and says so at INFO."""
+def forced_fp4_algo() -> str:
+    """FP4CCL_FP4_ALGO, checked: 'symm', 'nccl', or '' when unset."""
     forced = os.environ.get("FP4CCL_FP4_ALGO", "").strip().lower()
     if forced and forced not in FP4_ALGOS:
         raise ValueError(f"FP4CCL_FP4_ALGO={forced!r} is not one of {', '.join(FP4_ALGOS)}")
+    return forced
+
+
+def fp4_algo(comm, stream: int) -> str:
+    """'symm' or 'nccl' for an FP4 collective: FP4CCL_FP4_ALGO if set, else symm wherever usable.
+    A forced 'symm' that cannot run (another host, graph capture) runs 'nccl' and says so at INFO."""
+    forced = forced_fp4_algo()
     if forced == "nccl":
         return "nccl"
     if usable(comm, stream):
