@@ -606,22 +606,23 @@ __device__ __forceinline__ void decode_block(const P& d, const float* lut, float
     }
 }
 
+// One 16-byte chunk of output from its Storer<Out>::PER_VEC fp32 values (4 for fp32, 8 rounded to 16 bits).
+template <typename Out>
+__device__ __forceinline__ uint4 out_chunk(const float* f) {
+    if constexpr (Storer<Out>::PER_VEC == 4) {
+        return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+    } else {
+        return make_uint4(Storer<Out>::pack2(f[0], f[1]), Storer<Out>::pack2(f[2], f[3]),
+                          Storer<Out>::pack2(f[4], f[5]), Storer<Out>::pack2(f[6], f[7]));
+    }
+}
+
 // Stages one block's BS decoded fp32 values (rounded to Out) as this lane's chunks.
 template <typename Out, int BS>
 __device__ __forceinline__ void stage_block(const float* f, u32 lane, uint4* my_stage) {
     constexpr int CH = OutBlock<Out, BS>::CH;
 #pragma unroll
-    for (int j = 0; j < CH; ++j) {
-        uint4 c;
-        if constexpr (Storer<Out>::PER_VEC == 4) {
-            c = make_uint4(__float_as_uint(f[4 * j]), __float_as_uint(f[4 * j + 1]),
-                           __float_as_uint(f[4 * j + 2]), __float_as_uint(f[4 * j + 3]));
-        } else {
-            c = make_uint4(Storer<Out>::pack2(f[8 * j], f[8 * j + 1]), Storer<Out>::pack2(f[8 * j + 2], f[8 * j + 3]),
-                           Storer<Out>::pack2(f[8 * j + 4], f[8 * j + 5]), Storer<Out>::pack2(f[8 * j + 6], f[8 * j + 7]));
-        }
-        my_stage[stage_pos<CH>(lane, (u32)j)] = c;
-    }
+    for (int j = 0; j < CH; ++j) my_stage[stage_pos<CH>(lane, (u32)j)] = out_chunk<Out>(f + j * Storer<Out>::PER_VEC);
 }
 
 // decode_block + stage_block eight values at a time, so only 8 decoded floats are live instead of BS
@@ -630,22 +631,15 @@ __device__ __forceinline__ void stage_block(const float* f, u32 lane, uint4* my_
 template <typename Out, int BS, typename P>
 __device__ __forceinline__ void decode_stage_block(const P& d, const float* lut, float sc, u32 lane, uint4* my_stage) {
     constexpr int CH = OutBlock<Out, BS>::CH;
+    constexpr int PV = Storer<Out>::PER_VEC;
 #pragma unroll
     for (int j = 0; j < BS / 8; ++j) {
         const NibOffs n = nib_offsets(d.word(j));
         float f[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) f[i] = __fmul_rn(lut_at(lut, n, i), sc);
-        if constexpr (Storer<Out>::PER_VEC == 4) {
-            my_stage[stage_pos<CH>(lane, (u32)(2 * j))] =
-                make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-            my_stage[stage_pos<CH>(lane, (u32)(2 * j + 1))] =
-                make_uint4(__float_as_uint(f[4]), __float_as_uint(f[5]), __float_as_uint(f[6]), __float_as_uint(f[7]));
-        } else {
-            my_stage[stage_pos<CH>(lane, (u32)j)] =
-                make_uint4(Storer<Out>::pack2(f[0], f[1]), Storer<Out>::pack2(f[2], f[3]),
-                           Storer<Out>::pack2(f[4], f[5]), Storer<Out>::pack2(f[6], f[7]));
-        }
+#pragma unroll
+        for (int k = 0; k < 8 / PV; ++k) my_stage[stage_pos<CH>(lane, (u32)(j * (8 / PV) + k))] = out_chunk<Out>(f + k * PV);
     }
 }
 
@@ -1079,20 +1073,11 @@ struct LLTable {
     u64 flags[FP4_LL_MAXRANKS];    // rank r's flag words (both halves: [half][source][FP4_LL_MAXCTAS])
 };
 
+// One FP4 block's 16 decoded values, rounded to Out, to dst (16-byte aligned).
 template <typename Out>
 __device__ __forceinline__ void store_block16(u8* dst, const float* f) {
-    uint4* d = (uint4*)dst;
-    if constexpr (Storer<Out>::PER_VEC == 4) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            d[j] = make_uint4(__float_as_uint(f[4 * j]), __float_as_uint(f[4 * j + 1]), __float_as_uint(f[4 * j + 2]),
-                              __float_as_uint(f[4 * j + 3]));
-    } else {
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-            d[j] = make_uint4(Storer<Out>::pack2(f[8 * j], f[8 * j + 1]), Storer<Out>::pack2(f[8 * j + 2], f[8 * j + 3]),
-                              Storer<Out>::pack2(f[8 * j + 4], f[8 * j + 5]), Storer<Out>::pack2(f[8 * j + 6], f[8 * j + 7]));
-    }
+    for (int j = 0; j < OutBlock<Out, 16>::CH; ++j) ((uint4*)dst)[j] = out_chunk<Out>(f + j * Storer<Out>::PER_VEC);
 }
 
 __device__ __forceinline__ void ll_share(u64 units, u32 j, u32 G, u64& lo, u64& hi) {
