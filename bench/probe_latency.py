@@ -97,25 +97,44 @@ def main() -> None:
         "v gather bcast": v_gather("bcast"),
         "v gather symm": v_gather("symm"),
     }
-    # The GPU time alone of a replayed call: the symmetric-memory FP4 gather's cached graphs (one per
-    # workspace half, captured by the calls above). (A torch-captured NCCL all_gather row made the
-    # job hang at teardown in two runs; NCCL's eager row is GPU-bound at these sizes anyway.)
+    xr = torch.randn(args.rows * comm.size, 1024, device=dev, dtype=torch.bfloat16)
+    rs_out = torch.empty(args.rows, 1024, device=dev, dtype=torch.bfloat16)
+
+    def fp4_reduce_scatter(form):
+        def go():
+            os.environ["FP4CCL_FP4_ALGO"] = "symm"
+            os.environ["FP4CCL_FP4_RS_FORM"] = form
+            comm.reduce_scatterv(xr, sizes, out=rs_out, compress="nvfp4")
+        return go
+
+    steps["fp4 rs symm ll"] = fp4_reduce_scatter("ll")
+    steps["fp4 rs symm store"] = fp4_reduce_scatter("store")
+    steps["nccl reduce_scatter"] = lambda: comm.reduce_scatter(xr, out=rs_out)
+    # The GPU time alone of a replayed call: the symmetric-memory call's cached graphs (one per workspace
+    # half, captured by the calls above). (A torch-captured NCCL all_gather row made the job hang at
+    # teardown in two runs; NCCL's eager row is GPU-bound at these sizes anyway.)
     # (Looked up when the step starts: a step before it may grow the workspace, which drops the graphs.)
-    from fp4ccl import symm_collectives
     # Each replay takes the half the workspace would use next and counts as its call, so the eager
     # calls after it keep the double-buffering order.
-    by_half = {}
+    from fp4ccl import symm_collectives
 
-    def replay():
-        ws = symm_collectives.workspace(comm)
-        if not by_half:
-            for _ in range(4):
-                fp4_gather("symm")()
-            by_half.update({k[-2]: g for k, g in ws._graphs.items() if k[0] in ("fp4_gather", "fp4_gather_ll")})
-            assert len(by_half) == 2, "expected one cached graph per workspace half"
-        rt.graphLaunch(by_half[ws.calls % 2], sh)
-        ws.calls += 1
-    steps["fp4 gather graph"] = replay
+    def replay(call, kinds, form=None):
+        by_half = {}
+
+        def go():
+            ws = symm_collectives.workspace(comm)
+            if not by_half:
+                for _ in range(4):
+                    call()
+                by_half.update({k[-2]: g for k, g in ws._graphs.items()
+                                if k[0] in kinds and (form is None or form in k)})
+                assert len(by_half) == 2, f"expected one cached graph of {kinds} per workspace half"
+            rt.graphLaunch(by_half[ws.calls % 2], sh)
+            ws.calls += 1
+        return go
+    steps["fp4 gather graph"] = replay(fp4_gather("symm"), ("fp4_gather", "fp4_gather_ll"))
+    steps["fp4 rs graph ll"] = replay(fp4_reduce_scatter("ll"), ("fp4_reduce_scatter_ll",))
+    steps["fp4 rs graph store"] = replay(fp4_reduce_scatter("store"), ("fp4_reduce_scatter",), "store")
     steps.update(host_steps)
     rows = []
     for name, step in steps.items():
@@ -143,6 +162,7 @@ def main() -> None:
             print(f"## cached graphs by call: { {k: keys.count(k) for k in set(keys)} }")
     os.environ.pop("FP4CCL_FP4_ALGO", None)
     os.environ.pop("FP4CCL_ALGO", None)
+    os.environ.pop("FP4CCL_FP4_RS_FORM", None)
     flat = np.array(rows, dtype=np.float64)
     gathered = comm.all_gather(torch.from_numpy(flat).to(dev)).cpu().numpy().reshape(comm.size, *flat.shape)
     worst = gathered.max(axis=0)

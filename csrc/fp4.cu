@@ -1016,24 +1016,85 @@ __device__ __forceinline__ float ld_cluster_f32(const float* p, u32 cta) {
     return v;
 }
 
-// The max |x| over all nvec 16-byte vectors of x, in every thread of every CTA of this cluster: each
-// CTA reduces its share, the shares meet through distributed shared memory. Every thread must call it.
+// The max |x| of each of n consecutive ranges of x, range q = FP4 blocks [first[q], first[q] + blocks[q])
+// of `vpb` 16-byte vectors each (first[q + 1] = first[q] + blocks[q]), into amax_out[q] (shared memory)
+// of every CTA of this cluster. One pass: a thread's loads of every range are in flight together (a
+// pass per range cost a load round trip and a block reduction each, ~1 us apiece at decode sizes);
+// each CTA reduces its share, the shares meet through distributed shared memory. Every thread must
+// call it.
+#define FP4_CLUSTER_MAXRANGES 8
 template <typename In>
-__device__ float cluster_amax(const uint4* __restrict__ x, u64 nvec) {
-    __shared__ float part, amax;
+__device__ void cluster_amax_ranges(const uint4* __restrict__ x, const u64* first, const u64* blocks, u32 vpb, u32 n,
+                                    float* amax_out) {
+    __shared__ float part[FP4_CLUSTER_MAXRANGES];
+    __shared__ float warp_part[32][FP4_CLUSTER_MAXRANGES];
     u32 cta, ctas;
     asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(cta));
     asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(ctas));
-    const float m = block_max(amax_thread<In>(x, nvec, (u64)cta * blockDim.x + threadIdx.x, (u64)ctas * blockDim.x));
-    if (threadIdx.x == 0) part = m;
-    cluster_barrier();   // every CTA's part written and visible cluster-wide
-    if (threadIdx.x < 32) {
-        float a = threadIdx.x < ctas ? ld_cluster_f32(&part, threadIdx.x) : 0.0f;
+    u64 end[FP4_CLUSTER_MAXRANGES];   // range q ends at vector end[q]
+    float m[FP4_CLUSTER_MAXRANGES];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, o));
-        if (threadIdx.x == 0) amax = a;
+    for (int q = 0; q < FP4_CLUSTER_MAXRANGES; ++q) {
+        end[q] = (u32)q < n ? (first[q] + blocks[q]) * vpb : 0;
+        m[q] = 0.0f;
     }
-    cluster_barrier();   // amax visible to the whole CTA; no CTA exits while a peer reads its part
+    const u64 lo = first[0] * vpb, hi = (first[n - 1] + blocks[n - 1]) * vpb;
+    const u64 stride = (u64)ctas * blockDim.x;
+    constexpr int S = FP4_AMAX_STEP;
+    for (u64 i = lo + (u64)cta * blockDim.x + threadIdx.x; i < hi; i += S * stride) {
+        uint4 v[S];
+#pragma unroll
+        for (int u = 0; u < S; ++u) {
+            const u64 k = i + (u64)u * stride;
+            v[u] = k < hi ? __ldg(x + k) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < S; ++u) {
+            const u64 k = i + (u64)u * stride;
+            float vm = 0.0f;
+            amax_vec<In>(v[u], vm);
+            bool found = false;   // the first range that ends past k holds it
+#pragma unroll
+            for (int q = 0; q < FP4_CLUSTER_MAXRANGES; ++q) {
+                const bool here = !found && k < end[q];
+                m[q] = here ? fmaxf(m[q], vm) : m[q];
+                found = found || here;
+            }
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int q = 0; q < FP4_CLUSTER_MAXRANGES; ++q) {
+        if ((u32)q < n) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) m[q] = fmaxf(m[q], __shfl_xor_sync(0xFFFFFFFFu, m[q], o));
+            if (lane == 0) warp_part[warp][q] = m[q];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < n) {
+        float a = 0.0f;
+        for (u32 w = 0; w < (blockDim.x >> 5); ++w) a = fmaxf(a, warp_part[w][threadIdx.x]);
+        part[threadIdx.x] = a;
+    }
+    cluster_barrier();   // every CTA's parts written and visible cluster-wide
+    if (threadIdx.x < 32) {
+        for (u32 q = 0; q < n; ++q) {
+            float a = threadIdx.x < ctas ? ld_cluster_f32(&part[q], threadIdx.x) : 0.0f;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, o));
+            if (threadIdx.x == 0) amax_out[q] = a;
+        }
+    }
+    cluster_barrier();   // amax_out visible to the whole CTA; no CTA exits while a peer reads its parts
+}
+
+// The max |x| over all nvec 16-byte vectors of x, in every thread of every CTA of this cluster.
+template <typename In>
+__device__ float cluster_amax(const uint4* __restrict__ x, u64 nvec) {
+    __shared__ float amax;
+    const u64 zero = 0;
+    cluster_amax_ranges<In>(x, &zero, &nvec, 1u, 1u, &amax);
     return amax;
 }
 
@@ -1071,6 +1132,7 @@ struct LLTable {
     u64 first[FP4_LL_MAXRANKS];    // the FP4 block of out where they start
     u64 region[FP4_LL_MAXRANKS];   // rank r's segments (both halves), as mapped here
     u64 flags[FP4_LL_MAXRANKS];    // rank r's flag words (both halves: [half][source][FP4_LL_MAXCTAS])
+    u64 seed[FP4_LL_MAXRANKS];     // the reduce-scatter's stochastic rounding: chunk q's seed
 };
 
 // One FP4 block's 16 decoded values, rounded to Out, to dst (16-byte aligned).
@@ -1083,6 +1145,78 @@ __device__ __forceinline__ void store_block16(u8* dst, const float* f) {
 __device__ __forceinline__ void ll_share(u64 units, u32 j, u32 G, u64& lo, u64& hi) {
     lo = units * j / G;
     hi = units * (j + 1) / G;
+}
+
+// f(q, l) for each FP4 block l of this CTA's share j of units[q], q < n. Where the shares hold at most
+// a block per thread in all (decode sizes), they are walked as one flat sequence, a block per thread:
+// one after the other, most threads idled and each share cost a load round trip (the gather at 8-64
+// KiB per rank 9.1-9.2 us flat against 10.0-10.6, the reduce-scatter 11.7-12.4 against 12.7-13.6;
+// bench/RESULTS.md run 104). Larger shares go one after the other, which measured faster there
+// (the gather at 256 KiB per rank 11.0 us against 12.2 flat).
+#ifndef FP4_LL_FLAT
+#define FP4_LL_FLAT 1   // 0: always one share after the other (for benches)
+#endif
+template <typename F>
+__device__ __forceinline__ void ll_for_shares(const u64* units, u32 n, u32 j, u32 G, F f) {
+    u64 lo[FP4_LL_MAXRANKS], len[FP4_LL_MAXRANKS], total = 0;
+#pragma unroll
+    for (int q = 0; q < FP4_LL_MAXRANKS; ++q) {
+        u64 hi = 0;
+        lo[q] = 0;
+        if ((u32)q < n) ll_share(units[q], j, G, lo[q], hi);
+        len[q] = hi - lo[q];
+        total += len[q];
+    }
+    if (FP4_LL_FLAT && total <= blockDim.x) {
+        if (threadIdx.x >= total) return;
+        u64 r = threadIdx.x;
+#pragma unroll
+        for (int q = 0; q < FP4_LL_MAXRANKS; ++q) {
+            if (r < len[q]) {
+                f((u32)q, lo[q] + r);
+                return;
+            }
+            r -= len[q];
+        }
+        return;
+    }
+#pragma unroll
+    for (int q = 0; q < FP4_LL_MAXRANKS; ++q)
+        for (u64 l = lo[q] + threadIdx.x; l < lo[q] + len[q]; l += blockDim.x) f((u32)q, l);
+}
+
+// Thread `peer` of CTA j, after the CTA's stores into every rank's region: flag this CTA's share as
+// landed in rank peer's flags (epoch tag and an fp32 S_dec for peer), then wait for peer's flag of the
+// same share here and return the S_dec it carries. Traps after timeout_ns (0: never).
+__device__ __forceinline__ float ll_exchange_flags(const LLTable& t, u64 flag0, u32 rank, u32 peer, u32 tag,
+                                                   float sdec, u64 timeout_ns, u32 j, const char* op) {
+    __threadfence_system();
+    st_release_sys((u64*)t.flags[peer] + flag0 + rank * FP4_LL_MAXCTAS, ((u64)tag << 32) | __float_as_uint(sdec));
+    const u64* mine = (const u64*)t.flags[rank] + flag0 + peer * FP4_LL_MAXCTAS;
+    const u64 start = timeout_ns ? global_timer_ns() : 0;
+    u64 seen;
+    while ((u32)((seen = ld_acquire_sys(mine)) >> 32) != tag) {
+        __nanosleep(32);
+        if (timeout_ns && global_timer_ns() - start > timeout_ns) {
+            printf("fp4ccl: FP4 %s timed out on rank %u waiting for rank %u's rows (share %u, epoch %u, the flag "
+                   "holds %u); a rank skipped or reordered a collective call\n",
+                   op, rank, peer, j, tag, (u32)(seen >> 32));
+            __trap();
+        }
+    }
+    return __uint_as_float((u32)seen);
+}
+
+// FP4 block l of segment `seg`, written by other GPUs during this kernel: .cg loads, never from the
+// non-coherent L1 paths.
+__device__ __forceinline__ void ll_load_block(const u8* seg, u64 scale_off, u64 l, Packed<16>& d, u32& sbyte) {
+    d.d = __ldcg((const uint2*)(seg + l * 8u));
+    sbyte = __ldcg(seg + scale_off + l);
+}
+
+// Its 16 values: block scale times sdec.
+__device__ __forceinline__ void ll_decode_block(const Packed<16>& d, u32 sbyte, float sdec, const float* lut, float* f) {
+    decode_block<16>(d, lut, __fmul_rn(e4m3_to_f32(sbyte), sdec), f);
 }
 
 template <typename In, typename Out>
@@ -1119,40 +1253,96 @@ __device__ void gather_ll_body(const uint4* __restrict__ x, u64 nvec, u8* out, u
         }
     }
     __syncthreads();   // the CTA's stores precede thread r's fence and flag (cumulativity)
-    if (threadIdx.x < world) {
-        __threadfence_system();
-        st_release_sys((u64*)t.flags[threadIdx.x] + flag0 + rank * FP4_LL_MAXCTAS,
-                       ((u64)tag << 32) | __float_as_uint(c.sdec));
-        const u64* mine = (const u64*)t.flags[rank] + flag0 + threadIdx.x * FP4_LL_MAXCTAS;
-        const u64 start = timeout_ns ? global_timer_ns() : 0;
-        u64 seen;
-        while ((u32)((seen = ld_acquire_sys(mine)) >> 32) != tag) {
-            __nanosleep(32);
-            if (timeout_ns && global_timer_ns() - start > timeout_ns) {
-                printf("fp4ccl: FP4 gather timed out on rank %u waiting for rank %u's rows (share %u, epoch %u, "
-                       "the flag holds %u); a rank skipped or reordered a collective call\n",
-                       rank, threadIdx.x, j, tag, (u32)(seen >> 32));
-                __trap();
-            }
-        }
-        sdec_s[threadIdx.x] = __uint_as_float((u32)seen);
-    }
+    if (threadIdx.x < world)
+        sdec_s[threadIdx.x] = ll_exchange_flags(t, flag0, rank, threadIdx.x, tag, c.sdec, timeout_ns, j, "gather");
     __syncthreads();   // every source's share has landed (the acquire above, then this barrier)
     const u8* region = (const u8*)t.region[rank] + half * half_bytes;
-    for (u32 s = 0; s < world; ++s) {
-        ll_share(t.units[s], j, G, lo, hi);
-        const u8* seg = region + s * seg_stride;
-        u8* dst = out + t.first[s] * OBYTES;
-        const float sdec = sdec_s[s];
-        for (u64 l = lo + threadIdx.x; l < hi; l += blockDim.x) {
-            // .cg: written by other GPUs during this kernel, so never from the non-coherent L1 paths
-            Packed<16> d;
-            d.d = __ldcg((const uint2*)(seg + l * 8u));
-            const float sc = __fmul_rn(e4m3_to_f32(__ldcg(seg + scale_off + l)), sdec);
-            float f[16];
-            decode_block<16>(d, lut, sc, f);
-            store_block16<Out>(dst + l * OBYTES, f);
+    ll_for_shares(t.units, world, j, G, [&](u32 s, u64 l) {
+        Packed<16> d;
+        u32 sbyte;
+        ll_load_block(region + s * seg_stride, scale_off, l, d, sbyte);
+        float f[16];
+        ll_decode_block(d, sbyte, sdec_s[s], lut, f);
+        store_block16<Out>(out + (t.first[s] + l) * OBYTES, f);
+    });
+    if (threadIdx.x == 0) counters[j] = epoch;
+}
+
+// ---------------------------------------------------------------- small NVFP4 reduce-scatter, one launch
+// The FP4 reduce-scatter of decode-time sizes as one kernel (fp4ccl/one_launch.py) over the one-launch
+// gather's buffer, flags and epochs: the same grid and the same exchange (CTA j of every rank flags
+// share j to every rank and waits for share j from every rank), so the two kernels share counters and
+// halves in any interleaving, and the gather's argument for the halves holds as is. Here t.units[q] /
+// t.first[q] are the FP4 blocks of chunk q of x (the rows rank q owns) and where in x they start.
+// Each cluster computes every chunk's amax (a chunk is a tensor of its own); CTA j quantizes share j of
+// chunk q (with seed t.seed[q] when stochastic) into this rank's segment of rank q's region, and flags
+// it to q with chunk q's S_dec. Then CTA j sums share j of this rank's chunk from every source's segment,
+// decoded and added in rank order in fp32 from 0, and rounds once: what dequantize_sum computes.
+template <typename T, bool SR>
+__device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64* counters, u64 seg_stride,
+                                       u64 scale_off, u64 timeout_ns, u32 rank, u32 world, const LLTable& t) {
+    constexpr int NVEC = 16 / Loader<T>::PER_VEC;
+    constexpr int OBYTES = OutBlock<T, 16>::BYTES;
+    __shared__ u64 epoch_s;
+    __shared__ float lut[16];
+    __shared__ float amax_s[FP4_LL_MAXRANKS];
+    __shared__ float sdec_s[FP4_LL_MAXRANKS];
+    __shared__ QuantCtx ctx_s[FP4_LL_MAXRANKS];
+    const u32 j = blockIdx.x, G = gridDim.x;
+    if (threadIdx.x == 0) epoch_s = counters[j] + 1;
+    fill_e2m1_lut(lut);
+    cluster_amax_ranges<T>(x, t.first, t.units, NVEC, world, amax_s);   // its barriers also publish epoch_s, lut
+    const u64 epoch = epoch_s;
+    const u32 tag = (u32)epoch;
+    const u64 half = epoch & 1u;
+    const u64 half_bytes = (u64)world * seg_stride;
+    const u64 flag0 = half * FP4_LL_MAXRANKS * FP4_LL_MAXCTAS + j;
+    if (threadIdx.x < world) {   // each chunk's scales and random keys, once
+        const Seg none = {0, 0, 0, 0, 0};
+        ctx_s[threadIdx.x] = quant_ctx<true>(amax_s[threadIdx.x], t.seed[threadIdx.x], none);
+    }
+    __syncthreads();
+    ll_for_shares(t.units, world, j, G, [&](u32 q, u64 l) {
+        const u64 b = t.first[q] + l;   // the block's index in x: stochastic rounding draws from it
+        uint4 v[NVEC];
+#pragma unroll
+        for (int k = 0; k < NVEC; ++k) v[k] = __ldg(x + b * NVEC + k);
+        const QuantCtx c = ctx_s[q];
+        u32 w[2], sbyte;
+        quant_block_bits<T, 16, true, SR>(v, b, c, w, sbyte);
+        u8* seg = (u8*)t.region[q] + half * half_bytes + rank * seg_stride;
+        *(uint2*)(seg + l * 8u) = make_uint2(w[0], w[1]);
+        seg[scale_off + l] = (u8)sbyte;
+    });
+    __syncthreads();   // the CTA's stores precede thread q's fence and flag (cumulativity)
+    if (threadIdx.x < world)   // chunk q's S_dec goes to rank q
+        sdec_s[threadIdx.x] = ll_exchange_flags(t, flag0, rank, threadIdx.x, tag, ctx_s[threadIdx.x].sdec, timeout_ns, j,
+                                                "reduce-scatter");
+    __syncthreads();   // every source's share has landed
+    const u8* region = (const u8*)t.region[rank] + half * half_bytes;
+    u64 lo, hi;
+    ll_share(t.units[rank], j, G, lo, hi);
+    for (u64 l = lo + threadIdx.x; l < hi; l += blockDim.x) {
+        // every contribution's loads first, so their round trips overlap, then the sum in rank order
+        Packed<16> d[FP4_LL_MAXRANKS];
+        u32 sb[FP4_LL_MAXRANKS];
+#pragma unroll
+        for (int s = 0; s < FP4_LL_MAXRANKS; ++s) {
+            if ((u32)s < world) ll_load_block(region + s * seg_stride, scale_off, l, d[s], sb[s]);
         }
+        float acc[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc[i] = 0.0f;
+#pragma unroll
+        for (int s = 0; s < FP4_LL_MAXRANKS; ++s) {
+            if ((u32)s < world) {
+                float f[16];
+                ll_decode_block(d[s], sb[s], sdec_s[s], lut, f);
+#pragma unroll
+                for (int i = 0; i < 16; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
+            }
+        }
+        store_block16<T>(out + l * OBYTES, acc);
     }
     if (threadIdx.x == 0) counters[j] = epoch;
 }
@@ -1200,6 +1390,16 @@ FP4_QUANT_SMALL(bf16, u16) FP4_QUANT_SMALL(f16, Half) FP4_QUANT_SMALL(f32, float
                             u64 timeout_ns, u32 rank, u32 world, const __grid_constant__ LLTable t) { \
         gather_ll_body<T, T>(x, nvec, out, counters, seg_stride, scale_off, timeout_ns, rank, world, t); }
 FP4_GATHER_LL(bf16, u16) FP4_GATHER_LL(f16, Half) FP4_GATHER_LL(f32, float)
+
+// fp4_rs_ll_nv_<t>_<rn|sr>(x, out, counters, seg_stride, scale_off, timeout_ns, rank, world, table): x and
+// out of one type; launch FP4_LL_MAXCTAS blocks; see reduce_scatter_ll_body. sm_90+.
+#define FP4_RS_LL(NAME, T, RND, SR) \
+    extern "C" __global__ void __cluster_dims__(FP4_LL_CLUSTER, 1, 1) __launch_bounds__(FP4_THREADS) \
+    fp4_rs_ll_nv_##NAME##_##RND(const uint4* x, u8* out, u64* counters, u64 seg_stride, u64 scale_off, \
+                                u64 timeout_ns, u32 rank, u32 world, const __grid_constant__ LLTable t) { \
+        reduce_scatter_ll_body<T, SR>(x, out, counters, seg_stride, scale_off, timeout_ns, rank, world, t); }
+FP4_RS_LL(bf16, u16, rn, false) FP4_RS_LL(f16, Half, rn, false) FP4_RS_LL(f32, float, rn, false)
+FP4_RS_LL(bf16, u16, sr, true) FP4_RS_LL(f16, Half, sr, true) FP4_RS_LL(f32, float, sr, true)
 #endif
 
 #ifndef FP4_DQ_MINB_F32

@@ -17,7 +17,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays, ll_gather, symm_collectives
+from . import _arrays, one_launch, symm_collectives
 from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
 from .vcollectives import offsets, split_count
@@ -496,7 +496,7 @@ class _GpuCodec:
 
     def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
         if (symm_collectives.fp4_algo(self.comm, self.stream) == "symm"
-                or ll_gather.capturable(self.comm, self.stream, rows, K, fmt, shared)):
+                or one_launch.capturable(self.comm, self.stream, rows, K, fmt, shared)):
             return symm_collectives.fp4_gather_dequantize(self, info, K, fmt, shared, rows, oinfo)
         n, me = self.comm.size, self.comm.rank
         overlap = n > 1 and sum(rows) * K * oinfo.itemsize >= OVERLAP_FROM_BYTES
@@ -574,7 +574,8 @@ class _GpuCodec:
         return self.unpack_gathered(recv, offsets(counts), layouts, rows, K, fmt, info, shape, row_offsets)
 
     def reduce_scatter(self, info, K, fmt, rows, oinfo, rounding, seed):
-        if symm_collectives.fp4_algo(self.comm, self.stream) == "symm":
+        if (symm_collectives.fp4_algo(self.comm, self.stream) == "symm"
+                or one_launch.rs_capturable(self.comm, self.stream, rows, K, fmt)):
             return symm_collectives.fp4_reduce_scatter(self, info, K, fmt, rows, oinfo, rounding, seed, _mix)
         n, me = self.comm.size, self.comm.rank
         lays = [packed_layout(r, K, fmt) for r in rows]

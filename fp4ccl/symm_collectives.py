@@ -14,7 +14,7 @@ an event joins calls made on different streams), so one barrier per call is enou
 Not used, and the NCCL algorithms run instead, when: the communicator spans hosts or has one rank,
 the caller's stream is being captured into a CUDA graph (the caller's graph would freeze one workspace
 half, and its replays could overwrite that half while a peer still reads it; the one-launch FP4
-gather of fp4ccl/ll_gather.py, which alternates halves of its own on the device, is the exception), or
+collectives of fp4ccl/one_launch.py, which alternate halves of their own on the device, are the exception), or
 FP4CCL_FP4_ALGO / FP4CCL_ALGO ask for an NCCL algorithm. Every rank
 must make the same choice, so capture (like every collective) has to be the same on every rank.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -538,15 +538,15 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
     """Quantize into this rank's slot; barrier; one decode launch over every rank's slot, the peers'
     read straight over NVLink. (Decoding the own rows before the barrier and each peer in turn with
     the whole grid measured slower: 163 against 146 us at 128 MiB, 515 against 470 at 512 MiB.)
-    Decode-time sizes go to the one-launch gather instead (fp4ccl/ll_gather.py)."""
-    from . import ll_gather
+    Decode-time sizes go to the one-launch gather instead (fp4ccl/one_launch.py)."""
+    from . import one_launch
     from .formats.tensor import packed_layout
     from .vcollectives import offsets
     comm = codec.comm
     me = comm.rank
     rows = tuple(rows)
-    if ll_gather.form(comm, rows, K, fmt, shared) == "ll":
-        return ll_gather.gather(codec, info, K, rows, oinfo)
+    if one_launch.form(comm, rows, K, fmt, shared) == "ll":
+        return one_launch.gather(codec, info, K, rows, oinfo)
 
     def enqueue(s, local, slots):
         lays = [packed_layout(r, K, fmt) for r in rows]
@@ -649,7 +649,8 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, sour
 #   push  0.60 0.92 1.44 2.05 2.28 2.40 2.51 2.56
 # and from 8 KiB to 2 MiB (run 41, one call, sweeps one after the other) store took 50-53 us per call
 # where steps took 62-87.
-RS_FORMS = ("steps", "pull", "store", "push")
+# Below those, a call whose chunks fit the one-launch kernel (one_launch.serves) is one launch: "ll".
+RS_FORMS = ("ll", "steps", "pull", "store", "push")
 RS_PUSH_FROM_BYTES = 64 << 20
 
 
@@ -672,19 +673,32 @@ def rs_pieces(chunk_bytes: int) -> int:
     return 1 if chunk_bytes < (8 << 20) else 2 if chunk_bytes < (64 << 20) else 4
 
 
-def rs_form(nbytes: int) -> str:
-    """The FP4 reduce-scatter form for an input of `nbytes` (the same on every rank)."""
+def rs_form(nbytes: int, one_launch: Optional[Callable[[], bool]] = None) -> str:
+    """The FP4 reduce-scatter form for an input of `nbytes` (the same on every rank); one_launch(): whether
+    the one-launch kernel can serve the call (one_launch.serves), asked only where it decides. A forced
+    'll' that cannot runs the size's default and says so at INFO."""
     raw = os.environ.get("FP4CCL_FP4_RS_FORM", "").strip().lower()
-    if raw:
-        if raw not in RS_FORMS:
-            raise ValueError(f"FP4CCL_FP4_RS_FORM={raw!r} is not one of {', '.join(RS_FORMS)}")
+    if raw and raw not in RS_FORMS:
+        raise ValueError(f"FP4CCL_FP4_RS_FORM={raw!r} is not one of {', '.join(RS_FORMS)}")
+    if raw and raw != "ll":
         return raw
+    if one_launch is not None and one_launch():
+        return "ll"
+    if raw:
+        log.info("FP4CCL_FP4_RS_FORM=ll serves NVFP4 reduce-scatters whose chunks hold at most %d elements, over at "
+                 "most 8 ranks on sm_90+: this one runs as the default form", _one_launch_max())
     return "push" if nbytes >= RS_PUSH_FROM_BYTES else "store"
+
+
+def _one_launch_max() -> int:
+    from .one_launch import MAX_ELEMENTS
+    return MAX_ELEMENTS
 
 
 def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo, rounding: str, seed: int, mix) -> None:
     """Each rank quantizes the chunk for each peer (its own amax); this rank decodes and sums, in rank
-    order, the chunk every rank made for it, rounding once. Three forms (rs_form):
+    order, the chunk every rank made for it, rounding once. Chunks that fit the one-launch kernel run
+    as one launch (rs_form 'll', fp4ccl/one_launch.py); the other forms:
 
     steps: quantize every chunk into the own slot, one barrier, one fused decode-and-sum kernel reading
     the peers' slots over NVLink.
@@ -704,11 +718,15 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     from .formats import kernels
     from .formats.tensor import BLOCK_SIZE, packed_layout
     from .vcollectives import copy, offsets, split_count
+    from . import one_launch
     comm = codec.comm
     me, n = comm.rank, comm.size
     bs = BLOCK_SIZE[fmt]
     row_offs = offsets(rows)
-    form = rs_form(info.nbytes)
+    form = rs_form(info.nbytes, lambda: one_launch.serves(comm, rows, K, fmt))
+    if form == "ll":
+        return one_launch.reduce_scatter(codec, info, K, tuple(rows), oinfo, rounding,
+                                         tuple(mix(seed, me, q) for q in range(n)))
     # pieces[q]: (first row in the chunk, rows, offset in the chunk's region, packed layout) of each row
     # piece of the chunk for rank q. Each piece is a packed segment of its own, so a piece travels as
     # one copy and is summed on its own; every rank splits a chunk the same way.

@@ -56,7 +56,8 @@ _SMALL_NAMES = {t: f"fp4_quant_small_nv_{tn}" for t, tn in _IN_NAME.items()}
 SMALL_CTAS = 8       # FP4_SMALL_CTAS in csrc/fp4.cu: the cluster (and grid) of quantize_small_nvfp4
 SMALL_MIN_ARCH = 90  # thread-block clusters
 _LL_NAMES = {t: f"fp4_gather_ll_nv_{tn}" for t, tn in _IN_NAME.items()}
-LL_CLUSTER = 8       # FP4_LL_CLUSTER in csrc/fp4.cu: CTAs per cluster of gather_ll_nvfp4
+_RS_LL_NAMES = {(t, r): f"fp4_rs_ll_nv_{tn}_{rn}" for t, tn in _IN_NAME.items() for r, rn in _ROUND_NAME.items()}
+LL_CLUSTER = 8       # FP4_LL_CLUSTER in csrc/fp4.cu: CTAs per cluster of gather_ll_nvfp4 and reduce_scatter_ll_nvfp4
 LL_MAXRANKS = 8      # FP4_LL_MAXRANKS
 LL_MAXCTAS = 32      # FP4_LL_MAXCTAS: its grid; flag words per source rank and half, epoch counters
 
@@ -68,12 +69,13 @@ _SIGNATURES = {
     "dqsum": ("u64", "u32", "u32", "u32", "sum"),
     "qsmall": ("u64", "u64", "u32", "seg"),
     "gll": ("u64", "u64", "u64", "u64", "u64", "u64", "u64", "u32", "u32", "ll"),
+    "rsll": ("u64", "u64", "u64", "u64", "u64", "u64", "u32", "u32", "ll"),
     # kernels of other modules launched through launcher() (csrc/symm.cu, csrc/vcopy.cu)
     "symm_barrier_dev": ("u64", "i32", "i32", "u64", "u64"),
     "vcopy": ("vtab",),
 }
 VCOPY_MAXSEG = 128   # VCOPY_MAXSEG in csrc/vcopy.cu: segments per launch (src, dst, nbytes arrays)
-_TABLES = {"seg": 5 * MAXSEG, "sum": 3 * MAXSUM, "vtab": 3 * VCOPY_MAXSEG, "ll": 4 * LL_MAXRANKS}   # u64 words of each by-value table
+_TABLES = {"seg": 5 * MAXSEG, "sum": 3 * MAXSUM, "vtab": 3 * VCOPY_MAXSEG, "ll": 5 * LL_MAXRANKS}   # u64 words of each by-value table
 _CTYPES = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "i32": ctypes.c_int32, "f32": ctypes.c_float,
            **{k: ctypes.c_uint64 * n for k, n in _TABLES.items()}}
 _NUMPY = {"u64": np.uint64, "u32": np.uint32, "i32": np.int32, "f32": np.float32}
@@ -285,7 +287,8 @@ def kernel_names() -> List[str]:
             for lay in _LAYOUT_NAME.values():
                 names += [f"fp4_quant_{f}_{t}_{lay}_{r}" for r in _ROUND_NAME.values()]
                 names.append(f"fp4_dequant_{f}_{t}_{lay}")
-    return names + list(_SUM_NAMES.values()) + list(_SMALL_NAMES.values()) + list(_LL_NAMES.values())
+    return (names + list(_SUM_NAMES.values()) + list(_SMALL_NAMES.values()) + list(_LL_NAMES.values())
+            + list(_RS_LL_NAMES.values()))
 
 
 # ------------------------------------------------------------------------------ copies
@@ -434,18 +437,32 @@ def gather_ll_nvfp4(device: int, x_ptr: int, dtype: str, numel: int, out_ptr: in
     segment per rank, scales at `scale_off` in each), flag them in `flags[r]`, wait for every rank's
     flags and decode all of them into out. units[s] / first[s]: FP4 blocks of rank s and where in out
     they go. counters: this rank's LL_MAXCTAS epoch counters. sm_90+ (has_quantize_small); the caller
-    (fp4ccl.ll_gather) checks everything else."""
+    (fp4ccl.one_launch) checks everything else."""
     la = launcher(device, _LL_NAMES[dtype], "gll")
-    world = len(units)
-    t = la.table
-    t[:] = 0
-    for r in range(world):
-        t[r] = units[r]
-        t[LL_MAXRANKS + r] = first[r]
-        t[2 * LL_MAXRANKS + r] = regions[r]
-        t[3 * LL_MAXRANKS + r] = flags[r]
+    _fill_ll_table(la.table, units, first, regions, flags)
     la(device, LL_MAXCTAS, 1, stream, x_ptr, numel * _ITEMSIZE[dtype] // 16, out_ptr, counters, seg_stride,
-       scale_off, timeout_ns, rank, world)
+       scale_off, timeout_ns, rank, len(units))
+
+
+def reduce_scatter_ll_nvfp4(device: int, x_ptr: int, dtype: str, out_ptr: int, units: Sequence[int],
+                            first: Sequence[int], regions: Sequence[int], flags: Sequence[int], counters: int,
+                            seg_stride: int, scale_off: int, rank: int, rounding: str, seeds: Sequence[int],
+                            timeout_ns: int, stream: int) -> None:
+    """One launch of the whole NVFP4 reduce-scatter (csrc/fp4.cu, reduce_scatter_ll_body), over the
+    buffer, flags and counters of gather_ll_nvfp4: chunk q of x (units[q] FP4 blocks from block first[q],
+    the rows rank q owns) is quantized with its own amax (`rounding`, with seeds[q] when stochastic) into
+    this rank's segment of regions[q]; this rank's chunk from every rank is then decoded and summed in
+    rank order in fp32 and rounded once into out (x's dtype). sm_90+; fp4ccl.one_launch checks the rest."""
+    la = launcher(device, _RS_LL_NAMES[(dtype, rounding)], "rsll")
+    _fill_ll_table(la.table, units, first, regions, flags, seeds)
+    la(device, LL_MAXCTAS, 1, stream, x_ptr, out_ptr, counters, seg_stride, scale_off, timeout_ns, rank, len(units))
+
+
+def _fill_ll_table(t, units, first, regions, flags, seeds=()) -> None:
+    """The by-value LLTable: units, first, region, flags and seed arrays of LL_MAXRANKS words each."""
+    t[:] = 0
+    for k, column in enumerate((units, first, regions, flags, seeds)):
+        t[k * LL_MAXRANKS:k * LL_MAXRANKS + len(column)] = column
 
 
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,

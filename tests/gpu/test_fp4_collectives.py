@@ -10,14 +10,16 @@ from harness import env, run_ranks
 
 # Each check runs on both transports: "symm" (symmetric memory, the default on one node) and "nccl";
 # "symm-steps" is symm with the one-launch small-input kernels off (FP4CCL_SMALL_QUANTIZE_BYTES=0,
-# FP4CCL_FP4_GATHER_FORM=steps), so the separate amax, quantize, barrier and decode launches stay
-# tested at these sizes too; plain "symm" gathers them with the one-launch NVFP4 gather.
+# FP4CCL_FP4_GATHER_FORM=steps, FP4CCL_FP4_RS_FORM=store), so the separate amax, quantize, barrier and
+# decode launches stay tested at these sizes too; plain "symm" gathers and reduce-scatters NVFP4 with
+# the one-launch kernels.
 PATHS = ["symm", "symm-steps", "nccl"]
 
 
 # "symm-cepull": symm with the raw gathers' data pulled by the copy engine (FP4CCL_FP4_RAW_PULL=ce; by
 # default only segments from 8 MiB are) instead of copied by the SMs.
-VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0", "FP4CCL_FP4_GATHER_FORM": "steps"}, "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"}}
+VARIANTS = {"steps": {"FP4CCL_SMALL_QUANTIZE_BYTES": "0", "FP4CCL_FP4_GATHER_FORM": "steps", "FP4CCL_FP4_RS_FORM": "store"},
+            "cepull": {"FP4CCL_FP4_RAW_PULL": "ce"}}
 
 
 def _on_path(comm, path, check, *args):
@@ -124,12 +126,13 @@ def _pipelined_reduce_scatter(comm, seed, form):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["store", "push", "push:3"])
+@pytest.mark.parametrize("form", ["ll", "store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_reduce_scatter_forms_interleaved_with_other_collectives(nranks, form, seed):
-    """The forms that write into their peers' slots with one barrier per call: many calls back to
-    back (eager and replayed from graphs), mixed with plain symmetric-memory gathers on the same
-    workspace halves and with reduce-scatters of other sizes, stay right on every rank."""
+    """The forms that write into their peers' memory (the one launch with its flags; the others with
+    one barrier per call): many calls back to back (eager and replayed from graphs), mixed with plain
+    symmetric-memory gathers on the same workspace halves and with reduce-scatters of other sizes,
+    stay right on every rank."""
     need_gpus(nranks)
     assert all(run_ranks(nranks, _rs_interleaved, seed, form, backend="nccl"))
 
@@ -335,6 +338,120 @@ def _ll_in_a_captured_graph(comm, seed):
                                                                                    if step % 2 else ()):
             got = to_numpy(out, "bfloat16").view(np.uint8)
             assert np.array_equal(got, want(src).view(np.uint8)), f"rank {me} replay {step}: {name} gather"
+    del graph
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 3, 4])
+def test_fp4_one_launch_reduce_scatter_equals_the_store_form_bit_for_bit(nranks, seed):
+    """The one-launch NVFP4 reduce-scatter (FP4CCL_FP4_RS_FORM=ll) and the store form sum the same
+    decoded chunks in the same order, so their results agree bit for bit: every dtype, nearest and
+    stochastic rounding, uneven chunks with a zero, K of 16 to 80, a chunk as large as a segment holds,
+    each call between one-launch gathers on the same buffer; nothing written past the output."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _ll_rs_against_store, seed, backend="nccl"))
+
+
+def _ll_rs_against_store(comm, seed):
+    import numpy as np
+    import torch
+    from collective_checks import check_no_overrun, sentinel_out, to_framework, to_numpy
+    from fp4_collective_checks import roundtrip, shard
+    from fp4ccl.formats import kernels
+    n, me = comm.size, comm.rank
+    cases = [([(1, 0, 7, 2)[r % 4] for r in range(n)], 16, "bfloat16"),
+             ([64 * (r + 1) for r in range(n)], 48, "float32"),
+             ([2048 if r == n - 1 else 3 * r for r in range(n)], 64, "float16"),
+             ([(300, 0, 251, 97)[r % 4] for r in range(n)], 80, "bfloat16")]
+    launched = []
+    real = kernels.reduce_scatter_ll_nvfp4
+    kernels.reduce_scatter_ll_nvfp4 = lambda *a: (launched.append(a), real(*a))
+    try:
+        with env({"FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
+            for case, (sizes, K, dtype) in enumerate(cases):
+                for rounding in ("nearest", "stochastic"):
+                    x = to_framework(shard(seed, me, 1100 + case, sum(sizes), K, dtype), "torch", comm.device)
+                    g = to_framework(shard(seed, me, 1200 + case, 5, 32, dtype), "torch", comm.device)
+                    gathered = comm.all_gatherv(g, [5] * n, compress="nvfp4")   # one launch, the same buffer
+                    got = {}
+                    for form in ("ll", "store"):
+                        with env({"FP4CCL_FP4_RS_FORM": form}):
+                            fbuf, out = sentinel_out(comm, "torch", (sizes[me], K), dtype)
+                            comm.reduce_scatterv(x, sizes, out=out, compress="nvfp4", rounding=rounding,
+                                                 seed=seed + case)
+                            torch.cuda.synchronize(comm.device)
+                            what = f"rank {me} {form} {rounding} sizes={sizes} K={K} {dtype}"
+                            check_no_overrun(fbuf, (sizes[me], K), dtype, what)
+                            got[form] = to_numpy(out, dtype).view(np.uint8)
+                    assert np.array_equal(got["ll"], got["store"]), f"rank {me} {rounding} sizes={sizes} K={K} {dtype}"
+                    want_g = np.concatenate([roundtrip(shard(seed, r, 1200 + case, 5, 32, dtype), "nvfp4")
+                                             for r in range(n)])
+                    assert np.array_equal(to_numpy(gathered, dtype).view(np.uint8), want_g.view(np.uint8)), \
+                        f"rank {me} case {case}: the gather between"
+    finally:
+        kernels.reduce_scatter_ll_nvfp4 = real
+    assert len(launched) == 2 * len(cases), f"rank {me}: {len(launched)} one-launch reduce-scatters launched"
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_fp4_one_launch_reduce_scatter_in_the_callers_cuda_graph(nranks, seed):
+    """Captured into the caller's CUDA graph (after an eager call made the one-launch buffer), the NVFP4
+    reduce-scatter is a kernel node of that graph beside a one-launch gather; eager calls between the
+    replays move the shared epochs, and every replay equals the store form's result bit for bit."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _ll_rs_in_a_captured_graph, seed, backend="nccl"))
+
+
+def _ll_rs_in_a_captured_graph(comm, seed):
+    import numpy as np
+    import torch
+    from collective_checks import to_framework, to_numpy
+    from fp4_collective_checks import roundtrip, shard
+    from fp4ccl.formats import kernels
+    n, me = comm.size, comm.rank
+    dev = f"cuda:{comm.device}"
+    sizes, K = [(5, 0, 3, 8)[r % 4] for r in range(n)], 64
+    x = torch.empty((sum(sizes), K), dtype=torch.bfloat16, device=dev)
+    g = torch.empty((4, 32), dtype=torch.bfloat16, device=dev)
+    out = torch.empty((sizes[me], K), dtype=torch.bfloat16, device=dev)
+    gout = torch.empty((4 * n, 32), dtype=torch.bfloat16, device=dev)
+
+    def fill(t, case, rows, k):
+        t.copy_(to_framework(shard(seed, me, case, rows, k, "bfloat16"), "torch", comm.device))
+    fill(x, 1300, sum(sizes), K)
+    comm.reduce_scatterv(x, sizes, compress="nvfp4")      # eager: makes the one-launch buffer
+    launched = []
+    real = kernels.reduce_scatter_ll_nvfp4
+    kernels.reduce_scatter_ll_nvfp4 = lambda *a: (launched.append(a[-1]), real(*a))
+    try:
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+            comm.reduce_scatterv(x, sizes, out=out, compress="nvfp4")
+            comm.all_gatherv(g, [4] * n, out=gout, compress="nvfp4")
+        torch.cuda.current_stream(dev).wait_stream(side)
+    finally:
+        kernels.reduce_scatter_ll_nvfp4 = real
+    assert len(launched) == 1, f"rank {me}: {len(launched)} one-launch reduce-scatters captured, expected 1"
+    for step in range(6):
+        fill(x, 1400 + step, sum(sizes), K)
+        fill(g, 1500 + step, 4, 32)
+        out.view(torch.int16).fill_(0x5A5A)
+        graph.replay()
+        if step % 2:   # an eager one-launch call between replays moves the epochs by one
+            comm.reduce_scatterv(x, sizes, compress="nvfp4")
+        torch.cuda.synchronize(comm.device)
+        with env({"FP4CCL_FP4_RS_FORM": "store"}):
+            want = comm.reduce_scatterv(x, sizes, compress="nvfp4")
+        torch.cuda.synchronize(comm.device)
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16)), f"rank {me} replay {step}: reduce-scatter"
+        want_g = np.concatenate([roundtrip(shard(seed, r, 1500 + step, 4, 32, "bfloat16"), "nvfp4") for r in range(n)])
+        assert np.array_equal(to_numpy(gout, "bfloat16").view(np.uint8), want_g.view(np.uint8)), \
+            f"rank {me} replay {step}: gather"
     del graph
     return True
 
