@@ -85,9 +85,9 @@ def _buffer_made(comm) -> bool:
 
 
 def _buffer(comm):
-    """The one-launch collectives' symmetric buffer: this rank's epoch counters, both halves' flag words, then both
-    halves' segments, one per rank. Made zeroed (collectively) at the first call: a flag word must never
-    start out equal to an epoch."""
+    """The one-launch collectives' symmetric buffer: this rank's epoch counters, both halves' flag
+    words, then both halves' segments, one per rank. Made zeroed (collectively) at the first call of
+    either collective: a flag word must never start out equal to an epoch."""
     buf = comm._extras.get(_EXTRAS_KEY)
     if buf is None:
         from .symmetric import SymmetricBuffer
@@ -98,8 +98,8 @@ def _buffer(comm):
 
 @functools.lru_cache(maxsize=256)
 def _plan(rows: Tuple[int, ...], K: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """FP4 blocks of each rank's rows, and the block where each rank's start (in the gather's output,
-    in the reduce-scatter's input)."""
+    """FP4 blocks of each rank's rows, and the block where each rank's rows start (in the gather's
+    output, in the reduce-scatter's input)."""
     from .vcollectives import offsets
     return tuple(r * K // 16 for r in rows), tuple(o * K // 16 for o in offsets(rows))
 
