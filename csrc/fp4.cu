@@ -1019,7 +1019,7 @@ __device__ __forceinline__ float ld_cluster_f32(const float* p, u32 cta) {
 // The max |x| of each of n consecutive ranges of x, range q = FP4 blocks [first[q], first[q] + blocks[q])
 // of `vpb` 16-byte vectors each (first[q + 1] = first[q] + blocks[q]), into amax_out[q] (shared memory)
 // of every CTA of this cluster. One pass: a thread's loads of every range are in flight together (a
-// pass per range cost a load round trip and a block reduction each, ~1 us apiece at decode sizes);
+// pass per range costs a load round trip and a block reduction each, which decode sizes feel);
 // each CTA reduces its share, the shares meet through distributed shared memory. Every thread must
 // call it.
 #define FP4_CLUSTER_MAXRANGES 8
