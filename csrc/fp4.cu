@@ -1185,11 +1185,30 @@ __device__ __forceinline__ void ll_for_shares(const u64* units, u32 n, u32 j, u3
         for (u64 l = lo[q] + threadIdx.x; l < lo[q] + len[q]; l += blockDim.x) f((u32)q, l);
 }
 
+// What a one-launch call derives from its epoch (whose low 32 bits tag its flags): the half, by
+// parity, of every region and of the flag words it uses.
+struct LLCall {
+    u64 epoch;
+    u64 half_off;   // bytes from a region's start to this call's half
+    u64 flag0;      // CTA j's flag word of source 0 in this call's half (source s: + s * FP4_LL_MAXCTAS)
+};
+__device__ __forceinline__ LLCall ll_call(u64 epoch, u32 world, u64 seg_stride, u32 j) {
+    const u64 half = epoch & 1u;
+    return {epoch, half * world * seg_stride, half * FP4_LL_MAXRANKS * FP4_LL_MAXCTAS + j};
+}
+
+// Source `source`'s segment in rank r's region, this call's half (as mapped here).
+__device__ __forceinline__ u8* ll_segment(const LLTable& t, const LLCall& call, u32 r, u32 source, u64 seg_stride) {
+    return (u8*)t.region[r] + call.half_off + source * seg_stride;
+}
+
 // Thread `peer` of CTA j, after the CTA's stores into every rank's region: flag this CTA's share as
 // landed in rank peer's flags (epoch tag and an fp32 S_dec for peer), then wait for peer's flag of the
 // same share here and return the S_dec it carries. Traps after timeout_ns (0: never).
-__device__ __forceinline__ float ll_exchange_flags(const LLTable& t, u64 flag0, u32 rank, u32 peer, u32 tag,
+__device__ __forceinline__ float ll_exchange_flags(const LLTable& t, const LLCall& call, u32 rank, u32 peer,
                                                    float sdec, u64 timeout_ns, u32 j, const char* op) {
+    const u64 flag0 = call.flag0;
+    const u32 tag = (u32)call.epoch;
     __threadfence_system();
     st_release_sys((u64*)t.flags[peer] + flag0 + rank * FP4_LL_MAXCTAS, ((u64)tag << 32) | __float_as_uint(sdec));
     const u64* mine = (const u64*)t.flags[rank] + flag0 + peer * FP4_LL_MAXCTAS;
@@ -1231,11 +1250,7 @@ __device__ void gather_ll_body(const uint4* __restrict__ x, u64 nvec, u8* out, u
     if (threadIdx.x == 0) epoch_s = counters[j] + 1;
     fill_e2m1_lut(lut);
     const float amax = cluster_amax<In>(x, nvec);   // its cluster barriers also publish epoch_s and lut
-    const u64 epoch = epoch_s;
-    const u32 tag = (u32)epoch;
-    const u64 half = epoch & 1u;
-    const u64 half_bytes = (u64)world * seg_stride;
-    const u64 flag0 = half * FP4_LL_MAXRANKS * FP4_LL_MAXCTAS + j;   // + source * FP4_LL_MAXCTAS
+    const LLCall call = ll_call(epoch_s, world, seg_stride, j);
     const Seg none = {0, 0, 0, 0, 0};
     const QuantCtx c = quant_ctx<true>(amax, 0, none);
     u64 lo, hi;
@@ -1247,25 +1262,24 @@ __device__ void gather_ll_body(const uint4* __restrict__ x, u64 nvec, u8* out, u
         u32 w[2], sbyte;
         quant_block_bits<In, 16, true, false>(v, l, c, w, sbyte);
         for (u32 r = 0; r < world; ++r) {
-            u8* seg = (u8*)t.region[r] + half * half_bytes + rank * seg_stride;
+            u8* seg = ll_segment(t, call, r, rank, seg_stride);
             *(uint2*)(seg + l * 8u) = make_uint2(w[0], w[1]);
             seg[scale_off + l] = (u8)sbyte;
         }
     }
     __syncthreads();   // the CTA's stores precede thread r's fence and flag (cumulativity)
     if (threadIdx.x < world)
-        sdec_s[threadIdx.x] = ll_exchange_flags(t, flag0, rank, threadIdx.x, tag, c.sdec, timeout_ns, j, "gather");
+        sdec_s[threadIdx.x] = ll_exchange_flags(t, call, rank, threadIdx.x, c.sdec, timeout_ns, j, "gather");
     __syncthreads();   // every source's share has landed (the acquire above, then this barrier)
-    const u8* region = (const u8*)t.region[rank] + half * half_bytes;
     ll_for_shares(t.units, world, j, G, [&](u32 s, u64 l) {
         Packed<16> d;
         u32 sbyte;
-        ll_load_block(region + s * seg_stride, scale_off, l, d, sbyte);
+        ll_load_block(ll_segment(t, call, rank, s, seg_stride), scale_off, l, d, sbyte);
         float f[16];
         ll_decode_block(d, sbyte, sdec_s[s], lut, f);
         store_block16<Out>(out + (t.first[s] + l) * OBYTES, f);
     });
-    if (threadIdx.x == 0) counters[j] = epoch;
+    if (threadIdx.x == 0) counters[j] = call.epoch;
 }
 
 // ---------------------------------------------------------------- small NVFP4 reduce-scatter, one launch
@@ -1292,11 +1306,7 @@ __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64
     if (threadIdx.x == 0) epoch_s = counters[j] + 1;
     fill_e2m1_lut(lut);
     cluster_amax_ranges<T>(x, t.first, t.units, NVEC, world, amax_s);   // its barriers also publish epoch_s, lut
-    const u64 epoch = epoch_s;
-    const u32 tag = (u32)epoch;
-    const u64 half = epoch & 1u;
-    const u64 half_bytes = (u64)world * seg_stride;
-    const u64 flag0 = half * FP4_LL_MAXRANKS * FP4_LL_MAXCTAS + j;
+    const LLCall call = ll_call(epoch_s, world, seg_stride, j);
     if (threadIdx.x < world) {   // each chunk's scales and random keys, once
         const Seg none = {0, 0, 0, 0, 0};
         ctx_s[threadIdx.x] = quant_ctx<true>(amax_s[threadIdx.x], t.seed[threadIdx.x], none);
@@ -1310,16 +1320,15 @@ __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64
         const QuantCtx c = ctx_s[q];
         u32 w[2], sbyte;
         quant_block_bits<T, 16, true, SR>(v, b, c, w, sbyte);
-        u8* seg = (u8*)t.region[q] + half * half_bytes + rank * seg_stride;
+        u8* seg = ll_segment(t, call, q, rank, seg_stride);
         *(uint2*)(seg + l * 8u) = make_uint2(w[0], w[1]);
         seg[scale_off + l] = (u8)sbyte;
     });
     __syncthreads();   // the CTA's stores precede thread q's fence and flag (cumulativity)
     if (threadIdx.x < world)   // chunk q's S_dec goes to rank q
-        sdec_s[threadIdx.x] = ll_exchange_flags(t, flag0, rank, threadIdx.x, tag, ctx_s[threadIdx.x].sdec, timeout_ns, j,
+        sdec_s[threadIdx.x] = ll_exchange_flags(t, call, rank, threadIdx.x, ctx_s[threadIdx.x].sdec, timeout_ns, j,
                                                 "reduce-scatter");
     __syncthreads();   // every source's share has landed
-    const u8* region = (const u8*)t.region[rank] + half * half_bytes;
     u64 lo, hi;
     ll_share(t.units[rank], j, G, lo, hi);
     for (u64 l = lo + threadIdx.x; l < hi; l += blockDim.x) {
@@ -1328,7 +1337,7 @@ __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64
         u32 sb[FP4_LL_MAXRANKS];
 #pragma unroll
         for (int s = 0; s < FP4_LL_MAXRANKS; ++s) {
-            if ((u32)s < world) ll_load_block(region + s * seg_stride, scale_off, l, d[s], sb[s]);
+            if ((u32)s < world) ll_load_block(ll_segment(t, call, rank, s, seg_stride), scale_off, l, d[s], sb[s]);
         }
         float acc[16];
 #pragma unroll
@@ -1344,7 +1353,7 @@ __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64
         }
         store_block16<T>(out + l * OBYTES, acc);
     }
-    if (threadIdx.x == 0) counters[j] = epoch;
+    if (threadIdx.x == 0) counters[j] = call.epoch;
 }
 
 // ---------------------------------------------------------------- entry points (extern "C": stable names)
