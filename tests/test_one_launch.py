@@ -89,8 +89,18 @@ def test_a_decode_into_another_dtype_is_refused(fakes, monkeypatch):  # noqa: F8
         one_launch.gather(FakeCodec(FakeComm(rank=0, size=2)), In(), 32, (1, 1), F32Out())
 
 
-def test_in_a_capture_it_launches_into_the_callers_graph_once_an_eager_call_made_its_buffer(fakes, monkeypatch):  # noqa: F811
+def _capturing_codec(monkeypatch, comm, reserve: str):
+    """A _GpuCodec of comm on stream 99, which the fake runtime reports as being captured (so symmetric
+    memory is not usable there), that fails the test if `reserve` (an NCCL workspace sizing) is called."""
     from fp4ccl import fp4_collectives
+    monkeypatch.setattr(sc, "usable", lambda c, s: not sc.capturing(s))
+    codec = fp4_collectives._GpuCodec.__new__(fp4_collectives._GpuCodec)
+    codec.comm, codec.stream, codec.device = comm, 99, 0
+    monkeypatch.setattr(codec, reserve, lambda *a: pytest.fail("reserved inside a capture"), raising=False)
+    return codec
+
+
+def test_in_a_capture_it_launches_into_the_callers_graph_once_an_eager_call_made_its_buffer(fakes, monkeypatch):  # noqa: F811
     launches = _launches(monkeypatch)
     comm = FakeComm(rank=0, size=2)
     rows, K = (4, 4), 32
@@ -104,13 +114,7 @@ def test_in_a_capture_it_launches_into_the_callers_graph_once_an_eager_call_made
     assert not one_launch.capturable(comm, 99, rows, K, "nvfp4", False)
     monkeypatch.delenv("FP4CCL_FP4_ALGO")
     calls = comm._extras[sc._EXTRAS_KEY].calls
-    # the codec routes a captured call here (stream 99 is "capturing" in the fake runtime)
-    monkeypatch.setattr(sc, "usable", lambda c, s: not sc.capturing(s))
-    codec = fp4_collectives._GpuCodec.__new__(fp4_collectives._GpuCodec)
-    codec.comm, codec.stream, codec.device = comm, 99, 0
-    monkeypatch.setattr(codec, "reserve_nccl_gather", lambda *a: pytest.fail("reserved inside a capture"),
-                        raising=False)
-    codec.gather_dequantize(In(), K, "nvfp4", False, rows, Out())
+    _capturing_codec(monkeypatch, comm, "reserve_nccl_gather").gather_dequantize(In(), K, "nvfp4", False, rows, Out())
     assert launches[-1][-1] == 99 and len(launches) == 2
     assert comm._extras[sc._EXTRAS_KEY].calls == calls    # the workspace (its events) left alone
 
@@ -174,7 +178,6 @@ def test_reduce_scatter_is_one_launch_over_the_gathers_buffer(fakes, monkeypatch
 
 
 def test_reduce_scatter_in_a_capture_launches_into_the_callers_graph(fakes, monkeypatch):  # noqa: F811
-    from fp4ccl import fp4_collectives
     launches = _rs_launches(monkeypatch)
     comm = FakeComm(rank=0, size=2)
     rows, K = (4, 4), 32
@@ -188,12 +191,7 @@ def test_reduce_scatter_in_a_capture_launches_into_the_callers_graph(fakes, monk
         assert not one_launch.rs_capturable(comm, 99, rows, K, "nvfp4")
         monkeypatch.delenv(name)
     calls = comm._extras[sc._EXTRAS_KEY].calls
-    monkeypatch.setattr(sc, "usable", lambda c, s: not sc.capturing(s))
-    codec = fp4_collectives._GpuCodec.__new__(fp4_collectives._GpuCodec)
-    codec.comm, codec.stream, codec.device = comm, 99, 0
-    monkeypatch.setattr(codec, "reserve_nccl_reduce_scatter", lambda *a: pytest.fail("reserved inside a capture"),
-                        raising=False)
-    codec.reduce_scatter(In(), K, "nvfp4", rows, Out(), "nearest", 0)
+    _capturing_codec(monkeypatch, comm, "reserve_nccl_reduce_scatter").reduce_scatter(In(), K, "nvfp4", rows, Out(), "nearest", 0)
     assert launches[-1][0] == "rs" and launches[-1][-1] == 99 and len(launches) == 2
     assert comm._extras[sc._EXTRAS_KEY].calls == calls
 

@@ -1,6 +1,8 @@
 """FP4-aware collectives on the NCCL backend (CUDA kernels), 2 and 4 ranks, torch and CuPy."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 import fp4_collective_checks as fc
@@ -283,6 +285,32 @@ def _ll_interleaved(comm, seed):
     return True
 
 
+@contextlib.contextmanager
+def _launches_of(name):
+    """The streams of the launches of fp4ccl.formats.kernels.<name> made inside the block (a list)."""
+    from fp4ccl.formats import kernels
+    real = getattr(kernels, name)
+    streams = []
+    setattr(kernels, name, lambda *a: (streams.append(a[-1]), real(*a)))
+    try:
+        yield streams
+    finally:
+        setattr(kernels, name, real)
+
+
+def _captured(comm, calls):
+    """A torch CUDA graph of calls(), captured on a side stream of comm's device."""
+    import torch
+    dev = f"cuda:{comm.device}"
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        calls()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    return graph
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_fp4_one_launch_gather_in_the_callers_cuda_graph(nranks, seed):
@@ -298,7 +326,6 @@ def _ll_in_a_captured_graph(comm, seed):
     import torch
     from collective_checks import to_framework, to_numpy
     from fp4_collective_checks import roundtrip, shard
-    from fp4ccl.formats import kernels
     n, me = comm.size, comm.rank
     dev = f"cuda:{comm.device}"
     sizes, K = [(5, 0, 3, 8)[r % 4] for r in range(n)], 64
@@ -310,19 +337,9 @@ def _ll_in_a_captured_graph(comm, seed):
     def want(xs):
         return np.concatenate([roundtrip(a, "nvfp4") if len(a) else a for a in xs])
     comm.all_gatherv(x, sizes, out=outs[2], compress="nvfp4")   # eager: makes the gather's buffer
-    launched = []
-    real = kernels.gather_ll_nvfp4
-    kernels.gather_ll_nvfp4 = lambda *a: (launched.append(a[-1]), real(*a))
-    try:
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-            comm.all_gatherv(x, sizes, out=outs[0], compress="nvfp4")
-            comm.all_gatherv(y, sizes, out=outs[1], compress="nvfp4")
-        torch.cuda.current_stream(dev).wait_stream(side)
-    finally:
-        kernels.gather_ll_nvfp4 = real
+    with _launches_of("gather_ll_nvfp4") as launched:
+        graph = _captured(comm, lambda: (comm.all_gatherv(x, sizes, out=outs[0], compress="nvfp4"),
+                                         comm.all_gatherv(y, sizes, out=outs[1], compress="nvfp4")))
     assert len(launched) == 2, f"rank {me}: {len(launched)} one-launch gathers captured, expected 2"
     for step in range(6):
         xs, ys, zs = fresh(800 + step), fresh(900 + step), fresh(1000 + step)
@@ -358,39 +375,32 @@ def _ll_rs_against_store(comm, seed):
     import torch
     from collective_checks import check_no_overrun, sentinel_out, to_framework, to_numpy
     from fp4_collective_checks import roundtrip, shard
-    from fp4ccl.formats import kernels
     n, me = comm.size, comm.rank
     cases = [([(1, 0, 7, 2)[r % 4] for r in range(n)], 16, "bfloat16"),
              ([64 * (r + 1) for r in range(n)], 48, "float32"),
              ([2048 if r == n - 1 else 3 * r for r in range(n)], 64, "float16"),
              ([(300, 0, 251, 97)[r % 4] for r in range(n)], 80, "bfloat16")]
-    launched = []
-    real = kernels.reduce_scatter_ll_nvfp4
-    kernels.reduce_scatter_ll_nvfp4 = lambda *a: (launched.append(a), real(*a))
-    try:
-        with env({"FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
-            for case, (sizes, K, dtype) in enumerate(cases):
-                for rounding in ("nearest", "stochastic"):
-                    x = to_framework(shard(seed, me, 1100 + case, sum(sizes), K, dtype), "torch", comm.device)
-                    g = to_framework(shard(seed, me, 1200 + case, 5, 32, dtype), "torch", comm.device)
-                    gathered = comm.all_gatherv(g, [5] * n, compress="nvfp4")   # one launch, the same buffer
-                    got = {}
-                    for form in ("ll", "store"):
-                        with env({"FP4CCL_FP4_RS_FORM": form}):
-                            fbuf, out = sentinel_out(comm, "torch", (sizes[me], K), dtype)
-                            comm.reduce_scatterv(x, sizes, out=out, compress="nvfp4", rounding=rounding,
-                                                 seed=seed + case)
-                            torch.cuda.synchronize(comm.device)
-                            what = f"rank {me} {form} {rounding} sizes={sizes} K={K} {dtype}"
-                            check_no_overrun(fbuf, (sizes[me], K), dtype, what)
-                            got[form] = to_numpy(out, dtype).view(np.uint8)
-                    assert np.array_equal(got["ll"], got["store"]), f"rank {me} {rounding} sizes={sizes} K={K} {dtype}"
-                    want_g = np.concatenate([roundtrip(shard(seed, r, 1200 + case, 5, 32, dtype), "nvfp4")
-                                             for r in range(n)])
-                    assert np.array_equal(to_numpy(gathered, dtype).view(np.uint8), want_g.view(np.uint8)), \
-                        f"rank {me} case {case}: the gather between"
-    finally:
-        kernels.reduce_scatter_ll_nvfp4 = real
+    with _launches_of("reduce_scatter_ll_nvfp4") as launched, env({"FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
+        for case, (sizes, K, dtype) in enumerate(cases):
+            for rounding in ("nearest", "stochastic"):
+                x = to_framework(shard(seed, me, 1100 + case, sum(sizes), K, dtype), "torch", comm.device)
+                g = to_framework(shard(seed, me, 1200 + case, 5, 32, dtype), "torch", comm.device)
+                gathered = comm.all_gatherv(g, [5] * n, compress="nvfp4")   # one launch, the same buffer
+                got = {}
+                for form in ("ll", "store"):
+                    with env({"FP4CCL_FP4_RS_FORM": form}):
+                        fbuf, out = sentinel_out(comm, "torch", (sizes[me], K), dtype)
+                        comm.reduce_scatterv(x, sizes, out=out, compress="nvfp4", rounding=rounding,
+                                             seed=seed + case)
+                        torch.cuda.synchronize(comm.device)
+                        what = f"rank {me} {form} {rounding} sizes={sizes} K={K} {dtype}"
+                        check_no_overrun(fbuf, (sizes[me], K), dtype, what)
+                        got[form] = to_numpy(out, dtype).view(np.uint8)
+                assert np.array_equal(got["ll"], got["store"]), f"rank {me} {rounding} sizes={sizes} K={K} {dtype}"
+                want_g = np.concatenate([roundtrip(shard(seed, r, 1200 + case, 5, 32, dtype), "nvfp4")
+                                         for r in range(n)])
+                assert np.array_equal(to_numpy(gathered, dtype).view(np.uint8), want_g.view(np.uint8)), \
+                    f"rank {me} case {case}: the gather between"
     assert len(launched) == 2 * len(cases), f"rank {me}: {len(launched)} one-launch reduce-scatters launched"
     return True
 
@@ -410,7 +420,6 @@ def _ll_rs_in_a_captured_graph(comm, seed):
     import torch
     from collective_checks import to_framework, to_numpy
     from fp4_collective_checks import roundtrip, shard
-    from fp4ccl.formats import kernels
     n, me = comm.size, comm.rank
     dev = f"cuda:{comm.device}"
     sizes, K = [(5, 0, 3, 8)[r % 4] for r in range(n)], 64
@@ -423,19 +432,9 @@ def _ll_rs_in_a_captured_graph(comm, seed):
         t.copy_(to_framework(shard(seed, me, case, rows, k, "bfloat16"), "torch", comm.device))
     fill(x, 1300, sum(sizes), K)
     comm.reduce_scatterv(x, sizes, compress="nvfp4")      # eager: makes the one-launch buffer
-    launched = []
-    real = kernels.reduce_scatter_ll_nvfp4
-    kernels.reduce_scatter_ll_nvfp4 = lambda *a: (launched.append(a[-1]), real(*a))
-    try:
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-            comm.reduce_scatterv(x, sizes, out=out, compress="nvfp4")
-            comm.all_gatherv(g, [4] * n, out=gout, compress="nvfp4")
-        torch.cuda.current_stream(dev).wait_stream(side)
-    finally:
-        kernels.reduce_scatter_ll_nvfp4 = real
+    with _launches_of("reduce_scatter_ll_nvfp4") as launched:
+        graph = _captured(comm, lambda: (comm.reduce_scatterv(x, sizes, out=out, compress="nvfp4"),
+                                         comm.all_gatherv(g, [4] * n, out=gout, compress="nvfp4")))
     assert len(launched) == 1, f"rank {me}: {len(launched)} one-launch reduce-scatters captured, expected 1"
     for step in range(6):
         fill(x, 1400 + step, sum(sizes), K)
