@@ -668,11 +668,19 @@ template <int BS> struct Packed;
 template <> struct Packed<16> {
     uint2 d;
     __device__ __forceinline__ void load(u64 data, u32 l) { d = __ldg((const uint2*)(data + (u64)l * 8u)); }
+    __device__ __forceinline__ void load_cg(const u8* data, u64 l) { d = __ldcg((const uint2*)(data + l * 8u)); }
+    __device__ __forceinline__ static void store(u8* data, u64 l, const u32* w) {
+        *(uint2*)(data + l * 8u) = make_uint2(w[0], w[1]);
+    }
     __device__ __forceinline__ u32 word(int i) const { return i == 0 ? d.x : d.y; }
 };
 template <> struct Packed<32> {
     uint4 d;
     __device__ __forceinline__ void load(u64 data, u32 l) { d = __ldg((const uint4*)(data + (u64)l * 16u)); }
+    __device__ __forceinline__ void load_cg(const u8* data, u64 l) { d = __ldcg((const uint4*)(data + l * 16u)); }
+    __device__ __forceinline__ static void store(u8* data, u64 l, const u32* w) {
+        *(uint4*)(data + l * 16u) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
     __device__ __forceinline__ u32 word(int i) const { return i == 0 ? d.x : (i == 1 ? d.y : (i == 2 ? d.z : d.w)); }
 };
 
@@ -695,6 +703,13 @@ template <> struct Packed<32> {
 template <bool NV>
 __device__ __forceinline__ float decode_scale(const Seg& seg) {
     return (NV && seg.gs) ? *(const float*)seg.gs : 1.0f;
+}
+
+// The factor a block's E2M1 values are multiplied by: its scale byte decoded (E4M3 times the segment's
+// S_dec for NVFP4, E8M0 for MXFP4), one rounding.
+template <bool NV>
+__device__ __forceinline__ float block_decode_scale(u32 sbyte, float sdec) {
+    return NV ? __fmul_rn(e4m3_to_f32(sbyte), sdec) : e8m0_to_f32(sbyte);
 }
 
 template <typename Out, int BS, bool NV, bool SWZ>
@@ -740,7 +755,7 @@ __device__ void dequant_body(u8* out, u32 K, u32 ncols_pad, const SegTable& t) {
             const u32 b0 = base + 32u * u;
             if (b0 >= units) break;   // warp-uniform
             if (b0 + lane < units) {
-                const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
+                const float sc = block_decode_scale<NV>(sb[u], sdec);
                 decode_stage_block<Out, BS>(d[u], lut, sc, lane, my_stage);
             }
             __syncwarp();
@@ -877,7 +892,7 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
         for (int u = 0; u < UL; ++u) {
             if constexpr (BLK) {
                 if (t0 / CPB + (u64)u * FP4_THREADS + threadIdx.x < seg.units) {
-                    const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
+                    const float sc = block_decode_scale<NV>(sb[u], sdec);
                     uint4* blk = buf + (u * FP4_THREADS + threadIdx.x) * CPB;
                     // A 16-byte shared store is served 8 threads (128 bytes) at a time: rotating the chunk
                     // order by t / (8 / CPB) puts those 8 threads on 8 distinct 16-byte bank groups
@@ -891,7 +906,7 @@ __device__ void dequant_bulk_body(u8* out, u32 K, u32 ncols_pad, const SegTable&
             } else {
                 const u64 ch = t0 + (u64)u * FP4_THREADS + threadIdx.x;
                 if (ch < nch) {
-                    const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[u]), sdec) : e8m0_to_f32(sb[u]);
+                    const float sc = block_decode_scale<NV>(sb[u], sdec);
                     buf[u * FP4_THREADS + threadIdx.x] = decode_chunk<Out>(nib[u], sc, lut);
                 }
             }
@@ -980,7 +995,7 @@ __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumT
 #pragma unroll
                 for (int k = 0; k < FP4_SUM_BATCH; ++k) {
                     if (c0 + k < n) {
-                        const float sc = NV ? __fmul_rn(e4m3_to_f32(sb[k]), sdec[c0 + k]) : e8m0_to_f32(sb[k]);
+                        const float sc = block_decode_scale<NV>(sb[k], sdec[c0 + k]);
                         float f[BS];
                         decode_block<BS>(d[k], lut, sc, f);
 #pragma unroll
@@ -1106,16 +1121,16 @@ __device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, c
     quant_body<In, 16, true, false, false>(x, K, c, 0u, seg);
 }
 
-// ---------------------------------------------------------------- small NVFP4 gather, one launch
-// The FP4 gather of decode-time sizes as one kernel and no barrier (fp4ccl/ll_gather.py,
+// ---------------------------------------------------------------- small FP4 gather, one launch
+// The FP4 gather of decode-time sizes as one kernel and no barrier (fp4ccl/one_launch.py,
 // docs/VCOLLECTIVES.md), over a symmetric buffer of its own: every rank's region holds, per parity, one
 // segment per source rank (FP4 data, then scales). Every rank runs the same grid, FP4_LL_MAXCTAS CTAs
 // in clusters of FP4_LL_CLUSTER; CTA j of every rank owns share j of every rank's FP4 blocks (share j
-// of n blocks: [n j / G, n (j + 1) / G)). Each cluster computes the amax of the local x whole (the same
-// value in every cluster: max is exact), then CTA j quantizes share j of the local rows and stores it
-// into this rank's segment in every rank's region, its own included. One flag word per (source, CTA) in
-// each receiver then says "share j of source s has landed": the epoch in its high half, the source's
-// fp32 S_dec in its low half, stored with release semantics after a system fence, so a receiver that
+// of n blocks: [n j / G, n (j + 1) / G)). For NVFP4 each cluster computes the amax of the local x whole
+// (the same value in every cluster: max is exact); then CTA j quantizes share j of the local rows and
+// stores it into this rank's segment in every rank's region, its own included. One flag word per
+// (source, CTA) in each receiver then says "share j of source s has landed": the epoch in its high half,
+// the source's fp32 S_dec (1 for MXFP4) in its low half, stored with release semantics after a system fence, so a receiver that
 // reads the epoch with an acquire load sees the data. CTA j waits for share j's flag of every source and
 // decodes those shares from local memory: nothing is read over NVLink.
 // Epochs: CTA j counts its launches in counters[j] (this rank's memory); every launch has the same grid,
@@ -1135,11 +1150,11 @@ struct LLTable {
     u64 seed[FP4_LL_MAXRANKS];     // the reduce-scatter's stochastic rounding: chunk q's seed
 };
 
-// One FP4 block's 16 decoded values, rounded to Out, to dst (16-byte aligned).
-template <typename Out>
-__device__ __forceinline__ void store_block16(u8* dst, const float* f) {
+// One FP4 block's BS decoded values, rounded to Out, to dst (16-byte aligned).
+template <typename Out, int BS>
+__device__ __forceinline__ void store_block(u8* dst, const float* f) {
 #pragma unroll
-    for (int j = 0; j < OutBlock<Out, 16>::CH; ++j) ((uint4*)dst)[j] = out_chunk<Out>(f + j * Storer<Out>::PER_VEC);
+    for (int j = 0; j < OutBlock<Out, BS>::CH; ++j) ((uint4*)dst)[j] = out_chunk<Out>(f + j * Storer<Out>::PER_VEC);
 }
 
 __device__ __forceinline__ void ll_share(u64 units, u32 j, u32 G, u64& lo, u64& hi) {
@@ -1228,75 +1243,77 @@ __device__ __forceinline__ float ll_exchange_flags(const LLTable& t, const LLCal
 
 // FP4 block l of segment `seg`, written by other GPUs during this kernel: .cg loads, never from the
 // non-coherent L1 paths.
-__device__ __forceinline__ void ll_load_block(const u8* seg, u64 scale_off, u64 l, Packed<16>& d, u32& sbyte) {
-    d.d = __ldcg((const uint2*)(seg + l * 8u));
+template <int BS>
+__device__ __forceinline__ void ll_load_block(const u8* seg, u64 scale_off, u64 l, Packed<BS>& d, u32& sbyte) {
+    d.load_cg(seg, l);
     sbyte = __ldcg(seg + scale_off + l);
 }
 
-// Its 16 values: block scale times sdec.
-__device__ __forceinline__ void ll_decode_block(const Packed<16>& d, u32 sbyte, float sdec, const float* lut, float* f) {
-    decode_block<16>(d, lut, __fmul_rn(e4m3_to_f32(sbyte), sdec), f);
+// Quantized block l (packed words w, scale byte sbyte) into segment `seg`.
+template <int BS>
+__device__ __forceinline__ void ll_store_block(u8* seg, u64 scale_off, u64 l, const u32* w, u32 sbyte) {
+    Packed<BS>::store(seg, l, w);
+    seg[scale_off + l] = (u8)sbyte;
 }
 
-template <typename In, typename Out>
+template <typename In, typename Out, int BS, bool NV>
 __device__ void gather_ll_body(const uint4* __restrict__ x, u64 nvec, u8* out, u64* counters, u64 seg_stride,
                                u64 scale_off, u64 timeout_ns, u32 rank, u32 world, const LLTable& t) {
-    constexpr int NVEC = 16 / Loader<In>::PER_VEC;
-    constexpr int OBYTES = OutBlock<Out, 16>::BYTES;
+    constexpr int NVEC = BS / Loader<In>::PER_VEC;
+    constexpr int OBYTES = OutBlock<Out, BS>::BYTES;
     __shared__ u64 epoch_s;
     __shared__ float lut[16];
     __shared__ float sdec_s[FP4_LL_MAXRANKS];
     const u32 j = blockIdx.x, G = gridDim.x;
     if (threadIdx.x == 0) epoch_s = counters[j] + 1;
     fill_e2m1_lut(lut);
-    const float amax = cluster_amax<In>(x, nvec);   // its cluster barriers also publish epoch_s and lut
+    float amax = 0.0f;   // MXFP4 has no tensor scale
+    if (NV) amax = cluster_amax<In>(x, nvec);   // its cluster barriers also publish epoch_s and lut
+    else __syncthreads();
     const LLCall call = ll_call(epoch_s, world, seg_stride, j);
     const Seg none = {0, 0, 0, 0, 0};
-    const QuantCtx c = quant_ctx<true>(amax, 0, none);
+    const QuantCtx c = quant_ctx<NV>(amax, 0, none);
     u64 lo, hi;
     ll_share(t.units[rank], j, G, lo, hi);
     for (u64 l = lo + threadIdx.x; l < hi; l += blockDim.x) {
         uint4 v[NVEC];
 #pragma unroll
         for (int k = 0; k < NVEC; ++k) v[k] = __ldg(x + l * NVEC + k);
-        u32 w[2], sbyte;
-        quant_block_bits<In, 16, true, false>(v, l, c, w, sbyte);
-        for (u32 r = 0; r < world; ++r) {
-            u8* seg = ll_segment(t, call, r, rank, seg_stride);
-            *(uint2*)(seg + l * 8u) = make_uint2(w[0], w[1]);
-            seg[scale_off + l] = (u8)sbyte;
-        }
+        u32 w[BS / 8], sbyte;
+        quant_block_bits<In, BS, NV, false>(v, l, c, w, sbyte);
+        for (u32 r = 0; r < world; ++r)
+            ll_store_block<BS>(ll_segment(t, call, r, rank, seg_stride), scale_off, l, w, sbyte);
     }
     __syncthreads();   // the CTA's stores precede thread r's fence and flag (cumulativity)
     if (threadIdx.x < world)
         sdec_s[threadIdx.x] = ll_exchange_flags(t, call, rank, threadIdx.x, c.sdec, timeout_ns, j, "gather");
     __syncthreads();   // every source's share has landed (the acquire above, then this barrier)
     ll_for_shares(t.units, world, j, G, [&](u32 s, u64 l) {
-        Packed<16> d;
+        Packed<BS> d;
         u32 sbyte;
-        ll_load_block(ll_segment(t, call, rank, s, seg_stride), scale_off, l, d, sbyte);
-        float f[16];
-        ll_decode_block(d, sbyte, sdec_s[s], lut, f);
-        store_block16<Out>(out + (t.first[s] + l) * OBYTES, f);
+        ll_load_block<BS>(ll_segment(t, call, rank, s, seg_stride), scale_off, l, d, sbyte);
+        float f[BS];
+        decode_block<BS>(d, lut, block_decode_scale<NV>(sbyte, sdec_s[s]), f);
+        store_block<Out, BS>(out + (t.first[s] + l) * OBYTES, f);
     });
     if (threadIdx.x == 0) counters[j] = call.epoch;
 }
 
-// ---------------------------------------------------------------- small NVFP4 reduce-scatter, one launch
+// ---------------------------------------------------------------- small FP4 reduce-scatter, one launch
 // The FP4 reduce-scatter of decode-time sizes as one kernel (fp4ccl/one_launch.py) over the one-launch
 // gather's buffer, flags and epochs: the same grid and the same exchange (CTA j of every rank flags
 // share j to every rank and waits for share j from every rank), so the two kernels share counters and
 // halves in any interleaving, and the gather's argument for the halves holds as is. Here t.units[q] /
 // t.first[q] are the FP4 blocks of chunk q of x (the rows rank q owns) and where in x they start.
-// Each cluster computes every chunk's amax (a chunk is a tensor of its own); CTA j quantizes share j of
+// For NVFP4 each cluster computes every chunk's amax (a chunk is a tensor of its own); CTA j quantizes share j of
 // chunk q (with seed t.seed[q] when stochastic) into this rank's segment of rank q's region, and flags
 // it to q with chunk q's S_dec. Then CTA j sums share j of this rank's chunk from every source's segment,
 // decoded and added in rank order in fp32 from 0, and rounds once: what dequantize_sum computes.
-template <typename T, bool SR>
+template <typename T, int BS, bool NV, bool SR>
 __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64* counters, u64 seg_stride,
                                        u64 scale_off, u64 timeout_ns, u32 rank, u32 world, const LLTable& t) {
-    constexpr int NVEC = 16 / Loader<T>::PER_VEC;
-    constexpr int OBYTES = OutBlock<T, 16>::BYTES;
+    constexpr int NVEC = BS / Loader<T>::PER_VEC;
+    constexpr int OBYTES = OutBlock<T, BS>::BYTES;
     __shared__ u64 epoch_s;
     __shared__ float lut[16];
     __shared__ float amax_s[FP4_LL_MAXRANKS];
@@ -1305,11 +1322,13 @@ __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64
     const u32 j = blockIdx.x, G = gridDim.x;
     if (threadIdx.x == 0) epoch_s = counters[j] + 1;
     fill_e2m1_lut(lut);
-    cluster_amax_ranges<T>(x, t.first, t.units, NVEC, world, amax_s);   // its barriers also publish epoch_s, lut
+    // (the amax pass's barriers also publish epoch_s and lut)
+    if (NV) cluster_amax_ranges<T>(x, t.first, t.units, NVEC, world, amax_s);
+    else __syncthreads();
     const LLCall call = ll_call(epoch_s, world, seg_stride, j);
     if (threadIdx.x < world) {   // each chunk's scales and random keys, once
         const Seg none = {0, 0, 0, 0, 0};
-        ctx_s[threadIdx.x] = quant_ctx<true>(amax_s[threadIdx.x], t.seed[threadIdx.x], none);
+        ctx_s[threadIdx.x] = quant_ctx<NV>(NV ? amax_s[threadIdx.x] : 0.0f, t.seed[threadIdx.x], none);
     }
     __syncthreads();
     ll_for_shares(t.units, world, j, G, [&](u32 q, u64 l) {
@@ -1318,11 +1337,9 @@ __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64
 #pragma unroll
         for (int k = 0; k < NVEC; ++k) v[k] = __ldg(x + b * NVEC + k);
         const QuantCtx c = ctx_s[q];
-        u32 w[2], sbyte;
-        quant_block_bits<T, 16, true, SR>(v, b, c, w, sbyte);
-        u8* seg = ll_segment(t, call, q, rank, seg_stride);
-        *(uint2*)(seg + l * 8u) = make_uint2(w[0], w[1]);
-        seg[scale_off + l] = (u8)sbyte;
+        u32 w[BS / 8], sbyte;
+        quant_block_bits<T, BS, NV, SR>(v, b, c, w, sbyte);
+        ll_store_block<BS>(ll_segment(t, call, q, rank, seg_stride), scale_off, l, w, sbyte);
     });
     __syncthreads();   // the CTA's stores precede thread q's fence and flag (cumulativity)
     if (threadIdx.x < world)   // chunk q's S_dec goes to rank q
@@ -1333,25 +1350,25 @@ __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64
     ll_share(t.units[rank], j, G, lo, hi);
     for (u64 l = lo + threadIdx.x; l < hi; l += blockDim.x) {
         // every contribution's loads first, so their round trips overlap, then the sum in rank order
-        Packed<16> d[FP4_LL_MAXRANKS];
+        Packed<BS> d[FP4_LL_MAXRANKS];
         u32 sb[FP4_LL_MAXRANKS];
 #pragma unroll
         for (int s = 0; s < FP4_LL_MAXRANKS; ++s) {
-            if ((u32)s < world) ll_load_block(ll_segment(t, call, rank, s, seg_stride), scale_off, l, d[s], sb[s]);
+            if ((u32)s < world) ll_load_block<BS>(ll_segment(t, call, rank, s, seg_stride), scale_off, l, d[s], sb[s]);
         }
-        float acc[16];
+        float acc[BS];
 #pragma unroll
-        for (int i = 0; i < 16; ++i) acc[i] = 0.0f;
+        for (int i = 0; i < BS; ++i) acc[i] = 0.0f;
 #pragma unroll
         for (int s = 0; s < FP4_LL_MAXRANKS; ++s) {
             if ((u32)s < world) {
-                float f[16];
-                ll_decode_block(d[s], sb[s], sdec_s[s], lut, f);
+                float f[BS];
+                decode_block<BS>(d[s], lut, block_decode_scale<NV>(sb[s], sdec_s[s]), f);
 #pragma unroll
-                for (int i = 0; i < 16; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
+                for (int i = 0; i < BS; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
             }
         }
-        store_block16<T>(out + l * OBYTES, acc);
+        store_block<T, BS>(out + l * OBYTES, acc);
     }
     if (threadIdx.x == 0) counters[j] = call.epoch;
 }
@@ -1390,25 +1407,32 @@ FP4_QUANT_ALL(mx, 32, false)
     fp4_quant_small_nv_##NAME(const uint4* x, u64 nvec, u32 K, const SegTable t) { quant_small_body<IN>(x, nvec, K, t); }
 FP4_QUANT_SMALL(bf16, u16) FP4_QUANT_SMALL(f16, Half) FP4_QUANT_SMALL(f32, float)
 
-// fp4_gather_ll_nv_<t>(x, nvec, out, counters, seg_stride, scale_off, timeout_ns, rank, world, table):
+// fp4_gather_ll_<fmt>_<t>(x, nvec, out, counters, seg_stride, scale_off, timeout_ns, rank, world, table):
 // x and out of one type (the gather decodes to x's dtype); launch FP4_LL_MAXCTAS blocks; see
-// gather_ll_body. sm_90+.
-#define FP4_GATHER_LL(NAME, T) \
+// gather_ll_body. sm_90+. (MXFP4 needs no cluster, but shares the grid, and so the epochs, of NVFP4.)
+#define FP4_GATHER_LL(FMT, BS, NV, NAME, T) \
     extern "C" __global__ void __cluster_dims__(FP4_LL_CLUSTER, 1, 1) __launch_bounds__(FP4_THREADS) \
-    fp4_gather_ll_nv_##NAME(const uint4* x, u64 nvec, u8* out, u64* counters, u64 seg_stride, u64 scale_off, \
-                            u64 timeout_ns, u32 rank, u32 world, const __grid_constant__ LLTable t) { \
-        gather_ll_body<T, T>(x, nvec, out, counters, seg_stride, scale_off, timeout_ns, rank, world, t); }
-FP4_GATHER_LL(bf16, u16) FP4_GATHER_LL(f16, Half) FP4_GATHER_LL(f32, float)
+    fp4_gather_ll_##FMT##_##NAME(const uint4* x, u64 nvec, u8* out, u64* counters, u64 seg_stride, u64 scale_off, \
+                                 u64 timeout_ns, u32 rank, u32 world, const __grid_constant__ LLTable t) { \
+        gather_ll_body<T, T, BS, NV>(x, nvec, out, counters, seg_stride, scale_off, timeout_ns, rank, world, t); }
+#define FP4_GATHER_LL_ALL(FMT, BS, NV) \
+    FP4_GATHER_LL(FMT, BS, NV, bf16, u16) FP4_GATHER_LL(FMT, BS, NV, f16, Half) FP4_GATHER_LL(FMT, BS, NV, f32, float)
+FP4_GATHER_LL_ALL(nv, 16, true)
+FP4_GATHER_LL_ALL(mx, 32, false)
 
-// fp4_rs_ll_nv_<t>_<rn|sr>(x, out, counters, seg_stride, scale_off, timeout_ns, rank, world, table): x and
-// out of one type; launch FP4_LL_MAXCTAS blocks; see reduce_scatter_ll_body. sm_90+.
-#define FP4_RS_LL(NAME, T, RND, SR) \
+// fp4_rs_ll_<fmt>_<t>_<rn|sr>(x, out, counters, seg_stride, scale_off, timeout_ns, rank, world, table): x
+// and out of one type; launch FP4_LL_MAXCTAS blocks; see reduce_scatter_ll_body. sm_90+.
+#define FP4_RS_LL(FMT, BS, NV, NAME, T, RND, SR) \
     extern "C" __global__ void __cluster_dims__(FP4_LL_CLUSTER, 1, 1) __launch_bounds__(FP4_THREADS) \
-    fp4_rs_ll_nv_##NAME##_##RND(const uint4* x, u8* out, u64* counters, u64 seg_stride, u64 scale_off, \
-                                u64 timeout_ns, u32 rank, u32 world, const __grid_constant__ LLTable t) { \
-        reduce_scatter_ll_body<T, SR>(x, out, counters, seg_stride, scale_off, timeout_ns, rank, world, t); }
-FP4_RS_LL(bf16, u16, rn, false) FP4_RS_LL(f16, Half, rn, false) FP4_RS_LL(f32, float, rn, false)
-FP4_RS_LL(bf16, u16, sr, true) FP4_RS_LL(f16, Half, sr, true) FP4_RS_LL(f32, float, sr, true)
+    fp4_rs_ll_##FMT##_##NAME##_##RND(const uint4* x, u8* out, u64* counters, u64 seg_stride, u64 scale_off, \
+                                     u64 timeout_ns, u32 rank, u32 world, const __grid_constant__ LLTable t) { \
+        reduce_scatter_ll_body<T, BS, NV, SR>(x, out, counters, seg_stride, scale_off, timeout_ns, rank, world, t); }
+#define FP4_RS_LL_ALL(FMT, BS, NV) \
+    FP4_RS_LL(FMT, BS, NV, bf16, u16, rn, false) FP4_RS_LL(FMT, BS, NV, f16, Half, rn, false) \
+    FP4_RS_LL(FMT, BS, NV, f32, float, rn, false) FP4_RS_LL(FMT, BS, NV, bf16, u16, sr, true) \
+    FP4_RS_LL(FMT, BS, NV, f16, Half, sr, true) FP4_RS_LL(FMT, BS, NV, f32, float, sr, true)
+FP4_RS_LL_ALL(nv, 16, true)
+FP4_RS_LL_ALL(mx, 32, false)
 #endif
 
 #ifndef FP4_DQ_MINB_F32

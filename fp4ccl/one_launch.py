@@ -1,14 +1,14 @@
-"""The one-launch NVFP4 collectives for decode-time sizes: the gather and the reduce-scatter
-(csrc/fp4.cu, gather_ll_body and reduce_scatter_ll_body).
+"""The one-launch FP4 collectives for decode-time sizes, NVFP4 and MXFP4: the gather and the
+reduce-scatter (csrc/fp4.cu, gather_ll_body and reduce_scatter_ll_body).
 
 An FP4 all_gatherv with dequantize=True of at most MAX_ELEMENTS elements per rank is one kernel: it
-quantizes this rank's rows with their own amax, stores them into its segment of every rank's region of
-a symmetric buffer of its own, flags each share with an epoch kept on the device, waits for every
-rank's flags and decodes all rows from local memory. No barrier, no NVLink read, one graph node: the
+quantizes this rank's rows (NVFP4: with their own amax), stores them into its segment of every rank's
+region of a symmetric buffer of its own, flags each share with an epoch kept on the device, waits for
+every rank's flags and decodes all rows from local memory. No barrier, no NVLink read, one graph node: the
 steps form (quantize, device barrier, decode over NVLink) costs three kernels' worth of latency where
 the data is a few kilobytes. An FP4 reduce_scatterv whose chunks (the rows each rank owns) hold at most
-MAX_ELEMENTS elements is the same exchange the other way: each chunk quantized with its own amax into
-its owner's region, then this rank's chunk from every rank decoded and summed in fp32 in rank order.
+MAX_ELEMENTS elements is the same exchange the other way: each chunk quantized as a tensor of its own
+into its owner's region, then this rank's chunk from every rank decoded and summed in fp32 in rank order.
 docs/VCOLLECTIVES.md has the protocol and the figures.
 
 Both kernels alternate two halves of one buffer by the parity of a device-side epoch that they share,
@@ -28,9 +28,9 @@ log = get_logger("fp4ccl.one_launch")
 
 FORMS = ("ll", "steps")
 MAX_ELEMENTS = 1 << 17           # per rank (rows x K): what one segment holds
-_MAX_UNITS = MAX_ELEMENTS // 16  # NVFP4 blocks
-SCALE_OFF = _MAX_UNITS * 8       # a segment: the FP4 data, then one scale byte per block
-SEG_BYTES = SCALE_OFF + _MAX_UNITS
+SCALE_OFF = MAX_ELEMENTS // 2    # a segment: the FP4 data (half a byte an element), then a scale byte per block
+SEG_BYTES = SCALE_OFF + MAX_ELEMENTS // 16   # room for NVFP4's scales (MXFP4 has half as many)
+_FORMATS = ("nvfp4", "mxfp4")
 _MAXCTAS, _MAXRANKS = 32, 8      # formats.kernels LL_MAXCTAS, LL_MAXRANKS (a CPU test checks)
 _COUNTER_BYTES = 8 * _MAXCTAS
 _FLAG_BYTES = 2 * 8 * _MAXRANKS * _MAXCTAS
@@ -39,29 +39,30 @@ _EXTRAS_KEY = "fp4ccl.one_launch"
 
 def serves(comm, rows: Sequence[int], K: int, fmt: str) -> bool:
     """Whether a one-launch kernel can run a call whose per-rank row counts (gather: each rank's rows;
-    reduce-scatter: each rank's chunk) are `rows`: NVFP4, at most MAX_ELEMENTS elements per rank, at
-    most 8 ranks, sm_90+. Decided from what every rank agrees on; the GPUs of one node are assumed to be
-    of one generation."""
+    reduce-scatter: each rank's chunk) are `rows`: NVFP4 or MXFP4, at most MAX_ELEMENTS elements per
+    rank, at most 8 ranks, sm_90+. Decided from what every rank agrees on; the GPUs of one node are
+    assumed to be of one generation."""
     from .formats import kernels
-    return (fmt == "nvfp4" and max(rows) * K <= MAX_ELEMENTS and comm.size <= _MAXRANKS
+    return (fmt in _FORMATS and max(rows) * K <= MAX_ELEMENTS and comm.size <= _MAXRANKS
             and kernels.has_quantize_small(comm.device))
 
 
 def form(comm, rows: Sequence[int], K: int, fmt: str, shared: bool) -> str:
-    """How the symmetric-memory FP4 gather with dequantize=True runs: 'll' (one launch; serves() and
-    per-rank global scales) or 'steps'. FP4CCL_FP4_GATHER_FORM=ll|steps forces one; a forced 'll'
+    """How the symmetric-memory FP4 gather with dequantize=True runs: 'll' (one launch; serves(), and
+    for NVFP4 per-rank global scales) or 'steps'. FP4CCL_FP4_GATHER_FORM=ll|steps forces one; a forced 'll'
     that cannot serve the call runs 'steps' and says so at INFO."""
     forced = os.environ.get("FP4CCL_FP4_GATHER_FORM", "").strip().lower()
     if forced and forced not in FORMS:
         raise ValueError(f"FP4CCL_FP4_GATHER_FORM={forced!r} is not one of {', '.join(FORMS)}")
     if forced == "steps":
         return "steps"
-    if not shared and serves(comm, rows, K, fmt):
+    # (an MXFP4 block's scale is all its decode needs: "shared" changes nothing there)
+    if (fmt == "mxfp4" or not shared) and serves(comm, rows, K, fmt):
         return "ll"
     if forced == "ll":
-        log.info("FP4CCL_FP4_GATHER_FORM=ll serves NVFP4 gathers with per-rank global scales of at most %d "
-                 "elements per rank over at most %d ranks on sm_90+: this one runs as steps", MAX_ELEMENTS,
-                 _MAXRANKS)
+        log.info("FP4CCL_FP4_GATHER_FORM=ll serves MXFP4 gathers, and NVFP4 ones with per-rank global scales, "
+                 "of at most %d elements per rank over at most %d ranks on sm_90+: this one runs as steps",
+                 MAX_ELEMENTS, _MAXRANKS)
     return "steps"
 
 
@@ -97,43 +98,46 @@ def _buffer(comm):
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(rows: Tuple[int, ...], K: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+def _plan(rows: Tuple[int, ...], K: int, fmt: str) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """FP4 blocks of each rank's rows, and the block where each rank's rows start (in the gather's
     output, in the reduce-scatter's input)."""
+    from .formats.tensor import BLOCK_SIZE
     from .vcollectives import offsets
-    return tuple(r * K // 16 for r in rows), tuple(o * K // 16 for o in offsets(rows))
+    bs = BLOCK_SIZE[fmt]
+    return tuple(r * K // bs for r in rows), tuple(o * K // bs for o in offsets(rows))
 
 
-def gather(codec, info, K: int, rows: Tuple[int, ...], oinfo) -> None:
+def gather(codec, info, K: int, fmt: str, rows: Tuple[int, ...], oinfo) -> None:
     """form() 'll' (the caller checked): one kernel on codec.stream."""
     from .formats import kernels
     if oinfo.dtype != info.dtype:
         raise TypeError(f"the FP4 gather decodes into x's dtype {info.dtype}, not {oinfo.dtype}")
     comm = codec.comm
-    units, first = _plan(rows, K)
+    units, first = _plan(rows, K, fmt)
 
     def launch(buf, stream):
-        kernels.gather_ll_nvfp4(comm.device, info.ptr, info.dtype, info.size, oinfo.ptr, units, first,
-                                *_addresses(comm, buf), comm.rank, _timeout_ns(), stream)
-    _run(codec, ("fp4_gather_ll", info.ptr, info.dtype, oinfo.ptr, rows, K), launch,
-         lambda: codec.reserve_nccl_gather(K, "nvfp4", rows, oinfo))
+        kernels.gather_ll(comm.device, fmt, info.ptr, info.dtype, info.size, oinfo.ptr, units, first,
+                          *_addresses(comm, buf), comm.rank, _timeout_ns(), stream)
+    _run(codec, ("fp4_gather_ll", info.ptr, info.dtype, oinfo.ptr, rows, K, fmt), launch,
+         lambda: codec.reserve_nccl_gather(K, fmt, rows, oinfo))
 
 
-def reduce_scatter(codec, info, K: int, rows: Tuple[int, ...], oinfo, rounding: str, seeds: Tuple[int, ...]) -> None:
+def reduce_scatter(codec, info, K: int, fmt: str, rows: Tuple[int, ...], oinfo, rounding: str,
+                   seeds: Tuple[int, ...]) -> None:
     """rs_form() 'll' (the caller checked): one kernel on codec.stream; seeds[q]: the stochastic
     rounding seed of the chunk for rank q (ignored when rounding to nearest)."""
     from .formats import kernels
     if oinfo.dtype != info.dtype:
         raise TypeError(f"the FP4 reduce-scatter sums into x's dtype {info.dtype}, not {oinfo.dtype}")
     comm = codec.comm
-    units, first = _plan(rows, K)
+    units, first = _plan(rows, K, fmt)
     seeds = tuple(seeds) if rounding == "stochastic" else (0,) * len(rows)
 
     def launch(buf, stream):
-        kernels.reduce_scatter_ll_nvfp4(comm.device, info.ptr, info.dtype, oinfo.ptr, units, first,
-                                        *_addresses(comm, buf), comm.rank, rounding, seeds, _timeout_ns(), stream)
-    _run(codec, ("fp4_reduce_scatter_ll", info.ptr, info.dtype, oinfo.ptr, rows, K, rounding, seeds), launch,
-         lambda: codec.reserve_nccl_reduce_scatter(K, "nvfp4", rows))
+        kernels.reduce_scatter_ll(comm.device, fmt, info.ptr, info.dtype, oinfo.ptr, units, first,
+                                  *_addresses(comm, buf), comm.rank, rounding, seeds, _timeout_ns(), stream)
+    _run(codec, ("fp4_reduce_scatter_ll", info.ptr, info.dtype, oinfo.ptr, rows, K, fmt, rounding, seeds), launch,
+         lambda: codec.reserve_nccl_reduce_scatter(K, fmt, rows))
 
 
 def _run(codec, key: tuple, launch, prepare) -> None:

@@ -984,8 +984,13 @@ class ReduceScatterVFp4(_Fp4Op):
         return acc
 
 
+class ReduceScatterVMxfp4(ReduceScatterVFp4):
+    name = "reduce_scatterv_mxfp4"
+    fmt = "mxfp4"
+
+
 for _op in (AllGatherV(), ReduceScatterV(), AllGatherVFp4(), AllGatherVFp4Raw(), AllGatherVMxfp4(),
-            ReduceScatterVFp4()):
+            ReduceScatterVFp4(), ReduceScatterVMxfp4()):
     register_op(_op)
 
 

@@ -546,7 +546,7 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
     me = comm.rank
     rows = tuple(rows)
     if one_launch.form(comm, rows, K, fmt, shared) == "ll":
-        return one_launch.gather(codec, info, K, rows, oinfo)
+        return one_launch.gather(codec, info, K, fmt, rows, oinfo)
 
     def enqueue(s, local, slots):
         lays = [packed_layout(r, K, fmt) for r in rows]
@@ -685,8 +685,8 @@ def rs_form(nbytes: int, one_launch: Optional[Callable[[], bool]] = None) -> str
     if one_launch is not None and one_launch():
         return "ll"
     if raw:
-        log.info("FP4CCL_FP4_RS_FORM=ll serves NVFP4 reduce-scatters whose chunks hold at most %d elements, over at "
-                 "most 8 ranks on sm_90+: this one runs as the default form", _one_launch_max())
+        log.info("FP4CCL_FP4_RS_FORM=ll serves NVFP4 and MXFP4 reduce-scatters whose chunks hold at most %d elements, "
+                 "over at most 8 ranks on sm_90+: this one runs as the default form", _one_launch_max())
     return "push" if nbytes >= RS_PUSH_FROM_BYTES else "store"
 
 
@@ -725,7 +725,7 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     row_offs = offsets(rows)
     form = rs_form(info.nbytes, lambda: one_launch.serves(comm, rows, K, fmt))
     if form == "ll":
-        return one_launch.reduce_scatter(codec, info, K, tuple(rows), oinfo, rounding,
+        return one_launch.reduce_scatter(codec, info, K, fmt, tuple(rows), oinfo, rounding,
                                          tuple(mix(seed, me, q) for q in range(n)))
     # pieces[q]: (first row in the chunk, rows, offset in the chunk's region, packed layout) of each row
     # piece of the chunk for rank q. Each piece is a packed segment of its own, so a piece travels as

@@ -249,10 +249,12 @@ def test_kernel_names_exist_in_the_source():
     from fp4ccl.formats import kernels
     text = (REPO / "csrc" / "fp4.cu").read_text()
     names = kernels.kernel_names()
-    assert len(names) == 3 + 2 * 3 * 2 * 3 + 2 * 3 + 3 + 3 + 3 * 2   # ... the one-launch gather, reduce-scatter
+    # ... the one-launch gather and reduce-scatter of both formats
+    assert len(names) == 3 + 2 * 3 * 2 * 3 + 2 * 3 + 3 + 2 * 3 + 2 * 3 * 2
+    assert len(set(names)) == len(names)
     for macro in ("FP4_AMAX(", "FP4_QUANT_ALL(nv", "FP4_QUANT_ALL(mx", "FP4_DEQUANT_ALL(nv", "FP4_DEQUANT_ALL(mx",
-                  "FP4_DQSUM(nv, bf16", "FP4_DQSUM(mx, f32", "FP4_QUANT_SMALL(f32", "FP4_GATHER_LL(f32",
-                  "FP4_RS_LL(f32, float, sr"):
+                  "FP4_DQSUM(nv, bf16", "FP4_DQSUM(mx, f32", "FP4_QUANT_SMALL(f32", "FP4_GATHER_LL_ALL(nv",
+                  "FP4_GATHER_LL_ALL(mx", "FP4_RS_LL_ALL(nv", "FP4_RS_LL_ALL(mx", "FP4_RS_LL(FMT, BS, NV, f32, float, sr"):
         assert macro in text
     for macro, value in (("FP4_LL_CLUSTER", kernels.LL_CLUSTER), ("FP4_LL_MAXRANKS", kernels.LL_MAXRANKS),
                          ("FP4_LL_MAXCTAS", kernels.LL_MAXCTAS)):

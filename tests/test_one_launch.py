@@ -1,4 +1,4 @@
-"""fp4ccl.one_launch without a GPU: when the one-launch NVFP4 gather and reduce-scatter serve a call, eagerly and inside a
+"""fp4ccl.one_launch without a GPU: when the one-launch FP4 gather and reduce-scatter serve a call, eagerly and inside a
 caller's CUDA-graph capture, and what its launch is given (over the fakes of test_symm_collectives).
 The kernel itself runs in tests/gpu/test_fp4_collectives.py."""
 from __future__ import annotations
@@ -16,10 +16,15 @@ from test_symm_collectives import FakeBuffer, FakeCodec, FakeComm, In, Out, fake
     ("", "nvfp4", False, 4, [2049, 0, 0, 0], True, "steps"),          # one row past what a segment holds
     ("ll", "nvfp4", False, 4, [2049, 0, 0, 0], True, "steps"),        # forced, but it cannot: said at INFO
     ("", "nvfp4", True, 4, [3, 0, 5, 1], True, "steps"),              # one shared global scale
-    ("", "mxfp4", False, 4, [3, 0, 5, 1], True, "steps"),
+    ("", "mxfp4", False, 4, [3, 0, 5, 1], True, "ll"),
+    ("", "mxfp4", True, 4, [3, 0, 5, 1], True, "ll"),                 # MXFP4 has no global scale to share
+    ("", "mxfp4", False, 4, [2048, 0, 0, 0], True, "ll"),
+    ("", "mxfp4", False, 4, [2049, 0, 0, 0], True, "steps"),
+    ("", "mxfp4", False, 4, [3, 0, 5, 1], False, "steps"),
     ("", "nvfp4", False, 9, [1] * 9, True, "steps"),                  # more ranks than the kernel's table
     ("", "nvfp4", False, 4, [3, 0, 5, 1], False, "steps"),            # before sm_90: no clusters
-    ("ll", "mxfp4", False, 4, [3, 0, 5, 1], True, "steps"),
+    ("ll", "mxfp4", False, 4, [3, 0, 5, 1], True, "ll"),
+    ("", "fp8", False, 4, [3, 0, 5, 1], True, "steps"),               # not a format of the kernels
     (" LL ", "nvfp4", False, 4, [3, 0, 5, 1], True, "ll"),
     (" Steps ", "nvfp4", False, 4, [3, 0, 5, 1], True, "steps"),
 ])
@@ -45,13 +50,14 @@ def test_constants_match_the_kernel():
 def _launches(monkeypatch):
     launches = []
     monkeypatch.setattr(kernels, "has_quantize_small", lambda device: True)
-    monkeypatch.setattr(kernels, "gather_ll_nvfp4", lambda *a: launches.append(a))
+    monkeypatch.setattr(kernels, "gather_ll", lambda *a: launches.append(a))
     monkeypatch.delenv("FP4CCL_FP4_GATHER_FORM", raising=False)
     monkeypatch.delenv("FP4CCL_FP4_ALGO", raising=False)
     return launches
 
 
-def test_one_launch_into_every_ranks_region_with_no_barrier(fakes, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("fmt, bs", [("nvfp4", 16), ("mxfp4", 32)])
+def test_one_launch_into_every_ranks_region_with_no_barrier(fakes, monkeypatch, fmt, bs):  # noqa: F811
     from fp4ccl.symmetric import barrier_timeout_ns
     launches = _launches(monkeypatch)
     comm = FakeComm(rank=2, size=3)
@@ -59,7 +65,7 @@ def test_one_launch_into_every_ranks_region_with_no_barrier(fakes, monkeypatch):
     FakeBuffer.trace = codec.log
     rows, K = [3, 0, 50], 32
     for _ in range(3):
-        sc.fp4_gather_dequantize(codec, In(), K, "nvfp4", False, rows, Out())
+        sc.fp4_gather_dequantize(codec, In(), K, fmt, False, rows, Out())
     assert codec.log == [("reserve", "gather")] * 3     # no barrier, no separate quantize or decode
     # its own buffer, zeroed, made once; the workspace (the calls' ordering and graphs) holds no data
     ll = comm._extras[one_launch._EXTRAS_KEY]
@@ -68,10 +74,11 @@ def test_one_launch_into_every_ranks_region_with_no_barrier(fakes, monkeypatch):
     # the third call met a half again: captured into a graph of the workspace's (on its stream 0xCA)
     assert [launch[-1] for launch in launches] == [5, 5, 0xCA]
     for launch in launches:    # the same launch every call: the kernel picks the half from its epoch
-        (dev, x, dtype, numel, out, units, first, regions, flags, counters, stride, scale_off, rank, timeout,
+        (dev, form, x, dtype, numel, out, units, first, regions, flags, counters, stride, scale_off, rank, timeout,
          stream) = launch
-        assert (dev, x, dtype, numel, out) == (0, In.ptr, "bfloat16", In.size, Out.ptr)
-        assert units == (6, 0, 100) and first == (0, 6, 6)
+        assert (dev, form, x, dtype, numel, out) == (0, fmt, In.ptr, "bfloat16", In.size, Out.ptr)
+        blocks = K // bs
+        assert units == (3 * blocks, 0, 50 * blocks) and first == (0, 3 * blocks, 3 * blocks)
         base = [(r + 1) << 32 for r in range(3)]
         assert flags == [b + one_launch._COUNTER_BYTES for b in base]
         assert regions == [b + one_launch._COUNTER_BYTES + one_launch._FLAG_BYTES for b in base]
@@ -86,7 +93,7 @@ def test_a_decode_into_another_dtype_is_refused(fakes, monkeypatch):  # noqa: F8
     class F32Out(Out):
         dtype = "float32"
     with pytest.raises(TypeError, match="x's dtype bfloat16, not float32"):
-        one_launch.gather(FakeCodec(FakeComm(rank=0, size=2)), In(), 32, (1, 1), F32Out())
+        one_launch.gather(FakeCodec(FakeComm(rank=0, size=2)), In(), 32, "nvfp4", (1, 1), F32Out())
 
 
 def _capturing_codec(monkeypatch, comm, reserve: str):
@@ -108,7 +115,9 @@ def test_in_a_capture_it_launches_into_the_callers_graph_once_an_eager_call_made
     assert not one_launch.capturable(comm, 99, rows, K, "nvfp4", False)
     sc.fp4_gather_dequantize(FakeCodec(comm), In(), K, "nvfp4", False, rows, Out())
     assert one_launch.capturable(comm, 99, rows, K, "nvfp4", False)
-    assert not one_launch.capturable(comm, 99, rows, K, "mxfp4", False)
+    assert one_launch.capturable(comm, 99, rows, K, "mxfp4", False)
+    assert one_launch.capturable(comm, 99, rows, K, "mxfp4", True)
+    assert not one_launch.capturable(comm, 99, rows, K, "nvfp4", True)     # one shared global scale: steps
     assert not one_launch.capturable(comm, 99, (5000, 4), K, "nvfp4", False)
     monkeypatch.setenv("FP4CCL_FP4_ALGO", "nccl")
     assert not one_launch.capturable(comm, 99, rows, K, "nvfp4", False)
@@ -121,6 +130,7 @@ def test_in_a_capture_it_launches_into_the_callers_graph_once_an_eager_call_made
 
 # -- the reduce-scatter ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("env, rows, arch_ok, nbytes, form", [
     ("", [3, 0, 5, 1], True, 1 << 10, "ll"),
     ("", [2048, 0, 0, 0], True, 1 << 20, "ll"),              # a chunk of MAX_ELEMENTS (K = 64)
@@ -131,15 +141,14 @@ def test_in_a_capture_it_launches_into_the_callers_graph_once_an_eager_call_made
     (" Push ", [3, 0, 5, 1], True, 1 << 10, "push"),
     (" LL ", [3, 0, 5, 1], True, 1 << 10, "ll"),
 ])
-def test_reduce_scatter_form(monkeypatch, caplog, env, rows, arch_ok, nbytes, form):
+def test_reduce_scatter_form(monkeypatch, caplog, env, rows, arch_ok, nbytes, form, fmt):
     monkeypatch.setattr(kernels, "has_quantize_small", lambda device: arch_ok)
     monkeypatch.setenv("FP4CCL_FP4_RS_FORM", env)
     comm = FakeComm(rank=0, size=4)
     with caplog.at_level("INFO", logger="fp4ccl.symm_collectives"):
-        assert sc.rs_form(nbytes, lambda: one_launch.serves(comm, rows, 64, "nvfp4")) == form
+        assert sc.rs_form(nbytes, lambda: one_launch.serves(comm, rows, 64, fmt)) == form
     assert ("runs as the default form" in caplog.text) == (env == "ll" and form != "ll")
-    assert not one_launch.serves(comm, rows, 64, "mxfp4")
-    assert not one_launch.serves(FakeComm(rank=0, size=9), [1] * 9, 64, "nvfp4")
+    assert not one_launch.serves(FakeComm(rank=0, size=9), [1] * 9, 64, fmt)
     monkeypatch.setenv("FP4CCL_FP4_RS_FORM", "ring")
     with pytest.raises(ValueError, match="FP4CCL_FP4_RS_FORM='ring' is not one of ll, steps, pull, store, push"):
         sc.rs_form(nbytes, lambda: True)
@@ -147,13 +156,14 @@ def test_reduce_scatter_form(monkeypatch, caplog, env, rows, arch_ok, nbytes, fo
 
 def _rs_launches(monkeypatch):
     launches = _launches(monkeypatch)
-    monkeypatch.setattr(kernels, "reduce_scatter_ll_nvfp4", lambda *a: launches.append(("rs",) + a))
+    monkeypatch.setattr(kernels, "reduce_scatter_ll", lambda *a: launches.append(("rs",) + a))
     monkeypatch.delenv("FP4CCL_FP4_RS_FORM", raising=False)
     return launches
 
 
+@pytest.mark.parametrize("fmt, bs", [("nvfp4", 16), ("mxfp4", 32)])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_reduce_scatter_is_one_launch_over_the_gathers_buffer(fakes, monkeypatch, rounding):  # noqa: F811
+def test_reduce_scatter_is_one_launch_over_the_gathers_buffer(fakes, monkeypatch, rounding, fmt, bs):  # noqa: F811
     from fp4ccl.symmetric import barrier_timeout_ns
     launches = _rs_launches(monkeypatch)
     comm = FakeComm(rank=1, size=3)
@@ -161,18 +171,19 @@ def test_reduce_scatter_is_one_launch_over_the_gathers_buffer(fakes, monkeypatch
     rows, K = [3, 0, 50], 32
     sc.fp4_gather_dequantize(codec, In(), K, "nvfp4", False, [1, 1, 1], Out())
     for _ in range(2):
-        sc.fp4_reduce_scatter(codec, In(), K, "nvfp4", rows, Out(), rounding, 9, lambda s, me, p: 100 * me + p)
+        sc.fp4_reduce_scatter(codec, In(), K, fmt, rows, Out(), rounding, 9, lambda s, me, p: 100 * me + p)
     # no barrier, no separate amax, quantize or sum: one kernel, into the buffer the gather made
     assert codec.log == [("reserve", "gather")] + [("reserve", "reduce_scatter", 0)] * 2
     assert [b for b in FakeBuffer.live if b.zeroed] == [comm._extras[one_launch._EXTRAS_KEY]]
     gather, *rs = launches
     assert len(rs) == 2 and all(launch[0] == "rs" for launch in rs)
     for launch in rs:
-        (_, dev, x, dtype, out, units, first, regions, flags, counters, stride, scale_off, rank, rnd, seeds,
+        (_, dev, form, x, dtype, out, units, first, regions, flags, counters, stride, scale_off, rank, rnd, seeds,
          timeout, stream) = launch
-        assert (dev, x, dtype, out, rank, rnd, stream) == (0, In.ptr, "bfloat16", Out.ptr, 1, rounding, 5)
-        assert units == (6, 0, 100) and first == (0, 6, 6)       # chunk q's FP4 blocks of x, and where they start
-        assert (regions, flags, counters, stride, scale_off) == gather[7:12]
+        assert (dev, form, x, dtype, out, rank, rnd, stream) == (0, fmt, In.ptr, "bfloat16", Out.ptr, 1, rounding, 5)
+        blocks = K // bs   # chunk q's FP4 blocks of x, and where they start
+        assert units == (3 * blocks, 0, 50 * blocks) and first == (0, 3 * blocks, 3 * blocks)
+        assert (regions, flags, counters, stride, scale_off) == gather[8:13]
         assert seeds == ((100, 101, 102) if rounding == "stochastic" else (0, 0, 0))
         assert timeout == barrier_timeout_ns()
 
@@ -184,7 +195,7 @@ def test_reduce_scatter_in_a_capture_launches_into_the_callers_graph(fakes, monk
     assert not one_launch.rs_capturable(comm, 99, rows, K, "nvfp4")    # no buffer yet: NCCL serves it
     sc.fp4_reduce_scatter(FakeCodec(comm), In(), K, "nvfp4", rows, Out(), "nearest", 0, lambda s, me, p: 0)
     assert one_launch.rs_capturable(comm, 99, rows, K, "nvfp4")
-    assert not one_launch.rs_capturable(comm, 99, rows, K, "mxfp4")
+    assert one_launch.rs_capturable(comm, 99, rows, K, "mxfp4")
     assert not one_launch.rs_capturable(comm, 99, (5000, 4), K, "nvfp4")
     for name, value in (("FP4CCL_FP4_ALGO", "nccl"), ("FP4CCL_FP4_RS_FORM", "store")):
         monkeypatch.setenv(name, value)
@@ -202,4 +213,5 @@ def test_reduce_scatter_into_another_dtype_is_refused(fakes, monkeypatch):  # no
     class F32Out(Out):
         dtype = "float32"
     with pytest.raises(TypeError, match="sums into x's dtype bfloat16, not float32"):
-        one_launch.reduce_scatter(FakeCodec(FakeComm(rank=0, size=2)), In(), 32, (1, 1), F32Out(), "nearest", (0, 0))
+        one_launch.reduce_scatter(FakeCodec(FakeComm(rank=0, size=2)), In(), 32, "nvfp4", (1, 1), F32Out(), "nearest",
+                                  (0, 0))

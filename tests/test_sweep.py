@@ -366,12 +366,13 @@ def _sweep_rows(n, argv, tmp_path):
     return results[0][1], json.loads(open(path).read())
 
 
-def test_fp4_reduce_scatter_rows_say_sum(tmp_path):
-    text, doc = _sweep_rows(3, ["-b", "16K", "-e", "64K", "-n", "1", "-w", "0", "--ops", "reduce_scatterv_nvfp4"],
-                            tmp_path)
-    rows = _sections(text)["reduce_scatterv_nvfp4"][0]
+@pytest.mark.parametrize("op", ["reduce_scatterv_nvfp4", "reduce_scatterv_mxfp4"])
+def test_fp4_reduce_scatter_rows_say_sum(tmp_path, op):
+    text, doc = _sweep_rows(3, ["-b", "16K", "-e", "64K", "-n", "1", "-w", "0", "--ops", op], tmp_path)
+    rows = _sections(text)[op][0]
     assert rows and all(r["redop"] == "sum" for r in rows), text
     assert {r["redop"] for r in doc["rows"]} == {"sum"}
+    assert [r["wrong"] for r in doc["rows"]] == [0] * len(doc["rows"]), text
 
 
 def test_fp4_reduce_scatter_skips_other_redops_with_a_note():

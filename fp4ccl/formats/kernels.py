@@ -55,9 +55,10 @@ _AMAX_NAMES = {t: f"fp4_amax_{tn}" for t, tn in _IN_NAME.items()}
 _SMALL_NAMES = {t: f"fp4_quant_small_nv_{tn}" for t, tn in _IN_NAME.items()}
 SMALL_CTAS = 8       # FP4_SMALL_CTAS in csrc/fp4.cu: the cluster (and grid) of quantize_small_nvfp4
 SMALL_MIN_ARCH = 90  # thread-block clusters
-_LL_NAMES = {t: f"fp4_gather_ll_nv_{tn}" for t, tn in _IN_NAME.items()}
-_RS_LL_NAMES = {(t, r): f"fp4_rs_ll_nv_{tn}_{rn}" for t, tn in _IN_NAME.items() for r, rn in _ROUND_NAME.items()}
-LL_CLUSTER = 8       # FP4_LL_CLUSTER in csrc/fp4.cu: CTAs per cluster of gather_ll_nvfp4 and reduce_scatter_ll_nvfp4
+_LL_NAMES = {(f, t): f"fp4_gather_ll_{fn}_{tn}" for f, fn in _FMT_NAME.items() for t, tn in _IN_NAME.items()}
+_RS_LL_NAMES = {(f, t, r): f"fp4_rs_ll_{fn}_{tn}_{rn}" for f, fn in _FMT_NAME.items() for t, tn in _IN_NAME.items()
+                for r, rn in _ROUND_NAME.items()}
+LL_CLUSTER = 8       # FP4_LL_CLUSTER in csrc/fp4.cu: CTAs per cluster of gather_ll and reduce_scatter_ll
 LL_MAXRANKS = 8      # FP4_LL_MAXRANKS
 LL_MAXCTAS = 32      # FP4_LL_MAXCTAS: its grid; flag words per source rank and half, epoch counters
 
@@ -428,32 +429,33 @@ def quantize_small_nvfp4(device: int, x_ptr: int, in_dtype: str, numel: int, K: 
     la(device, SMALL_CTAS, 1, stream, x_ptr, numel * _ITEMSIZE[in_dtype] // 16, K)
 
 
-def gather_ll_nvfp4(device: int, x_ptr: int, dtype: str, numel: int, out_ptr: int, units: Sequence[int],
-                    first: Sequence[int], regions: Sequence[int], flags: Sequence[int], counters: int,
-                    seg_stride: int, scale_off: int, rank: int, timeout_ns: int, stream: int) -> None:
-    """One launch of the whole NVFP4 gather with per-rank global scales (csrc/fp4.cu, gather_ll_body):
-    quantize this rank's `numel` elements of x (`dtype`, out's too) with their own amax, store them into
-    this rank's segment of every rank's region (`regions[r]`: two halves of one `seg_stride`-byte
-    segment per rank, scales at `scale_off` in each), flag them in `flags[r]`, wait for every rank's
-    flags and decode all of them into out. units[s] / first[s]: FP4 blocks of rank s and where in out
-    they go. counters: this rank's LL_MAXCTAS epoch counters. sm_90+ (has_quantize_small); the caller
-    (fp4ccl.one_launch) checks everything else."""
-    la = launcher(device, _LL_NAMES[dtype], "gll")
+def gather_ll(device: int, format: str, x_ptr: int, dtype: str, numel: int, out_ptr: int, units: Sequence[int],
+              first: Sequence[int], regions: Sequence[int], flags: Sequence[int], counters: int,
+              seg_stride: int, scale_off: int, rank: int, timeout_ns: int, stream: int) -> None:
+    """One launch of the whole FP4 gather (csrc/fp4.cu, gather_ll_body; NVFP4 with per-rank global
+    scales, or MXFP4): quantize this rank's `numel` elements of x (`dtype`, out's too), NVFP4 with their
+    own amax, store them into this rank's segment of every rank's region (`regions[r]`: two halves of
+    one `seg_stride`-byte segment per rank, scales at `scale_off` in each), flag them in `flags[r]`, wait
+    for every rank's flags and decode all of them into out. units[s] / first[s]: FP4 blocks of rank s
+    and where in out they go. counters: this rank's LL_MAXCTAS epoch counters. sm_90+
+    (has_quantize_small); the caller (fp4ccl.one_launch) checks everything else."""
+    la = launcher(device, _LL_NAMES[(format, dtype)], "gll")
     _fill_ll_table(la.table, units, first, regions, flags)
     la(device, LL_MAXCTAS, 1, stream, x_ptr, numel * _ITEMSIZE[dtype] // 16, out_ptr, counters, seg_stride,
        scale_off, timeout_ns, rank, len(units))
 
 
-def reduce_scatter_ll_nvfp4(device: int, x_ptr: int, dtype: str, out_ptr: int, units: Sequence[int],
-                            first: Sequence[int], regions: Sequence[int], flags: Sequence[int], counters: int,
-                            seg_stride: int, scale_off: int, rank: int, rounding: str, seeds: Sequence[int],
-                            timeout_ns: int, stream: int) -> None:
-    """One launch of the whole NVFP4 reduce-scatter (csrc/fp4.cu, reduce_scatter_ll_body), over the
-    buffer, flags and counters of gather_ll_nvfp4: chunk q of x (units[q] FP4 blocks from block first[q],
-    the rows rank q owns) is quantized with its own amax (`rounding`, with seeds[q] when stochastic) into
-    this rank's segment of regions[q]; this rank's chunk from every rank is then decoded and summed in
-    rank order in fp32 and rounded once into out (x's dtype). sm_90+; fp4ccl.one_launch checks the rest."""
-    la = launcher(device, _RS_LL_NAMES[(dtype, rounding)], "rsll")
+def reduce_scatter_ll(device: int, format: str, x_ptr: int, dtype: str, out_ptr: int, units: Sequence[int],
+                      first: Sequence[int], regions: Sequence[int], flags: Sequence[int], counters: int,
+                      seg_stride: int, scale_off: int, rank: int, rounding: str, seeds: Sequence[int],
+                      timeout_ns: int, stream: int) -> None:
+    """One launch of the whole FP4 reduce-scatter (csrc/fp4.cu, reduce_scatter_ll_body), over the
+    buffer, flags and counters of gather_ll: chunk q of x (units[q] FP4 blocks from block first[q], the
+    rows rank q owns) is quantized as a tensor of its own (NVFP4: its own amax; `rounding`, with seeds[q]
+    when stochastic) into this rank's segment of regions[q]; this rank's chunk from every rank is then
+    decoded and summed in rank order in fp32 and rounded once into out (x's dtype). sm_90+;
+    fp4ccl.one_launch checks the rest."""
+    la = launcher(device, _RS_LL_NAMES[(format, dtype, rounding)], "rsll")
     _fill_ll_table(la.table, units, first, regions, flags, seeds)
     la(device, LL_MAXCTAS, 1, stream, x_ptr, out_ptr, counters, seg_stride, scale_off, timeout_ns, rank, len(units))
 

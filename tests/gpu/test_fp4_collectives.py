@@ -13,8 +13,8 @@ from harness import env, run_ranks
 # Each check runs on both transports: "symm" (symmetric memory, the default on one node) and "nccl";
 # "symm-steps" is symm with the one-launch small-input kernels off (FP4CCL_SMALL_QUANTIZE_BYTES=0,
 # FP4CCL_FP4_GATHER_FORM=steps, FP4CCL_FP4_RS_FORM=store), so the separate amax, quantize, barrier and
-# decode launches stay tested at these sizes too; plain "symm" gathers and reduce-scatters NVFP4 with
-# the one-launch kernels.
+# decode launches stay tested at these sizes too; plain "symm" gathers and reduce-scatters with the
+# one-launch kernels.
 PATHS = ["symm", "symm-steps", "nccl"]
 
 
@@ -40,7 +40,8 @@ def _rs_form_env(form):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("nranks", [2, 4])
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
-@pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank")])
+@pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank"),
+                                               ("mxfp4", "shared")])
 def test_fp4_all_gatherv_bit_exact(fmt, global_scale, framework, nranks, path, seed):
     need_gpus(nranks)
     pytest.importorskip(framework)
@@ -230,18 +231,29 @@ def check_pipelined_graphs_and_growth(comm, seed, form="pull"):
     return True
 
 
+def _ll_cases(n, fmt):
+    """(sizes, K, dtype) of the one-launch tests: a rank's share from none to several blocks per thread;
+    the third case is as large as a segment holds (2048 x 64 = one_launch.MAX_ELEMENTS)."""
+    k = 1 if fmt == "nvfp4" else 2    # K in blocks of 16: MXFP4 needs multiples of 32
+    return [([(1, 0, 7, 2)[r % 4] for r in range(n)], 16 * k, "bfloat16"),
+            ([64 * (r + 1) for r in range(n)], 48 * k, "float32"),
+            ([2048 if r == n - 1 else 3 * r for r in range(n)], 64, "float16"),
+            ([(300, 0, 251, 97)[r % 4] for r in range(n)], 80 * k, "bfloat16")]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("nranks", [2, 3, 4])
-def test_fp4_one_launch_gather_back_to_back_with_other_collectives(nranks, seed):
-    """The one-launch NVFP4 gather (FP4CCL_FP4_GATHER_FORM=ll), whose flags carry a per-CTA epoch kept
+def test_fp4_one_launch_gather_back_to_back_with_other_collectives(nranks, fmt, seed):
+    """The one-launch FP4 gather (FP4CCL_FP4_GATHER_FORM=ll), whose flags carry a per-CTA epoch kept
     on the device: many calls back to back on the two workspace halves, eager and replayed from
-    graphs, with 1-4 clusters, a rank with no rows, every dtype, K of 16, 48 and 80, between plain
+    graphs, with 1-4 clusters, a rank with no rows, every dtype, K of one to five blocks, between plain
     gathers, FP4 reduce-scatters and a workspace growth; every result bit-exact, nothing past its end."""
     need_gpus(nranks)
-    assert all(run_ranks(nranks, _ll_interleaved, seed, backend="nccl"))
+    assert all(run_ranks(nranks, _ll_interleaved, seed, fmt, backend="nccl"))
 
 
-def _ll_interleaved(comm, seed):
+def _ll_interleaved(comm, seed, fmt):
     import numpy as np
     import torch
     from collective_checks import check_no_overrun, sentinel_out, to_framework, to_numpy
@@ -249,12 +261,7 @@ def _ll_interleaved(comm, seed):
     from fp4ccl import symm_collectives
     n, me = comm.size, comm.rank
     dev = f"cuda:{comm.device}"
-    # (sizes, K, dtype): a rank's share from none to several blocks per thread; the third case is as
-    # large as a segment holds
-    cases = [([(1, 0, 7, 2)[r % 4] for r in range(n)], 16, "bfloat16"),
-             ([64 * (r + 1) for r in range(n)], 48, "float32"),
-             ([2048 if r == n - 1 else 3 * r for r in range(n)], 64, "float16"),
-             ([(300, 0, 251, 97)[r % 4] for r in range(n)], 80, "bfloat16")]
+    cases = _ll_cases(n, fmt)
     outs = [sentinel_out(comm, "torch", (sum(sz), K), dt) for sz, K, dt in cases]
     with env({"FP4CCL_FP4_GATHER_FORM": "ll", "FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
         for step in range(48):
@@ -263,22 +270,22 @@ def _ll_interleaved(comm, seed):
             xs = [shard(seed, r, 700 + step, sizes[r], K, dtype) for r in range(n)]
             fbuf, out = outs[which]
             out.view(torch.uint8).fill_(0x5A)
-            comm.all_gatherv(to_framework(xs[me], "torch", comm.device), sizes, out=out, compress="nvfp4")
+            comm.all_gatherv(to_framework(xs[me], "torch", comm.device), sizes, out=out, compress=fmt)
             if step % 3 == 1:
                 g = torch.full((3, 16), float(me), device=dev)
                 got = comm.all_gatherv(g, [3] * n)
                 assert torch.equal(got[3 * me:3 * me + 3], g), f"rank {me} step {step}: plain gather"
             if step % 5 == 2:
                 y = torch.ones((2 * n, 32), device=dev) * (me + 1)
-                got = comm.reduce_scatterv(y, [2] * n, compress="nvfp4")
+                got = comm.reduce_scatterv(y, [2] * n, compress=fmt)
                 assert torch.equal(got, torch.full_like(got, n * (n + 1) / 2)), f"rank {me} step {step}: FP4 RS"
             if step == 20:   # grows the workspace (the counters and flags start again from zero)
                 big = torch.full((1 << 18, 8), 1.0, device=dev)
                 comm.all_gatherv(big, [1 << 18] * n)
             torch.cuda.synchronize(comm.device)
-            what = f"rank {me} step {step} sizes={sizes} K={K} {dtype}"
+            what = f"rank {me} step {step} {fmt} sizes={sizes} K={K} {dtype}"
             check_no_overrun(fbuf, (sum(sizes), K), dtype, what)
-            want = np.concatenate([roundtrip(a, "nvfp4") if len(a) else a for a in xs])
+            want = np.concatenate([roundtrip(a, fmt) if len(a) else a for a in xs])
             assert np.array_equal(to_numpy(out, dtype).view(np.uint8), want.view(np.uint8)), what
     keys = [k[0] for k in symm_collectives.workspace(comm)._graphs]
     assert "fp4_gather_ll" in keys, f"rank {me}: no one-launch gather was replayed from a graph ({keys})"
@@ -312,16 +319,17 @@ def _captured(comm, calls):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("nranks", [2, 4])
-def test_fp4_one_launch_gather_in_the_callers_cuda_graph(nranks, seed):
+def test_fp4_one_launch_gather_in_the_callers_cuda_graph(nranks, fmt, seed):
     """Captured into the caller's CUDA graph (after an eager call made its buffer), the one-launch
     gather is a kernel node of that graph, not the NCCL path; two calls in one graph and eager calls
     between the replays alternate its halves on the device, and every replay is bit-exact."""
     need_gpus(nranks)
-    assert all(run_ranks(nranks, _ll_in_a_captured_graph, seed, backend="nccl"))
+    assert all(run_ranks(nranks, _ll_in_a_captured_graph, seed, fmt, backend="nccl"))
 
 
-def _ll_in_a_captured_graph(comm, seed):
+def _ll_in_a_captured_graph(comm, seed, fmt):
     import numpy as np
     import torch
     from collective_checks import to_framework, to_numpy
@@ -335,11 +343,11 @@ def _ll_in_a_captured_graph(comm, seed):
     fresh = lambda case: [shard(seed, r, case, sizes[r], K, "bfloat16") for r in range(n)]  # noqa: E731
 
     def want(xs):
-        return np.concatenate([roundtrip(a, "nvfp4") if len(a) else a for a in xs])
-    comm.all_gatherv(x, sizes, out=outs[2], compress="nvfp4")   # eager: makes the gather's buffer
-    with _launches_of("gather_ll_nvfp4") as launched:
-        graph = _captured(comm, lambda: (comm.all_gatherv(x, sizes, out=outs[0], compress="nvfp4"),
-                                         comm.all_gatherv(y, sizes, out=outs[1], compress="nvfp4")))
+        return np.concatenate([roundtrip(a, fmt) if len(a) else a for a in xs])
+    comm.all_gatherv(x, sizes, out=outs[2], compress=fmt)   # eager: makes the gather's buffer
+    with _launches_of("gather_ll") as launched:
+        graph = _captured(comm, lambda: (comm.all_gatherv(x, sizes, out=outs[0], compress=fmt),
+                                         comm.all_gatherv(y, sizes, out=outs[1], compress=fmt)))
     assert len(launched) == 2, f"rank {me}: {len(launched)} one-launch gathers captured, expected 2"
     for step in range(6):
         xs, ys, zs = fresh(800 + step), fresh(900 + step), fresh(1000 + step)
@@ -349,55 +357,55 @@ def _ll_in_a_captured_graph(comm, seed):
             out.view(torch.int16).fill_(0x5A5A)
         graph.replay()
         if step % 2:   # an eager call between replays moves the epochs by one
-            comm.all_gatherv(to_framework(zs[me], "torch", comm.device), sizes, out=outs[2], compress="nvfp4")
+            comm.all_gatherv(to_framework(zs[me], "torch", comm.device), sizes, out=outs[2], compress=fmt)
         torch.cuda.synchronize(comm.device)
         for out, src, name in ((outs[0], xs, "first"), (outs[1], ys, "second")) + (((outs[2], zs, "eager"),)
                                                                                    if step % 2 else ()):
             got = to_numpy(out, "bfloat16").view(np.uint8)
-            assert np.array_equal(got, want(src).view(np.uint8)), f"rank {me} replay {step}: {name} gather"
+            assert np.array_equal(got, want(src).view(np.uint8)), f"rank {me} replay {step}: {name} {fmt} gather"
     del graph
     return True
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("nranks", [2, 3, 4])
-def test_fp4_one_launch_reduce_scatter_equals_the_store_form_bit_for_bit(nranks, seed):
-    """The one-launch NVFP4 reduce-scatter (FP4CCL_FP4_RS_FORM=ll) and the store form sum the same
+def test_fp4_one_launch_reduce_scatter_equals_the_store_form_bit_for_bit(nranks, fmt, seed):
+    """The one-launch FP4 reduce-scatter (FP4CCL_FP4_RS_FORM=ll) and the store form sum the same
     decoded chunks in the same order, so their results agree bit for bit: every dtype, nearest and
-    stochastic rounding, uneven chunks with a zero, K of 16 to 80, a chunk as large as a segment holds,
-    each call between one-launch gathers on the same buffer; nothing written past the output."""
+    stochastic rounding, uneven chunks with a zero, K of one to five blocks, a chunk as large as a
+    segment holds, each call between one-launch gathers on the same buffer; nothing written past the
+    output."""
     need_gpus(nranks)
-    assert all(run_ranks(nranks, _ll_rs_against_store, seed, backend="nccl"))
+    assert all(run_ranks(nranks, _ll_rs_against_store, seed, fmt, backend="nccl"))
 
 
-def _ll_rs_against_store(comm, seed):
+def _ll_rs_against_store(comm, seed, fmt):
     import numpy as np
     import torch
     from collective_checks import check_no_overrun, sentinel_out, to_framework, to_numpy
     from fp4_collective_checks import roundtrip, shard
     n, me = comm.size, comm.rank
-    cases = [([(1, 0, 7, 2)[r % 4] for r in range(n)], 16, "bfloat16"),
-             ([64 * (r + 1) for r in range(n)], 48, "float32"),
-             ([2048 if r == n - 1 else 3 * r for r in range(n)], 64, "float16"),
-             ([(300, 0, 251, 97)[r % 4] for r in range(n)], 80, "bfloat16")]
-    with _launches_of("reduce_scatter_ll_nvfp4") as launched, env({"FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
+    cases = _ll_cases(n, fmt)
+    with _launches_of("reduce_scatter_ll") as launched, env({"FP4CCL_FP4_ALGO": "symm", "FP4CCL_ALGO": "symm"}):
         for case, (sizes, K, dtype) in enumerate(cases):
             for rounding in ("nearest", "stochastic"):
                 x = to_framework(shard(seed, me, 1100 + case, sum(sizes), K, dtype), "torch", comm.device)
                 g = to_framework(shard(seed, me, 1200 + case, 5, 32, dtype), "torch", comm.device)
-                gathered = comm.all_gatherv(g, [5] * n, compress="nvfp4")   # one launch, the same buffer
+                gathered = comm.all_gatherv(g, [5] * n, compress=fmt)   # one launch, the same buffer
                 got = {}
                 for form in ("ll", "store"):
                     with env({"FP4CCL_FP4_RS_FORM": form}):
                         fbuf, out = sentinel_out(comm, "torch", (sizes[me], K), dtype)
-                        comm.reduce_scatterv(x, sizes, out=out, compress="nvfp4", rounding=rounding,
+                        comm.reduce_scatterv(x, sizes, out=out, compress=fmt, rounding=rounding,
                                              seed=seed + case)
                         torch.cuda.synchronize(comm.device)
-                        what = f"rank {me} {form} {rounding} sizes={sizes} K={K} {dtype}"
+                        what = f"rank {me} {form} {fmt} {rounding} sizes={sizes} K={K} {dtype}"
                         check_no_overrun(fbuf, (sizes[me], K), dtype, what)
                         got[form] = to_numpy(out, dtype).view(np.uint8)
-                assert np.array_equal(got["ll"], got["store"]), f"rank {me} {rounding} sizes={sizes} K={K} {dtype}"
-                want_g = np.concatenate([roundtrip(shard(seed, r, 1200 + case, 5, 32, dtype), "nvfp4")
+                assert np.array_equal(got["ll"], got["store"]), \
+                    f"rank {me} {fmt} {rounding} sizes={sizes} K={K} {dtype}"
+                want_g = np.concatenate([roundtrip(shard(seed, r, 1200 + case, 5, 32, dtype), fmt)
                                          for r in range(n)])
                 assert np.array_equal(to_numpy(gathered, dtype).view(np.uint8), want_g.view(np.uint8)), \
                     f"rank {me} case {case}: the gather between"
@@ -406,22 +414,25 @@ def _ll_rs_against_store(comm, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("nranks", [2, 4])
-def test_fp4_one_launch_reduce_scatter_in_the_callers_cuda_graph(nranks, seed):
-    """Captured into the caller's CUDA graph (after an eager call made the one-launch buffer), the NVFP4
-    reduce-scatter is a kernel node of that graph beside a one-launch gather; eager calls between the
-    replays move the shared epochs, and every replay equals the store form's result bit for bit."""
+def test_fp4_one_launch_reduce_scatter_in_the_callers_cuda_graph(nranks, fmt, seed):
+    """Captured into the caller's CUDA graph (after an eager call made the one-launch buffer), the FP4
+    reduce-scatter is a kernel node of that graph beside a one-launch gather of the other format; eager
+    calls between the replays move the shared epochs, and every replay equals the store form's result
+    bit for bit."""
     need_gpus(nranks)
-    assert all(run_ranks(nranks, _ll_rs_in_a_captured_graph, seed, backend="nccl"))
+    assert all(run_ranks(nranks, _ll_rs_in_a_captured_graph, seed, fmt, backend="nccl"))
 
 
-def _ll_rs_in_a_captured_graph(comm, seed):
+def _ll_rs_in_a_captured_graph(comm, seed, fmt):
     import numpy as np
     import torch
     from collective_checks import to_framework, to_numpy
     from fp4_collective_checks import roundtrip, shard
     n, me = comm.size, comm.rank
     dev = f"cuda:{comm.device}"
+    other = "mxfp4" if fmt == "nvfp4" else "nvfp4"   # the gather beside it: both formats share the epochs
     sizes, K = [(5, 0, 3, 8)[r % 4] for r in range(n)], 64
     x = torch.empty((sum(sizes), K), dtype=torch.bfloat16, device=dev)
     g = torch.empty((4, 32), dtype=torch.bfloat16, device=dev)
@@ -431,10 +442,10 @@ def _ll_rs_in_a_captured_graph(comm, seed):
     def fill(t, case, rows, k):
         t.copy_(to_framework(shard(seed, me, case, rows, k, "bfloat16"), "torch", comm.device))
     fill(x, 1300, sum(sizes), K)
-    comm.reduce_scatterv(x, sizes, compress="nvfp4")      # eager: makes the one-launch buffer
-    with _launches_of("reduce_scatter_ll_nvfp4") as launched:
-        graph = _captured(comm, lambda: (comm.reduce_scatterv(x, sizes, out=out, compress="nvfp4"),
-                                         comm.all_gatherv(g, [4] * n, out=gout, compress="nvfp4")))
+    comm.reduce_scatterv(x, sizes, compress=fmt)      # eager: makes the one-launch buffer
+    with _launches_of("reduce_scatter_ll") as launched:
+        graph = _captured(comm, lambda: (comm.reduce_scatterv(x, sizes, out=out, compress=fmt),
+                                         comm.all_gatherv(g, [4] * n, out=gout, compress=other)))
     assert len(launched) == 1, f"rank {me}: {len(launched)} one-launch reduce-scatters captured, expected 1"
     for step in range(6):
         fill(x, 1400 + step, sum(sizes), K)
@@ -442,15 +453,15 @@ def _ll_rs_in_a_captured_graph(comm, seed):
         out.view(torch.int16).fill_(0x5A5A)
         graph.replay()
         if step % 2:   # an eager one-launch call between replays moves the epochs by one
-            comm.reduce_scatterv(x, sizes, compress="nvfp4")
+            comm.reduce_scatterv(x, sizes, compress=fmt)
         torch.cuda.synchronize(comm.device)
         with env({"FP4CCL_FP4_RS_FORM": "store"}):
-            want = comm.reduce_scatterv(x, sizes, compress="nvfp4")
+            want = comm.reduce_scatterv(x, sizes, compress=fmt)
         torch.cuda.synchronize(comm.device)
-        assert torch.equal(out.view(torch.int16), want.view(torch.int16)), f"rank {me} replay {step}: reduce-scatter"
-        want_g = np.concatenate([roundtrip(shard(seed, r, 1500 + step, 4, 32, "bfloat16"), "nvfp4") for r in range(n)])
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16)), f"rank {me} replay {step}: {fmt} reduce-scatter"
+        want_g = np.concatenate([roundtrip(shard(seed, r, 1500 + step, 4, 32, "bfloat16"), other) for r in range(n)])
         assert np.array_equal(to_numpy(gout, "bfloat16").view(np.uint8), want_g.view(np.uint8)), \
-            f"rank {me} replay {step}: gather"
+            f"rank {me} replay {step}: {other} gather"
     del graph
     return True
 
