@@ -40,11 +40,11 @@ _EXTRAS_KEY = "fp4ccl.one_launch"
 def serves(comm, rows: Sequence[int], K: int, fmt: str) -> bool:
     """Whether a one-launch kernel can run a call whose per-rank row counts (gather: each rank's rows;
     reduce-scatter: each rank's chunk) are `rows`: NVFP4 or MXFP4, at most MAX_ELEMENTS elements per
-    rank, at most 8 ranks, sm_90+. Decided from what every rank agrees on; the GPUs of one node are
-    assumed to be of one generation."""
+    rank, at most 8 ranks, every rank's GPU sm_90+. Decided from what every rank agrees on."""
     from .formats import kernels
+    from .symmetric import min_arch
     return (fmt in _FORMATS and max(rows) * K <= MAX_ELEMENTS and comm.size <= _MAXRANKS
-            and kernels.has_quantize_small(comm.device))
+            and min_arch(comm) >= kernels.SMALL_MIN_ARCH)
 
 
 def form(comm, rows: Sequence[int], K: int, fmt: str, shared: bool) -> str:

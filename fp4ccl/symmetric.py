@@ -57,19 +57,37 @@ def node_identity() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def same_node(comm) -> bool:
-    """Whether every rank of `comm` runs on this host (collective on the first call, then cached)."""
+def _node_facts(comm) -> Tuple[bool, int]:
+    """(every rank on this host, the lowest compute capability among the ranks' GPUs, e.g. 90; 0 where a
+    rank has none): one exchange, collective on the first call, then cached in comm._extras."""
     extras = getattr(comm, "_extras", None)
-    cached = extras.get("fp4ccl.same_node") if extras is not None else None
+    cached = extras.get("fp4ccl.node_facts") if extras is not None else None
     if cached is not None:
         return cached.value
-    idents = [b.decode() for b in comm._exchange.all_gather_bytes(node_identity().encode())]
-    value = len(set(idents)) == 1
-    if not value:
-        log.info("ranks span %d hosts: symmetric memory is off for this communicator", len(set(idents)))
+    arch = 0
+    if getattr(comm, "device", None) is not None:
+        from .jit import _arch_of
+        arch = _arch_of(comm.device)
+    parts = [b.decode().rsplit("|", 1) for b in comm._exchange.all_gather_bytes(f"{node_identity()}|{arch}".encode())]
+    hosts = {ident for ident, _ in parts}
+    value = (len(hosts) == 1, min(int(a) for _, a in parts))
+    if not value[0]:
+        log.info("ranks span %d hosts: symmetric memory is off for this communicator", len(hosts))
     if extras is not None:
-        extras["fp4ccl.same_node"] = _Cached(value)
+        extras["fp4ccl.node_facts"] = _Cached(value)
     return value
+
+
+def same_node(comm) -> bool:
+    """Whether every rank of `comm` runs on this host (collective on the first call, then cached)."""
+    return _node_facts(comm)[0]
+
+
+def min_arch(comm) -> int:
+    """The lowest compute capability among the GPUs of `comm`'s ranks (e.g. 90), 0 where a rank has no
+    GPU: a kernel that every rank must launch alike (fp4ccl.one_launch) is chosen by it, so GPUs of
+    different generations never pick different forms. Collective on the first call, then cached."""
+    return _node_facts(comm)[1]
 
 
 class _Cached:

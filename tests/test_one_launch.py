@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fp4ccl import one_launch, symm_collectives as sc
+from fp4ccl import one_launch, symm_collectives as sc, symmetric
 from fp4ccl.formats import kernels
 from test_symm_collectives import FakeBuffer, FakeCodec, FakeComm, In, Out, fakes  # noqa: F401
 
@@ -30,7 +30,7 @@ from test_symm_collectives import FakeBuffer, FakeCodec, FakeComm, In, Out, fake
 ])
 def test_form_by_format_scales_ranks_size_and_environment(monkeypatch, caplog, env, fmt, shared, size, rows,
                                                           arch_ok, form):
-    monkeypatch.setattr(kernels, "has_quantize_small", lambda device: arch_ok)
+    monkeypatch.setattr(symmetric, "min_arch", lambda comm: 90 if arch_ok else 80)
     monkeypatch.setenv("FP4CCL_FP4_GATHER_FORM", env)
     with caplog.at_level("INFO", logger="fp4ccl.one_launch"):
         assert one_launch.form(FakeComm(rank=0, size=size), rows, 64, fmt, shared) == form
@@ -49,7 +49,7 @@ def test_constants_match_the_kernel():
 
 def _launches(monkeypatch):
     launches = []
-    monkeypatch.setattr(kernels, "has_quantize_small", lambda device: True)
+    monkeypatch.setattr(symmetric, "min_arch", lambda comm: 90)
     monkeypatch.setattr(kernels, "gather_ll", lambda *a: launches.append(a))
     monkeypatch.delenv("FP4CCL_FP4_GATHER_FORM", raising=False)
     monkeypatch.delenv("FP4CCL_FP4_ALGO", raising=False)
@@ -142,7 +142,7 @@ def test_in_a_capture_it_launches_into_the_callers_graph_once_an_eager_call_made
     (" LL ", [3, 0, 5, 1], True, 1 << 10, "ll"),
 ])
 def test_reduce_scatter_form(monkeypatch, caplog, env, rows, arch_ok, nbytes, form, fmt):
-    monkeypatch.setattr(kernels, "has_quantize_small", lambda device: arch_ok)
+    monkeypatch.setattr(symmetric, "min_arch", lambda comm: 90 if arch_ok else 80)
     monkeypatch.setenv("FP4CCL_FP4_RS_FORM", env)
     comm = FakeComm(rank=0, size=4)
     with caplog.at_level("INFO", logger="fp4ccl.symm_collectives"):
@@ -215,3 +215,45 @@ def test_reduce_scatter_into_another_dtype_is_refused(fakes, monkeypatch):  # no
     with pytest.raises(TypeError, match="sums into x's dtype bfloat16, not float32"):
         one_launch.reduce_scatter(FakeCodec(FakeComm(rank=0, size=2)), In(), 32, "nvfp4", (1, 1), F32Out(), "nearest",
                                   (0, 0))
+
+
+# -- GPUs of different generations on one node ---------------------------------------------------------
+
+class _Exchange:
+    """all_gather_bytes as seen by one rank: this rank's payload among the others' (given)."""
+
+    def __init__(self, rank, others):
+        self.rank, self.others, self.calls = rank, others, 0
+
+    def all_gather_bytes(self, payload):
+        self.calls += 1
+        return self.others[:self.rank] + [payload] + self.others[self.rank:]
+
+
+@pytest.mark.parametrize("archs, same, lowest", [
+    ((90, 90, 90), True, 90),
+    ((90, 80, 100), True, 80),    # one older GPU: no rank may take the one-launch kernels
+    ((100, 120, 100), True, 100),
+])
+def test_the_one_launch_forms_are_chosen_by_the_oldest_gpu_of_the_communicator(monkeypatch, archs, same, lowest):
+    from fp4ccl import jit
+    for me in range(len(archs)):
+        monkeypatch.setattr(jit, "_arch_of", lambda device, me=me: archs[me])
+        comm = FakeComm(rank=me, size=len(archs))
+        ident = symmetric.node_identity()
+        comm._exchange = _Exchange(me, [f"{ident}|{a}".encode() for r, a in enumerate(archs) if r != me])
+        assert (symmetric.same_node(comm), symmetric.min_arch(comm)) == (same, lowest)
+        for fmt in ("nvfp4", "mxfp4"):
+            assert one_launch.serves(comm, [2] * len(archs), 64, fmt) == (lowest >= 90), f"rank {me} {fmt}"
+        assert comm._exchange.calls == 1     # exchanged once, then cached
+
+
+def test_ranks_on_other_hosts_are_not_one_node(monkeypatch):
+    from fp4ccl import jit
+    monkeypatch.setattr(jit, "_arch_of", lambda device: 90)
+    comm = FakeComm(rank=0, size=2)
+    comm._exchange = _Exchange(0, [b"otherhost/some-boot-id|90"])
+    assert not symmetric.same_node(comm) and symmetric.min_arch(comm) == 90
+    comm = FakeComm(rank=0, size=2, device=None)   # no GPU here: arch 0
+    comm._exchange = _Exchange(0, [f"{symmetric.node_identity()}|90".encode()])
+    assert symmetric.same_node(comm) and symmetric.min_arch(comm) == 0

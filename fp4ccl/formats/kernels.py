@@ -437,8 +437,8 @@ def gather_ll(device: int, format: str, x_ptr: int, dtype: str, numel: int, out_
     own amax, store them into this rank's segment of every rank's region (`regions[r]`: two halves of
     one `seg_stride`-byte segment per rank, scales at `scale_off` in each), flag them in `flags[r]`, wait
     for every rank's flags and decode all of them into out. units[s] / first[s]: FP4 blocks of rank s
-    and where in out they go. counters: this rank's LL_MAXCTAS epoch counters. sm_90+
-    (has_quantize_small); the caller (fp4ccl.one_launch) checks everything else."""
+    and where in out they go. counters: this rank's LL_MAXCTAS epoch counters. sm_90+ on every rank; the
+    caller (fp4ccl.one_launch.serves) checks that and everything else."""
     la = launcher(device, _LL_NAMES[(format, dtype)], "gll")
     _fill_ll_table(la.table, units, first, regions, flags)
     la(device, LL_MAXCTAS, 1, stream, x_ptr, numel * _ITEMSIZE[dtype] // 16, out_ptr, counters, seg_stride,
@@ -453,8 +453,8 @@ def reduce_scatter_ll(device: int, format: str, x_ptr: int, dtype: str, out_ptr:
     buffer, flags and counters of gather_ll: chunk q of x (units[q] FP4 blocks from block first[q], the
     rows rank q owns) is quantized as a tensor of its own (NVFP4: its own amax; `rounding`, with seeds[q]
     when stochastic) into this rank's segment of regions[q]; this rank's chunk from every rank is then
-    decoded and summed in rank order in fp32 and rounded once into out (x's dtype). sm_90+;
-    fp4ccl.one_launch checks the rest."""
+    decoded and summed in rank order in fp32 and rounded once into out (x's dtype). sm_90+ on every rank;
+    fp4ccl.one_launch checks that and the rest."""
     la = launcher(device, _RS_LL_NAMES[(format, dtype, rounding)], "rsll")
     _fill_ll_table(la.table, units, first, regions, flags, seeds)
     la(device, LL_MAXCTAS, 1, stream, x_ptr, out_ptr, counters, seg_stride, scale_off, timeout_ns, rank, len(units))
