@@ -1035,9 +1035,16 @@ __device__ __forceinline__ float ld_cluster_f32(const float* p, u32 cta) {
 // of `vpb` 16-byte vectors each (first[q + 1] = first[q] + blocks[q]), into amax_out[q] (shared memory)
 // of every CTA of this cluster. One pass: a thread's loads of every range are in flight together (a
 // pass per range costs a load round trip and a block reduction each, which decode sizes feel);
-// each CTA reduces its share, the shares meet through distributed shared memory. Every thread must
-// call it.
+// each CTA reduces its share, the shares meet through distributed shared memory. Up to
+// FP4_LOCAL_AMAX_VECS vectors in all, every CTA reads all of x itself instead and no cluster barrier is
+// needed: two of them cost more than the few extra loads there. Measured on 4 x H200 (bench/RESULTS.md
+// run 108, one-launch collectives, GPU time per call): the NVFP4 gather at 8-32 KiB per rank 7.8-8.0 us
+// against 8.9 through the cluster, at 64 KiB (4096 vectors) 8.9 against 9.1; the reduce-scatter at 32
+// KiB of x (2048 vectors) 10.1 against 10.3, at 64 KiB 10.9 against 10.4. Every thread must call it.
 #define FP4_CLUSTER_MAXRANGES 8
+#ifndef FP4_LOCAL_AMAX_VECS
+#define FP4_LOCAL_AMAX_VECS 2048
+#endif
 template <typename In>
 __device__ void cluster_amax_ranges(const uint4* __restrict__ x, const u64* first, const u64* blocks, u32 vpb, u32 n,
                                     float* amax_out) {
@@ -1046,16 +1053,29 @@ __device__ void cluster_amax_ranges(const uint4* __restrict__ x, const u64* firs
     u32 cta, ctas;
     asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(cta));
     asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(ctas));
-    u64 end[FP4_CLUSTER_MAXRANGES];   // range q ends at vector end[q]
     float m[FP4_CLUSTER_MAXRANGES];
 #pragma unroll
-    for (int q = 0; q < FP4_CLUSTER_MAXRANGES; ++q) {
-        end[q] = (u32)q < n ? (first[q] + blocks[q]) * vpb : 0;
-        m[q] = 0.0f;
-    }
+    for (int q = 0; q < FP4_CLUSTER_MAXRANGES; ++q) m[q] = 0.0f;
     const u64 lo = first[0] * vpb, hi = (first[n - 1] + blocks[n - 1]) * vpb;
+    const bool local = hi - lo <= FP4_LOCAL_AMAX_VECS;   // the same in every CTA
+    if (local) {
+        cta = 0;
+        ctas = 1;
+    }
     const u64 stride = (u64)ctas * blockDim.x;
     constexpr int S = FP4_AMAX_STEP;
+    // A thread's vectors k only grow, so it keeps the max of the range it is in (cur, range qc, which ends
+    // at vector qend) and files it into m[qc] when k passes qend: a compare per vector. (Testing every
+    // range for every vector made the reduce-scatter's amax pass ALU-bound: with it the one-launch NVFP4
+    // reduce-scatter took 20.6 us at 1 MiB of x, 16.2 without, and 10.8 with no amax pass at all; run 108.)
+    u32 qc = 0;
+    u64 qend = (first[0] + blocks[0]) * vpb;
+    float cur = 0.0f;
+    auto file = [&]() {
+#pragma unroll
+        for (int q = 0; q < FP4_CLUSTER_MAXRANGES; ++q) m[q] = (u32)q == qc ? fmaxf(m[q], cur) : m[q];
+        cur = 0.0f;
+    };
     for (u64 i = lo + (u64)cta * blockDim.x + threadIdx.x; i < hi; i += S * stride) {
         uint4 v[S];
 #pragma unroll
@@ -1066,17 +1086,16 @@ __device__ void cluster_amax_ranges(const uint4* __restrict__ x, const u64* firs
 #pragma unroll
         for (int u = 0; u < S; ++u) {
             const u64 k = i + (u64)u * stride;
-            float vm = 0.0f;
-            amax_vec<In>(v[u], vm);
-            bool found = false;   // the first range that ends past k holds it
-#pragma unroll
-            for (int q = 0; q < FP4_CLUSTER_MAXRANGES; ++q) {
-                const bool here = !found && k < end[q];
-                m[q] = here ? fmaxf(m[q], vm) : m[q];
-                found = found || here;
+            if (k >= hi) break;
+            while (k >= qend) {   // rare: into a later range (skipping empty ones)
+                file();
+                ++qc;
+                qend = (first[qc] + blocks[qc]) * vpb;
             }
+            amax_vec<In>(v[u], cur);
         }
     }
+    file();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int q = 0; q < FP4_CLUSTER_MAXRANGES; ++q) {
@@ -1090,16 +1109,20 @@ __device__ void cluster_amax_ranges(const uint4* __restrict__ x, const u64* firs
     if (threadIdx.x < n) {
         float a = 0.0f;
         for (u32 w = 0; w < (blockDim.x >> 5); ++w) a = fmaxf(a, warp_part[w][threadIdx.x]);
-        part[threadIdx.x] = a;
+        (local ? amax_out : part)[threadIdx.x] = a;
+    }
+    if (local) {
+        __syncthreads();   // amax_out visible to the whole CTA
+        return;
     }
     cluster_barrier();   // every CTA's parts written and visible cluster-wide
-    if (threadIdx.x < 32) {
-        for (u32 q = 0; q < n; ++q) {
-            float a = threadIdx.x < ctas ? ld_cluster_f32(&part[q], threadIdx.x) : 0.0f;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, o));
-            if (threadIdx.x == 0) amax_out[q] = a;
-        }
+    // One remote load per (range, CTA), all in flight together; lanes [q * ctas, (q + 1) * ctas) then
+    // reduce range q with shuffles (ctas, the cluster's size, is a power of two of at most 8).
+    if (threadIdx.x < 2 * 32) {   // warps 0 and 1 whole: the shuffles need every lane
+        const u32 q = threadIdx.x / ctas, c = threadIdx.x % ctas;
+        float a = q < n ? ld_cluster_f32(&part[q], c) : 0.0f;
+        for (u32 o = ctas >> 1; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xFFFFFFFFu, a, o));
+        if (c == 0 && q < n) amax_out[q] = a;
     }
     cluster_barrier();   // amax_out visible to the whole CTA; no CTA exits while a peer reads its parts
 }
