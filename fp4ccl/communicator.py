@@ -399,8 +399,9 @@ class Communicator:
 
         compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
         them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives);
-        rounding and seed need it. x cannot be an FP4Tensor (TypeError): the rows for each peer are
-        quantized as a tensor of their own.
+        rounding and seed need it. rounding="stochastic" needs seed= (the same on every rank, so a run
+        replays); with "nearest" a seed changes nothing, so one call site may switch rounding alone.
+        x cannot be an FP4Tensor (TypeError): the rows for each peer are quantized as a tensor of their own.
         """
         if _is_fp4(x):
             # Refused, not half-honoured: x's one global scale was chosen for all of its rows, where each

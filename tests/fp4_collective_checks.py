@@ -224,7 +224,8 @@ def check_fp4_reduce_scatterv(comm, seed, framework, fmt, dtypes=DTYPES, K=64):
 
 
 def check_fp4_stochastic_rounding(comm, seed, framework, fmt, draws=64):
-    """Mean error of stochastic-rounded reduce_scatterv over many seeds tends to 0; the same seed replays."""
+    """Mean error of stochastic-rounded reduce_scatterv over many seeds tends to 0; the same seed replays;
+    with rounding to nearest a seed changes nothing."""
     K, sizes = 32, [4] * comm.size
     x_np = shard(seed, comm.rank, 5, sum(sizes), K, "float32")
     x = to_framework(x_np, framework, comm.device)
@@ -243,6 +244,9 @@ def check_fp4_stochastic_rounding(comm, seed, framework, fmt, draws=64):
     off = 4 * comm.rank
     ref = to_numpy(exact, "float32")[off:off + 4].astype(np.float64)
     nearest = to_numpy(comm.reduce_scatterv(x, sizes, compress=fmt), "float32").astype(np.float64)
+    seeded = to_numpy(comm.reduce_scatterv(x, sizes, compress=fmt, seed=seed + 1), "float32")
+    _sync(comm)
+    assert np.array_equal(seeded, nearest.astype(np.float32)), f"rank {comm.rank}: a seed changed a nearest rounding"
     bias_sr = np.abs(total / draws - ref).mean()
     bias_rn = np.abs(nearest - ref).mean()
     assert bias_sr < 0.5 * bias_rn, f"rank {comm.rank}: stochastic mean error {bias_sr:.3g} vs nearest {bias_rn:.3g}"

@@ -8,7 +8,8 @@ from harness import run_ranks
 
 
 @pytest.mark.parametrize("nranks", [1, 2, 4])
-@pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank")])
+@pytest.mark.parametrize("fmt, global_scale", [("nvfp4", "per_rank"), ("nvfp4", "shared"), ("mxfp4", "per_rank"),
+                                               ("mxfp4", "shared")])
 def test_fp4_all_gatherv_is_bit_exact(fmt, global_scale, nranks, seed):
     assert all(run_ranks(nranks, fc.check_fp4_all_gatherv, seed, "numpy", fmt, global_scale))
 
