@@ -1016,7 +1016,7 @@ __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumT
 // were three graph nodes of ~1-2 us each around a few microseconds of work. Here one launch of one
 // thread-block cluster does all three: the cluster's CTAs are co-scheduled by the hardware, so its
 // barrier cannot deadlock the way a grid-wide spin could; each CTA's max goes through distributed
-// shared memory. x is read twice, the second time from L2 (the path is for inputs of a few hundred KB).
+// shared memory (or each CTA reads all of a small x itself, see cluster_amax_ranges). x is read twice, the second time from L2 (the path is for inputs of a few hundred KB).
 // NVFP4, linear scales, round to nearest: what an FP4 gather with per-rank global scales quantizes.
 #define FP4_SMALL_CTAS 8
 __device__ __forceinline__ void cluster_barrier() {
@@ -1153,9 +1153,9 @@ __device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, c
 // (the same value in every cluster: max is exact); then CTA j quantizes share j of the local rows and
 // stores it into this rank's segment in every rank's region, its own included. One flag word per
 // (source, CTA) in each receiver then says "share j of source s has landed": the epoch in its high half,
-// the source's fp32 S_dec (1 for MXFP4) in its low half, stored with release semantics after a system fence, so a receiver that
-// reads the epoch with an acquire load sees the data. CTA j waits for share j's flag of every source and
-// decodes those shares from local memory: nothing is read over NVLink.
+// the source's fp32 S_dec (1 for MXFP4) in its low half, stored with release semantics after a system
+// fence, so a receiver that reads the epoch with an acquire load sees the data. CTA j waits for share
+// j's flag of every source and decodes those shares from local memory: nothing is read over NVLink.
 // Epochs: CTA j counts its launches in counters[j] (this rank's memory); every launch has the same grid,
 // so all counts agree, on every rank. The call's parity (epoch & 1) picks the half of the regions and
 // flags, so calls alternate halves on the device, in a CUDA graph too. A half is rewritten two calls
@@ -1328,10 +1328,11 @@ __device__ void gather_ll_body(const uint4* __restrict__ x, u64 nvec, u8* out, u
 // share j to every rank and waits for share j from every rank), so the two kernels share counters and
 // halves in any interleaving, and the gather's argument for the halves holds as is. Here t.units[q] /
 // t.first[q] are the FP4 blocks of chunk q of x (the rows rank q owns) and where in x they start.
-// For NVFP4 each cluster computes every chunk's amax (a chunk is a tensor of its own); CTA j quantizes share j of
-// chunk q (with seed t.seed[q] when stochastic) into this rank's segment of rank q's region, and flags
-// it to q with chunk q's S_dec. Then CTA j sums share j of this rank's chunk from every source's segment,
-// decoded and added in rank order in fp32 from 0, and rounds once: what dequantize_sum computes.
+// For NVFP4 each cluster computes every chunk's amax (a chunk is a tensor of its own). CTA j quantizes
+// share j of chunk q (with seed t.seed[q] when stochastic) into this rank's segment of rank q's region,
+// and flags it to q with chunk q's S_dec (1 for MXFP4). Then CTA j sums share j of this rank's chunk
+// from every source's segment, decoded and added in rank order in fp32 from 0, and rounds once: what
+// dequantize_sum computes.
 template <typename T, int BS, bool NV, bool SR>
 __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64* counters, u64 seg_stride,
                                        u64 scale_off, u64 timeout_ns, u32 rank, u32 world, const LLTable& t) {
@@ -1377,7 +1378,8 @@ __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64
         u32 sb[FP4_LL_MAXRANKS];
 #pragma unroll
         for (int s = 0; s < FP4_LL_MAXRANKS; ++s) {
-            if ((u32)s < world) ll_load_block<BS>(ll_segment(t, call, rank, s, seg_stride), scale_off, l, d[s], sb[s]);
+            if ((u32)s < world)
+                ll_load_block<BS>(ll_segment(t, call, rank, s, seg_stride), scale_off, l, d[s], sb[s]);
         }
         float acc[BS];
 #pragma unroll
