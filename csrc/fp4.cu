@@ -1016,8 +1016,9 @@ __device__ void dqsum_body(u8* out, u32 units, u32 n, u32 accumulate, const SumT
 // were three graph nodes of ~1-2 us each around a few microseconds of work. Here one launch of one
 // thread-block cluster does all three: the cluster's CTAs are co-scheduled by the hardware, so its
 // barrier cannot deadlock the way a grid-wide spin could; each CTA's max goes through distributed
-// shared memory (or each CTA reads all of a small x itself, see cluster_amax_ranges). x is read twice, the second time from L2 (the path is for inputs of a few hundred KB).
-// NVFP4, linear scales, round to nearest: what an FP4 gather with per-rank global scales quantizes.
+// shared memory (or each CTA reads all of a small x itself, see cluster_amax_ranges). x is read twice,
+// the second time from L2 (the path is for inputs of a few hundred KB). NVFP4, linear scales, round to
+// nearest: what an FP4 gather with per-rank global scales quantizes.
 #define FP4_SMALL_CTAS 8
 __device__ __forceinline__ void cluster_barrier() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
