@@ -157,3 +157,68 @@ def test_watchdog_aborts_a_collective_the_other_rank_never_joins():
 
     message, _ = run_ranks(2, body)
     print(message)
+
+
+_SPIN = r'''
+extern "C" __global__ void spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
+'''
+
+
+def test_watchdog_polls_do_not_invalidate_a_global_mode_capture():
+    """The watchdog thread polls the event of an eager call that is still running while rank 0 holds a
+    CUDA-graph capture open in global mode (torch.cuda.graph's default) for several poll periods. Before
+    the watchdog put itself in relaxed capture mode, such a poll invalidated the capture
+    (cudaErrorStreamCaptureInvalidated, bench/RESULTS.md run 98); now the capture and the eager call
+    both complete and are right."""
+    need_gpus(2)
+    import cupy
+    from cupy.cuda import runtime
+    captured = threading.Event()
+
+    def body(rank, ex):
+        b = backend(ex, rank, 2, timeout=5.0)   # polls every 0.25 s
+        try:
+            with cupy.cuda.Device(rank):
+                stream = cupy.cuda.Stream(non_blocking=True)
+                cap = cupy.cuda.Stream(non_blocking=True)
+                x = cupy.full(1000, rank + 1, dtype=cupy.float32)
+                y = cupy.empty_like(x)
+                a = cupy.ones(64, dtype=cupy.float32)
+                spin = cupy.RawKernel(_SPIN, "spin")
+                spin((1,), (1,), (cupy.uint64(1),), stream=stream)   # every module loaded now, not in the capture
+                with cap:
+                    a *= 2.0
+                    a += 1.0
+                    a.fill(1.0)
+                cupy.cuda.Device(rank).synchronize()
+                ex.barrier()
+                # the all_reduce's event stays pending behind ~2 s of spinning, well inside the timeout
+                spin((1,), (1,), (cupy.uint64(2_000_000_000),), stream=stream)
+                b.all_reduce(describe(x), describe(y), "sum", stream.ptr)
+                ex.barrier()   # both ranks' enqueues (and NCCL's first-call work) are over
+                if rank == 0:
+                    with cap:
+                        cap.begin_capture(mode=runtime.streamCaptureModeGlobal)
+                        a *= 2.0
+                        time.sleep(0.8)    # the capture stays open over several watchdog polls
+                        a += 1.0
+                        graph = cap.end_capture()
+                    assert not stream.done, "the eager call finished before the capture ended: nothing was polled"
+                    graph.launch(stream=cap)
+                    cap.synchronize()
+                    assert bool((a == 3.0).all())
+                    captured.set()
+                else:
+                    assert captured.wait(60)   # no CUDA call from this thread while rank 0 captures
+                stream.synchronize()
+                assert cupy.all(y == 3.0)
+            assert b.failure is None
+        finally:
+            captured.set()
+            b.destroy()
+
+    run_ranks(2, body)
