@@ -30,7 +30,6 @@ FORMS = ("ll", "steps")
 MAX_ELEMENTS = 1 << 17           # per rank (rows x K): what one segment holds
 SCALE_OFF = MAX_ELEMENTS // 2    # a segment: the FP4 data (half a byte an element), then a scale byte per block
 SEG_BYTES = SCALE_OFF + MAX_ELEMENTS // 16   # room for NVFP4's scales (MXFP4 has half as many)
-_FORMATS = ("nvfp4", "mxfp4")
 _MAXCTAS, _MAXRANKS = 32, 8      # formats.kernels LL_MAXCTAS, LL_MAXRANKS (a CPU test checks)
 _COUNTER_BYTES = 8 * _MAXCTAS
 _FLAG_BYTES = 2 * 8 * _MAXRANKS * _MAXCTAS
@@ -42,8 +41,9 @@ def serves(comm, rows: Sequence[int], K: int, fmt: str) -> bool:
     reduce-scatter: each rank's chunk) are `rows`: NVFP4 or MXFP4, at most MAX_ELEMENTS elements per
     rank, at most 8 ranks, every rank's GPU sm_90+. Decided from what every rank agrees on."""
     from .formats import kernels
+    from .formats.tensor import FORMATS
     from .symmetric import min_arch
-    return (fmt in _FORMATS and max(rows) * K <= MAX_ELEMENTS and comm.size <= _MAXRANKS
+    return (fmt in FORMATS and max(rows) * K <= MAX_ELEMENTS and comm.size <= _MAXRANKS
             and min_arch(comm) >= kernels.SMALL_MIN_ARCH)
 
 
