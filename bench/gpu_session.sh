@@ -3,7 +3,8 @@
 # Usage: bash bench/gpu_session.sh [stage ...]   stages: info tests mpi (tests/gpu/mpi_main.py under mpirun and
 # launch/mpirun.sh, tests/test_host_mpi.py) sweep vsweep algos fp4bench overlap probe
 # probeov latency links (default: all but probe, probeov, latency and links). OVERLAP_ARGS / PROBE_ARGS / LATENCY_ARGS: extra
-# arguments for bench_overlap.py / probe_overlap.py / probe_latency.py; GPU_TESTS: the test files.
+# arguments for bench_overlap.py / probe_overlap.py / probe_latency.py; GPU_TESTS: the test files; GPU_K: a
+# pytest -k expression selecting among their tests.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -25,7 +26,7 @@ for stage in "${stages[@]}"; do
       : > "$OUT/gpu_tests.log"
       for f in ${GPU_TESTS:-tests/gpu/test_*.py}; do
         echo "===== $f" >> "$OUT/gpu_tests.log"
-        timeout "${FILE_LIMIT:-150}" $PY -m pytest -v -rfEs --tb=short --timeout 90 -p no:cacheprovider "$f" >> "$OUT/gpu_tests.log" 2>&1
+        timeout "${FILE_LIMIT:-150}" $PY -m pytest -v -rfEs --tb=short --timeout 90 -p no:cacheprovider ${GPU_K:+-k "$GPU_K"} "$f" >> "$OUT/gpu_tests.log" 2>&1
         note "tests $f rc=$?: $(grep -E '^(=+ )?[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s' "$OUT/gpu_tests.log" | tail -n 1)"
       done ;;
     mpi)
