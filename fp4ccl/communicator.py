@@ -413,10 +413,14 @@ class Communicator:
         if compress is None and (rounding != "nearest" or seed is not None):
             _fp4_only("reduce_scatterv", (("rounding", rounding, "nearest"), ("seed", seed, None)))
         args = (x, sizes, op, out, stream, compress, rounding, seed)
-        if out is not None and compress is None and self._extras:
+        if out is not None and self._extras:
             from . import symm_repeat
-            return symm_repeat.dispatch(self, ("reduce_scatterv", op), ("reduce_scatterv", "reduce_scatterv_ce"), x,
-                                        out, sizes, stream, self._reduce_scatterv, *args)
+            if compress is None:
+                key, serves = ("reduce_scatterv", op), ("reduce_scatterv", "reduce_scatterv_ce")
+            else:
+                key, serves = (("reduce_scatterv", op, compress, rounding, seed),
+                               ("fp4_reduce_scatter", "fp4_reduce_scatter_ll"))
+            return symm_repeat.dispatch(self, key, serves, x, out, sizes, stream, self._reduce_scatterv, *args)
         return self._reduce_scatterv(*args)
 
     def _reduce_scatterv(self, x, sizes, op, out, stream, compress, rounding, seed):

@@ -1,8 +1,8 @@
 """Repeated symmetric-memory calls, straight to their CUDA graph.
 
-A small v-collective or FP4 gather over symmetric memory replays a cached graph once it repeats
-(symm_collectives.Workspace.run), so its GPU work is one launch; what is left is the host's Python:
-describing the arrays, validating sizes and options, choosing the algorithm. None of that can come
+A v-collective, FP4 gather or FP4 reduce-scatter over symmetric memory replays a cached graph once it
+repeats (symm_collectives.Workspace.run), so its GPU work is one launch; what is left is the host's
+Python: describing the arrays, validating sizes and options, choosing the algorithm. None of that can come
 out differently for a call that matches, object for object, one already served by a graph: the same
 torch tensors (address, shape, dtype, strides, device), the same sizes and options, the same stream
 and the same FP4CCL_* settings. Such a call skips it and launches the graph at once.
@@ -29,7 +29,8 @@ log = get_logger("fp4ccl.symm_repeat")
 _ENV = tuple(k.encode() for k in (
     "FP4CCL_ALGO", "FP4CCL_FP4_ALGO", "FP4CCL_SYMM_GRAPHS", "FP4CCL_CHECK", "FP4CCL_SMALL_QUANTIZE_BYTES",
     "FP4CCL_PDL", "FP4CCL_LAUNCH", "FP4CCL_CE_PIECES", "FP4CCL_CE_STREAMS", "FP4CCL_CE_STAGE",
-    "FP4CCL_TIMEOUT", "FP4CCL_FP4_RAW_PULL", "FP4CCL_FP4_GATHER_FORM"))
+    "FP4CCL_TIMEOUT", "FP4CCL_FP4_RAW_PULL", "FP4CCL_FP4_GATHER_FORM", "FP4CCL_FP4_RS_FORM",
+    "FP4CCL_FP4_RS_PUSH_STREAMS"))
 _KNOWN = 256   # calls remembered per communicator (least recently used dropped)
 
 
@@ -59,7 +60,7 @@ def call_key(comm, op: tuple, x, out, sizes, stream) -> Optional[tuple]:
             return None
     if getattr(comm._backend, "_depth", 0) or log.isEnabledFor(logging.INFO):
         return None   # grouped calls never use symmetric memory; INFO logs each call's choice
-    if not all(v is None or type(v) in (str, bool) for v in op):
+    if not all(v is None or type(v) in (str, bool, int) for v in op):
         return None   # options of other types (some unhashable): the full path checks them
     try:
         sizes = tuple(sizes)

@@ -59,6 +59,46 @@ def test_call_key_names_everything_the_checks_read(cuda_tensors, monkeypatch):
     assert symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", True), x, out, [4] * 4, None) != changed
 
 
+def test_an_fp4_reduce_scatter_is_keyed_by_its_format_rounding_seed_and_form(cuda_tensors, monkeypatch):
+    x, out = cuda_tensors
+    comm = _comm()
+
+    def key(compress="nvfp4", rounding="nearest", seed=None):
+        return symm_repeat.call_key(comm, ("reduce_scatterv", "sum", compress, rounding, seed), x, out, [4] * 4, None)
+    base = key()
+    assert base is not None and base == key()
+    others = [key("mxfp4"), key(rounding="stochastic", seed=7), key(rounding="stochastic", seed=8), key(seed=7)]
+    assert None not in others and len({base, *others}) == 5
+    assert key(seed=np.int64(7)) is None              # the full path checks and converts it
+    for name, value in (("FP4CCL_FP4_RS_FORM", "push"), ("FP4CCL_FP4_RS_PUSH_STREAMS", "2")):
+        monkeypatch.setenv(name, value)                # the forms read these: a change is another call
+        assert key() != base
+        monkeypatch.delenv(name)
+    assert key() == base
+
+
+@pytest.mark.parametrize("compress, rounding, seed, serves", [
+    (None, "nearest", None, ("reduce_scatterv", "reduce_scatterv_ce")),
+    ("nvfp4", "stochastic", 3, ("fp4_reduce_scatter", "fp4_reduce_scatter_ll")),
+    ("mxfp4", "nearest", None, ("fp4_reduce_scatter", "fp4_reduce_scatter_ll")),
+])
+def test_reduce_scatterv_into_out_goes_through_the_repeat_path(monkeypatch, compress, rounding, seed, serves):
+    """Communicator.reduce_scatterv with out= hands its call to symm_repeat.dispatch, keyed by every option
+    (the FP4 forms too); without out= it takes the full path."""
+    from fp4ccl.communicator import Communicator
+    seen = []
+    monkeypatch.setattr(symm_repeat, "dispatch", lambda comm, op, sv, x, out, sizes, stream, full, *a:
+                        seen.append((op, sv, x, out, sizes, stream)) or "dispatched")
+    comm = Communicator.__new__(Communicator)
+    comm._extras = {"something": 1}
+    monkeypatch.setattr(Communicator, "_reduce_scatterv", lambda self, *a: "full")
+    x, out = object(), object()
+    assert comm.reduce_scatterv(x, [1, 2], out=out, compress=compress, rounding=rounding, seed=seed) == "dispatched"
+    op = ("reduce_scatterv", "sum") if compress is None else ("reduce_scatterv", "sum", compress, rounding, seed)
+    assert seen == [(op, serves, x, out, [1, 2], None)]
+    assert comm.reduce_scatterv(x, [1, 2], compress=compress, rounding=rounding, seed=seed) == "full"
+
+
 def test_a_gathered_fp4_tensor_as_out_is_keyed_by_its_arrays_and_fields(cuda_tensors):
     from fp4ccl.fp4_collectives import GatheredFP4Tensor
     x, _ = cuda_tensors

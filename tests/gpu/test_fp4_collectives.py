@@ -542,10 +542,12 @@ def check_repeated_calls(comm, seed):
     keys = [k[0] for k in ws._graphs]
     raw = keys.count("fp4_gather_raw")
     assert raw >= 4 and len(keys) - raw == 4, f"rank {comm.rank}: one graph per call expected, got {keys}"
-    # The gathers of a tensor and the plain reduce-scatter (out= and sizes given) were recorded for
+    # The gathers of a tensor and both reduce-scatters (out= and sizes given) were recorded for
     # symm_repeat's fast path, which served them from then on; a changed setting must send a call down
     # the full path.
-    assert len(ws.repeats.known) == 4, f"rank {comm.rank}: {list(ws.repeats.known)}"
+    assert len(ws.repeats.known) == 5, f"rank {comm.rank}: {list(ws.repeats.known)}"
+    assert ("reduce_scatterv", "sum", "nvfp4", "nearest", None) in [k[0] for k in ws.repeats.known], \
+        f"rank {comm.rank}: the FP4 reduce-scatter into out= was not recorded"
     assert ("all_gatherv", "nvfp4", "per_rank", False) in [k[0] for k in ws.repeats.known], \
         f"rank {comm.rank}: the raw gather into out= was not recorded"
     before = ws.calls
