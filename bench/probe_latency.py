@@ -13,6 +13,9 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _setup  # noqa: E402,F401  (NVLink multicast off, this checkout's fp4ccl first)
+
 import numpy as np
 
 

@@ -14,7 +14,12 @@ aligned by a barrier first), the slowest rank, GB/s = bytes / time.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _setup  # noqa: E402,F401  (NVLink multicast off, this checkout's fp4ccl first)
 
 
 def main() -> None:

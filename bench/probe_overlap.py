@@ -15,9 +15,14 @@ blocks; `ce+sm xN`: the copy engine pulls one peer's share while N blocks per pe
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _setup  # noqa: E402,F401  (NVLink multicast off, this checkout's fp4ccl first)
 
 
 def main() -> None:
@@ -130,9 +135,6 @@ def main() -> None:
 
     extra = {}
     if args.torch_symm:
-        import os
-        import sys
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import torch.distributed._symmetric_memory as symm_mem
         from bench_overlap import _torch_group
         group_name = _torch_group(comm, torch)

@@ -2,8 +2,10 @@
 import os
 import sys
 
-# Run from a checkout without installing: the package sits one level up.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run from a checkout without installing (_setup puts the package one level up first), NVLink
+# multicast off as on the bench machines.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _setup  # noqa: E402,F401
 
 from fp4ccl.sweep import main  # noqa: E402
 
