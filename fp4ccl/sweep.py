@@ -23,6 +23,7 @@ import dataclasses
 import ctypes
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -31,7 +32,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -94,9 +95,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _size_arg(text):
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 1:   # a sweep from 0 B, or by steps of 0 B, would time nothing and report success
+        raise argparse.ArgumentTypeError(f"size {text!r} must be at least 1 byte")
+    return value
 
 
 def _positive(kind):
@@ -105,8 +109,8 @@ def _positive(kind):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        if not 0 < v < math.inf:   # nan and inf too
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
         return v
     return conv
 
@@ -261,12 +265,21 @@ _VALUE_CAP = 200
 
 @dataclass(frozen=True)
 class ValueSet:
-    """Input values 1..top (or {1, 2} for products), exact under the op over n ranks."""
+    """Input values 1..top (or {1, 2} for products), exact under the op over n ranks.
+
+    With `spread` = (n, k, low, high), each element instead gets `high` from exactly k of the n ranks (which k
+    varies with the element) and `low` from the others: for a sum or product over more ranks than a type
+    holds exactly (e.g. 2**n past the type's range), the result k * high or high**k still is, and a rank that
+    ignored its peers still leaves wrong elements."""
 
     top: int
     pow2: bool = False
+    spread: Optional[Tuple[int, int, int, int]] = None
 
-    def of(self, key: int, idx):
+    def of(self, key: int, idx, rank: int = 0, shared_key: int = 0):
+        if self.spread is not None:
+            n, k, low, high = self.spread
+            return low + (high - low) * ((_mix(idx + shared_key) + rank) % n < k)
         h = _mix(idx + key)
         if self.pow2:
             return (h & 1) + 1
@@ -276,10 +289,14 @@ class ValueSet:
 def value_set(dtype: str, redop: Optional[str], n: int) -> ValueSet:
     limit = min(_EXACT[dtype], _VALUE_CAP)
     if redop in ("sum", "avg"):
-        return ValueSet(max(1, _EXACT[dtype] // n) if _EXACT[dtype] // n < _VALUE_CAP else _VALUE_CAP)
+        if _EXACT[dtype] < n:   # n ones would not add up exactly: ones from only as many ranks as stay exact
+            return ValueSet(1, spread=(n, _EXACT[dtype], 0, 1))
+        return ValueSet(min(_EXACT[dtype] // n, _VALUE_CAP))
     if redop == "prod":
         room = _POW2.get(dtype, min(_EXACT[dtype], 2 ** 40) if dtype.startswith(("int", "uint")) else 2 ** 40)
-        return ValueSet(2, pow2=True) if 2 ** n <= room else ValueSet(1)
+        if 2 ** n <= room:
+            return ValueSet(2, pow2=True)
+        return ValueSet(2, spread=(n, room.bit_length() - 1, 1, 2))   # twos from log2(room) ranks
     return ValueSet(limit)
 
 
@@ -541,7 +558,7 @@ class Case:
 
     def input_values(self, rank: int, start: int, stop: int):
         """The (int64) values rank `rank` puts at send[start:stop]."""
-        return self.values.of(self.key(rank), self.frame.arange(start, stop))
+        return self.values.of(self.key(rank), self.frame.arange(start, stop), rank, self.key(-1))
 
 
 class SweepOp:
@@ -1801,10 +1818,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.plot:
             require_matplotlib()
         import fp4ccl
-        comm = fp4ccl.init(args.backend)
     except SweepError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    try:
+        comm = fp4ccl.init(args.backend)
+    except (RuntimeError, ValueError, OSError) as e:   # e.g. --backend nccl where no GPU or NCCL is usable
+        print(f"{PROG}: error: cannot start the {args.backend or 'default'} backend: {e}", file=sys.stderr)
+        return 1
     status = 0
     try:
         status = run(comm, argv)

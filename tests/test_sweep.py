@@ -77,6 +77,10 @@ def test_uneven_busbw_factor(n, factor):
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["-b", "2X"], "-b/--minbytes"),
     (["-n", "0"], "-n/--iters"),
+    (["-f", "nan"], "-f/--stepfactor"),
+    (["-f", "inf"], "-f/--stepfactor"),
+    (["-b", "0"], "-b/--minbytes"),
+    (["-i", "0"], "-i/--stepbytes"),
     (["-d", "complex64"], "-d/--datatype"),
     (["--ops", "all_gather,frobnicate"], "frobnicate"),
     (["-r", "first"], "-r/--root"),
@@ -94,6 +98,17 @@ def test_bad_flags_one_line(argv, words, capsys):
     assert err.count("\n") == 1 and err.startswith("fp4ccl-sweep: error:") and words in err, err
 
 
+def test_backend_that_cannot_start_is_one_line(monkeypatch, capsys):
+    import fp4ccl
+
+    def refuse(backend=None, **kw):
+        raise RuntimeError(f"backend={backend!r} needs CUDA GPUs")
+    monkeypatch.setattr(fp4ccl, "init", refuse)
+    assert sweep.main(["--backend", "nccl", "-e", "4K"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot start the nccl backend" in err and "needs CUDA GPUs" in err, err
+
+
 def test_parse_args_canonical():
     a = sweep.parse_args(["-b", "1K", "-e", "1G", "-f", "4", "-n", "20", "-w", "5", "-d", "bf16",
                           "--ops", "all_gather,reduce_scatter", "-r", "all", "--baselines", "nccl,torch"])
@@ -105,21 +120,31 @@ def test_parse_args_canonical():
 
 # -- values --------------------------------------------------------------------------------------------
 
+def _rank_values(vs, n, size=4096, seed=7, salt=3):
+    idx = np.arange(size, dtype=np.int64)
+    return np.stack([vs.of(sweep.case_key(seed, r, salt), idx, r, sweep.case_key(seed, -1, salt)) for r in range(n)])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2",
                                    "int8", "uint8", "int32", "int64"])
 @pytest.mark.parametrize("redop", [None, "sum", "prod", "max", "min"])
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 9, 17, 300])
 def test_values_exact_in_dtype(dtype, redop, n):
-    """Inputs, and their sum/product over n ranks in any order, are exact in the type and never 0."""
+    """Inputs, and their sum/product over n ranks in any order, are exact in the type; inputs are never 0
+    (sums over more ranks than the type counts exactly excepted), and the reduction over all ranks differs
+    from any one rank's inputs, so a collective that ignored its peers leaves wrong elements."""
     vs = sweep.value_set(dtype, redop, n)
-    vals = np.stack([vs.of(sweep.case_key(7, r, 3), np.arange(4096, dtype=np.int64)) for r in range(n)])
-    assert vals.min() >= 1
+    vals = _rank_values(vs, n)
+    assert vals.min() >= (0 if vs.spread else 1)
     dt = numpy_dtype(dtype)
     f = np.float64 if dtype.startswith(("float", "bfloat")) else np.int64
     partial = {"sum": np.cumsum, "prod": np.cumprod}.get(redop)
     for v in [vals] + ([partial(vals, axis=0)] if partial else []):
         assert np.array_equal(v.astype(f).astype(dt).astype(f), v.astype(f)), (dtype, redop, n)
     assert not np.array_equal(vals[0], vals[-1]) or n == 1 or vs.top == 1
+    if partial and n > 1:
+        total = partial(vals, axis=0)[-1]
+        assert all(not np.array_equal(total, vals[r]) for r in range(n)), (dtype, redop, n)
 
 
 def test_values_differ_per_rank_and_salt():
