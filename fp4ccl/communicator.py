@@ -599,6 +599,10 @@ def default_exchange(info: RankInfo) -> Exchange:
         return MPIExchange(_mpi_world(info))
     if info.launcher == "torchrun":
         return _torchrun_exchange(info, prefix, timeout)
+    if info.launcher == "fp4ccl-run":   # its variables without the store it always sets: set by hand, or cut off
+        raise RuntimeError(f"FP4CCL_RANK and FP4CCL_WORLD_SIZE say this is rank {info.rank} of a {info.size}-rank "
+                           "fp4ccl-run job, but FP4CCL_STORE is not set: start the job with fp4ccl-run, or unset "
+                           "those variables (fp4ccl-run sets them for its ranks)")
     raise RuntimeError(f"cannot bootstrap a {info.size}-rank job started by {info.launcher}")
 
 

@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -28,6 +29,8 @@ _TAIL_LINES = 20
 _REMOTE_POLL_S = 0.5
 # Node 0 declares a node lost when its heartbeat counter has not moved for this long (a SIGKILLed launcher).
 _HEARTBEAT_TIMEOUT_S = float(os.environ.get("FP4CCL_HEARTBEAT_TIMEOUT", 30.0))
+# How long, after the first rank failed, the others may take to end by themselves before the SIGTERM.
+_SETTLE_S = 0.5
 # The names _torch_env sets for each rank, for code written for torchrun; the launcher stamp leaves them out.
 _TORCH_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -188,10 +191,34 @@ def _pdeathsig_setup():
     return setup
 
 
+def _check_log_dir(log_dir: str) -> None:
+    """Create --log-dir if needed; a LaunchError before anything starts if it cannot hold the logs."""
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as e:
+        raise LaunchError(f"--log-dir {log_dir}: {e.strerror or e}") from None
+    if not os.access(log_dir, os.W_OK | os.X_OK):
+        raise LaunchError(f"--log-dir {log_dir}: not writable")
+
+
+def _open_logs(log_dir: str, rank: int) -> tuple:
+    """rank<N>.out and rank<N>.err in log_dir, opened for writing (LaunchError naming the file otherwise)."""
+    files = []
+    for name in ("out", "err"):
+        path = os.path.join(log_dir, f"rank{rank}.{name}")
+        try:
+            files.append(open(path, "wb"))
+        except OSError as e:
+            for f in files:
+                f.close()
+            raise LaunchError(f"--log-dir: cannot write {path}: {e.strerror or e}") from None
+    return tuple(files)
+
+
 class _Rank:
     """One child process, its output pumps and the tail of its stderr."""
 
-    def __init__(self, rank: int, local_rank: int, proc: subprocess.Popen, log_dir: str | None,
+    def __init__(self, rank: int, local_rank: int, proc: subprocess.Popen, logs: tuple,
                  show: bool, out_lock: threading.Lock):
         self.rank = rank
         self.local_rank = local_rank
@@ -203,8 +230,8 @@ class _Rank:
         self.sent: set[int] = set()
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self.pumps = []
-        for pipe, target, name in ((proc.stdout, sys.stdout, "out"), (proc.stderr, sys.stderr, "err")):
-            log = open(os.path.join(log_dir, f"rank{rank}.{name}"), "wb") if log_dir else None
+        for pipe, target, name, log in ((proc.stdout, sys.stdout, "out", logs[0]),
+                                        (proc.stderr, sys.stderr, "err", logs[1])):
             t = threading.Thread(target=self._pump, args=(pipe, target if show else None, log, name == "err",
                                                           out_lock), name=f"rank{rank}-{name}", daemon=True)
             t.start()
@@ -268,6 +295,9 @@ class Launcher:
         self.client: StoreClient | None = None
         self.signals: list[int] = []
         self.out_lock = threading.Lock()
+        # Set once a store call failed after rendezvous: node 0's launcher is gone, so every later call would
+        # only retry its connection until the client's timeout.
+        self.store_lost = False
 
     # ---- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -309,16 +339,19 @@ class Launcher:
             torch_port = self._free_port(self.server.host)
             c.set(_KEY + "job", json.dumps({"job_id": secrets.token_hex(6), "torch_port": torch_port,
                                             "nnodes": a.nnodes}).encode())
+        # Checked before this node registers, so that node 0 never starts ranks for a node that then leaves.
+        job = json.loads(self._rdzv_get([_KEY + "job"], address)[0])
+        if job["nnodes"] != a.nnodes:
+            raise LaunchError(f"node 0 started a job of --nnodes {job['nnodes']}, this node says {a.nnodes}")
         claims = c.add(_KEY + f"node/{a.node_rank}/claims", 1)
         if claims != 1:
             raise LaunchError(f"node rank {a.node_rank} already joined this job at {address}; "
                               "give each node a distinct --node-rank")
         c.set(_KEY + f"node/{a.node_rank}", json.dumps({"host": self.host, "pid": os.getpid(),
                                                         "nproc": a.nproc_per_node}).encode())
-        job = json.loads(self._rdzv_get([_KEY + "job"], address)[0])
-        if job["nnodes"] != a.nnodes:
-            raise LaunchError(f"node 0 started a job of --nnodes {job['nnodes']}, this node says {a.nnodes}")
         nodes = [json.loads(v) for v in self._rdzv_get([_KEY + f"node/{i}" for i in range(a.nnodes)], address)]
+        # From here on a store that does not answer within the heartbeat limit is lost, not slow.
+        c.timeout = min(c.timeout, _HEARTBEAT_TIMEOUT_S)
         offset = sum(n["nproc"] for n in nodes[:a.node_rank])
         return {"address": address, "token": token, "job_id": job["job_id"], "torch_port": job["torch_port"],
                 "offset": offset, "world": sum(n["nproc"] for n in nodes), "nodes": nodes}
@@ -349,6 +382,10 @@ class Launcher:
             self._interrupted()
             left = deadline - time.monotonic()
             try:
+                if self.args.nnodes > 1 and self.client.check(_KEY + "failure"):
+                    f = json.loads(self.client.get(_KEY + "failure"))
+                    raise LaunchError(f"rendezvous failed: node {f['node']} (host {f['host']}) stopped the job: "
+                                      f"{f['why']}")
                 self.client.wait(keys, timeout=max(0.0, min(0.25, left)))
                 return [self.client.get(k) for k in keys]
             except TimeoutError:
@@ -391,8 +428,10 @@ class Launcher:
             cmd = [sys.executable, "-u", "-m", a.module, *self.program]
         else:
             cmd = [sys.executable, "-u", *self.program]
-        if a.log_dir:
-            os.makedirs(a.log_dir, exist_ok=True)
+        logs = {}
+        for local in range(a.nproc_per_node):
+            # All opened before any rank starts: a log that cannot be written stops the job with nothing to kill.
+            logs[local] = _open_logs(a.log_dir, info["offset"] + local) if a.log_dir else (None, None)
         inherited = sorted(k for k in _TORCH_NAMES if k in os.environ)
         if inherited and get_logger("fp4ccl.launcher").isEnabledFor(logging.INFO):
             self._say("setting " + ", ".join(f"{k} (inherited {os.environ[k]})" for k in inherited) + " for each rank")
@@ -402,7 +441,7 @@ class Launcher:
             proc = subprocess.Popen(cmd, env=self._child_env(info, rank, local), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                     preexec_fn=preexec)
-            self.ranks.append(_Rank(rank, local, proc, a.log_dir, show is None or rank in show, self.out_lock))
+            self.ranks.append(_Rank(rank, local, proc, logs[local], show is None or rank in show, self.out_lock))
 
     # ---- watching and stopping -----------------------------------------------------------------
     def watch(self, info: dict) -> dict:
@@ -443,6 +482,7 @@ class Launcher:
                             self.client.check(_KEY + f"done/{i}") for i in range(1, a.nnodes))):
                         return {"kind": "ok"}
                 except (ConnectionError, TimeoutError) as e:
+                    self.store_lost = True
                     if local_done:  # our part is finished; node 0 closing its store afterwards is normal
                         return {"kind": "ok"}
                     return {"kind": "lost", "error": f"lost contact with the job's store: {e}"}
@@ -571,68 +611,93 @@ class Launcher:
             self._interrupted()
             self.spawn(info, show)
             ended = self.watch(info)
+            if ended["kind"] == "rank":
+                self._settle()
             if ended["kind"] != "ok":
                 self.stop_all(ended["signum"] if ended["kind"] == "signal" else signal.SIGTERM)
         except _Interrupted as e:
             ended = {"kind": "signal", "signum": e.signum}
             self.stop_all(e.signum)
+        except LaunchError as e:
+            ended = {"kind": "launch", "error": str(e)}
+            self.stop_all()
         finally:
             self.reap()
             self._finish_multinode(ended)
-            self._remove_job_files()
+            self._remove_job_files(ended)
             if self.client is not None:
                 self.client.close()
             if self.server is not None:
                 self.server.close()
+        if ended["kind"] == "launch":
+            raise LaunchError(ended["error"])
         return self.report(ended)
+
+    def _settle(self) -> None:
+        """After the first rank failed, give the others a moment to end by themselves: ranks failing on their
+        own at about the same time (every rank missing one import, say) are then reported with their own exit
+        codes instead of as stopped by the launcher's SIGTERM."""
+        end = time.monotonic() + _SETTLE_S
+        while time.monotonic() < end and not self.signals and any(r.poll() is None for r in self.ranks):
+            time.sleep(0.01)
+
+    def _tell_other_nodes(self, ended: dict) -> None:
+        """Publish why this node ends the whole job (unless a node already did), for the other nodes to stop."""
+        a = self.args
+        if ended["kind"] == "signal":
+            why, code = f"its launcher received {_signal_name(ended['signum'])}", -ended["signum"]
+        elif ended["kind"] == "timeout":
+            why, code = f"it timed out after {a.timeout:g} s", 124
+        else:   # lost, launch
+            why, code = ended["error"], 1
+        if self.client.add(_KEY + "failure/claims", 1) == 1:
+            self.client.set(_KEY + "failure", json.dumps({
+                "rank": -1, "node": a.node_rank, "host": self.host, "pid": os.getpid(), "why": why,
+                "code": code}).encode())
 
     def _finish_multinode(self, ended: dict) -> None:
         a = self.args
-        if self.client is None or not self.ranks:
-            # Nothing ran here (bad input, rendezvous failure): publishing "done" would mislead the other nodes.
+        if a.nnodes == 1 or self.client is None or self.store_lost:
             return
-        if a.nnodes > 1:
-            try:
-                if ended["kind"] in ("signal", "timeout", "lost"):
-                    # These end the whole job, not just this node's ranks: tell the other nodes.
-                    if self.client.add(_KEY + "failure/claims", 1) == 1:
-                        if ended["kind"] == "signal":
-                            why, code = f"its launcher received {_signal_name(ended['signum'])}", -ended["signum"]
-                        elif ended["kind"] == "timeout":
-                            why, code = f"it timed out after {a.timeout:g} s", 124
-                        else:
-                            why, code = ended["error"], 1
-                        self.client.set(_KEY + "failure", json.dumps({
-                            "rank": -1, "node": a.node_rank, "host": self.host, "pid": os.getpid(), "why": why,
-                            "code": code}).encode())
-                self.client.set(_KEY + f"done/{a.node_rank}", b"1" if ended["kind"] != "ok" else b"0")
-            except (ConnectionError, TimeoutError):
-                pass
-            if self.server is not None and ended["kind"] not in ("ok",) and self.ranks:
-                # Keep the store up long enough for the other nodes to see the failure and stop.
-                end = time.monotonic() + self.args.grace_period + 5 * _REMOTE_POLL_S + 2.0
-                keys = [_KEY + f"done/{i}" for i in range(1, a.nnodes) if i != ended.get("node")]
-                while time.monotonic() < end and not self.signals[1:]:
-                    try:
-                        if all(self.client.check(k) for k in keys):
-                            break
-                    except (ConnectionError, TimeoutError):
+        try:
+            if ended["kind"] in ("signal", "timeout", "lost", "launch"):
+                # These end the whole job, not just this node's ranks (also before any rank started here:
+                # the other nodes may have started theirs, or wait for this one at rendezvous).
+                self._tell_other_nodes(ended)
+            if not self.ranks:
+                return   # nothing ran here: publishing "done" would mislead the other nodes
+            self.client.set(_KEY + f"done/{a.node_rank}", b"1" if ended["kind"] != "ok" else b"0")
+        except (ConnectionError, TimeoutError):
+            self.store_lost = True
+            return
+        if self.server is not None and ended["kind"] != "ok":
+            # Keep the store up long enough for the other nodes to see the failure and stop.
+            end = time.monotonic() + self.args.grace_period + 5 * _REMOTE_POLL_S + 2.0
+            keys = [_KEY + f"done/{i}" for i in range(1, a.nnodes) if i != ended.get("node")]
+            while time.monotonic() < end and not self.signals[1:]:
+                try:
+                    if all(self.client.check(k) for k in keys):
                         break
-                    time.sleep(0.05)
+                except (ConnectionError, TimeoutError):
+                    break
+                time.sleep(0.05)
 
-    def _remove_job_files(self) -> None:
+    def _remove_job_files(self, ended: dict) -> None:
         """Once every rank of the job on this host has exited, remove the files they left in /dev/shm."""
         if not self.ranks or self.info is None:
             return
         a = self.args
         # Several launchers of one job may share a host (a multi-node job tried on one machine), and so its
         # files: the last one to finish removes them, not the first, whose peers' ranks may still use them.
-        peers = [i for i, node in enumerate(self.info["nodes"]) if node["host"] == self.host and i != a.node_rank]
-        try:
-            if peers and not all(self.client.check(_KEY + f"done/{i}") for i in peers):
-                return
-        except (ConnectionError, TimeoutError):
-            pass  # node 0 closes its store only once every node is done, or the job is lost anyway
+        # A node found lost is not waited for: its launcher is gone, and its ranks with it.
+        peers = [i for i, node in enumerate(self.info["nodes"])
+                 if node["host"] == self.host and i != a.node_rank and i != ended.get("node")]
+        if peers and not self.store_lost:
+            try:
+                if not all(self.client.check(_KEY + f"done/{i}") for i in peers):
+                    return
+            except (ConnectionError, TimeoutError):
+                pass  # node 0 closes its store only once every node is done, or the job is lost anyway
         removed = remove_job_files(self.info["job_id"])
         if removed and get_logger("fp4ccl.launcher").isEnabledFor(logging.INFO):
             self._say(f"removed {removed} leftover file(s) of job {self.info['job_id']} from shared memory")
@@ -653,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.module is None and not program:
             raise LaunchError("no program given: pass script.py or -m module")
         if args.module is None and not os.path.isfile(program[0]):
+            if re.fullmatch(r"python[\d.]*", os.path.basename(program[0])):
+                raise LaunchError(f"fp4ccl-run starts Python itself: give the script, not {program[0]!r} "
+                                  f"(fp4ccl-run -n 4 {' '.join(program[1:2]) or 'train.py'} ...)")
             raise LaunchError(f"script not found: {program[0]}")
         if args.nproc_per_node is None:
             args.nproc_per_node = visible_gpu_count() or 4
@@ -670,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
             v = getattr(args, flag)
             if v is not None and not v > 0 and not (flag == "grace_period" and v == 0):
                 raise LaunchError(f"--{flag.replace('_', '-')} must be positive, got {v:g}")
+        if args.log_dir:
+            _check_log_dir(args.log_dir)
         show = _parse_ranks(args.ranks_filter) if args.ranks_filter else None
         return Launcher(args, program).run(show)
     except LaunchError as e:

@@ -49,6 +49,13 @@ def test_connecting_to_the_store_gives_up_after_fp4ccl_timeout():
     assert "FP4CCL_STORE" in last and "FP4CCL_TIMEOUT" in last, last
 
 
+def test_fp4ccl_run_variables_without_its_store_say_so():
+    proc = _python("import fp4ccl; fp4ccl.init('host')", timeout=60, FP4CCL_RANK="0", FP4CCL_WORLD_SIZE="2")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError:") and "FP4CCL_STORE is not set" in last and "rank 0 of a 2-rank" in last, last
+
+
 @pytest.mark.parametrize("launcher", ["fp4ccl-run", "torchrun"])
 def test_fp4ccl_timeout_0_waits_forever_on_the_bootstrap_store(monkeypatch, request, launcher):
     """0 means forever for the bootstrap store too, as for every other wait (it meant the store's 300 s)."""

@@ -368,7 +368,68 @@ def test_node_whose_launcher_dies_is_detected(tmp_path):
     assert_no_survivors(tmp_path, 2)
 
 
+def test_node_whose_store_host_dies_stops_promptly(tmp_path):
+    """Node 0's launcher (the store's host) killed: node 1 stops its ranks and exits within seconds, instead
+    of retrying the dead store for the rendezvous timeout."""
+    path = script(tmp_path, "time.sleep(120)\n")
+    env = {**os.environ, "FP4CCL_TOKEN": TOKEN}
+    base = ["-n", "1", "--nnodes", "2", "--master-port", str(free_port()), "--grace-period", "1"]
+    n0 = subprocess.Popen(LAUNCHER + base + ["--node-rank", "0", path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    n1 = subprocess.Popen(LAUNCHER + base + ["--node-rank", "1", path], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_pids(tmp_path, 2)
+        n0.kill()
+        t0 = time.monotonic()
+        _, err1 = n1.communicate(timeout=60)
+    finally:
+        for p in (n0, n1):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert n1.returncode == 1 and "lost contact with the job's store" in err1, err1
+    assert time.monotonic() - t0 < 15
+    assert_no_survivors(tmp_path, 2)
+
+
+def test_nodes_that_disagree_on_nnodes_both_fail_at_rendezvous(tmp_path):
+    """The node that finds the mismatch tells node 0, which would otherwise start its ranks for a job that
+    never completes."""
+    path = script(tmp_path, "time.sleep(30)\n")
+    port = free_port()
+    n0 = subprocess.Popen(LAUNCHER + ["-n", "1", "--nnodes", "2", "--node-rank", "0", "--master-port", str(port), path],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "FP4CCL_TOKEN": TOKEN})
+    t0 = time.monotonic()
+    try:
+        r1 = launch(["-n", "1", "--nnodes", "3", "--node-rank", "1", "--master-port", str(port), path],
+                    env={"FP4CCL_TOKEN": TOKEN})
+        _, err0 = n0.communicate(timeout=30)
+    finally:
+        if n0.poll() is None:
+            n0.kill()
+            n0.communicate()
+    _assert_one_line_error(r1, tmp_path, "node 0 started a job of --nnodes 2, this node says 3")
+    assert n0.returncode == 1 and "node 1" in err0 and "stopped the job" in err0, err0
+    assert len(err0.strip().splitlines()) == 1, err0
+    assert time.monotonic() - t0 < 15
+
+
 # ---- bad input: one line, non-zero exit, and no child ever started ----------------------------------
+
+def test_log_dir_that_is_a_file(tmp_path):
+    path = script(tmp_path, "print('ran')\n")
+    (tmp_path / "afile").write_text("")
+    _assert_one_line_error(launch(["-n", "2", "--log-dir", str(tmp_path / "afile"), path]), tmp_path, "--log-dir")
+
+
+def test_log_file_that_cannot_be_opened_starts_no_rank(tmp_path):
+    path = script(tmp_path, "time.sleep(30)\n")
+    (tmp_path / "logs" / "rank1.out").mkdir(parents=True)
+    r = launch(["-n", "3", "--log-dir", str(tmp_path / "logs"), path])
+    _assert_one_line_error(r, tmp_path, "rank1.out")
+
 
 def _assert_one_line_error(r, tmp_path, needle):
     assert r.returncode != 0
@@ -394,6 +455,11 @@ def test_bad_flags(tmp_path, args, needle):
 def test_missing_script(tmp_path):
     script(tmp_path, "")
     _assert_one_line_error(launch(["-n", "2", str(tmp_path / "absent.py")]), tmp_path, "script not found")
+
+
+def test_python_before_the_script_gets_a_hint(tmp_path):
+    path = script(tmp_path, "print('ran')\n")
+    _assert_one_line_error(launch(["-n", "2", "python3", path]), tmp_path, "fp4ccl-run starts Python itself")
 
 
 def test_no_program(tmp_path):
