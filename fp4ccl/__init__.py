@@ -14,6 +14,7 @@ _LAZY = {
     "quantize": "fp4ccl.formats",
     "dequantize": "fp4ccl.formats",
     "FP4Tensor": "fp4ccl.formats",
+    "GatheredFP4Tensor": "fp4ccl.formats",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
@@ -21,7 +21,9 @@ from . import _arrays, one_launch, symm_collectives
 from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
 from .vcollectives import offsets, split_count
-from .formats.tensor import BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, check_format, check_k, packed_layout
+from .formats.api import dequantize_gathered
+from .formats.tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, GatheredFP4Tensor, check_format, check_k,
+                             packed_layout)
 
 GLOBAL_SCALES = ("per_rank", "shared")
 _AMAX_SLOTS = 64  # device amax slots in the workspace, used in turn
@@ -30,20 +32,6 @@ _AMAX_SLOTS = 64  # device amax slots in the workspace, used in turn
 _AMAX_SLOT_VALUES = 1024
 _MAX_REDUCE_RANKS = MAXSUM  # contributions one fused dequantize_sum launch can take
 _ALIGN = 256
-
-
-@dataclasses.dataclass(repr=False)
-class GatheredFP4Tensor(FP4Tensor):
-    """An FP4 tensor gathered from several ranks: rows [row_offsets[r], row_offsets[r+1]) came from rank r.
-
-    With per-rank global scales (NVFP4), `global_scale` is an fp32 array of one S_dec per rank.
-    """
-
-    row_offsets: Tuple[int, ...] = ()
-
-    def dequantize(self, dtype: Optional[Any] = None, *, out: Any = None, stream: Any = None):
-        """Decode every rank's rows with that rank's global scale."""
-        return dequantize_gathered(self, dtype, out=out, stream=stream)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -137,7 +125,8 @@ def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_
     if out is not None:
         return out
     if shared and gathered.global_scale is not None:
-        gathered.global_scale = gathered.global_scale[0]  # every rank quantized with the same one
+        # every rank quantized with the same one: a 0-d array, as an FP4Tensor's (numpy's [0] is a scalar)
+        gathered.global_scale = gathered.global_scale[0:1].reshape(())
     return gathered
 
 
@@ -217,48 +206,6 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream, out, dequantize: bool):
         return dequantize_gathered(gathered, out=out, stream=stream)
     return gathered if out is None else out
 
-
-def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=None):
-    """Decode a GatheredFP4Tensor, each rank's rows with its own global scale."""
-    dtype = _arrays.dtype_name(dtype) if dtype is not None else q.dtype
-    if dtype not in INPUT_DTYPES:
-        raise TypeError(f"dequantize to {dtype}: expected one of {', '.join(INPUT_DTYPES)}")
-    info = _arrays.describe(q.data, "q.data")
-    inner = math.prod(q.shape[1:-1])
-    K = q.K
-    if out is None:
-        out = _arrays.empty(info, q.shape, dtype)
-    oinfo = _arrays.describe(out, "out")
-    if oinfo.shape != tuple(q.shape) or oinfo.dtype != dtype:
-        raise ValueError(f"out has shape {oinfo.shape} and dtype {oinfo.dtype}; expected {tuple(q.shape)} {dtype}")
-    bs = BLOCK_SIZE[q.format]
-    starts = [o * inner for o in q.row_offsets]
-    if info.device is None:
-        from .formats import reference
-        o2 = _arrays.host_view(oinfo).reshape(-1, K)
-        d2 = q.data.reshape(-1, K // 2)
-        s2 = q.scales.reshape(-1, K // bs)
-        gs = q.global_scale
-        for r in range(len(starts) - 1):
-            a, b = starts[r], starts[r + 1]
-            s_dec = None if gs is None else (np.float32(gs[r]) if np.ndim(gs) else np.float32(gs))
-            o2[a:b] = reference.dequantize_2d(d2[a:b], s2[a:b], s_dec, q.format, K, o2.dtype)
-        return out
-    from .formats import kernels
-    dptr, sptr = info.ptr, _arrays.describe(q.scales).ptr
-    gptr = _arrays.describe(q.global_scale).ptr if q.global_scale is not None else 0
-    per_rank = q.global_scale is not None and len(_arrays.describe(q.global_scale).shape) == 1
-    segs = []
-    for r in range(len(starts) - 1):
-        a, b = starts[r], starts[r + 1]
-        gs = (gptr + 4 * r if per_rank else gptr) if gptr else 0
-        segs.append(((b - a) * K // bs, a * K // bs, dptr + a * K // 2, sptr + a * K // bs, gs))
-    kernels.dequantize(info.device, oinfo.ptr, dtype, K, q.format, "linear", [s for s in segs if s[0]], 0,
-                       _arrays.current_stream(oinfo, stream))
-    return out
-
-
-# -- reduce_scatterv -----------------------------------------------------------------------------------
 
 def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress=None, rounding="nearest", seed=None):
     """See Communicator.reduce_scatterv (which refuses an FP4Tensor x): one quantization per contribution,

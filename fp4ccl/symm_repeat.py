@@ -91,7 +91,7 @@ def _tensor_key(t) -> tuple:
 def _fp4_out_key(out, torch) -> Optional[tuple]:
     """The key of a gathered FP4 tensor given as out= (of a gather that returns FP4): everything its
     check reads; None for anything else (or arrays other than torch tensors)."""
-    from .fp4_collectives import GatheredFP4Tensor
+    from .formats.tensor import GatheredFP4Tensor
     if type(out) is not GatheredFP4Tensor:
         return None
     parts = (out.data, out.scales) if out.global_scale is None else (out.data, out.scales, out.global_scale)

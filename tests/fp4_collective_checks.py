@@ -43,6 +43,7 @@ def _cases(comm, framework, dtypes):
 
 
 def check_fp4_all_gatherv(comm, seed, framework, fmt, global_scale, dtypes=DTYPES, K=64):
+    import fp4ccl
     case = 0
     for case, dtype, sizes in _cases(comm, framework, dtypes):
         shards = [shard(seed, r, case, sizes[r], K, dtype) for r in range(comm.size)]
@@ -56,12 +57,15 @@ def check_fp4_all_gatherv(comm, seed, framework, fmt, global_scale, dtypes=DTYPE
         comm.all_gatherv(x, sizes, out=out, compress=fmt, global_scale=global_scale)
         q = comm.all_gatherv(x, sizes, compress=fmt, global_scale=global_scale, dequantize=False)
         again = q.dequantize()
+        through_api = fp4ccl.dequantize(q)   # each rank's rows with its own global scale, as q.dequantize()
         _sync(comm)
         what = f"rank {comm.rank} all_gatherv {fmt} {global_scale} {dtype} sizes={sizes}"
         check_no_overrun(fbuf, shape, dtype, what)
         got = to_numpy(out, dtype)
         assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), what + _first_diff(got, want)
         assert np.array_equal(to_numpy(again, dtype).view(np.uint8), want.view(np.uint8)), what + " (FP4Tensor)"
+        assert np.array_equal(to_numpy(through_api, dtype).view(np.uint8), want.view(np.uint8)), \
+            what + " (fp4ccl.dequantize)"
         assert tuple(q.shape) == shape and q.row_offsets == tuple(np.cumsum([0] + sizes)), what
         if global_scale == "shared" and fmt == "nvfp4":
             assert np.ndim(to_numpy(q.global_scale, "float32")) == 0, what + " (one shared global scale)"
@@ -136,7 +140,7 @@ def check_fp4_gather_tensor_options(comm, seed, framework, fmt, K=64):
     import pytest
     import fp4ccl
     from fp4ccl._arrays import describe
-    from fp4ccl.fp4_collectives import GatheredFP4Tensor
+    from fp4ccl.formats import GatheredFP4Tensor
     case = 0
     for case, dtype, sizes in _cases(comm, framework, DTYPES):
         shards = [shard(seed, r, 700 + case, sizes[r], K, dtype) for r in range(comm.size)]

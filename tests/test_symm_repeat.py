@@ -100,7 +100,7 @@ def test_reduce_scatterv_into_out_goes_through_the_repeat_path(monkeypatch, comp
 
 
 def test_a_gathered_fp4_tensor_as_out_is_keyed_by_its_arrays_and_fields(cuda_tensors):
-    from fp4ccl.fp4_collectives import GatheredFP4Tensor
+    from fp4ccl.formats import GatheredFP4Tensor
     x, _ = cuda_tensors
     comm = _comm()
     op = ("all_gatherv", "nvfp4", "per_rank", False)

@@ -11,8 +11,8 @@ import numpy as np
 
 from .. import _arrays
 from . import reference as ref
-from .tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, ROUNDINGS, SCALE_LAYOUTS, FP4Tensor, check_format, check_k,
-                     packed_layout, scale_nbytes, swizzled_shape)
+from .tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, ROUNDINGS, SCALE_LAYOUTS, FP4Tensor, GatheredFP4Tensor,
+                     check_format, check_k, packed_layout, scale_nbytes, swizzled_shape)
 
 _MAX_UNITS = 2**31  # the kernels index a segment's FP4 blocks with 32-bit integers (grid stride included)
 
@@ -286,6 +286,8 @@ def dequantize(q: FP4Tensor, dtype: Any = None, *, out: Any = None, stream: Any 
     of bf16 bit patterns."""
     if not isinstance(q, FP4Tensor):
         raise TypeError(f"q: expected an FP4Tensor, got {type(q).__name__}")
+    if isinstance(q, GatheredFP4Tensor):   # rows from several ranks, each with its own global scale
+        return dequantize_gathered(q, dtype, out=out, stream=stream)
     bs = check_k(q.shape[-1], q.format)
     name = _out_dtype_name(dtype, q.dtype)
     di = _arrays.describe(q.data, "q.data")
@@ -317,6 +319,48 @@ def dequantize(q: FP4Tensor, dtype: Any = None, *, out: Any = None, stream: Any 
     kernels.dequantize(di.device, oi.ptr, name, K, q.format, q.scale_layout,
                        [(rows * nbc, 0, di.ptr, si.ptr, gptr)], ncols_pad, _arrays.current_stream(di, stream))
     return out
+
+
+def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=None):
+    """Decode a GatheredFP4Tensor, each rank's rows with its own global scale (what dequantize() does for one)."""
+    dtype = _arrays.dtype_name(dtype) if dtype is not None else q.dtype
+    if dtype not in INPUT_DTYPES:
+        raise TypeError(f"dequantize to {dtype}: expected one of {', '.join(INPUT_DTYPES)}")
+    info = _arrays.describe(q.data, "q.data")
+    inner = math.prod(q.shape[1:-1])
+    K = q.K
+    if out is None:
+        out = _arrays.empty(info, q.shape, dtype)
+    oinfo = _arrays.describe(out, "out")
+    if oinfo.shape != tuple(q.shape) or oinfo.dtype != dtype:
+        raise ValueError(f"out has shape {oinfo.shape} and dtype {oinfo.dtype}; expected {tuple(q.shape)} {dtype}")
+    bs = BLOCK_SIZE[q.format]
+    starts = [o * inner for o in q.row_offsets]
+    if info.device is None:
+        o2 = _arrays.host_view(oinfo).reshape(-1, K)
+        d2 = q.data.reshape(-1, K // 2)
+        s2 = q.scales.reshape(-1, K // bs)
+        gs = q.global_scale
+        for r in range(len(starts) - 1):
+            a, b = starts[r], starts[r + 1]
+            s_dec = None if gs is None else (np.float32(gs[r]) if np.ndim(gs) else np.float32(gs))
+            o2[a:b] = ref.dequantize_2d(d2[a:b], s2[a:b], s_dec, q.format, K, o2.dtype)
+        return out
+    from . import kernels
+    dptr, sptr = info.ptr, _arrays.describe(q.scales).ptr
+    gptr = _arrays.describe(q.global_scale).ptr if q.global_scale is not None else 0
+    per_rank = q.global_scale is not None and len(_arrays.describe(q.global_scale).shape) == 1
+    segs = []
+    for r in range(len(starts) - 1):
+        a, b = starts[r], starts[r + 1]
+        gs = (gptr + 4 * r if per_rank else gptr) if gptr else 0
+        segs.append(((b - a) * K // bs, a * K // bs, dptr + a * K // 2, sptr + a * K // bs, gs))
+    kernels.dequantize(info.device, oinfo.ptr, dtype, K, q.format, "linear", [s for s in segs if s[0]], 0,
+                       _arrays.current_stream(oinfo, stream))
+    return out
+
+
+# -- reduce_scatterv -----------------------------------------------------------------------------------
 
 
 def _check_out_array(out: Any, shape: Tuple[int, ...], dtype: str, like: _arrays.ArrayInfo) -> _arrays.ArrayInfo:

@@ -150,3 +150,19 @@ class FP4Tensor:
     def __repr__(self) -> str:
         return (f"FP4Tensor(format={self.format!r}, shape={tuple(self.shape)}, scale_layout={self.scale_layout!r}, "
                 f"dtype={self.dtype!r}, data={type(self.data).__module__.split('.')[0]})")
+
+
+@dataclass(repr=False)
+class GatheredFP4Tensor(FP4Tensor):
+    """An FP4 tensor gathered from several ranks: rows [row_offsets[r], row_offsets[r+1]) came from rank r.
+
+    NVFP4 with per-rank global scales: `global_scale` is an fp32 array of one S_dec per rank; with one
+    shared scale, a 0-d array as in FP4Tensor. MXFP4: None.
+    """
+
+    row_offsets: Tuple[int, ...] = ()
+
+    def dequantize(self, dtype: Optional[Any] = None, *, out: Any = None, stream: Any = None):
+        """Decode every rank's rows with that rank's global scale; see fp4ccl.dequantize."""
+        from .api import dequantize
+        return dequantize(self, dtype, out=out, stream=stream)
