@@ -506,13 +506,22 @@ class Communicator:
 
     @contextlib.contextmanager
     def group(self):
-        """Batch the calls made inside the block into one NCCL group (a context manager)."""
+        """Batch the calls made inside the block into one NCCL group (a context manager).
+
+        If the block raises, its exception propagates at once: the host backend drops the receives the
+        group had deferred; NCCL cannot take back calls it already queued and launches them as the group
+        ends, so a peer that waits on them for ever is caught by FP4CCL_TIMEOUT."""
         self._check_open()
         self._backend.group_start()
         try:
             yield self
-        finally:
-            self._backend.group_end()
+        except BaseException:
+            try:
+                self._backend.group_end(abandon=True)
+            except Exception as err:  # noqa: BLE001 - the block's own exception is the one to report
+                log.debug("closing the group after its block raised: %s", err)
+            raise
+        self._backend.group_end()
 
     # -- teardown -----------------------------------------------------------------------------------
     def destroy(self) -> None:

@@ -119,3 +119,34 @@ def _barrier_in_group(comm):
 
 def test_barrier_inside_a_group_is_refused():
     assert run_ranks(2, _barrier_in_group) == [True] * 2
+
+
+def _error_inside_group(comm):
+    """A block that raises after a recv: the error comes back at once (not as a timeout of the dropped recv),
+    and the communicator goes on working; an inner group's error caught inside the outer group drops only
+    the inner group's recv."""
+    import time
+    prv, nxt = (comm.rank - 1) % comm.size, (comm.rank + 1) % comm.size
+    t0 = time.monotonic()
+    with pytest.raises(KeyError, match="the block's own error"):
+        with comm.group():
+            comm.recv(np.zeros(2, np.float32), prv)
+            raise KeyError("the block's own error")
+    assert time.monotonic() - t0 < 5, f"rank {comm.rank}: the error took {time.monotonic() - t0:.1f} s"
+    out = np.zeros(3, np.float32)
+    with comm.group():
+        comm.recv(out, prv)
+        with pytest.raises(ValueError):
+            with comm.group():
+                comm.recv(np.zeros(5, np.float32), prv)
+                raise ValueError("inner")
+        comm.send(np.full(3, comm.rank, np.float32), nxt)
+    assert np.array_equal(out, np.full(3, prv, np.float32)), f"rank {comm.rank}: {out}"
+    total = comm.all_reduce(np.ones(4, np.float32))
+    assert np.array_equal(total, np.full(4, comm.size, np.float32)), f"rank {comm.rank}: {total}"
+    return True
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 3])
+def test_error_inside_a_group_propagates_at_once(nranks):
+    assert run_ranks(nranks, _error_inside_group) == [True] * nranks

@@ -203,7 +203,7 @@ class RecordingBackend:
         self._depth += 1
         self.calls.append(("group_start",))
 
-    def group_end(self):
+    def group_end(self, abandon=False):
         self._depth -= 1
         self.calls.append(("group_end",))
 

@@ -508,6 +508,7 @@ class HostBackend:
         self._seq = 0        # calls made on this communicator; error messages name them
         self._depth = 0      # open groups
         self._deferred = []  # the open group's recvs: (seq, peer, header, destination bytes)
+        self._marks = []     # per open group: how many recvs were deferred before it opened
         self._refusal = ""   # why later calls are refused, once the backend is unusable
 
     # -- checks and failures ------------------------------------------------------------------------
@@ -656,11 +657,18 @@ class HostBackend:
         if self._refusal:
             raise CommClosedError(self._refusal)
         self._depth += 1
+        self._marks.append(len(self._deferred))
 
-    def group_end(self) -> None:
+    def group_end(self, abandon: bool = False) -> None:
+        """Close a group; at the outermost, run its recvs. `abandon` (the group's block raised): drop the recvs
+        this group deferred instead, so the block's error surfaces now rather than as a wait for sends the
+        peers may never make."""
         if self._depth == 0:
             raise RuntimeError("group_end() without a matching group_start()")
         self._depth -= 1
+        mark = self._marks.pop()
+        if abandon:
+            del self._deferred[mark:]
         if self._depth:
             return
         deferred, self._deferred = self._deferred, []
@@ -687,6 +695,7 @@ class HostBackend:
     def destroy(self) -> None:
         """Release the transport once its pending sends are out (bounded by the timeout)."""
         self._deferred.clear()
+        self._marks.clear()
         self._depth = 0
         if self._refusal:
             self.transport.abort()
@@ -700,6 +709,7 @@ class HostBackend:
     def abort(self) -> None:
         """Release the transport now, abandoning pending sends and the open group's recvs."""
         self._deferred.clear()
+        self._marks.clear()
         self._depth = 0
         if not self._refusal:
             self._refusal = f"the host communicator of rank {self.rank} was aborted; create a new Communicator"

@@ -321,7 +321,9 @@ class NcclBackend:
             self._f_group_start()
             self._depth += 1
 
-    def group_end(self):
+    def group_end(self, abandon: bool = False):
+        """Close a group; the outermost launches its calls. NCCL cannot take back calls already queued, so
+        `abandon` (the group's block raised) still launches them: a peer left waiting surfaces as a timeout."""
         with self._call_lock:
             if self._depth == 0:
                 raise RuntimeError("group_end() without a matching group_start()")
