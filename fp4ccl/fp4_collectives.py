@@ -330,7 +330,7 @@ class _HostCodec:
     def all_to_all(self, send, send_counts, recv, recv_each):
         be = self.comm._backend
         parts = np.split(send, np.cumsum(send_counts)[:-1])
-        got = be.alltoallv_bytes(parts)
+        got = be.alltoallv_bytes(parts, "reduce_scatterv (FP4 chunks)")
         for r, p in enumerate(got):
             recv[r * recv_each:(r + 1) * recv_each] = p
 

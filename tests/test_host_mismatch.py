@@ -87,6 +87,21 @@ def test_reduce_scatterv_sizes_that_differ(nranks):
     run_ranks(nranks, _reduce_scatterv_counts)
 
 
+def _fp4_reduce_scatterv_counts(comm, fmt):
+    """The FP4 reduce-scatter moves byte chunks whose sizes follow from `sizes`: ranks that disagree on them
+    get the same kind of error, not a wrong result on some ranks and a numpy error on others."""
+    sizes = [2] * comm.size
+    sizes[0], sizes[1] = (3, 1) if comm.rank == 0 else (2, 2)
+    x = np.ones((2 * comm.size, 32), np.float32)
+    return _expect_error(comm, lambda: comm.reduce_scatterv(x, sizes, compress=fmt), "reduce_scatterv", "sizes")
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_reduce_scatterv_sizes_that_differ(nranks, fmt):
+    run_ranks(nranks, _fp4_reduce_scatterv_counts, fmt)
+
+
 def _other_collectives(comm):
     r = comm.rank
     rows = 2 if r == 0 else 1

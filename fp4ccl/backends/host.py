@@ -630,9 +630,13 @@ class HostBackend:
         return self._check("all_gatherv_bytes", header, self.transport.all_gatherv(header, data), None)
 
     @_call
-    def alltoallv_bytes(self, parts: Sequence[np.ndarray]) -> List[np.ndarray]:
-        header = _header("alltoallv_bytes")
-        return self._check("alltoallv_bytes", header, self.transport.alltoallv(header, list(parts)), None)
+    def alltoallv_bytes(self, parts: Sequence[np.ndarray], what: str = "alltoallv_bytes") -> List[np.ndarray]:
+        """Part p to rank p, one part from every rank back. Every rank must send the same part sizes (rank p
+        gets parts of size len(parts[p]) from all): a rank that differs gets a ValueError on every rank,
+        naming `what`."""
+        counts = [int(p.size) for p in parts]
+        header = _header("alltoallv_bytes", "uint8", sum(counts), counts=counts)
+        return self._check(what, header, self.transport.alltoallv(header, list(parts)), None)
 
     # -- point to point and groups ------------------------------------------------------------------
     @_call
