@@ -333,12 +333,17 @@ class Communicator:
         return sizes
 
     def _gather_ints(self, values, what: str) -> list:
-        """Every rank's `values` through the bootstrap exchange (a host round trip). A peer that never
-        comes is a CommTimeoutError naming the call, which closes the communicator as a collective's does."""
+        """Every rank's `values` through the bootstrap exchange (a host round trip)."""
+        return [unpack_ints(b) for b in self._gather_bytes(pack_ints(*values), what, "sizes exchange")]
+
+    def _gather_bytes(self, payload: bytes, what: str, step: str) -> list:
+        """Every rank's `payload` through the bootstrap exchange, for `step` of the call `what`. A peer that
+        never comes is a CommTimeoutError naming the call, which closes the communicator as a collective's
+        does."""
         try:
-            return [unpack_ints(b) for b in self._exchange.all_gather_bytes(pack_ints(*values))]
+            return self._exchange.all_gather_bytes(payload)
         except TimeoutError as err:
-            out = CommTimeoutError(f"{what}: the sizes exchange on rank {self._rank} of {self._size} timed out "
+            out = CommTimeoutError(f"{what}: the {step} on rank {self._rank} of {self._size} timed out "
                                    f"({err}); a rank did not make this call, or died. The communicator cannot be "
                                    f"used any more")
             out.rank, out.call, out.seq = self._rank, what, None

@@ -318,7 +318,7 @@ def _agree(comm, st: _State, what: str, signature: Optional[dict], bad: Optional
             raise bad.kind(f"{what}: {bad.msg}")
         return
     payload = ("E" + bad.kind.__name__ + ":" + bad.msg) if bad is not None else ("S" + sig)
-    parts = [p.decode() for p in comm._exchange.all_gather_bytes(payload.encode())]
+    parts = [p.decode() for p in comm._gather_bytes(payload.encode(), what, "argument check")]
     errors = [(r, p[1:]) for r, p in enumerate(parts) if p.startswith("E")]
     if errors:
         others = "; ".join(f"rank {r}: {e.split(':', 1)[1]}" for r, e in errors if r != comm.rank)

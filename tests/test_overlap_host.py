@@ -537,3 +537,29 @@ def test_stream_given_becomes_torch_current_stream_on_the_device(monkeypatch):
     with overlap._on_stream(types.SimpleNamespace(backend="host", device=None), 0xAB):
         pass
     assert not entered
+
+
+def _argument_check_times_out(comm, op):
+    """A peer that never makes the call: the argument check's exchange times out as a collective does (a
+    CommTimeoutError naming the call, the communicator closed), not as a bare store TimeoutError."""
+    import fp4ccl
+    from fp4ccl.errors import CommClosedError, CommTimeoutError
+    own = fp4ccl.init("host")   # a communicator of its own: the pool's must stay usable
+
+    def never(data):
+        raise TimeoutError("get('fp4ccl/j/comm2/ag/1/0') timed out after 0.3 s")
+    own._exchange.all_gather_bytes = never
+    a, b = np.ones((2, 4), np.float32), np.ones((4, 3), np.float32)
+    call = (lambda: own.all_gather_matmul(a, [b])) if op == "all_gather_matmul" else \
+        (lambda: own.matmul_reduce_scatter(np.ones((2 * comm.size, 4), np.float32), b))
+    with pytest.raises(CommTimeoutError, match=rf"{op}: the argument check on rank {comm.rank} of {comm.size} timed out"):
+        call()
+    with pytest.raises(CommClosedError):
+        own.all_reduce(a)
+    own.destroy()
+    return True
+
+
+@pytest.mark.parametrize("op", ["all_gather_matmul", "matmul_reduce_scatter"])
+def test_argument_check_that_times_out_closes_the_communicator(op):
+    assert run_ranks(2, _argument_check_times_out, op) == [True, True]
