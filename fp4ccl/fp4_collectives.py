@@ -342,8 +342,8 @@ class _HostCodec:
     def unpack_gathered(self, recv, offs, layouts, rows, K, fmt, info, shape, row_offsets, dtype=None):
         from .formats import reference
         bs = BLOCK_SIZE[fmt]
-        numpy_like = _arrays.describe(np.empty(0, np.uint8))   # new results are numpy, whatever the input
-        (data, scales, gs), _ = _gathered_arrays(self.result, numpy_like, shape, K, fmt, len(rows))
+        # new results in the input's framework (numpy, or CPU torch), as fp4ccl.quantize gives them
+        (data, scales, gs), _ = _gathered_arrays(self.result, info, shape, K, fmt, len(rows))
         data2, scales2 = _arrays.host_view(_arrays.describe(data)), _arrays.host_view(_arrays.describe(scales))
         data2, scales2 = data2.reshape(-1, K // 2), scales2.reshape(-1, K // bs)
         gs2 = _arrays.host_view(_arrays.describe(gs)) if gs is not None else None

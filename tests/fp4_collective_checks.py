@@ -286,3 +286,23 @@ def _first_diff(got, want) -> str:
         return ""
     i = bad[0]
     return f": {bad.size} differ; first at {i}: got {g[i]!r}, want {w[i]!r}"
+
+
+def check_fp4_results_in_input_framework(comm, seed, framework, fmt):
+    """FP4 gathers that return FP4 (compress=, dequantize=False; an FP4Tensor gathered as it is) give arrays
+    of the input's framework, as fp4ccl.quantize does, and so do their decodes; for a numpy framework,
+    numpy."""
+    import fp4ccl
+    sizes = [r % 2 + 1 for r in range(comm.size)]
+    x = to_framework(shard(seed, comm.rank, 7, sizes[comm.rank], 32, "float32"), framework, comm.device)
+    kind = type(x)
+    q = fp4ccl.quantize(x, fmt)
+    for what, g in (("compress", comm.all_gatherv(x, sizes, compress=fmt, dequantize=False)),
+                    ("FP4Tensor", comm.all_gatherv(q, sizes))):
+        arrays = [g.data, g.scales] + ([g.global_scale] if fmt == "nvfp4" else [])
+        assert all(type(a) is kind for a in arrays), f"rank {comm.rank} {what}: {[type(a) for a in arrays]}"
+        assert type(g.dequantize()) is kind and type(fp4ccl.dequantize(g)) is kind, f"rank {comm.rank} {what}"
+    if fmt == "nvfp4":
+        shared = comm.all_gatherv(x, sizes, compress=fmt, dequantize=False, global_scale="shared")
+        assert type(shared.global_scale) is kind and tuple(shared.global_scale.shape) == (), f"rank {comm.rank}"
+    return True

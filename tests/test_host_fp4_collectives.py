@@ -46,3 +46,11 @@ def test_fp4_bad_input(nranks, seed):
 @pytest.mark.parametrize("nranks", [1, 3])
 def test_fp4_gather_into_a_bad_out(nranks, seed):
     assert all(run_ranks(nranks, fc.check_fp4_gather_out_errors, seed, "numpy"))
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_results_come_in_the_input_framework(fmt, framework, seed):
+    if framework == "torch_cpu":
+        pytest.importorskip("torch", reason="torch is not installed")
+    assert all(run_ranks(2, fc.check_fp4_results_in_input_framework, seed, framework, fmt))

@@ -338,9 +338,9 @@ def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=No
     starts = [o * inner for o in q.row_offsets]
     if info.device is None:
         o2 = _arrays.host_view(oinfo).reshape(-1, K)
-        d2 = q.data.reshape(-1, K // 2)
-        s2 = q.scales.reshape(-1, K // bs)
-        gs = q.global_scale
+        d2 = _arrays.host_view(info).reshape(-1, K // 2)
+        s2 = _arrays.host_view(_arrays.describe(q.scales, "q.scales")).reshape(-1, K // bs)
+        gs = None if q.global_scale is None else _arrays.host_view(_arrays.describe(q.global_scale, "q.global_scale"))
         for r in range(len(starts) - 1):
             a, b = starts[r], starts[r + 1]
             s_dec = None if gs is None else (np.float32(gs[r]) if np.ndim(gs) else np.float32(gs))

@@ -79,6 +79,19 @@ def test_fp4_gather_of_an_fp4tensor(fmt, path, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_results_come_in_the_input_framework(fmt, framework, path, seed):
+    """Gathered FP4 tensors, and fp4ccl.dequantize of them (each rank's rows with its own scale), in the
+    input's framework; a 'shared' gather's global scale 0-d."""
+    need_gpus(2)
+    pytest.importorskip(framework)
+    assert all(run_ranks(2, _on_path, path, fc.check_fp4_results_in_input_framework, seed, framework, fmt,
+                         backend="nccl"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("nranks", [2, 4])
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
