@@ -21,7 +21,7 @@ from . import _arrays, one_launch, symm_collectives
 from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
 from .vcollectives import offsets, split_count
-from .formats.api import dequantize_gathered
+from .formats.api import check_seed, dequantize_gathered
 from .formats.tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, GatheredFP4Tensor, check_format, check_k,
                              packed_layout)
 
@@ -216,8 +216,11 @@ def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress
         raise ValueError(f"reduce_scatterv with compress={compress!r} supports op='sum' only, got op={op!r}")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding={rounding!r} is not one of 'nearest', 'stochastic'")
-    if rounding == "stochastic" and seed is None:
-        raise ValueError("rounding='stochastic' needs seed= (every rank derives its own stream from it, so a run replays)")
+    if rounding == "stochastic":
+        if seed is None:
+            raise ValueError("rounding='stochastic' needs seed= (every rank derives its own stream from it, so a run "
+                             "replays)")
+        seed = check_seed(seed)
     info, inner, K = _check_input(comm, x, compress, "reduce_scatterv")
     if sizes is None:
         raise TypeError("reduce_scatterv: sizes (rows per rank) is required")
@@ -230,7 +233,7 @@ def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress
     out, oinfo = comm._output(info, (sizes[comm.rank],) + info.shape[1:], out)
     rows = [s * inner for s in sizes]
     codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
-    codec.reduce_scatter(info, K, compress, rows, oinfo, rounding, 0 if seed is None else int(seed))
+    codec.reduce_scatter(info, K, compress, rows, oinfo, rounding, seed if rounding == "stochastic" else 0)
     return out
 
 

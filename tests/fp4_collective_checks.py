@@ -271,6 +271,9 @@ def check_fp4_bad_input(comm, seed, framework):
         comm.all_gatherv(to_framework(np.ones((2, 16), np.int32), framework, comm.device), sizes, compress="nvfp4")
     with pytest.raises(ValueError, match="needs seed="):
         comm.reduce_scatterv(x, sizes, compress="nvfp4", rounding="stochastic")
+    for bad_seed in (3.7, "3", -1, 2**64, True):   # int() would turn each into some other seed
+        with pytest.raises(ValueError, match=r"seed: expected an int in \[0, 2\*\*64\)"):
+            comm.reduce_scatterv(x, sizes, compress="nvfp4", rounding="stochastic", seed=bad_seed)
     with pytest.raises(ValueError, match="supports op='sum' only"):
         comm.reduce_scatterv(x, sizes, "max", compress="nvfp4")
     y = comm.all_gatherv(x, sizes, compress="nvfp4")  # still usable: nothing reached the wire

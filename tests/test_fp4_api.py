@@ -147,6 +147,9 @@ def test_stochastic_needs_a_seed():
         fp4ccl.quantize(x, rounding="stochastic")
     with pytest.raises(ValueError, match="seed"):
         fp4ccl.quantize(x, rounding="stochastic", seed=-1)
+    for bad in (True, 2.0, "9", 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            fp4ccl.quantize(x, rounding="stochastic", seed=bad)
     a = fp4ccl.quantize(x * 0.3, rounding="stochastic", seed=9, amax=6.0)
     b = fp4ccl.quantize(x * 0.3, rounding="stochastic", seed=9, amax=6.0)
     np.testing.assert_array_equal(a.data, b.data)

@@ -41,8 +41,15 @@ def _check_options(format: str, scale_layout: str, rounding: str, seed: Optional
     if rounding == "stochastic":
         if seed is None:
             raise ValueError("rounding='stochastic' needs seed=<int> so that the run replays exactly")
-        if not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**64:
-            raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+        check_seed(seed)
+
+
+def check_seed(seed: Any) -> int:
+    """A stochastic-rounding seed as an int in [0, 2**64); ValueError for anything else (bools, floats and
+    strings included, which int() would quietly turn into another seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 def _check_units(rows: int, K: int, format: str, what: str = "x") -> None:
