@@ -429,9 +429,15 @@ class Launcher:
         else:
             cmd = [sys.executable, "-u", *self.program]
         logs = {}
-        for local in range(a.nproc_per_node):
-            # All opened before any rank starts: a log that cannot be written stops the job with nothing to kill.
-            logs[local] = _open_logs(a.log_dir, info["offset"] + local) if a.log_dir else (None, None)
+        try:
+            for local in range(a.nproc_per_node):
+                # All opened before any rank starts: a log that cannot be written stops the job with nothing to kill.
+                logs[local] = _open_logs(a.log_dir, info["offset"] + local) if a.log_dir else (None, None)
+        except LaunchError:
+            for files in logs.values():
+                for f in files:
+                    f.close()
+            raise
         inherited = sorted(k for k in _TORCH_NAMES if k in os.environ)
         if inherited and get_logger("fp4ccl.launcher").isEnabledFor(logging.INFO):
             self._say("setting " + ", ".join(f"{k} (inherited {os.environ[k]})" for k in inherited) + " for each rank")
