@@ -207,6 +207,8 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream, out, dequantize: bool):
     return gathered if out is None else out
 
 
+# -- reduce_scatterv -----------------------------------------------------------------------------------
+
 def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress=None, rounding="nearest", seed=None):
     """See Communicator.reduce_scatterv (which refuses an FP4Tensor x): one quantization per contribution,
     summed in fp32 (collective)."""

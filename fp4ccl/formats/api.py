@@ -367,9 +367,6 @@ def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=No
     return out
 
 
-# -- reduce_scatterv -----------------------------------------------------------------------------------
-
-
 def _check_out_array(out: Any, shape: Tuple[int, ...], dtype: str, like: _arrays.ArrayInfo) -> _arrays.ArrayInfo:
     oi = _arrays.describe(out, "out")
     ok_dtype = oi.dtype == dtype or (oi.framework == "cupy" and dtype == "bfloat16" and oi.dtype == "uint16")
