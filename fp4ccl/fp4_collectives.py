@@ -293,7 +293,9 @@ class _HostCodec:
             amax = self.amax_rows(info, K, fmt, row_offs[peer], rows[peer])
             self.quantize(info, K, fmt, amax, [(row_offs[peer], rows[peer], send, send_offs[peer])], layouts[peer],
                           rounding=rounding, seed=_mix(seed, me, peer))
-        self.all_to_all(send, send_counts, recv, mine.total_bytes)
+        self.all_to_all(send, send_counts, recv, mine.total_bytes,
+                        f"reduce_scatterv (compress={fmt!r}, K={K}: FP4 chunks whose sizes follow from sizes, K and "
+                        f"the format)")
         self.sum_dequantized(recv, mine, rows[me], K, fmt, n, oinfo)
 
     def buffers(self, send_bytes: int, recv_bytes: int):
@@ -332,10 +334,10 @@ class _HostCodec:
     def gather(self, send, recv, counts):
         self.comm._v.all_gatherv(_arrays.describe(send), _arrays.describe(recv), counts, 0)
 
-    def all_to_all(self, send, send_counts, recv, recv_each):
+    def all_to_all(self, send, send_counts, recv, recv_each, what="alltoallv_bytes"):
         be = self.comm._backend
         parts = np.split(send, np.cumsum(send_counts)[:-1])
-        got = be.alltoallv_bytes(parts, "reduce_scatterv (FP4 chunks)")
+        got = be.alltoallv_bytes(parts, what)
         for r, p in enumerate(got):
             recv[r * recv_each:(r + 1) * recv_each] = p
 
@@ -667,7 +669,7 @@ class _GpuCodec:
         self.comm._v.all_gatherv(_bytes_info(self.like, send, counts[self.comm.rank]),
                                  _bytes_info(self.like, recv, sum(counts)), counts, self.stream)
 
-    def all_to_all(self, send, send_counts, recv, recv_each):
+    def all_to_all(self, send, send_counts, recv, recv_each, what=None):
         be = self.comm._backend
         offs = offsets(send_counts)
         be.group_start()

@@ -298,6 +298,8 @@ class Launcher:
         # Set once a store call failed after rendezvous: node 0's launcher is gone, so every later call would
         # only retry its connection until the client's timeout.
         self.store_lost = False
+        self.joined = False         # this node's rank claim succeeded: it is a member of the job
+        self.claim_refused = False  # another launcher holds this --node-rank: this one is a stray
 
     # ---- signals -------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -345,11 +347,15 @@ class Launcher:
             raise LaunchError(f"node 0 started a job of --nnodes {job['nnodes']}, this node says {a.nnodes}")
         claims = c.add(_KEY + f"node/{a.node_rank}/claims", 1)
         if claims != 1:
+            self.claim_refused = True
             raise LaunchError(f"node rank {a.node_rank} already joined this job at {address}; "
                               "give each node a distinct --node-rank")
+        self.joined = True
         c.set(_KEY + f"node/{a.node_rank}", json.dumps({"host": self.host, "pid": os.getpid(),
                                                         "nproc": a.nproc_per_node}).encode())
         nodes = [json.loads(v) for v in self._rdzv_get([_KEY + f"node/{i}" for i in range(a.nnodes)], address)]
+        if a.node_rank == 0:
+            c.set(_KEY + "started", b"1")   # from now on a launcher that is no member cannot stop the job
         # From here on a store that does not answer within the heartbeat limit is lost, not slow.
         c.timeout = min(c.timeout, _HEARTBEAT_TIMEOUT_S)
         offset = sum(n["nproc"] for n in nodes[:a.node_rank])
@@ -396,6 +402,7 @@ class Launcher:
                     raise LaunchError(f"rendezvous timed out after {self.args.rdzv_timeout:g} s: {what} "
                                       f"(store {address}, --nnodes {self.args.nnodes})") from None
             except ConnectionError as e:
+                self.store_lost = True
                 raise LaunchError(f"rendezvous failed: {e}") from None
 
     # ---- spawning ------------------------------------------------------------------------------
@@ -665,16 +672,27 @@ class Launcher:
         a = self.args
         if a.nnodes == 1 or self.client is None or self.store_lost:
             return
+        # Every call below reports or tidies up: none may keep a launcher whose job is over for long.
+        self.client.timeout = min(self.client.timeout, 5.0)
         try:
-            if ended["kind"] in ("signal", "timeout", "lost", "launch"):
-                # These end the whole job, not just this node's ranks (also before any rank started here:
-                # the other nodes may have started theirs, or wait for this one at rendezvous).
+            # A failure ends the whole job, not just this node's ranks (also before any rank started here: the
+            # other nodes may have started theirs, or wait for this one at rendezvous). A launcher that is no
+            # member (a stray with a taken --node-rank, or one that failed its checks once the job runs) only
+            # fails itself.
+            member = self.joined or (not self.claim_refused and not self.client.check(_KEY + "started"))
+            if ended["kind"] in ("signal", "timeout", "lost", "launch") and member:
                 self._tell_other_nodes(ended)
-            if not self.ranks:
-                return   # nothing ran here: publishing "done" would mislead the other nodes
-            self.client.set(_KEY + f"done/{a.node_rank}", b"1" if ended["kind"] != "ok" else b"0")
+            if self.ranks:   # with nothing run here, publishing "done" would mislead the other nodes
+                self.client.set(_KEY + f"done/{a.node_rank}", b"1" if ended["kind"] != "ok" else b"0")
         except (ConnectionError, TimeoutError):
             self.store_lost = True
+            return
+        if self.server is not None and ended["kind"] != "ok" and not self.ranks:
+            # Failed before any rank started: keep the store up for the others' next poll of the failure (every
+            # 0.25 s at rendezvous, 0.5 s while running), so they stop with its reason, not a lost connection.
+            end = time.monotonic() + 2 * _REMOTE_POLL_S + 0.5
+            while time.monotonic() < end and not self.signals[1:]:
+                time.sleep(0.05)
             return
         if self.server is not None and ended["kind"] != "ok":
             # Keep the store up long enough for the other nodes to see the failure and stop.

@@ -122,26 +122,36 @@ def test_barrier_inside_a_group_is_refused():
 
 
 def _error_inside_group(comm):
-    """A block that raises after a recv: the error comes back at once (not as a timeout of the dropped recv),
-    and the communicator goes on working; an inner group's error caught inside the outer group drops only
-    the inner group's recv."""
+    """A block that raises comes back at once (not as a timeout of the recvs it queued). With no recv queued
+    the communicator goes on working; with one, it is closed: a peer's send for the dropped recv would
+    otherwise be taken by a later recv as its own."""
     import time
+    import fp4ccl
+    from fp4ccl.errors import CommClosedError
     prv, nxt = (comm.rank - 1) % comm.size, (comm.rank + 1) % comm.size
-    t0 = time.monotonic()
-    with pytest.raises(KeyError, match="the block's own error"):
+    with pytest.raises(KeyError, match="before any recv"):
         with comm.group():
-            comm.recv(np.zeros(2, np.float32), prv)
-            raise KeyError("the block's own error")
-    assert time.monotonic() - t0 < 5, f"rank {comm.rank}: the error took {time.monotonic() - t0:.1f} s"
+            raise KeyError("before any recv")
     out = np.zeros(3, np.float32)
     with comm.group():
         comm.recv(out, prv)
-        with pytest.raises(ValueError):
-            with comm.group():
-                comm.recv(np.zeros(5, np.float32), prv)
-                raise ValueError("inner")
         comm.send(np.full(3, comm.rank, np.float32), nxt)
     assert np.array_equal(out, np.full(3, prv, np.float32)), f"rank {comm.rank}: {out}"
+
+    own = fp4ccl.init("host")   # closed below: the pool's communicator must stay usable
+    t0 = time.monotonic()
+    with pytest.raises(KeyError, match="the block's own error"):
+        with own.group():
+            own.recv(np.zeros(2, np.float32), prv)
+            with pytest.raises(ValueError):
+                with own.group():   # an inner block's error, caught: drops its recv, closes the communicator
+                    own.recv(np.zeros(5, np.float32), prv)
+                    raise ValueError("inner")
+            raise KeyError("the block's own error")
+    assert time.monotonic() - t0 < 5, f"rank {comm.rank}: the error took {time.monotonic() - t0:.1f} s"
+    with pytest.raises(CommClosedError, match="block raised after queuing receives"):
+        own.all_reduce(np.ones(4, np.float32))
+    own.destroy()
     total = comm.all_reduce(np.ones(4, np.float32))
     assert np.array_equal(total, np.full(4, comm.size, np.float32)), f"rank {comm.rank}: {total}"
     return True

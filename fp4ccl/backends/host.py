@@ -666,13 +666,18 @@ class HostBackend:
     def group_end(self, abandon: bool = False) -> None:
         """Close a group; at the outermost, run its recvs. `abandon` (the group's block raised): drop the recvs
         this group deferred instead, so the block's error surfaces now rather than as a wait for sends the
-        peers may never make."""
+        peers may never make; the communicator then refuses later calls (CommClosedError)."""
         if self._depth == 0:
             raise RuntimeError("group_end() without a matching group_start()")
         self._depth -= 1
         mark = self._marks.pop()
-        if abandon:
+        if abandon and len(self._deferred) > mark:
+            # Peers' sends for the dropped recvs may be on their way or queued: a later recv from them would
+            # take such a message for its own (messages carry no call number), so no call may follow.
             del self._deferred[mark:]
+            self._refusal = (f"the host communicator of rank {self.rank} was closed when a 'with comm.group():' "
+                             f"block raised after queuing receives: their messages would reach later calls; "
+                             f"create a new Communicator")
         if self._depth:
             return
         deferred, self._deferred = self._deferred, []

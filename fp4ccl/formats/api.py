@@ -330,17 +330,14 @@ def dequantize(q: FP4Tensor, dtype: Any = None, *, out: Any = None, stream: Any 
 
 def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=None):
     """Decode a GatheredFP4Tensor, each rank's rows with its own global scale (what dequantize() does for one)."""
-    dtype = _arrays.dtype_name(dtype) if dtype is not None else q.dtype
-    if dtype not in INPUT_DTYPES:
-        raise TypeError(f"dequantize to {dtype}: expected one of {', '.join(INPUT_DTYPES)}")
+    dtype = _out_dtype_name(dtype, q.dtype)
     info = _arrays.describe(q.data, "q.data")
     inner = math.prod(q.shape[1:-1])
     K = q.K
     if out is None:
-        out = _arrays.empty(info, q.shape, dtype)
-    oinfo = _arrays.describe(out, "out")
-    if oinfo.shape != tuple(q.shape) or oinfo.dtype != dtype:
-        raise ValueError(f"out has shape {oinfo.shape} and dtype {oinfo.dtype}; expected {tuple(q.shape)} {dtype}")
+        out = _arrays.empty(info, tuple(q.shape), "uint16" if (info.framework == "cupy" and dtype == "bfloat16")
+                            else dtype)
+    oinfo = _check_out_array(out, tuple(q.shape), dtype, info)
     bs = BLOCK_SIZE[q.format]
     starts = [o * inner for o in q.row_offsets]
     if info.device is None:
