@@ -518,12 +518,16 @@ class Launcher:
         if self.args.nnodes == 1 or self.client is None:
             return
         try:
-            if self.client.add(_KEY + "failure/claims", 1) == 1:
-                self.client.set(_KEY + "failure", json.dumps({
-                    "rank": r.rank, "node": self.args.node_rank, "host": self.host, "pid": r.pid,
-                    "code": r.code}).encode())
+            self._claim_failure({"rank": r.rank, "pid": r.pid, "code": r.code})
         except (ConnectionError, TimeoutError):
             pass
+
+    def _claim_failure(self, record: dict) -> None:
+        """Publish `record` (with this node and host) as the job's failure, unless a node already published one:
+        the first failure is the root cause the other nodes report."""
+        if self.client.add(_KEY + "failure/claims", 1) == 1:
+            self.client.set(_KEY + "failure", json.dumps({**record, "node": self.args.node_rank,
+                                                          "host": self.host}).encode())
 
     def stop_all(self, first_signal: int = signal.SIGTERM) -> None:
         """Signal every live rank, escalate to SIGKILL after the grace period, wait for all of them."""
@@ -663,10 +667,7 @@ class Launcher:
             why, code = f"it timed out after {a.timeout:g} s", 124
         else:   # lost, launch
             why, code = ended["error"], 1
-        if self.client.add(_KEY + "failure/claims", 1) == 1:
-            self.client.set(_KEY + "failure", json.dumps({
-                "rank": -1, "node": a.node_rank, "host": self.host, "pid": os.getpid(), "why": why,
-                "code": code}).encode())
+        self._claim_failure({"rank": -1, "pid": os.getpid(), "why": why, "code": code})
 
     def _finish_multinode(self, ended: dict) -> None:
         a = self.args

@@ -317,9 +317,8 @@ def dequantize(q: FP4Tensor, dtype: Any = None, *, out: Any = None, stream: Any 
             return out
         return _wrap_host(res, di)
     from . import kernels
-    store = "uint16" if (di.framework == "cupy" and name == "bfloat16") else name
     if out is None:
-        out = _arrays.empty(di, tuple(q.shape), store)
+        out = _new_output(di, tuple(q.shape), name)
     oi = _check_out_array(out, tuple(q.shape), name, di)
     gptr = _arrays.describe(q.global_scale, "q.global_scale").ptr if q.format == "nvfp4" else 0
     ncols_pad = swizzled_shape(rows, nbc)[1] if q.scale_layout == "swizzled" else 0
@@ -335,8 +334,7 @@ def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=No
     inner = math.prod(q.shape[1:-1])
     K = q.K
     if out is None:
-        out = _arrays.empty(info, tuple(q.shape), "uint16" if (info.framework == "cupy" and dtype == "bfloat16")
-                            else dtype)
+        out = _new_output(info, tuple(q.shape), dtype)
     oinfo = _check_out_array(out, tuple(q.shape), dtype, info)
     bs = BLOCK_SIZE[q.format]
     starts = [o * inner for o in q.row_offsets]
@@ -362,6 +360,11 @@ def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=No
     kernels.dequantize(info.device, oinfo.ptr, dtype, K, q.format, "linear", [s for s in segs if s[0]], 0,
                        _arrays.current_stream(oinfo, stream))
     return out
+
+
+def _new_output(like: _arrays.ArrayInfo, shape: Tuple[int, ...], dtype: str):
+    """A decode's output in like's framework and device; CuPy has no bfloat16, so there bf16 is uint16 bits."""
+    return _arrays.empty(like, shape, "uint16" if (like.framework == "cupy" and dtype == "bfloat16") else dtype)
 
 
 def _check_out_array(out: Any, shape: Tuple[int, ...], dtype: str, like: _arrays.ArrayInfo) -> _arrays.ArrayInfo:
