@@ -339,6 +339,13 @@ __device__ __forceinline__ float nvfp4_senc(float amax) {
     return fminf(__fdiv_rn(2688.0f, amax), FP4_FLT_MAX);
 }
 
+// The stochastic-rounding seed of a launch: `seed` itself, or, with seed_ptr set, seed + seed_mul * *seed_ptr
+// (mod 2^64), read when the kernel runs: a seed the caller keeps in device memory and advances between the
+// replays of a CUDA graph (fp4ccl/formats/seeds.py). Read after the programmatic-dependent wait, if any.
+__device__ __forceinline__ u64 launch_seed(u64 seed, const u64* seed_ptr, u64 seed_mul) {
+    return seed_ptr ? seed + seed_mul * *seed_ptr : seed;
+}
+
 // What every quantize thread derives once from the launch arguments.
 struct QuantCtx {
     float sdec, senc6;   // NVFP4: S_dec and S_enc * (1/6)
@@ -553,9 +560,10 @@ __device__ __forceinline__ float quant_amax(const float* amax_ptr, u32 amax_n, f
 
 template <typename In, int BS, bool NV, bool SWZ, bool SR>
 __device__ void quant_kernel(const uint4* __restrict__ x, u32 K, const float* amax_ptr, u32 amax_n, float amax_val,
-                             u64 seed, u32 ncols_pad, const SegTable& t) {
+                             u64 seed, const u64* seed_ptr, u64 seed_mul, u32 ncols_pad, const SegTable& t) {
     const Seg seg = pick_segment(t);
-    const QuantCtx c = quant_ctx<NV>(NV ? quant_amax(amax_ptr, amax_n, amax_val) : 0.0f, seed, seg);
+    const float amax = NV ? quant_amax(amax_ptr, amax_n, amax_val) : 0.0f;
+    const QuantCtx c = quant_ctx<NV>(amax, SR ? launch_seed(seed, seed_ptr, seed_mul) : 0, seg);
     if constexpr (!NV && Loader<In>::PER_VEC == 4) quant_lanes_body<In, BS, NV, SWZ, SR, 2>(x, K, c, ncols_pad, seg);
     else quant_body<In, BS, NV, SWZ, SR>(x, K, c, ncols_pad, seg);
 }
@@ -1171,7 +1179,8 @@ struct LLTable {
     u64 first[FP4_LL_MAXRANKS];    // the FP4 block of out where they start
     u64 region[FP4_LL_MAXRANKS];   // rank r's segments (both halves), as mapped here
     u64 flags[FP4_LL_MAXRANKS];    // rank r's flag words (both halves: [half][source][FP4_LL_MAXCTAS])
-    u64 seed[FP4_LL_MAXRANKS];     // the reduce-scatter's stochastic rounding: chunk q's seed
+    u64 seed[FP4_LL_MAXRANKS];     // the reduce-scatter's stochastic rounding: chunk q's seed, or with
+    u64 seed_ptr, seed_mul;        // seed_ptr set, seed[q] + seed_mul * *seed_ptr (launch_seed)
 };
 
 // One FP4 block's BS decoded values, rounded to Out, to dst (16-byte aligned).
@@ -1353,7 +1362,8 @@ __device__ void reduce_scatter_ll_body(const uint4* __restrict__ x, u8* out, u64
     const LLCall call = ll_call(epoch_s, world, seg_stride, j);
     if (threadIdx.x < world) {   // each chunk's scales and random keys, once
         const Seg none = {0, 0, 0, 0, 0};
-        ctx_s[threadIdx.x] = quant_ctx<NV>(NV ? amax_s[threadIdx.x] : 0.0f, t.seed[threadIdx.x], none);
+        const u64 seed = SR ? launch_seed(t.seed[threadIdx.x], (const u64*)t.seed_ptr, t.seed_mul) : 0;
+        ctx_s[threadIdx.x] = quant_ctx<NV>(NV ? amax_s[threadIdx.x] : 0.0f, seed, none);
     }
     __syncthreads();
     ll_for_shares(t.units, world, j, G, [&](u32 q, u64 l) {
@@ -1411,8 +1421,9 @@ FP4_AMAX(f32, float)
 
 #define FP4_QUANT(FMT, NAME, IN, BS, NV, LAY, SWZ, RND, SR) \
     extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_##FMT##_##NAME##_##LAY##_##RND( \
-        const uint4* x, u32 K, const float* amax_ptr, u32 amax_n, float amax_val, u64 seed, u32 ncols_pad, \
-        const SegTable t) { quant_kernel<IN, BS, NV, SWZ, SR>(x, K, amax_ptr, amax_n, amax_val, seed, ncols_pad, t); }
+        const uint4* x, u32 K, const float* amax_ptr, u32 amax_n, float amax_val, u64 seed, const u64* seed_ptr, \
+        u64 seed_mul, u32 ncols_pad, const SegTable t) { \
+        quant_kernel<IN, BS, NV, SWZ, SR>(x, K, amax_ptr, amax_n, amax_val, seed, seed_ptr, seed_mul, ncols_pad, t); }
 #define FP4_QUANT_ALL(FMT, BS, NV) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, rn, false) FP4_QUANT(FMT, bf16, u16, BS, NV, lin, false, sr, true) \
     FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, rn, false)  FP4_QUANT(FMT, bf16, u16, BS, NV, swz, true, sr, true) \

@@ -21,7 +21,8 @@ from . import _arrays, one_launch, symm_collectives
 from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
 from .vcollectives import offsets, split_count
-from .formats.api import check_seed, dequantize_gathered
+from .formats.api import dequantize_gathered
+from .formats.seeds import Seed, derive, resolve_seed
 from .formats.tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, GatheredFP4Tensor, check_format, check_k,
                              packed_layout)
 
@@ -218,12 +219,11 @@ def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress
         raise ValueError(f"reduce_scatterv with compress={compress!r} supports op='sum' only, got op={op!r}")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding={rounding!r} is not one of 'nearest', 'stochastic'")
-    if rounding == "stochastic":
-        if seed is None:
-            raise ValueError("rounding='stochastic' needs seed= (every rank derives its own stream from it, so a run "
-                             "replays)")
-        seed = check_seed(seed)
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("rounding='stochastic' needs seed= (every rank derives its own stream from it, so a run "
+                         "replays)")
     info, inner, K = _check_input(comm, x, compress, "reduce_scatterv")
+    seed = resolve_seed(seed, info) if rounding == "stochastic" else 0
     if sizes is None:
         raise TypeError("reduce_scatterv: sizes (rows per rank) is required")
     sizes = comm._sizes(sizes, 0, "reduce_scatterv")
@@ -235,7 +235,7 @@ def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress
     out, oinfo = comm._output(info, (sizes[comm.rank],) + info.shape[1:], out)
     rows = [s * inner for s in sizes]
     codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
-    codec.reduce_scatter(info, K, compress, rows, oinfo, rounding, seed if rounding == "stochastic" else 0)
+    codec.reduce_scatter(info, K, compress, rows, oinfo, rounding, seed)
     return out
 
 
@@ -247,9 +247,10 @@ def buf_of(chunks) -> np.ndarray:
     return chunks[0][2]
 
 
-def _mix(seed: int, rank: int, peer: int) -> int:
-    """A distinct, replayable random stream for each (seed, sender, receiver)."""
-    return (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + peer * 0x94D049BB133111EB + 1) % (1 << 64)
+def _mix(seed: Seed, rank: int, peer: int) -> Seed:
+    """A distinct, replayable random stream for each (seed, sender, receiver); a device seed stays one,
+    derived from the same word."""
+    return derive(seed, 0x9E3779B97F4A7C15, rank * 0xBF58476D1CE4E5B9 + peer * 0x94D049BB133111EB + 1)
 
 
 # -- codecs: the same steps on the host (numpy reference) and on the GPU (CUDA kernels) -------------------
@@ -646,7 +647,7 @@ class _GpuCodec:
         if segs:
             from .formats import kernels
             ptr, n = amax or (0, 0)
-            kernels.quantize(self.device, info.ptr, info.dtype, K, fmt, "linear", rounding, seed or 0,
+            kernels.quantize(self.device, info.ptr, info.dtype, K, fmt, "linear", rounding, seed,
                              ptr, 0.0, segs, 0, self.stream if stream is None else stream, n)
 
     @staticmethod

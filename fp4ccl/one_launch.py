@@ -123,7 +123,7 @@ def gather(codec, info, K: int, fmt: str, rows: Tuple[int, ...], oinfo) -> None:
 
 
 def reduce_scatter(codec, info, K: int, fmt: str, rows: Tuple[int, ...], oinfo, rounding: str,
-                   seeds: Tuple[int, ...]) -> None:
+                   seeds: tuple) -> None:
     """rs_form() 'll' (the caller checked): one kernel on codec.stream; seeds[q]: the stochastic
     rounding seed of the chunk for rank q (ignored when rounding to nearest)."""
     from .formats import kernels

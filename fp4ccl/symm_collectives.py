@@ -695,7 +695,7 @@ def _one_launch_max() -> int:
     return MAX_ELEMENTS
 
 
-def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo, rounding: str, seed: int, mix) -> None:
+def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo, rounding: str, seed, mix) -> None:
     """Each rank quantizes the chunk for each peer (its own amax); this rank decodes and sums, in rank
     order, the chunk every rank made for it, rounding once. Chunks that fit the one-launch kernel run
     as one launch (rs_form 'll', fp4ccl/one_launch.py); the other forms:

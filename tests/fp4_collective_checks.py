@@ -257,6 +257,48 @@ def check_fp4_stochastic_rounding(comm, seed, framework, fmt, draws=64):
     return True
 
 
+def _signed64(v: int) -> int:
+    """The int64 whose bits are the unsigned 64-bit v."""
+    return v - 2**64 if v >= 2**63 else v
+
+
+def check_fp4_seed_arrays(comm, seed, framework, fmt):
+    """A one-element int64 seed array (on x's device; on the host backend a host array, read at the call)
+    gives the bytes of the same int seed, its value at the call is what counts, and bad seed arrays are
+    refused on every rank before anything moves."""
+    import pytest
+    K, n, me = 64, comm.size, comm.rank
+    sizes = [(3, 0, 5, 2)[r % 4] for r in range(n)]
+    x = to_framework(shard(seed, me, 7, sum(sizes), K, "float32"), framework, comm.device)
+    first = (seed * 7919 + 2**63 + 5) % 2**64    # past int64's range: the array holds its bits
+    arr = to_framework(np.array([_signed64(first)], np.int64), framework, comm.device)
+
+    def rs(s):
+        y = comm.reduce_scatterv(x, sizes, compress=fmt, rounding="stochastic", seed=s)
+        _sync(comm)
+        return to_numpy(y, "float32")
+    for value in (first, first + 1, 3):
+        arr[...] = _signed64(value % 2**64)
+        got, want = rs(arr), rs(value % 2**64)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), \
+            f"rank {me}: seed array holding {value % 2**64} differs from the int seed"
+        # an array whose only reference is the call's: it must outlive the launches that read it
+        got = rs(to_framework(np.array([_signed64(value % 2**64)], np.int64), framework, comm.device))
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"rank {me}: a temporary seed array"
+    now, before = rs(arr), rs(first)   # collective: every rank calls both
+    assert sizes[me] == 0 or not np.array_equal(now, before), f"rank {me}: the seed's value changed nothing"
+    bad = [(to_framework(np.array([1.0], np.float32), framework, comm.device), "one int64 or uint64 element"),
+           (to_framework(np.array([1, 2], np.int64), framework, comm.device), "one int64 or uint64 element")]
+    if comm.device is not None:
+        bad.append((np.array([1], np.int64), "must be on x's device"))
+    for b, match in bad:
+        with pytest.raises(ValueError, match=match):
+            comm.reduce_scatterv(x, sizes, compress=fmt, rounding="stochastic", seed=b)
+    y = rs(7)   # still usable: nothing reached the wire
+    assert y.shape == (sizes[me], K)
+    return True
+
+
 def check_fp4_bad_input(comm, seed, framework):
     import pytest
     x = to_framework(np.ones((2, 48), np.float32), framework, comm.device)

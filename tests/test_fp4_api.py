@@ -155,6 +155,59 @@ def test_stochastic_needs_a_seed():
     np.testing.assert_array_equal(a.data, b.data)
 
 
+def _signed64(v):
+    return v - 2**64 if v >= 2**63 else v
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_seed_arrays_on_the_host_give_the_int_seeds_bytes(fmt):
+    """A one-element int64/uint64 seed array is read at the call on the host: the bytes of the same int
+    seed (a negative int64 as its unsigned bits), for quantize and quantize_packed alike."""
+    x = (np.random.default_rng(3).standard_normal((4, 64)) * 3).astype(np.float32)
+    arrays = [lambda v: np.array([_signed64(v)], np.int64), lambda v: np.array(v, np.uint64)]
+    try:
+        import torch
+        arrays.append(lambda v: torch.tensor(_signed64(v), dtype=torch.int64))
+    except ImportError:
+        pass
+    lay = packed_layout(4, 64, fmt)
+    for value in (0, 5, 2**63 + 11, 2**64 - 1):
+        want = fp4ccl.quantize(x, fmt, rounding="stochastic", seed=value)
+        want_buf = quantize_packed(x, np.zeros(lay.total_bytes, np.uint8), [(0, 4, 0)], fmt, rounding="stochastic",
+                                   seed=value)
+        for make in arrays:
+            got = fp4ccl.quantize(x, fmt, rounding="stochastic", seed=make(value))
+            np.testing.assert_array_equal(np.asarray(got.data), want.data)
+            np.testing.assert_array_equal(np.asarray(got.scales), want.scales)
+            buf = quantize_packed(x, np.zeros(lay.total_bytes, np.uint8), [(0, 4, 0)], fmt, rounding="stochastic",
+                                  seed=make(value))
+            np.testing.assert_array_equal(buf, want_buf)
+    other = fp4ccl.quantize(x, fmt, rounding="stochastic", seed=np.array([6], np.int64))
+    assert not np.array_equal(other.data, fp4ccl.quantize(x, fmt, rounding="stochastic", seed=5).data)
+    for bad in (np.array([1.0]), np.array([1, 2], np.int64), np.array([1], np.int32), np.zeros((1, 2), np.uint64)):
+        with pytest.raises(ValueError, match="one int64 or uint64 element"):
+            fp4ccl.quantize(x, fmt, rounding="stochastic", seed=bad)
+    # with rounding to nearest a seed is not read at all, as an int seed changes nothing there
+    np.testing.assert_array_equal(fp4ccl.quantize(x, fmt, seed=np.array([1.0])).data, fp4ccl.quantize(x, fmt).data)
+
+
+def test_a_device_seed_derives_as_the_int_arithmetic():
+    """What the kernels compute from a derived DeviceSeed (add + mul * value, mod 2**64) is the int seed
+    the same derivation gives, so a seed array replays an int seed's bytes in every collective form."""
+    from fp4ccl.fp4_collectives import _mix
+    from fp4ccl.formats.seeds import DeviceSeed, derive, kernel_args
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        value = int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2))
+        rank, peer = (int(v) for v in rng.integers(0, 8, 2))
+        add, ptr, mul = kernel_args(_mix(DeviceSeed(4096, 0), rank, peer))
+        assert ptr == 4096 and (add + mul * value) % 2**64 == _mix(value, rank, peer)
+        m1, a1, m2, a2 = (int(v) for v in rng.integers(0, 2**63, 4))
+        add, _, mul = kernel_args(derive(derive(DeviceSeed(8, 0), m1, a1), m2, a2))
+        assert (add + mul * value) % 2**64 == derive(derive(value, m1, a1), m2, a2)
+    assert kernel_args(5) == (5, 0, 0) and kernel_args(None) == (0, 0, 0)
+
+
 def test_bad_amax():
     x = np.ones((1, 16), np.float32)
     for bad in (-1.0, float("nan"), float("inf")):

@@ -38,6 +38,15 @@ def test_fp4_stochastic_rounding_is_unbiased_and_replays(seed):
     assert all(run_ranks(2, fc.check_fp4_stochastic_rounding, seed, "numpy", "nvfp4"))
 
 
+@pytest.mark.parametrize("nranks", [1, 3])
+@pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_reduce_scatterv_with_a_seed_array(fmt, framework, nranks, seed):
+    if framework == "torch_cpu":
+        pytest.importorskip("torch", reason="torch is not installed")
+    assert all(run_ranks(nranks, fc.check_fp4_seed_arrays, seed, framework, fmt))
+
+
 @pytest.mark.parametrize("nranks", [1, 2])
 def test_fp4_bad_input(nranks, seed):
     assert all(run_ranks(nranks, fc.check_fp4_bad_input, seed, "numpy"))

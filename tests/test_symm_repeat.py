@@ -70,6 +70,9 @@ def test_an_fp4_reduce_scatter_is_keyed_by_its_format_rounding_seed_and_form(cud
     others = [key("mxfp4"), key(rounding="stochastic", seed=7), key(rounding="stochastic", seed=8), key(seed=7)]
     assert None not in others and len({base, *others}) == 5
     assert key(seed=np.int64(7)) is None              # the full path checks and converts it
+    # a seed array: the full path resolves it (its address keys the workspace's graph, its value is read
+    # when the graph runs), and an array in the key could not be compared
+    assert key(rounding="stochastic", seed=np.array([7], np.int64)) is None
     for name, value in (("FP4CCL_FP4_RS_FORM", "push"), ("FP4CCL_FP4_RS_PUSH_STREAMS", "2")):
         monkeypatch.setenv(name, value)                # the forms read these: a change is another call
         assert key() != base

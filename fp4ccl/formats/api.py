@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import _arrays
 from . import reference as ref
+from .seeds import Seed, resolve_seed
 from .tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, ROUNDINGS, SCALE_LAYOUTS, FP4Tensor, GatheredFP4Tensor,
                      check_format, check_k, packed_layout, scale_nbytes, swizzled_shape)
 
@@ -32,24 +33,21 @@ def _check_input(x: Any, format: str, name: str = "x") -> Tuple[_arrays.ArrayInf
     return info, rows, K
 
 
-def _check_options(format: str, scale_layout: str, rounding: str, seed: Optional[int]) -> None:
+def _check_options(format: str, scale_layout: str, rounding: str, seed: Any) -> None:
     check_format(format)
     if scale_layout not in SCALE_LAYOUTS:
         raise ValueError(f"scale_layout: expected one of {', '.join(SCALE_LAYOUTS)}, got {scale_layout!r}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding: expected one of {', '.join(ROUNDINGS)}, got {rounding!r}")
-    if rounding == "stochastic":
-        if seed is None:
-            raise ValueError("rounding='stochastic' needs seed=<int> so that the run replays exactly")
-        check_seed(seed)
+    if rounding == "stochastic" and seed is None:
+        raise ValueError("rounding='stochastic' needs seed=<int or one-element int64 array> so that the run "
+                         "replays exactly")
 
 
-def check_seed(seed: Any) -> int:
-    """A stochastic-rounding seed as an int in [0, 2**64); ValueError for anything else (bools, floats and
-    strings included, which int() would quietly turn into another seed)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
-    return int(seed)
+def _call_seed(rounding: str, seed: Any, info: _arrays.ArrayInfo) -> Seed:
+    """The seed the kernels or the reference get: checked and resolved when rounding stochastically
+    (seeds.resolve_seed), 0 otherwise (a seed changes nothing then)."""
+    return resolve_seed(seed, info) if rounding == "stochastic" else 0
 
 
 def _check_units(rows: int, K: int, format: str, what: str = "x") -> None:
@@ -195,7 +193,7 @@ def amax(x: Any, *, stream: Any = None):
 
 # ------------------------------------------------------------------------------ quantize
 def quantize(x: Any, format: str = "nvfp4", *, amax: Any = None, scale_layout: str = "linear",
-             rounding: str = "nearest", seed: Optional[int] = None, out: Optional[FP4Tensor] = None,
+             rounding: str = "nearest", seed: Any = None, out: Optional[FP4Tensor] = None,
              stream: Any = None) -> FP4Tensor:
     """Quantize x [..., K] (bf16, fp16 or fp32) to NVFP4 or MXFP4 along the last dimension.
 
@@ -204,11 +202,14 @@ def quantize(x: Any, format: str = "nvfp4", *, amax: Any = None, scale_layout: s
           tensor's own amax over finite elements. Ignored for MXFP4.
     scale_layout: "linear" ([..., K/block]) or "swizzled" (flat, what Blackwell FP4 GEMMs read).
     rounding: "nearest" (even) or "stochastic" (needs seed; the same seed replays the same bytes).
+    seed: an int in [0, 2**64), or a one-element int64 array on x's device that the kernel reads when it
+          runs (for CUDA graphs: advance it between replays; see fp4ccl.formats.seeds).
     out: an FP4Tensor to write into (same format, shape and layout; arrays on x's device).
     stream: GPU only; default the framework's current stream.
     """
     _check_options(format, scale_layout, rounding, seed)
     info, rows, K = _check_input(x, format)
+    seed = _call_seed(rounding, seed, info)
     bs = BLOCK_SIZE[format]
     nbc = K // bs
     lead = info.shape[:-1]
@@ -237,7 +238,7 @@ def quantize(x: Any, format: str = "nvfp4", *, amax: Any = None, scale_layout: s
         ncols_pad = swizzled_shape(rows, nbc)[1]
         if si.nbytes > rows * nbc:  # the padding must read as zeros
             kernels.memset(dev, si.ptr, 0, si.nbytes, s)
-    kernels.quantize(dev, info.ptr, info.dtype, K, format, scale_layout, rounding, int(seed or 0),
+    kernels.quantize(dev, info.ptr, info.dtype, K, format, scale_layout, rounding, seed,
                      amax_ptr, amax_val, [(rows * nbc, 0, di.ptr, si.ptr, gptr)], ncols_pad, s, amax_n)
     del keep  # stream-ordered allocators make freeing after the enqueue safe
     return out
@@ -385,7 +386,7 @@ def _check_out_array(out: Any, shape: Tuple[int, ...], dtype: str, like: _arrays
 
 # ------------------------------------------------------------------------------ packed (wire) forms
 def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], format: str = "nvfp4", *,
-                    amax: Any = None, rounding: str = "nearest", seed: Optional[int] = None,
+                    amax: Any = None, rounding: str = "nearest", seed: Any = None,
                     stream: Any = None):
     """Quantize row ranges of x (viewed as [rows, K]) straight into the uint8 buffer `buf`.
 
@@ -398,6 +399,7 @@ def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], 
     """
     _check_options(format, "linear", rounding, seed)
     info, rows, K = _check_input(x, format)
+    seed = _call_seed(rounding, seed, info)
     bi = _check_buffer(buf, info)
     segs = _check_segments(segments, rows, K, format, bi.nbytes, "x")
     if not info.is_cuda:
@@ -414,7 +416,7 @@ def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], 
         lay = packed_layout(n, K, format)
         base = bi.ptr + off
         launch.append((n * nbc, r0 * nbc, base, base + lay.scale_off, base + lay.gs_off if format == "nvfp4" else 0))
-    kernels.quantize(dev, info.ptr, info.dtype, K, format, "linear", rounding, int(seed or 0), amax_ptr, amax_val,
+    kernels.quantize(dev, info.ptr, info.dtype, K, format, "linear", rounding, seed, amax_ptr, amax_val,
                      launch, 0, s, amax_n)
     del keep
     return buf

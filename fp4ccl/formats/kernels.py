@@ -25,6 +25,7 @@ import numpy as np
 from .. import jit
 from .._cuda import StreamRef, runtime as _rt
 from .._log import get_logger
+from .seeds import Seed, kernel_args
 
 _log = get_logger("fp4ccl.kernels")
 
@@ -65,7 +66,7 @@ LL_MAXCTAS = 32      # FP4_LL_MAXCTAS: its grid; flag words per source rank and 
 # argument kinds of each kernel family, in C order; "seg"/"sum" is the by-value table
 _SIGNATURES = {
     "amax": ("u64", "u64", "u64", "u32"),
-    "quant": ("u64", "u32", "u64", "u32", "f32", "u64", "u32", "seg"),
+    "quant": ("u64", "u32", "u64", "u32", "f32", "u64", "u64", "u64", "u32", "seg"),
     "dequant": ("u64", "u32", "u32", "seg"),
     "dqsum": ("u64", "u32", "u32", "u32", "sum"),
     "qsmall": ("u64", "u64", "u32", "seg"),
@@ -76,7 +77,8 @@ _SIGNATURES = {
     "vcopy": ("vtab",),
 }
 VCOPY_MAXSEG = 128   # VCOPY_MAXSEG in csrc/vcopy.cu: segments per launch (src, dst, nbytes arrays)
-_TABLES = {"seg": 5 * MAXSEG, "sum": 3 * MAXSUM, "vtab": 3 * VCOPY_MAXSEG, "ll": 5 * LL_MAXRANKS}   # u64 words of each by-value table
+# u64 words of each by-value table ("ll": LLTable's five arrays, then seed_ptr and seed_mul)
+_TABLES = {"seg": 5 * MAXSEG, "sum": 3 * MAXSUM, "vtab": 3 * VCOPY_MAXSEG, "ll": 5 * LL_MAXRANKS + 2}
 _CTYPES = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "i32": ctypes.c_int32, "f32": ctypes.c_float,
            **{k: ctypes.c_uint64 * n for k, n in _TABLES.items()}}
 _NUMPY = {"u64": np.uint64, "u32": np.uint32, "i32": np.int32, "f32": np.float32}
@@ -384,10 +386,11 @@ def _grid(units: int, cap: int, nseg: int) -> int:
 
 
 def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout: str, rounding: str,
-             seed: int, amax_ptr: int, amax_value: float, segments: Sequence[Tuple[int, int, int, int, int]],
+             seed: Seed, amax_ptr: int, amax_value: float, segments: Sequence[Tuple[int, int, int, int, int]],
              ncols_pad: int, stream: int, amax_n: int = 1) -> None:
     """Quantize FP4 blocks of x into each segment's (data, scale, gs) addresses.
 
+    seed: stochastic rounding's, an int or a DeviceSeed (read by the kernel when it runs).
     segments: (units, src_block, data_ptr, scale_ptr, gs_ptr): `units` FP4 blocks of x starting at block
     `src_block` (= row_start * K / block); gs_ptr 0 writes no global scale (MXFP4).
     amax_ptr: device address of the NVFP4 amax as amax_n fp32 values whose max is taken (one scalar, or
@@ -396,7 +399,7 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
     if amax_ptr and amax_n < 1:
         raise ValueError(f"amax_n={amax_n}: a device amax needs at least one value")
     la = launcher(device, _QUANT_NAMES[(format, in_dtype, layout, rounding)], "quant")
-    seed &= 0xFFFFFFFFFFFFFFFF
+    seed, seed_ptr, seed_mul = kernel_args(seed)
     n = len(segments)
     for i in range(0, n, MAXSEG):
         chunk = segments[i:i + MAXSEG] if n > MAXSEG else segments
@@ -404,7 +407,7 @@ def quantize(device: int, x_ptr: int, in_dtype: str, K: int, format: str, layout
         # after amax_partials the first launch may overlap that pass's tail (it waits for the partials)
         go = la.after_previous_kernel if amax_n > 1 and i == 0 and _sm90(device) else la
         go(device, _grid(most, la.cap, len(chunk)), len(chunk), stream,
-           x_ptr, K, amax_ptr, amax_n, amax_value, seed, ncols_pad)
+           x_ptr, K, amax_ptr, amax_n, amax_value, seed, seed_ptr, seed_mul, ncols_pad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -447,24 +450,31 @@ def gather_ll(device: int, format: str, x_ptr: int, dtype: str, numel: int, out_
 
 def reduce_scatter_ll(device: int, format: str, x_ptr: int, dtype: str, out_ptr: int, units: Sequence[int],
                       first: Sequence[int], regions: Sequence[int], flags: Sequence[int], counters: int,
-                      seg_stride: int, scale_off: int, rank: int, rounding: str, seeds: Sequence[int],
+                      seg_stride: int, scale_off: int, rank: int, rounding: str, seeds: Sequence[Seed],
                       timeout_ns: int, stream: int) -> None:
     """One launch of the whole FP4 reduce-scatter (csrc/fp4.cu, reduce_scatter_ll_body), over the
     buffer, flags and counters of gather_ll: chunk q of x (units[q] FP4 blocks from block first[q], the
     rows rank q owns) is quantized as a tensor of its own (NVFP4: its own amax; `rounding`, with seeds[q]
     when stochastic) into this rank's segment of regions[q]; this rank's chunk from every rank is then
     decoded and summed in rank order in fp32 and rounded once into out (x's dtype). sm_90+ on every rank;
-    fp4ccl.one_launch checks that and the rest."""
+    fp4ccl.one_launch checks that and the rest. Device seeds must all be derived with one multiplier
+    from one word (fp4_collectives derives them so)."""
     la = launcher(device, _RS_LL_NAMES[(format, dtype, rounding)], "rsll")
-    _fill_ll_table(la.table, units, first, regions, flags, seeds)
+    args = [kernel_args(s) for s in seeds]
+    where = {(ptr, mul) for _, ptr, mul in args}
+    if len(where) > 1:
+        raise ValueError(f"reduce_scatter_ll: the chunks' seeds come from {len(where)} sources; one launch reads one")
+    _fill_ll_table(la.table, units, first, regions, flags, [a[0] for a in args], *(where.pop() if where else (0, 0)))
     la(device, LL_MAXCTAS, 1, stream, x_ptr, out_ptr, counters, seg_stride, scale_off, timeout_ns, rank, len(units))
 
 
-def _fill_ll_table(t, units, first, regions, flags, seeds=()) -> None:
-    """The by-value LLTable: units, first, region, flags and seed arrays of LL_MAXRANKS words each."""
+def _fill_ll_table(t, units, first, regions, flags, seeds=(), seed_ptr=0, seed_mul=0) -> None:
+    """The by-value LLTable: units, first, region, flags and seed arrays of LL_MAXRANKS words each, then
+    the device seed's address and multiplier (0, 0: the seeds as they are)."""
     t[:] = 0
     for k, column in enumerate((units, first, regions, flags, seeds)):
         t[k * LL_MAXRANKS:k * LL_MAXRANKS + len(column)] = column
+    t[5 * LL_MAXRANKS:] = (seed_ptr, seed_mul)
 
 
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,

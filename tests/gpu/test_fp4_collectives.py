@@ -141,6 +141,56 @@ def _pipelined_reduce_scatter(comm, seed, form):
         return _on_path(comm, "symm", fc.check_fp4_stochastic_rounding, seed, "torch", "nvfp4")
 
 
+# Every transport and form of the FP4 reduce-scatter: (FP4CCL_FP4_ALGO, FP4CCL_FP4_RS_FORM or None)
+SEED_FORMS = {"nccl": ("nccl", None), "ll": ("symm", "ll"), "steps": ("symm", "steps"), "pull": ("symm", "pull"),
+              "store": ("symm", "store"), "push": ("symm", "push")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", list(SEED_FORMS))
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_fp4_reduce_scatterv_with_a_device_seed(nranks, form, seed):
+    """seed=<one-element int64 tensor on the GPU>, on every transport and form: eagerly the bytes of the
+    same int seed with the value the tensor holds when the call runs (repeated calls with one tensor
+    replay the workspace's own graph of their steps, which must read the new value), bad seed arrays
+    refused on every rank; captured in the caller's CUDA graph together with seed.add_(1) (the forms other
+    than ll then run over NCCL, as any capture does), replay k rounds with the captured value + k."""
+    need_gpus(nranks)
+    assert all(run_ranks(nranks, _device_seed_reduce_scatter, seed, form, backend="nccl"))
+
+
+def _device_seed_reduce_scatter(comm, seed, form):
+    import numpy as np
+    import torch
+    from collective_checks import to_framework, to_numpy
+    from fp4_collective_checks import shard
+    algo, rs_form = SEED_FORMS[form]
+    settings = {"FP4CCL_FP4_ALGO": algo, **({"FP4CCL_FP4_RS_FORM": rs_form} if rs_form else {})}
+    n, me = comm.size, comm.rank
+    with env(settings):
+        for fmt, framework in (("nvfp4", "torch"), ("mxfp4", "cupy")):
+            fc.check_fp4_seed_arrays(comm, seed, framework, fmt)
+        dev = f"cuda:{comm.device}"
+        sizes, K = [(5, 0, 3, 8)[r % 4] for r in range(n)], 64
+        x = to_framework(shard(seed, me, 1600, sum(sizes), K, "bfloat16"), "torch", comm.device)
+        out = torch.empty((sizes[me], K), dtype=torch.bfloat16, device=dev)
+        seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
+        kw = dict(compress="nvfp4", rounding="stochastic")
+        comm.reduce_scatterv(x, sizes, out=out, seed=seed_t, **kw)   # eager first: workspaces, kernels
+        torch.cuda.synchronize(comm.device)
+        graph = _captured(comm, lambda: (comm.reduce_scatterv(x, sizes, out=out, seed=seed_t, **kw), seed_t.add_(1)))
+        for k in range(4):
+            out.view(torch.int16).fill_(0x5A5A)
+            graph.replay()
+            torch.cuda.synchronize(comm.device)
+            got = to_numpy(out, "bfloat16").view(np.uint16)
+            want = to_numpy(comm.reduce_scatterv(x, sizes, seed=seed + k, **kw), "bfloat16").view(np.uint16)
+            torch.cuda.synchronize(comm.device)
+            assert np.array_equal(got, want), f"rank {me} {form}: replay {k} is not the int seed {seed + k}'s result"
+        assert int(seed_t) == seed + 4, f"rank {me}: the captured seed.add_(1) ran {int(seed_t) - seed} times"
+    return True
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", ["ll", "store", "push", "push:3"])
 @pytest.mark.parametrize("nranks", [2, 4])

@@ -205,6 +205,73 @@ def test_stochastic_rounding_unbiased_on_gpu(rng):
     assert np.abs(err).max() < 5 / np.sqrt(n)
 
 
+def _seed_array(value: int, framework: str):
+    """A one-element int64 array on the GPU holding the bits of the unsigned 64-bit value. The tests pass
+    it as a temporary on purpose: the call holds the only reference, and must keep it until its kernels
+    are enqueued (dropped earlier, its word went to the amax partials, which the kernel read as the seed)."""
+    return to_device(np.array([value], np.uint64).view(np.int64), framework)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("framework,dtype", [("torch", "bfloat16"), ("cupy", "float32"), ("torch", "float16")])
+def test_a_device_seed_gives_the_int_seeds_bytes(rng, seed, fmt, framework, dtype):
+    """seed=<one-element int64 array on x's device>, read by the kernel when it runs, quantizes to the
+    bytes of the same int seed: both scale layouts, the packed form, and an input large enough for the
+    NVFP4 quantize to start as a programmatic dependent of the amax pass."""
+    for rows, K in ((7, 96), (300, 512), (4096, 1024)):
+        xh = make_input(rng, rows, K, dtype, "random")
+        x = to_device(xh, framework)
+        for value in (seed, 2**64 - 1 - seed):
+            for layout in ("linear", "swizzled"):
+                want = fp4ccl.quantize(x, fmt, scale_layout=layout, rounding="stochastic", seed=value)
+                got = fp4ccl.quantize(x, fmt, scale_layout=layout, rounding="stochastic",
+                                      seed=_seed_array(value, framework))
+                for part in ("data", "scales", "global_scale"):
+                    np.testing.assert_array_equal(to_host(getattr(got, part)), to_host(getattr(want, part)),
+                                                  err_msg=f"{part} {rows}x{K} {layout} seed {value}")
+            lay = packed_layout(rows, K, fmt)
+            bufs = [to_device(np.zeros(lay.total_bytes, np.uint8), framework) for _ in range(2)]
+            quantize_packed(x, bufs[0], [(0, rows, 0)], fmt, rounding="stochastic", seed=value)
+            quantize_packed(x, bufs[1], [(0, rows, 0)], fmt, rounding="stochastic", seed=_seed_array(value, framework))
+            np.testing.assert_array_equal(to_host(bufs[1]), to_host(bufs[0]), err_msg=f"packed {rows}x{K}")
+    with pytest.raises(ValueError, match="must be on x's device"):
+        fp4ccl.quantize(x, fmt, rounding="stochastic", seed=np.array([1], np.int64))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_a_device_seed_advanced_between_graph_replays(rng, seed, fmt):
+    """Captured once with a seed tensor that the graph itself advances, every replay rounds with the next
+    seed: replay k gives the bytes of seed + k, and the mean over replays is unbiased (a captured int seed
+    would give every replay the same rounding)."""
+    import torch
+    xh = rng.uniform(-5.5, 5.5, size=(64, 64)).astype(F32)
+    xh[:, ::16] = 6.0
+    x = to_device(xh, "torch")
+    seed_t = torch.tensor(seed, dtype=torch.int64, device="cuda")
+    fp4ccl.quantize(x, fmt, amax=2688.0, rounding="stochastic", seed=seed_t)   # compiles before the capture
+    torch.cuda.synchronize()
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        q = fp4ccl.quantize(x, fmt, amax=2688.0, rounding="stochastic", seed=seed_t)
+        decoded = q.dequantize("float32")
+        seed_t.add_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    n = 2000
+    acc = torch.zeros_like(x, dtype=torch.float64)
+    for k in range(n):
+        graph.replay()
+        if k < 3:
+            torch.cuda.synchronize()
+            want = fp4ccl.quantize(x, fmt, amax=2688.0, rounding="stochastic", seed=seed + k)
+            np.testing.assert_array_equal(to_host(q.data), to_host(want.data), err_msg=f"replay {k}")
+        acc += decoded
+    torch.cuda.synchronize()
+    assert int(seed_t) == seed + n
+    err = to_host(acc / n) - xh
+    assert np.abs(err).max() < 5 / np.sqrt(n), f"mean error {np.abs(err).max():.3g} over {n} replays"
+
+
 # ------------------------------------------------------------------------------ packed forms
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("framework,dtype", [("torch", "bfloat16"), ("cupy", "float32"), ("torch", "float16")])
