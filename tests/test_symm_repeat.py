@@ -73,6 +73,12 @@ def test_an_fp4_reduce_scatter_is_keyed_by_its_format_rounding_seed_and_form(cud
     # a seed array: the full path resolves it (its address keys the workspace's graph, its value is read
     # when the graph runs), and an array in the key could not be compared
     assert key(rounding="stochastic", seed=np.array([7], np.int64)) is None
+    # a torch seed tensor is keyed by where it is: its value may change between calls that replay
+    s1, s2 = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+    k1 = key(rounding="stochastic", seed=s1)
+    assert k1 is not None and k1 == key(rounding="stochastic", seed=s1) and k1 != key(rounding="stochastic", seed=s2)
+    s1.fill_(9)
+    assert key(rounding="stochastic", seed=s1) == k1
     for name, value in (("FP4CCL_FP4_RS_FORM", "push"), ("FP4CCL_FP4_RS_PUSH_STREAMS", "2")):
         monkeypatch.setenv(name, value)                # the forms read these: a change is another call
         assert key() != base

@@ -153,7 +153,8 @@ def test_fp4_reduce_scatterv_with_a_device_seed(nranks, form, seed):
     """seed=<one-element int64 tensor on the GPU>, on every transport and form: eagerly the bytes of the
     same int seed with the value the tensor holds when the call runs (repeated calls with one tensor
     replay the workspace's own graph of their steps, which must read the new value), bad seed arrays
-    refused on every rank; captured in the caller's CUDA graph together with seed.add_(1) (the forms other
+    refused on every rank; calls into out= with one tensor take symm_repeat's fast path and still read its
+    value; captured in the caller's CUDA graph together with seed.add_(1) (the forms other
     than ll then run over NCCL, as any capture does), replay k rounds with the captured value + k."""
     need_gpus(nranks)
     assert all(run_ranks(nranks, _device_seed_reduce_scatter, seed, form, backend="nccl"))
@@ -176,7 +177,18 @@ def _device_seed_reduce_scatter(comm, seed, form):
         out = torch.empty((sizes[me], K), dtype=torch.bfloat16, device=dev)
         seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
         kw = dict(compress="nvfp4", rounding="stochastic")
-        comm.reduce_scatterv(x, sizes, out=out, seed=seed_t, **kw)   # eager first: workspaces, kernels
+        for k in range(3):   # into out=: from the third call on, straight to the workspace's graph
+            seed_t.fill_(seed + 100 + k)
+            comm.reduce_scatterv(x, sizes, out=out, seed=seed_t, **kw)
+            torch.cuda.synchronize(comm.device)
+            want = to_numpy(comm.reduce_scatterv(x, sizes, seed=seed + 100 + k, **kw), "bfloat16").view(np.uint16)
+            assert np.array_equal(to_numpy(out, "bfloat16").view(np.uint16), want), f"rank {me} {form}: eager call {k}"
+        if algo == "symm":
+            from fp4ccl import symm_collectives
+            known = symm_collectives.existing_workspace(comm).repeats.known
+            assert any(isinstance(v, tuple) and v[:1] == ("tensor",) for key in known for v in key[0]), \
+                f"rank {me} {form}: the calls with a seed tensor were not recorded for the fast path"
+        seed_t.fill_(seed)
         torch.cuda.synchronize(comm.device)
         graph = _captured(comm, lambda: (comm.reduce_scatterv(x, sizes, out=out, seed=seed_t, **kw), seed_t.add_(1)))
         for k in range(4):
