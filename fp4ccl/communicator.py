@@ -405,9 +405,9 @@ class Communicator:
         compress="nvfp4"|"mxfp4": each rank quantizes the rows meant for each peer, an all-to-all moves
         them, and each rank sums the dequantized contributions in fp32 (see fp4ccl.fp4_collectives);
         rounding and seed need it. rounding="stochastic" needs seed= (the same on every rank, so a run
-        replays): an int, or a one-element int64 array on x's device that the kernels read when they run
-        (advance it between replays of a CUDA graph); with "nearest" a seed changes nothing, so one call
-        site may switch rounding alone.
+        replays): an int, or a one-element int64/uint64 array on x's device that the kernels read when
+        they run (advance it between replays of a CUDA graph; a host array with host x is read at the
+        call); with "nearest" a seed changes nothing, so one call site may switch rounding alone.
         x cannot be an FP4Tensor (TypeError): the rows for each peer are quantized as a tensor of their own.
         """
         if _is_fp4(x):

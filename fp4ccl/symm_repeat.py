@@ -61,7 +61,7 @@ def call_key(comm, op: tuple, x, out, sizes, stream) -> Optional[tuple]:
     if getattr(comm._backend, "_depth", 0) or log.isEnabledFor(logging.INFO):
         return None   # grouped calls never use symmetric memory; INFO logs each call's choice
     if not all(v is None or type(v) in (str, bool, int) for v in op):
-        op = _with_tensor_keys(op, torch)
+        op = _with_seed_tensor_key(op, torch)
         if op is None:
             return None   # options of other types (some unhashable): the full path checks them
     try:
@@ -90,20 +90,18 @@ def _tensor_key(t) -> tuple:
     return (t.data_ptr(), t.shape, t.dtype, t.stride(), t.device)
 
 
-def _with_tensor_keys(op: tuple, torch) -> Optional[tuple]:
-    """op with each torch tensor in it (a seed array) replaced by its key, or None where another type
-    is there. A tensor is keyed by where it is, not by what it holds: the full path resolves it to an
-    address whose value the graph reads when it runs (and a tensor that the full path refuses is never
-    recorded, so it never replays)."""
-    parts = []
-    for v in op:
-        if type(v) is torch.Tensor:
-            parts.append(("tensor",) + _tensor_key(v))
-        elif v is None or type(v) in (str, bool, int):
-            parts.append(v)
-        else:
-            return None
-    return tuple(parts)
+def _with_seed_tensor_key(op: tuple, torch) -> Optional[tuple]:
+    """An FP4 reduce-scatter's op (communicator.reduce_scatterv: name, op, compress, rounding, seed)
+    with a torch seed tensor replaced by its key; None for anything else. A seed tensor is keyed by
+    where it is, not by what it holds: the full path resolves it to an address whose value the graph
+    reads when it runs (and a tensor the full path refuses is never recorded, so it never replays).
+    Tensors in other options are never keyed: their values decide the call."""
+    *head, seed = op
+    if op[0] != "reduce_scatterv" or len(op) != 5 or type(seed) is not torch.Tensor:
+        return None
+    if not all(v is None or type(v) in (str, bool, int) for v in head):
+        return None
+    return tuple(head) + (("tensor",) + _tensor_key(seed),)
 
 
 def _fp4_out_key(out, torch) -> Optional[tuple]:

@@ -328,11 +328,13 @@ def _c_kind(param: str) -> str:
     decl = param.replace("__restrict__", "").replace("__grid_constant__", "").replace("const ", "").split()
     if "*" in param:
         return "u64"
-    return {"u64": "u64", "u32": "u32", "int": "i32", "float": "f32", "SegTable": "seg", "SumTable": "sum"}[decl[0]]
+    return {"u64": "u64", "u32": "u32", "int": "i32", "float": "f32", "SegTable": "seg", "SumTable": "sum",
+            "LLTable": "ll"}[decl[0]]
 
 
 @pytest.mark.parametrize("macro,kind", [("FP4_AMAX", "amax"), ("FP4_QUANT", "quant"), ("FP4_DEQUANT", "dequant"),
-                                        ("FP4_DQSUM", "dqsum"), ("FP4_QUANT_SMALL", "qsmall")])
+                                        ("FP4_DQSUM", "dqsum"), ("FP4_QUANT_SMALL", "qsmall"),
+                                        ("FP4_GATHER_LL", "gll"), ("FP4_RS_LL", "rsll")])
 def test_launcher_signatures_match_the_kernels(macro, kind):
     """The launchers pass arguments by position through cuLaunchKernel: a kernel parameter added in
     csrc/fp4.cu but not in _SIGNATURES would shift every later argument, silently."""
@@ -344,6 +346,27 @@ def test_launcher_signatures_match_the_kernels(macro, kind):
     params = re.search(r"\w+##\w*\s*\((.*)\)\s*$", body, re.S) or re.search(r"\(([^()]*)\)\s*$", body, re.S)
     kinds = tuple(_c_kind(p.strip()) for p in params.group(1).split(","))
     assert kinds == kernels._SIGNATURES[kind], f"{macro}: C parameters {kinds} != _SIGNATURES[{kind!r}]"
+
+
+def test_the_one_launch_table_matches_the_struct():
+    """The one-launch kernels take struct LLTable by value, filled word by word by _fill_ll_table:
+    its u64 fields in order (arrays of FP4_LL_MAXRANKS, then scalars) must be _TABLES["ll"] words."""
+    from fp4ccl.formats import kernels
+    text = (REPO / "csrc" / "fp4.cu").read_text()
+    body = re.search(r"struct LLTable \{(.*?)\};", text, re.S).group(1)
+    words = 0
+    for decl in re.sub(r"//[^\n]*", "", body).split(";"):
+        decl = decl.strip()
+        if not decl:
+            continue
+        assert decl.startswith("u64 "), decl
+        for name in decl[4:].split(","):
+            words += kernels.LL_MAXRANKS if "[FP4_LL_MAXRANKS]" in name else 1
+    assert words == kernels._TABLES["ll"] == 5 * kernels.LL_MAXRANKS + 2
+    table = np.zeros(kernels._TABLES["ll"], np.uint64)
+    kernels._fill_ll_table(table, [1, 2], [3, 4], [5, 6], [7, 8], [9, 10], 4096, 77)
+    assert list(table[4 * kernels.LL_MAXRANKS:4 * kernels.LL_MAXRANKS + 2]) == [9, 10]
+    assert list(table[-2:]) == [4096, 77]
 
 
 def test_launch_config_structs_match_cuda_h(tmp_path):

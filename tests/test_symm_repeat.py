@@ -79,6 +79,11 @@ def test_an_fp4_reduce_scatter_is_keyed_by_its_format_rounding_seed_and_form(cud
     assert k1 is not None and k1 == key(rounding="stochastic", seed=s1) and k1 != key(rounding="stochastic", seed=s2)
     s1.fill_(9)
     assert key(rounding="stochastic", seed=s1) == k1
+    # a tensor anywhere else decides the call by its value: never keyed
+    assert symm_repeat.call_key(comm, ("all_gatherv", "nvfp4", "per_rank", torch.tensor(True)), x, out, [4] * 4,
+                                None) is None
+    assert symm_repeat.call_key(comm, ("reduce_scatterv", "sum", "nvfp4", torch.tensor(1), s1), x, out, [4] * 4,
+                                None) is None
     for name, value in (("FP4CCL_FP4_RS_FORM", "push"), ("FP4CCL_FP4_RS_PUSH_STREAMS", "2")):
         monkeypatch.setenv(name, value)                # the forms read these: a change is another call
         assert key() != base

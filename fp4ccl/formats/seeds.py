@@ -26,7 +26,9 @@ class DeviceSeed:
     add + mul * value (mod 2**64): the derived seeds of a reduce-scatter's chunks share one word.
     `owner` is the caller's array: held until the kernels are enqueued, since a call that dropped the
     last reference earlier would hand the word to the next allocation of the call itself (measured:
-    the amax partials landed there and became the seed)."""
+    the amax partials landed there and became the seed). The symmetric workspace's graph cache keys
+    hold it too, so an array stays alive while a cached graph reads it (until evicted, the workspace
+    grows, or the communicator is destroyed)."""
     ptr: int
     device: int
     mul: int = 1
@@ -55,7 +57,10 @@ def resolve_seed(seed: Any, x: _arrays.ArrayInfo) -> Seed:
     The bits of a negative int64 are taken as an unsigned 64-bit value."""
     if isinstance(seed, numbers.Integral) or not _is_array(seed):
         return check_seed(seed)
-    s = _arrays.describe(seed, "seed")
+    try:
+        s = _arrays.describe(seed, "seed")
+    except TypeError as exc:   # a dtype or device no framework adapter takes
+        raise ValueError(f"seed: a seed array must hold one int64 or uint64 element ({exc})") from None
     if s.dtype not in SEED_DTYPES or s.size != 1:
         raise ValueError(f"seed: a seed array must hold one int64 or uint64 element, got {s.dtype} of shape "
                          f"{s.shape}")
@@ -63,6 +68,8 @@ def resolve_seed(seed: Any, x: _arrays.ArrayInfo) -> Seed:
         if s.device != x.device:
             raise ValueError(f"seed: on {s.where()}, but x is on {x.where()}: a seed array is read by the kernels "
                              f"and must be on x's device")
+        if s.ptr % 8:   # the kernels load it as one 64-bit word; a misaligned load kills the context
+            raise ValueError(f"seed: the array's element must be 8-byte aligned (address {s.ptr:#x})")
         return DeviceSeed(s.ptr, s.device, owner=seed)
     if s.is_cuda:
         raise ValueError(f"seed: on {s.where()}, but x is on the host: pass an int or a host array")

@@ -236,6 +236,25 @@ def test_a_device_seed_gives_the_int_seeds_bytes(rng, seed, fmt, framework, dtyp
             np.testing.assert_array_equal(to_host(bufs[1]), to_host(bufs[0]), err_msg=f"packed {rows}x{K}")
     with pytest.raises(ValueError, match="must be on x's device"):
         fp4ccl.quantize(x, fmt, rounding="stochastic", seed=np.array([1], np.int64))
+    with pytest.raises(ValueError, match="x is on the host"):
+        fp4ccl.quantize(xh.astype(F32), fmt, rounding="stochastic", seed=_seed_array(1, framework))
+
+
+def test_device_seed_dtypes_and_alignment(rng):
+    """A torch uint64 seed on the GPU gives the int seed's bytes; a seed word that is not 8-byte aligned
+    is refused (the kernel's 64-bit load of it would fault and end the context)."""
+    import cupy
+    import torch
+    xh = make_input(rng, 16, 64, "float32", "random")
+    x = to_device(xh, "torch")
+    value = 2**63 + 12345
+    want = fp4ccl.quantize(x, rounding="stochastic", seed=value)
+    got = fp4ccl.quantize(x, rounding="stochastic", seed=torch.tensor(value, dtype=torch.uint64, device="cuda"))
+    np.testing.assert_array_equal(to_host(got.data), to_host(want.data))
+    raw = cupy.zeros(16, cupy.uint8)
+    odd = cupy.ndarray((1,), cupy.int64, memptr=raw.data + 1)
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        fp4ccl.quantize(to_device(xh, "cupy"), rounding="stochastic", seed=odd)
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
