@@ -22,10 +22,14 @@ def test_fp4_gather_of_an_fp4tensor(fmt, seed):
 @pytest.mark.parametrize("nranks", [1, 3])
 @pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_fp4_gather_of_an_fp4tensor_options(fmt, framework, nranks, seed):
+@pytest.mark.parametrize("check", [fc.check_fp4_gather_tensor_options, fc.check_fp4_seed_arrays],
+                         ids=["gather_of_an_fp4tensor_options", "reduce_scatterv_with_a_seed_array"])
+def test_fp4_options_in_each_framework(check, fmt, framework, nranks, seed):
+    """An FP4Tensor gathered with its options; the FP4 reduce-scatter with seed arrays (host arrays, read
+    at the call): numpy and CPU torch, 1 and 3 ranks."""
     if framework == "torch_cpu":
         pytest.importorskip("torch", reason="torch is not installed")
-    assert all(run_ranks(nranks, fc.check_fp4_gather_tensor_options, seed, framework, fmt))
+    assert all(run_ranks(nranks, check, seed, framework, fmt))
 
 
 @pytest.mark.parametrize("nranks", [1, 3, 4])
@@ -36,15 +40,6 @@ def test_fp4_reduce_scatterv(fmt, nranks, seed):
 
 def test_fp4_stochastic_rounding_is_unbiased_and_replays(seed):
     assert all(run_ranks(2, fc.check_fp4_stochastic_rounding, seed, "numpy", "nvfp4"))
-
-
-@pytest.mark.parametrize("nranks", [1, 3])
-@pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_fp4_reduce_scatterv_with_a_seed_array(fmt, framework, nranks, seed):
-    if framework == "torch_cpu":
-        pytest.importorskip("torch", reason="torch is not installed")
-    assert all(run_ranks(nranks, fc.check_fp4_seed_arrays, seed, framework, fmt))
 
 
 @pytest.mark.parametrize("nranks", [1, 2])
