@@ -11,6 +11,17 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import harness`
 
 
+def pytest_configure(config):
+    """FP4CCL_TEST_REQUIRE=torch,mpi4py names modules the run must have (the README's test command, and
+    so CI, sets it): the tests that skip without one would otherwise pass the run unnoticed."""
+    import importlib
+    for name in filter(None, (n.strip() for n in os.environ.get("FP4CCL_TEST_REQUIRE", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise pytest.UsageError(f"FP4CCL_TEST_REQUIRE names {name!r}, which does not import here: {exc}") from None
+
+
 def gpu_count() -> int:
     """Visible CUDA devices, without initialising CUDA in this process when no driver is there."""
     try:

@@ -32,7 +32,7 @@ def _run_threads(size, fn):
         t.start()
     for t in threads:
         t.join(60)
-    keys_left = server.key_count() if hasattr(server, "key_count") else None
+    keys_left = server.key_count()
     server.close()
     assert not errors, errors
     return results, keys_left
@@ -53,8 +53,7 @@ def test_store_exchange_rounds(size):
         for i in range(5):
             assert results[r][2 * i] == [bytes([q, i]) * (q + 1) for q in range(size)]
             assert results[r][2 * i + 1] == b"root%d" % i
-    if keys_left is not None:
-        assert keys_left == 0, "the exchange left keys behind in the store"
+    assert keys_left == 0, f"the exchange left {keys_left} keys behind in the store"
 
 
 def test_store_barrier_takes_the_exchanges_timeout():

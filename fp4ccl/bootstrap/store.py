@@ -140,6 +140,11 @@ class StoreServer:
         """The "host:port" clients connect to."""
         return format_address(self.host, self.port)
 
+    def key_count(self) -> int:
+        """How many keys the store holds now (what a job's exchanges leave behind)."""
+        with self._cond:
+            return len(self._data)
+
     def __enter__(self):
         return self
 
