@@ -22,7 +22,7 @@ from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
 from .vcollectives import offsets, split_count
 from .formats.api import dequantize_gathered
-from .formats.seeds import Seed, derive, resolve_seed
+from .formats.seeds import Seed, call_seed, derive
 from .formats.tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, GatheredFP4Tensor, check_format, check_k,
                              packed_layout)
 
@@ -223,7 +223,7 @@ def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress
         raise ValueError("rounding='stochastic' needs seed= (every rank derives its own stream from it, so a run "
                          "replays)")
     info, inner, K = _check_input(comm, x, compress, "reduce_scatterv")
-    seed = resolve_seed(seed, info) if rounding == "stochastic" else 0
+    seed = call_seed(rounding, seed, info)
     if sizes is None:
         raise TypeError("reduce_scatterv: sizes (rows per rank) is required")
     sizes = comm._sizes(sizes, 0, "reduce_scatterv")

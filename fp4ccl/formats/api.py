@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import _arrays
 from . import reference as ref
-from .seeds import Seed, resolve_seed
+from .seeds import call_seed
 from .tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, ROUNDINGS, SCALE_LAYOUTS, FP4Tensor, GatheredFP4Tensor,
                      check_format, check_k, packed_layout, scale_nbytes, swizzled_shape)
 
@@ -42,12 +42,6 @@ def _check_options(format: str, scale_layout: str, rounding: str, seed: Any) -> 
     if rounding == "stochastic" and seed is None:
         raise ValueError("rounding='stochastic' needs seed=<int or one-element int64 array> so that the run "
                          "replays exactly")
-
-
-def _call_seed(rounding: str, seed: Any, info: _arrays.ArrayInfo) -> Seed:
-    """The seed the kernels or the reference get: checked and resolved when rounding stochastically
-    (seeds.resolve_seed), 0 otherwise (a seed changes nothing then)."""
-    return resolve_seed(seed, info) if rounding == "stochastic" else 0
 
 
 def _check_units(rows: int, K: int, format: str, what: str = "x") -> None:
@@ -209,7 +203,7 @@ def quantize(x: Any, format: str = "nvfp4", *, amax: Any = None, scale_layout: s
     """
     _check_options(format, scale_layout, rounding, seed)
     info, rows, K = _check_input(x, format)
-    seed = _call_seed(rounding, seed, info)
+    seed = call_seed(rounding, seed, info)
     bs = BLOCK_SIZE[format]
     nbc = K // bs
     lead = info.shape[:-1]
@@ -399,7 +393,7 @@ def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], 
     """
     _check_options(format, "linear", rounding, seed)
     info, rows, K = _check_input(x, format)
-    seed = _call_seed(rounding, seed, info)
+    seed = call_seed(rounding, seed, info)
     bi = _check_buffer(buf, info)
     segs = _check_segments(segments, rows, K, format, bi.nbytes, "x")
     if not info.is_cuda:

@@ -76,6 +76,12 @@ def resolve_seed(seed: Any, x: _arrays.ArrayInfo) -> Seed:
     return int(_arrays.host_view(s).reshape(-1).view(np.uint64)[0])
 
 
+def call_seed(rounding: str, seed: Any, x: _arrays.ArrayInfo) -> Seed:
+    """The seed a call on x hands the kernels or the reference: resolved (resolve_seed) when rounding
+    stochastically, 0 otherwise (a seed changes nothing then, and is not read)."""
+    return resolve_seed(seed, x) if rounding == "stochastic" else 0
+
+
 def derive(seed: Seed, mul: int, add: int) -> Seed:
     """mul * seed + add (mod 2**64), for an int or a DeviceSeed alike."""
     if isinstance(seed, DeviceSeed):
