@@ -17,6 +17,7 @@ ALL_DTYPES = ["float32", "float16", "bfloat16", "float64", "int8", "int32", "int
               "uint64", "float8_e4m3fn", "float8_e5m2"]
 COUNTS = [0, 1, 7, 1001, 4099]
 SENTINEL_PAD = 37
+SENTINEL_LEAD = 256   # bytes
 OPS = ["sum", "prod", "max", "min", "avg"]
 
 
@@ -101,6 +102,14 @@ def to_numpy(x, dtype: str) -> np.ndarray:
     return np.asarray(x)
 
 
+def _typed(raw, framework: str, dtype: str):
+    """A byte buffer of any framework seen as dtype (no copy)."""
+    if framework in ("torch", "torch_cpu"):
+        import torch
+        return raw.view(getattr(torch, dtype))
+    return raw.view(numpy_dtype(dtype))
+
+
 def supports(framework: str, dtype: str) -> bool:
     if framework == "cupy":
         return dtype not in ("bfloat16", "float8_e4m3fn", "float8_e5m2")  # CuPy has no such dtypes
@@ -108,16 +117,22 @@ def supports(framework: str, dtype: str) -> bool:
 
 
 def sentinel_out(comm, framework: str, shape, dtype: str):
-    """(buffer, out): out is the leading part of a sentinel-filled buffer with SENTINEL_PAD extra elements."""
+    """(buffer, out): out lies between SENTINEL_LEAD bytes and SENTINEL_PAD elements of sentinel in one buffer.
+
+    The lead is a whole number of 256-byte units, so out keeps the allocation's alignment (kernels choose
+    vector widths by it) while a write before out's start still lands on sentinel bytes."""
     n = int(np.prod(shape)) if shape else 1
-    buf = np.full(n + SENTINEL_PAD, 0x5A, dtype=np.uint8).repeat(numpy_dtype(dtype).itemsize).view(numpy_dtype(dtype))
+    item = numpy_dtype(dtype).itemsize
+    buf = np.full(SENTINEL_LEAD + (n + SENTINEL_PAD) * item, 0x5A, dtype=np.uint8)
     fbuf = to_framework(buf, framework, comm.device)
-    return fbuf, fbuf[:n].reshape(shape)
+    return fbuf, _typed(fbuf, framework, dtype)[SENTINEL_LEAD // item:SENTINEL_LEAD // item + n].reshape(shape)
 
 
 def check_no_overrun(fbuf, shape, dtype: str, what: str) -> None:
     n = int(np.prod(shape)) if shape else 1
-    tail = to_numpy(fbuf, dtype).view(np.uint8)[n * numpy_dtype(dtype).itemsize:]
+    raw = to_numpy(fbuf, "uint8")
+    head, tail = raw[:SENTINEL_LEAD], raw[SENTINEL_LEAD + n * numpy_dtype(dtype).itemsize:]
+    assert np.all(head == 0x5A), f"{what}: wrote before the start of the output ({np.count_nonzero(head != 0x5A)} bytes)"
     assert np.all(tail == 0x5A), f"{what}: wrote past the end of the output ({np.count_nonzero(tail != 0x5A)} bytes)"
 
 
