@@ -191,6 +191,46 @@ def _pdeathsig_setup():
     return setup
 
 
+class _Guard:
+    """The process that kills the ranks' process groups if this launcher is SIGKILLed (fp4ccl/_launch_guard.py).
+
+    Best effort: where it cannot start, the ranks still die by their parent-death signal."""
+
+    def __init__(self):
+        self.proc = None
+        try:
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch_guard.py")
+            self.proc = subprocess.Popen([sys.executable, "-S", script],
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+        except OSError as e:
+            get_logger("fp4ccl.launcher").warning("no guard for a SIGKILLed launcher (%s): processes the ranks "
+                                                  "start would outlive one", e)
+
+    def _send(self, line: str) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.proc = None
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"g {pgid}")
+
+    def dismiss(self) -> None:
+        """The launcher's own teardown ran: let the guard go without killing anything."""
+        proc = self.proc
+        self._send("done")
+        if proc is not None:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+
+
 def _check_log_dir(log_dir: str) -> None:
     """Create --log-dir if needed; a LaunchError before anything starts if it cannot hold the logs."""
     try:
@@ -294,6 +334,7 @@ class Launcher:
         self.server: StoreServer | None = None
         self.client: StoreClient | None = None
         self.signals: list[int] = []
+        self.guard: _Guard | None = None
         self.out_lock = threading.Lock()
         # Set once a store call failed after rendezvous: node 0's launcher is gone, so every later call would
         # only retry its connection until the client's timeout.
@@ -449,11 +490,13 @@ class Launcher:
         if inherited and get_logger("fp4ccl.launcher").isEnabledFor(logging.INFO):
             self._say("setting " + ", ".join(f"{k} (inherited {os.environ[k]})" for k in inherited) + " for each rank")
         preexec = _pdeathsig_setup()
+        self.guard = _Guard()
         for local in range(a.nproc_per_node):
             rank = info["offset"] + local
             proc = subprocess.Popen(cmd, env=self._child_env(info, rank, local), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                     preexec_fn=preexec)
+            self.guard.watch(proc.pid)   # start_new_session: the rank's pid is its group's id
             self.ranks.append(_Rank(rank, local, proc, logs[local], show is None or rank in show, self.out_lock))
 
     # ---- watching and stopping -----------------------------------------------------------------
@@ -640,6 +683,8 @@ class Launcher:
             self.stop_all()
         finally:
             self.reap()
+            if self.guard is not None:
+                self.guard.dismiss()
             self._finish_multinode(ended)
             self._remove_job_files(ended)
             if self.client is not None:

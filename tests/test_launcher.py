@@ -372,6 +372,24 @@ def test_a_launcher_that_dies_ends_the_job_on_the_other_node(tmp_path, killed):
     assert_no_survivors(tmp_path, 2)
 
 
+def test_a_sigkilled_launcher_takes_what_the_ranks_started_with_it(tmp_path):
+    """The ranks die by their parent-death signal; the processes they started, by the launcher's guard."""
+    path = script(tmp_path, """
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        record(helper.pid)
+        time.sleep(120)
+    """)
+    launcher = subprocess.Popen(LAUNCHER + ["-n", "2", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_pids(tmp_path, 4)
+        launcher.kill()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        launcher.wait()
+    assert_no_survivors(tmp_path, 4)
+
+
 def test_nodes_that_disagree_on_nnodes_both_fail_at_rendezvous(tmp_path):
     """The node that finds the mismatch tells node 0, which would otherwise start its ranks for a job that
     never completes."""
