@@ -1,13 +1,14 @@
 // NVFP4 / MXFP4 codec kernels for fp4ccl.
 //
-// Compiled at run time by fp4ccl/jit.py through NVRTC, so this file includes no headers (NVRTC ships
-// no C++ standard library and the cuda_fp16/bf16 headers are not needed: conversions are one PTX
-// instruction each). It also compiles with nvcc (tests/test_csrc_compiles.py) as a syntax gate.
+// Compiled at run time by fp4ccl/jit.py through NVRTC, so this file includes no system headers (NVRTC
+// ships no C++ standard library and the cuda_fp16/bf16 headers are not needed: conversions are one PTX
+// instruction each); its one header, sync.cuh, jit.py hands to NVRTC. It also compiles with nvcc
+// (tests/test_csrc_compiles.py) as a syntax gate.
 //
-// The arithmetic follows ../shared/DESIGN.md ("NVFP4", "MXFP4", "Scale layouts") operation for
-// operation, in fp32 with IEEE rounding (no fast-math, no FTZ, explicit __fmul_rn so nothing is
-// contracted), because the numpy reference in fp4ccl/formats/reference.py is the oracle and the two
-// must agree bit for bit. docs/FP4.md explains each bit trick below and the packed wire layout.
+// The arithmetic follows docs/FP4.md ("Exact arithmetic", "Scale layouts") operation for operation,
+// in fp32 with IEEE rounding (no fast-math, no FTZ, explicit __fmul_rn so nothing is contracted),
+// because the numpy reference in fp4ccl/formats/reference.py is the oracle and the two must agree bit
+// for bit. docs/FP4.md explains each bit trick below and the packed wire layout.
 
 typedef unsigned long long u64;
 typedef unsigned int u32;
