@@ -218,6 +218,16 @@ def new(like: ArrayInfo, shape: tuple, dtype: Optional[str] = None):
     return obj, ArrayInfo(obj, "numpy", obj.__array_interface__["data"][0], shape, dtype, None, True)
 
 
+def mark_written(x: Any) -> None:
+    """Tell torch's autograd that our kernels write into the torch tensor x (a no-op for other arrays).
+
+    Writes through a data pointer are invisible to autograd: without this, a backward pass that saved x
+    earlier would use the new values silently, where a torch in-place op makes it fail loudly."""
+    if x.__class__.__module__.startswith("torch"):
+        from torch.autograd.graph import increment_version
+        increment_version(x)
+
+
 def host_view(info: ArrayInfo) -> np.ndarray:
     """A numpy array sharing memory with a host (CPU) array; bf16/fp8 torch tensors keep their dtype."""
     if info.device is not None:

@@ -209,7 +209,13 @@ class Communicator:
             raise ValueError(f"{name} is on cuda:{dev}, but this communicator uses cuda:{self._device}")
         return info
 
-    def _output(self, like: ArrayInfo, shape: Sequence[int], out: Any, name: str = "out"):
+    def _output(self, like: ArrayInfo, shape: Sequence[int], out: Any, name: str = "out",
+                in_place: Optional[Tuple[int, str]] = None):
+        """(out, its ArrayInfo), or a new array of `shape` like `like` (the input) when out is None.
+
+        An out that shares memory with the input is refused (the backends read the input while they write
+        out, so a partial overlap gives wrong rows on some ranks), except the op's in-place form
+        in_place = (bytes from out's start to the input's, its description): out=x, or NCCL's slot forms."""
         if type(shape) is not tuple:
             shape = tuple(int(s) for s in shape)
         if out is None:
@@ -222,13 +228,17 @@ class Communicator:
         if info.shape != shape:
             raise ValueError(f"{name} has shape {info.shape}, expected {shape}")
         self._check_writeable(info, name)
+        _check_overlap(like, info, name, in_place)
         return out, info
 
     @staticmethod
     def _check_writeable(info: ArrayInfo, name: str) -> None:
+        """For an array the call writes into: refuse a read-only numpy array; mark a torch tensor as modified
+        in place for autograd (_arrays.mark_written)."""
         if not info.writeable:
             raise ValueError(f"{name} is a read-only numpy array (flags.writeable is False), but this call "
                              f"writes into it")
+        _arrays.mark_written(info.obj)
 
     def _stream(self, info: ArrayInfo, stream: Any) -> int:
         return _arrays.current_stream(info, stream) if info.device is not None else 0
@@ -264,7 +274,7 @@ class Communicator:
         """Reduce x over all ranks; every rank gets the result (collective). `out=x` works in place."""
         info = self._input(x)
         self._check_op(op, info)
-        out, oinfo = self._output(info, info.shape, out)
+        out, oinfo = self._output(info, info.shape, out, in_place=_SAME)
         self._backend.all_reduce(info, oinfo, op, self._stream(info, stream))
         return out
 
@@ -272,7 +282,7 @@ class Communicator:
         """Root's x to every rank (collective); other ranks' x gives shape and dtype. `out=x` works in place."""
         info = self._input(x)
         root = self._check_root(root)
-        out, oinfo = self._output(info, info.shape, out)
+        out, oinfo = self._output(info, info.shape, out, in_place=_SAME)
         self._backend.broadcast(info, oinfo, root, self._stream(info, stream))
         return out
 
@@ -283,9 +293,9 @@ class Communicator:
         self._check_op(op, info)
         oinfo = None
         if self._rank == root:
-            out, oinfo = self._output(info, info.shape, out)
+            out, oinfo = self._output(info, info.shape, out, in_place=_SAME)
         elif out is not None:  # unused here, but checked as on root, so a wrong out fails on every rank
-            self._output(info, info.shape, out)
+            self._output(info, info.shape, out, in_place=_SAME)
         self._backend.reduce(info, oinfo, op, root, self._stream(info, stream))
         return out if self._rank == root else None
 
@@ -293,7 +303,8 @@ class Communicator:
         """Concatenate every rank's x along dim 0, in rank order (collective); a 0-d x gives shape (size,)."""
         info = self._input(x)
         shape = (self._size * info.shape[0],) + info.shape[1:] if info.shape else (self._size,)
-        out, oinfo = self._output(info, shape, out)
+        slot = (self._rank * info.size * info.itemsize, "x as this rank's slot of out")
+        out, oinfo = self._output(info, shape, out, in_place=slot)
         self._backend.all_gather(info, oinfo, self._stream(info, stream))
         return out
 
@@ -301,7 +312,9 @@ class Communicator:
         """Reduce x over all ranks; rank r gets the r-th of `size` equal parts along dim 0 (collective)."""
         info = self._input(x)
         self._check_op(op, info)
-        out, oinfo = self._output(info, self._split_rows(info, "reduce_scatter"), out)
+        part = self._split_rows(info, "reduce_scatter")
+        out, oinfo = self._output(info, part, out, in_place=(-self._rank * math.prod(part) * info.itemsize,
+                                                               "out as this rank's part of x"))
         self._backend.reduce_scatter(info, oinfo, op, self._stream(info, stream))
         return out
 
@@ -513,7 +526,8 @@ class Communicator:
 
     @contextlib.contextmanager
     def group(self):
-        """Batch the calls made inside the block into one NCCL group (a context manager).
+        """Batch the calls made inside the block into one NCCL group (a context manager; local: the group
+        itself moves nothing, and the calls inside it keep their own collective or point-to-point rules).
 
         If the block raises, its exception propagates at once: the host backend drops the receives the
         group had deferred, and if there were any, closes the communicator (their peers' messages would
@@ -559,6 +573,8 @@ class Communicator:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """destroy() (collective) when the block ends normally; abort() (local) when it raises, since the
+        peers may never reach a collective teardown."""
         if exc_type is None:
             self.destroy()
         else:
@@ -582,6 +598,22 @@ def init(backend: Optional[str] = None, *, device: Optional[int] = None) -> Comm
     return _build(exchange, backend, device, info.local_rank, info.local_size, info.launcher, info)
 
 
+_SAME = (0, "out=x")   # in_place of the ops whose out has x's shape
+
+
+def _check_overlap(x: ArrayInfo, out: ArrayInfo, name: str, in_place: Optional[Tuple[int, str]]) -> None:
+    """ValueError if the contiguous arrays x and out share memory, unless x starts in_place[0] bytes after
+    out's start (the op's in-place form, described by in_place[1])."""
+    if x.device != out.device or not x.size or not out.size:
+        return
+    x_end, out_end = x.ptr + x.size * x.itemsize, out.ptr + out.size * out.itemsize
+    if x.ptr >= out_end or out.ptr >= x_end or (in_place is not None and x.ptr - out.ptr == in_place[0]):
+        return
+    allowed = "" if in_place is None else f"; the in-place form here is {in_place[1]}"
+    raise ValueError(f"{name} overlaps the input x in memory ({name} starts {out.ptr - x.ptr:+d} bytes from x), "
+                     f"which would corrupt the result{allowed}")
+
+
 def default_device(world: RankInfo, current_device: Callable[[], int]) -> int:
     """The CUDA device a rank uses when given no device=, for the world and for any sub-group alike.
 
@@ -600,7 +632,8 @@ _inits = itertools.count(1)
 
 
 def default_exchange(info: RankInfo) -> Exchange:
-    """The bootstrap exchange of a new communicator, for the launcher that started this job.
+    """The bootstrap exchange of a new communicator, for the launcher that started this job (collective under
+    MPI, where it duplicates the caller's communicator).
 
     Exchanges over a store (fp4ccl-run's, torch's) each get their own keys, numbered by the init() call
     (see init); over MPI each works on its own duplicate of COMM_WORLD."""

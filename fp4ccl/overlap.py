@@ -602,6 +602,8 @@ def _all_gather_matmul(comm, a_shard, bs, gather_dim, return_a, compress, out, g
         t, path, var = hit
         spec = _AgSpec(a_shard, list(bs), t.info, t.dim, t.rhs, t.compress, t.return_a,
                        None if out is None else list(out), t.full_shape, t.out_shapes)
+        for o in out or ():
+            _arrays.mark_written(o)   # as _ag_check's out check does on a first call
     else:
         what = "all_gather_matmul"
 
@@ -1053,7 +1055,9 @@ def _rs_check(comm, a, b, scatter_dim, op, out=None) -> _RsSpec:
 def matmul_reduce_scatter(comm, a, b, scatter_dim: int = 0, op: str = "sum", *, out=None, stream=None):
     """reduce_scatter(a @ b) along scatter_dim (collective): rank r gets the r-th of `size` parts.
 
-    op "sum" or "avg"; partial products are reduced in fp32 and rounded once. out: an optional array
+    op "sum" or "avg". The pipelined path (and the host backend) sums the partial products in fp32 and
+    rounds once; the sequential path (small products, a caller's CUDA-graph capture, several hosts) is
+    NCCL's reduce_scatter in the input dtype, which rounds at each of its steps. out: an optional array
     for the result (returned); a repeat of a call into out= (same arrays, stream and settings)
     replays a CUDA graph of it. stream: the stream the call is ordered on and leaves its result on
     (default: torch's current stream; the host backend ignores it).
@@ -1070,6 +1074,8 @@ def _matmul_reduce_scatter(comm, a, b, scatter_dim, op, out):
     if hit is not None:
         t, path, var = hit
         spec = _RsSpec(a, b, t.info, t.dim, t.op, t.out_shape, out)
+        if out is not None:
+            _arrays.mark_written(out)   # as _rs_check's out check does on a first call
     else:
         what = "matmul_reduce_scatter"
 

@@ -443,6 +443,105 @@ def check_v_bad_input(comm, seed, framework):
     return True
 
 
+def check_in_place_and_overlap(comm, seed, framework):
+    """The in-place forms (out=x; x as this rank's slot of a gather's out; out as this rank's part of a
+    reduce-scatter's x) give the reference result; any other sharing of memory between x and out is a
+    ValueError on every rank, before the wire, and the communicator stays usable."""
+    import pytest
+    n, me = comm.size, comm.rank
+    rng = np.random.default_rng([seed, 77])
+    parts = [rng.integers(-50, 50, size=(3, 5)).astype(np.int32) for _ in range(n)]   # exact sums in any order
+    whole = [rng.integers(-50, 50, size=(3 * n, 5)).astype(np.int32) for _ in range(n)]
+    total = np.sum(whole, axis=0, dtype=np.int64).astype(np.int32)
+
+    def dev(a):
+        return to_framework(a, framework, comm.device)
+
+    x = dev(parts[me])
+    assert comm.all_reduce(x, out=x) is x
+    _sync(comm)
+    assert np.array_equal(to_numpy(x, "int32"), np.sum(parts, axis=0, dtype=np.int32)), f"rank {me}: all_reduce in place"
+    for root in range(n):
+        x = dev(parts[me])
+        comm.broadcast(x, root, out=x)
+        _sync(comm)
+        assert np.array_equal(to_numpy(x, "int32"), parts[root]), f"rank {me}: broadcast in place, root {root}"
+        x = dev(parts[me])
+        got = comm.reduce(x, root, out=x if me == root else None)
+        _sync(comm)
+        if me == root:
+            assert got is x and np.array_equal(to_numpy(x, "int32"), np.sum(parts, axis=0, dtype=np.int32)), \
+                f"rank {me}: reduce in place, root {root}"
+    out = dev(np.zeros((3 * n, 5), np.int32))
+    out[3 * me:3 * me + 3] = dev(parts[me])
+    comm.all_gather(out[3 * me:3 * me + 3], out=out)
+    _sync(comm)
+    assert np.array_equal(to_numpy(out, "int32"), np.concatenate(parts)), f"rank {me}: all_gather in place"
+    x = dev(whole[me])
+    comm.reduce_scatter(x, out=x[3 * me:3 * me + 3])
+    _sync(comm)
+    assert np.array_equal(to_numpy(x, "int32")[3 * me:3 * me + 3], total[3 * me:3 * me + 3]), \
+        f"rank {me}: reduce_scatter in place"
+
+    buf = dev(np.zeros((3 * n + 1, 5), np.int32))
+    sizes = [3] * n
+    shifted = {   # every call reads x while it writes out, which here starts one row before x
+        "all_reduce": lambda: comm.all_reduce(buf[1:4], out=buf[0:3]),
+        "broadcast": lambda: comm.broadcast(buf[1:4], 0, out=buf[0:3]),
+        "reduce": lambda: comm.reduce(buf[1:4], 0, out=buf[0:3]),
+        "all_gather": lambda: comm.all_gather(buf[1:4], out=buf[0:3 * n]),
+        "reduce_scatter": lambda: comm.reduce_scatter(buf[1:3 * n + 1], out=buf[0:3]),
+        "all_to_all": lambda: comm.all_to_all(buf[1:3 * n + 1], out=buf[0:3 * n]),
+        "all_gatherv": lambda: comm.all_gatherv(buf[1:4], sizes, out=buf[0:3 * n]),
+        "reduce_scatterv": lambda: comm.reduce_scatterv(buf[1:3 * n + 1], sizes, out=buf[0:3]),
+    }
+    if n == 1:   # at one rank the slot forms have x at out's start: shift the other way
+        shifted["all_gather"] = lambda: comm.all_gather(buf[0:3], out=buf[1:4])
+        shifted["all_gatherv"] = lambda: comm.all_gatherv(buf[0:3], sizes, out=buf[1:4])
+        shifted["reduce_scatter"] = lambda: comm.reduce_scatter(buf[0:3], out=buf[1:4])
+        shifted["reduce_scatterv"] = lambda: comm.reduce_scatterv(buf[0:3], sizes, out=buf[1:4])
+    for name, call in shifted.items():
+        with pytest.raises(ValueError, match="overlaps the input x in memory"):
+            call()
+    assert np.array_equal(to_numpy(buf, "int32"), np.zeros((3 * n + 1, 5), np.int32)), f"rank {me}: a refused call wrote"
+    got = comm.all_gather(dev(parts[me]))
+    _sync(comm)
+    assert np.array_equal(to_numpy(got, "int32"), np.concatenate(parts)), f"rank {me}: after the refused calls"
+    return len(shifted)
+
+
+def check_autograd_sees_writes(comm, seed, framework):
+    """A torch tensor that a collective writes into (out=, recv) counts as modified in place for autograd:
+    a backward pass that saved it fails loudly, as after a torch in-place op, instead of using new values."""
+    import pytest
+    import torch
+    dev = "cpu" if comm.device is None else f"cuda:{comm.device}"
+    peer_to, peer_from = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+    writes = {
+        "all_reduce": lambda t: comm.all_reduce(t, out=t),
+        "all_gather": lambda t: comm.all_gather(t[comm.rank:comm.rank + 1], out=t[:comm.size]),
+        "all_gatherv": lambda t: comm.all_gatherv(torch.ones(1, device=dev), [1] * comm.size, out=t[:comm.size]),
+        "recv": lambda t: _send_recv(comm, torch.ones(4 * comm.size, device=dev), t, peer_to, peer_from),
+    }
+    for name, write in writes.items():
+        saved = torch.ones(4 * comm.size, device=dev)
+        weight = torch.full_like(saved, 2.0, requires_grad=True)
+        loss = (weight * saved).sum()           # saves `saved` for the backward pass
+        before = saved._version
+        write(saved)
+        _sync(comm)
+        assert saved._version > before, f"rank {comm.rank}: {name} left the version counter at {before}"
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    return len(writes)
+
+
+def _send_recv(comm, send, recv, peer_to, peer_from):
+    with comm.group():
+        comm.send(send, peer_to)
+        comm.recv(recv, peer_from)
+
+
 def check_all_reduce_large(comm, seed, framework, dtypes=("bfloat16", "float32", "int32")):
     """Arrays past the host backend's split threshold (reduce-scatter + all-gather) reduce identically."""
     n = (1 << 20) // 2 + 3  # an odd count of bf16 elements just over 1 MiB: uneven slices per rank

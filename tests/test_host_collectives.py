@@ -12,6 +12,7 @@ CHECKS = {
     "send_recv_ring": cc.check_send_recv_ring,
     "group_batch": cc.check_group_batch,
     "all_reduce_large": cc.check_all_reduce_large,
+    "in_place_and_overlap": cc.check_in_place_and_overlap,
 }
 
 
@@ -28,6 +29,12 @@ def test_host_collective_torch_cpu(name, nranks, seed):
     pytest.importorskip("torch", reason="torch is not installed")
     counts = run_ranks(nranks, CHECKS[name], seed, "torch_cpu")
     assert all(c > 0 for c in counts)
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 3])
+def test_host_writes_are_seen_by_autograd(nranks, seed):
+    pytest.importorskip("torch", reason="torch is not installed")
+    assert all(run_ranks(nranks, cc.check_autograd_sees_writes, seed, "torch_cpu"))
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])

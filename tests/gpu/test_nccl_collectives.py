@@ -35,11 +35,13 @@ def _inexact(comm, name, seed, framework):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("nranks", [2, 4])
-@pytest.mark.parametrize("name", ["send_recv_ring", "group_batch", "v_bad_input"])
+@pytest.mark.parametrize("name", ["send_recv_ring", "group_batch", "v_bad_input", "in_place_and_overlap",
+                                  "autograd_sees_writes"])
 def test_nccl_p2p_groups_and_errors(name, nranks, seed):
     need_gpus(nranks)
     fn = {"send_recv_ring": cc.check_send_recv_ring, "group_batch": cc.check_group_batch,
-          "v_bad_input": cc.check_v_bad_input}[name]
+          "v_bad_input": cc.check_v_bad_input, "in_place_and_overlap": cc.check_in_place_and_overlap,
+          "autograd_sees_writes": cc.check_autograd_sees_writes}[name]
     assert all(run_ranks(nranks, fn, seed, "torch", backend="nccl"))
 
 
