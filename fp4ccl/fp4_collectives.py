@@ -21,7 +21,8 @@ from . import _arrays, one_launch, symm_collectives
 from ._arrays import ArrayInfo
 from .formats.kernels import MAXSUM
 from .vcollectives import offsets, split_count
-from .formats.api import dequantize_gathered
+from .communicator import check_consistency
+from .formats.api import check_tensor, dequantize_gathered
 from .formats.seeds import Seed, call_seed, derive
 from .formats.tensor import (BLOCK_SIZE, FORMATS, INPUT_DTYPES, FP4Tensor, GatheredFP4Tensor, check_format, check_k,
                              packed_layout)
@@ -74,18 +75,59 @@ def _workspace(comm, nbytes: int) -> int:
     return ptr
 
 
+def _check_rows(shape: tuple, what: str) -> None:
+    """FP4 collectives move dim-0 rows of K-vectors: x, an array or an FP4Tensor, needs both dimensions."""
+    if len(shape) < 2:
+        raise ValueError(f"{what} needs x of shape [rows, ..., K], got {tuple(shape)}")
+
+
 def _check_input(comm, x, compress: str, what: str) -> Tuple[ArrayInfo, int, int]:
     """(info, rows per dim-0 row, K) for an FP4 collective's input."""
     check_format(compress)
     info = comm._input(x)
-    if len(info.shape) < 2:
-        raise ValueError(f"{what} with compress={compress!r} needs x of shape [rows, ..., K], got {info.shape}")
+    _check_rows(info.shape, f"{what} with compress={compress!r}")
     if info.dtype not in INPUT_DTYPES:
         raise TypeError(f"{what} with compress={compress!r}: x has dtype {info.dtype}; "
                         f"expected one of {', '.join(INPUT_DTYPES)}")
     K = info.shape[-1]
     check_k(K, compress)
     return info, math.prod(info.shape[1:-1]), K
+
+
+def _codec(comm, info: ArrayInfo, stream, what: str, fmt: str, K: int, inner: int, sizes):
+    """The codec for info's device, with the check that every rank passed the same format, K, rows per
+    dim-0 row (`inner`) and sizes, as the plain collectives check theirs. The byte counts the transports
+    compare cannot tell (1 and 2 NVFP4 rows of K=16 both pack to 48 bytes), and ranks that disagree
+    would decode each other's bytes wrongly, without an error. On the host this record travels in front
+    of each rank's bytes (no extra round trip); on the GPU nothing can be read back without a host
+    sync, so only FP4CCL_CHECK=1 compares it, up front (a host round trip, as it does for the sizes)."""
+    if info.device is None:
+        return _HostCodec(comm, what, _agreement(fmt, K, inner, sizes))
+    if check_consistency():
+        mine = _agreement(fmt, K, inner, sizes)
+        _check_agreed(what, comm.rank, [np.array(v, np.int64) for v in comm._gather_ints(mine.tolist(), what)])
+    return _GpuCodec(comm, info, stream)
+
+
+def _agreement(fmt: str, K: int, inner: int, sizes) -> np.ndarray:
+    """What every rank of an FP4 collective must pass alike, as int64s: format, K, inner, sizes..."""
+    return np.array([FORMATS.index(fmt), K, inner, *sizes], np.int64)
+
+
+def _check_agreed(what: str, me: int, records) -> None:
+    """A ValueError naming the first rank whose _agreement record differs from this rank's. Every rank
+    gets every rank's record, so where ranks disagree every rank raises."""
+    mine = records[me]
+    for peer, theirs in enumerate(records):
+        if np.array_equal(theirs, mine):
+            continue
+        (mf, mk, mi), (tf, tk, ti) = mine[:3].tolist(), theirs[:3].tolist()
+        if (mf, mk, mi) != (tf, tk, ti):
+            raise ValueError(f"{what}: rank {peer}'s rows are {ti} x K={tk} values in {FORMATS[tf]}, rank {me}'s "
+                             f"{mi} x K={mk} in {FORMATS[mf]}; every rank must pass the same x.shape[1:] and format")
+        # the plain collectives' words (backends/host.py)
+        raise ValueError(f"{what}: rank {peer}'s sizes are {theirs[3:].tolist()}, rank {me}'s {mine[3:].tolist()}; "
+                         f"every rank must pass the same sizes")
 
 
 # -- all_gatherv ---------------------------------------------------------------------------------------
@@ -116,7 +158,7 @@ def all_gatherv(comm, x, sizes, *, out=None, stream=None, compress=None, global_
         if global_scale == "shared" and compress == "nvfp4":
             raise ValueError("out= with dequantize=False takes per-rank global scales only, not global_scale='shared'")
         _check_gathered_out(comm, out, compress, shape, row_offsets, info.dtype)
-    codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
+    codec = _codec(comm, info, stream, f"all_gatherv with compress={compress!r}", compress, K, inner, sizes)
     shared = global_scale == "shared"
     if dequantize:
         codec.gather_dequantize(info, K, compress, shared, rows, oinfo)
@@ -150,7 +192,7 @@ def _check_gathered_out(comm, out, fmt: str, shape: tuple, row_offsets: tuple, d
         parts.append(("out.global_scale", out.global_scale, (comm.size,), "float32"))
     for name, arr, pshape, pdtype in parts:
         info = comm._input(arr, name)
-        comm._check_writeable(info, name)
+        _arrays.check_writeable(info, name)
         if info.shape != pshape or info.dtype != pdtype or not info.contiguous:
             raise ValueError(f"{name} is {info.dtype}{list(info.shape)}{'' if info.contiguous else ', not contiguous'};"
                              f" expected a contiguous {pdtype}{list(pshape)}")
@@ -174,6 +216,11 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream, out, dequantize: bool):
         raise ValueError("all_gatherv of an FP4Tensor needs linear scales (swizzled padding cannot be concatenated)")
     if isinstance(q, GatheredFP4Tensor):
         raise ValueError("this FP4Tensor was already gathered; gather the original shards")
+    what = f"all_gatherv of an {q.format} FP4Tensor"
+    _check_rows(q.shape, what)   # the rule for an array x
+    # q's arrays must fit its shape, as dequantize checks: the wire would otherwise carry rows it does
+    # not have (zeros), or drop some it has, before any check could see it.
+    check_tensor(q)
     info = comm._input(q.data, "q.data")
     K = q.K
     inner = math.prod(q.shape[1:-1])
@@ -186,10 +233,13 @@ def _gather_fp4tensor(comm, q: FP4Tensor, sizes, stream, out, dequantize: bool):
     shape = (sum(sizes),) + tuple(q.shape[1:])
     row_offsets = tuple(offsets(sizes)) + (sum(sizes),)
     if dequantize:
-        out, _ = comm._output(dataclasses.replace(info, dtype=q.dtype), shape, out)
+        # `like` gives out's framework, device and dtype; its shape is emptied so that the overlap check,
+        # which would measure q.data's bytes in q.dtype's itemsize, passes (q's bytes are all sent before
+        # the decode writes out, in stream order).
+        out, _ = comm._output(dataclasses.replace(info, dtype=q.dtype, shape=(0,)), shape, out)
     elif out is not None:
         _check_gathered_out(comm, out, q.format, shape, row_offsets, q.dtype)
-    codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
+    codec = _codec(comm, info, stream, what, q.format, K, inner, sizes)
     codec.result = None if dequantize else out
     if info.device is not None and symm_collectives.fp4_algo(comm, codec.stream) == "symm":
         codec.reserve_nccl_gather(K, q.format, rows)
@@ -234,7 +284,7 @@ def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress
                          f"on the GPU (one fused decode-and-sum launch), this communicator has {comm.size}")
     out, oinfo = comm._output(info, (sizes[comm.rank],) + info.shape[1:], out)
     rows = [s * inner for s in sizes]
-    codec = _HostCodec(comm) if info.device is None else _GpuCodec(comm, info, stream)
+    codec = _codec(comm, info, stream, f"reduce_scatterv with compress={compress!r}", compress, K, inner, sizes)
     codec.reduce_scatter(info, K, compress, rows, oinfo, rounding, seed)
     return out
 
@@ -256,10 +306,13 @@ def _mix(seed: Seed, rank: int, peer: int) -> Seed:
 # -- codecs: the same steps on the host (numpy reference) and on the GPU (CUDA kernels) -------------------
 
 class _HostCodec:
-    """Numpy buffers and the reference codec; the host backend moves the bytes."""
+    """Numpy buffers and the reference codec; the host backend moves the bytes, each rank's behind its
+    _agreement record, which the receivers compare with their own (see _codec)."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, what: str, agreed: np.ndarray):
         self.comm = comm
+        self.what = what
+        self.record = agreed.view(np.uint8)
         self.result = None   # a GatheredFP4Tensor to gather into (out=) instead of new arrays
 
     def gather_dequantize(self, info, K, fmt, shared, rows, oinfo):
@@ -333,14 +386,23 @@ class _HostCodec:
             buf[layout.gs_off:layout.gs_off + 4] = np.asarray(q.global_scale, np.float32).reshape(1).view(np.uint8)
 
     def gather(self, send, recv, counts):
-        self.comm._v.all_gatherv(_arrays.describe(send), _arrays.describe(recv), counts, 0)
+        n = self.record.size
+        counts = [n + c for c in counts]
+        staged = np.empty(sum(counts), np.uint8)
+        self.comm._v.all_gatherv(_arrays.describe(np.concatenate([self.record, send])), _arrays.describe(staged),
+                                 counts, 0)
+        parts = np.split(staged, np.cumsum(counts)[:-1])
+        _check_agreed(self.what, self.comm.rank, [p[:n].view(np.int64) for p in parts])
+        np.concatenate([p[n:] for p in parts], out=recv)
 
     def all_to_all(self, send, send_counts, recv, recv_each, what="alltoallv_bytes"):
         be = self.comm._backend
-        parts = np.split(send, np.cumsum(send_counts)[:-1])
+        n = self.record.size
+        parts = [np.concatenate([self.record, p]) for p in np.split(send, np.cumsum(send_counts)[:-1])]
         got = be.alltoallv_bytes(parts, what)
+        _check_agreed(self.what, self.comm.rank, [p[:n].view(np.int64) for p in got])
         for r, p in enumerate(got):
-            recv[r * recv_each:(r + 1) * recv_each] = p
+            recv[r * recv_each:(r + 1) * recv_each] = p[n:]
 
     def dequantize(self, recv, segments, K, fmt, oinfo):
         from .formats import reference

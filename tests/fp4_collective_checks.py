@@ -351,3 +351,103 @@ def check_fp4_results_in_input_framework(comm, seed, framework, fmt):
         shared = comm.all_gatherv(x, sizes, compress=fmt, dequantize=False, global_scale="shared")
         assert type(shared.global_scale) is kind and tuple(shared.global_scale.shape) == (), f"rank {comm.rank}"
     return True
+
+
+def check_fp4_ranks_disagree(comm, seed, framework):
+    """Ranks that disagree on sizes (or on K) in an FP4 collective get a ValueError on every rank, as in
+    the plain ones, also where the FP4 byte counts agree: 1 and 2 NVFP4 rows of K=16, and 1 row of K=32,
+    all pack to 48 bytes, so only the row counts and K tell them apart. The communicator stays usable.
+    Host transport (there every call compares them; the GPU path only under FP4CCL_CHECK=1). 2+ ranks."""
+    import pytest
+    import fp4ccl
+    from fp4ccl.formats import packed_layout
+    me, n = comm.rank, comm.size
+    assert len({packed_layout(r, k, "nvfp4").total_bytes for r, k in ((1, 16), (2, 16), (1, 32))}) == 1
+    same_sizes = r"sizes are \[[0-9, ]+\], rank \d+'s \[[0-9, ]+\]; every rank must pass the same sizes"
+    x = to_framework(shard(seed, me, 7, 1 if me == 0 else 2, 16, "float32"), framework, comm.device)
+    sizes = [1] + [2] * (n - 1) if me == 0 else [2] * n    # the others think rank 0 has 2 rows
+    calls = {"gather": lambda: comm.all_gatherv(x, sizes, compress="nvfp4"),
+             "gather, shared scale": lambda: comm.all_gatherv(x, sizes, compress="nvfp4", global_scale="shared"),
+             "gather to FP4": lambda: comm.all_gatherv(x, sizes, compress="nvfp4", dequantize=False),
+             "gather of an FP4Tensor": lambda: comm.all_gatherv(fp4ccl.quantize(x), sizes)}
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=same_sizes):
+            call()
+    # reduce_scatterv: the same rows, split differently (every chunk is 1 or 2 rows: 48 bytes)
+    sizes = [1, 2] + [2] * (n - 2) if me == 0 else [2, 1] + [2] * (n - 2)
+    x = to_framework(shard(seed, me, 8, sum(sizes), 16, "float32"), framework, comm.device)
+    with pytest.raises(ValueError, match=same_sizes):
+        comm.reduce_scatterv(x, sizes, compress="nvfp4")
+    # K: rank 0 sends rows of K=32, the others rows of K=16, twice as many
+    K, rows = (32, 1) if me == 0 else (16, 2)
+    x = to_framework(shard(seed, me, 9, rows * n, K, "float32"), framework, comm.device)
+    with pytest.raises(ValueError, match=r"K=(16|32).*K=(16|32).*every rank must pass"):
+        comm.reduce_scatterv(x, [rows] * n, compress="nvfp4")
+    with pytest.raises(ValueError, match=r"K=(16|32).*K=(16|32).*every rank must pass"):
+        comm.all_gatherv(x[:rows], [rows] * n, compress="nvfp4")
+    # still usable: every rank raised once the exchange had completed
+    y = comm.all_gatherv(to_framework(np.ones((2, 16), np.float32), framework, comm.device), [2] * n,
+                         compress="nvfp4")
+    assert np.array_equal(to_numpy(y, "float32"), np.ones((2 * n, 16), np.float32))
+    return True
+
+
+def check_fp4_tensor_bad_input(comm, seed, framework):
+    """An FP4Tensor that quantize could not have made (arrays that do not fit its shape, no global scale
+    for NVFP4), a 1-D one (as for a 1-D array x), and a dequantize= that is not a bool: refused on the
+    calling rank before anything reaches the wire, sizes exchange included; a good call after works."""
+    import pytest
+    import fp4ccl
+    from fp4ccl.formats import FP4Tensor
+    n = comm.size
+    x = to_framework(shard(seed, comm.rank, 10, 4, 32, "float32"), framework, comm.device)
+    q, half = fp4ccl.quantize(x), fp4ccl.quantize(x[:2])
+    bad = {"more rows than its arrays": FP4Tensor(half.data, half.scales, half.global_scale, "nvfp4", (4, 32)),
+           "fewer rows than its arrays": FP4Tensor(q.data, q.scales, q.global_scale, "nvfp4", (2, 32))}
+    for what, t in bad.items():
+        for sizes in (None, [t.shape[0]] * n):
+            for dequantize in (None, True):
+                with pytest.raises(ValueError, match=r"do not fit shape"):
+                    comm.all_gatherv(t, sizes, dequantize=dequantize)
+    no_scale = FP4Tensor(q.data, q.scales, None, "nvfp4", q.shape)
+    with pytest.raises(TypeError, match=r"q\.global_scale"):
+        comm.all_gatherv(no_scale, [4] * n)
+    flat = fp4ccl.quantize(to_framework(np.ones(32, np.float32), framework, comm.device))   # shape (32,)
+    for sizes in (None, [32] * n, [1] * n):
+        for dequantize in (None, True):
+            with pytest.raises(ValueError, match=r"needs x of shape \[rows, \.\.\., K\], got \(32,\)"):
+                comm.all_gatherv(flat, sizes, dequantize=dequantize)
+    for not_bool in ("no", 0, 1.0):
+        with pytest.raises(TypeError, match="dequantize"):
+            comm.all_gatherv(x, [4] * n, compress="nvfp4", dequantize=not_bool)
+        with pytest.raises(TypeError, match="dequantize"):
+            comm.all_gatherv(q, [4] * n, dequantize=not_bool)
+        with pytest.raises(TypeError, match="dequantize"):   # without compress= too (the plain path)
+            comm.all_gatherv(x, [4] * n, dequantize=not_bool)
+    g = comm.all_gatherv(q, [4] * n, dequantize=True)   # still usable: nothing reached the wire
+    _sync(comm)
+    want = np.concatenate([roundtrip(shard(seed, r, 10, 4, 32, "float32"), "nvfp4") for r in range(n)])
+    assert np.array_equal(to_numpy(g, "float32"), want), f"rank {comm.rank}: the good call after"
+    return True
+
+
+def check_fp4_gpu_agreement_under_fp4ccl_check(comm):
+    """The GPU path's form of check_fp4_ranks_disagree, run on the host: for an array on a GPU,
+    fp4_collectives._codec compares format, K, rows per dim-0 row and sizes up front under FP4CCL_CHECK=1
+    (one bootstrap round trip; a ValueError on every rank), and exchanges nothing without it. Nothing
+    here touches a GPU: the codec is only made (stream 0 given), never run. 2+ ranks."""
+    import pytest
+    from fp4ccl import fp4_collectives as f4
+    from fp4ccl._arrays import ArrayInfo
+    from harness import env
+    me, n = comm.rank, comm.size
+    K = 32 if me == 0 else 16
+    gpu_x = ArrayInfo(None, "torch", 0, (2, K), "float32", 0, True)
+    with env({"FP4CCL_CHECK": "1"}):
+        with pytest.raises(ValueError, match=r"K=(16|32) values in nvfp4, rank \d+'s 1 x K=(16|32)"):
+            f4._codec(comm, gpu_x, 0, "all_gatherv with compress='nvfp4'", "nvfp4", K, 1, [2] * n)
+        assert isinstance(f4._codec(comm, gpu_x, 0, "all_gatherv", "nvfp4", 16, 1, [2] * n), f4._GpuCodec)
+    with env({"FP4CCL_CHECK": "0"}):   # no round trip: rank 0 alone makes the call
+        if me == 0:
+            assert isinstance(f4._codec(comm, gpu_x, 0, "all_gatherv", "nvfp4", K, 1, [2] * n), f4._GpuCodec)
+    return True

@@ -490,3 +490,70 @@ def test_nvrtc_compile_is_cached_on_disk(tmp_path, monkeypatch):
     assert jit.compiled_binary("fp4.cu", 90) == b"sentinel"
     files[0].write_bytes(b"sentinel")                     # a damaged entry is compiled again
     assert jit.compiled_binary("fp4.cu", 90) == binary
+
+
+# ------------------------------------------------------------------------------ argument types
+def test_non_integer_segment_fields_rows_and_k_are_type_errors():
+    """A float row start, row count, byte offset or K is refused (int() would truncate 0.5 to 0)."""
+    x = np.ones((4, 32), np.float32)
+    buf = np.zeros(1024, np.uint8)
+    out = np.zeros((4, 32), np.float32)
+    for seg in ((0.5, 2, 0), (0, 2.0, 0), (0, 2, 16.0), ("0", 2, 0)):
+        with pytest.raises(TypeError, match=r"segments\[0\]"):
+            quantize_packed(x, buf, [seg])
+        with pytest.raises(TypeError, match=r"segments\[0\]"):
+            dequantize_packed(buf, [seg], 32, "nvfp4", out)
+    with pytest.raises(TypeError, match=r"segments\[0\]"):
+        unpack_packed(buf, [(2.0, 0)], 32, "nvfp4")
+    for fn in (lambda s: quantize_packed(x, buf, s), lambda s: dequantize_packed(buf, s, 32, "nvfp4", out),
+               lambda s: unpack_packed(buf, s, 32, "nvfp4")):
+        with pytest.raises(TypeError, match="segments: expected a sequence"):
+            fn(None)
+    with pytest.raises(TypeError, match=r"K must be an integer, got 32\.0"):
+        dequantize_packed(buf, [(0, 4, 0)], 32.0, "nvfp4", out)
+    with pytest.raises(TypeError, match=r"rows must be an integer, got 4\.5"):
+        packed_layout(4.5, 32, "nvfp4")
+    quantize_packed(x, buf, [(np.int64(0), np.int32(4), np.uint16(0))])   # numpy integers are integers
+
+
+def test_read_only_outputs_are_refused_by_name():
+    x = np.ones((4, 32), np.float32)
+    q = fp4ccl.quantize(x)
+    ro = np.zeros((4, 32), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is a read-only numpy array"):
+        q.dequantize(out=ro)
+    buf = np.zeros(packed_layout(4, 32, "nvfp4").total_bytes, np.uint8)
+    quantize_packed(x, buf, [(0, 4, 0)])
+    with pytest.raises(ValueError, match="out is a read-only numpy array"):
+        dequantize_packed(buf, [(0, 4, 0)], 32, "nvfp4", ro)
+    buf.flags.writeable = False
+    dequantize_packed(buf, [(0, 4, 0)], 32, "nvfp4", np.zeros((4, 32), np.float32))   # buf is only read there
+    with pytest.raises(ValueError, match="buf is a read-only numpy array"):
+        quantize_packed(x, buf, [(0, 4, 0)])
+    for field in ("data", "scales", "global_scale"):
+        arrays = {f: getattr(q, f).copy() for f in ("data", "scales", "global_scale")}
+        arrays[field].flags.writeable = False
+        with pytest.raises(ValueError, match=f"out.{field} is a read-only numpy array"):
+            fp4ccl.quantize(x, out=FP4Tensor(arrays["data"], arrays["scales"], arrays["global_scale"], "nvfp4",
+                                             (4, 32)))
+
+
+def test_an_nvfp4_tensor_without_a_global_scale_names_the_field():
+    q = fp4ccl.quantize(np.ones((4, 32), np.float32))
+    with pytest.raises(TypeError, match=r"q\.global_scale: expected"):
+        FP4Tensor(q.data, q.scales, None, "nvfp4", q.shape).dequantize()
+
+
+def test_mxfp4_ignores_amax_on_the_host_too():
+    x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    want = fp4ccl.quantize(x, "mxfp4")
+    n = packed_layout(4, 32, "mxfp4").total_bytes
+    buf, ref_buf = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+    quantize_packed(x, ref_buf, [(0, 4, 0)], "mxfp4")
+    for amax in (-1.0, float("nan"), np.ones(2, np.float32)):
+        got = fp4ccl.quantize(x, "mxfp4", amax=amax)
+        np.testing.assert_array_equal(got.data, want.data)
+        np.testing.assert_array_equal(got.scales, want.scales)
+        quantize_packed(x, buf, [(0, 4, 0)], "mxfp4", amax=amax)
+        np.testing.assert_array_equal(buf, ref_buf)

@@ -58,3 +58,24 @@ def test_fp4_results_come_in_the_input_framework(fmt, framework, seed):
     if framework == "torch_cpu":
         pytest.importorskip("torch", reason="torch is not installed")
     assert all(run_ranks(2, fc.check_fp4_results_in_input_framework, seed, framework, fmt))
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+@pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])
+def test_fp4_ranks_that_disagree_on_sizes_or_k(framework, nranks, seed):
+    if framework == "torch_cpu":
+        pytest.importorskip("torch", reason="torch is not installed")
+    assert all(run_ranks(nranks, fc.check_fp4_ranks_disagree, seed, framework))
+
+
+@pytest.mark.parametrize("nranks", [1, 3])
+@pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])
+def test_fp4_gather_of_a_bad_fp4tensor(framework, nranks, seed):
+    if framework == "torch_cpu":
+        pytest.importorskip("torch", reason="torch is not installed")
+    assert all(run_ranks(nranks, fc.check_fp4_tensor_bad_input, seed, framework))
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_fp4_gpu_path_compares_under_fp4ccl_check(nranks):
+    assert all(run_ranks(nranks, fc.check_fp4_gpu_agreement_under_fp4ccl_check))

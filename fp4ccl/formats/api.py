@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
@@ -51,6 +52,12 @@ def _check_units(rows: int, K: int, format: str, what: str = "x") -> None:
 
 def _is_scalar(a: Any) -> bool:
     return isinstance(a, numbers.Real) or (isinstance(a, np.ndarray) and a.size == 1) or isinstance(a, np.generic)
+
+
+def _nvfp4_only(format: str, amax: Any) -> Any:
+    """amax as quantize reads it: MXFP4 has no global scale and ignores it (unchecked, on the host as the
+    GPU path always did)."""
+    return amax if format == "nvfp4" else None
 
 
 def _host_amax(amax: Any) -> Optional[float]:
@@ -145,13 +152,29 @@ def _check_buffer(buf: Any, like: _arrays.ArrayInfo, name: str = "buf") -> _arra
     return bi
 
 
-def _check_segments(segments, rows: int, K: int, format: str, nbytes: int, what: str):
-    segs = []
+def _segment_fields(segments, fields: Tuple[str, ...]) -> list:
+    """segments as a list of int tuples, one int per name in `fields`; a TypeError naming the segment
+    for anything else (a float included: int() would truncate a row start of 0.5 to 0)."""
+    what = f"({', '.join(fields)})"
+    try:
+        segments = list(segments)
+    except TypeError:
+        raise TypeError(f"segments: expected a sequence of {what} tuples, got {segments!r}") from None
+    out = []
     for i, seg in enumerate(segments):
         try:
-            r0, n, off = (int(v) for v in seg)
-        except (TypeError, ValueError):
-            raise TypeError(f"segments[{i}]: expected (row_start, row_count, byte_offset), got {seg!r}") from None
+            values = tuple(operator.index(v) for v in seg)
+        except TypeError:   # not a sequence, or a field that is no integer
+            values = ()
+        if len(values) != len(fields):
+            raise TypeError(f"segments[{i}]: expected {what} as integers, got {seg!r}")
+        out.append(values)
+    return out
+
+
+def _check_segments(segments, rows: int, K: int, format: str, nbytes: int, what: str):
+    segs = []
+    for i, (r0, n, off) in enumerate(_segment_fields(segments, ("row_start", "row_count", "byte_offset"))):
         if r0 < 0 or n < 0 or r0 + n > rows:
             raise ValueError(f"segments[{i}]: rows [{r0}, {r0 + n}) are outside the {rows} rows of {what}")
         if off < 0 or off % 16:
@@ -164,9 +187,27 @@ def _check_segments(segments, rows: int, K: int, format: str, nbytes: int, what:
     return segs
 
 
+def check_tensor(q: FP4Tensor, name: str = "q") -> Tuple[_arrays.ArrayInfo, _arrays.ArrayInfo, int, int]:
+    """(data, scales, rows, K) of the FP4Tensor q once its arrays fit its shape, format and scale layout
+    as quantize makes them (NVFP4: a global scale too): what dequantize and the gather of an FP4Tensor
+    check before they read q, so neither invents nor drops rows."""
+    if not q.shape:
+        raise ValueError(f"{name}: shape () has no last dimension K")
+    bs = check_k(q.shape[-1], q.format)
+    di = _arrays.describe(q.data, f"{name}.data")
+    si = _arrays.describe(q.scales, f"{name}.scales")
+    K, rows = q.shape[-1], math.prod(q.shape[:-1])
+    if di.nbytes != rows * K // 2 or si.nbytes != scale_nbytes(rows, K // bs, q.scale_layout):
+        raise ValueError(f"{name}: data has {di.nbytes} bytes and scales {si.nbytes} bytes, which do not fit "
+                         f"shape {tuple(q.shape)} ({q.format}, {q.scale_layout})")
+    if q.format == "nvfp4":
+        _arrays.describe(q.global_scale, f"{name}.global_scale")   # None is a TypeError naming the field
+    return di, si, rows, K
+
+
 # ------------------------------------------------------------------------------ amax
 def amax(x: Any, *, stream: Any = None):
-    """max |x| over the finite elements, as fp32: a 0-d array on x's device (no host sync) for GPU
+    """max |x| over the finite elements (local), as fp32: a 0-d array on x's device (no host sync) for GPU
     input, a numpy float32 for host input. This is what a MAX all-reduce shares for a common scale."""
     info = _arrays.describe(x, "x")
     if info.dtype not in INPUT_DTYPES:
@@ -189,7 +230,7 @@ def amax(x: Any, *, stream: Any = None):
 def quantize(x: Any, format: str = "nvfp4", *, amax: Any = None, scale_layout: str = "linear",
              rounding: str = "nearest", seed: Any = None, out: Optional[FP4Tensor] = None,
              stream: Any = None) -> FP4Tensor:
-    """Quantize x [..., K] (bf16, fp16 or fp32) to NVFP4 or MXFP4 along the last dimension.
+    """Quantize x [..., K] (bf16, fp16 or fp32) to NVFP4 or MXFP4 along the last dimension (local).
 
     amax: NVFP4 only: the value the global scale is derived from (a float, or a one-element array on
           x's device, e.g. the result of a MAX all-reduce, read without a host sync); default: the
@@ -204,6 +245,7 @@ def quantize(x: Any, format: str = "nvfp4", *, amax: Any = None, scale_layout: s
     _check_options(format, scale_layout, rounding, seed)
     info, rows, K = _check_input(x, format)
     seed = call_seed(rounding, seed, info)
+    amax = _nvfp4_only(format, amax)
     bs = BLOCK_SIZE[format]
     nbc = K // bs
     lead = info.shape[:-1]
@@ -256,11 +298,13 @@ def _check_out_tensor(out: FP4Tensor, info: _arrays.ArrayInfo, format: str, layo
             raise ValueError(f"{name}: has {a.nbytes} bytes, expected {want[name]}")
         if a.device != info.device:
             raise ValueError(f"{name}: on {a.where()}, x on {info.where()}")
+        _arrays.check_writeable(a, name)
     if format == "nvfp4":
         g = _arrays.describe(out.global_scale, "out.global_scale")
         if g.dtype != "float32" or g.size != 1 or g.device != info.device:
             raise ValueError(f"out.global_scale: expected one float32 on {info.where()}, got {g.dtype} {g.shape} "
                              f"on {g.where()}")
+        _arrays.check_writeable(g, "out.global_scale")
 
 
 def _quantize_host(info, rows, K, format, amax, layout, rounding, seed, out):
@@ -283,26 +327,20 @@ def _quantize_host(info, rows, K, format, amax, layout, rounding, seed, out):
 
 # ------------------------------------------------------------------------------ dequantize
 def dequantize(q: FP4Tensor, dtype: Any = None, *, out: Any = None, stream: Any = None):
-    """Decode an FP4Tensor to bf16, fp16 or fp32 (default: the dtype it was quantized from), in the
+    """Decode an FP4Tensor (local) to bf16, fp16 or fp32 (default: the dtype it was quantized from), in the
     framework and on the device of q.data. CuPy has no bfloat16: there a bf16 result is a uint16 array
     of bf16 bit patterns."""
     if not isinstance(q, FP4Tensor):
         raise TypeError(f"q: expected an FP4Tensor, got {type(q).__name__}")
     if isinstance(q, GatheredFP4Tensor):   # rows from several ranks, each with its own global scale
         return dequantize_gathered(q, dtype, out=out, stream=stream)
-    bs = check_k(q.shape[-1], q.format)
+    di, si, rows, K = check_tensor(q)
     name = _out_dtype_name(dtype, q.dtype)
-    di = _arrays.describe(q.data, "q.data")
-    K, rows = q.shape[-1], math.prod(q.shape[:-1])
-    nbc = K // bs
-    si = _arrays.describe(q.scales, "q.scales")
-    if di.nbytes != rows * K // 2 or si.nbytes != scale_nbytes(rows, nbc, q.scale_layout):
-        raise ValueError(f"q: data has {di.nbytes} bytes and scales {si.nbytes} bytes, which do not fit "
-                         f"shape {tuple(q.shape)} ({q.format}, {q.scale_layout})")
+    nbc = K // BLOCK_SIZE[q.format]
     if not di.is_cuda:
         scales = _arrays.host_view(si).reshape(-1)
         scales = (scales.reshape(rows, nbc) if q.scale_layout == "linear" else ref.unswizzle(scales, rows, nbc))
-        s_dec = (float(_arrays.host_view(_arrays.describe(q.global_scale)).reshape(-1)[0])
+        s_dec = (float(_arrays.host_view(_arrays.describe(q.global_scale, "q.global_scale")).reshape(-1)[0])
                  if q.format == "nvfp4" else None)
         res = ref.dequantize_2d(_arrays.host_view(di).reshape(rows, K // 2), scales, s_dec, q.format, K,
                                 _arrays.numpy_dtype(name)).reshape(q.shape)
@@ -323,7 +361,8 @@ def dequantize(q: FP4Tensor, dtype: Any = None, *, out: Any = None, stream: Any 
 
 
 def dequantize_gathered(q: GatheredFP4Tensor, dtype=None, *, out=None, stream=None):
-    """Decode a GatheredFP4Tensor, each rank's rows with its own global scale (what dequantize() does for one)."""
+    """Decode a GatheredFP4Tensor (local), each rank's rows with its own global scale (what dequantize() does
+    for one)."""
     dtype = _out_dtype_name(dtype, q.dtype)
     info = _arrays.describe(q.data, "q.data")
     inner = math.prod(q.shape[1:-1])
@@ -375,6 +414,7 @@ def _check_out_array(out: Any, shape: Tuple[int, ...], dtype: str, like: _arrays
         raise ValueError(f"out: on {oi.where()}, the FP4 data on {like.where()}")
     if oi.is_cuda and oi.ptr % 16:
         raise ValueError("out: a GPU output must be 16-byte aligned")
+    _arrays.check_writeable(oi, "out")
     return oi
 
 
@@ -382,7 +422,7 @@ def _check_out_array(out: Any, shape: Tuple[int, ...], dtype: str, like: _arrays
 def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], format: str = "nvfp4", *,
                     amax: Any = None, rounding: str = "nearest", seed: Any = None,
                     stream: Any = None):
-    """Quantize row ranges of x (viewed as [rows, K]) straight into the uint8 buffer `buf`.
+    """Quantize row ranges of x (viewed as [rows, K]) straight into the uint8 buffer `buf` (local).
 
     segments: (row_start, row_count, byte_offset) each; the segment is written at byte_offset with
     the layout packed_layout(row_count, K, format) (data | linear scales | S_dec), offsets multiples
@@ -394,7 +434,9 @@ def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], 
     _check_options(format, "linear", rounding, seed)
     info, rows, K = _check_input(x, format)
     seed = call_seed(rounding, seed, info)
+    amax = _nvfp4_only(format, amax)
     bi = _check_buffer(buf, info)
+    _arrays.check_writeable(bi, "buf")
     segs = _check_segments(segments, rows, K, format, bi.nbytes, "x")
     if not info.is_cuda:
         ref.quantize_packed(_arrays.host_view(info).reshape(rows, K), _arrays.host_view(bi).reshape(-1), segs,
@@ -418,7 +460,7 @@ def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], 
 
 def dequantize_packed(buf: Any, segments: Sequence[Tuple[int, int, int]], K: int, format: str, out: Any, *,
                       stream: Any = None):
-    """Decode packed segments of `buf` into rows of `out` ([R, K] or [..., K]; bf16, fp16 or fp32, or
+    """Decode packed segments of `buf` (local) into rows of `out` ([R, K] or [..., K]; bf16, fp16 or fp32, or
     uint16 for bf16 on CuPy). segments: (row_start_in_out, row_count, byte_offset). Returns out."""
     check_k(K, format)
     oi = _arrays.describe(out, "out")
@@ -431,6 +473,7 @@ def dequantize_packed(buf: Any, segments: Sequence[Tuple[int, int, int]], K: int
         raise TypeError(f"out: dtype {oi.dtype}; expected one of {', '.join(INPUT_DTYPES)}")
     if not oi.contiguous:
         raise ValueError("out: must be contiguous")
+    _arrays.check_writeable(oi, "out")
     bi = _check_buffer(buf, oi)
     rows = math.prod(oi.shape[:-1])
     segs = _check_segments(segments, rows, K, format, bi.nbytes, "out")
@@ -453,15 +496,12 @@ def dequantize_packed(buf: Any, segments: Sequence[Tuple[int, int, int]], K: int
 
 def unpack_packed(buf: Any, segments: Sequence[Tuple[int, int, int]], K: int, format: str, *,
                   dtype: str = "bfloat16", stream: Any = None) -> FP4Tensor:
-    """Gather packed segments (row_count, byte_offset) into one linear-layout FP4Tensor of
-    [sum(row_count), K], rows in segment order, by byte copies on `stream`. NVFP4: the global scale is
+    """Gather packed segments (row_count, byte_offset) of one buffer (local) into one linear-layout
+    FP4Tensor of [sum(row_count), K], rows in segment order, by byte copies on `stream`. NVFP4: the global scale is
     the first segment's, right when all segments share one (global_scale="shared" in the collectives);
     the per-segment values stay readable at byte_offset + packed_layout(...).gs_off."""
     bs = check_k(K, format)
-    segs = []
-    for i, seg in enumerate(segments):
-        n, off = (int(v) for v in seg)
-        segs.append((n, off))
+    segs = _segment_fields(segments, ("row_count", "byte_offset"))
     bi = _arrays.describe(buf, "buf")
     if bi.dtype != "uint8" or not bi.contiguous:
         raise TypeError("buf: expected a contiguous uint8 buffer")

@@ -5,10 +5,11 @@ Nothing here imports a framework: arrays are whatever the producer made (numpy, 
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Tuple
+
+from .._arrays import as_int
 
 FORMATS = ("nvfp4", "mxfp4")
 BLOCK_SIZE = {"nvfp4": 16, "mxfp4": 32}
@@ -28,7 +29,7 @@ def check_format(format: str) -> int:
 
 def check_k(K: int, format: str) -> int:
     bs = check_format(format)
-    if K <= 0 or K % bs:
+    if as_int(K, "K") <= 0 or K % bs:
         raise ValueError(f"{format}: the last dimension K={K} must be a positive multiple of the block size {bs}")
     return bs
 
@@ -46,12 +47,14 @@ class PackedLayout(NamedTuple):
     total_bytes: int  # the segment's size, a multiple of 16
 
 
-@functools.lru_cache(maxsize=4096)  # on every collective call's path; a pure function of its arguments
+# On every collective call's path; a pure function of its arguments. typed: 4 and 4.0 compare equal, so an
+# untyped cache would answer packed_layout(4.0, ...) from packed_layout(4, ...) instead of refusing it.
+@functools.lru_cache(maxsize=4096, typed=True)
 def packed_layout(rows: int, K: int, format: str) -> PackedLayout:
     """The packed wire layout of a [rows, K] FP4 tensor: [data | scales | global scale], each segment
     16-byte aligned, total a multiple of 16 so segments of several tensors can follow each other."""
     bs = check_k(K, format)
-    if rows < 0:
+    if as_int(rows, "rows") < 0:
         raise ValueError(f"rows must be >= 0, got {rows}")
     data = rows * K // 2
     scale_off = _align(data)
