@@ -2,11 +2,13 @@
 
 Everything below the Communicator sees an `ArrayInfo` (pointer, shape, canonical dtype name,
 device, framework) and never imports a framework itself. Frameworks are imported lazily, only when
-an object of theirs shows up, so `import fp4ccl` stays free of torch/CuPy/CUDA.
+an object of theirs shows up, so `import fp4ccl` stays free of torch/CuPy/CUDA. The checks of the
+scalar arguments that sit beside arrays in every call (integers, flags) live here too.
 """
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -224,8 +226,35 @@ def mark_written(x: Any) -> None:
     Writes through a data pointer are invisible to autograd: without this, a backward pass that saved x
     earlier would use the new values silently, where a torch in-place op makes it fail loudly."""
     if x.__class__.__module__.startswith("torch"):
-        from torch.autograd.graph import increment_version
-        increment_version(x)
+        sys.modules["torch"].autograd.graph.increment_version(x)   # x is a tensor: torch is imported
+
+
+def check_writeable(info: ArrayInfo, name: str) -> None:
+    """For an array a call writes into: ValueError for a read-only numpy array; a torch tensor is marked
+    as modified in place (mark_written)."""
+    if not info.writeable:
+        raise ValueError(f"{name} is a read-only numpy array (flags.writeable is False), but this call "
+                         f"writes into it")
+    mark_written(info.obj)
+
+
+def check_flag(value: Any, name: str) -> None:
+    """TypeError unless value is True, False (a numpy bool too) or None: bool("no") is True, so a flag
+    given as anything else would be read as set."""
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True, False or None, got {value!r}")
+
+
+def as_int(value: Any, name: str) -> int:
+    """value as an int: any integral type (int, numpy integer, 0-d integer tensor), through operator.index;
+    a TypeError naming `name` for anything else. A float is refused (int() would truncate a row start of
+    0.5 to 0), and so is bool, for ranks and row counts alike: True would quietly mean 1."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
 
 
 def host_view(info: ArrayInfo) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import operator
 import os
 import sys
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -27,17 +26,6 @@ log = get_logger("fp4ccl.communicator")
 def check_consistency() -> bool:
     """FP4CCL_CHECK=1 makes v-collectives compare sizes across ranks first (a host round trip each)."""
     return os.environ.get("FP4CCL_CHECK", "0") not in ("", "0")
-
-
-def _integer(value, name: str) -> int:
-    """value as an int: any integral type (int, numpy integer, 0-d integer tensor), through
-    operator.index. bool is refused, for ranks and row counts alike: True would quietly mean 1."""
-    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
-        raise TypeError(f"{name} must be an integer, got the bool {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _fp4_only(what: str, options: tuple) -> None:
@@ -227,18 +215,9 @@ class Communicator:
             raise TypeError(f"{name} has dtype {info.dtype}, expected {like.dtype} (the input's)")
         if info.shape != shape:
             raise ValueError(f"{name} has shape {info.shape}, expected {shape}")
-        self._check_writeable(info, name)
+        _arrays.check_writeable(info, name)
         _check_overlap(like, info, name, in_place)
         return out, info
-
-    @staticmethod
-    def _check_writeable(info: ArrayInfo, name: str) -> None:
-        """For an array the call writes into: refuse a read-only numpy array; mark a torch tensor as modified
-        in place for autograd (_arrays.mark_written)."""
-        if not info.writeable:
-            raise ValueError(f"{name} is a read-only numpy array (flags.writeable is False), but this call "
-                             f"writes into it")
-        _arrays.mark_written(info.obj)
 
     def _stream(self, info: ArrayInfo, stream: Any) -> int:
         return _arrays.current_stream(info, stream) if info.device is not None else 0
@@ -246,7 +225,7 @@ class Communicator:
     def _check_root(self, root: int, name: str = "root") -> int:
         """root (or peer) as an int in [0, size): TypeError if not an integer, ValueError if out of range."""
         if type(root) is not int:
-            root = _integer(root, name)
+            root = _arrays.as_int(root, name)
         if not 0 <= root < self._size:
             raise ValueError(f"{name}={root!r} is out of range for a communicator of size {self._size}")
         return root
@@ -331,7 +310,7 @@ class Communicator:
         if sizes is None:
             sizes = [v[0] for v in self._gather_ints((local_rows,), what)]
         try:
-            sizes = [s if type(s) is int else _integer(s, "sizes") for s in sizes]
+            sizes = [s if type(s) is int else _arrays.as_int(s, "sizes") for s in sizes]
         except TypeError:
             raise TypeError(f"{what}: sizes must be a sequence of integers (not bools), got {sizes!r}") from None
         if len(sizes) != self._size:
@@ -377,6 +356,7 @@ class Communicator:
         out: an array for the rows, or, where the result is FP4 (dequantize=False, or an FP4Tensor x
         without dequantize=True), an earlier such result to gather into.
         """
+        _arrays.check_flag(dequantize, "all_gatherv: dequantize")
         if not _is_fp4(x):
             # None: not given; an FP4Tensor's gather keeps that apart (fp4_collectives.all_gatherv).
             if global_scale is None:
@@ -505,7 +485,7 @@ class Communicator:
     def recv(self, x, peer: int, *, stream=None):
         """Receive into x from rank `peer` (point-to-point); returns x."""
         info = self._input(x)
-        self._check_writeable(info, "x")
+        _arrays.check_writeable(info, "x")
         peer = self._check_root(peer, "peer")
         self._backend.recv(info, peer, self._stream(info, stream))
         return x

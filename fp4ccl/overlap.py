@@ -511,6 +511,8 @@ class _AgSpec:
 
 
 def _ag_check(comm, a_shard, bs, gather_dim, return_a, compress, out, rhs) -> _AgSpec:
+    _arrays.check_flag(return_a, "all_gather_matmul: return_a")
+    _arrays.check_flag(rhs, "all_gather_matmul: gathered_rhs")
     W = comm.size
     info = _describe(a_shard, "a_shard")
     _framework_check(comm, info, "a_shard")
@@ -573,7 +575,7 @@ def _ag_check(comm, a_shard, bs, gather_dim, return_a, compress, out, rhs) -> _A
             if oinfo.dtype != info.dtype or oinfo.shape != shape or not oinfo.contiguous:
                 raise _Bad(ValueError, f"out[{i}] must be a contiguous {info.dtype} array of shape {shape}, got "
                                        f"{oinfo.dtype} {oinfo.shape}{'' if oinfo.contiguous else ' (not contiguous)'}")
-            comm._check_writeable(oinfo, f"out[{i}]")
+            _arrays.check_writeable(oinfo, f"out[{i}]")
     return _AgSpec(a_shard, bs, info, dim, rhs, compress, bool(return_a), out, full_shape, out_shapes)
 
 
@@ -1048,7 +1050,7 @@ def _rs_check(comm, a, b, scatter_dim, op, out=None) -> _RsSpec:
             raise _Bad(ValueError, f"out must be a contiguous {info.framework} {info.dtype} array of shape "
                                    f"{out_shape}, got a {oinfo.framework} {oinfo.dtype} {oinfo.shape}"
                                    f"{'' if oinfo.contiguous else ' (not contiguous)'}")
-        comm._check_writeable(oinfo, "out")
+        _arrays.check_writeable(oinfo, "out")
     return _RsSpec(a, b, info, dim, op, out_shape, out)
 
 

@@ -146,6 +146,8 @@ def expect_errors(comm, cases):
                                ValueError),
             "dtype_mismatch": (lambda: all_gather_matmul(comm, a, [b.astype(np.float64)]), TypeError),
             "bad_compress": (lambda: all_gather_matmul(comm, a, [b], compress="fp8"), ValueError),
+            "return_a_not_bool": (lambda: all_gather_matmul(comm, a, [b], return_a="no"), TypeError),
+            "gathered_rhs_not_bool": (lambda: all_gather_matmul(comm, a, [b], gathered_rhs=1), TypeError),
             "rs_no_chain": (lambda: matmul_reduce_scatter(comm, a, _rand(rng, (7, 3), "float32")), ValueError),
             "rs_op": (lambda: matmul_reduce_scatter(comm, _rand(rng, (4 * W, 8), "float32"), b, op="max"),
                       ValueError),
@@ -238,7 +240,7 @@ def test_all_gather_matmul_fp4(nranks, fmt, gather_dim, seed):
 
 
 BAD = ["no_chain", "dim_range", "dim_range_one_rank", "unequal_shards", "dtype_mismatch", "bad_compress",
-       "rs_no_chain", "rs_op", "rs_dim_range", "rs_indivisible", "rs_dtype", "rs_out_shape", "rs_out_dtype"]
+       "return_a_not_bool", "gathered_rhs_not_bool", "rs_no_chain", "rs_op", "rs_dim_range", "rs_indivisible", "rs_dtype", "rs_out_shape", "rs_out_dtype"]
 
 
 @pytest.mark.parametrize("nranks", [1, 3])
