@@ -186,7 +186,12 @@ def describe(x: Any, name: str = "x") -> ArrayInfo:
     fn = _HANDLERS.get(cls)
     if fn is None:
         fn = _handler(cls, x, name)
-    return fn(x, name)
+    try:
+        return fn(x, name)
+    except TypeError as err:
+        if str(err).startswith("unsupported dtype"):   # dtype_name cannot know which argument it was
+            raise TypeError(f"{name}: {err}") from None
+        raise
 
 
 def empty(like: ArrayInfo, shape: Sequence[int], dtype: Optional[str] = None) -> Any:

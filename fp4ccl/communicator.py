@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import sys
+from collections.abc import Mapping, Set as AbstractSet
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 from . import _arrays
@@ -309,6 +310,8 @@ class Communicator:
         """Validate per-rank row counts; None exchanges each rank's local_rows first (a host round trip)."""
         if sizes is None:
             sizes = [v[0] for v in self._gather_ints((local_rows,), what)]
+        elif isinstance(sizes, (Mapping, AbstractSet, str, bytes)):   # iterable, but not one count per rank in order
+            raise TypeError(f"{what}: sizes must be a sequence of integers, one per rank, got {sizes!r}")
         try:
             sizes = [s if type(s) is int else _arrays.as_int(s, "sizes") for s in sizes]
         except TypeError:
@@ -523,7 +526,8 @@ class Communicator:
             except Exception as err:  # noqa: BLE001 - the block's own exception is the one to report
                 log.debug("closing the group after its block raised: %s", err)
             raise
-        self._backend.group_end()
+        if not self._closed:   # destroy() or abort() inside the block already ended the group with the rest
+            self._backend.group_end()
 
     # -- teardown -----------------------------------------------------------------------------------
     def destroy(self) -> None:
@@ -742,6 +746,8 @@ def _probe_gpus() -> Tuple[int, str]:
 
 def _build(exchange: Exchange, backend: Optional[str], device: Optional[int], local_rank: int,
            local_size: int, launcher: str, world: RankInfo) -> Communicator:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be 'nccl', 'host' or None, got {backend!r}")
     from_env = os.environ.get("FP4CCL_BACKEND") if not backend else None
     requested = (backend or from_env or "auto").lower()
     # Errors name what the user wrote and where: a value from the environment is easy to forget.

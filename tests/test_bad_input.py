@@ -353,3 +353,24 @@ def _reduce_with_a_wrong_out_elsewhere(comm):
 
 def test_reduce_checks_out_on_every_rank():
     assert run_ranks(2, _reduce_with_a_wrong_out_elsewhere) == [True, True]
+
+
+def test_argument_errors_name_the_argument(comm):
+    with pytest.raises(TypeError, match="backend must be 'nccl', 'host' or None, got 1"):
+        fp4ccl.init(1)
+    with pytest.raises(TypeError, match="^x: unsupported dtype"):
+        comm.all_reduce(np.ones(2, np.complex64))
+    with pytest.raises(TypeError, match="^out: unsupported dtype"):
+        comm.all_reduce(np.ones(2, np.float32), out=np.ones(2, np.complex64))
+    for unordered in ({1: 1}, {1}, "1"):   # iterable, but no count per rank in rank order
+        with pytest.raises(TypeError, match="sizes must be a sequence of integers, one per rank"):
+            comm.all_gatherv(np.ones((1, 2), np.float32), unordered)
+    assert np.asarray(comm.all_gatherv(np.ones((1, 2), np.float32), np.array([1]))).shape == (1, 2)
+
+
+def test_destroy_inside_a_group_ends_it_quietly():
+    comm = fp4ccl.init("host")
+    with comm.group():
+        comm.destroy()
+    with pytest.raises(CommClosedError):
+        comm.all_reduce(np.ones(2, np.float32))
