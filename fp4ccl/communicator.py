@@ -513,8 +513,8 @@ class Communicator:
         itself moves nothing, and the calls inside it keep their own collective or point-to-point rules).
 
         If the block raises, its exception propagates at once: the host backend drops the receives the
-        group had deferred, and if there were any, closes the communicator (their peers' messages would
-        reach later calls); NCCL cannot take back calls it already queued and launches them as the group
+        group had deferred, and if there were any, or if a send of the group already went out, closes the
+        communicator (the pairs' messages would reach later calls); NCCL cannot take back calls it already queued and launches them as the group
         ends, so a peer that waits on them for ever is caught by FP4CCL_TIMEOUT."""
         self._check_open()
         self._backend.group_start()

@@ -127,8 +127,9 @@ def test_other_collectives_that_disagree(nranks):
 
 
 def _send_recv_mismatch(comm):
-    """A recv whose buffer differs from the matching send in bytes or dtype raises on the receiver; the
-    sender is not held up and later messages between the pair still match."""
+    """A recv whose buffer differs from the matching send in bytes or dtype raises on the receiver and leaves
+    the message for the next recv from that peer; the sender is not held up and later messages between the
+    pair still match."""
     if comm.rank == 0:
         comm.send(np.ones(4, np.float32), 1)
         comm.send(np.ones(2, np.float64), 1)
@@ -136,8 +137,10 @@ def _send_recv_mismatch(comm):
     elif comm.rank == 1:
         with pytest.raises(ValueError, match=r"recv.*rank 0.*16 bytes.*rank 1.*8 bytes"):
             comm.recv(np.empty(2, np.float32), 0)
+        assert np.array_equal(comm.recv(np.empty(4, np.float32), 0), np.ones(4))   # the refused message
         with pytest.raises(ValueError, match=r"recv.*rank 0.*float64.*float32"):
             comm.recv(np.empty(4, np.float32), 0)
+        assert np.array_equal(comm.recv(np.empty(2, np.float64), 0), np.ones(2))
         assert np.array_equal(comm.recv(np.empty(3, np.int16), 0), np.arange(3))
     _still_usable(comm)
     return True
@@ -149,7 +152,8 @@ def test_send_recv_that_disagree(nranks):
 
 
 def _group_recv_mismatch_two(comm):
-    """2 ranks: rank 0's first recv buffer is one float too long; only rank 0 raises, after both recvs ran."""
+    """2 ranks: rank 0's first recv buffer is one float too long; only rank 0 raises, and its second recv does
+    not run (it would take the first's message out of order): both messages wait for its next recvs."""
     peer = 1 - comm.rank
     first = np.empty(5 if comm.rank == 0 else 4, np.float32)
     second = np.zeros(3, np.int32)
@@ -163,6 +167,8 @@ def _group_recv_mismatch_two(comm):
     if comm.rank == 0:
         with pytest.raises(ValueError, match=r"recv.*rank 1.*16 bytes.*rank 0.*20 bytes"):
             group()
+        assert np.all(comm.recv(np.empty(4, np.float32), peer) == 1)
+        comm.recv(second, peer)
     else:
         group()
         assert np.all(first == 1), first

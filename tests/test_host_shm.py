@@ -42,19 +42,24 @@ import sys
 import numpy as np
 from fp4ccl._arrays import describe
 from fp4ccl.backends.host import HostBackend
+from fp4ccl.errors import CommTimeoutError
 from test_host_shm import LonelyExchange
 
 backend = HostBackend(LonelyExchange())
 backend.send(describe(np.ones(1000, np.float32)), 1)
 print(backend.transport.blobs.prefix)
 if sys.argv[1] == "destroy":
-    backend.destroy()
+    try:
+        backend.destroy()   # waits FP4CCL_TIMEOUT for a reader that never comes
+    except CommTimeoutError:
+        pass
 """
 
 
 def _lonely_send(tmp_path, how, job):
     environ = {k: v for k, v in os.environ.items() if k not in ("FP4CCL_JOB_ID", "PYTHONPATH")}
-    environ.update(FP4CCL_SHM_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    environ.update(FP4CCL_SHM_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+                   FP4CCL_TIMEOUT="1")
     if job is not None:
         environ["FP4CCL_JOB_ID"] = job
     proc = subprocess.run([sys.executable, "-c", LONELY_SEND, how], env=environ, capture_output=True, text=True,
@@ -124,7 +129,7 @@ if pid == 0:
     sys.exit(0)  # a normal exit runs the atexit handlers inherited from the parent
 os.waitpid(pid, 0)
 print(len(os.listdir(os.environ["FP4CCL_SHM_DIR"])))
-backend.destroy()
+backend.abort()
 """
 
 

@@ -21,8 +21,9 @@ in a group blocks.
 Every wait for a peer is bounded by FP4CCL_TIMEOUT (600 s when unset, 0 = forever). A wait that
 runs out raises CommTimeoutError naming the call, its number on this communicator and the rank, and
 the backend refuses every later call with CommClosedError, since its calls no longer line up with
-its peers'. abort() never waits: it cancels pending MPI sends; destroy() waits for them at most the
-timeout.
+its peers'. abort() never waits: it cancels pending MPI sends, and a wait for a peer in another thread
+ends with CommClosedError. destroy() (and, failing that, interpreter exit) first waits, at most the
+timeout, until the peers have taken this rank's sends.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import math
 import os
 import socket
 import struct
+import sys
 import tempfile
 import time
 import uuid
@@ -42,9 +44,12 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .._arrays import ArrayInfo, host_view, numpy_dtype
+from .._log import get_logger
 from .._timeout import ENV_TIMEOUT, env_timeout
 from ..bootstrap.exchange import Exchange, MPIExchange, StoreExchange
 from ..errors import CommClosedError, CommTimeoutError
+
+log = get_logger("fp4ccl.host")
 
 _U8 = np.dtype(np.uint8)
 # From this size all_reduce splits into reduce-scatter + all-gather (two exchanges, 1/n the arithmetic).
@@ -61,6 +66,8 @@ _CALLS = ("all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "
 _CALL_CODE = {c: i for i, c in enumerate(_CALLS)}
 _OPS = ("", "sum", "prod", "max", "min", "avg")
 _OP_CODE = {o: i for i, o in enumerate(_OPS)}
+# Why a wait for a peer ends when abort() runs in another thread.
+_ABORTED = "the communicator was aborted (abort()) while this rank waited for a peer"
 # Send buffers of aborted MPI communicators: MPI may still read a cancelled send's buffer, so it
 # must outlive the communicator (a leak, but only after an abort).
 _ABANDONED: list = []
@@ -111,6 +118,7 @@ class MpiTransport:
         self.timeout = timeout
         self._pending = []  # (request, buffer kept alive until the send completes)
         self._prune_at = 64
+        self.aborted = False  # set by abort(), maybe from another thread: ends this transport's waits
 
     def _wait(self, requests: list, what: str) -> None:
         from mpi4py import MPI
@@ -119,9 +127,14 @@ class MpiTransport:
         # Polled like MPICH's own blocking waits, yielding the core to other ranks between tests.
         deadline = time.monotonic() + self.timeout
         while not MPI.Request.Testall(requests):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"MPI {what} did not complete within {self.timeout:g} s ({ENV_TIMEOUT})")
+            self._check_waiting(deadline, f"MPI {what} did not complete")
             os.sched_yield()
+
+    def _check_waiting(self, deadline: float, what: str) -> None:
+        if self.aborted:
+            raise CommClosedError(f"{_ABORTED} ({what})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {self.timeout:g} s ({ENV_TIMEOUT})")
 
     @staticmethod
     def _records(header: bytes, sizes: Sequence[int]) -> np.ndarray:
@@ -175,8 +188,7 @@ class MpiTransport:
         status = MPI.Status()
         deadline = time.monotonic() + self.timeout
         while (message := self.comm.Improbe(source=peer, tag=self._TAG, status=status)) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no message from rank {peer} within {self.timeout:g} s ({ENV_TIMEOUT})")
+            self._check_waiting(deadline, f"no message from rank {peer}")
             os.sched_yield()
         buf = np.empty(status.Get_count(MPI.BYTE), _U8)
         self._wait([message.Irecv(buf)], f"recv from rank {peer}")
@@ -203,6 +215,7 @@ class MpiTransport:
 
     def abort(self) -> None:
         """Cancel and free the pending sends without waiting for them."""
+        self.aborted = True
         for req, buf in self._pending:
             for step in (req.Cancel, req.Free):
                 try:
@@ -220,13 +233,15 @@ def shm_prefix(job: str, directory: Optional[str] = None) -> str:
     return os.path.join(base, f"fp4ccl-{job}-")
 
 
-def _polls(timeout: float, timed_out):
+def _polls(timeout: float, timed_out, check_open):
     """Yield at once, then again after each pause (20 us, doubling up to 2 ms) while `timeout` seconds
-    have not passed since the first; then raise timed_out(). For loops that poll files for a peer."""
+    have not passed since the first; then raise timed_out(). check_open() runs before each pause, so an
+    abort() from another thread ends the wait. For loops that poll files for a peer."""
     deadline = time.monotonic() + timeout
     pause = 2e-5
     while True:
         yield
+        check_open()
         if time.monotonic() > deadline:
             raise timed_out()
         time.sleep(pause)
@@ -235,16 +250,15 @@ def _polls(timeout: float, timed_out):
 
 class ShmBlobs:
     """Blobs as files in /dev/shm (same host), readable by this user only; written under a temporary
-    name, then renamed into place. Each rank removes the files it wrote at close() or, failing
-    that, when the interpreter exits; fp4ccl-run removes a killed job's by their prefix."""
+    name, then renamed into place. Each rank removes the files it wrote at close() (its transport's
+    close or abort, or interpreter exit); fp4ccl-run removes a killed job's by their prefix."""
 
     def __init__(self, name: str, timeout: float, directory: Optional[str] = None):
         self.prefix = shm_prefix(name, directory)
         self.timeout = timeout
         self._mine = set()
         self._prune_at = 256
-        self._pid = os.getpid()
-        atexit.register(self._at_exit)
+        self.closed = False
 
     def put(self, name: str, header: bytes, data: np.ndarray) -> None:
         path = self.prefix + name
@@ -264,11 +278,19 @@ class ShmBlobs:
             # Point-to-point blobs are deleted by their reader, so forget the ones already gone.
             self._mine = {p for p in self._mine if os.path.exists(p)}
             self._prune_at = max(256, 2 * len(self._mine))
+        self._check_open()
+
+    def _check_open(self) -> None:
+        """CommClosedError once close() has run, maybe in another thread (abort()): a wait for a peer ends
+        here, after removing what this thread wrote once close() had taken the files."""
+        if self.closed:
+            self._remove_mine()
+            raise CommClosedError(_ABORTED)
 
     def get(self, name: str) -> np.ndarray:
         path = self.prefix + name
         missing = lambda: TimeoutError(f"no data at {path} after {self.timeout:g} s ({ENV_TIMEOUT})")  # noqa: E731
-        for _ in _polls(self.timeout, missing):
+        for _ in _polls(self.timeout, missing, self._check_open):
             try:
                 with open(path, "rb", buffering=0) as f:
                     out = np.empty(os.fstat(f.fileno()).st_size, _U8)  # aligned, unlike f.read()'s bytes
@@ -298,7 +320,7 @@ class ShmBlobs:
             self._mine.add(path)  # before it exists: abort() after a timeout removes the ones left untaken
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         late = lambda: TimeoutError(_barrier_timeout(self.timeout, sorted(set(waiting) | set(untaken))))  # noqa: E731
-        for _ in _polls(self.timeout, late):
+        for _ in _polls(self.timeout, late, self._check_open):
             for peer, path in list(waiting.items()):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -316,18 +338,28 @@ class ShmBlobs:
         except FileNotFoundError:
             pass
 
-    def close(self) -> None:
-        for path in self._mine:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self._mine.clear()
-        atexit.unregister(self._at_exit)
+    def wait_taken(self, last: dict) -> None:
+        """Return once the blob named last[peer] is gone for every peer (its reader deleted it); TimeoutError
+        after the timeout."""
+        paths = {peer: self.prefix + name for peer, name in last.items()}
+        late = lambda: TimeoutError(  # noqa: E731
+            f"rank(s) {', '.join(map(str, sorted(paths)))} did not receive this rank's messages within "
+            f"{self.timeout:g} s ({ENV_TIMEOUT})")
+        for _ in _polls(self.timeout, late, self._check_open):
+            paths = {peer: path for peer, path in paths.items() if os.path.exists(path)}
+            if not paths:
+                return
 
-    def _at_exit(self) -> None:
-        if os.getpid() == self._pid:  # a forked child inherits the handler, not the files
-            self.close()
+    def close(self) -> None:
+        self.closed = True  # first: a wait in another thread then removes what it writes after this
+        self._remove_mine()
+
+    def _remove_mine(self) -> None:
+        # pop(), not a loop over the set: another thread may add to it, or pop from it, meanwhile.
+        with contextlib.suppress(KeyError):
+            while True:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._mine.pop())
 
 
 class StoreBlobs:
@@ -347,6 +379,9 @@ class StoreBlobs:
 
     def delete(self, name: str) -> None:
         self.store.delete(self.prefix + name)
+
+    def wait_taken(self, last: dict) -> None:
+        pass  # the store keeps a value until its reader deletes it, whether or not this rank is still there
 
     def barrier(self, tag: int, rank: int, size: int) -> None:
         """Return once every rank has entered barrier `tag` (TimeoutError after the timeout): the store
@@ -374,6 +409,8 @@ class BlobTransport:
         self._barriers = 0
         self._sent = {}
         self._received = {}
+        self._pid = os.getpid()
+        atexit.register(self._at_exit)
 
     def _round(self, header: bytes, publish: dict) -> tuple:
         self._seq += 1
@@ -426,9 +463,32 @@ class BlobTransport:
         self.blobs.barrier(self._barriers, self.rank, self.size)
 
     def close(self) -> None:
+        """Release the blobs once the peers have taken this rank's point-to-point ones (TimeoutError after
+        the timeout): removed sooner, a send this rank made would never arrive."""
+        try:
+            # A rank reads a sender's blobs in order, deleting each: once the last to a peer is gone, all are.
+            self.blobs.wait_taken({peer: f"p{self.rank}.{peer}.{n - 1}" for peer, n in self._sent.items()
+                                   if peer != self.rank})
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        atexit.unregister(self._at_exit)
         self.blobs.close()
 
-    abort = close  # nothing here waits
+    def _at_exit(self) -> None:
+        """close() at interpreter exit, for a communicator never destroyed."""
+        if os.getpid() != self._pid:  # a forked child inherits the handler, not the files
+            return
+        if getattr(sys, "last_value", None) is not None:
+            # Ending on an uncaught exception: the peers are likely waiting for this rank, and the launcher
+            # should see it fail now, not after the timeout.
+            self.abort()
+            return
+        try:
+            self.close()
+        except TimeoutError as err:
+            log.warning("exit without destroy(): %s; their messages are removed", err)
 
 
 def _barrier_timeout(timeout: float, late: Sequence[int] = ()) -> str:
@@ -508,7 +568,9 @@ class HostBackend:
         self._seq = 0        # calls made on this communicator; error messages name them
         self._depth = 0      # open groups
         self._deferred = []  # the open group's recvs: (seq, peer, header, destination bytes)
-        self._marks = []     # per open group: how many recvs were deferred before it opened
+        self._sends = 0      # sends made on this communicator
+        self._marks = []     # per open group: (recvs deferred, sends made) before it opened
+        self._held = {}      # peer -> the message a refused recv left for the next recv from that peer
         self._refusal = ""   # why later calls are refused, once the backend is unusable
 
     # -- checks and failures ------------------------------------------------------------------------
@@ -642,6 +704,7 @@ class HostBackend:
     @_call
     def send(self, buf: ArrayInfo, peer: int, stream=0) -> None:
         self.transport.send(_header("send", buf.dtype, buf.nbytes), _as_bytes(host_view(buf)), peer)
+        self._sends += 1
 
     @_call
     def recv(self, buf: ArrayInfo, peer: int, stream=0) -> None:
@@ -653,41 +716,58 @@ class HostBackend:
             self._recv_into(self._seq, peer, header, out)
 
     def _recv_into(self, seq: int, peer: int, header: bytes, out: np.ndarray) -> None:
-        got = [self.transport.recv(peer)]
-        (data,) = self._check(f"recv from rank {peer}", header, got, [out.size], [peer], seq)
+        got = self._held.pop(peer, None) or self.transport.recv(peer)
+        try:
+            (data,) = self._check(f"recv from rank {peer}", header, [got], [out.size], [peer], seq)
+        except ValueError:
+            # Kept for the next recv from this peer: a recv retried with the right buffer gets this message,
+            # not the one after it.
+            self._held[peer] = got
+            raise
         out[...] = data
 
     def group_start(self) -> None:
         if self._refusal:
             raise CommClosedError(self._refusal)
         self._depth += 1
-        self._marks.append(len(self._deferred))
+        self._marks.append((len(self._deferred), self._sends))
 
     def group_end(self, abandon: bool = False) -> None:
         """Close a group; at the outermost, run its recvs. `abandon` (the group's block raised): drop the recvs
         this group deferred instead, so the block's error surfaces now rather than as a wait for sends the
-        peers may never make; the communicator then refuses later calls (CommClosedError)."""
+        peers may never make; if it had deferred recvs or sent anything, the communicator then refuses later
+        calls (CommClosedError)."""
         if self._depth == 0:
             raise RuntimeError("group_end() without a matching group_start()")
         self._depth -= 1
-        mark = self._marks.pop()
-        if abandon and len(self._deferred) > mark:
-            # Peers' sends for the dropped recvs may be on their way or queued: a later recv from them would
-            # take such a message for its own (messages carry no call number), so no call may follow.
-            del self._deferred[mark:]
+        deferred_before, sends_before = self._marks.pop()
+        done = [what for what, hit in (("queuing receives", len(self._deferred) > deferred_before),
+                                       ("sending", self._sends > sends_before)) if hit]
+        if abandon and done:
+            # Messages carry no call number: peers' sends for the dropped recvs may be on their way, and a
+            # peer whose group was abandoned too never takes ours, so a later recv on either side would take
+            # such a message for its own. No call may follow.
+            del self._deferred[deferred_before:]
             self._refusal = (f"the host communicator of rank {self.rank} was closed when a 'with comm.group():' "
-                             f"block raised after queuing receives: their messages would reach later calls; "
-                             f"create a new Communicator")
+                             f"block raised after {' and '.join(done)}: the group's messages would reach later "
+                             f"calls; create a new Communicator")
         if self._depth:
             return
         deferred, self._deferred = self._deferred, []
-        failures = []
+        failures, refused = [], set()
         for seq, peer, header, out in deferred:
-            # Every recv runs even after one failed, so no peer's send is left unmatched.
+            # Every recv runs even after one failed, so no peer's send is left unmatched; but none after a
+            # refused one from the same peer, whose message it would take out of order.
+            if peer in refused:
+                failures.append(ValueError(
+                    f"recv from rank {peer} (call #{seq}): not run, since an earlier recv from rank {peer} in this "
+                    f"group was refused; its message and the later ones wait for the next recvs from rank {peer}"))
+                continue
             try:
                 self._recv_into(seq, peer, header, out)
             except ValueError as err:
                 failures.append(err)
+                refused.add(peer)
             except TimeoutError as err:
                 raise self._timed_out(f"recv from rank {peer}", f"call #{seq}, run at group_end", seq, err) from err
         if failures:
@@ -702,10 +782,8 @@ class HostBackend:
 
     # -- teardown -----------------------------------------------------------------------------------
     def destroy(self) -> None:
-        """Release the transport once its pending sends are out (bounded by the timeout)."""
-        self._deferred.clear()
-        self._marks.clear()
-        self._depth = 0
+        """Release the transport once the peers have taken its sends (bounded by the timeout)."""
+        self._forget()
         if self._refusal:
             self.transport.abort()
             return
@@ -716,13 +794,19 @@ class HostBackend:
             raise self._timed_out("destroy", "waiting for this rank's sends", self._seq, err) from err
 
     def abort(self) -> None:
-        """Release the transport now, abandoning pending sends and the open group's recvs."""
-        self._deferred.clear()
-        self._marks.clear()
-        self._depth = 0
+        """Release the transport now, abandoning pending sends and the open group's recvs; a wait for a peer
+        in another thread ends with CommClosedError."""
+        self._forget()
         if not self._refusal:
             self._refusal = f"the host communicator of rank {self.rank} was aborted; create a new Communicator"
         self.transport.abort()
+
+    def _forget(self) -> None:
+        """Drop the open groups and the messages held for recvs (the communicator is going)."""
+        self._deferred.clear()
+        self._marks.clear()
+        self._depth = 0
+        self._held.clear()
 
 
 class _SelfTransport:
