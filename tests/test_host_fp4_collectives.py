@@ -60,20 +60,14 @@ def test_fp4_results_come_in_the_input_framework(fmt, framework, seed):
     assert all(run_ranks(2, fc.check_fp4_results_in_input_framework, seed, framework, fmt))
 
 
-@pytest.mark.parametrize("nranks", [2, 3])
+@pytest.mark.parametrize("check,nranks", [("ranks_disagree", 2), ("ranks_disagree", 3),
+                                          ("tensor_bad_input", 1), ("tensor_bad_input", 3)])
 @pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])
-def test_fp4_ranks_that_disagree_on_sizes_or_k(framework, nranks, seed):
+def test_fp4_bad_input_on_every_rank(check, framework, nranks, seed):
+    """Ranks that disagree on sizes or K; FP4Tensors that do not fit their shape, are 1-D or lack a scale."""
     if framework == "torch_cpu":
         pytest.importorskip("torch", reason="torch is not installed")
-    assert all(run_ranks(nranks, fc.check_fp4_ranks_disagree, seed, framework))
-
-
-@pytest.mark.parametrize("nranks", [1, 3])
-@pytest.mark.parametrize("framework", ["numpy", "torch_cpu"])
-def test_fp4_gather_of_a_bad_fp4tensor(framework, nranks, seed):
-    if framework == "torch_cpu":
-        pytest.importorskip("torch", reason="torch is not installed")
-    assert all(run_ranks(nranks, fc.check_fp4_tensor_bad_input, seed, framework))
+    assert all(run_ranks(nranks, getattr(fc, f"check_fp4_{check}"), seed, framework))
 
 
 @pytest.mark.parametrize("nranks", [2, 3])

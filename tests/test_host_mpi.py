@@ -140,12 +140,13 @@ def case_timeout(comm):
     return "ok"
 
 
-def _main(case: str, outdir: str) -> None:
+def mpi_main(case: str, outdir: str, cases: dict) -> None:
+    """One rank under mpiexec: run cases[f"case_{case}"](comm), write its result (or traceback) for run_mpi."""
     sys.path.insert(0, HERE)
     import fp4ccl
     comm = fp4ccl.init("host")
     try:
-        result = globals()[f"case_{case}"](comm)
+        result = cases[f"case_{case}"](comm)
     except BaseException:  # noqa: BLE001 - reported through the rank's file
         result = traceback.format_exc()
     with open(os.path.join(outdir, f"rank{comm.rank}"), "w") as f:
@@ -163,11 +164,12 @@ def _mpiexec():
     return found
 
 
-def _run(tmp_path, case: str, n: int, timeout: float = 120, **environ) -> list:
+def run_mpi(tmp_path, case: str, n: int, timeout: float = 120, script: str = __file__, **environ) -> list:
+    """`script case tmp_path` on n ranks under mpiexec (its __main__ calls mpi_main); every rank must answer ok."""
     env = dict(os.environ, PYTHONPATH=ROOT, **environ)
     for var in ("FP4CCL_RANK", "FP4CCL_STORE", "FP4CCL_WORLD_SIZE", "RANK", "WORLD_SIZE"):
         env.pop(var, None)
-    proc = subprocess.run([_mpiexec(), "-n", str(n), sys.executable, os.path.abspath(__file__), case, str(tmp_path)],
+    proc = subprocess.run([_mpiexec(), "-n", str(n), sys.executable, os.path.abspath(script), case, str(tmp_path)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     results = [(tmp_path / f"rank{r}").read_text() if (tmp_path / f"rank{r}").exists() else "no result"
                for r in range(n)]
@@ -178,26 +180,26 @@ def _run(tmp_path, case: str, n: int, timeout: float = 120, **environ) -> list:
 
 
 def test_collectives_groups_and_mismatches_under_mpi(tmp_path):
-    _run(tmp_path, "collectives", 3, timeout=300)
+    run_mpi(tmp_path, "collectives", 3, timeout=300)
 
 
 def test_abort_does_not_wait_for_an_unmatched_send(tmp_path):
-    results = _run(tmp_path, "abort", 2, timeout=60)
+    results = run_mpi(tmp_path, "abort", 2, timeout=60)
     assert float(results[0].split()[1]) < 1.0, results
 
 
 def test_destroy_waits_for_sends_at_most_the_timeout(tmp_path):
-    results = _run(tmp_path, "destroy_timeout", 2, timeout=60, FP4CCL_TIMEOUT="1")
+    results = run_mpi(tmp_path, "destroy_timeout", 2, timeout=60, FP4CCL_TIMEOUT="1")
     assert 0.9 < float(results[0].split()[1]) < 10.0, results
 
 
 def test_user_messages_never_meet_fp4ccls(tmp_path):
-    _run(tmp_path, "user_messages", 2, timeout=60)
+    run_mpi(tmp_path, "user_messages", 2, timeout=60)
 
 
 def test_timeout_under_mpi(tmp_path):
-    _run(tmp_path, "timeout", 2, timeout=60, FP4CCL_TIMEOUT="1")
+    run_mpi(tmp_path, "timeout", 2, timeout=60, FP4CCL_TIMEOUT="1")
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2])
+    mpi_main(sys.argv[1], sys.argv[2], globals())

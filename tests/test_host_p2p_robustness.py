@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-import traceback
 
 import numpy as np
 import pytest
@@ -32,6 +30,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from harness import env, run_ranks  # noqa: E402
+from test_host_mpi import mpi_main, run_mpi  # noqa: E402
 
 
 def _fresh(timeout: str = "10"):
@@ -285,32 +284,8 @@ def case_mpi_abort(comm):
     return "ok"
 
 
-def _mpi_main(case: str, outdir: str) -> None:
-    import fp4ccl
-    comm = fp4ccl.init("host")
-    try:
-        result = globals()[f"case_{case}"](comm)
-    except BaseException:  # noqa: BLE001 - reported through the rank's file
-        result = traceback.format_exc()
-    with open(os.path.join(outdir, f"rank{comm.rank}"), "w") as f:
-        f.write(result)
-
-
 def _mpi_run(tmp_path, case: str, n: int) -> None:
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("no mpiexec on PATH")
-    environ = dict(os.environ, PYTHONPATH=ROOT, FP4CCL_TIMEOUT="10")
-    for var in ("FP4CCL_RANK", "FP4CCL_STORE", "FP4CCL_WORLD_SIZE", "RANK", "WORLD_SIZE"):
-        environ.pop(var, None)
-    proc = subprocess.run([mpiexec, "-n", str(n), sys.executable, os.path.abspath(__file__), case, str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, env=environ, cwd=ROOT)
-    for r in range(n):
-        path = tmp_path / f"rank{r}"
-        text = path.read_text() if path.exists() else "no result"
-        assert text.startswith("ok"), f"rank {r}:\n{text}\n{proc.stdout}\n{proc.stderr}"
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_mpi(tmp_path, case, n, script=__file__, FP4CCL_TIMEOUT="10")
 
 
 @pytest.mark.parametrize("nranks", [2, 3])
@@ -323,4 +298,4 @@ def test_abort_from_another_thread_ends_a_recv_under_mpi(tmp_path):
 
 
 if __name__ == "__main__":
-    _mpi_main(sys.argv[1], sys.argv[2])
+    mpi_main(sys.argv[1], sys.argv[2], globals())
