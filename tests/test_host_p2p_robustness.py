@@ -260,6 +260,43 @@ def test_abort_from_another_thread_ends_a_blocked_call(nranks, call):
     assert run_ranks(nranks, _abort_from_another_thread, call) == [True] * nranks
 
 
+def test_abort_ends_a_wait_for_a_value_in_the_store():
+    """The store transport (ranks on several hosts): a get waiting for a peer's value, for ever, ends with
+    CommClosedError within a second of close() (what abort() calls) in another thread."""
+    from fp4ccl.backends.host import StoreBlobs
+    from fp4ccl.bootstrap.store import StoreClient, StoreServer
+    from fp4ccl.errors import CommClosedError
+    server = StoreServer(token="t" * 32)
+    client = StoreClient(server.address, "t" * 32, timeout=10.0)
+    try:
+        blobs = StoreBlobs(client, "abort-test", float("inf"))
+        blobs.put("here", b"", np.arange(3, dtype=np.uint8))
+        assert np.array_equal(blobs.get("here"), np.arange(3))
+        outcome = {}
+
+        def wait():
+            try:
+                blobs.get("never")
+            except BaseException as err:  # noqa: BLE001 - checked below
+                outcome["error"], outcome["ended"] = err, time.monotonic()
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        time.sleep(0.6)
+        assert thread.is_alive(), outcome
+        closed = time.monotonic()
+        blobs.close()
+        thread.join(5)
+        assert not thread.is_alive(), "the get still waits 5 s after close()"
+        assert isinstance(outcome["error"], CommClosedError), repr(outcome["error"])
+        assert outcome["ended"] - closed < 1.0
+        timed = StoreBlobs(client, "timeout-test", 0.3)
+        with pytest.raises(TimeoutError, match="no data at fp4ccl-host/timeout-test/never after 0.3 s"):
+            timed.get("never")
+    finally:
+        client.close()
+        server.close()
+
+
 # -- the same under MPI (this file run by mpiexec) -------------------------------------------------
 
 def case_mpi_refused_recv(comm):

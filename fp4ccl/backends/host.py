@@ -365,17 +365,31 @@ class ShmBlobs:
 class StoreBlobs:
     """Blobs as values in the TCP store (ranks on different hosts); `get` blocks until the value is set."""
 
+    # A get waits in the server in slices this long, so that abort() in another thread ends it promptly.
+    _SLICE_S = 0.25
+
     def __init__(self, store, name: str, timeout: float):
         self.store = store
         self.prefix = f"fp4ccl-host/{name}/"
         self.timeout = timeout
         self._rounds: Optional[StoreExchange] = None   # the barrier's, made on its first call
+        self.closed = False
 
     def put(self, name: str, header: bytes, data: np.ndarray) -> None:
         self.store.set(self.prefix + name, header + data.tobytes())
 
     def get(self, name: str) -> np.ndarray:
-        return np.frombuffer(self.store.get(self.prefix + name, timeout=self.timeout), dtype=_U8)
+        key = self.prefix + name
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.closed:
+                raise CommClosedError(_ABORTED)
+            try:
+                left = deadline - time.monotonic()
+                return np.frombuffer(self.store.get(key, timeout=max(0.0, min(self._SLICE_S, left))), dtype=_U8)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"no data at {key} after {self.timeout:g} s ({ENV_TIMEOUT})") from None
 
     def delete(self, name: str) -> None:
         self.store.delete(self.prefix + name)
@@ -395,7 +409,7 @@ class StoreBlobs:
             raise TimeoutError(_barrier_timeout(self.timeout)) from err
 
     def close(self) -> None:
-        pass
+        self.closed = True   # values stay in the store for readers to take (and delete)
 
 
 class BlobTransport:
