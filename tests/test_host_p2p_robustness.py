@@ -156,6 +156,36 @@ def test_destroy_gives_up_on_a_send_never_received_after_the_timeout():
     assert 1.5 < waited < 8, waited
 
 
+def _destroy_after_the_reader_closed(comm):
+    """Rank 0 sends to every peer; the peers close their communicators without reading (abort(), as after an
+    abandoned group). Rank 0's destroy() then has nobody to wait for: it returns at once, and no file is
+    left (the closing readers removed what was sent to them)."""
+    own = _fresh("20")
+    waited = 0.0
+    try:
+        if own.rank == 0:
+            for peer in range(1, own.size):
+                own.send(np.ones(3, np.float32), peer)
+        comm.barrier()
+        if own.rank != 0:
+            own.abort()
+        comm.barrier()
+        if own.rank == 0:
+            t0 = time.monotonic()
+            own.destroy()
+            waited = time.monotonic() - t0
+            assert _files(own) == [], _files(own)
+    finally:
+        own.abort()
+    return waited
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_destroy_does_not_wait_for_peers_that_closed_without_reading(nranks):
+    waited = run_ranks(nranks, _destroy_after_the_reader_closed)[0]
+    assert waited < 2, f"destroy waited {waited:.1f} s for readers that had closed"
+
+
 # Run under fp4ccl-run: rank 0 sends and leaves (normally, or on an uncaught exception); rank 1 receives
 # two seconds later, or (after an exception) never.
 EXIT_JOB = textwrap.dedent("""
@@ -167,6 +197,9 @@ EXIT_JOB = textwrap.dedent("""
         comm.send(np.arange(4, dtype=np.float32), 1)
         if sys.argv[1] == "raise":
             raise RuntimeError("rank 0 fails after its send")
+        if sys.argv[1] == "sysexit":
+            print("rank 0 fails after its send", flush=True)
+            sys.exit(3)
     elif sys.argv[1] == "exit":
         time.sleep(2)
         print("received", comm.recv(np.zeros(4, np.float32), 0).tolist(), flush=True)
@@ -188,19 +221,21 @@ def _exit_job(tmp_path, how):
     return proc, time.monotonic() - t0, os.listdir(shm)
 
 
-def test_exit_without_destroy_waits_until_the_peers_took_the_sends(tmp_path):
+def test_exit_without_destroy_leaves_the_sends_for_their_reader(tmp_path):
+    """Rank 0 exits right after its send; rank 1 receives two seconds later, and deletes the file it read."""
     proc, _, left = _exit_job(tmp_path, "exit")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "received [0.0, 1.0, 2.0, 3.0]" in proc.stdout, proc.stdout + proc.stderr
     assert left == [], left
 
 
-def test_exit_on_an_uncaught_exception_does_not_wait(tmp_path):
+@pytest.mark.parametrize("how", ["raise", "sysexit"])
+def test_a_failing_exit_does_not_wait(tmp_path, how):
     """The launcher must see the failure now, not after FP4CCL_TIMEOUT (20 s) of waiting for a reader."""
-    proc, took, left = _exit_job(tmp_path, "raise")
+    proc, took, left = _exit_job(tmp_path, how)
     assert proc.returncode != 0 and "rank 0 fails after its send" in proc.stdout + proc.stderr, proc.stdout
     assert took < 15, f"the job took {took:.1f} s"
-    assert left == [], left
+    assert left == [], left   # fp4ccl-run removed the unread send with the job's files
 
 
 # -- abort() from another thread -------------------------------------------------------------------

@@ -57,6 +57,7 @@ if sys.argv[1] == "destroy":
 
 
 def _lonely_send(tmp_path, how, job):
+    os.makedirs(tmp_path, exist_ok=True)
     environ = {k: v for k, v in os.environ.items() if k not in ("FP4CCL_JOB_ID", "PYTHONPATH")}
     environ.update(FP4CCL_SHM_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
                    FP4CCL_TIMEOUT="1")
@@ -76,10 +77,14 @@ def test_files_are_named_after_the_job(tmp_path, job, name):
     assert base.startswith(f"fp4ccl-{name}-") and len(base) > len(f"fp4ccl-{name}-") + 16, base
 
 
-@pytest.mark.parametrize("how", ["destroy", "exit"])
-def test_unread_files_go_at_destroy_and_at_exit(tmp_path, how):
-    _lonely_send(tmp_path, how, "leftovers")
-    assert os.listdir(tmp_path) == []
+def test_unread_files_go_at_destroy_and_stay_for_their_reader_at_exit(tmp_path):
+    """destroy() gives up on a reader that never comes (after FP4CCL_TIMEOUT) and removes the send; exit
+    without destroy() does not wait, and leaves the unread send for its reader (who deletes what it reads;
+    fp4ccl-run removes what is left by the job's prefix)."""
+    _lonely_send(tmp_path / "destroy", "destroy", "leftovers")
+    assert os.listdir(tmp_path / "destroy") == []
+    prefix = _lonely_send(tmp_path / "exit", "exit", "leftovers")
+    assert [os.path.join(tmp_path / "exit", f) for f in os.listdir(tmp_path / "exit")] == [prefix + "p0.1.0"]
 
 
 def test_job_id_with_a_slash_is_refused(tmp_path, monkeypatch):

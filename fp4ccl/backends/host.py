@@ -22,20 +22,21 @@ Every wait for a peer is bounded by FP4CCL_TIMEOUT (600 s when unset, 0 = foreve
 runs out raises CommTimeoutError naming the call, its number on this communicator and the rank, and
 the backend refuses every later call with CommClosedError, since its calls no longer line up with
 its peers'. abort() never waits: it cancels pending MPI sends, and a wait for a peer in another thread
-ends with CommClosedError. destroy() (and, failing that, interpreter exit) first waits, at most the
-timeout, until the peers have taken this rank's sends.
+ends with CommClosedError. destroy() first waits, at most the timeout, until the peers have taken this
+rank's sends; interpreter exit without destroy() leaves the unread ones for their readers.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
 import functools
+import glob
 import math
 import os
 import socket
 import struct
-import sys
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -44,12 +45,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .._arrays import ArrayInfo, host_view, numpy_dtype
-from .._log import get_logger
 from .._timeout import ENV_TIMEOUT, env_timeout
 from ..bootstrap.exchange import Exchange, MPIExchange, StoreExchange
 from ..errors import CommClosedError, CommTimeoutError
-
-log = get_logger("fp4ccl.host")
 
 _U8 = np.dtype(np.uint8)
 # From this size all_reduce splits into reduce-scatter + all-gather (two exchanges, 1/n the arithmetic).
@@ -119,19 +117,30 @@ class MpiTransport:
         self._pending = []  # (request, buffer kept alive until the send completes)
         self._prune_at = 64
         self.aborted = False  # set by abort(), maybe from another thread: ends this transport's waits
+        # MPI forbids two threads using one request at once: while a thread tests requests, an abort() from
+        # another leaves the cancelling to it (_check_waiting).
+        self._lock = threading.Lock()
+        self._waiting = False
 
     def _wait(self, requests: list, what: str) -> None:
         from mpi4py import MPI
-        if MPI.Request.Testall(requests):
-            return
-        # Polled like MPICH's own blocking waits, yielding the core to other ranks between tests.
-        deadline = time.monotonic() + self.timeout
-        while not MPI.Request.Testall(requests):
-            self._check_waiting(deadline, f"MPI {what} did not complete")
-            os.sched_yield()
+        with self._lock:
+            if self.aborted:
+                raise CommClosedError(f"{_ABORTED} ({what})")
+            self._waiting = True
+        try:
+            # Polled like MPICH's own blocking waits, yielding the core to other ranks between tests.
+            deadline = time.monotonic() + self.timeout
+            while not MPI.Request.Testall(requests):
+                self._check_waiting(deadline, f"MPI {what} did not complete")
+                os.sched_yield()
+        finally:
+            with self._lock:
+                self._waiting = False
 
     def _check_waiting(self, deadline: float, what: str) -> None:
         if self.aborted:
+            self._cancel_pending()   # here, in the thread that was using the requests
             raise CommClosedError(f"{_ABORTED} ({what})")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} within {self.timeout:g} s ({ENV_TIMEOUT})")
@@ -214,8 +223,15 @@ class MpiTransport:
         self._pending.clear()
 
     def abort(self) -> None:
-        """Cancel and free the pending sends without waiting for them."""
-        self.aborted = True
+        """Cancel and free the pending sends without waiting for them (or, while another thread waits on
+        requests, have that thread do it)."""
+        with self._lock:
+            self.aborted = True
+            if self._waiting:
+                return
+        self._cancel_pending()
+
+    def _cancel_pending(self) -> None:
         for req, buf in self._pending:
             for step in (req.Cancel, req.Free):
                 try:
@@ -257,6 +273,7 @@ class ShmBlobs:
         self.prefix = shm_prefix(name, directory)
         self.timeout = timeout
         self._mine = set()
+        self._lock = threading.Lock()
         self._prune_at = 256
         self.closed = False
 
@@ -268,7 +285,8 @@ class ShmBlobs:
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
                 f.write(memoryview(data))
-            self._mine.add(path)  # before the rename: an interrupt cannot leave a file nobody removes
+            with self._lock:
+                self._mine.add(path)  # before the rename: an interrupt cannot leave a file nobody removes
             os.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -276,8 +294,9 @@ class ShmBlobs:
             raise
         if len(self._mine) >= self._prune_at:
             # Point-to-point blobs are deleted by their reader, so forget the ones already gone.
-            self._mine = {p for p in self._mine if os.path.exists(p)}
-            self._prune_at = max(256, 2 * len(self._mine))
+            with self._lock:
+                self._mine = {p for p in self._mine if os.path.exists(p)}
+                self._prune_at = max(256, 2 * len(self._mine))
         self._check_open()
 
     def _check_open(self) -> None:
@@ -350,16 +369,24 @@ class ShmBlobs:
             if not paths:
                 return
 
-    def close(self) -> None:
+    def close(self, keep: str = "") -> None:
+        """Remove this rank's blobs, but those whose names start with `keep` (when given)."""
         self.closed = True  # first: a wait in another thread then removes what it writes after this
-        self._remove_mine()
+        self._remove_mine(self.prefix + keep if keep else None)
 
-    def _remove_mine(self) -> None:
-        # pop(), not a loop over the set: another thread may add to it, or pop from it, meanwhile.
-        with contextlib.suppress(KeyError):
-            while True:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._mine.pop())
+    def _remove_mine(self, keep: Optional[str] = None) -> None:
+        with self._lock:   # another thread may be adding to the set (a put in flight when abort() runs)
+            mine = [p for p in self._mine if keep is None or not p.startswith(keep)]
+            self._mine.difference_update(mine)
+        for path in mine:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def drop(self, pattern: str) -> None:
+        """Remove the blobs whose names match the glob `pattern`, whoever wrote them."""
+        for path in glob.glob(glob.escape(self.prefix) + pattern):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 class StoreBlobs:
@@ -408,8 +435,11 @@ class StoreBlobs:
         except TimeoutError as err:
             raise TimeoutError(_barrier_timeout(self.timeout)) from err
 
-    def close(self) -> None:
+    def close(self, keep: str = "") -> None:
         self.closed = True   # values stay in the store for readers to take (and delete)
+
+    def drop(self, pattern: str) -> None:
+        pass   # the store lists no keys; a value nobody reads stays until the store goes
 
 
 class BlobTransport:
@@ -486,23 +516,20 @@ class BlobTransport:
         finally:
             self.abort()
 
-    def abort(self) -> None:
+    def abort(self, keep: str = "") -> None:
         atexit.unregister(self._at_exit)
-        self.blobs.close()
+        # Messages to this rank that it will never read: a peer's destroy() waits for them to go.
+        self.blobs.drop(f"p*.{self.rank}.*")
+        self.blobs.close(keep)
 
     def _at_exit(self) -> None:
-        """close() at interpreter exit, for a communicator never destroyed."""
+        """At interpreter exit, for a communicator never destroyed: remove this rank's blobs but the sends its
+        peers have not read yet, which their readers remove as they take them (fp4ccl-run removes what is
+        left when the job ends). No wait here: a rank ending with sys.exit(1) or an exception must not hold
+        the job up while its peers wait for it."""
         if os.getpid() != self._pid:  # a forked child inherits the handler, not the files
             return
-        if getattr(sys, "last_value", None) is not None:
-            # Ending on an uncaught exception: the peers are likely waiting for this rank, and the launcher
-            # should see it fail now, not after the timeout.
-            self.abort()
-            return
-        try:
-            self.close()
-        except TimeoutError as err:
-            log.warning("exit without destroy(): %s; their messages are removed", err)
+        self.abort(keep=f"p{self.rank}.")
 
 
 def _barrier_timeout(timeout: float, late: Sequence[int] = ()) -> str:
