@@ -389,8 +389,9 @@ class Communicator:
         sizes = self._sizes(sizes, info.shape[0], "all_gatherv")
         if sizes[self._rank] != info.shape[0]:
             raise ValueError(f"all_gatherv: x has {info.shape[0]} rows but sizes[{self._rank}]={sizes[self._rank]}")
-        out, oinfo = self._output(info, (sum(sizes),) + info.shape[1:], out)
         row = math.prod(info.shape[1:])
+        rows = (sum(sizes[:self._rank]) * row * info.itemsize, "x as this rank's rows of out")
+        out, oinfo = self._output(info, (sum(sizes),) + info.shape[1:], out, in_place=rows)
         self._v.all_gatherv(info, oinfo, [s * row for s in sizes], self._stream(info, stream))
         return out
 
@@ -440,8 +441,9 @@ class Communicator:
         sizes = self._sizes(sizes, 0, "reduce_scatterv")
         if sum(sizes) != info.shape[0]:
             raise ValueError(f"reduce_scatterv: x has {info.shape[0]} rows but sizes add up to {sum(sizes)}")
-        out, oinfo = self._output(info, (sizes[self._rank],) + info.shape[1:], out)
         row = math.prod(info.shape[1:])
+        rows = (-sum(sizes[:self._rank]) * row * info.itemsize, "out as this rank's rows of x")
+        out, oinfo = self._output(info, (sizes[self._rank],) + info.shape[1:], out, in_place=rows)
         self._v.reduce_scatterv(info, oinfo, [s * row for s in sizes], op, self._stream(info, stream))
         return out
 

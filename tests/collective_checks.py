@@ -510,6 +510,31 @@ def check_in_place_and_overlap(comm, seed, framework):
     return len(shifted)
 
 
+def check_v_in_place(comm, seed, framework, ops=("all_gatherv", "reduce_scatterv")):
+    """all_gatherv with x as this rank's rows of out, and reduce_scatterv into this rank's rows of x (NCCL's
+    in-place forms), at uneven sizes with a zero, give the reference result."""
+    n, me = comm.size, comm.rank
+    rng = np.random.default_rng([seed, 78])
+    sizes = [(3 + 2 * r) if r != 1 else 0 for r in range(n)]
+    off = sum(sizes[:me])
+    rows = [rng.integers(-50, 50, size=(s, 5)).astype(np.int32) for s in sizes]
+    whole = [rng.integers(-50, 50, size=(sum(sizes), 5)).astype(np.int32) for _ in range(n)]
+    if "all_gatherv" in ops:
+        out = to_framework(np.zeros((sum(sizes), 5), np.int32), framework, comm.device)
+        out[off:off + sizes[me]] = to_framework(rows[me], framework, comm.device)
+        assert comm.all_gatherv(out[off:off + sizes[me]], sizes, out=out) is out
+        _sync(comm)
+        assert np.array_equal(to_numpy(out, "int32"), np.concatenate(rows)), f"rank {me}: all_gatherv in place"
+    if "reduce_scatterv" in ops:
+        x = to_framework(whole[me], framework, comm.device)
+        comm.reduce_scatterv(x, sizes, out=x[off:off + sizes[me]])
+        _sync(comm)
+        total = np.sum(whole, axis=0, dtype=np.int64).astype(np.int32)
+        assert np.array_equal(to_numpy(x, "int32")[off:off + sizes[me]], total[off:off + sizes[me]]), \
+            f"rank {me}: reduce_scatterv in place"
+    return len(ops)
+
+
 def check_autograd_sees_writes(comm, seed, framework):
     """A torch tensor that a collective writes into (out=, recv) counts as modified in place for autograd:
     a backward pass that saved it fails loudly, as after a torch in-place op, instead of using new values."""

@@ -13,6 +13,7 @@ CHECKS = {
     "group_batch": cc.check_group_batch,
     "all_reduce_large": cc.check_all_reduce_large,
     "in_place_and_overlap": cc.check_in_place_and_overlap,
+    "v_in_place": cc.check_v_in_place,
 }
 
 

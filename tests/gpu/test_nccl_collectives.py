@@ -80,6 +80,7 @@ def _with_algo(comm, algo, name, seed):
             cc.check_all_gatherv(comm, seed, "torch", ["bfloat16", "float32", "int8"])
         else:
             cc.check_reduce_scatterv(comm, seed, "torch", ["bfloat16", "float32"], exact=False)
+        cc.check_v_in_place(comm, seed, "torch", (name,))   # its in-place form, under this algorithm
         return _repeated_v_calls(comm, name, seed)
     finally:
         os.environ.pop("FP4CCL_ALGO", None)
