@@ -216,8 +216,8 @@ class Communicator:
             raise TypeError(f"{name} has dtype {info.dtype}, expected {like.dtype} (the input's)")
         if info.shape != shape:
             raise ValueError(f"{name} has shape {info.shape}, expected {shape}")
-        _arrays.check_writeable(info, name)
         _check_overlap(like, info, name, in_place)
+        _arrays.check_writeable(info, name)   # last: it marks a torch out as written, so only once nothing refuses it
         return out, info
 
     def _stream(self, info: ArrayInfo, stream: Any) -> int:
@@ -490,8 +490,8 @@ class Communicator:
     def recv(self, x, peer: int, *, stream=None):
         """Receive into x from rank `peer` (point-to-point); returns x."""
         info = self._input(x)
-        _arrays.check_writeable(info, "x")
         peer = self._check_root(peer, "peer")
+        _arrays.check_writeable(info, "x")
         self._backend.recv(info, peer, self._stream(info, stream))
         return x
 

@@ -269,9 +269,6 @@ def reduce_scatterv(comm, x, sizes, op="sum", *, out=None, stream=None, compress
         raise ValueError(f"reduce_scatterv with compress={compress!r} supports op='sum' only, got op={op!r}")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding={rounding!r} is not one of 'nearest', 'stochastic'")
-    if rounding == "stochastic" and seed is None:
-        raise ValueError("rounding='stochastic' needs seed= (every rank derives its own stream from it, so a run "
-                         "replays)")
     info, inner, K = _check_input(comm, x, compress, "reduce_scatterv")
     seed = call_seed(rounding, seed, info)
     if sizes is None:

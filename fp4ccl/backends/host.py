@@ -490,12 +490,12 @@ class BlobTransport:
     def send(self, header: bytes, data: np.ndarray, peer: int) -> None:
         n = self._sent.get(peer, 0)
         self._sent[peer] = n + 1
-        self.blobs.put(f"p{self.rank}.{peer}.{n}", header, data)
+        self.blobs.put(_p2p_name(self.rank, peer, n), header, data)
 
     def recv(self, peer: int) -> Tuple[bytes, np.ndarray]:
         n = self._received.get(peer, 0)
         self._received[peer] = n + 1
-        name = f"p{peer}.{self.rank}.{n}"
+        name = _p2p_name(peer, self.rank, n)
         got = self._get(name)
         self.blobs.delete(name)  # the receiver owns a point-to-point blob once read
         return got
@@ -511,7 +511,7 @@ class BlobTransport:
         the timeout): removed sooner, a send this rank made would never arrive."""
         try:
             # A rank reads a sender's blobs in order, deleting each: once the last to a peer is gone, all are.
-            self.blobs.wait_taken({peer: f"p{self.rank}.{peer}.{n - 1}" for peer, n in self._sent.items()
+            self.blobs.wait_taken({peer: _p2p_name(self.rank, peer, n - 1) for peer, n in self._sent.items()
                                    if peer != self.rank})
         finally:
             self.abort()
@@ -519,7 +519,7 @@ class BlobTransport:
     def abort(self, keep: str = "") -> None:
         atexit.unregister(self._at_exit)
         # Messages to this rank that it will never read: a peer's destroy() waits for them to go.
-        self.blobs.drop(f"p*.{self.rank}.*")
+        self.blobs.drop(_p2p_name("*", self.rank, "*"))
         self.blobs.close(keep)
 
     def _at_exit(self) -> None:
@@ -529,7 +529,17 @@ class BlobTransport:
         the job up while its peers wait for it."""
         if os.getpid() != self._pid:  # a forked child inherits the handler, not the files
             return
-        self.abort(keep=f"p{self.rank}.")
+        self.abort(keep=_p2p_from(self.rank))
+
+
+def _p2p_from(sender) -> str:
+    """The name prefix of every point-to-point blob `sender` writes."""
+    return f"p{sender}."
+
+
+def _p2p_name(sender, receiver, n) -> str:
+    """The n-th point-to-point blob from sender to receiver (any of them "*" in a glob pattern)."""
+    return f"{_p2p_from(sender)}{receiver}.{n}"
 
 
 def _barrier_timeout(timeout: float, late: Sequence[int] = ()) -> str:
@@ -757,7 +767,9 @@ class HostBackend:
             self._recv_into(self._seq, peer, header, out)
 
     def _recv_into(self, seq: int, peer: int, header: bytes, out: np.ndarray) -> None:
-        got = self._held.pop(peer, None) or self.transport.recv(peer)
+        got = self._held.pop(peer, None)
+        if got is None:
+            got = self.transport.recv(peer)
         try:
             (data,) = self._check(f"recv from rank {peer}", header, [got], [out.size], [peer], seq)
         except ValueError:

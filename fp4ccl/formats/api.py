@@ -34,15 +34,12 @@ def _check_input(x: Any, format: str, name: str = "x") -> Tuple[_arrays.ArrayInf
     return info, rows, K
 
 
-def _check_options(format: str, scale_layout: str, rounding: str, seed: Any) -> None:
+def _check_options(format: str, scale_layout: str, rounding: str) -> None:
     check_format(format)
     if scale_layout not in SCALE_LAYOUTS:
         raise ValueError(f"scale_layout: expected one of {', '.join(SCALE_LAYOUTS)}, got {scale_layout!r}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding: expected one of {', '.join(ROUNDINGS)}, got {rounding!r}")
-    if rounding == "stochastic" and seed is None:
-        raise ValueError("rounding='stochastic' needs seed=<int or one-element int64 array> so that the run "
-                         "replays exactly")
 
 
 def _check_units(rows: int, K: int, format: str, what: str = "x") -> None:
@@ -242,7 +239,7 @@ def quantize(x: Any, format: str = "nvfp4", *, amax: Any = None, scale_layout: s
     out: an FP4Tensor to write into (same format, shape and layout; arrays on x's device).
     stream: GPU only; default the framework's current stream.
     """
-    _check_options(format, scale_layout, rounding, seed)
+    _check_options(format, scale_layout, rounding)
     info, rows, K = _check_input(x, format)
     seed = call_seed(rounding, seed, info)
     amax = _nvfp4_only(format, amax)
@@ -431,7 +428,7 @@ def quantize_packed(x: Any, buf: Any, segments: Sequence[Tuple[int, int, int]], 
     indexes elements by their position in x, so a row range quantizes exactly as in quantize(x).
     Returns buf.
     """
-    _check_options(format, "linear", rounding, seed)
+    _check_options(format, "linear", rounding)
     info, rows, K = _check_input(x, format)
     seed = call_seed(rounding, seed, info)
     amax = _nvfp4_only(format, amax)

@@ -79,7 +79,12 @@ def resolve_seed(seed: Any, x: _arrays.ArrayInfo) -> Seed:
 def call_seed(rounding: str, seed: Any, x: _arrays.ArrayInfo) -> Seed:
     """The seed a call on x hands the kernels or the reference: resolved (resolve_seed) when rounding
     stochastically, 0 otherwise (a seed changes nothing then, and is not read)."""
-    return resolve_seed(seed, x) if rounding == "stochastic" else 0
+    if rounding != "stochastic":
+        return 0
+    if seed is None:
+        raise ValueError("rounding='stochastic' needs seed=<int or one-element int64 array>, the same on every "
+                         "rank, so that the run replays exactly")
+    return resolve_seed(seed, x)
 
 
 def derive(seed: Seed, mul: int, add: int) -> Seed:
