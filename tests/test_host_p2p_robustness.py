@@ -295,35 +295,48 @@ def test_abort_from_another_thread_ends_a_blocked_call(nranks, call):
     assert run_ranks(nranks, _abort_from_another_thread, call) == [True] * nranks
 
 
+def _record_outcome(outcome: dict, call, *args) -> None:
+    try:
+        call(*args)
+        outcome["error"] = None
+    except BaseException as err:  # noqa: BLE001 - checked by the caller
+        outcome["error"] = err
+    outcome["ended"] = time.monotonic()
+
+
+def _ends_at_close(close, call, *args) -> None:
+    """call(*args), in a thread, still waits after 0.6 s, then ends with CommClosedError within a second
+    of close() in this thread."""
+    from fp4ccl.errors import CommClosedError
+    outcome = {}
+    thread = threading.Thread(target=_record_outcome, args=(outcome, call) + args, daemon=True)
+    thread.start()
+    time.sleep(0.6)
+    assert thread.is_alive(), outcome
+    closed = time.monotonic()
+    close()
+    thread.join(5)
+    assert not thread.is_alive(), f"{call.__name__} still waits 5 s after close()"
+    assert isinstance(outcome["error"], CommClosedError), repr(outcome["error"])
+    assert outcome["ended"] - closed < 1.0, f"{call.__name__} ended {outcome['ended'] - closed:.2f} s after close()"
+
+
 def test_abort_ends_a_wait_for_a_value_in_the_store():
-    """The store transport (ranks on several hosts): a get waiting for a peer's value, for ever, ends with
-    CommClosedError within a second of close() (what abort() calls) in another thread."""
+    """The store transport (ranks on several hosts): a get waiting for a peer's value, and the end-of-call
+    barrier waiting for a peer, for ever, end with CommClosedError within a second of close() (what
+    abort() calls) in another thread."""
     from fp4ccl.backends.host import StoreBlobs
     from fp4ccl.bootstrap.store import StoreClient, StoreServer
-    from fp4ccl.errors import CommClosedError
     server = StoreServer(token="t" * 32)
     client = StoreClient(server.address, "t" * 32, timeout=10.0)
     try:
         blobs = StoreBlobs(client, "abort-test", float("inf"))
         blobs.put("here", b"", np.arange(3, dtype=np.uint8))
         assert np.array_equal(blobs.get("here"), np.arange(3))
-        outcome = {}
-
-        def wait():
-            try:
-                blobs.get("never")
-            except BaseException as err:  # noqa: BLE001 - checked below
-                outcome["error"], outcome["ended"] = err, time.monotonic()
-        thread = threading.Thread(target=wait, daemon=True)
-        thread.start()
-        time.sleep(0.6)
-        assert thread.is_alive(), outcome
-        closed = time.monotonic()
-        blobs.close()
-        thread.join(5)
-        assert not thread.is_alive(), "the get still waits 5 s after close()"
-        assert isinstance(outcome["error"], CommClosedError), repr(outcome["error"])
-        assert outcome["ended"] - closed < 1.0
+        _ends_at_close(blobs.close, blobs.get, "never")
+        # rank 0 of 2 in barrier 1, waiting for a rank 1 that never comes
+        barred = StoreBlobs(client, "abort-barrier-test", float("inf"))
+        _ends_at_close(barred.close, barred.barrier, 1, 0, 2)
         timed = StoreBlobs(client, "timeout-test", 0.3)
         with pytest.raises(TimeoutError, match="no data at fp4ccl-host/timeout-test/never after 0.3 s"):
             timed.get("never")

@@ -46,7 +46,7 @@ import numpy as np
 
 from .._arrays import ArrayInfo, host_view, numpy_dtype
 from .._timeout import ENV_TIMEOUT, env_timeout
-from ..bootstrap.exchange import Exchange, MPIExchange, StoreExchange
+from ..bootstrap.exchange import Exchange, MPIExchange, StoreExchange, polled_get
 from ..errors import CommClosedError, CommTimeoutError
 
 _U8 = np.dtype(np.uint8)
@@ -392,9 +392,6 @@ class ShmBlobs:
 class StoreBlobs:
     """Blobs as values in the TCP store (ranks on different hosts); `get` blocks until the value is set."""
 
-    # A get waits in the server in slices this long, so that abort() in another thread ends it promptly.
-    _SLICE_S = 0.25
-
     def __init__(self, store, name: str, timeout: float):
         self.store = store
         self.prefix = f"fp4ccl-host/{name}/"
@@ -405,18 +402,17 @@ class StoreBlobs:
     def put(self, name: str, header: bytes, data: np.ndarray) -> None:
         self.store.set(self.prefix + name, header + data.tobytes())
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise CommClosedError(_ABORTED)
+
     def get(self, name: str) -> np.ndarray:
+        # waited in slices, so that abort() in another thread ends it promptly
         key = self.prefix + name
-        deadline = time.monotonic() + self.timeout
-        while True:
-            if self.closed:
-                raise CommClosedError(_ABORTED)
-            try:
-                left = deadline - time.monotonic()
-                return np.frombuffer(self.store.get(key, timeout=max(0.0, min(self._SLICE_S, left))), dtype=_U8)
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"no data at {key} after {self.timeout:g} s ({ENV_TIMEOUT})") from None
+        try:
+            return np.frombuffer(polled_get(self.store, key, self.timeout, self._check_open), dtype=_U8)
+        except TimeoutError:
+            raise TimeoutError(f"no data at {key} after {self.timeout:g} s ({ENV_TIMEOUT})") from None
 
     def delete(self, name: str) -> None:
         self.store.delete(self.prefix + name)
@@ -427,9 +423,10 @@ class StoreBlobs:
     def barrier(self, tag: int, rank: int, size: int) -> None:
         """Return once every rank has entered barrier `tag` (TimeoutError after the timeout): the store
         exchange's barrier under this transport's prefix and timeout, which numbers its rounds in the
-        same step as the tags."""
+        same step as the tags, and whose waits, polled, end at close() in another thread."""
         if self._rounds is None:
-            self._rounds = StoreExchange(self.store, rank, size, prefix=self.prefix + "bar", timeout=self.timeout)
+            self._rounds = StoreExchange(self.store, rank, size, prefix=self.prefix + "bar", timeout=self.timeout,
+                                         interrupt=self._check_open)
         try:
             self._rounds.barrier()
         except TimeoutError as err:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime
 import math
 import struct
-from typing import List, Optional
+import time
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -92,19 +93,41 @@ class MPIExchange(Exchange):
             comm.Free()
 
 
+# A polled get waits in the store server in slices this long, checking between slices whether to stop.
+POLL_SLICE_S = 0.25
+
+
+def polled_get(store, key: str, timeout: float, interrupt: Callable[[], None]) -> bytes:
+    """store.get(key), waited in POLL_SLICE_S slices with interrupt() called before each, so that a
+    close or abort in another thread (which interrupt() turns into an exception) ends the wait within a
+    slice. TimeoutError after `timeout` seconds (math.inf: never)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        interrupt()
+        left = deadline - time.monotonic()
+        try:
+            return store.get(key, timeout=max(0.0, min(POLL_SLICE_S, left)))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
+
+
 class StoreExchange(Exchange):
     """Exchange through a key-value store (fp4ccl's TCP store, or torch's TCPStore).
 
     Keys are namespaced by a per-exchange prefix and a sequence number that every rank advances in
-    step; the last rank to finish with a round deletes its keys, so the store does not grow.
+    step; the last rank to finish with a round deletes its keys, so the store does not grow. With
+    `interrupt`, every wait is a polled_get() that calls it between slices (the host backend's abort).
     """
 
-    def __init__(self, store, rank: int, size: int, prefix: str = "fp4ccl", timeout: Optional[float] = None):
+    def __init__(self, store, rank: int, size: int, prefix: str = "fp4ccl", timeout: Optional[float] = None,
+                 interrupt: Optional[Callable[[], None]] = None):
         self.store = store
         self.rank = rank
         self.size = size
         self.prefix = prefix
         self.timeout = timeout
+        self.interrupt = interrupt
         self._seq = 0
 
     def _next(self, what: str) -> str:
@@ -112,6 +135,8 @@ class StoreExchange(Exchange):
         return f"{self.prefix}/{what}/{self._seq}"
 
     def _get(self, key: str) -> bytes:
+        if self.interrupt is not None:
+            return polled_get(self.store, key, self.timeout or math.inf, self.interrupt)
         return self.store.get(key, timeout=self.timeout) if self.timeout else self.store.get(key)
 
     def _finish(self, base: str, keys: List[str]) -> None:
