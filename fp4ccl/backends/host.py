@@ -336,7 +336,8 @@ class ShmBlobs:
         waiting = {p: f"{self.prefix}b{tag}.{p}.{rank}" for p in peers}  # theirs, until we unlink them
         sent = list(untaken.values())
         for path in sent:
-            self._mine.add(path)  # before it exists: abort() after a timeout removes the ones left untaken
+            with self._lock:   # as in put: abort() in another thread may be going through the set
+                self._mine.add(path)  # before it exists: abort() after a timeout removes the ones left untaken
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         late = lambda: TimeoutError(_barrier_timeout(self.timeout, sorted(set(waiting) | set(untaken))))  # noqa: E731
         for _ in _polls(self.timeout, late, self._check_open):
@@ -347,11 +348,13 @@ class ShmBlobs:
             untaken = {peer: path for peer, path in untaken.items() if os.path.exists(path)}
             if not waiting and not untaken:
                 break
-        self._mine.difference_update(sent)
+        with self._lock:
+            self._mine.difference_update(sent)
 
     def delete(self, name: str) -> None:
         path = self.prefix + name
-        self._mine.discard(path)
+        with self._lock:
+            self._mine.discard(path)
         try:
             os.unlink(path)
         except FileNotFoundError:
