@@ -240,61 +240,6 @@ def test_a_failing_exit_does_not_wait(tmp_path, how):
 
 # -- abort() from another thread -------------------------------------------------------------------
 
-def _start_blocked(own, call: str):
-    """Start `call` on rank 0 in a thread (no peer joins it); return the thread and its outcome dict."""
-    outcome = {}
-
-    def blocked():
-        try:
-            if call == "all_reduce":
-                own.all_reduce(np.ones(1 << 10, np.float32))
-            elif call == "large_all_reduce":   # the reduce-scatter + all-gather path
-                own.all_reduce(np.ones(1 << 19, np.float32))
-            elif call == "recv":
-                own.recv(np.zeros(4, np.float32), 1)
-            elif call == "barrier":
-                own.barrier()
-            elif call == "group_recv":
-                with own.group():
-                    own.recv(np.zeros(4, np.float32), 1)
-            outcome["error"] = None
-        except BaseException as err:  # noqa: BLE001 - checked by the caller
-            outcome["error"] = err
-        outcome["ended"] = time.monotonic()
-    thread = threading.Thread(target=blocked, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def _abort_from_another_thread(comm, call):
-    """Rank 0's `call` waits for peers that never join it (FP4CCL_TIMEOUT=0: for ever); abort() from this
-    thread must end it within a second, with CommClosedError, and leave no file behind."""
-    from fp4ccl.errors import CommClosedError
-    own = _fresh("0")
-    try:
-        if own.rank == 0:
-            thread, outcome = _start_blocked(own, call)
-            time.sleep(0.5)
-            assert thread.is_alive(), f"{call} returned without its peers: {outcome}"
-            aborted = time.monotonic()
-            own.abort()
-            thread.join(5)
-            assert not thread.is_alive(), f"{call} still waits 5 s after abort()"
-            assert isinstance(outcome["error"], CommClosedError), repr(outcome["error"])
-            assert outcome["ended"] - aborted < 1.0, f"{call} ended {outcome['ended'] - aborted:.2f} s after abort()"
-            assert _files(own) == [], _files(own)
-    finally:
-        comm.barrier()
-        own.abort()
-    return True
-
-
-@pytest.mark.parametrize("call", ["all_reduce", "large_all_reduce", "recv", "barrier", "group_recv"])
-@pytest.mark.parametrize("nranks", [2, 3])
-def test_abort_from_another_thread_ends_a_blocked_call(nranks, call):
-    assert run_ranks(nranks, _abort_from_another_thread, call) == [True] * nranks
-
-
 def _record_outcome(outcome: dict, call, *args) -> None:
     try:
         call(*args)
@@ -312,13 +257,51 @@ def _ends_at_close(close, call, *args) -> None:
     thread = threading.Thread(target=_record_outcome, args=(outcome, call) + args, daemon=True)
     thread.start()
     time.sleep(0.6)
-    assert thread.is_alive(), outcome
+    assert thread.is_alive(), f"{call.__name__} returned without its peers: {outcome}"
     closed = time.monotonic()
     close()
     thread.join(5)
     assert not thread.is_alive(), f"{call.__name__} still waits 5 s after close()"
     assert isinstance(outcome["error"], CommClosedError), repr(outcome["error"])
     assert outcome["ended"] - closed < 1.0, f"{call.__name__} ended {outcome['ended'] - closed:.2f} s after close()"
+
+
+def _blocking_call(own, call: str):
+    """Rank 0's `call` on `own`, as a function of no arguments named after it (no peer joins it)."""
+    def run():
+        if call == "all_reduce":
+            own.all_reduce(np.ones(1 << 10, np.float32))
+        elif call == "large_all_reduce":   # the reduce-scatter + all-gather path
+            own.all_reduce(np.ones(1 << 19, np.float32))
+        elif call == "recv":
+            own.recv(np.zeros(4, np.float32), 1)
+        elif call == "barrier":
+            own.barrier()
+        elif call == "group_recv":
+            with own.group():
+                own.recv(np.zeros(4, np.float32), 1)
+    run.__name__ = call
+    return run
+
+
+def _abort_from_another_thread(comm, call):
+    """Rank 0's `call` waits for peers that never join it (FP4CCL_TIMEOUT=0: for ever); abort() from this
+    thread must end it within a second, with CommClosedError, and leave no file behind."""
+    own = _fresh("0")
+    try:
+        if own.rank == 0:
+            _ends_at_close(own.abort, _blocking_call(own, call))
+            assert _files(own) == [], _files(own)
+    finally:
+        comm.barrier()
+        own.abort()
+    return True
+
+
+@pytest.mark.parametrize("call", ["all_reduce", "large_all_reduce", "recv", "barrier", "group_recv"])
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_abort_from_another_thread_ends_a_blocked_call(nranks, call):
+    assert run_ranks(nranks, _abort_from_another_thread, call) == [True] * nranks
 
 
 def test_abort_ends_a_wait_for_a_value_in_the_store():
@@ -354,16 +337,8 @@ def case_mpi_refused_recv(comm):
 
 
 def case_mpi_abort(comm):
-    from fp4ccl.errors import CommClosedError
     if comm.rank == 0:
-        thread, outcome = _start_blocked(comm, "recv")
-        time.sleep(0.5)
-        aborted = time.monotonic()
-        comm.abort()
-        thread.join(5)
-        assert not thread.is_alive(), "recv still waits 5 s after abort()"
-        assert isinstance(outcome["error"], CommClosedError), repr(outcome["error"])
-        assert outcome["ended"] - aborted < 1.0, f"recv ended {outcome['ended'] - aborted:.2f} s after abort()"
+        _ends_at_close(comm.abort, _blocking_call(comm, "recv"))
     else:
         comm.abort()
     return "ok"
