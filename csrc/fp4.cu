@@ -1162,9 +1162,10 @@ __device__ void quant_small_body(const uint4* __restrict__ x, u64 nvec, u32 K, c
 // of n blocks: [n j / G, n (j + 1) / G)). For NVFP4 each cluster computes the amax of the local x whole
 // (the same value in every cluster: max is exact); then CTA j quantizes share j of the local rows and
 // stores it into this rank's segment in every rank's region, its own included. One flag word per
-// (source, CTA) in each receiver then says "share j of source s has landed": the epoch in its high half,
-// the source's fp32 S_dec (1 for MXFP4) in its low half, stored with release semantics after a system
-// fence, so a receiver that reads the epoch with an acquire load sees the data. CTA j waits for share
+// (source, CTA) in each receiver then says "share j of source s has landed": 16 bits of the epoch and 16
+// of the call's signature in its high half (ll_exchange_flags), the source's fp32 S_dec (1 for MXFP4) in
+// its low half, stored with release semantics after a system fence, so a receiver that reads the epoch
+// with an acquire load sees the data. CTA j waits for share
 // j's flag of every source and decodes those shares from local memory: nothing is read over NVLink.
 // Epochs: CTA j counts its launches in counters[j] (this rank's memory); every launch has the same grid,
 // so all counts agree, on every rank. The call's parity (epoch & 1) picks the half of the regions and
@@ -1182,6 +1183,8 @@ struct LLTable {
     u64 flags[FP4_LL_MAXRANKS];    // rank r's flag words (both halves: [half][source][FP4_LL_MAXCTAS])
     u64 seed[FP4_LL_MAXRANKS];     // the reduce-scatter's stochastic rounding: chunk q's seed, or with
     u64 seed_ptr, seed_mul;        // seed_ptr set, seed[q] + seed_mul * *seed_ptr (launch_seed)
+    u64 err;                       // host-mapped word for a mismatch report (0: none), as the checked
+    u64 sig;                       // barrier's (csrc/symm.cu); sig: the call's 24-bit signature
 };
 
 // One FP4 block's BS decoded values, rounded to Out, to dst (16-byte aligned).
@@ -1252,25 +1255,37 @@ __device__ __forceinline__ u8* ll_segment(const LLTable& t, const LLCall& call, 
 }
 
 // Thread `peer` of CTA j, after the CTA's stores into every rank's region: flag this CTA's share as
-// landed in rank peer's flags (epoch tag and an fp32 S_dec for peer), then wait for peer's flag of the
-// same share here and return the S_dec it carries. Traps after timeout_ns (0: never).
+// landed in rank peer's flags, then wait for peer's flag of the same share here and return the S_dec it
+// carries. A flag word: 16 bits of the epoch (a flag holds this call's epoch or the one two calls back,
+// never older, so 16 bits tell them apart), the low 16 bits of the call's signature, and the fp32 S_dec
+// for its receiver. A peer's flag at this epoch with another signature means the ranks are in different
+// calls (their sizes disagree, say): reported into t.err as the checked barrier does (kind 3: only 16
+// bits of the peer's signature), and the call goes on, so no rank waits in vain; its results are void.
+// Traps after timeout_ns (0: never).
 __device__ __forceinline__ float ll_exchange_flags(const LLTable& t, const LLCall& call, u32 rank, u32 peer,
                                                    float sdec, u64 timeout_ns, u32 j, const char* op) {
     const u64 flag0 = call.flag0;
-    const u32 tag = (u32)call.epoch;
+    const u32 tag = (u32)call.epoch & 0xffffu, sig16 = (u32)t.sig & 0xffffu;
     __threadfence_system();
-    st_release_sys((u64*)t.flags[peer] + flag0 + rank * FP4_LL_MAXCTAS, ((u64)tag << 32) | __float_as_uint(sdec));
+    st_release_sys((u64*)t.flags[peer] + flag0 + rank * FP4_LL_MAXCTAS,
+                   ((u64)tag << 48) | ((u64)sig16 << 32) | __float_as_uint(sdec));
     const u64* mine = (const u64*)t.flags[rank] + flag0 + peer * FP4_LL_MAXCTAS;
     const u64 start = timeout_ns ? global_timer_ns() : 0;
     u64 seen;
-    while ((u32)((seen = ld_acquire_sys(mine)) >> 32) != tag) {
+    while ((u32)((seen = ld_acquire_sys(mine)) >> 48) != tag) {
         __nanosleep(32);
         if (timeout_ns && global_timer_ns() - start > timeout_ns) {
-            printf("fp4ccl: FP4 %s timed out on rank %u waiting for rank %u's rows (share %u, epoch %u, the flag "
+            printf("fp4ccl: FP4 %s timed out on rank %u waiting for rank %u's rows (share %u, epoch tag %u, the flag "
                    "holds %u); a rank skipped or reordered a collective call\n",
-                   op, rank, peer, j, tag, (u32)(seen >> 32));
+                   op, rank, peer, j, tag, (u32)(seen >> 48));
             __trap();
         }
+    }
+    const u32 theirs = (u32)(seen >> 32) & 0xffffu;
+    if (theirs != sig16 && t.err) {
+        u64* err = (u64*)t.err;
+        if (*reinterpret_cast<volatile u64*>(err) == 0)
+            st_release_sys(err, (3ull << 60) | ((u64)(peer & 0xfff) << 48) | ((u64)theirs << 24) | (t.sig & 0xffffffu));
     }
     return __uint_as_float((u32)seen);
 }

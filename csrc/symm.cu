@@ -69,6 +69,80 @@ extern "C" __global__ void fp4ccl_symm_barrier_dev(const u64* __restrict__ pads,
     if (threadIdx.x == 0) *counter = epoch;
 }
 
+// The device barrier that also checks that every rank is in the same call. Each rank's pad word is
+// (epoch << 24) | sig, where sig is 24 bits of a hash of what the ranks must agree on (the call's op and
+// sizes; fp4ccl/symm_collectives.py). Epoch and signature travel in one 64-bit store, so a waiter never
+// pairs one barrier's epoch with the next one's signature. A waiter that finds its peer at the same epoch
+// with another signature records the disagreement in `err` (host-mapped: the host reads it at its next
+// call without a sync) and poisons every peer's pad. A poisoned word is above every epoch, so no rank
+// waits on this buffer again, and each records the poison in its own `err`. Of two ranks that disagree,
+// the one that reads the other's word first finds it still at this epoch (the other cannot pass before
+// reading ours), so at least one of them sees the mismatch. `counter[0]` is the epoch kept on the device
+// (as in fp4ccl_symm_barrier_dev); `counter[1]` is set once this rank saw a disagreement or a poison,
+// and from then on it announces the poison and waits for no one: the communicator is broken and its
+// results are void. Every barrier on a buffer that uses this kernel must use it.
+#define CHECK_SIG_BITS 24
+#define CHECK_SIG_MASK ((1ull << CHECK_SIG_BITS) - 1)
+#define CHECK_POISON (~0ull)
+
+// err: kind (4 bits: 1 = the peer's signature differs, 2 = the peer poisoned us) | peer (12) | the peer's
+// signature (24) | ours (24). The first report stays: later ones only repeat the news.
+__device__ __forceinline__ void report_disagreement(u64* err, u64 kind, int peer, u64 theirs, u64 mine) {
+    if (*reinterpret_cast<volatile u64*>(err) == 0)
+        st_release_sys(err, (kind << 60) | ((u64)(peer & 0xfff) << 48) | ((theirs & CHECK_SIG_MASK) << 24) | mine);
+}
+
+extern "C" __global__ void fp4ccl_symm_barrier_checked(const u64* __restrict__ pads, int rank, int world,
+                                                       u64* counter, u32 sig, u64* err, u64 timeout_ns) {
+    __shared__ u64 epoch;
+    __shared__ int entered_poisoned;
+    // Set by whichever thread finds a poison or a mismatch: then no thread waits any longer, since a
+    // peer that raised at its next call will never come (and may not have poisoned us itself).
+    __shared__ volatile int stop;
+    if (threadIdx.x == 0) {
+        epoch = counter[0] + 1;
+        entered_poisoned = counter[1] != 0;
+        stop = entered_poisoned;
+    }
+    __syncthreads();
+    const int peer = threadIdx.x;
+    const u64 mine_sig = sig & CHECK_SIG_MASK;
+    if (peer < world && peer != rank) {
+        u64* theirs = reinterpret_cast<u64*>(pads[peer]);
+        const u64* mine = reinterpret_cast<const u64*>(pads[rank]);
+        __threadfence_system();
+        st_release_sys(theirs + rank, entered_poisoned ? CHECK_POISON : (epoch << CHECK_SIG_BITS) | mine_sig);
+        const u64 start = timeout_ns ? global_timer_ns() : 0;
+        unsigned int backoff = 32;
+        u64 seen = 0;
+        while (!stop && ((seen = ld_acquire_sys(mine + peer)) >> CHECK_SIG_BITS) < epoch) {
+            __nanosleep(backoff);
+            if (backoff < 256) backoff <<= 1;
+            if (timeout_ns && global_timer_ns() - start > timeout_ns) {
+                printf("fp4ccl: symmetric-memory barrier timed out on rank %d waiting for rank %d (epoch %llu, "
+                       "the peer announced %llu); a rank skipped or reordered a collective call\n",
+                       rank, peer, epoch, seen >> CHECK_SIG_BITS);
+                __trap();
+            }
+        }
+        // (a wait ended by `stop` leaves `seen` below the epoch: neither branch)
+        if (!entered_poisoned && seen == CHECK_POISON) {
+            report_disagreement(err, 2, peer, 0, mine_sig);
+            stop = 1;
+        } else if (!entered_poisoned && (seen >> CHECK_SIG_BITS) == epoch && (seen & CHECK_SIG_MASK) != mine_sig) {
+            report_disagreement(err, 1, peer, seen, mine_sig);
+            for (int p = 0; p < world; ++p)
+                if (p != rank) st_release_sys(reinterpret_cast<u64*>(pads[p]) + rank, CHECK_POISON);
+            stop = 1;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        counter[0] = epoch;
+        if (stop) counter[1] = 1;
+    }
+}
+
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 __device__ __forceinline__ u16 f32_to_bf16(float f) {

@@ -11,6 +11,7 @@ _LAZY = {
     "Fp4cclError": "fp4ccl.errors",
     "CommTimeoutError": "fp4ccl.errors",
     "CommClosedError": "fp4ccl.errors",
+    "CallMismatchError": "fp4ccl.errors",
     "quantize": "fp4ccl.formats",
     "dequantize": "fp4ccl.formats",
     "FP4Tensor": "fp4ccl.formats",

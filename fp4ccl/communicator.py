@@ -17,7 +17,7 @@ from .bootstrap.env import RankInfo, discover, size_variable
 from .bootstrap.exchange import (Exchange, MPIExchange, SingleExchange, StoreExchange, TorchGroupExchange,
                                  TorchStoreAdapter, pack_ints, torch_timedelta, unpack_ints)
 from .bootstrap.store import DEFAULT_TIMEOUT as STORE_TIMEOUT
-from .errors import CommClosedError, CommTimeoutError
+from .errors import CallMismatchError, CommClosedError, CommTimeoutError
 
 OPS = ("sum", "prod", "max", "min", "avg")
 _INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -104,8 +104,8 @@ class Communicator:
         # The device inputs must be on (None: host memory); -1 matches nothing, for a GPU backend
         # built without a device, so every array is refused there as before.
         self._home = None if self._host else (device if device is not None else -1)
-        self._closed: Optional[str] = None  # "destroy" | "abort" | "timeout" once closed
-        self._timeout = ""                  # the CommTimeoutError that closed it, for later errors
+        self._closed: Optional[str] = None  # "destroy" | "abort" | "timeout" | "mismatch" once closed
+        self._failure = ""                  # how the error that closed it (timeout, mismatch) did, for later errors
         self._extras = {}  # per-communicator caches owned by other modules (symmetric workspaces, ...)
 
     # -- construction -------------------------------------------------------------------------------
@@ -175,13 +175,19 @@ class Communicator:
             raise CommClosedError(f"this communicator was {self._closed_how()}; create a new one with fp4ccl.init()")
 
     def _closed_how(self) -> str:
-        return f"aborted after a timeout ({self._timeout})" if self._timeout else f"closed by {self._closed}()"
+        return self._failure or f"closed by {self._closed}()"
 
     def _timed_out(self, err: CommTimeoutError) -> None:
         """A backend call timed out: closed from now on (the guard's one hook, see _TimeoutGuard)."""
+        self._failed("timeout", err)
+
+    def _failed(self, how: str, err: Exception) -> None:
+        """Closed from now on after `err` ("timeout" or "mismatch"): its peers may never reach a
+        collective teardown, so destroy() releases it locally."""
         if not self._closed:
-            self._closed = "timeout"
-            self._timeout = str(err)
+            self._closed = how
+            why = "a timeout" if how == "timeout" else "its ranks were found in different calls"
+            self._failure = f"aborted after {why} ({err})"   # kept by a later abort(), for later errors
 
     def _input(self, x: Any, name: str = "x") -> ArrayInfo:
         if self._closed:
@@ -534,11 +540,21 @@ class Communicator:
     # -- teardown -----------------------------------------------------------------------------------
     def destroy(self) -> None:
         """Release the communicator after pending work completes (collective); later calls raise."""
-        if self._closed == "timeout":  # its peers cannot be waited for any more: release it locally
+        if self._closed in ("timeout", "mismatch"):  # its peers cannot be waited for any more: release it locally
             self.abort()
             return
         if self._closed:
             return
+        try:
+            # the last calls' device-side checks (symm_collectives.Workspace.verify): a call whose ranks
+            # disagreed must not pass unreported because no call came after it
+            for extra in list(self._extras.values()):
+                verify = getattr(extra, "verify", None)
+                if verify is not None:
+                    verify(wait=True)
+        except CallMismatchError:
+            self.abort()
+            raise
         for cleanup in list(self._extras.values()):
             close = getattr(cleanup, "close", None)
             if close is not None:

@@ -30,3 +30,9 @@ class CommTimeoutError(Fp4cclError, TimeoutError):
 
 class CommClosedError(Fp4cclError):
     """The communicator was destroyed or aborted and cannot be used any more."""
+
+
+class CallMismatchError(Fp4cclError, ValueError):
+    """Ranks were in different collective calls (their sizes, shape or format disagreed), found on the
+    device after the call was enqueued; the communicator was closed and that call's results are void.
+    Also a ValueError, as the same disagreement is where it can be found before anything is enqueued."""

@@ -92,8 +92,10 @@ def _buffer(comm):
     buf = comm._extras.get(_EXTRAS_KEY)
     if buf is None:
         from .symmetric import SymmetricBuffer
+        from .symm_collectives import workspace
         nbytes = _COUNTER_BYTES + _FLAG_BYTES + 2 * comm.size * SEG_BYTES
         buf = comm._extras[_EXTRAS_KEY] = SymmetricBuffer.allocate(comm, (nbytes,), "uint8", zeroed=True)
+        workspace(comm).report_address()   # made now: a later call may be captured, where it cannot be
     return buf
 
 
@@ -117,7 +119,8 @@ def gather(codec, info, K: int, fmt: str, rows: Tuple[int, ...], oinfo) -> None:
 
     def launch(buf, stream):
         kernels.gather_ll(comm.device, fmt, info.ptr, info.dtype, info.size, oinfo.ptr, units, first,
-                          *_addresses(comm, buf), comm.rank, _timeout_ns(), stream)
+                          *_addresses(comm, buf), comm.rank, _timeout_ns(), stream,
+                          _check(comm, "fp4_gather_ll", rows, K, fmt))
     _run(codec, ("fp4_gather_ll", info.ptr, info.dtype, oinfo.ptr, rows, K, fmt), launch,
          lambda: codec.reserve_nccl_gather(K, fmt, rows, oinfo))
 
@@ -135,7 +138,8 @@ def reduce_scatter(codec, info, K: int, fmt: str, rows: Tuple[int, ...], oinfo, 
 
     def launch(buf, stream):
         kernels.reduce_scatter_ll(comm.device, fmt, info.ptr, info.dtype, oinfo.ptr, units, first,
-                                  *_addresses(comm, buf), comm.rank, rounding, seeds, _timeout_ns(), stream)
+                                  *_addresses(comm, buf), comm.rank, rounding, seeds, _timeout_ns(), stream,
+                                  _check(comm, "fp4_reduce_scatter_ll", rows, K, fmt))
     _run(codec, ("fp4_reduce_scatter_ll", info.ptr, info.dtype, oinfo.ptr, rows, K, fmt, rounding, seeds), launch,
          lambda: codec.reserve_nccl_reduce_scatter(K, fmt, rows))
 
@@ -151,6 +155,13 @@ def _run(codec, key: tuple, launch, prepare) -> None:
         return
     buf = _buffer(comm)
     symm_collectives.workspace(comm).run(0, codec.stream, key, lambda s, local, slots: launch(buf, s), prepare=prepare)
+
+
+def _check(comm, name: str, rows: Tuple[int, ...], K: int, fmt: str) -> Tuple[int, int]:
+    """The kernels' (signature, report address): ranks whose flags carry another signature are in
+    different calls (symm_collectives.Workspace.check; the next call raises CallMismatchError)."""
+    from .symm_collectives import agreed, workspace
+    return workspace(comm).check(agreed(name, sizes=rows, K=K, format=fmt))
 
 
 def _addresses(comm, buf) -> tuple:

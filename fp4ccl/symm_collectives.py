@@ -20,8 +20,10 @@ must make the same choice, so capture (like every collective) has to be the same
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import zlib
 from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -93,9 +95,39 @@ def graphs_enabled() -> bool:
     return os.environ.get("FP4CCL_SYMM_GRAPHS", "1").strip() not in ("0", "false", "off", "no")
 
 
+def agreed(name: str, **fields) -> tuple:
+    """What every rank must agree on in a call, as run()'s `call`: agreed("fp4_gather", sizes=rows, K=64, ...)
+    (the plain v-collectives see `elements` per rank: rows times the row's elements)."""
+    return (name,) + tuple(fields.items())
+
+
+def call_signature(call: tuple) -> int:
+    """24 bits of a hash of `call` (agreed()'s tuple), the same in every process for the same values
+    whatever their integer types (never Python's hash(), which is salted per process): what the checked
+    barrier compares between ranks (csrc/symm.cu, fp4ccl_symm_barrier_checked)."""
+    return zlib.crc32(repr(_canonical(call)).encode()) & _SIGNATURE_MASK
+
+
+def _canonical(value):
+    """`value` with every integer a plain int and every sequence a tuple (numpy's ints repr otherwise)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_canonical(v) for v in value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+_SIGNATURE_MASK = (1 << 24) - 1
+_NAMED_SIGNATURES = 256   # recent calls remembered by signature, to name them in a mismatch error
+
+
 class Workspace:
     """The per-communicator symmetric workspace: two halves of `slot` bytes on every rank, and the
-    cache of CUDA graphs of repeated calls (invalidated when the workspace grows)."""
+    cache of CUDA graphs of repeated calls (invalidated when the workspace grows).
+
+    Its barriers are checked (csrc/symm.cu, fp4ccl_symm_barrier_checked): each carries a signature of
+    the call (`call=` of run()), and ranks found in different calls record it in a host-mapped word
+    that the next call, or destroy(), reads without a sync and turns into a CallMismatchError."""
 
     def __init__(self, comm):
         self.comm = comm
@@ -108,15 +140,22 @@ class Workspace:
         self._seen: "OrderedDict[tuple, None]" = OrderedDict()
         self._capture_stream = None
         self._addrs = [None, None]   # per half: (this rank's slot address, every rank's), set at growth
+        self._call: tuple = ()       # what the call being enqueued must agree on (run()'s `call`)
+        self._named: "OrderedDict[int, tuple]" = OrderedDict()   # signature -> call, for error messages
+        self._mismatch = None        # ctypes u64 over pinned host memory the checked barrier reports into
         from .symm_repeat import RepeatedCalls
         self.repeats = RepeatedCalls()
 
-    def run(self, slot_bytes: int, stream: int, key, enqueue, prepare=None) -> None:
+    def run(self, slot_bytes: int, stream: int, key, enqueue, prepare=None, call: tuple = ()) -> None:
         """One call: `enqueue(stream, local, slots)` enqueues its steps for a workspace half (this
         rank's slot address, every rank's). Run directly, or through a cached CUDA graph when `key`
         (everything the steps depend on besides the half and the stream; None: never cache) repeats.
-        `prepare()` runs first unless a graph is replayed (sizing other workspaces, say).
-        slot_bytes must be the same on every rank (derive it from sizes, never from local data)."""
+        `prepare()` runs first unless a graph is replayed (sizing other workspaces, say). `call`: what
+        every rank must agree on (the op, its sizes, K, format, forms chosen by settings), which its
+        barriers check. slot_bytes must be the same on every rank (derive it from sizes, never from
+        local data)."""
+        self.verify()
+        self._call = call
         local, slots, half = self._acquire(slot_bytes, stream)
         full = key + (half, stream) if key is not None and graphs_enabled() else None
         graph = self._graphs.get(full) if full is not None else None
@@ -141,6 +180,7 @@ class Workspace:
     def replay(self, key: tuple, slot_bytes: int, stream: int) -> bool:
         """run() for a call known to be served by a graph: launch it if the half this call gets has
         one (captured, and not dropped since); False, with nothing done, otherwise."""
+        self.verify()
         if _round_up(max(slot_bytes, 1)) > self.slot:   # (FP4CCL_SYMM_GRAPHS is in the call's key)
             return False
         full = key + (self.calls % 2, stream)
@@ -156,7 +196,60 @@ class Workspace:
     def barrier(self, stream: int) -> None:
         # The epoch lives on the device, so the same barrier works eagerly and inside a graph. A
         # rank that skips a call makes its peers' barrier trap after FP4CCL_TIMEOUT (600 s unset).
-        self.buf.barrier(stream, mode="device")
+        self.buf.barrier(stream, mode="checked", check=self.check(self._call))
+
+    def check(self, call: tuple) -> Tuple[int, int]:
+        """(call's signature, the report word's address): what a checked barrier, or a one-launch kernel's
+        flags (fp4ccl/one_launch.py), compare and report into. Remembers the call, to name it in an error."""
+        sig = call_signature(call)
+        self._named[sig] = call
+        self._named.move_to_end(sig)
+        if len(self._named) > _NAMED_SIGNATURES:
+            self._named.popitem(last=False)
+        return sig, self.report_address()
+
+    def report_address(self) -> int:
+        """The address of the pinned, device-mapped word mismatches are reported into (made once, eagerly:
+        never while a graph is captured)."""
+        if self._mismatch is None:
+            rt = _rt()
+            # portable | mapped: written by kernels, read by the host without a sync
+            ptr = rt.hostAlloc(8, 1 | 2)
+            self._mismatch = ctypes.c_uint64.from_address(ptr)
+            self._mismatch.value = 0
+        return ctypes.addressof(self._mismatch)
+
+    def verify(self, wait: bool = False) -> None:
+        """Raise CallMismatchError (and close the communicator) if a checked barrier of an earlier call
+        found ranks in different calls. `wait`: after the calls enqueued so far have run (destroy())."""
+        if self._mismatch is None:
+            return
+        if wait and self._done:
+            _rt().eventSynchronize(self._done)
+        word = self._mismatch.value
+        if word:
+            raise self._mismatch_error(word)
+
+    def _mismatch_error(self, word: int):
+        from .errors import CallMismatchError
+        kind, peer = word >> 60, (word >> 48) & 0xFFF
+        theirs, mine = (word >> 24) & _SIGNATURE_MASK, word & _SIGNATURE_MASK
+        me = self.comm.rank
+        ours = _describe_call(self._named.get(mine))
+        if kind in (1, 3):   # 3: from a one-launch kernel's flags, which carry 16 bits of the peer's signature
+            bits = 24 if kind == 1 else 16
+            named = [c for sig, c in self._named.items() if sig & ((1 << bits) - 1) == theirs]
+            what = (f"rank {me} was in {ours}, rank {peer} in {_describe_call(named[-1] if named else None)} "
+                    f"(signature {theirs:0{bits // 4}x} against {mine:06x})")
+        else:
+            what = f"rank {peer} found ranks in different calls while rank {me} was in {ours} or after it"
+        err = CallMismatchError(
+            f"the ranks of this communicator were in different collective calls: {what}. Every rank must make "
+            f"the same calls in the same order, with the same sizes, shape (K) and format; the results of that "
+            f"call and of every later one on this communicator are void. Found on the device by the "
+            f"symmetric-memory barrier (FP4CCL_CHECK=1 compares the sizes on the host before each call)")
+        self.comm._failed("mismatch", err)
+        return err
 
     def _acquire(self, slot_bytes: int, stream: int) -> Tuple[int, List[int], int]:
         need = _round_up(max(slot_bytes, 1))
@@ -225,6 +318,12 @@ class Workspace:
     def close(self) -> None:
         # comm.destroy() frees the buffer itself (collectively, with the other symmetric buffers).
         self._drop_graphs()
+        if self._mismatch is not None:
+            try:
+                _rt().freeHost(ctypes.addressof(self._mismatch))
+            except Exception:  # noqa: BLE001 - the context may already be gone at teardown
+                pass
+            self._mismatch = None
         if self._done:
             try:
                 _rt().eventDestroy(self._done)
@@ -234,6 +333,14 @@ class Workspace:
         self._capture_stream = None
         self.buf = None
         self._addrs = [None, None]
+
+
+def _describe_call(call) -> str:
+    """A call tuple as the error names it: "all_gatherv(elements=(128, 192), itemsize=2)"."""
+    if not call:
+        return "a call this rank did not make recently"
+    name, *fields = _canonical(call)
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in fields)})"
 
 
 def _new_stream(device: int):
@@ -349,7 +456,7 @@ def all_gatherv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], items
                                      counts[r] * itemsize) for r in range(comm.size)], s)
 
     workspace(comm).run(max(counts) * itemsize, stream, ("all_gatherv", send_ptr, recv_ptr, tuple(counts), itemsize),
-                        enqueue)
+                        enqueue, call=agreed("all_gatherv", elements=tuple(counts), itemsize=itemsize))
 
 
 # -- plain reduce_scatterv -------------------------------------------------------------------------------
@@ -381,7 +488,8 @@ def reduce_scatterv(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], d
         workspace(comm).barrier(s)
         _sum_sources(comm.device, dtype, itemsize, recv_ptr, [slot + off for slot in slots], count, s)
 
-    workspace(comm).run(total, stream, ("reduce_scatterv", send_ptr, recv_ptr, tuple(counts), dtype), enqueue)
+    workspace(comm).run(total, stream, ("reduce_scatterv", send_ptr, recv_ptr, tuple(counts), dtype), enqueue,
+                        call=agreed("reduce_scatterv", elements=tuple(counts), dtype=dtype))
 
 
 def _sum_sources(device: int, dtype: str, itemsize: int, out_ptr: int, sources: Sequence[int], count: int,
@@ -492,7 +600,8 @@ def all_gatherv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], it
             pull.order(s, pull.ptr)
 
     workspace(comm).run(max(counts) * itemsize, stream,
-                        ("all_gatherv_ce", send_ptr, recv_ptr, tuple(counts), itemsize, npieces, nstreams), enqueue)
+                        ("all_gatherv_ce", send_ptr, recv_ptr, tuple(counts), itemsize, npieces, nstreams), enqueue,
+                        call=agreed("all_gatherv_ce", elements=tuple(counts), itemsize=itemsize, pieces=npieces))
 
 
 def reduce_scatterv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int], dtype: str, itemsize: int,
@@ -529,7 +638,8 @@ def reduce_scatterv_ce(comm, send_ptr: int, recv_ptr: int, counts: Sequence[int]
             push.order(s, push.ptr)
 
     workspace(comm).run(max(counts) * n * itemsize, stream,
-                        ("reduce_scatterv_ce", send_ptr, recv_ptr, tuple(counts), dtype, npieces, nstreams), enqueue)
+                        ("reduce_scatterv_ce", send_ptr, recv_ptr, tuple(counts), dtype, npieces, nstreams), enqueue,
+                        call=agreed("reduce_scatterv_ce", elements=tuple(counts), dtype=dtype, pieces=npieces))
 
 
 # -- FP4 -------------------------------------------------------------------------------------------------
@@ -558,7 +668,8 @@ def fp4_gather_dequantize(codec, info, K: int, fmt: str, shared: bool, rows: Seq
 
     key = ("fp4_gather", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, rows, K, fmt, shared)
     workspace(comm).run(_largest_packed(rows, K, fmt), codec.stream, key, enqueue,
-                        prepare=lambda: codec.reserve_nccl_gather(K, fmt, rows, oinfo))
+                        prepare=lambda: codec.reserve_nccl_gather(K, fmt, rows, oinfo),
+                        call=agreed("fp4_gather", sizes=rows, K=K, format=fmt, shared=shared))
 
 
 @functools.lru_cache(maxsize=256)
@@ -636,7 +747,8 @@ def fp4_gather_raw(codec, rows: Sequence[int], K: int, fmt: str, fill_slot, sour
     # when the caller drops each result before the next one (or keeps one at a time): those calls
     # repeat their key and replay its graph. Results that are all kept just never repeat one.
     key = ("fp4_gather_raw",) + source + (tuple(rows), K, fmt, dptr, sptr, gptr, how)
-    workspace(comm).run(slot_bytes, codec.stream, key, enqueue)
+    workspace(comm).run(slot_bytes, codec.stream, key, enqueue,
+                        call=agreed("fp4_gather_raw", sizes=tuple(rows), K=K, format=fmt, pull=how))
 
 
 # The forms of the FP4 reduce-scatter over symmetric memory (fp4_reduce_scatter's doc) and the input
@@ -842,4 +954,5 @@ def fp4_reduce_scatter(codec, info, K: int, fmt: str, rows: Sequence[int], oinfo
     key = ("fp4_reduce_scatter", info.ptr, info.dtype, oinfo.ptr, oinfo.dtype, tuple(rows), K, fmt, rounding, seed,
            form, push_streams)
     steps = {"steps": enqueue, "pull": enqueue_pipelined, "store": enqueue_store, "push": enqueue_push}[form]
-    workspace(comm).run(slot, codec.stream, key, steps, prepare)
+    workspace(comm).run(slot, codec.stream, key, steps, prepare,
+                        call=agreed("fp4_reduce_scatter", sizes=tuple(rows), K=K, format=fmt, form=form))

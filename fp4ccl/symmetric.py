@@ -302,7 +302,8 @@ class SymmetricBuffer:
         self.device = comm.device
         self.pad_offset = _align(max(self.nbytes, 1))
         self.table_offset = self.pad_offset + _align(8 * self.world)
-        self.counter_offset = self.table_offset + _align(8 * self.world)  # the 'device' barrier's epoch
+        # the 'device' and 'checked' barriers' epoch, then the 'checked' one's word 'this rank saw a mismatch'
+        self.counter_offset = self.table_offset + _align(8 * self.world)
         self.alloc_bytes = self.counter_offset + _ALIGN
         self._base = 0
         self._peer_base: List[int] = [0] * self.world
@@ -555,7 +556,7 @@ class SymmetricBuffer:
         return _view(self._peer_base[self._rank_index(rank)] + offset, shape, dtype, self.device, self)
 
     # -- device-side barrier ------------------------------------------------------------------------
-    def barrier(self, stream: Any = None, mode: Optional[str] = None) -> None:
+    def barrier(self, stream: Any = None, mode: Optional[str] = None, check: Optional[Tuple[int, int]] = None) -> None:
         """Enqueue a barrier over every rank on `stream` (default: the current stream); returns at once.
 
         Work enqueued on `stream` after it sees every write any rank enqueued (on the stream it
@@ -563,11 +564,26 @@ class SymmetricBuffer:
         or 'memop' (default: FP4CCL_SYMM_BARRIER); both write the same pads, so ranks may differ.
         `mode='device'`: a kernel that keeps the epoch on the device, so the barrier can be captured in
         a CUDA graph and replayed; a buffer whose barriers are 'device' must use no other mode.
+        `mode='checked'` with `check=(signature, report address)`: the 'device' barrier that also
+        compares a 24-bit call signature between the ranks and reports a mismatch into the 8-byte
+        host-mapped word at the address (csrc/symm.cu, fp4ccl_symm_barrier_checked); a buffer whose
+        barriers are 'checked' must use no other mode.
         """
         self._check()
         from cupy.cuda import runtime
         handle = _stream_handle(stream, self.device)
         mode = mode or barrier_mode()
+        if mode == "checked":
+            if self.world > 1:
+                from .formats import kernels as fp4_kernels
+                dev = self.device
+                la = fp4_kernels.launcher(dev, "fp4ccl_symm_barrier_checked", "symm_barrier_checked",
+                                          lambda: kernels(dev).get_function("fp4ccl_symm_barrier_checked"),
+                                          _round_up_warp(self.world))
+                sig, report = check
+                la(dev, 1, 1, handle, self._base + self.table_offset, self.rank, self.world,
+                   self._base + self.counter_offset, sig, report, barrier_timeout_ns())
+            return
         if mode == "device":
             if self.world > 1:
                 # through the ctypes launcher: the CuPy call with numpy arguments cost ~8 us of host time,

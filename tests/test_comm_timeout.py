@@ -88,3 +88,48 @@ def test_a_sizes_exchange_that_times_out_closes_the_communicator(comm, monkeypat
     assert isinstance(info.value, TimeoutError) and info.value.call == call
     with pytest.raises(CommClosedError):
         comm.all_reduce(x)
+
+
+class _Reported:
+    """A per-communicator extra whose device-side check found ranks in different calls (what
+    symm_collectives.Workspace.verify does once its checked barrier reported a mismatch)."""
+
+    def __init__(self, comm):
+        self.comm, self.waited, self.closed = comm, [], False
+
+    def verify(self, wait=False):
+        from fp4ccl.errors import CallMismatchError
+        self.waited.append(wait)
+        err = CallMismatchError("rank 0 was in all_gatherv(sizes=(4, 3)), rank 1 in all_gatherv(sizes=(4, 4))")
+        self.comm._failed("mismatch", err)
+        raise err
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_mismatch_found_at_destroy_aborts_and_raises(comm, monkeypatch):
+    from fp4ccl.errors import CallMismatchError
+    aborts = []
+    monkeypatch.setattr(HostBackend, "abort", lambda self: aborts.append(1))
+    monkeypatch.setattr(HostBackend, "destroy", lambda self: pytest.fail("destroy() waited for peers after a mismatch"))
+    extra = comm._extras["test"] = _Reported(comm)
+    with pytest.raises(CallMismatchError, match=r"sizes=\(4, 3\)"):
+        comm.destroy()      # the last call's check, after it ran: its error must not go unreported
+    assert extra.waited == [True] and aborts == [1]
+    comm.destroy()
+    assert aborts == [1]
+
+
+def test_a_mismatch_closes_the_communicator_and_later_calls_say_why(comm, monkeypatch):
+    from fp4ccl.errors import CallMismatchError
+    aborts = []
+    monkeypatch.setattr(HostBackend, "abort", lambda self: aborts.append(1))
+    comm._failed("mismatch", CallMismatchError("rank 1 in another call"))
+    assert "aborted after its ranks were found in different calls (rank 1 in another call)" in repr(comm)
+    with pytest.raises(CommClosedError, match=r"found in different calls \(rank 1 in another call\)"):
+        comm.all_reduce(x)
+    comm._failed("timeout", CommTimeoutError("later"))   # the first failure stays the one reported
+    assert "rank 1 in another call" in repr(comm)
+    comm.destroy()      # local: its peers may never reach a collective teardown
+    assert aborts == [1]

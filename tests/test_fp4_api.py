@@ -362,11 +362,13 @@ def test_the_one_launch_table_matches_the_struct():
         assert decl.startswith("u64 "), decl
         for name in decl[4:].split(","):
             words += kernels.LL_MAXRANKS if "[FP4_LL_MAXRANKS]" in name else 1
-    assert words == kernels._TABLES["ll"] == 5 * kernels.LL_MAXRANKS + 2
+    assert words == kernels._TABLES["ll"] == 5 * kernels.LL_MAXRANKS + 4
     table = np.zeros(kernels._TABLES["ll"], np.uint64)
-    kernels._fill_ll_table(table, [1, 2], [3, 4], [5, 6], [7, 8], [9, 10], 4096, 77)
+    kernels._fill_ll_table(table, [1, 2], [3, 4], [5, 6], [7, 8], [9, 10], 4096, 77, check=(0xABCDEF, 0x7000))
     assert list(table[4 * kernels.LL_MAXRANKS:4 * kernels.LL_MAXRANKS + 2]) == [9, 10]
-    assert list(table[-2:]) == [4096, 77]
+    assert list(table[-4:]) == [4096, 77, 0x7000, 0xABCDEF]   # seed_ptr, seed_mul, err, sig
+    kernels._fill_ll_table(table, [1], [3], [5], [7])
+    assert list(table[-4:]) == [0, 0, 0, 0]
 
 
 def test_launch_config_structs_match_cuda_h(tmp_path):

@@ -72,10 +72,13 @@ def test_one_launch_into_every_ranks_region_with_no_barrier(fakes, monkeypatch, 
     assert ll.zeroed and ll.nbytes == one_launch._COUNTER_BYTES + one_launch._FLAG_BYTES + 2 * 3 * one_launch.SEG_BYTES
     assert FakeBuffer.live[0] is ll and FakeBuffer.live[1].nbytes == 2 * 256
     # the third call met a half again: captured into a graph of the workspace's (on its stream 0xCA)
-    assert [launch[-1] for launch in launches] == [5, 5, 0xCA]
+    assert [launch[-2] for launch in launches] == [5, 5, 0xCA]
     for launch in launches:    # the same launch every call: the kernel picks the half from its epoch
         (dev, form, x, dtype, numel, out, units, first, regions, flags, counters, stride, scale_off, rank, timeout,
-         stream) = launch
+         stream, check) = launch
+        # the flags carry the call's signature; a peer's other one is reported into the workspace's word
+        assert check == (sc.call_signature(sc.agreed("fp4_gather_ll", sizes=tuple(rows), K=K, format=fmt)),
+                         sc.workspace(comm).report_address())
         assert (dev, form, x, dtype, numel, out) == (0, fmt, In.ptr, "bfloat16", In.size, Out.ptr)
         blocks = K // bs
         assert units == (3 * blocks, 0, 50 * blocks) and first == (0, 3 * blocks, 3 * blocks)
@@ -124,7 +127,7 @@ def test_in_a_capture_it_launches_into_the_callers_graph_once_an_eager_call_made
     monkeypatch.delenv("FP4CCL_FP4_ALGO")
     calls = comm._extras[sc._EXTRAS_KEY].calls
     _capturing_codec(monkeypatch, comm, "reserve_nccl_gather").gather_dequantize(In(), K, "nvfp4", False, rows, Out())
-    assert launches[-1][-1] == 99 and len(launches) == 2
+    assert launches[-1][-2] == 99 and len(launches) == 2
     assert comm._extras[sc._EXTRAS_KEY].calls == calls    # the workspace (its events) left alone
 
 
@@ -179,7 +182,9 @@ def test_reduce_scatter_is_one_launch_over_the_gathers_buffer(fakes, monkeypatch
     assert len(rs) == 2 and all(launch[0] == "rs" for launch in rs)
     for launch in rs:
         (_, dev, form, x, dtype, out, units, first, regions, flags, counters, stride, scale_off, rank, rnd, seeds,
-         timeout, stream) = launch
+         timeout, stream, check) = launch
+        assert check == (sc.call_signature(sc.agreed("fp4_reduce_scatter_ll", sizes=tuple(rows), K=K, format=fmt)),
+                         sc.workspace(comm).report_address())
         assert (dev, form, x, dtype, out, rank, rnd, stream) == (0, fmt, In.ptr, "bfloat16", Out.ptr, 1, rounding, 5)
         blocks = K // bs   # chunk q's FP4 blocks of x, and where they start
         assert units == (3 * blocks, 0, 50 * blocks) and first == (0, 3 * blocks, 3 * blocks)
@@ -203,7 +208,7 @@ def test_reduce_scatter_in_a_capture_launches_into_the_callers_graph(fakes, monk
         monkeypatch.delenv(name)
     calls = comm._extras[sc._EXTRAS_KEY].calls
     _capturing_codec(monkeypatch, comm, "reserve_nccl_reduce_scatter").reduce_scatter(In(), K, "nvfp4", rows, Out(), "nearest", 0)
-    assert launches[-1][0] == "rs" and launches[-1][-1] == 99 and len(launches) == 2
+    assert launches[-1][0] == "rs" and launches[-1][-2] == 99 and len(launches) == 2
     assert comm._extras[sc._EXTRAS_KEY].calls == calls
 
 

@@ -3,6 +3,9 @@ double-buffered workspace, and the order of steps each algorithm enqueues (over 
 The algorithms themselves run in tests/gpu/test_fp4_collectives.py and test_nccl_collectives.py."""
 from __future__ import annotations
 
+import ctypes
+
+import numpy as np
 import pytest
 
 from fp4ccl import symm_collectives as sc
@@ -13,6 +16,10 @@ class FakeComm:
     def __init__(self, rank=1, size=4, device=0):
         self.rank, self.size, self.device = rank, size, device
         self._extras = {}
+        self.failed = None
+
+    def _failed(self, how, err):
+        self.failed = (how, err)
 
 
 class FakeRuntime:
@@ -57,6 +64,20 @@ class FakeRuntime:
     def graphLaunch(self, exe, stream):
         self.calls.append(("launch", exe, stream))
 
+    def hostAlloc(self, nbytes, flags):
+        assert flags == 3   # portable and mapped: the device writes it, the host reads it
+        block = ctypes.create_string_buffer(nbytes)
+        self.pinned = getattr(self, "pinned", {})
+        self.pinned[ctypes.addressof(block)] = block
+        return ctypes.addressof(block)
+
+    def freeHost(self, ptr):
+        self.calls.append(("free host", ptr))
+        del self.pinned[ptr]
+
+    def eventSynchronize(self, event):
+        self.calls.append(("sync", event))
+
 
 class FakeBuffer:
     """A SymmetricBuffer stand-in: rank r's memory starts at (r + 1) << 32."""
@@ -80,11 +101,17 @@ class FakeBuffer:
 
     trace = None  # a list to log ("barrier", stream) into, to check where barriers fall among other steps
 
-    def barrier(self, stream, mode=None):
-        assert mode == "device"  # replayable in a graph, the same eagerly
+    signatures = None  # a list to log each barrier's call signature into
+
+    def barrier(self, stream, mode=None, check=None):
+        assert mode == "checked"  # replayable in a graph, the same eagerly; compares the call's signature
+        sig, report = check
+        assert 0 <= sig < 1 << 24 and report
         self.barriers.append(stream)
         if FakeBuffer.trace is not None:
             FakeBuffer.trace.append(("barrier", stream))
+        if FakeBuffer.signatures is not None:
+            FakeBuffer.signatures.append(sig)
 
     def free(self):
         self.freed = True
@@ -102,6 +129,7 @@ def fakes(monkeypatch):
     monkeypatch.delenv("FP4CCL_SYMM_GRAPHS", raising=False)
     FakeBuffer.live = []
     FakeBuffer.trace = None
+    FakeBuffer.signatures = None
     return rt
 
 
@@ -749,3 +777,86 @@ def test_ce_reduce_scatterv_pushes_each_piece_then_sums_it(fakes, sides, monkeyp
         ("sum", 0x900 + 2 * isz, [0x100 + 2 * isz, slot[0] + 5 * isz, slot[0] + 8 * isz], 1, 5),
         ("wait", 5, p0.ptr), ("wait", 5, p1.ptr)]
     assert FakeBuffer.live[0].nbytes >= 2 * 3 * 4 * isz
+
+
+# -- the checked barrier: ranks in different calls --------------------------------------------------------
+
+def test_call_signatures_agree_across_integer_types_and_differ_between_calls():
+    a = sc.agreed("all_gatherv", sizes=(2, 0, 3), itemsize=4)
+    b = sc.agreed("all_gatherv", sizes=[np.int64(2), 0, np.int32(3)], itemsize=np.int64(4))
+    assert sc.call_signature(a) == sc.call_signature(b)   # numpy ints and lists sign as ints and tuples
+    others = [sc.agreed("all_gatherv", sizes=(2, 0, 4), itemsize=4), sc.agreed("all_gatherv", sizes=(2, 0, 3), itemsize=2),
+              sc.agreed("reduce_scatterv", sizes=(2, 0, 3), itemsize=4)]
+    assert len({sc.call_signature(c) for c in [a] + others}) == 4
+    assert all(0 <= sc.call_signature(c) < 1 << 24 for c in others)
+    # a fixed value: the hash must be the same in every process (Python's hash() of a str is salted)
+    assert sc.call_signature(("x",)) == __import__("zlib").crc32(b"('x',)") & 0xFFFFFF
+
+
+def test_every_barrier_carries_its_calls_signature(fakes, monkeypatch):
+    from fp4ccl import vcollectives
+    monkeypatch.setattr(vcollectives, "copy", lambda *a: None)
+    monkeypatch.setattr(vcollectives, "copy_segments", lambda *a: None)
+    FakeBuffer.signatures = sigs = []
+    comm = FakeComm(rank=0, size=3)
+    sc.all_gatherv(comm, 0x100, 0x900, [2, 0, 3], 4, 5)
+    sc.all_gatherv(comm, 0x100, 0x900, [2, 1, 3], 4, 5)
+    assert sigs == [sc.call_signature(sc.agreed("all_gatherv", elements=(2, 0, 3), itemsize=4)),
+                    sc.call_signature(sc.agreed("all_gatherv", elements=(2, 1, 3), itemsize=4))]
+
+
+def _report(ws, kind, peer, theirs, mine):
+    """What fp4ccl_symm_barrier_checked stores into the pinned word (csrc/symm.cu, report_disagreement)."""
+    ws._mismatch.value = (kind << 60) | (peer << 48) | (theirs << 24) | mine
+
+
+def test_a_mismatch_the_device_reported_fails_the_next_call_and_names_both(fakes, monkeypatch):
+    from fp4ccl import vcollectives
+    from fp4ccl.errors import CallMismatchError
+    monkeypatch.setattr(vcollectives, "copy", lambda *a: None)
+    monkeypatch.setattr(vcollectives, "copy_segments", lambda *a: None)
+    comm = FakeComm(rank=0, size=2)
+    sc.all_gatherv(comm, 0x100, 0x900, [4, 3], 2, 5)     # rank 0 thinks rank 1 has 3 rows
+    ws = sc.workspace(comm)
+    ws.verify()                                          # nothing reported yet: no error
+    mine = sc.call_signature(sc.agreed("all_gatherv", elements=(4, 3), itemsize=2))
+    theirs = sc.call_signature(sc.agreed("all_gatherv", elements=(4, 4), itemsize=2))
+    _report(ws, 1, 1, theirs, mine)
+    with pytest.raises(CallMismatchError) as info:
+        sc.all_gatherv(comm, 0x100, 0x900, [4, 4], 2, 5)
+    msg = str(info.value)
+    assert "rank 0 was in all_gatherv(elements=(4, 3), itemsize=2), rank 1 in a call this rank did not make" in msg
+    assert f"signature {theirs:06x} against {mine:06x}" in msg and "void" in msg
+    assert isinstance(info.value, ValueError)             # as the host-side sizes check raises
+    assert comm.failed[0] == "mismatch" and comm.failed[1] is info.value
+    assert ws.calls == 1                                  # the failing call enqueued nothing
+    # a call this rank made too is named by its sizes; a poison names the peer that found the mismatch
+    _report(ws, 1, 1, mine, theirs)
+    with pytest.raises(CallMismatchError, match=r"rank 1 in all_gatherv\(elements=\(4, 3\), itemsize=2\)"):
+        ws.verify()
+    # a one-launch kernel's flags carry 16 bits of the peer's signature (kind 3)
+    _report(ws, 3, 1, mine & 0xFFFF, theirs)
+    with pytest.raises(CallMismatchError, match=rf"rank 1 in all_gatherv\(elements=\(4, 3\), itemsize=2\) "
+                                                rf"\(signature {mine & 0xFFFF:04x} against {theirs:06x}\)"):
+        ws.verify()
+    _report(ws, 2, 1, 0, mine)
+    with pytest.raises(CallMismatchError, match=r"rank 1 found ranks in different calls while rank 0 was in "
+                                                r"all_gatherv\(elements=\(4, 3\)"):
+        ws.replay(("k",), 10, 5)
+
+
+def test_verify_waits_for_the_last_call_only_when_asked_and_close_frees_the_word(fakes, monkeypatch):
+    from fp4ccl import vcollectives
+    monkeypatch.setattr(vcollectives, "copy", lambda *a: None)
+    monkeypatch.setattr(vcollectives, "copy_segments", lambda *a: None)
+    rt = fakes
+    comm = FakeComm(rank=1, size=2)
+    sc.all_gatherv(comm, 0x100, 0x900, [1, 1], 2, 5)
+    ws = sc.workspace(comm)
+    ws.verify()
+    assert ("sync", 0xE0) not in rt.calls
+    ws.verify(wait=True)
+    assert ("sync", 0xE0) in rt.calls
+    addr = ctypes.addressof(ws._mismatch)
+    ws.close()
+    assert ("free host", addr) in rt.calls and ws._mismatch is None

@@ -74,11 +74,12 @@ _SIGNATURES = {
     "rsll": ("u64", "u64", "u64", "u64", "u64", "u64", "u32", "u32", "ll"),
     # kernels of other modules launched through launcher() (csrc/symm.cu, csrc/vcopy.cu)
     "symm_barrier_dev": ("u64", "i32", "i32", "u64", "u64"),
+    "symm_barrier_checked": ("u64", "i32", "i32", "u64", "u32", "u64", "u64"),
     "vcopy": ("vtab",),
 }
 VCOPY_MAXSEG = 128   # VCOPY_MAXSEG in csrc/vcopy.cu: segments per launch (src, dst, nbytes arrays)
-# u64 words of each by-value table ("ll": LLTable's five arrays, then seed_ptr and seed_mul)
-_TABLES = {"seg": 5 * MAXSEG, "sum": 3 * MAXSUM, "vtab": 3 * VCOPY_MAXSEG, "ll": 5 * LL_MAXRANKS + 2}
+# u64 words of each by-value table ("ll": LLTable's five arrays, then seed_ptr, seed_mul, err and sig)
+_TABLES = {"seg": 5 * MAXSEG, "sum": 3 * MAXSUM, "vtab": 3 * VCOPY_MAXSEG, "ll": 5 * LL_MAXRANKS + 4}
 _CTYPES = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "i32": ctypes.c_int32, "f32": ctypes.c_float,
            **{k: ctypes.c_uint64 * n for k, n in _TABLES.items()}}
 _NUMPY = {"u64": np.uint64, "u32": np.uint32, "i32": np.int32, "f32": np.float32}
@@ -434,16 +435,17 @@ def quantize_small_nvfp4(device: int, x_ptr: int, in_dtype: str, numel: int, K: 
 
 def gather_ll(device: int, format: str, x_ptr: int, dtype: str, numel: int, out_ptr: int, units: Sequence[int],
               first: Sequence[int], regions: Sequence[int], flags: Sequence[int], counters: int,
-              seg_stride: int, scale_off: int, rank: int, timeout_ns: int, stream: int) -> None:
+              seg_stride: int, scale_off: int, rank: int, timeout_ns: int, stream: int, check=(0, 0)) -> None:
     """One launch of the whole FP4 gather (csrc/fp4.cu, gather_ll_body; NVFP4 with per-rank global
     scales, or MXFP4): quantize this rank's `numel` elements of x (`dtype`, out's too), NVFP4 with their
     own amax, store them into this rank's segment of every rank's region (`regions[r]`: two halves of
     one `seg_stride`-byte segment per rank, scales at `scale_off` in each), flag them in `flags[r]`, wait
     for every rank's flags and decode all of them into out. units[s] / first[s]: FP4 blocks of rank s
-    and where in out they go. counters: this rank's LL_MAXCTAS epoch counters. sm_90+ on every rank; the
-    caller (fp4ccl.one_launch.serves) checks that and everything else."""
+    and where in out they go. counters: this rank's LL_MAXCTAS epoch counters. check: (the call's
+    24-bit signature, the host-mapped word a peer's other signature is reported into, or 0). sm_90+ on
+    every rank; the caller (fp4ccl.one_launch.serves) checks that and everything else."""
     la = launcher(device, _LL_NAMES[(format, dtype)], "gll")
-    _fill_ll_table(la.table, units, first, regions, flags)
+    _fill_ll_table(la.table, units, first, regions, flags, check=check)
     la(device, LL_MAXCTAS, 1, stream, x_ptr, numel * _ITEMSIZE[dtype] // 16, out_ptr, counters, seg_stride,
        scale_off, timeout_ns, rank, len(units))
 
@@ -451,30 +453,33 @@ def gather_ll(device: int, format: str, x_ptr: int, dtype: str, numel: int, out_
 def reduce_scatter_ll(device: int, format: str, x_ptr: int, dtype: str, out_ptr: int, units: Sequence[int],
                       first: Sequence[int], regions: Sequence[int], flags: Sequence[int], counters: int,
                       seg_stride: int, scale_off: int, rank: int, rounding: str, seeds: Sequence[Seed],
-                      timeout_ns: int, stream: int) -> None:
+                      timeout_ns: int, stream: int, check=(0, 0)) -> None:
     """One launch of the whole FP4 reduce-scatter (csrc/fp4.cu, reduce_scatter_ll_body), over the
     buffer, flags and counters of gather_ll: chunk q of x (units[q] FP4 blocks from block first[q], the
     rows rank q owns) is quantized as a tensor of its own (NVFP4: its own amax; `rounding`, with seeds[q]
     when stochastic) into this rank's segment of regions[q]; this rank's chunk from every rank is then
     decoded and summed in rank order in fp32 and rounded once into out (x's dtype). sm_90+ on every rank;
     fp4ccl.one_launch checks that and the rest. Device seeds must all be derived with one multiplier
-    from one word (fp4_collectives derives them so)."""
+    from one word (fp4_collectives derives them so). check: as gather_ll's."""
     la = launcher(device, _RS_LL_NAMES[(format, dtype, rounding)], "rsll")
     args = [kernel_args(s) for s in seeds]
     where = {(ptr, mul) for _, ptr, mul in args}
     if len(where) > 1:
         raise ValueError(f"reduce_scatter_ll: the chunks' seeds come from {len(where)} sources; one launch reads one")
-    _fill_ll_table(la.table, units, first, regions, flags, [a[0] for a in args], *(where.pop() if where else (0, 0)))
+    _fill_ll_table(la.table, units, first, regions, flags, [a[0] for a in args], *(where.pop() if where else (0, 0)),
+                   check=check)
     la(device, LL_MAXCTAS, 1, stream, x_ptr, out_ptr, counters, seg_stride, scale_off, timeout_ns, rank, len(units))
 
 
-def _fill_ll_table(t, units, first, regions, flags, seeds=(), seed_ptr=0, seed_mul=0) -> None:
+def _fill_ll_table(t, units, first, regions, flags, seeds=(), seed_ptr=0, seed_mul=0, check=(0, 0)) -> None:
     """The by-value LLTable: units, first, region, flags and seed arrays of LL_MAXRANKS words each, then
-    the device seed's address and multiplier (0, 0: the seeds as they are)."""
+    the device seed's address and multiplier (0, 0: the seeds as they are), the mismatch report word's
+    address and the call's signature (check = (signature, address))."""
     t[:] = 0
     for k, column in enumerate((units, first, regions, flags, seeds)):
         t[k * LL_MAXRANKS:k * LL_MAXRANKS + len(column)] = column
-    t[5 * LL_MAXRANKS:] = (seed_ptr, seed_mul)
+    sig, err = check
+    t[5 * LL_MAXRANKS:] = (seed_ptr, seed_mul, err, sig)
 
 
 def dequantize(device: int, out_ptr: int, out_dtype: str, K: int, format: str, layout: str,

@@ -1,6 +1,8 @@
 """Every collective on the NCCL backend, torch and CuPy arrays, 2 and 4 ranks, against the numpy reference."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import collective_checks as cc
@@ -294,3 +296,82 @@ def _every_band(comm, seed):
     assert seen == [("bcast", "reduce"), ("p2p", "reduce"), ("p2p", "padded"), ("bcast", "reduce")], seen
     assert symm == [("symm", "symm"), ("ce", "symm"), ("ce", "ce"), ("ce", "ce")], symm
     return True
+
+
+# Calls of every symmetric-memory form: those with a checked barrier (plain, FP4 steps, raw, push) and the
+# one-launch FP4 forms, which compare signatures in their flags; each as (settings, call(comm, x, sizes)).
+_MISMATCH_CALLS = {
+    "all_gatherv": ({"FP4CCL_ALGO": "symm"}, lambda c, x, sizes: c.all_gatherv(x, sizes)),
+    "all_gatherv_ce": ({"FP4CCL_ALGO": "ce"}, lambda c, x, sizes: c.all_gatherv(x, sizes)),
+    "reduce_scatterv": ({"FP4CCL_ALGO": "symm"}, lambda c, x, sizes: c.reduce_scatterv(x, sizes)),
+    "nvfp4_gather": ({"FP4CCL_FP4_GATHER_FORM": "steps"},
+                     lambda c, x, sizes: c.all_gatherv(x, sizes, compress="nvfp4")),
+    "nvfp4_gather_raw": ({}, lambda c, x, sizes: c.all_gatherv(x, sizes, compress="nvfp4", dequantize=False)),
+    "mxfp4_reduce_scatterv": ({"FP4CCL_FP4_RS_FORM": "push"},
+                              lambda c, x, sizes: c.reduce_scatterv(x, sizes, compress="mxfp4")),
+    # the one-launch forms compare the signatures in their flags instead
+    "nvfp4_gather_ll": ({"FP4CCL_FP4_GATHER_FORM": "ll"},
+                        lambda c, x, sizes: c.all_gatherv(x, sizes, compress="nvfp4")),
+    "nvfp4_reduce_scatterv_ll": ({"FP4CCL_FP4_RS_FORM": "ll"},
+                                 lambda c, x, sizes: c.reduce_scatterv(x, sizes, compress="nvfp4")),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nranks", [2, 4])
+@pytest.mark.parametrize("call", list(_MISMATCH_CALLS))
+def test_ranks_in_different_calls_are_found_on_the_device(call, nranks, seed):
+    """Rank 0 passes sizes that say rank 1 has one row fewer than it has. No host round trip can see
+    that (FP4CCL_CHECK is off); the device must: no hang, and every rank raises
+    CallMismatchError within two calls (the ranks that compared the signatures at the very next one),
+    after which the communicator is closed."""
+    need_gpus(nranks)
+    results = run_ranks(nranks, _ranks_in_different_calls, call, seed, backend="nccl")
+    print(results)
+    assert min(at for at, _ in results) == 0, f"no rank found the mismatch at the next call: {results}"
+    for rank, (at, msg) in enumerate(results):
+        assert at <= 1, f"rank {rank} raised only {at + 1} calls after the mismatch: {msg}"
+        assert "different collective calls" in msg and "void" in msg, f"rank {rank}: {msg}"
+    # a rank that found it names its own call: its sizes in rows (FP4 forms) or elements (64 a row)
+    for msg in (msg for at, msg in results if at == 0):
+        assert re.search(r"was in \w+\((sizes=\(4, [34]|elements=\(256, (192|256))", msg), msg
+
+
+def _ranks_in_different_calls(comm, call, seed):
+    import numpy as np
+    import torch
+    import fp4ccl
+    from fp4ccl.errors import CallMismatchError, CommClosedError
+    from harness import env
+    settings, fn = _MISMATCH_CALLS[call]
+    gather = "gather" in call
+    me, n = comm.rank, comm.size
+    good = [4] * n
+    bad = list(good)
+    if me == 0:
+        bad[1] = 3
+    rng = np.random.default_rng([seed, me])
+
+    def x_for(sizes):
+        rows = sizes[me] if gather else sum(sizes)
+        return torch.from_numpy(rng.standard_normal((rows, 64), dtype=np.float32)).to(f"cuda:{comm.device}",
+                                                                                       torch.bfloat16)
+
+    c = fp4ccl.init("nccl")   # a communicator of its own: this test breaks it on purpose
+    try:
+        with env({"FP4CCL_FP4_ALGO": "symm", "FP4CCL_TIMEOUT": "60", **settings}):
+            fn(c, x_for(good), good)                  # agreed: sizes the workspace, must not raise
+            torch.cuda.synchronize(c.device)
+            fn(c, x_for(bad), bad)                    # rank 0 disagrees about rank 1's rows
+            torch.cuda.synchronize(c.device)          # no hang: the barrier ends
+            for at in range(3):
+                try:
+                    fn(c, x_for(good), good)
+                    torch.cuda.synchronize(c.device)
+                except CallMismatchError as err:
+                    with pytest.raises(CommClosedError, match="found in different calls"):
+                        fn(c, x_for(good), good)
+                    return at, str(err)
+        raise AssertionError(f"rank {me}: no CallMismatchError within 3 calls after the mismatch (seed {seed})")
+    finally:
+        c.destroy()   # after the error: a local abort
