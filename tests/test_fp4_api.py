@@ -496,11 +496,12 @@ def test_nvrtc_compile_is_cached_on_disk(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ argument types
 def test_non_integer_segment_fields_rows_and_k_are_type_errors():
-    """A float row start, row count, byte offset or K is refused (int() would truncate 0.5 to 0)."""
+    """A float row start, row count, byte offset or K is refused (int() would truncate 0.5 to 0), and so
+    is a bool, as every other count of the library (True would quietly mean 1)."""
     x = np.ones((4, 32), np.float32)
     buf = np.zeros(1024, np.uint8)
     out = np.zeros((4, 32), np.float32)
-    for seg in ((0.5, 2, 0), (0, 2.0, 0), (0, 2, 16.0), ("0", 2, 0)):
+    for seg in ((0.5, 2, 0), (0, 2.0, 0), (0, 2, 16.0), ("0", 2, 0), (False, 2, 0), (0, np.bool_(True), 0)):
         with pytest.raises(TypeError, match=r"segments\[0\]"):
             quantize_packed(x, buf, [seg])
         with pytest.raises(TypeError, match=r"segments\[0\]"):

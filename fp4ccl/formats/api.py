@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
@@ -151,7 +150,8 @@ def _check_buffer(buf: Any, like: _arrays.ArrayInfo, name: str = "buf") -> _arra
 
 def _segment_fields(segments, fields: Tuple[str, ...]) -> list:
     """segments as a list of int tuples, one int per name in `fields`; a TypeError naming the segment
-    for anything else (a float included: int() would truncate a row start of 0.5 to 0)."""
+    for anything else (a float included: int() would truncate a row start of 0.5 to 0; a bool too, as
+    everywhere else a count is taken: _arrays.as_int)."""
     what = f"({', '.join(fields)})"
     try:
         segments = list(segments)
@@ -160,7 +160,7 @@ def _segment_fields(segments, fields: Tuple[str, ...]) -> list:
     out = []
     for i, seg in enumerate(segments):
         try:
-            values = tuple(operator.index(v) for v in seg)
+            values = tuple(_arrays.as_int(v, "") for v in seg)
         except TypeError:   # not a sequence, or a field that is no integer
             values = ()
         if len(values) != len(fields):
